@@ -1,0 +1,55 @@
+"""The `rnnlm` command: one entry point, each subcommand implemented beside what it drives.
+
+Subcommand modules are imported only when chosen, so `rnnlm serve` and the client commands never
+import torch. Each module provides `configure(parser)` to declare its options and `run(args)`
+returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train a recurrent language model on a text corpus"),
+    "export": ("exporter.cli", "export a checkpoint to a parity-checked ONNX model bundle"),
+    "serve": ("server.cli", "serve model bundles over gRPC"),
+    "generate": ("rnnlm.client_cli", "stream generated text from a server"),
+    "predict": ("rnnlm.client_cli", "the k most likely next words for a context"),
+    "score": ("rnnlm.client_cli", "log-probability and perplexity of texts"),
+    "models": ("rnnlm.client_cli", "list the models a server has loaded"),
+    "bench": ("benchmarks.cli", "measure the server against bare onnxruntime and PyTorch"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "usage: rnnlm COMMAND [options]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"rnnlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"rnnlm {name}", description=help_)
+    if module_name == "rnnlm.client_cli":
+        module.configure(parser, name)
+    else:
+        module.configure(parser)
+    args = parser.parse_args(rest)
+    args.command = name
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
