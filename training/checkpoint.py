@@ -17,6 +17,8 @@ read with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,3 +143,49 @@ def torch_load_safe(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot be read as a training state ({e})") from e
+
+
+# What `train_state.pt` must hold; a file without them is not a training state of this format.
+TRAIN_STATE_KEYS = (
+    "epoch",
+    "window",
+    "step",
+    "tokens_seen",
+    "hidden",
+    "best_valid_loss",
+    "best_epoch",
+    "meters",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "elapsed_s",
+)
+
+
+def load_train_state(directory: Path) -> dict:
+    """The resumable training state of a checkpoint directory, checked for completeness."""
+    path = Path(directory) / TRAIN_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; only a checkpoint written by training resumes")
+    state = torch_load_safe(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (a {type(state).__name__})")
+    missing = [key for key in TRAIN_STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete training state (missing {missing})")
+    return state
+
+
+def replace_directory(staged: Path, target: Path) -> None:
+    """Put the complete directory `staged` at `target`, replacing what is there.
+
+    Both are renames on one file system, so `target` is always either the old complete
+    directory or the new one, never a half-written mix.
+    """
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+    staged.rename(target)
+    if old is not None:
+        shutil.rmtree(old)

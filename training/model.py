@@ -95,9 +95,9 @@ class RNNLM(nn.Module):
             # IRNN (Le et al. 2015): identity recurrent matrix and zero biases keep ReLU RNN
             # gradients from exploding or vanishing at the start of training.
             for rnn in self.rnns:
-                nn.init.eye_(rnn.weight_hh_l0)
-                nn.init.zeros_(rnn.bias_hh_l0)
-                nn.init.zeros_(rnn.bias_ih_l0)
+                nn.init.eye_(rnn.get_parameter("weight_hh_l0"))
+                nn.init.zeros_(rnn.get_parameter("bias_hh_l0"))
+                nn.init.zeros_(rnn.get_parameter("bias_ih_l0"))
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> State:
         c = self.config
@@ -120,8 +120,8 @@ class RNNLM(nn.Module):
             if self.config.residual and y.shape[-1] == x.shape[-1]:
                 y = y + x
             x = self.drop(y) if i < len(self.rnns) - 1 else y
-        new_state: State = (torch.cat(next_h, 0), torch.cat(next_c, 0)) if next_c else (
-            torch.cat(next_h, 0),
+        new_state: State = (
+            (torch.cat(next_h, 0), torch.cat(next_c, 0)) if next_c else (torch.cat(next_h, 0),)
         )
         return x, new_state
 

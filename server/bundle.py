@@ -1,0 +1,393 @@
+"""The model bundle contract: the one place that defines, reads and validates a bundle.
+
+The exporter runs this same validator before it commits a bundle, and the server runs it before
+it serves one, so a bundle that loads here is a bundle both sides agree on. Torch-free: only
+numpy, onnxruntime and tokenizers. The format is described in docs/bundle.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+TOKENIZER_KINDS = ("word", "char", "bpe")
+# Precision of the weights -> the element type of the graphs' float inputs and outputs.
+FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
+GRAPH_KINDS = ("step", "score")
+
+
+class BundleError(Exception):
+    """A bundle is missing, incomplete, tampered with or inconsistent; the message names a file."""
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state tensor `[layers, batch, hidden]`: its graph input and output names."""
+
+    name: str
+    input: str
+    output: str
+    layers: int
+    hidden: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle: the manifest's facts, the loaded tokenizer and the graph files."""
+
+    path: Path
+    manifest: dict[str, Any]
+    name: str
+    version: str
+    cell: str
+    layers: int
+    hidden: int
+    vocab_size: int
+    precision: str
+    tokenizer: Tokenizer
+    tokenizer_kind: str
+    special_tokens: dict[str, int]
+    eos_id: int
+    state: tuple[StateSpec, ...]
+    step_graph: Path
+    score_graph: Path | None
+
+    def graph_file(self, graph: str) -> Path:
+        """The file of graph `step` or `score`."""
+        if graph == "step":
+            return self.step_graph
+        if graph == "score" and self.score_graph is not None:
+            return self.score_graph
+        raise BundleError(f"{self.path / MANIFEST_FILE}: the bundle has no {graph!r} graph")
+
+    def graph_io(self, graph: str) -> tuple[list[str], list[str]]:
+        """The input and output names of a graph, as the manifest lists them."""
+        self.graph_file(graph)
+        spec = self.manifest["graphs"][graph]
+        return list(spec["inputs"]), list(spec["outputs"])
+
+    def zero_state(self, batch: int) -> tuple[np.ndarray, ...]:
+        """The state that starts a stream: a float32 `[layers, batch, hidden]` array per tensor."""
+        return tuple(np.zeros((s.layers, batch, s.hidden), dtype=np.float32) for s in self.state)
+
+    def open_session(
+        self,
+        graph: str = "step",
+        session_options: ort.SessionOptions | None = None,
+        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+    ) -> ort.InferenceSession:
+        """Create an onnxruntime session for `graph` and check its inputs and outputs.
+
+        The names, element types and ranks must be the manifest's; a fixed vocabulary or hidden
+        dimension in the graph must match the architecture, which is how the tokenizer's size is
+        held against the graph.
+        """
+        path = self.graph_file(graph)
+        try:
+            session = ort.InferenceSession(
+                str(path),
+                sess_options=session_options,
+                providers=list(providers) if providers is not None else ["CPUExecutionProvider"],
+            )
+        except Exception as e:  # onnxruntime raises several types for an unreadable graph
+            raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
+        inputs, outputs = self.graph_io(graph)
+        expected = self._expected_io(graph)
+        for kind, names, args in (
+            ("inputs", inputs, session.get_inputs()),
+            ("outputs", outputs, session.get_outputs()),
+        ):
+            actual = [a.name for a in args]
+            if actual != names:
+                raise BundleError(
+                    f"{path}: graph {kind} {actual} do not match the manifest's {names}"
+                )
+            for arg in args:
+                _check_arg(path, arg, *expected[arg.name])
+        return session
+
+    def _expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
+        """Each I/O name of a graph -> (element type, dims where None means dynamic)."""
+        fp = FLOAT_IO[self.precision]
+        io: dict[str, tuple[str, list[int | None]]] = {"tokens": ("tensor(int64)", [None, None])}
+        for s in self.state:
+            io[s.input] = io[s.output] = (fp, [s.layers, None, s.hidden])
+        if graph == "step":
+            io["logits"] = (fp, [None, None, self.vocab_size])
+            io["features"] = (fp, [None, None, self.hidden])
+        else:
+            io["targets"] = ("tensor(int64)", [None, None])
+            io["target_logprobs"] = (fp, [None, None])
+        return io
+
+
+def _check_arg(path: Path, arg: Any, elem_type: str, dims: list[int | None]) -> None:
+    if arg.type != elem_type:
+        raise BundleError(f"{path}: {arg.name!r} has type {arg.type}, expected {elem_type}")
+    shape = list(arg.shape)
+    if len(shape) != len(dims):
+        raise BundleError(
+            f"{path}: {arg.name!r} has rank {len(shape)} {shape}, expected rank {len(dims)}"
+        )
+    for axis, (got, want) in enumerate(zip(shape, dims, strict=True)):
+        if want is not None and isinstance(got, int) and got != want:
+            raise BundleError(
+                f"{path}: {arg.name!r} has size {got} on axis {axis}, expected {want} "
+                "(from the manifest's architecture)"
+            )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Reader:
+    """Typed access to the manifest's fields; every error names the manifest and the field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, message: str) -> BundleError:
+        return BundleError(f"{self.path}: {message}")
+
+    def get(self, obj: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
+        field = f"{where}{key}"
+        if key not in obj:
+            raise self.fail(f"missing field {field!r}")
+        value = obj[key]
+        # bool is an int in Python; a JSON true is never a valid count.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"field {field!r} must be {_json_type(kind)}, not {value!r}")
+        return value
+
+    def positive(self, obj: dict[str, Any], key: str, where: str) -> int:
+        value: int = self.get(obj, key, int, where)
+        if value < 1:
+            raise self.fail(f"field {where}{key!r} must be at least 1, not {value}")
+        return value
+
+    def file_name(self, obj: dict[str, Any], key: str, where: str) -> str:
+        name: str = self.get(obj, key, str, where)
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise self.fail(f"field {where}{key!r} must be a file name in the bundle, not {name!r}")
+        return name
+
+    def names(self, obj: dict[str, Any], key: str, where: str) -> list[str]:
+        value: list[Any] = self.get(obj, key, list, where)
+        if not all(isinstance(v, str) for v in value):
+            raise self.fail(f"field {where}{key!r} must be a list of strings, not {value!r}")
+        return value
+
+
+def _json_type(kind: type) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer"}.get(
+        kind, kind.__name__
+    )
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """The parsed manifest.json of a bundle directory (parsed only, not validated)."""
+    directory = Path(bundle_dir)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a bundle directory (it does not exist)")
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; is {directory} a model bundle?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def load_bundle(bundle_dir: str | Path) -> Bundle:
+    """Read and validate a bundle: manifest fields, file hashes, tokenizer against architecture.
+
+    Graph sessions are not created here (see `Bundle.open_session`), so the caller chooses the
+    execution providers and threading.
+    """
+    directory = Path(bundle_dir)
+    m = read_manifest(directory)
+    r = _Reader(directory / MANIFEST_FILE)
+
+    fmt = r.get(m, "format_version", int)
+    if fmt != FORMAT_VERSION:
+        raise r.fail(f"format_version {fmt} is not supported (expected {FORMAT_VERSION})")
+    name: str = r.get(m, "name", str)
+    if not name:
+        raise r.fail("field 'name' must not be empty")
+    version: str = r.get(m, "version", str)
+    if not version:
+        raise r.fail("field 'version' must not be empty")
+
+    arch = r.get(m, "architecture", dict)
+    cell: str = r.get(arch, "cell", str, "architecture.")
+    if cell not in CELLS:
+        raise r.fail(f"architecture.cell must be one of {', '.join(CELLS)}, not {cell!r}")
+    layers = r.positive(arch, "layers", "architecture.")
+    hidden = r.positive(arch, "hidden", "architecture.")
+    vocab_size = r.positive(arch, "vocab_size", "architecture.")
+
+    precision: str = r.get(m, "precision", str)
+    if precision not in FLOAT_IO:
+        raise r.fail(f"precision must be one of {', '.join(FLOAT_IO)}, not {precision!r}")
+    r.get(m, "provenance", dict)
+    r.get(m, "parity", dict)
+
+    files: dict[str, Any] = r.get(m, "files", dict)
+    for file, digest in files.items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise r.fail(f"files[{file!r}] must be a sha256 hex digest, not {digest!r}")
+
+    state = _read_state(r, m, cell, layers, hidden)
+    graphs = r.get(m, "graphs", dict)
+    step_file = _read_graph(r, graphs, "step", state, directory, files)
+    score_file = (
+        _read_graph(r, graphs, "score", state, directory, files) if "score" in graphs else None
+    )
+    unknown = sorted(set(graphs) - set(GRAPH_KINDS))
+    if unknown:
+        raise r.fail(f"graphs has unknown entries {unknown}; known: {', '.join(GRAPH_KINDS)}")
+
+    tok = r.get(m, "tokenizer", dict)
+    tokenizer_kind: str = r.get(tok, "kind", str, "tokenizer.")
+    if tokenizer_kind not in TOKENIZER_KINDS:
+        raise r.fail(
+            f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, not {tokenizer_kind!r}"
+        )
+    tokenizer_file = r.file_name(tok, "file", "tokenizer.")
+    _require_listed(r, files, tokenizer_file, "tokenizer.file")
+    special: dict[str, Any] = r.get(tok, "special_tokens", dict, "tokenizer.")
+    for key, value in special.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+            raise r.fail(
+                f"tokenizer.special_tokens.{key} must be a token id below vocab_size "
+                f"{vocab_size}, not {value!r}"
+            )
+    eos_id: int = r.get(special, "eos", int, "tokenizer.special_tokens.")
+
+    _verify_files(directory, files)
+    tokenizer = _load_tokenizer(directory / tokenizer_file, vocab_size)
+
+    return Bundle(
+        path=directory,
+        manifest=m,
+        name=name,
+        version=version,
+        cell=cell,
+        layers=layers,
+        hidden=hidden,
+        vocab_size=vocab_size,
+        precision=precision,
+        tokenizer=tokenizer,
+        tokenizer_kind=tokenizer_kind,
+        special_tokens=dict(special),
+        eos_id=eos_id,
+        state=state,
+        step_graph=step_file,
+        score_graph=score_file,
+    )
+
+
+def _read_state(
+    r: _Reader, m: dict[str, Any], cell: str, layers: int, hidden: int
+) -> tuple[StateSpec, ...]:
+    entries: list[Any] = r.get(m, "state", list)
+    expected = 2 if cell == "lstm" else 1
+    if len(entries) != expected:
+        raise r.fail(f"state lists {len(entries)} tensors; a {cell} has {expected}")
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"state[{i}]."
+        if not isinstance(entry, dict):
+            raise r.fail(f"state[{i}] must be an object, not {entry!r}")
+        shape = r.get(entry, "shape", list, where)
+        if len(shape) != 3 or shape[0] != layers or shape[2] != hidden:
+            raise r.fail(
+                f"{where}shape {shape} does not match the architecture "
+                f"[{layers}, 'batch', {hidden}]"
+            )
+        specs.append(
+            StateSpec(
+                name=r.get(entry, "name", str, where),
+                input=r.get(entry, "input", str, where),
+                output=r.get(entry, "output", str, where),
+                layers=layers,
+                hidden=hidden,
+            )
+        )
+    return tuple(specs)
+
+
+def _read_graph(
+    r: _Reader,
+    graphs: dict[str, Any],
+    kind: str,
+    state: tuple[StateSpec, ...],
+    directory: Path,
+    files: dict[str, Any],
+) -> Path:
+    where = f"graphs.{kind}."
+    spec = r.get(graphs, kind, dict, "graphs.")
+    file = r.file_name(spec, "file", where)
+    _require_listed(r, files, file, f"{where}file")
+    inputs = r.names(spec, "inputs", where)
+    outputs = r.names(spec, "outputs", where)
+    data_in = ["tokens"] if kind == "step" else ["tokens", "targets"]
+    data_out = ["logits", "features"] if kind == "step" else ["target_logprobs"]
+    want_in = data_in + [s.input for s in state]
+    want_out = data_out + [s.output for s in state]
+    if inputs != want_in:
+        raise r.fail(f"{where}inputs {inputs} must be {want_in}")
+    if outputs != want_out:
+        raise r.fail(f"{where}outputs {outputs} must be {want_out}")
+    return directory / file
+
+
+def _require_listed(r: _Reader, files: dict[str, Any], file: str, field: str) -> None:
+    if file not in files:
+        raise r.fail(f"{field} {file!r} has no sha256 in 'files'")
+
+
+def _verify_files(directory: Path, files: dict[str, Any]) -> None:
+    for file, digest in files.items():
+        path = directory / file
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise BundleError(
+                f"{path}: sha256 {actual} does not match the manifest's {digest}; "
+                "the file was changed or damaged after export"
+            )
+
+
+def _load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a bad file
+        raise BundleError(f"{path}: cannot be read as a tokenizers file ({e})") from e
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != vocab_size:
+        raise BundleError(
+            f"{path}: the tokenizer has {size} tokens but the graphs' architecture.vocab_size "
+            f"is {vocab_size}"
+        )
+    return tokenizer

@@ -1,0 +1,245 @@
+"""The bundle contract: what `load_bundle` accepts, and each bad bundle with its error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models
+
+from server.bundle import BundleError, StateSpec, load_bundle, sha256_file
+
+Manifest = dict[str, Any]
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / bundle.name
+    shutil.copytree(bundle, target)
+    return target
+
+
+def edit_manifest(bundle: Path, edit: Callable[[Manifest], None]) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def rehash(bundle: Path, file: str) -> None:
+    """Make the manifest agree with a replaced file, so the next check is the one under test."""
+
+    def edit(m: Manifest) -> None:
+        m["files"][file] = sha256_file(bundle / file)
+
+    edit_manifest(bundle, edit)
+
+
+def test_loads_the_default_bundle(default_bundle: Path) -> None:
+    b = load_bundle(default_bundle)
+    assert (b.name, b.version, b.cell, b.layers, b.hidden) == ("tiny-lstm-word", "1", "lstm", 2, 16)
+    assert b.tokenizer_kind == "word"
+    assert b.vocab_size == b.tokenizer.get_vocab_size()
+    assert b.eos_id == b.special_tokens["eos"] == b.tokenizer.token_to_id("<eos>")
+    assert b.state == (StateSpec("h", "h0", "hn", 2, 16), StateSpec("c", "c0", "cn", 2, 16))
+    assert b.step_graph == default_bundle / "model.onnx"
+    assert b.score_graph == default_bundle / "score.onnx"
+    zero = b.zero_state(3)
+    assert [z.shape for z in zero] == [(2, 3, 16), (2, 3, 16)]
+    assert all(z.dtype == np.float32 and not z.any() for z in zero)
+
+
+def test_sessions_run_with_the_manifest_names(default_bundle: Path) -> None:
+    b = load_bundle(default_bundle)
+    step = b.open_session("step")
+    tokens = np.array([[b.eos_id, 5, 6]], dtype=np.int64)
+    feeds = {
+        "tokens": tokens,
+        **{s.input: z for s, z in zip(b.state, b.zero_state(1), strict=True)},
+    }
+    logits, features, hn, cn = step.run(["logits", "features", "hn", "cn"], feeds)
+    assert logits.shape == (1, 3, b.vocab_size)
+    assert features.shape == (1, 3, b.hidden)
+    assert hn.shape == cn.shape == (2, 1, b.hidden)
+    score = b.open_session("score")
+    (logprobs, *_) = score.run(None, {**feeds, "targets": tokens})
+    assert logprobs.shape == (1, 3)
+    assert (logprobs <= 0).all()
+
+
+def test_the_loader_does_not_import_torch() -> None:
+    code = "import sys, server.bundle; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"manifest\.json: missing"):
+        load_bundle(tmp_path)
+
+
+def test_manifest_not_json(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "manifest.json").write_text("{ not json")
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON"):
+        load_bundle(bundle)
+
+
+def test_tampered_file_names_the_file(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    with open(bundle / "score.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"score\.onnx: sha256 .* does not match"):
+        load_bundle(bundle)
+
+
+def test_missing_graph_file(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "model.onnx").unlink()
+    with pytest.raises(BundleError, match=r"model\.onnx: missing"):
+        load_bundle(bundle)
+
+
+def _delete(path: str) -> Callable[[Manifest], None]:
+    def edit(m: Manifest) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            m = m[key]
+        del m[last]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "format_version",
+        "name",
+        "version",
+        "architecture",
+        "architecture.cell",
+        "architecture.vocab_size",
+        "tokenizer.file",
+        "tokenizer.special_tokens.eos",
+        "precision",
+        "state",
+        "graphs.step",
+        "provenance",
+        "parity",
+        "files",
+    ],
+)
+def test_manifest_missing_field(default_bundle: Path, tmp_path: Path, field: str) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    edit_manifest(bundle, _delete(field))
+    with pytest.raises(BundleError, match=rf"manifest\.json: missing field '{field}'"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.update(format_version=2), "format_version 2 is not supported"),
+        (lambda m: m.update(name=""), "'name' must not be empty"),
+        (lambda m: m["architecture"].update(layers="2"), "'architecture.layers' must be an int"),
+        (lambda m: m["architecture"].update(hidden=True), "'architecture.hidden' must be an int"),
+        (lambda m: m["architecture"].update(cell="transformer"), "architecture.cell must be one"),
+        (lambda m: m.update(precision="fp8"), "precision must be one of"),
+        (lambda m: m["tokenizer"].update(kind="sentencepiece"), "tokenizer.kind must be one of"),
+        (lambda m: m["tokenizer"].update(file="../tokenizer.json"), "must be a file name"),
+        (lambda m: m["tokenizer"]["special_tokens"].update(eos=10**6), "special_tokens.eos must"),
+        (lambda m: m["state"].pop(), "state lists 1 tensors; a lstm has 2"),
+        (lambda m: m["state"][0].update(shape=[2, "batch", 99]), r"state\[0\]\.shape"),
+        (lambda m: m["graphs"]["step"]["inputs"].reverse(), r"graphs\.step\.inputs"),
+        (lambda m: m["graphs"].update(encoder={}), "graphs has unknown entries"),
+        (
+            lambda m: m["files"].pop("score.onnx"),
+            r"graphs\.score\.file 'score\.onnx' has no sha256",
+        ),
+        (lambda m: m["files"].update({"model.onnx": "abc"}), "must be a sha256 hex digest"),
+    ],
+)
+def test_manifest_bad_value(
+    default_bundle: Path, tmp_path: Path, edit: Callable[[Manifest], None], message: str
+) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    edit_manifest(bundle, edit)
+    with pytest.raises(BundleError, match=message) as error:
+        load_bundle(bundle)
+    assert "manifest.json" in str(error.value)
+
+
+def test_tokenizer_size_disagrees_with_the_graph(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    small = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, "the": 2}, unk_token="<unk>"))
+    small.save(str(bundle / "tokenizer.json"))
+    rehash(bundle, "tokenizer.json")
+    with pytest.raises(BundleError, match=r"tokenizer\.json: the tokenizer has 3 tokens but"):
+        load_bundle(bundle)
+
+
+def test_unreadable_tokenizer(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "tokenizer.json").write_text("{}")
+    rehash(bundle, "tokenizer.json")
+    with pytest.raises(BundleError, match=r"tokenizer\.json: cannot be read"):
+        load_bundle(bundle)
+
+
+def test_graph_inputs_disagree_with_the_manifest(
+    default_bundle: Path, tiny_bundle_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    # A GRU step graph has inputs (tokens, h0); the LSTM manifest says (tokens, h0, c0).
+    shutil.copyfile(tiny_bundle_factory("gru") / "model.onnx", bundle / "model.onnx")
+    rehash(bundle, "model.onnx")
+    loaded = load_bundle(bundle)
+    with pytest.raises(BundleError, match=r"model\.onnx: graph inputs \['tokens', 'h0'\]"):
+        loaded.open_session("step")
+
+
+def test_graph_vocabulary_disagrees_with_the_manifest(
+    default_bundle: Path, tiny_bundle_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    # Same I/O names, but a character-level graph has a different vocabulary axis.
+    char = tiny_bundle_factory("lstm", "char")
+    assert load_bundle(char).vocab_size != load_bundle(bundle).vocab_size
+    shutil.copyfile(char / "model.onnx", bundle / "model.onnx")
+    rehash(bundle, "model.onnx")
+    loaded = load_bundle(bundle)
+    with pytest.raises(BundleError, match=r"model\.onnx: 'logits' has size \d+ on axis 2"):
+        loaded.open_session("step")
+
+
+def test_graph_that_onnxruntime_cannot_load(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "score.onnx").write_bytes(b"not a graph")
+    rehash(bundle, "score.onnx")
+    with pytest.raises(BundleError, match=r"score\.onnx: onnxruntime cannot load"):
+        load_bundle(bundle).open_session("score")
+
+
+def test_bundle_without_a_score_graph(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+
+    def drop_score(m: Manifest) -> None:
+        del m["graphs"]["score"]
+        del m["files"]["score.onnx"]
+
+    edit_manifest(bundle, drop_score)
+    (bundle / "score.onnx").unlink()
+    loaded = load_bundle(bundle)
+    assert loaded.score_graph is None
+    with pytest.raises(BundleError, match="has no 'score' graph"):
+        loaded.open_session("score")

@@ -1,0 +1,204 @@
+"""End to end: train tiny, export, load with the server's loader, ONNX equals PyTorch."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter.export import ExportError, export_bundle
+from rnnlm.cli import main
+from server.bundle import load_bundle
+from training.checkpoint import CheckpointError, load_checkpoint
+
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+RTOL, ATOL = 1e-3, 1e-5
+TEXT = "the cat sees the moon .\na dog likes a red house .\nthe old man calls the small boat .\n"
+
+
+def close(actual: np.ndarray, expected: np.ndarray) -> None:
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_onnx_scores_equal_pytorch_across_chunks(
+    cell: str,
+    tiny_checkpoint_factory: Callable[..., Path],
+    tiny_bundle_factory: Callable[..., Path],
+) -> None:
+    bundle = load_bundle(tiny_bundle_factory(cell))
+    model = load_checkpoint(tiny_checkpoint_factory(cell)).model
+    step, score = bundle.open_session("step"), bundle.open_session("score")
+    ids = [bundle.eos_id, *bundle.tokenizer.encode(TEXT).ids]
+    tokens = np.array([ids[:-1], ids[:0:-1]], dtype=np.int64)  # two rows: batch 2
+    targets = np.array([ids[1:], ids[-2::-1]], dtype=np.int64)
+    state_in = [s.input for s in bundle.state]
+    onnx_step = onnx_score = bundle.zero_state(2)
+    torch_state = model.initial_state(2)
+    for start, end in [(0, 1), (1, 9), (9, 10), (10, tokens.shape[1])]:
+        x, y = tokens[:, start:end], targets[:, start:end]
+        with torch.no_grad():
+            features, torch_state = model.features(torch.from_numpy(x), torch_state)
+            logits = model.logits(features)
+            logprobs = torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(y)[..., None])
+        logits_o, features_o, *onnx_step = step.run(
+            None, {"tokens": x, **dict(zip(state_in, onnx_step, strict=True))}
+        )
+        logprobs_o, *onnx_score = score.run(
+            None, {"tokens": x, "targets": y, **dict(zip(state_in, onnx_score, strict=True))}
+        )
+        close(logits_o, logits.numpy())
+        close(features_o, features.numpy())
+        close(logprobs_o, logprobs.squeeze(-1).numpy())
+        for a, b, expected in zip(onnx_step, onnx_score, torch_state, strict=True):
+            close(a, expected.numpy())
+            close(b, expected.numpy())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_manifest_records_the_export(cell: str, tiny_bundle_factory: Callable[..., Path]) -> None:
+    bundle = load_bundle(tiny_bundle_factory(cell))
+    m = bundle.manifest
+    assert m["architecture"]["cell"] == cell
+    parity = m["parity"]
+    assert (parity["rtol"], parity["atol"]) == (RTOL, ATOL)
+    assert 0 <= parity["max_abs_error"] < 1e-3
+    cases = {(c["graph"], c["batch"], tuple(c["lengths"])) for c in parity["cases"]}
+    for graph in ("step", "score"):
+        assert {(graph, b, (t,)) for b in (1, 3, 8) for t in (1, 7, 64)} <= cases
+        assert any(g == graph and len(lengths) > 1 for g, _, lengths in cases)
+    prov = m["provenance"]
+    assert len(prov["corpus_sha256"]) == 64
+    assert prov["valid_perplexity"] > 1 and prov["tokens_seen"] > 0
+    assert set(m["files"]) == {"model.onnx", "score.onnx", "tokenizer.json"}
+
+
+@pytest.mark.parametrize(("cell", "tokenizer"), [("lstm", "char"), ("gru", "bpe")])
+def test_other_tokenizers_export(
+    cell: str, tokenizer: str, tiny_bundle_factory: Callable[..., Path]
+) -> None:
+    bundle = load_bundle(tiny_bundle_factory(cell, tokenizer))
+    assert bundle.tokenizer_kind == tokenizer
+    assert bundle.tokenizer.encode("\n").ids == [bundle.eos_id]
+
+
+def test_tied_weights_are_stored_once(default_bundle: Path) -> None:
+    bundle = load_bundle(default_bundle)
+    v, e = bundle.vocab_size, bundle.manifest["architecture"]["embedding"]
+    for file in ("model.onnx", "score.onnx"):
+        graph = onnx.load(str(default_bundle / file)).graph
+        matrices = [i.name for i in graph.initializer if sorted(i.dims) == sorted([v, e])]
+        assert len(matrices) == 1, (file, matrices)
+
+
+def test_cli_exports_and_refuses_an_existing_target(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, target = tiny_checkpoint_factory("gru"), tmp_path / "models" / "gru"
+    assert main(["export", str(ckpt), str(target), "--name", "g", "--version", "7"]) == 0
+    assert (load_bundle(target).name, load_bundle(target).version) == ("g", "7")
+    assert main(["export", str(ckpt), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip() == f"rnnlm export: error: {target}: already exists; pass --force to replace it"
+    )
+    assert load_bundle(target).version == "7"
+    assert main(["export", str(ckpt), str(target), "--force", "--version", "8"]) == 0
+    assert load_bundle(target).version == "8"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["gru"]  # no temporary leftovers
+
+
+def test_default_name_is_the_directory_name(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    path = export_bundle(tiny_checkpoint_factory("rnn_tanh"), tmp_path / "elman", score_graph=False)
+    bundle = load_bundle(path)
+    assert (bundle.name, bundle.version, bundle.score_graph) == ("elman", "1", None)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
+
+
+def run_cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rnnlm export: error: ") and "\n" not in err
+    return err
+
+
+def test_missing_checkpoint_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_cli_error([str(tmp_path / "nope"), str(tmp_path / "out")], capsys)
+    assert "nope: not a checkpoint directory" in err
+    assert not (tmp_path / "out").exists()
+
+
+def corrupt_checkpoint(source: Path, tmp_path: Path, file: str, content: bytes) -> Path:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    (ckpt / file).write_bytes(content)
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("config.json", b"{ broken", r"config\.json: not valid JSON"),
+        ("config.json", b'{"format": 1}', r"config\.json: missing the 'model' section"),
+        ("model.safetensors", b"\x00garbage", r"model\.safetensors: cannot be read"),
+    ],
+)
+def test_corrupt_checkpoint(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    file: str,
+    content: bytes,
+    message: str,
+) -> None:
+    ckpt = corrupt_checkpoint(tiny_checkpoint_factory("lstm"), tmp_path, file, content)
+    err = run_cli_error([str(ckpt), str(tmp_path / "out")], capsys)
+    assert re.search(message, err), err
+    with pytest.raises(CheckpointError):
+        export_bundle(ckpt, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_weights_that_do_not_match_the_config(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gru_weights = (tiny_checkpoint_factory("gru") / "model.safetensors").read_bytes()
+    ckpt = corrupt_checkpoint(
+        tiny_checkpoint_factory("lstm"), tmp_path, "model.safetensors", gru_weights
+    )
+    err = run_cli_error([str(ckpt), str(tmp_path / "out")], capsys)
+    assert re.search(r"model\.safetensors: .*size mismatch for rnns\.0\.weight_ih_l0", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_parity_writes_nothing(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    # A zero tolerance cannot be met by float32 arithmetic in two different engines.
+    with pytest.raises(ExportError, match=r"onnxruntime does not match PyTorch: .*nothing was"):
+        export_bundle(tiny_checkpoint_factory("lstm"), tmp_path / "a" / "b", rtol=0.0, atol=0.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_config_and_bundle_agree(
+    tiny_checkpoint_factory: Callable[..., Path], default_bundle: Path
+) -> None:
+    config = json.loads((tiny_checkpoint_factory("lstm") / "config.json").read_text())
+    manifest = load_bundle(default_bundle).manifest
+    for key, value in config["model"].items():
+        assert manifest["architecture"][key] == value
+    specials = {k: v for k, v in config["tokenizer"]["special_tokens"].items() if v is not None}
+    assert manifest["tokenizer"]["special_tokens"] == specials

@@ -1,0 +1,148 @@
+"""Corpus to BPTT batches: read and split the text, encode it, lay it out as parallel streams.
+
+The token stream of a split is cut into `batch_size` contiguous streams (rows of a
+`[batch_size, n]` tensor; the pytorch/examples word_language_model calls them columns). Window
+`i` of the training loop is `tokens[:, i*bptt : i*bptt + bptt]` and its targets are the same
+window shifted by one, so each row reads on where the previous window stopped: that is what lets
+the trainer carry the recurrent state from one window to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+
+class CorpusError(Exception):
+    """A corpus file is missing, unreadable, empty or too short; the message names it."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The three splits as text (lines joined by "\\n", each line ending in one) and a hash."""
+
+    train: str
+    valid: str
+    test: str
+    sha256: str
+    sources: dict[str, str]  # split -> the file (and line range) it came from
+
+
+def read_text(path: Path, flag: str) -> bytes:
+    """The bytes of a corpus file; errors name the option and the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise CorpusError(f"{flag} {path}: not a regular file")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CorpusError(f"{flag} {path}: cannot be read ({e.strerror})") from e
+
+
+def decode_lines(data: bytes, flag: str, path: Path) -> list[str]:
+    """UTF-8 text split into lines ("\\r\\n" counts as "\\n"); empty text is an error."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{flag} {path}: not UTF-8 text (bad byte at offset {e.start})") from e
+    if not text.strip():
+        raise CorpusError(f"{flag} {path}: the file is empty (no text to train on)")
+    text = text.replace("\r\n", "\n")
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text.split("\n")
+
+
+def join_lines(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def split_counts(n_lines: int) -> tuple[int, int, int]:
+    """Line counts of train, validation and test: 90/5/5, at least one line each."""
+    n_valid = n_test = max(1, round(n_lines * 0.05))
+    return n_lines - n_valid - n_test, n_valid, n_test
+
+
+def load_corpus(
+    corpus: Path | None = None,
+    train: Path | None = None,
+    valid: Path | None = None,
+    test: Path | None = None,
+) -> Corpus:
+    """One corpus split by lines (first 90% train, next 5% valid, last 5% test), or three files.
+
+    The hash is over the raw bytes of the file, or of the three files in that order.
+    """
+    if corpus is not None:
+        data = read_text(corpus, "--corpus")
+        lines = decode_lines(data, "--corpus", corpus)
+        n_train, n_valid, _ = split_counts(len(lines))
+        if n_train < 1:
+            raise CorpusError(
+                f"--corpus {corpus}: {len(lines)} lines is too short; at least 3 are needed to "
+                "split it by lines into train, validation and test (90/5/5)"
+            )
+        a, b = n_train, n_train + n_valid
+        return Corpus(
+            train=join_lines(lines[:a]),
+            valid=join_lines(lines[a:b]),
+            test=join_lines(lines[b:]),
+            sha256=hashlib.sha256(data).hexdigest(),
+            sources={
+                "train": f"{corpus} lines 1-{a}",
+                "valid": f"{corpus} lines {a + 1}-{b}",
+                "test": f"{corpus} lines {b + 1}-{len(lines)}",
+            },
+        )
+    files = {"train": train, "valid": valid, "test": test}
+    texts: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for split, path in files.items():
+        assert path is not None, "the caller checks that all three files are given"
+        data = read_text(path, f"--{split}")
+        texts[split] = join_lines(decode_lines(data, f"--{split}", path))
+        digest.update(data)
+    return Corpus(
+        train=texts["train"],
+        valid=texts["valid"],
+        test=texts["test"],
+        sha256=digest.hexdigest(),
+        sources={split: str(path) for split, path in files.items()},
+    )
+
+
+def encode(tokenizer: Tokenizer, text: str) -> Tensor:
+    """The token ids of `text` as one int64 stream, eos at every line end.
+
+    Lines are encoded in a batch (in parallel); no kind's tokens cross a line end, so this equals
+    encoding the whole text at once.
+    """
+    lines = [line + "\n" for line in text.split("\n")[:-1]]
+    encodings = tokenizer.encode_batch(lines, add_special_tokens=False)
+    ids = [i for encoding in encodings for i in encoding.ids]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batchify(data: Tensor, batch_size: int) -> Tensor:
+    """Cut a token stream into `batch_size` contiguous rows `[batch_size, n]`; drop the rest."""
+    n = data.numel() // batch_size
+    return data[: n * batch_size].view(batch_size, n)
+
+
+def num_windows(streams: Tensor, bptt: int) -> int:
+    """How many BPTT windows cover the streams (the last may be shorter than `bptt`)."""
+    return -(-(streams.size(1) - 1) // bptt)
+
+
+def get_batch(streams: Tensor, index: int, bptt: int) -> tuple[Tensor, Tensor]:
+    """Window `index`: inputs `[B, T]` and next-token targets `[B, T]`, `T <= bptt`."""
+    start = index * bptt
+    seq_len = min(bptt, streams.size(1) - 1 - start)
+    return streams[:, start : start + seq_len], streams[:, start + 1 : start + 1 + seq_len]
