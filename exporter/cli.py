@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from exporter.export import ExportError, export_bundle
-from server.bundle import BundleError
+from exporter.export import QUANTIZATIONS, ExportError, export_bundle
+from server.bundle import BundleError, read_manifest
 from training.checkpoint import CheckpointError
 
 
@@ -20,7 +21,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--no-score-graph",
         dest="score_graph",
         action="store_false",
-        help="leave out score.onnx (a smaller bundle; scoring then uses model.onnx)",
+        help="leave out score.onnx (scoring then uses model.onnx)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="write an int8 dynamically quantized bundle, admitted only if its perplexity on "
+        "held-out text stays within --max-perplexity-change of fp32",
+    )
+    parser.add_argument(
+        "--calibration-text",
+        metavar="FILE",
+        help="held-out text to measure the int8 bundle on (default: the checkpoint's "
+        "validation split, if its corpus is still there)",
+    )
+    parser.add_argument(
+        "--max-perplexity-change",
+        type=float,
+        default=1.0,
+        metavar="PCT",
+        help="refuse an int8 bundle whose perplexity moves more than PCT percent (default 1)",
+    )
+    parser.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="int8 weights with a scale per output channel instead of per tensor (slower steps)",
     )
 
 
@@ -33,10 +58,34 @@ def run(args: argparse.Namespace) -> int:
             version=args.version,
             force=args.force,
             score_graph=args.score_graph,
+            quantize=args.quantize,
+            calibration_text=args.calibration_text,
+            max_perplexity_change=args.max_perplexity_change,
+            per_channel=args.per_channel,
         )
     except (ExportError, CheckpointError, BundleError) as e:
         # One line, whatever the underlying library put in its message.
         print(f"rnnlm export: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint_dir} -> {path}")
+    manifest = read_manifest(path)
+    if "quantization" in manifest:
+        print(describe_quantization(manifest["quantization"]))
     return 0
+
+
+def describe_quantization(section: dict[str, Any]) -> str:
+    """What was quantized, what stayed float (and why), and the measured quality."""
+    q = section["quality"]
+    lines = [
+        f"int8: perplexity {q['fp32_perplexity']:.4f} -> {q['int8_perplexity']:.4f} "
+        f"({q['perplexity_change_percent']:+.4f}%), top-1 agreement "
+        f"{100 * q['top1_agreement']:.2f}% on {q['text']['tokens']} tokens of "
+        f"{q['text']['file']}"
+    ]
+    ops = section["ops"]["step"]
+    done = ", ".join(f"{op} x{v['count']} -> {v['as']}" for op, v in ops["quantized"].items())
+    lines.append(f"int8: quantized {done or 'nothing'}")
+    for op, v in ops["float"].items():
+        lines.append(f"note: {op} x{v['count']} stays float32: {v['reason']}")
+    return "\n".join(lines)

@@ -6,18 +6,22 @@ under a second, while the dynamo exporter took about 5 s per graph and froze the
 output metadata (onnxruntime then warns on every run). Its one cost, a transposed copy of tied
 weights, is undone by `share_tied_weights`.
 
-Nothing is written until onnxruntime has matched PyTorch (`exporter.parity`); the bundle is then
-written to a temporary directory beside the target, validated with the server's own loader, and
-renamed into place.
+Nothing is written until onnxruntime has matched PyTorch (`exporter.parity`) and, for an int8
+bundle, the quantized graphs have passed the quality check (`exporter.quantize`). The weights
+both graphs hold are written once, as ONNX external data in `weights.bin` that both graphs
+point into (`share_weights`). The bundle is written to a temporary directory beside the target,
+validated with the server's own loader, and renamed into place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,15 @@ from onnx import helper, numpy_helper
 from torch import Tensor, nn
 
 from exporter.parity import ParityReport, check_parity
+from exporter.quantize import (
+    EVAL_CHUNK,
+    EvaluationText,
+    QuantizationError,
+    evaluation_text,
+    measure_quality,
+    quantize_graph,
+    worst_change,
+)
 from server.bundle import FORMAT_VERSION, MANIFEST_FILE, BundleError, load_bundle, sha256_file
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.model import RNNLM
@@ -38,6 +51,15 @@ OPSET = 17
 STEP_FILE = "model.onnx"
 SCORE_FILE = "score.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_FILE = "weights.bin"
+GRAPH_FILES = {"step": STEP_FILE, "score": SCORE_FILE}
+QUANTIZATIONS = ("int8",)
+# Shared tensors smaller than this stay inline (as onnx's own external-data writer does).
+EXTERNAL_MIN_BYTES = 1024
+# Offsets of tensors in weights.bin are multiples of the page size, so they can be mapped.
+EXTERNAL_ALIGNMENT = 4096
+TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "uint64_data")  # fmt: skip
 
 
 class ExportError(Exception):
@@ -150,6 +172,58 @@ def share_tied_weights(proto: onnx.ModelProto) -> None:
         graph.node.insert(0, helper.make_node("Transpose", [source], [name], perm=[1, 0]))
 
 
+def share_weights(graphs: dict[str, onnx.ModelProto]) -> bytes | None:
+    """Move every initializer held more than once (by content) into one external-data blob.
+
+    Each such tensor is written once; every initializer with that content, in any graph, is
+    pointed at the same offset and length of `WEIGHTS_FILE`. The rest stays inline. Returns the
+    blob, or None when nothing is shared (then every graph stays self-contained).
+    """
+
+    def content(tensor: onnx.TensorProto) -> tuple[int, tuple[int, ...], bytes]:
+        return (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+
+    keys: dict[tuple[str, int], str] = {}  # (graph, initializer index) -> content key
+    raw: dict[str, bytes] = {}
+    for graph, proto in graphs.items():
+        for index, tensor in enumerate(proto.graph.initializer):
+            if tensor.data_type == onnx.TensorProto.STRING:
+                continue
+            kind, dims, data = content(tensor)
+            if len(data) >= EXTERNAL_MIN_BYTES:
+                key = hashlib.sha256(repr((kind, dims)).encode() + data).hexdigest()
+                keys[graph, index] = key
+                raw.setdefault(key, data)
+    seen = Counter(keys.values())
+    blob = bytearray()
+    offsets: dict[str, int] = {}
+    for (graph, index), key in keys.items():
+        if seen[key] < 2:
+            continue
+        tensor = graphs[graph].graph.initializer[index]
+        if key not in offsets:
+            blob.extend(bytes(-len(blob) % EXTERNAL_ALIGNMENT))
+            offsets[key] = len(blob)
+            blob.extend(raw[key])
+        for field in (*TENSOR_DATA_FIELDS, "external_data"):
+            tensor.ClearField(field)
+        for k, v in (("location", WEIGHTS_FILE), ("offset", offsets[key]),
+                     ("length", len(raw[key]))):  # fmt: skip
+            tensor.external_data.add(key=k, value=str(v))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    return bytes(blob) if offsets else None
+
+
+def bundle_files(blobs: dict[str, bytes]) -> dict[str, bytes]:
+    """The graph files (and `WEIGHTS_FILE` when the graphs share weights) by file name."""
+    protos = {graph: onnx.load_from_string(blob) for graph, blob in blobs.items()}
+    weights = share_weights(protos)
+    files = {GRAPH_FILES[graph]: proto.SerializeToString() for graph, proto in protos.items()}
+    if weights is not None:
+        files[WEIGHTS_FILE] = weights
+    return files
+
+
 def export_bundle(
     checkpoint_dir: str | Path,
     bundle_dir: str | Path,
@@ -160,18 +234,46 @@ def export_bundle(
     score_graph: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-5,
+    quantize: str | None = None,
+    calibration_text: str | Path | None = None,
+    max_perplexity_change: float = 1.0,
+    per_channel: bool = False,
 ) -> Path:
     """Export a checkpoint to a bundle directory and return its path.
 
+    `quantize="int8"` writes an int8 dynamically quantized bundle, measured on held-out text
+    (`calibration_text`, else the checkpoint's validation split) and refused when any graph's
+    perplexity moves more than `max_perplexity_change` percent. `per_channel` quantizes weights
+    with a scale per output channel instead of per tensor (see `exporter.quantize`).
+
     Raises `ExportError` (or the checkpoint's `CheckpointError`) with nothing written when the
-    target exists and `force` is false, the checkpoint is bad, or parity fails.
+    target exists and `force` is false, the checkpoint is bad, parity fails, or the int8 bundle
+    cannot be measured or is refused.
     """
     target = Path(bundle_dir)
     if not version:
         raise ExportError("the version must not be empty")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
+    if quantize is None and (calibration_text is not None or per_channel):
+        option = "--calibration-text" if calibration_text is not None else "--per-channel"
+        raise ExportError(f"{option} is only used with --quantize int8")
+    if not max_perplexity_change >= 0:  # NaN fails too
+        raise ExportError(
+            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
+        )
     _check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
     model = ckpt.model.eval()
+    held_out = None
+    if quantize is not None:
+        eos = ckpt.special_tokens.get("eos")
+        if eos is None:
+            raise ExportError(f"{ckpt.path / 'config.json'}: the tokenizer has no eos token id")
+        try:  # before any graph is made: a missing text is the quickest failure
+            held_out = evaluation_text(ckpt, calibration_text, eos)
+        except QuantizationError as e:
+            raise ExportError(f"{e}; nothing was written") from e
     graphs = ["step", "score"] if score_graph else ["step"]
     blobs = {graph: export_graph(model, graph) for graph in graphs}
     report = check_parity(model, blobs, rtol=rtol, atol=atol)
@@ -180,10 +282,59 @@ def export_bundle(
             f"onnxruntime does not match PyTorch: {report.failure} "
             f"(rtol {rtol}, atol {atol}); nothing was written"
         )
+    quantization = None
+    if held_out is not None:
+        blobs, quantization = _quantize(ckpt, blobs, held_out, max_perplexity_change, per_channel)
     manifest = build_manifest(
-        ckpt, blobs, report, name=name or target.resolve().name, version=version
+        ckpt,
+        blobs,
+        report,
+        name=name or target.resolve().name,
+        version=version,
+        quantization=quantization,
     )
-    return _commit(target, ckpt, blobs, manifest, force)
+    return _commit(target, ckpt, bundle_files(blobs), manifest, force)
+
+
+def _quantize(
+    ckpt: Checkpoint,
+    blobs: dict[str, bytes],
+    held_out: EvaluationText,
+    max_change: float,
+    per_channel: bool,
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The int8 graphs and the manifest's `quantization` section, or `ExportError` if refused."""
+    c = ckpt.config
+    int8, ops = {}, {}
+    for graph, blob in blobs.items():
+        int8[graph], ops[graph] = quantize_graph(blob, c.cell, per_channel)
+    shapes = [(c.layers, c.hidden)] * len(c.state_names)
+    quality = measure_quality(blobs, int8, held_out.ids, shapes)
+    text = held_out.record
+    if worst_change(quality) > max_change:
+        hint = "" if per_channel else " (--per-channel may lose less)"
+        raise ExportError(
+            f"the int8 bundle is refused: perplexity moves {worst_change(quality):.4g}% (fp32 "
+            f"{quality['fp32_perplexity']:.6g} -> int8 {quality['int8_perplexity']:.6g} on "
+            f"{text['tokens']} tokens of {text['file']}), more than --max-perplexity-change "
+            f"{max_change:g}%{hint}; nothing was written"
+        )
+    section = {
+        "method": "onnxruntime.quantization.quantize_dynamic after quant_pre_process "
+        "(ORT_ENABLE_BASIC folding)",
+        "weights": "int8, symmetric (the embedding table: uint8, asymmetric)",
+        "activations": "uint8, quantized per tensor at run time",
+        "per_channel": per_channel,
+        "ops": ops,
+        "quality": {
+            "text": text,
+            "batch": 1,
+            "chunk": EVAL_CHUNK,
+            **quality,
+            "max_perplexity_change_percent": max_change,
+        },
+    }
+    return int8, section
 
 
 def _check_target(target: Path, force: bool) -> None:
@@ -194,17 +345,28 @@ def _check_target(target: Path, force: bool) -> None:
 
 
 def build_manifest(
-    ckpt: Checkpoint, blobs: dict[str, bytes], report: ParityReport, *, name: str, version: str
+    ckpt: Checkpoint,
+    blobs: dict[str, bytes],
+    report: ParityReport,
+    *,
+    name: str,
+    version: str,
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of docs/bundle.md, without the `files` hashes (added when written)."""
     c = ckpt.config
     prov = ckpt.provenance
-    graph_files = {"step": STEP_FILE, "score": SCORE_FILE}
     graphs = {}
     for graph in blobs:
         inputs, outputs = graph_io(ckpt.model, graph)
-        graphs[graph] = {"file": graph_files[graph], "inputs": inputs, "outputs": outputs}
-    return {
+        graphs[graph] = {"file": GRAPH_FILES[graph], "inputs": inputs, "outputs": outputs}
+    parity = report.to_dict()
+    if quantization is not None:
+        parity["applies_to"] = (
+            "the fp32 graphs the int8 graphs were quantized from; the int8 graphs are held to "
+            "quantization.quality instead"
+        )
+    manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
@@ -223,7 +385,7 @@ def build_manifest(
             "file": TOKENIZER_FILE,
             "special_tokens": {k: v for k, v in ckpt.special_tokens.items() if v is not None},
         },
-        "precision": "fp32",
+        "precision": "fp32" if quantization is None else "int8",
         "state": [
             {"name": s, "input": f"{s}0", "output": f"{s}n", "shape": [c.layers, "batch", c.hidden]}
             for s in c.state_names
@@ -241,14 +403,17 @@ def build_manifest(
             "onnxruntime_version": ort.__version__,
             "train_args": ckpt.train_args,
         },
-        "parity": report.to_dict(),
+        "parity": parity,
     }
+    if quantization is not None:
+        manifest["quantization"] = quantization
+    return manifest
 
 
 def _commit(
     target: Path,
     ckpt: Checkpoint,
-    blobs: dict[str, bytes],
+    files: dict[str, bytes],
     manifest: dict[str, Any],
     force: bool,
 ) -> Path:
@@ -259,18 +424,14 @@ def _commit(
     old: Path | None = None
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the server's user
-        files = {"step": STEP_FILE, "score": SCORE_FILE}
-        for graph, blob in blobs.items():
-            (staging / files[graph]).write_bytes(blob)
+        for file, data in files.items():
+            (staging / file).write_bytes(data)
         shutil.copyfile(ckpt.tokenizer_path, staging / TOKENIZER_FILE)
-        manifest["files"] = {
-            f: sha256_file(staging / f)
-            for f in sorted([files[g] for g in blobs] + [TOKENIZER_FILE])
-        }
+        manifest["files"] = {f: sha256_file(staging / f) for f in sorted([*files, TOKENIZER_FILE])}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             bundle = load_bundle(staging)
-            for graph in blobs:
+            for graph in manifest["graphs"]:
                 bundle.open_session(graph)
         except BundleError as e:
             raise ExportError(f"the written bundle does not pass the server's loader: {e}") from e

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,19 @@ TOKENIZER_KINDS = ("word", "char", "bpe")
 # Precision of the weights -> the element type of the graphs' float inputs and outputs.
 FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
 GRAPH_KINDS = ("step", "score")
+# ONNX protobuf field numbers (onnx/onnx.proto) on every path from a model to a tensor, so the
+# loader can list a graph's external data files without the `onnx` package (not a server
+# dependency). Message kind -> {field number: kind of the embedded message}.
+_ONNX_FIELDS: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_TENSOR_NAME = 8
+_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data: StringStringEntryProto key=1, value=2
 
 
 class BundleError(Exception):
@@ -284,6 +297,9 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     eos_id: int = r.get(special, "eos", int, "tokenizer.special_tokens.")
 
     _verify_files(directory, files)
+    for graph_file in (step_file, score_file):
+        if graph_file is not None:
+            _check_external_data(directory, graph_file, files)
     tokenizer = _load_tokenizer(directory / tokenizer_file, vocab_size)
 
     return Bundle(
@@ -377,6 +393,123 @@ def _verify_files(directory: Path, files: dict[str, Any]) -> None:
                 f"{path}: sha256 {actual} does not match the manifest's {digest}; "
                 "the file was changed or damaged after export"
             )
+
+
+def _check_external_data(directory: Path, graph_file: Path, files: dict[str, Any]) -> None:
+    """Every external data file a graph references is a file of the bundle, present and hashed,
+    and every tensor's bytes lie inside it."""
+    sizes: dict[str, int] = {}
+    for ref in external_data(graph_file):
+        location = ref.location
+        if location not in sizes:
+            path = directory / location
+            if not location or "/" in location or "\\" in location or location in (".", ".."):
+                raise BundleError(
+                    f"{graph_file}: external data location {location!r} is not a file name "
+                    "inside the bundle"
+                )
+            if not path.is_file():
+                raise BundleError(
+                    f"{path}: missing; {graph_file.name} keeps its weights there "
+                    "(ONNX external data)"
+                )
+            if location not in files:
+                raise BundleError(
+                    f"{graph_file}: references external data {location!r}, which has no sha256 "
+                    f"in {MANIFEST_FILE} 'files'"
+                )
+            sizes[location] = path.stat().st_size
+        if ref.length is None or ref.offset + ref.length > sizes[location]:
+            raise BundleError(
+                f"{graph_file}: tensor {ref.tensor!r} lies at bytes {ref.offset}-"
+                f"{ref.offset + (ref.length or 0)} of {location!r}, which has "
+                f"{sizes[location]} bytes (the graph and the weights file do not belong together)"
+            )
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where one tensor of a graph keeps its bytes (ONNX external data)."""
+
+    tensor: str
+    location: str
+    offset: int
+    length: int | None  # None: to the end of the file (never written by the exporter)
+
+
+def external_data(graph_file: Path) -> list[ExternalRef]:
+    """The external-data tensors of an ONNX file, read without the `onnx` package."""
+    try:
+        return _external_refs(memoryview(graph_file.read_bytes()), "model")
+    except ValueError as e:
+        raise BundleError(f"{graph_file}: not an ONNX model ({e})") from e
+
+
+def _external_refs(message: memoryview, kind: str) -> list[ExternalRef]:
+    if kind == "tensor":
+        name, entries = "", {}
+        for number, value in _protobuf_fields(message):
+            if number == _TENSOR_NAME and isinstance(value, memoryview):
+                name = _text(value)
+            elif number == _TENSOR_EXTERNAL_DATA and isinstance(value, memoryview):
+                entry = dict(_protobuf_fields(value))
+                key, text = entry.get(1), entry.get(2, memoryview(b""))
+                if isinstance(key, memoryview) and isinstance(text, memoryview):
+                    entries[_text(key)] = _text(text)
+        if "location" not in entries:
+            return []
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else None
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r} has a bad external data offset or length") from e
+        return [ExternalRef(name, entries["location"], offset, length)]
+    found: list[ExternalRef] = []
+    children = _ONNX_FIELDS.get(kind, {})
+    for number, value in _protobuf_fields(message):
+        if number in children and isinstance(value, memoryview):
+            found.extend(_external_refs(value, children[number]))
+    return found
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).decode("utf-8", errors="replace")
+
+
+def _protobuf_fields(message: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of each field; a length-delimited value is its bytes, unparsed."""
+    pos, end = 0, len(message)
+    while pos < end:
+        key, pos = _varint(message, pos)
+        number, wire = key >> 3, key & 7
+        value: int | memoryview = 0
+        if wire == 0:
+            value, pos = _varint(message, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(message, pos)
+            value = message[pos : pos + length]
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"malformed protobuf: wire type {wire} at byte {pos}")
+        if pos > end or number == 0:
+            raise ValueError(f"malformed protobuf: truncated field {number}")
+        yield number, value
+
+
+def _varint(message: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < len(message) and shift < 64:
+        byte = message[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("malformed protobuf: truncated varint")
 
 
 def _load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 from tokenizers import Tokenizer, models
 
-from server.bundle import BundleError, StateSpec, load_bundle, sha256_file
+from server.bundle import BundleError, StateSpec, external_data, load_bundle, sha256_file
 
 Manifest = dict[str, Any]
 
@@ -39,6 +40,11 @@ def rehash(bundle: Path, file: str) -> None:
         m["files"][file] = sha256_file(bundle / file)
 
     edit_manifest(bundle, edit)
+
+
+def copy_graph_inline(source: Path, target: Path) -> None:
+    """Copy a graph with its external weights read in, so it stands alone in another bundle."""
+    onnx.save(onnx.load(str(source)), str(target))
 
 
 def test_loads_the_default_bundle(default_bundle: Path) -> None:
@@ -201,7 +207,7 @@ def test_graph_inputs_disagree_with_the_manifest(
 ) -> None:
     bundle = copy_bundle(default_bundle, tmp_path)
     # A GRU step graph has inputs (tokens, h0); the LSTM manifest says (tokens, h0, c0).
-    shutil.copyfile(tiny_bundle_factory("gru") / "model.onnx", bundle / "model.onnx")
+    copy_graph_inline(tiny_bundle_factory("gru") / "model.onnx", bundle / "model.onnx")
     rehash(bundle, "model.onnx")
     loaded = load_bundle(bundle)
     with pytest.raises(BundleError, match=r"model\.onnx: graph inputs \['tokens', 'h0'\]"):
@@ -215,7 +221,7 @@ def test_graph_vocabulary_disagrees_with_the_manifest(
     # Same I/O names, but a character-level graph has a different vocabulary axis.
     char = tiny_bundle_factory("lstm", "char")
     assert load_bundle(char).vocab_size != load_bundle(bundle).vocab_size
-    shutil.copyfile(char / "model.onnx", bundle / "model.onnx")
+    copy_graph_inline(char / "model.onnx", bundle / "model.onnx")
     rehash(bundle, "model.onnx")
     loaded = load_bundle(bundle)
     with pytest.raises(BundleError, match=r"model\.onnx: 'logits' has size \d+ on axis 2"):
@@ -224,10 +230,78 @@ def test_graph_vocabulary_disagrees_with_the_manifest(
 
 def test_graph_that_onnxruntime_cannot_load(default_bundle: Path, tmp_path: Path) -> None:
     bundle = copy_bundle(default_bundle, tmp_path)
-    (bundle / "score.onnx").write_bytes(b"not a graph")
+    (bundle / "score.onnx").write_bytes(b"")  # an empty protobuf: a model without a graph
     rehash(bundle, "score.onnx")
     with pytest.raises(BundleError, match=r"score\.onnx: onnxruntime cannot load"):
         load_bundle(bundle).open_session("score")
+
+
+def test_graph_that_is_not_onnx(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "score.onnx").write_bytes(b"not a graph")
+    rehash(bundle, "score.onnx")
+    with pytest.raises(BundleError, match=r"score\.onnx: not an ONNX model \(malformed protobuf"):
+        load_bundle(bundle)
+
+
+def test_both_graphs_point_into_one_weights_file(default_bundle: Path) -> None:
+    b = load_bundle(default_bundle)
+    assert "weights.bin" in b.manifest["files"]
+    step, score = external_data(b.step_graph), external_data(b.graph_file("score"))
+    assert step and {r.location for r in step + score} == {"weights.bin"}
+    # Every tensor of the step graph is shared: the score graph reads the very same bytes.
+    assert {(r.offset, r.length) for r in step} <= {(r.offset, r.length) for r in score}
+    # The parser agrees with onnx's own reading of the graph.
+    proto = onnx.load(str(b.step_graph), load_external_data=False)
+    external = {t.name for t in proto.graph.initializer if t.data_location == 1}
+    assert external == {r.tensor for r in step}
+
+
+def test_missing_weights_file_is_named(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "weights.bin").unlink()
+    with pytest.raises(BundleError, match=r"weights\.bin: missing \(listed in manifest\.json\)"):
+        load_bundle(bundle)
+    edit_manifest(bundle, lambda m: m["files"].pop("weights.bin"))
+    with pytest.raises(BundleError, match=r"weights\.bin: missing; model\.onnx keeps its weights"):
+        load_bundle(bundle)
+
+
+def test_unlisted_weights_file(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    edit_manifest(bundle, lambda m: m["files"].pop("weights.bin"))
+    with pytest.raises(BundleError, match=r"model\.onnx: references external data 'weights\.bin'"):
+        load_bundle(bundle)
+
+
+def test_tampered_weights_file(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    data = bytearray((bundle / "weights.bin").read_bytes())
+    data[100] ^= 0xFF
+    (bundle / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"weights\.bin: sha256 .* does not match"):
+        load_bundle(bundle)
+
+
+def test_weights_file_too_short_for_the_graph(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    (bundle / "weights.bin").write_bytes((bundle / "weights.bin").read_bytes()[:1000])
+    rehash(bundle, "weights.bin")
+    with pytest.raises(BundleError, match=r"model\.onnx: tensor .* of 'weights\.bin', which has"):
+        load_bundle(bundle)
+
+
+def test_external_data_outside_the_bundle(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+    proto = onnx.load(str(bundle / "score.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    onnx.save(proto, str(bundle / "score.onnx"))
+    rehash(bundle, "score.onnx")
+    with pytest.raises(BundleError, match=r"score\.onnx: external data location '\.\./weights"):
+        load_bundle(bundle)
 
 
 def test_bundle_without_a_score_graph(default_bundle: Path, tmp_path: Path) -> None:

@@ -77,7 +77,8 @@ def test_manifest_records_the_export(cell: str, tiny_bundle_factory: Callable[..
     prov = m["provenance"]
     assert len(prov["corpus_sha256"]) == 64
     assert prov["valid_perplexity"] > 1 and prov["tokens_seen"] > 0
-    assert set(m["files"]) == {"model.onnx", "score.onnx", "tokenizer.json"}
+    assert set(m["files"]) == {"model.onnx", "score.onnx", "tokenizer.json", "weights.bin"}
+    assert m["precision"] == "fp32" and "quantization" not in m
 
 
 @pytest.mark.parametrize(("cell", "tokenizer"), [("lstm", "char"), ("gru", "bpe")])
@@ -96,6 +97,23 @@ def test_tied_weights_are_stored_once(default_bundle: Path) -> None:
         graph = onnx.load(str(default_bundle / file)).graph
         matrices = [i.name for i in graph.initializer if sorted(i.dims) == sorted([v, e])]
         assert len(matrices) == 1, (file, matrices)
+
+
+def test_graphs_share_one_copy_of_the_weights(default_bundle: Path) -> None:
+    graphs = {f: onnx.load(str(default_bundle / f)) for f in ("model.onnx", "score.onnx")}
+    weights = (default_bundle / "weights.bin").stat().st_size
+    unique: dict[bytes, int] = {}
+    for proto in graphs.values():
+        for tensor in proto.graph.initializer:
+            data = onnx.numpy_helper.to_array(tensor).tobytes()
+            if len(data) >= 1024:
+                unique[data] = len(data)
+    # One copy of each large tensor, at most a page of alignment apiece; the graphs are small.
+    assert sum(unique.values()) <= weights <= sum(unique.values()) + 4096 * len(unique)
+    for file in graphs:
+        assert (default_bundle / file).stat().st_size < 16_000, file
+        inline = onnx.load(str(default_bundle / file), load_external_data=False)
+        assert not [t.name for t in inline.graph.initializer if len(t.raw_data) >= 1024]
 
 
 def test_cli_exports_and_refuses_an_existing_target(
