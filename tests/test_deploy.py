@@ -54,6 +54,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rnnlm_state_cache_evictions_total": ("counter", ("model",)),
     "rnnlm_state_cache_bytes": ("gauge", ("model",)),
     "rnnlm_model_info": ("gauge", ("model", "version", "provider", "cell")),
+    "rnnlm_model_load_failures_total": ("counter", ("model",)),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels Prometheus attaches to every scraped series (ServiceMonitor and kube-state-metrics).

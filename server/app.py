@@ -1,0 +1,274 @@
+"""The assembled server: gRPC services, health, reflection, metrics endpoint, model engines.
+
+Start order keeps a load balancer honest: the port opens first with health NOT_SERVING (so a
+liveness probe passes while models load), then every model is loaded and warmed up, and only
+then does health say SERVING. Stopping reverses it: health goes NOT_SERVING and new calls get
+UNAVAILABLE, in-flight calls get up to the grace period, streams still open after it are ended,
+then the transport stops and the engines close.
+
+Security comes from the configuration's files (server.security): TLS or mutual TLS on the gRPC
+port, bearer tokens checked by an interceptor, and the state-token keys. `reload()` (SIGHUP,
+and every --reload-seconds when set) reads those files again and brings the model repository
+in line with its directory; whatever fails to load or read is logged and the server goes on
+with what it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rnnlm.v1 import language_model_pb2 as pb
+from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server.config import ConfigError, ServerConfig
+from server.engine import EngineConfig
+from server.metrics import Metrics, MetricsServer
+from server.repository import ModelRepository, ReloadResult
+from server.security import BearerAuthInterceptor, BearerTokens, TlsFiles
+from server.servicer import LanguageModelServicer, Limits
+from server.state_token import StateTokens
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+# After the grace period, how long ended streams get to send their last message.
+_END_STREAMS_SECONDS = 1.0
+
+
+def engine_config(config: ServerConfig) -> EngineConfig:
+    return EngineConfig(
+        provider=config.provider,
+        intra_op_threads=config.intra_op_threads,
+        batching=config.batching,
+        max_batch_size=config.max_batch_size,
+        max_queue_wait_ms=config.max_queue_wait_ms,
+        max_queued=config.max_queued,
+        state_cache_bytes=config.state_cache_bytes,
+    )
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class RnnlmServer:
+    """One server process's worth of serving. `port` and `metrics_port` are the bound ports."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.port = 0
+        self.metrics_port = 0
+        self.repository: ModelRepository | None = None
+        self._servicer = LanguageModelServicer(
+            self.metrics, Limits(config.max_tokens, config.max_prompt_tokens)
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._tls: TlsFiles | None = None
+        self._auth: BearerTokens | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # the poller and signalled reloads
+
+    async def start(self) -> None:
+        """Open the ports, load and warm every model, then report SERVING.
+
+        On any failure everything started so far is stopped and the error is raised.
+        """
+        try:
+            self._read_secrets()
+            await self._open()
+            self.repository = await ModelRepository.load(
+                self.config.models,
+                self.config.default_model,
+                engine_config(self.config),
+                self.metrics,
+            )
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        self._servicer.repository = self.repository
+        self._servicer.accepting = True
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s (default model %s)",
+            ", ".join(f"{m.name}:{m.version}" for m in self.repository.models),
+            _address(self.config.host, self.port),
+            self.repository.default_model or "none",
+        )
+        if self.config.reload_seconds > 0:
+            self._spawn(self._poll())
+
+    def _read_secrets(self) -> None:
+        c = self.config
+        if c.tls_cert is not None and c.tls_key is not None:
+            self._tls = TlsFiles(c.tls_cert, c.tls_key, c.tls_client_ca)
+        if c.auth_token_file is not None:
+            self._auth = BearerTokens(c.auth_token_file)
+            log.info("bearer-token authentication on: %d tokens accepted", len(self._auth))
+        if c.state_token_key_file is not None:
+            tokens = StateTokens.from_file(c.state_token_key_file)
+            self._servicer.state_tokens = tokens
+            log.info("state tokens on: %d keys (the first one signs)", len(tokens.keys))
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self, *, retry_failed: bool = True) -> ReloadResult:
+        """Re-read the certificate, token and key files, then reload the model repository."""
+        if self.repository is None or self._stopping:
+            return ReloadResult()
+        self._refresh_secrets()
+        return await self.repository.reload(retry_failed=retry_failed)
+
+    def request_reload(self) -> None:
+        """Start a reload in the background (the SIGHUP handler)."""
+        log.info("reload requested")
+        self._spawn(self.reload())
+
+    def _refresh_secrets(self) -> None:
+        refreshers = []
+        if self._tls is not None:
+            refreshers.append(("TLS certificate and key", self._tls.refresh))
+        if self._auth is not None:
+            refreshers.append(("bearer tokens", self._auth.refresh))
+        if self._servicer.state_tokens is not None:
+            refreshers.append(("state-token keys", self._refresh_state_tokens))
+        for what, refresh in refreshers:
+            try:
+                if refresh():
+                    log.info("reloaded the %s", what)
+            except ConfigError as e:
+                log.error("keeping the previous %s: %s", what, e)
+
+    def _refresh_state_tokens(self) -> bool:
+        current = self._servicer.state_tokens
+        assert current is not None and current.path is not None
+        tokens = StateTokens.from_file(current.path)
+        if tokens.keys == current.keys:
+            return False
+        self._servicer.state_tokens = tokens
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_seconds)
+            await self.reload(retry_failed=False)
+
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("reload failed unexpectedly; the server goes on as it was")
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refused(self, method: str) -> None:
+        """Count a call the bearer-token check refused."""
+        name = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(method=name, model="", code="UNAUTHENTICATED").inc()
+
+    # -- transport --------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        c = self.config
+        interceptors = []
+        if self._auth is not None:
+            interceptors.append(BearerAuthInterceptor(self._auth, self._refused))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_LanguageModelServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = _address(c.host, c.port)
+        try:
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, self._tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"--port: cannot listen on {address} ({e})") from e
+        await server.start()
+        self._server = server
+        if self._tls is None:
+            transport = "plaintext"
+        elif self._tls.mutual:
+            transport = "TLS, client certificates required"
+        else:
+            transport = "TLS"
+        log.info("gRPC listening on %s (%s)", _address(c.host, self.port), transport)
+        if c.health_port is not None:
+            await self._open_health_port(c.health_port)
+        try:
+            self._metrics_server = MetricsServer(self.metrics, c.host, c.metrics_port)
+        except OSError as e:
+            raise OSError(
+                f"--metrics-port: cannot listen on {_address(c.host, c.metrics_port)} ({e})"
+            ) from e
+        self.metrics_port = self._metrics_server.port
+        log.info("metrics on http://%s/metrics", _address(c.host, self.metrics_port))
+
+    async def _open_health_port(self, port: int) -> None:
+        """grpc.health.v1 alone, in plaintext: what a TLS-unaware probe needs and no more."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = _address(self.config.host, port)
+        try:
+            self.health_port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"--health-port: cannot listen on {address} ({e})") from e
+        await server.start()
+        self._health_server = server
+        log.info("health (only) on %s (plaintext)", _address(self.config.host, self.health_port))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain (up to `grace` seconds, default --grace-seconds), then shut everything down."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("shutting down: draining in-flight calls for up to %.1f s", grace)
+        await self._health.enter_graceful_shutdown()
+        self._servicer.accepting = False
+        if not await self._servicer.drain(grace):
+            log.warning("grace period over: ending the streams still open")
+            self._servicer.end_streams()
+            await self._servicer.drain(_END_STREAMS_SECONDS)
+        for server in (self._server, self._health_server):
+            if server is not None:
+                await server.stop(grace=0)
+        if self.repository is not None:
+            await self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,522 @@
+"""Continuous batching as data: the active requests, their stacked states and one step of work.
+
+A `Batch` owns the recurrent states of its active requests, stacked on the batch axis
+(`[layers, N, hidden]` per state tensor), much as TGI's `Batch`: requests join between steps
+(`concatenate`) and leave (`filter`, for finished and cancelled ones). Each `step` asks every
+request for its pending work - a decode token, a prompt or document chunk - groups the work into
+as few onnxruntime runs as the padding rules allow, runs them, scatters the new states back, and
+turns outputs into results (sampling every generating row in one vectorised call).
+
+Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
+decode step, a document chunk before the last) runs only with work of exactly its length, so
+it is never padded. Work whose final state is thrown away (the last chunk of a document being
+scored or embedded) may be right-padded up to a power-of-two length: a recurrent network is
+causal, so outputs at the real positions do not see the padding after them.
+
+Which graph serves which work: generation and next-token requests feed prompts through the
+step graph (the last chunk's last logits are what they need); scoring feeds documents through
+the score graph, which returns only the targets' log-probs; embedding reads the step graph's
+`features`.
+
+A step runs every decode token but at most one run's worth of prompt and document chunk
+tokens (`run_elements`, rows taking turns), so long documents cannot stall the streams. When
+every row is a generation past its prompt, the step is one run of one token per row with no
+per-request bookkeeping: the hot path of generation under load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from server.sampling import GeneratedToken, Sampler, SamplingParams, log_softmax
+from server.state_cache import StateCache
+
+State = tuple[np.ndarray, ...]  # one [layers, hidden] float32 array per state tensor
+
+STEP = "step"
+SCORE = "score"
+# The most float32 values a run may write per [B, T, V] output (64 MiB): bigger groups are
+# split. Batching rows of long chunks gains little, and memory would grow with B * T * V.
+RUN_ELEMENTS = 1 << 24
+POOLINGS = ("last", "mean", "max")
+
+
+class Runner(Protocol):
+    """The onnxruntime sessions, as the batch calls them."""
+
+    def step(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """tokens [B, T] -> logits [B, T, V], features [B, T, H], final states."""
+        ...
+
+    def score(
+        self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens, targets [B, T] -> log-prob of each target [B, T], final states."""
+        ...
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request's work failed; the engine turns this into an EngineError for the caller."""
+
+    message: str
+
+
+# The payload that ends a generation stream (after its last token).
+END = object()
+
+Event = tuple["Request", object]
+
+
+@dataclass(slots=True)
+class Work:
+    """One request's share of a step: tokens to feed on one graph."""
+
+    graph: str
+    tokens: np.ndarray  # int64 [T]
+    targets: np.ndarray | None  # int64 [T], score graph only
+    keeps_state: bool  # False: the final state is discarded, so right-padding is allowed
+
+
+class Request:
+    """One unit of engine work: the tokens it still has to feed and what it makes of outputs.
+
+    `deliver` is called on the event loop with each payload (see the subclasses).
+    `cancelled` may be set from any thread: the request leaves at the next step.
+    """
+
+    def __init__(self, feed: np.ndarray, state: State, deliver: Callable[[object], None]) -> None:
+        self.feed = feed  # tokens to feed, starting from `state`
+        self.fed = 0
+        self.state: State | None = state  # taken over by Batch.concatenate
+        self.deliver = deliver
+        self.cancelled = False
+        self.done = False
+        self.decoding = False  # a generation past its prompt: one sampled token per step
+        self.submitted = time.perf_counter()
+
+    def work(self, chunk: int) -> Work | None:
+        """This step's work, at most `chunk` tokens; None when the request needs no run."""
+        n = min(len(self.feed) - self.fed, chunk)
+        return Work(STEP, self.feed[self.fed : self.fed + n], None, True)
+
+    def advance(self, n: int) -> bool:
+        """Count `n` tokens fed (a decode token is not part of `feed`); True when the
+        step's last logits are the next-token logits after everything fed so far."""
+        self.fed = min(self.fed + n, len(self.feed))
+        return self.fed == len(self.feed)
+
+
+class NextRequest(Request):
+    """The next-token log-probs after a context. Delivers a read-only float32 [V] array."""
+
+    def __init__(
+        self,
+        context: np.ndarray,
+        feed: np.ndarray,
+        state: State,
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(feed, state, deliver)
+        self.context = context  # the whole context, the state cache's key
+
+
+class GenerateRequest(Request):
+    """Token-by-token generation. Delivers `GeneratedToken`s, then `END`."""
+
+    def __init__(
+        self,
+        prompt: np.ndarray,
+        feed: np.ndarray,
+        state: State,
+        head: np.ndarray | None,
+        params: SamplingParams,
+        max_tokens: int,
+        stop_ids: frozenset[int],
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(feed, state, deliver)
+        self.prompt = prompt
+        # Next-token logits already known (from the state cache): sample without a run.
+        self.head = head
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stop_ids = stop_ids
+        self.rng = params.rng()
+        self.generated = 0
+        self.next_token = -1
+        self._seen: set[int] | None = None
+        self.history: np.ndarray | None = None
+        if params.repetition_penalty != 1.0:
+            self._seen = set(prompt.tolist())
+            self.history = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+
+    def work(self, chunk: int) -> Work | None:
+        if self.head is not None:
+            return None
+        if self.fed < len(self.feed):
+            return super().work(chunk)
+        return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
+
+    def emitted(self, token: int) -> bool:
+        """Record a sampled token; True when it ends the generation."""
+        self.generated += 1
+        self.next_token = token
+        self.decoding = True
+        if self._seen is not None and token not in self._seen:
+            self._seen.add(token)
+            self.history = np.append(self.history, token)  # type: ignore[arg-type]
+        return token in self.stop_ids or self.generated >= self.max_tokens
+
+
+class ScoreRequest(Request):
+    """Log-probs of a document's tokens. Delivers float32 [n] (the preset first entry kept)."""
+
+    def __init__(
+        self,
+        feed: np.ndarray,
+        targets: np.ndarray,
+        state: State,
+        out: np.ndarray,
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(feed, state, deliver)
+        self.targets = targets
+        self.out = out  # out[0] is set by the engine; out[1 + i] is the log-prob of targets[i]
+
+    def work(self, chunk: int) -> Work | None:
+        n = min(len(self.feed) - self.fed, chunk)
+        end = self.fed + n
+        return Work(
+            SCORE, self.feed[self.fed : end], self.targets[self.fed : end], end < len(self.feed)
+        )
+
+    def absorb(self, logprobs: np.ndarray) -> bool:
+        """Take one chunk's target log-probs; True when the document is done."""
+        n = len(logprobs)
+        self.out[1 + self.fed : 1 + self.fed + n] = logprobs
+        self.fed += n
+        return self.fed == len(self.feed)
+
+
+class EmbedRequest(Request):
+    """A pooled encoding of the last layer's features. Delivers float32 [hidden]."""
+
+    def __init__(
+        self,
+        feed: np.ndarray,
+        state: State,
+        pooling: str,
+        hidden: int,
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(feed, state, deliver)
+        self.pooling = pooling
+        self.pooled = np.full(hidden, -np.inf if pooling == "max" else 0.0, dtype=np.float64)
+
+    def work(self, chunk: int) -> Work | None:
+        n = min(len(self.feed) - self.fed, chunk)
+        end = self.fed + n
+        return Work(STEP, self.feed[self.fed : end], None, end < len(self.feed))
+
+    def absorb(self, features: np.ndarray) -> bool:
+        """Take one chunk's features [n, hidden]; True when the text is done."""
+        if self.pooling == "max":
+            np.maximum(self.pooled, features.max(axis=0), out=self.pooled)
+        elif self.pooling == "mean":
+            self.pooled += features.sum(axis=0, dtype=np.float64)
+        else:
+            self.pooled[:] = features[-1]
+        self.fed += len(features)
+        return self.fed == len(self.feed)
+
+    def result(self) -> np.ndarray:
+        if self.pooling == "mean":
+            return (self.pooled / len(self.feed)).astype(np.float32)
+        return self.pooled.astype(np.float32)
+
+
+@dataclass(slots=True)
+class _Head:
+    """A request whose next-token logits are ready: row `index` of `logits` `[k, V]`."""
+
+    request: Request
+    row: int
+    logits: np.ndarray
+    index: int
+
+
+class Batch:
+    """The active requests and their stacked states; see the module docstring."""
+
+    def __init__(
+        self,
+        num_states: int,
+        vocab_size: int,
+        hidden: int,
+        cache: StateCache | None,
+        sampler: Sampler | None = None,
+        run_elements: int = RUN_ELEMENTS,
+    ) -> None:
+        self.requests: list[Request] = []
+        self.states: list[np.ndarray] = []  # [layers, N, hidden] each
+        self.num_states = num_states
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        self.cache = cache
+        self.sampler = sampler if sampler is not None else Sampler()
+        self.run_elements = run_elements
+        self._turn = 0  # the row whose chunk goes first in the next step
+        # Prefix states the step reached, for the state cache (see `store_prefixes`).
+        self._prefixes: list[tuple[np.ndarray, State, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def concatenate(self, requests: Sequence[Request]) -> None:
+        """Add requests as new rows, starting from each one's `state`."""
+        if not requests:
+            return
+        new = []
+        for j in range(self.num_states):
+            new.append(np.stack([r.state[j] for r in requests], axis=1))  # type: ignore[index]
+        for r in requests:
+            r.state = None
+        if self.requests:
+            self.states = [
+                np.concatenate((s, n), axis=1) for s, n in zip(self.states, new, strict=True)
+            ]
+        else:
+            self.states = new
+        self.requests.extend(requests)
+
+    def filter(self) -> list[Request]:
+        """Drop finished and cancelled requests; return those dropped."""
+        keep = [i for i, r in enumerate(self.requests) if not (r.done or r.cancelled)]
+        if len(keep) == len(self.requests):
+            return []
+        dropped = [r for r in self.requests if r.done or r.cancelled]
+        idx = np.array(keep, dtype=np.intp)
+        self.states = [s[:, idx, :] for s in self.states]
+        self.requests = [self.requests[i] for i in keep]
+        return dropped
+
+    def row_state(self, row: int) -> State:
+        """A copy of one row's state."""
+        return tuple(s[:, row, :].copy() for s in self.states)
+
+    def store_prefixes(self) -> None:
+        """Put the prefix states the last step reached into the state cache."""
+        if self.cache is not None:
+            for tokens, state, logprobs in self._prefixes:
+                self.cache.insert(tokens, state, logprobs)
+        self._prefixes.clear()
+
+    def step(self, runner: Runner, chunk: int, batching: bool) -> list[Event]:
+        """Run one step of every request's pending work; return the payloads to deliver."""
+        if (
+            batching
+            and len(self.requests) * (self.vocab_size + self.hidden) <= self.run_elements
+            and all(r.decoding for r in self.requests)
+        ):
+            return self._decode_step(runner)
+        works: list[Work | None] = [r.work(chunk) for r in self.requests]
+        self._take_turns(works)
+        # (graph, run length, the row when each request runs alone else -1) -> rows
+        groups: dict[tuple[str, int, int], list[int]] = {}
+        for row, w in enumerate(works):
+            if w is None:
+                continue
+            n = len(w.tokens)
+            if not batching:
+                key = (w.graph, n, row)
+            elif w.keeps_state:
+                key = (w.graph, n, -1)
+            else:
+                key = (w.graph, _padded(n, chunk), -1)
+            groups.setdefault(key, []).append(row)
+
+        events: list[Event] = []
+        heads: list[_Head] = []
+        for (graph, length, _), rows in groups.items():
+            width = self.vocab_size + self.hidden if graph == STEP else self.vocab_size
+            per_run = max(1, self.run_elements // (length * width))
+            for start in range(0, len(rows), per_run):
+                part = rows[start : start + per_run]
+                self._run(runner, graph, length, part, works, heads, events)
+        for row, r in enumerate(self.requests):
+            if isinstance(r, GenerateRequest) and r.head is not None:
+                heads.append(_Head(r, row, r.head[None, :], 0))
+                r.head = None
+        if heads:
+            self._finish_heads(heads, events)
+        return events
+
+    def _take_turns(self, works: list[Work | None]) -> None:
+        """Hold back chunks beyond one full run of tokens this step, in turns.
+
+        Decode steps always run; prompt and document chunks share a budget of one run's
+        worth of tokens per step, so a flood of long documents cannot stall every stream's
+        next token for many runs (nor grow memory), and each request gets its turn first.
+        """
+        budget = self.run_elements // (self.vocab_size + self.hidden)
+        count = len(works)
+        used = 0
+        for k in range(count):
+            row = (self._turn + k) % count
+            w = works[row]
+            if w is None or len(w.tokens) == 1:
+                continue
+            if used and used + len(w.tokens) > budget:
+                works[row] = None
+            else:
+                used += len(w.tokens)
+        self._turn += 1
+
+    def fail(self, message: str) -> list[Event]:
+        """End every request with a failure (after an unexpected error in a step)."""
+        events: list[Event] = []
+        for r in self.requests:
+            if not (r.done or r.cancelled):
+                r.done = True
+                events.append((r, Failure(message)))
+        return events
+
+    def _run(
+        self,
+        runner: Runner,
+        graph: str,
+        length: int,
+        rows: list[int],
+        works: list[Work | None],
+        heads: list[_Head],
+        events: list[Event],
+    ) -> None:
+        k = len(rows)
+        tokens = np.zeros((k, length), dtype=np.int64)
+        targets = np.zeros((k, length), dtype=np.int64) if graph == SCORE else None
+        for i, row in enumerate(rows):
+            w = works[row]
+            assert w is not None
+            tokens[i, : len(w.tokens)] = w.tokens
+            if targets is not None:
+                assert w.targets is not None
+                targets[i, : len(w.targets)] = w.targets
+        full = k == len(self.requests)
+        idx = np.array(rows, dtype=np.intp)
+        states = self.states if full else [s[:, idx, :] for s in self.states]
+        try:
+            if targets is not None:
+                logprobs, new = runner.score(tokens, targets, states)
+            else:
+                logits, features, new = runner.step(tokens, states)
+        except Exception as e:  # onnxruntime raises several types; the requests must end
+            for row in rows:
+                r = self.requests[row]
+                r.done = True
+                events.append((r, Failure(f"onnxruntime run failed: {e}")))
+            return
+        if full:
+            self.states = list(new)
+        else:
+            for old, fresh in zip(self.states, new, strict=True):
+                old[:, idx, :] = fresh
+        # Rows that need next-token logits ran unpadded, so their last position is `length - 1`.
+        last = logits[:, length - 1, :] if targets is None else None
+        for i, row in enumerate(rows):
+            r = self.requests[row]
+            n = len(works[row].tokens)  # type: ignore[union-attr]
+            if isinstance(r, ScoreRequest):
+                if r.absorb(logprobs[i, :n]):
+                    r.done = True
+                    events.append((r, r.out))
+            elif isinstance(r, EmbedRequest):
+                if r.absorb(features[i, :n]):
+                    r.done = True
+                    events.append((r, r.result()))
+            elif r.advance(n):
+                heads.append(_Head(r, row, last, i))  # type: ignore[arg-type]
+
+    def _finish_heads(self, heads: list[_Head], events: list[Event]) -> None:
+        """Turn ready next-token logits into results: log-probs, or sampled tokens."""
+        nexts = [h for h in heads if isinstance(h.request, NextRequest)]
+        gens = [h for h in heads if isinstance(h.request, GenerateRequest)]
+        if nexts:
+            logprobs = log_softmax(_stack(nexts))
+            for j, h in enumerate(nexts):
+                r = h.request
+                assert isinstance(r, NextRequest)
+                lp = logprobs[j].copy()
+                lp.setflags(write=False)
+                if self.cache is not None:
+                    self._prefixes.append((r.context, self.row_state(h.row), lp))
+                r.done = True
+                events.append((r, lp))
+        if gens:
+            requests: list[GenerateRequest] = [h.request for h in gens]  # type: ignore[misc]
+            self._sample(requests, [h.row for h in gens], _stack(gens), events)
+
+    def _decode_step(self, runner: Runner) -> list[Event]:
+        """`step` when every row is a generation past its prompt: one run of one token each.
+
+        The same computation as the general path (one unpadded group), minus its bookkeeping,
+        which at 64 streams costs as much as the sampling.
+        """
+        requests: list[GenerateRequest] = self.requests  # type: ignore[assignment]
+        count = len(requests)
+        tokens = np.fromiter((r.next_token for r in requests), dtype=np.int64, count=count)
+        try:
+            logits, _, new = runner.step(tokens.reshape(count, 1), self.states)
+        except Exception as e:  # onnxruntime raises several types; the requests must end
+            return self.fail(f"onnxruntime run failed: {e}")
+        self.states = list(new)
+        events: list[Event] = []
+        self._sample(requests, range(count), logits[:, 0, :], events)
+        return events
+
+    def _sample(
+        self,
+        requests: list[GenerateRequest],
+        rows: Sequence[int],
+        logits: np.ndarray,
+        events: list[Event],
+    ) -> None:
+        """Sample each request's next token from its row of `logits` (batch rows `rows`)."""
+        uniforms = np.array([r.rng.random() for r in requests])
+        samples = self.sampler.sample(
+            logits, [r.params for r in requests], [r.history for r in requests], uniforms
+        )
+        tokens = samples.tokens.tolist()
+        logprobs = samples.logprobs.tolist()
+        for j, r in enumerate(requests):
+            if r.generated == 0 and len(r.feed) and self.cache is not None:
+                # The prompt's state, for a later request on the same prompt.
+                prompt_lp = logits[j] - samples.lse[j]
+                self._prefixes.append((r.prompt, self.row_state(rows[j]), prompt_lp))
+            token = tokens[j]
+            events.append((r, GeneratedToken(token, logprobs[j], samples.top[j])))
+            if r.emitted(token):
+                r.done = True
+                events.append((r, END))
+
+
+def _padded(n: int, chunk: int) -> int:
+    """The run length a discard-state chunk of `n` tokens is padded to."""
+    return min(1 << (n - 1).bit_length(), max(chunk, n))
+
+
+def _stack(heads: list[_Head]) -> np.ndarray:
+    """The heads' logits as one [k, V] array, without a copy when they are one run's rows."""
+    first = heads[0].logits
+    if len(heads) == first.shape[0] and all(
+        h.logits is first and h.index == i for i, h in enumerate(heads)
+    ):
+        return np.ascontiguousarray(first)
+    return np.stack([h.logits[h.index] for h in heads])

@@ -1,0 +1,80 @@
+"""`rnnlm serve`: run the gRPC server until SIGTERM or SIGINT, then shut down gracefully.
+
+SIGHUP reloads without a restart: the model repository (new, changed and removed bundles) and
+the TLS, bearer-token and state-token key files.
+
+Exit codes: 0 after a clean shutdown; 2 when the server cannot start (a bad flag or environment
+value, a bad model repository or bundle, an execution provider that is not available, a port in
+use), with one line on stderr saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from server.app import RnnlmServer
+from server.bundle import BundleError
+from server.config import ConfigError, ServerConfig, add_arguments, config_from_args
+from server.engine import EngineError
+from server.repository import RepositoryError
+
+log = logging.getLogger("rnnlm.serve")
+
+_STARTUP_ERRORS = (ConfigError, RepositoryError, BundleError, EngineError, OSError)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"rnnlm serve: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except _STARTUP_ERRORS as e:
+        log.error("cannot start: %s", e)
+        print(f"rnnlm serve: cannot start: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then drain for --grace-seconds and stop; SIGHUP reloads.
+
+    A stop signal while the models are still loading abandons the start.
+    """
+    server = RnnlmServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    starting = asyncio.create_task(server.start())
+    signalled = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait((starting, signalled), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        try:
+            starting.result()
+        except BaseException:
+            signalled.cancel()
+            raise
+        await signalled
+    else:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+    log.info("stop requested by signal")
+    await server.stop()

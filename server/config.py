@@ -1,0 +1,214 @@
+"""Server configuration: each option is a flag `--foo-bar` with an environment twin `RNNLM_FOO_BAR`.
+
+A flag given on the command line wins over its environment variable, which wins over the
+default; this is what Kubernetes manifests rely on (environment in the pod spec, flags for
+people). Every bad value is reported with the flag or variable it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PROVIDERS = ("cpu", "cuda", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV_PREFIX = "RNNLM_"
+
+
+class ConfigError(Exception):
+    """A flag or environment variable has a bad value; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `rnnlm serve` can be told; the defaults suit a small shared CPU."""
+
+    models: Path
+    default_model: str = ""
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464
+    provider: str = "cpu"
+    intra_op_threads: int = 1
+    batching: bool = True
+    max_batch_size: int = 64
+    max_queue_wait_ms: float = 2.0
+    max_queued: int = 1024
+    state_cache_mb: float = 64.0
+    max_tokens: int = 1024
+    max_prompt_tokens: int = 8192
+    max_message_bytes: int = 16 * 2**20
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+    reload_seconds: float = 0.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    health_port: int | None = None
+    auth_token_file: Path | None = None
+    state_token_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(
+                    f"{_flag(name)} ({env_name(name)}): {rule}, not {getattr(self, name)!r}"
+                )
+
+        check(str(self.models) != "", "models", "must name a model repository directory")
+        for name in ("port", "metrics_port"):
+            check(0 <= getattr(self, name) <= 65535, name, "must be a port in [0, 65535]")
+        if self.health_port is not None:
+            check(0 <= self.health_port <= 65535, "health_port", "must be a port in [0, 65535]")
+        check(self.provider in PROVIDERS, "provider", f"must be one of {', '.join(PROVIDERS)}")
+        check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        for name in (
+            "intra_op_threads",
+            "max_batch_size",
+            "max_queued",
+            "max_tokens",
+            "max_prompt_tokens",
+            "max_message_bytes",
+        ):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("max_queue_wait_ms", "state_cache_mb", "grace_seconds", "reload_seconds"):
+            check(getattr(self, name) >= 0, name, "must be at least 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (
+                ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            )
+            raise ConfigError(
+                f"{_flag(given)} ({env_name(given)}) needs {_flag(missing)} ({env_name(missing)}): "
+                "TLS takes a certificate and its private key"
+            )
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                f"{_flag('tls_client_ca')} ({env_name('tls_client_ca')}) needs --tls-cert and "
+                "--tls-key: client certificates are only checked over TLS"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def state_cache_bytes(self) -> int:
+        return int(self.state_cache_mb * 2**20)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+
+
+# field -> (parser of the environment value, help); the order is the order of --help.
+_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "models": (Path, "model repository: a bundle, a directory of bundles, or NAME/VERSION/ dirs"),
+    "default_model": (str, "model answering requests that name none (default: the only one)"),
+    "host": (str, "address to listen on"),
+    "port": (int, "gRPC port; 0 picks a free one (logged)"),
+    "metrics_port": (int, "Prometheus /metrics port; 0 picks a free one (logged)"),
+    "provider": (
+        str.lower,
+        "onnxruntime execution provider: cpu, cuda (fail without a GPU) or auto",
+    ),
+    "intra_op_threads": (int, "onnxruntime threads per session"),
+    "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
+    "max_batch_size": (int, "requests per batched run"),
+    "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
+    "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
+    "state_cache_mb": (float, "state cache size per model, in MiB"),
+    "max_tokens": (int, "cap on a Generate request's max_tokens"),
+    "max_prompt_tokens": (int, "cap on prompt and context length, in tokens"),
+    "max_message_bytes": (int, "largest gRPC message accepted or sent"),
+    "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may take to finish"),
+    "log_level": (str.lower, "debug, info, warning or error"),
+    "reload_seconds": (
+        float,
+        "poll the model repository for new or changed bundles every this many seconds; "
+        "0 is off (SIGHUP reloads either way)",
+    ),
+    "tls_cert": (Path, "serve TLS with this PEM certificate chain (needs --tls-key)"),
+    "tls_key": (Path, "the PEM private key of --tls-cert"),
+    "tls_client_ca": (
+        Path,
+        "require client certificates signed by these PEM CA certificates (mutual TLS)",
+    ),
+    "health_port": (
+        int,
+        "also serve only grpc.health.v1, in plaintext, on this port: for probes that cannot "
+        "speak TLS, such as the kubelet's (default: off)",
+    ),
+    "auth_token_file": (
+        Path,
+        "require `authorization: Bearer <token>` on every call but health and reflection; "
+        "the file has one token per line",
+    ),
+    "state_token_key_file": (
+        Path,
+        "enable portable state tokens, signed with the first key in this file (one per line; "
+        "all of them verify); replicas that resume each other's tokens share it",
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every option; unset flags stay None so the environment can fill them in."""
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    for name, (_, help_) in _OPTIONS.items():
+        default = defaults.get(name)
+        shown = (
+            ""
+            if name in ("models", "default_model") or default is None
+            else (f" (default: {default})")
+        )
+        text = f"{help_}{shown}; env {env_name(name)}"
+        if name == "batching":
+            parser.add_argument(
+                _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        elif name in ("provider", "log_level"):
+            choices = PROVIDERS if name == "provider" else LOG_LEVELS
+            parser.add_argument(_flag(name), choices=choices, default=None, help=text)
+        else:
+            kind = _OPTIONS[name][0]
+            parser.add_argument(_flag(name), type=kind, default=None, help=text)
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Flags, then `RNNLM_*` environment variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (parse, _) in _OPTIONS.items():
+        flag_value = getattr(args, name, None)
+        if flag_value is not None:
+            values[name] = flag_value
+            continue
+        raw = environ.get(env_name(name))
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{env_name(name)}={raw!r}: {e}") from e
+    if "models" not in values:
+        raise ConfigError(f"--models (or {env_name('models')}) is required: the model repository")
+    return ServerConfig(**values)

@@ -1,0 +1,561 @@
+"""The inference engine: onnxruntime sessions, continuous batching, sampling, the state cache.
+
+The service calls the engine at the token level (see `Engine`). One engine serves one model
+version. Its batching loop runs on one worker thread: onnxruntime's `run` releases the GIL, so
+the asyncio event loop keeps serving while a step runs. Requests cross to the worker through a
+locked queue and results come back with one `call_soon_threadsafe` per step.
+
+Every text is conditioned on the bundle's eos token: the engine feeds eos to the zero state
+once at start (the "root") and every request starts from that state, or from a longer prefix
+found in the state cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from server.batch import (
+    END,
+    POOLINGS,
+    Batch,
+    EmbedRequest,
+    Event,
+    Failure,
+    GenerateRequest,
+    NextRequest,
+    Request,
+    ScoreRequest,
+    State,
+)
+from server.bundle import Bundle, BundleError
+from server.metrics import EngineMetrics
+from server.sampling import GeneratedToken, SamplingParams, log_softmax
+from server.state_cache import StateCache
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "GeneratedToken",
+    "Overloaded",
+    "SamplingParams",
+]
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("cpu", "cuda", "auto")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class EngineError(Exception):
+    """The engine cannot load, start or finish a request (the message says why)."""
+
+
+class Overloaded(EngineError):
+    """Admission refused: too many requests are waiting (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    provider: str = "cpu"  # "cpu" | "cuda" | "auto"; cuda without a GPU -> EngineError at start
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    batching: bool = True  # False: one onnxruntime run per request (for comparison)
+    max_batch_size: int = 64  # requests gathered into one run
+    max_queue_wait_ms: float = 2.0  # how long a step may wait to fill a batch
+    prefill_chunk: int = 128  # tokens of a prompt/document fed per step per request
+    max_queued: int = 1024  # pending requests beyond which submit raises Overloaded
+    state_cache_bytes: int = 64 * 2**20
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"engine {name} must be {rule}, not {getattr(self, name)!r}")
+
+        check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
+        check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
+        check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
+        for name in ("max_batch_size", "prefill_chunk", "max_queued"):
+            check(getattr(self, name) >= 1, name, ">= 1")
+        check(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", ">= 0")
+        check(self.state_cache_bytes >= 0, "state_cache_bytes", ">= 0")
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a request starts: after `length` tokens of its context, in `state`."""
+
+    length: int
+    state: State
+    logprobs: np.ndarray  # next-token log-probs at that point
+
+
+class _Sessions:
+    """The step and score sessions, called with the bundle's input and output names."""
+
+    def __init__(
+        self,
+        step: ort.InferenceSession,
+        score: ort.InferenceSession | None,
+        bundle: Bundle,
+        metrics: EngineMetrics | None,
+    ) -> None:
+        self._step = step
+        self._score = score
+        self._state_inputs = [s.input for s in bundle.state]
+        self.metrics = metrics
+
+    def step(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        feeds = dict(zip(self._state_inputs, states, strict=True))
+        feeds["tokens"] = tokens
+        logits, features, *new = self._step.run(None, feeds)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(tokens))
+        return logits, features, new
+
+    def score(
+        self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self._score is None:
+            # A bundle without a score graph: the step graph's logits, reduced here.
+            logits, _, new = self.step(tokens, states)
+            picked = np.take_along_axis(log_softmax(logits), targets[..., None], axis=-1)
+            return picked[..., 0], new
+        feeds = dict(zip(self._state_inputs, states, strict=True))
+        feeds["tokens"] = tokens
+        feeds["targets"] = targets
+        logprobs, *new = self._score.run(None, feeds)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(tokens))
+        return logprobs, new
+
+
+class _Channel:
+    """Payloads from the batching thread to one generate() consumer, on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: object) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> object:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
+def _settle(future: asyncio.Future[Any], payload: object) -> None:
+    if future.done():
+        return
+    if isinstance(payload, Failure):
+        future.set_exception(EngineError(payload.message))
+    else:
+        future.set_result(payload)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+class Engine:
+    """Runs one model version's requests in continuous batches; see ENGINE_API.md.
+
+    Results are read-only numpy arrays (next-token log-probs may be shared with the state
+    cache). All methods must be called from the event loop that ran `start`.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        config: EngineConfig | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.config = config if config is not None else EngineConfig()
+        self.metrics = metrics
+        self.provider = ""  # the execution provider in use, known after start()
+        self.cache = StateCache(self.config.state_cache_bytes, metrics)
+        self._cond = threading.Condition()
+        self._queue: deque[Request] = deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: _Sessions | None = None
+        self._root: _Start | None = None
+        self._batch: Batch | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the sessions, feed eos (the root state), warm up and start the batching loop."""
+        if self._thread is not None or self._closing:
+            raise EngineError("the engine was already started")
+        providers = _providers(self.config.provider)
+        options = _session_options(self.config)
+        try:
+            step = await asyncio.to_thread(self.bundle.open_session, "step", options, providers)
+            score = None
+            if self.bundle.score_graph is not None:
+                score = await asyncio.to_thread(
+                    self.bundle.open_session, "score", options, providers
+                )
+        except BundleError as e:
+            raise EngineError(str(e)) from e
+        self.provider = step.get_providers()[0]
+        if self.config.provider == "cuda" and self.provider != CUDA:
+            raise EngineError(
+                f"provider 'cuda' was asked for but onnxruntime could not start "
+                f"{CUDA} for {self.bundle.step_graph} (it fell back to {self.provider}); "
+                "check the CUDA and cuDNN libraries"
+            )
+        log.info("%s version %s runs on %s", self.bundle.name, self.bundle.version, self.provider)
+        self._sessions = _Sessions(step, score, self.bundle, None)
+        self._root = await asyncio.to_thread(self._warm_up)
+        self._sessions.metrics = self.metrics
+        self._loop = asyncio.get_running_loop()
+        self._batch = Batch(
+            len(self.bundle.state), self.bundle.vocab_size, self.bundle.hidden, self.cache
+        )
+        self._thread = threading.Thread(
+            target=self._work,
+            name=f"engine-{self.bundle.name}-{self.bundle.version}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Stop the batching loop; requests still queued or running get EngineError."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def active(self) -> int:
+        """Requests admitted to the batch or waiting for it."""
+        batch = self._batch
+        return len(self._queue) + (len(batch) if batch is not None else 0)
+
+    # ---- the API ---------------------------------------------------------------------------
+
+    async def next_token_logprobs(self, context_ids: Sequence[int]) -> np.ndarray:
+        """Log-softmax [V] of the next token after eos + context (cached prefixes reused)."""
+        ids = self._tokens(context_ids, "context_ids")
+        start = self._start(ids)
+        if start.length == len(ids):
+            return start.logprobs
+        return await self._call(
+            functools.partial(NextRequest, ids, ids[start.length :], start.state)
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        """Up to `max_tokens` tokens after eos + prompt, each as soon as its step ran.
+
+        Ends after a token in `stop_ids`. Closing the iterator (break, aclose, cancellation)
+        takes the request out of the batch at the next step. Arguments are checked here; the
+        request is queued (and Overloaded raised) on the first iteration.
+        """
+        ids = self._tokens(prompt_ids, "prompt_ids")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, not {max_tokens}")
+        params.check_vocab(self.bundle.vocab_size)
+        stops = frozenset(stop_ids)
+        outside = sorted(i for i in stops if not 0 <= i < self.bundle.vocab_size)
+        if outside:
+            raise ValueError(
+                f"stop_ids {outside[:5]} are outside the vocabulary (size {self.bundle.vocab_size})"
+            )
+        return self._stream(ids, max_tokens, params, stops)
+
+    async def score(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [n]: the log-prob of each token given eos and the tokens before it.
+
+        Fed in chunks with the state carried, so memory does not grow with the text.
+        """
+        ids = self._tokens(token_ids, "token_ids")
+        root = self._root_start()
+        out = np.empty(len(ids), dtype=np.float32)
+        if len(ids) == 0:
+            return _frozen(out)
+        out[0] = root.logprobs[ids[0]]
+        if len(ids) == 1:
+            return _frozen(out)
+        result = await self._call(
+            functools.partial(ScoreRequest, ids[:-1], ids[1:], root.state, out)
+        )
+        return _frozen(result)
+
+    async def embed(self, token_ids: Sequence[int], pooling: str) -> np.ndarray:
+        """float32 [hidden]: the last layer's features after each token, pooled last/mean/max."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+        ids = self._tokens(token_ids, "token_ids")
+        if len(ids) == 0:
+            raise ValueError("token_ids must not be empty: there is nothing to pool")
+        root = self._root_start()
+        make = functools.partial(EmbedRequest, ids, root.state, pooling, self.bundle.hidden)
+        return _frozen(await self._call(make))
+
+    # ---- submission (event loop side) ------------------------------------------------------
+
+    def _tokens(self, ids: Sequence[int], field: str) -> np.ndarray:
+        try:
+            arr = np.array(ids, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"{field} must be a list of token ids ({e})") from e
+        if arr.ndim != 1:
+            raise ValueError(f"{field} must be a flat list of token ids, not shape {arr.shape}")
+        vocab = self.bundle.vocab_size
+        if arr.size:
+            bad = (arr < 0) | (arr >= vocab)
+            if bad.any():
+                i = int(bad.argmax())
+                raise ValueError(
+                    f"{field}[{i}] = {arr[i]} is not a token id of {self.bundle.name} "
+                    f"(vocabulary size {vocab})"
+                )
+        return _frozen(arr)
+
+    def _root_start(self) -> _Start:
+        if self._closing:
+            raise EngineError("the engine is shutting down")
+        if self._root is None:
+            raise EngineError("the engine is not running: call start() first")
+        return self._root
+
+    def _start(self, ids: np.ndarray) -> _Start:
+        """The longest known prefix of eos + `ids`: a cached one, or the root."""
+        root = self._root_start()
+        if len(ids) == 0:
+            return root
+        hit = self.cache.lookup(ids)
+        if hit is None:
+            return root
+        return _Start(hit.length, hit.state, hit.logprobs)
+
+    def _submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise EngineError("the engine is shutting down")
+            if self._thread is None:
+                raise EngineError("the engine is not running: call start() first")
+            waiting = len(self._queue)
+            if waiting >= self.config.max_queued:
+                raise Overloaded(
+                    f"{waiting} requests are already waiting for {self.bundle.name} "
+                    f"(max_queued {self.config.max_queued}); try again later"
+                )
+            self._queue.append(request)
+            self._cond.notify()
+
+    async def _call(self, make: Callable[[Callable[[object], None]], Request]) -> Any:
+        """Queue a one-result request (`make(deliver)`) and wait for its result.
+
+        Cancelling the wait cancels the request.
+        """
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        request = make(functools.partial(_settle, future))
+        self._submit(request)
+        try:
+            return await future
+        except BaseException:  # cancelled (the future with it) or failed: drop the request
+            request.cancelled = True
+            raise
+
+    async def _stream(
+        self, ids: np.ndarray, max_tokens: int, params: SamplingParams, stops: frozenset[int]
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        start = self._start(ids)
+        exact = start.length == len(ids)
+        assert self._loop is not None
+        channel = _Channel(self._loop)
+        request = GenerateRequest(
+            ids,
+            ids[start.length :],
+            start.state,
+            start.logprobs if exact else None,
+            params,
+            max_tokens,
+            stops,
+            channel.put,
+        )
+        self._submit(request)
+        try:
+            while True:
+                item = await channel.get()
+                if item is END:
+                    return
+                if isinstance(item, Failure):
+                    raise EngineError(item.message)
+                yield item  # type: ignore[misc]
+        finally:
+            request.cancelled = True
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for request, payload in events:
+            request.deliver(payload)
+
+    # ---- the batching loop (worker thread) -------------------------------------------------
+
+    def _warm_up(self) -> _Start:
+        """Feed eos to the zero state (the root every request starts from); warm the shapes."""
+        sessions = self._sessions
+        assert sessions is not None
+        eos = np.full((1, 1), self.bundle.eos_id, dtype=np.int64)
+        logits, _, state = sessions.step(eos, self.bundle.zero_state(1))
+        root = _Start(
+            0,
+            tuple(_frozen(s[:, 0, :].copy()) for s in state),
+            _frozen(log_softmax(logits[0, 0])),
+        )
+        rows = min(self.config.max_batch_size, 64)
+        sessions.step(np.zeros((rows, 1), dtype=np.int64), self.bundle.zero_state(rows))
+        two = np.zeros((1, 2), dtype=np.int64)
+        sessions.score(two, two, self.bundle.zero_state(1))
+        return root
+
+    def _work(self) -> None:
+        batch = self._batch
+        sessions = self._sessions
+        assert batch is not None and sessions is not None
+        config = self.config
+        wait = config.max_queue_wait_ms / 1000 if config.batching else 0.0
+        last_size, last_end, last_depth = 0, 0.0, 0
+        while True:
+            with self._cond:
+                while not self._closing and not self._queue and not batch.requests:
+                    self._cond.wait()
+                if not self._closing and not batch.requests and wait > 0:
+                    self._wait_for_company(min(config.max_batch_size, last_size), last_end, wait)
+                if self._closing:
+                    break
+                admitted: list[Request] = []
+                while self._queue and len(batch) + len(admitted) < config.max_batch_size:
+                    request = self._queue.popleft()
+                    if not request.cancelled:
+                        admitted.append(request)
+                depth = len(self._queue)
+            now = time.perf_counter()
+            if self.metrics is not None:
+                if depth != last_depth:
+                    self.metrics.set_queue_depth(depth)
+                    last_depth = depth
+                for request in admitted:
+                    self.metrics.observe_queue_wait(now - request.submitted)
+            batch.concatenate(admitted)
+            batch.filter()
+            events: list[Event] = []
+            if batch.requests:
+                last_size = len(batch)
+                try:
+                    events = batch.step(sessions, config.prefill_chunk, config.batching)
+                except Exception as e:  # a bug must not take the engine down with it
+                    log.exception("engine step failed")
+                    events = batch.fail(f"internal engine error: {e}")
+            # Cached before the results go out, so a caller's next request can hit them.
+            batch.store_prefixes()
+            last_end = time.perf_counter()
+            if events:
+                self._post(events)
+            batch.filter()
+        self._shut_down(batch)
+
+    def _wait_for_company(self, target: int, last_end: float, wait: float) -> None:
+        """Hold a step (lock held) while closed-loop callers of the last one come back.
+
+        When the last step served `target` requests and ended just before the first waiting
+        one arrived, up to `wait` seconds are spent letting the others rejoin, so they share
+        one run instead of trickling through one at a time. A lone caller never waits.
+        """
+        if not self._queue or len(self._queue) >= target:
+            return
+        first = self._queue[0].submitted
+        if first - last_end > wait:
+            return
+        deadline = first + wait
+        while not self._closing and len(self._queue) < target:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _shut_down(self, batch: Batch) -> None:
+        with self._cond:
+            waiting = list(self._queue)
+            self._queue.clear()
+        events: list[Event] = batch.fail("the engine is shutting down")
+        events += [(r, Failure("the engine is shutting down")) for r in waiting if not r.cancelled]
+        batch.filter()
+        if events:
+            self._post(events)
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(0)
+
+    def _post(self, events: list[Event]) -> None:
+        assert self._loop is not None
+        # A closed event loop raises RuntimeError: then nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._dispatch, events)
+
+
+def _providers(choice: str) -> list[str]:
+    """The onnxruntime providers for a `provider` setting; EngineError if CUDA is missing."""
+    available = ort.get_available_providers()
+    if choice == "cuda":
+        if CUDA not in available:
+            raise EngineError(
+                f"provider 'cuda' was asked for but this onnxruntime has no {CUDA} "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu on a machine "
+                "with a GPU, or use --provider cpu or auto"
+            )
+        return [CUDA, CPU]
+    if choice == "auto" and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def _session_options(config: EngineConfig) -> ort.SessionOptions:
+    """Options for a small shared CPU: few threads, no spinning (see FIELD-NOTES.md)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    spin = "1" if config.allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options

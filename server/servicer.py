@@ -1,0 +1,659 @@
+"""The rnnlm.v1.LanguageModel servicer: validation, text <-> tokens, request metrics, status codes.
+
+The engine does the numerical work at the token level; everything a client sees is decided
+here: which model answers, which inputs are refused and with which code, how generated tokens
+become text, when a generation stops. Every call goes through `_handle`, which records the
+request metrics and turns every failure into a status code, so no request can take the server
+down: an unexpected exception is logged and answered with INTERNAL. A call holds the model
+version it uses until it ends (see `ModelRepository.acquire`), so a hot reload never closes an
+engine under a running call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import grpc
+import numpy as np
+
+from rnnlm.v1 import language_model_pb2 as pb
+from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server.engine import EngineError, GeneratedToken, Overloaded, SamplingParams
+from server.metrics import Metrics
+from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
+from server.state_token import SessionContext, StateTokenError, StateTokens
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Code = grpc.StatusCode
+
+DEFAULT_MAX_TOKENS = 64
+DEFAULT_TYPING_K = 5
+MAX_TOP_LOGPROBS = 20
+# Texts longer than this are tokenized off the event loop.
+_LONG_TEXT_CHARS = 20_000
+_POOLINGS = {
+    pb.POOLING_UNSPECIFIED: "mean",
+    pb.POOLING_LAST: "last",
+    pb.POOLING_MEAN: "mean",
+    pb.POOLING_MAX: "max",
+}
+
+
+class RpcError(Exception):
+    """A request answered with a status code other than OK; the message names the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RpcError:
+    return RpcError(Code.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's caps on requests (from --max-tokens and --max-prompt-tokens)."""
+
+    max_tokens: int
+    max_prompt_tokens: int
+
+
+@dataclass
+class _Call:
+    """One RPC being answered: what its request metrics are labelled with."""
+
+    method: str
+    start: float
+    model: str = ""
+    held: list[LoadedModel] = field(default_factory=list)
+
+
+class LanguageModelServicer(pb_grpc.LanguageModelServicer):
+    """Answers rnnlm.v1.LanguageModel; refuses calls with UNAVAILABLE unless `accepting`."""
+
+    def __init__(self, metrics: Metrics, limits: Limits) -> None:
+        self._metrics = metrics
+        self._limits = limits
+        self.repository: ModelRepository | None = None
+        # None: state tokens are disabled (no --state-token-key-file).
+        self.state_tokens: StateTokens | None = None
+        self.accepting = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._end_streams = asyncio.Event()
+
+    # -- lifecycle (driven by server.app) -------------------------------------------------
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for in-flight calls to finish; True if they all did."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def end_streams(self) -> None:
+        """Make open Generate calls finish (FINISH_REASON_CANCELLED) and typing sessions end."""
+        self._end_streams.set()
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> None:
+        await self._handle("Generate", context, lambda call: self._generate(request, context, call))
+
+    async def PredictNext(
+        self, request: pb.PredictNextRequest, context: Any
+    ) -> pb.PredictNextResponse:
+        return await self._handle("PredictNext", context, lambda call: self._predict(request, call))
+
+    async def Score(self, request: pb.ScoreRequest, context: Any) -> pb.ScoreResponse:
+        return await self._handle("Score", context, lambda call: self._score(request, call))
+
+    async def Embed(self, request: pb.EmbedRequest, context: Any) -> pb.EmbedResponse:
+        return await self._handle("Embed", context, lambda call: self._embed(request, call))
+
+    async def TypingSession(
+        self, request_iterator: AsyncIterator[pb.TypingEvent], context: Any
+    ) -> None:
+        await self._handle(
+            "TypingSession", context, lambda call: self._typing(request_iterator, context, call)
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        return await self._handle("ListModels", context, lambda call: self._list_models())
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.ModelInfo:
+        return await self._handle("GetModel", context, lambda call: self._get_model(request, call))
+
+    # -- the common frame of every call ----------------------------------------------------
+
+    async def _handle(self, method: str, context: Any, body: Callable[[_Call], Awaitable[T]]) -> T:
+        call = _Call(method, time.perf_counter())
+        code, message = Code.OK, ""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            if not self.accepting or self.repository is None:
+                raise RpcError(Code.UNAVAILABLE, "the server is not serving (starting or stopping)")
+            return await body(call)
+        except RpcError as e:
+            code, message = e.code, e.message
+        except Overloaded as e:
+            code, message = Code.RESOURCE_EXHAUSTED, f"model {call.model!r} is overloaded: {e}"
+        except EngineError as e:
+            code, message = Code.UNAVAILABLE, f"model {call.model!r} is not available: {e}"
+        except asyncio.CancelledError:
+            code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
+            raise
+        except Exception:
+            log.exception("%s failed unexpectedly (model %r)", method, call.model)
+            code, message = Code.INTERNAL, f"{method} failed unexpectedly; the server logged why"
+        finally:
+            self._record(call, code)
+            for model in call.held:
+                assert self.repository is not None
+                self.repository.release(model)
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        return await context.abort(code, message)  # abort raises: the call ends with `code`
+
+    def _record(self, call: _Call, code: grpc.StatusCode) -> None:
+        m = self._metrics
+        m.requests.labels(method=call.method, model=call.model, code=code.name).inc()
+        m.request_duration.labels(method=call.method, model=call.model).observe(
+            time.perf_counter() - call.start
+        )
+
+    def _model(self, name: str, version: str, call: _Call) -> LoadedModel:
+        """The model a call names, held by the call until it ends."""
+        assert self.repository is not None  # _handle refuses calls before it is set
+        try:
+            model = self.repository.acquire(name, version)
+        except ModelNotFound as e:
+            raise RpcError(Code.NOT_FOUND, str(e)) from e
+        except NoDefaultModel as e:
+            raise invalid(str(e)) from e
+        call.held.append(model)
+        call.model = model.name
+        return model
+
+    async def _encode(self, model: LoadedModel, text: str) -> list[int]:
+        if len(text) > _LONG_TEXT_CHARS:
+            return await asyncio.to_thread(model.codec.encode, text)
+        return model.codec.encode(text)
+
+    async def _context_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
+        ids = await self._encode(model, text)
+        if len(ids) > self._limits.max_prompt_tokens:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"{field} has {len(ids)} tokens; this server's limit (--max-prompt-tokens) is "
+                f"{self._limits.max_prompt_tokens}",
+            )
+        return ids
+
+    # -- Generate --------------------------------------------------------------------------
+
+    async def _generate(self, request: pb.GenerateRequest, context: Any, call: _Call) -> None:
+        model = self._model(request.model, request.model_version, call)
+        params = self._sampling_params(request, model)
+        max_tokens = self._max_tokens(request)
+        for i, s in enumerate(request.stop):
+            if not s:
+                raise invalid(f"stop[{i}] is empty; stop strings must have at least one character")
+        prompt_ids = await self._prompt_ids(request, model)
+        codec = model.codec
+        detokenizer = codec.detokenizer(prompt_ids)
+        stopper = _StopMatcher(list(request.stop))
+        m = self._metrics
+        ttft = m.time_to_first_token.labels(model=model.name)
+        itl = m.inter_token_latency.labels(model=model.name)
+        generated = m.generated_tokens.labels(model=model.name)
+        active = m.active_streams.labels(model=model.name)
+        active.inc()
+        try:
+            count, last = 0, call.start
+            finish = pb.FINISH_REASON_LENGTH
+            # The engine's iterator supports aclose() (ENGINE_API.md): closing it takes the
+            # request out of the batch at once, whichever way this loop ends.
+            stream = cast(
+                AsyncGenerator[GeneratedToken, None],
+                model.engine.generate(prompt_ids, max_tokens, params),
+            )
+            async with contextlib.aclosing(stream):
+                async for token in stream:
+                    now = time.perf_counter()
+                    (itl if count else ttft).observe(now - last)
+                    last = now
+                    count += 1
+                    generated.inc()
+                    text, stopped = stopper.push(detokenizer.push(token.token_id))
+                    response = pb.GenerateResponse(
+                        text=text, token_ids=[token.token_id], logprobs=[token.logprob]
+                    )
+                    if params.top_logprobs:
+                        response.top_logprobs.add().alternatives.extend(
+                            pb.TokenLogprob(token_id=i, token=codec.token_texts[i], logprob=lp)
+                            for i, lp in token.top
+                        )
+                    await context.write(response)
+                    if stopped:
+                        finish = pb.FINISH_REASON_STOP
+                        break
+                    _check_deadline(context)
+                    if self._end_streams.is_set():
+                        finish = pb.FINISH_REASON_CANCELLED
+                        break
+            tail = ""
+            if finish == pb.FINISH_REASON_LENGTH:
+                tail, stopped = stopper.push(detokenizer.flush())
+                if stopped:
+                    finish = pb.FINISH_REASON_STOP
+                else:
+                    tail += stopper.flush()
+            await context.write(
+                pb.GenerateResponse(
+                    text=tail,
+                    finish_reason=finish,
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=count,
+                )
+            )
+        finally:
+            active.dec()
+
+    def _sampling_params(self, request: pb.GenerateRequest, model: LoadedModel) -> SamplingParams:
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise invalid(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+        if request.top_k < 0:
+            raise invalid(f"top_k must be >= 0 (0 is off), not {request.top_k}")
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        if not 0 < top_p <= 1:
+            raise invalid(f"top_p must be in (0, 1], not {top_p}")
+        if not 0 <= request.min_p < 1:
+            raise invalid(f"min_p must be in [0, 1), not {request.min_p}")
+        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+        if not (math.isfinite(penalty) and penalty > 0):
+            raise invalid(f"repetition_penalty must be > 0 (1 is off), not {penalty}")
+        most = min(MAX_TOP_LOGPROBS, model.codec.vocab_size)
+        if not 0 <= request.top_logprobs <= most:
+            raise invalid(f"top_logprobs must be in [0, {most}], not {request.top_logprobs}")
+        unk = model.codec.unk_id
+        return SamplingParams(
+            temperature=temperature,
+            top_k=request.top_k,
+            top_p=top_p,
+            min_p=request.min_p,
+            repetition_penalty=penalty,
+            seed=request.seed if request.HasField("seed") else None,
+            top_logprobs=request.top_logprobs,
+            banned_ids=frozenset() if unk is None else frozenset({unk}),
+        )
+
+    def _max_tokens(self, request: pb.GenerateRequest) -> int:
+        cap = self._limits.max_tokens
+        if not request.HasField("max_tokens"):
+            return min(DEFAULT_MAX_TOKENS, cap)
+        if request.max_tokens < 1:
+            raise invalid(f"max_tokens must be at least 1, not {request.max_tokens}")
+        if request.max_tokens > cap:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"max_tokens {request.max_tokens} is over this server's limit (--max-tokens) "
+                f"of {cap}",
+            )
+        return request.max_tokens
+
+    async def _prompt_ids(self, request: pb.GenerateRequest, model: LoadedModel) -> list[int]:
+        if not request.prompt_token_ids:
+            return await self._context_ids(model, request.prompt, "prompt")
+        if request.prompt:
+            raise invalid("set prompt or prompt_token_ids, not both")
+        vocab = model.codec.vocab_size
+        for i, token in enumerate(request.prompt_token_ids):
+            if not 0 <= token < vocab:
+                raise invalid(
+                    f"prompt_token_ids[{i}] is {token}, outside the vocabulary [0, {vocab})"
+                )
+        ids = list(request.prompt_token_ids)
+        if len(ids) > self._limits.max_prompt_tokens:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED,
+                f"prompt_token_ids has {len(ids)} tokens; this server's limit "
+                f"(--max-prompt-tokens) is {self._limits.max_prompt_tokens}",
+            )
+        return ids
+
+    # -- PredictNext and TypingSession -----------------------------------------------------
+
+    async def _predict(self, request: pb.PredictNextRequest, call: _Call) -> pb.PredictNextResponse:
+        if request.return_state_token:
+            self._state_tokens("return_state_token")
+        if request.state_token:
+            resumed = self._open_state_token(request.state_token)
+            model = self._token_model(resumed, request.model, request.model_version, call)
+            text = await self._resumed_text(model, resumed) + request.context
+        else:
+            model = self._model(request.model, request.model_version, call)
+            text = request.context
+        _check_k(request.k, model, "k")
+        _check_partial_word(request.partial_word)
+        ids = await self._context_ids(model, text, "context")
+        logprobs = await model.engine.next_token_logprobs(ids)
+        response = pb.PredictNextResponse(
+            predictions=_predictions(model, logprobs, request.k, request.partial_word),
+            model_version=model.version,
+            context_tokens=len(ids),
+        )
+        if request.return_state_token:
+            response.state_token = self._seal(model, text, ids)
+        return response
+
+    async def _typing(
+        self, events: AsyncIterator[pb.TypingEvent], context: Any, call: _Call
+    ) -> None:
+        model: LoadedModel | None = None
+        text = ""
+        try:
+            async for event in events:
+                if event.return_state_token:
+                    self._state_tokens("return_state_token")
+                if event.state_token:
+                    if event.reset:
+                        raise invalid("set reset or state_token, not both")
+                    resumed = self._open_state_token(event.state_token)
+                    if model is None:
+                        model = self._token_model(resumed, event.model, event.model_version, call)
+                        self._metrics.active_streams.labels(model=model.name).inc()
+                    elif (resumed.model, resumed.version) != model.key:
+                        raise invalid(
+                            f"state_token is for model {resumed.model!r} version "
+                            f"{resumed.version!r}, but this session uses model {model.name!r} "
+                            f"version {model.version!r}"
+                        )
+                    text = await self._resumed_text(model, resumed) + event.text
+                else:
+                    if model is None:
+                        model = self._model(event.model, event.model_version, call)
+                        self._metrics.active_streams.labels(model=model.name).inc()
+                    text = event.text if event.reset else text + event.text
+                k = event.k or DEFAULT_TYPING_K
+                _check_k(k, model, "k")
+                _check_partial_word(event.partial_word)
+                ids = await self._context_ids(model, text, "the session's context")
+                logprobs = await model.engine.next_token_logprobs(ids)
+                reply = pb.Suggestions(
+                    predictions=_predictions(model, logprobs, k, event.partial_word),
+                    context_tokens=len(ids),
+                )
+                if event.return_state_token:
+                    reply.state_token = self._seal(model, text, ids)
+                await context.write(reply)
+                if self._end_streams.is_set():
+                    break
+        finally:
+            if model is not None:
+                self._metrics.active_streams.labels(model=model.name).dec()
+
+    # -- state tokens ----------------------------------------------------------------------
+
+    def _state_tokens(self, field: str) -> StateTokens:
+        tokens = self.state_tokens
+        if tokens is None:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"{field}: state tokens are disabled on this server (it was started without "
+                "--state-token-key-file)",
+            )
+        return tokens
+
+    def _open_state_token(self, token: bytes) -> SessionContext:
+        try:
+            return self._state_tokens("state_token").open(token)
+        except StateTokenError as e:
+            raise invalid(str(e)) from e
+
+    def _token_model(
+        self, resumed: SessionContext, name: str, version: str, call: _Call
+    ) -> LoadedModel:
+        """The model version a token was made by; the request may name it but no other."""
+        if (name and name != resumed.model) or (version and version != resumed.version):
+            asked = " ".join(
+                f"{what} {value!r}"
+                for what, value in (("model", name), ("version", version))
+                if value
+            )
+            raise invalid(
+                f"state_token is for model {resumed.model!r} version {resumed.version!r}, but "
+                f"the request asks for {asked}"
+            )
+        try:
+            return self._model(resumed.model, resumed.version, call)
+        except RpcError as e:
+            raise RpcError(e.code, f"state_token cannot be resumed here: {e.message}") from e
+
+    async def _resumed_text(self, model: LoadedModel, resumed: SessionContext) -> str:
+        """A token's context, once checked against this model's tokenizer."""
+        count = len(await self._encode(model, resumed.text))
+        if count != resumed.num_tokens:
+            raise invalid(
+                f"state_token records {resumed.num_tokens} context tokens, but its text has "
+                f"{count} under model {model.name!r} version {model.version!r}'s tokenizer"
+            )
+        return resumed.text
+
+    def _seal(self, model: LoadedModel, text: str, ids: list[int]) -> bytes:
+        context = SessionContext(model.name, model.version, len(ids), text)
+        return self._state_tokens("return_state_token").seal(context)
+
+    # -- Score and Embed -------------------------------------------------------------------
+
+    async def _texts_ids(self, model: LoadedModel, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            raise invalid("texts is empty; give at least one text")
+        all_ids = []
+        for i, text in enumerate(texts):
+            ids = await self._encode(model, text)
+            if not ids:
+                raise invalid(f"texts[{i}] contains no tokens ({text!r})")
+            all_ids.append(ids)
+        return all_ids
+
+    async def _score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
+        model = self._model(request.model, request.model_version, call)
+        all_ids = await self._texts_ids(model, list(request.texts))
+        scores = await _all(model.engine.score(ids) for ids in all_ids)
+        response = pb.ScoreResponse(model_version=model.version)
+        texts = model.codec.token_texts
+        for ids, logprobs in zip(all_ids, scores, strict=True):
+            total = float(np.sum(logprobs, dtype=np.float64))
+            result = response.results.add(
+                log_prob=total, num_tokens=len(ids), perplexity=_perplexity(total, len(ids))
+            )
+            if request.return_token_logprobs:
+                result.token_logprobs.extend(
+                    pb.TokenLogprob(token_id=t, token=texts[t], logprob=float(lp))
+                    for t, lp in zip(ids, logprobs, strict=True)
+                )
+        self._metrics.scored_tokens.labels(model=model.name).inc(sum(map(len, all_ids)))
+        return response
+
+    async def _embed(self, request: pb.EmbedRequest, call: _Call) -> pb.EmbedResponse:
+        model = self._model(request.model, request.model_version, call)
+        pooling = _POOLINGS.get(request.pooling)
+        if pooling is None:
+            raise invalid(
+                f"pooling {request.pooling} is not one of "
+                + ", ".join(f"{pb.Pooling.Name(v)} ({v})" for v in _POOLINGS)
+            )
+        all_ids = await self._texts_ids(model, list(request.texts))
+        vectors = await _all(model.engine.embed(ids, pooling) for ids in all_ids)
+        response = pb.EmbedResponse(dimension=model.bundle.hidden, model_version=model.version)
+        for ids, vector in zip(all_ids, vectors, strict=True):
+            response.embeddings.add(values=vector.tolist(), num_tokens=len(ids))
+        return response
+
+    # -- ListModels and GetModel -----------------------------------------------------------
+
+    async def _list_models(self) -> pb.ListModelsResponse:
+        assert self.repository is not None
+        return pb.ListModelsResponse(models=[self._info(m) for m in self.repository.models])
+
+    async def _get_model(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
+        return self._info(self._model(request.name, request.version, call))
+
+    def _info(self, model: LoadedModel) -> pb.ModelInfo:
+        assert self.repository is not None
+        b = model.bundle
+        arch = b.manifest.get("architecture", {})
+        prov = b.manifest.get("provenance", {})
+        newest = self.repository.get(model.name)
+        return pb.ModelInfo(
+            name=b.name,
+            version=b.version,
+            is_default=model.name == self.repository.default_model and newest is model,
+            architecture=pb.Architecture(
+                cell=b.cell,
+                layers=b.layers,
+                hidden=b.hidden,
+                embedding=int(arch.get("embedding") or 0),
+                vocab_size=b.vocab_size,
+                tied=bool(arch.get("tied")),
+            ),
+            tokenizer_kind=b.tokenizer_kind,
+            vocab_size=b.vocab_size,
+            provider=model.provider,
+            precision=b.precision,
+            quality=pb.Quality(
+                valid_perplexity=float(prov.get("valid_perplexity") or 0.0),
+                test_perplexity=float(prov.get("test_perplexity") or 0.0),
+                tokens_seen=int(prov.get("tokens_seen") or 0),
+                corpus_sha256=str(prov.get("corpus_sha256") or ""),
+            ),
+            eos_token_id=b.eos_id,
+        )
+
+
+async def _all(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Run concurrently (so the engine batches them); the first failure cancels the rest."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _deadline_passed(context: Any) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _check_deadline(context: Any) -> None:
+    if _deadline_passed(context):
+        raise RpcError(Code.DEADLINE_EXCEEDED, "the call's deadline passed during generation")
+
+
+def _check_k(k: int, model: LoadedModel, field: str) -> None:
+    vocab = model.codec.vocab_size
+    if not 1 <= k <= vocab:
+        raise invalid(f"{field} must be in [1, {vocab}] (the vocabulary size), not {k}")
+
+
+def _check_partial_word(partial_word: str) -> None:
+    if partial_word != partial_word.strip() or any(c.isspace() for c in partial_word):
+        raise invalid(
+            f"partial_word must be the letters of one word, without spaces, not {partial_word!r}"
+        )
+
+
+def _predictions(
+    model: LoadedModel, logprobs: np.ndarray, k: int, partial_word: str
+) -> list[pb.Prediction]:
+    """The k most likely ordinary tokens; renormalised over those matching `partial_word`.
+
+    Only the k winners are sorted and exponentiated: this runs on every keystroke of a
+    typing client, over vocabularies of tens of thousands of tokens.
+    """
+    codec = model.codec
+    if partial_word:
+        ids: np.ndarray | None = codec.ids_with_prefix(partial_word)
+        scores = logprobs[ids].astype(np.float64)
+        if scores.size:
+            top_score = scores.max()
+            scores -= top_score + np.log(np.exp(scores - top_score).sum())
+    else:
+        ids = None
+        scores = logprobs.astype(np.float64)
+        scores[codec.special_id_array] = -np.inf
+    k = min(k, scores.size)
+    if k == 0:
+        return []
+    top = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
+    top = top[np.isfinite(scores[top])]
+    token_ids = top if ids is None else ids[top]
+    order = np.lexsort((token_ids, -scores[top]))
+    return [
+        pb.Prediction(
+            token=codec.token_texts[int(token_ids[i])],
+            token_id=int(token_ids[i]),
+            probability=math.exp(scores[top[i]]),
+        )
+        for i in order
+    ]
+
+
+def _perplexity(log_prob: float, num_tokens: int) -> float:
+    try:
+        return math.exp(-log_prob / num_tokens)
+    except OverflowError:
+        return math.inf
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = stops
+        self._pending = ""
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """The text that is safe to emit now, and whether a stop string was reached."""
+        if not self._stops:
+            return piece, False
+        text = self._pending + piece
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return text[: min(hits)], True
+        keep = max(_overlap(text, s) for s in self._stops)
+        self._pending = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
