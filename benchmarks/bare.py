@@ -1,0 +1,161 @@
+"""Bare onnxruntime in this process: the floor the server's engine is measured against.
+
+Sessions are made with the engine's own session options (`server.engine._session_options` of
+a default `EngineConfig`: one intra-op and one inter-op thread, sequential execution, all graph
+optimizations, spinning off), so the only difference from the server is everything around
+`InferenceSession.run`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.timing import BenchError, latency, over_trials, time_calls
+from benchmarks.workload import Plan, Workload
+from server.bundle import Bundle
+from server.engine import EngineConfig, _session_options
+from server.sampling import log_softmax
+
+WARMUP_CALLS = 5
+
+
+def session(bundle: Bundle, graph: str) -> ort.InferenceSession:
+    return bundle.open_session(graph, _session_options(EngineConfig()))
+
+
+def session_settings() -> dict[str, Any]:
+    """The engine settings the bare sessions copy, for the report."""
+    c = EngineConfig()
+    return {
+        "intra_op_threads": c.intra_op_threads,
+        "inter_op_threads": c.inter_op_threads,
+        "allow_spinning": c.allow_spinning,
+        "execution_mode": "sequential",
+        "graph_optimization_level": "ORT_ENABLE_ALL",
+        "provider": "CPUExecutionProvider",
+    }
+
+
+def step_trial(
+    step: ort.InferenceSession,
+    bundle: Bundle,
+    tokens: np.ndarray,
+    batch: int,
+    calls: int,
+    seconds: float,
+) -> dict[str, float]:
+    """One trial of single-token steps at `batch` rows, the state carried from step to step."""
+    columns = step_columns(tokens, batch, calls + WARMUP_CALLS)
+    names = [s.input for s in bundle.state]
+    state: list[np.ndarray] = list(bundle.zero_state(batch))
+
+    def call(i: int) -> None:
+        nonlocal state
+        feeds = dict(zip(names, state, strict=True))
+        feeds["tokens"] = columns[i]
+        state = step.run(None, feeds)[2:]
+
+    for i in range(WARMUP_CALLS):
+        call(calls + i)
+    return latency(time_calls(call, calls, seconds), tokens_per_call=batch)
+
+
+def score_trial(
+    graph: ort.InferenceSession, bundle: Bundle, ids: np.ndarray, chunk: int, seconds: float
+) -> dict[str, float]:
+    """Score `ids` (conditioned on eos), `chunk` tokens a run with the state carried.
+
+    Stops early, after the chunk that passes `seconds`; `tokens` says how many were scored.
+    """
+    tokens = np.concatenate([[bundle.eos_id], ids[:-1]]).astype(np.int64)[None, :]
+    targets = ids.astype(np.int64)[None, :]
+    names = [s.input for s in bundle.state]
+    has_targets = any(i.name == "targets" for i in graph.get_inputs())
+    state: list[np.ndarray] = list(bundle.zero_state(1))
+    total, n = 0.0, 0
+    start = time.perf_counter()
+    for i in range(0, tokens.shape[1], chunk):
+        feeds = dict(zip(names, state, strict=True))
+        feeds["tokens"] = tokens[:, i : i + chunk]
+        want = targets[:, i : i + chunk]
+        if has_targets:
+            feeds["targets"] = want
+            picked, *state = graph.run(None, feeds)
+        else:  # a bundle without score.onnx: reduce the step graph's logits, as the engine does
+            logits, _, *state = graph.run(None, feeds)
+            picked = np.take_along_axis(log_softmax(logits), want[..., None], axis=-1)[..., 0]
+        total += float(np.sum(picked, dtype=np.float64))
+        n += picked.shape[1]
+        if time.perf_counter() - start >= seconds:
+            break
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "tokens": float(n), "tokens_per_s": n / elapsed, "log_prob": total}
+
+
+def steps(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
+    """Batch-1 and large-batch step latency and throughput over `plan.trials` trials."""
+    step = session(bundle, "step")
+    out: dict[str, Any] = {}
+    for key, batch, calls in (
+        ("step_b1", 1, plan.step_calls),
+        (f"step_b{plan.large_batch}", plan.large_batch, plan.large_step_calls),
+    ):
+        out[key] = over_trials(
+            [
+                step_trial(step, bundle, workload.ids, batch, calls, plan.budget_s)
+                for _ in range(plan.trials)
+            ]
+        )
+    return out
+
+
+def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
+    """Steps at batch 1 and 64, and scoring the document with score.onnx (or model.onnx)."""
+    out = steps(bundle, workload, plan)
+    graph = session(bundle, "score" if bundle.score_graph is not None else "step")
+    ids = workload.score_ids(plan.score_tokens)
+    score_trial(graph, bundle, ids[: plan.score_chunk * 2], plan.score_chunk, plan.score_budget_s)
+    out["score"] = over_trials(
+        [
+            score_trial(graph, bundle, ids, plan.score_chunk, plan.score_budget_s)
+            for _ in range(plan.trials)
+        ]
+    )
+    out["score"]["graph"] = "score.onnx" if bundle.score_graph is not None else "model.onnx"
+    out["score"]["chunk"] = plan.score_chunk
+    out["session"] = session_settings()
+    return out
+
+
+def step_columns(tokens: np.ndarray, batch: int, count: int) -> list[np.ndarray]:
+    """`count` token columns `[batch, 1]`, read from the stream in order (wrapping)."""
+    n = len(tokens)
+    return [
+        tokens[(np.arange(batch) + i * batch) % n].astype(np.int64).reshape(batch, 1)
+        for i in range(count)
+    ]
+
+
+def int8(
+    int8_bundle: Bundle, fp32_bundle: Bundle, workload: Workload, plan: Plan
+) -> dict[str, Any]:
+    """The int8 bundle's steps, and the quality figures its exporter recorded in the manifest."""
+    where = f"--int8-bundle {int8_bundle.path}"
+    if int8_bundle.precision != "int8":
+        raise BenchError(f"{where}: its precision is {int8_bundle.precision!r}, not 'int8'")
+    ours, theirs = int8_bundle.manifest["architecture"], fp32_bundle.manifest["architecture"]
+    if ours != theirs:
+        raise BenchError(
+            f"{where}: architecture {ours} is not that of --bundle {fp32_bundle.path} ({theirs})"
+        )
+    quality = int8_bundle.manifest.get("quantization", {}).get("quality")
+    if not isinstance(quality, dict) or "perplexity_change_percent" not in quality:
+        raise BenchError(f"{where}: the manifest has no quantization.quality figures")
+    out = steps(int8_bundle, workload, plan)
+    out["perplexity_change_percent"] = float(quality["perplexity_change_percent"])
+    out["quality"] = quality
+    return out

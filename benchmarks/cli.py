@@ -1,0 +1,202 @@
+"""`rnnlm bench`: the server against bare onnxruntime, the gRPC floor and PyTorch eager.
+
+One run measures, on one bundle and this machine: bare onnxruntime in-process, a gRPC echo,
+PyTorch eager (with `--checkpoint`), the server in a child process with batching on and off,
+and an int8 bundle (with `--int8-bundle`); then computes the targets of docs/performance.md
+and writes results.json, results.md and PNG plots into `--out`. torch is imported only when
+`--checkpoint` is given. See docs/performance.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bare, echo, plots, report, server_load, targets
+from benchmarks.timing import BenchError
+from benchmarks.workload import Plan, build_workload
+from server.bundle import Bundle, BundleError, load_bundle
+
+DEFAULT_BUNDLE = Path("models/shakespeare-word")
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help=f"the model bundle to measure (default: {DEFAULT_BUNDLE})",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the checkpoint the bundle was exported from: adds PyTorch eager (imports torch)",
+    )
+    parser.add_argument(
+        "--int8-bundle",
+        type=Path,
+        default=None,
+        help="the same model exported with --quantize int8: adds fp32 vs int8",
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="text to cut requests from (default: the bundle's training corpus "
+        "if readable here, else random vocabulary words)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"directory for results.md, results.json and plots (default: {DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts and short trials (seconds, for smoke tests); the figures are rough",
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="repetitions of every measurement (default: 3, --quick 2)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of load per Generate trial (default: 3, --quick 0.5)",
+    )
+    parser.add_argument(
+        "--score-tokens",
+        type=int,
+        default=None,
+        help="length of the scored document in tokens (default: 100000, --quick 2000)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra `rnnlm serve` flag, e.g. --server-arg=--max-queue-wait-ms=1 "
+        "(repeatable; RNNLM_* variables are not passed to the server)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before minutes of measuring, not after
+    except OSError as e:
+        print(f"rnnlm bench: --out {out}: cannot create the directory ({e})", file=sys.stderr)
+        return 2
+    try:
+        results, found = measure(args)
+    except (BenchError, BundleError) as e:
+        print(f"rnnlm bench: {e}", file=sys.stderr)
+        return 2
+    try:
+        report.write_json(results, found, out / "results.json")
+        (out / "results.md").write_text(report.markdown(results, found) + "\n", encoding="utf-8")
+        written = plots.write(results, out)
+    except OSError as e:
+        print(f"rnnlm bench: --out {out}: cannot write the results ({e})", file=sys.stderr)
+        return 2
+    print()
+    for t in found:
+        value = "—" if t.value is None else f"{t.value:.3g}"
+        print(f"{t.status:>4}  {value:>8} {t.op} {t.threshold:<5g} {t.rule}")
+    print(
+        f"\nwrote {out / 'results.md'}, {out / 'results.json'}" + "".join(f", {p}" for p in written)
+    )
+    if not written:
+        print("(no plots: matplotlib is not installed; pip install matplotlib)")
+    return 0
+
+
+def _open(path: Path, option: str) -> Bundle:
+    try:
+        return load_bundle(path)
+    except BundleError as e:
+        raise BenchError(f"{option}: {e}") from e
+
+
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Target]]:
+    """Run every measurement the options ask for; the results and the targets."""
+    plan = Plan.make(
+        quick=args.quick,
+        trials=args.trials,
+        duration=args.duration,
+        score_tokens=args.score_tokens,
+        server_args=tuple(args.server_arg),
+    )
+    bundle = _open(args.bundle, "--bundle")
+    int8_bundle = _open(args.int8_bundle, "--int8-bundle") if args.int8_bundle else None
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise BenchError(f"--checkpoint {args.checkpoint}: not a directory")
+    workload = build_workload(bundle, plan, args.corpus)
+    a = bundle.manifest.get("architecture", {})
+    results: dict[str, Any] = {
+        "machine": report.machine(),
+        "run": {
+            "command": _command(args),
+            "bundle": {
+                "path": str(args.bundle),
+                "name": bundle.name,
+                "version": bundle.version,
+                "summary": f"{bundle.name} v{bundle.version}, {a.get('cell')} "
+                f"{a.get('layers')}x{a.get('hidden')}, embedding {a.get('embedding')}, "
+                f"vocabulary {bundle.vocab_size}, {bundle.precision}",
+            },
+            "workload": {"source": workload.source, "stream_tokens": len(workload.ids)},
+            "plan": dataclasses.asdict(plan),
+        },
+    }
+    clock = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - clock:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    say(f"bare onnxruntime on {bundle.name}, trials: {plan.trials}")
+    results["bare"] = bare.run(bundle, workload, plan)
+    if args.checkpoint is not None:
+        say("PyTorch eager, oneDNN on and off")
+        from benchmarks import torch_eager  # imports torch
+
+        results["torch"] = torch_eager.run(args.checkpoint, bundle, workload, plan)
+    if int8_bundle is not None:
+        say("int8 steps")
+        results["int8"] = bare.int8(int8_bundle, bundle, workload, plan)
+
+    async def network() -> None:
+        say("gRPC echo")
+        results["echo"] = await echo.measure(plan.trials, plan.echo_calls, plan.budget_s)
+        say("the server, batching on then off")
+        results["server"] = await server_load.run(args.bundle.resolve(), workload, plan, say)
+
+    asyncio.run(network())
+    results["machine"]["load_average_at_end"] = report.load_average()
+    say("done")
+    return results, targets.compute(results)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The `rnnlm bench` command line that repeats this run (every option given)."""
+    words = ["rnnlm", "bench", "--bundle", str(args.bundle)]
+    for option in ("checkpoint", "int8_bundle", "corpus", "trials", "duration", "score_tokens"):
+        value = getattr(args, option)
+        if value is not None:
+            words += ["--" + option.replace("_", "-"), str(value)]
+    if args.quick:
+        words.append("--quick")
+    words += [f"--server-arg={a}" for a in args.server_arg]
+    return shlex.join([*words, "--out", str(args.out)])

@@ -1,0 +1,111 @@
+"""A server run as a child process: its port read from its log, its memory and CPU from /proc.
+
+Running servers as separate processes keeps their CPU time apart from the load generator's (as
+in production, where clients are elsewhere) and makes their resident memory measurable alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.timing import BenchError
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_TAIL = 40
+STOP_SECONDS = 10.0
+
+
+class ChildServer:
+    """`python -m MODULE ARGS...`, whose stderr announces its port in a line matching `port_re`.
+
+    Environment variables starting with `strip_env` are removed, so a configuration left in the
+    shell cannot silently change what is measured.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        port_re: str,
+        *,
+        strip_env: str = "RNNLM_",
+        start_seconds: float = 120.0,
+    ) -> None:
+        self.command = [sys.executable, "-m", module, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(strip_env)}
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.process.pid
+        self.port = 0
+        self._port_re = re.compile(port_re)
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+        self._found = threading.Event()
+        threading.Thread(target=self._read, name=f"log-{module}", daemon=True).start()
+        deadline = time.monotonic() + start_seconds
+        while not self._found.wait(0.05):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                why = "exited" if self.process.returncode else "did not announce its port"
+                raise BenchError(f"{' '.join(self.command)} {why}; its log:\n{self.log_tail()}")
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._log.append(line.rstrip("\n"))
+            match = self._port_re.search(line)
+            if match and not self._found.is_set():
+                self.port = int(match.group(1))
+                self._found.set()
+
+    def log_tail(self) -> str:
+        return "\n".join(self._log)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"{' '.join(self.command)} exited with code {self.process.returncode}; "
+                f"its log:\n{self.log_tail()}"
+            )
+
+    def rss_mb(self) -> float | None:
+        """Resident memory (VmRSS) in MiB; None where /proc is not available."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds used so far; None where /proc is not available."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within STOP_SECONDS."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,163 @@
+"""The issue's targets, as ratios of figures from one run, each PASS, FAIL or n/a.
+
+A target is n/a when the run did not measure what it needs (no `--checkpoint`, no
+`--int8-bundle`, no /proc); its `detail` says what is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+RSS_LIMIT_MB = 300.0
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    rule: str  # the target in words
+    value: float | None  # the measured ratio (or figure); None when not measured
+    op: str  # "<=" or ">="
+    threshold: float
+    detail: str  # how the value was computed, with the figures
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "n/a"
+        ok = self.value <= self.threshold if self.op == "<=" else self.value >= self.threshold
+        return "PASS" if ok else "FAIL"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status}
+
+
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _ratio(
+    key: str,
+    rule: str,
+    op: str,
+    threshold: float,
+    num: float | None,
+    den: float | None,
+    formula: str,
+    missing: str,
+) -> Target:
+    """A target on the ratio num / den (n/a when either is missing)."""
+    if num is None or den is None or den == 0:
+        return Target(key, rule, None, op, threshold, f"not measured: {missing}")
+    return Target(key, rule, num / den, op, threshold, f"{formula} = {num:.4g} / {den:.4g}")
+
+
+def compute(results: dict[str, Any]) -> list[Target]:
+    """Every target from a run's results (the structure `benchmarks.cli` writes to JSON)."""
+
+    def get(*path: str) -> Any:
+        return _get(results, *path)
+
+    on = ("server", "batching_on")
+    b1, echo = get("bare", "step_b1", "p50_ms"), get("echo", "p50_ms")
+    floor = None if b1 is None or echo is None else b1 + echo
+    gen64 = get(*on, "generate", "64", "tokens_per_s")
+    score = get(*on, "score", "tokens_per_s")
+    change = get("int8", "perplexity_change_percent")
+    rss = [v for v in (get(*on, "rss_mb_after_load"), get(*on, "rss_mb_after_load_test")) if v]
+    return [
+        _ratio(
+            "predict_next_latency",
+            "PredictNext p50 at concurrency 1 <= 1.2 x (bare batch-1 step p50 + echo p50)",
+            "<=",
+            1.2,
+            get(*on, "predict_c1", "p50_ms"),
+            floor,
+            "PredictNext p50 ms / (bare step p50 ms + echo p50 ms)",
+            "needs the server, bare and echo runs",
+        ),
+        _ratio(
+            "generate_vs_bare",
+            "Generate at 64 streams >= 0.7 x bare batch-64 step throughput",
+            ">=",
+            0.7,
+            gen64,
+            get("bare", "step_b64", "tokens_per_s"),
+            "Generate@64 tokens/s / bare batch-64 tokens/s",
+            "needs 64 streams and a batch-64 step",
+        ),
+        _ratio(
+            "generate_vs_no_batching",
+            "Generate at 64 streams >= 3 x the same server with batching off",
+            ">=",
+            3.0,
+            gen64,
+            get("server", "batching_off", "generate", "64", "tokens_per_s"),
+            "batching on tokens/s / batching off tokens/s",
+            "needs 64 streams with batching on and off",
+        ),
+        _ratio(
+            "score_vs_bare",
+            "Score >= 0.8 x bare onnxruntime scoring of the same document",
+            ">=",
+            0.8,
+            score,
+            get("bare", "score", "tokens_per_s"),
+            "server Score tokens/s / bare tokens/s",
+            "needs the server and bare scoring",
+        ),
+        _ratio(
+            "score_vs_torch",
+            "Score >= 1.5 x the better PyTorch eager (oneDNN on or off)",
+            ">=",
+            1.5,
+            score,
+            get("torch", "best", "score", "tokens_per_s"),
+            "server Score tokens/s / PyTorch eager tokens/s",
+            "give --checkpoint to measure PyTorch eager",
+        ),
+        _ratio(
+            "cached_context",
+            "PredictNext extending a cached 1000-token context <= 1.3 x a 10-token one",
+            "<=",
+            1.3,
+            get(*on, "predict_context", "1000", "p50_ms"),
+            get(*on, "predict_context", "10", "p50_ms"),
+            "p50 ms at 1000 tokens / p50 ms at 10 tokens",
+            "needs context lengths 10 and 1000",
+        ),
+        _ratio(
+            "int8_speedup",
+            "int8 batch-1 step >= 2.5 x faster than fp32",
+            ">=",
+            2.5,
+            b1,
+            get("int8", "step_b1", "p50_ms"),
+            "fp32 step p50 ms / int8 step p50 ms",
+            "give --int8-bundle",
+        ),
+        Target(
+            "int8_perplexity",
+            "int8 perplexity within 1% of fp32 (as the exporter measured it)",
+            None if change is None else abs(change),
+            "<=",
+            1.0,
+            "not measured: give --int8-bundle"
+            if change is None
+            else f"|perplexity change %| from the int8 manifest = |{change:.4g}|",
+        ),
+        Target(
+            "server_rss",
+            f"server resident memory <= {RSS_LIMIT_MB:.0f} MB with the benchmarked model",
+            max(rss) if rss else None,
+            "<=",
+            RSS_LIMIT_MB,
+            "MiB (VmRSS), the larger of after load and after the load test"
+            if rss
+            else "not measured: needs /proc",
+        ),
+    ]

@@ -1,0 +1,157 @@
+"""`rnnlm bench` end to end on a tiny bundle: every section is written. Timings are not checked.
+
+One quick run with a checkpoint and an int8 bundle, so every measurement family runs: bare
+onnxruntime, the gRPC echo, PyTorch eager, the server in a child process (batching on and off)
+and int8. The figures of a tiny model on a shared machine mean nothing; what is checked is that
+each one is there, that the targets are computed, and that every scorer scored the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.export import export_bundle
+from rnnlm.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = {
+    "predict_next_latency",
+    "generate_vs_bare",
+    "generate_vs_no_batching",
+    "score_vs_bare",
+    "score_vs_torch",
+    "cached_context",
+    "int8_speedup",
+    "int8_perplexity",
+    "server_rss",
+}
+HEADINGS = (
+    "## Machine",
+    "## Targets",
+    "## Bare onnxruntime",
+    "## gRPC echo",
+    "## PyTorch eager",
+    "## The server",
+    "### PredictNext at concurrency 1",
+    "### PredictNext extending a cached context",
+    "### Score",
+    "### Generate",
+    "### Resident memory",
+    "## fp32 against int8",
+)
+LATENCY = ("p50_ms", "p90_ms", "p99_ms")
+
+
+@pytest.fixture(scope="module")
+def bench_run(
+    default_bundle: Path,
+    tiny_checkpoint_factory: Callable[..., Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, Any]]:
+    checkpoint = tiny_checkpoint_factory("lstm", "word")
+    tmp = tmp_path_factory.mktemp("bench")
+    # The tiny model's int8 perplexity may move more than the default 1%; the figure is read
+    # back from the manifest, so any recorded value will do here.
+    int8 = export_bundle(
+        checkpoint, tmp / "tiny-int8", quantize="int8", max_perplexity_change=100.0
+    )
+    out = tmp / "results"
+    code = main(
+        [
+            "bench",
+            "--bundle",
+            str(default_bundle),
+            "--checkpoint",
+            str(checkpoint),
+            "--int8-bundle",
+            str(int8),
+            "--quick",
+            "--trials",
+            "1",
+            "--duration",
+            "0.3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, r = bench_run
+    assert r["machine"]["cpu"] and r["machine"]["onnxruntime"] and r["machine"]["grpcio"]
+    assert r["run"]["command"].startswith("rnnlm bench --bundle ")
+    for key in ("step_b1", "step_b64"):
+        assert all(r["bare"][key][f] > 0 for f in (*LATENCY, "tokens_per_s"))
+        assert r["int8"][key]["p50_ms"] > 0
+        for mode in ("onednn_on", "onednn_off", "best"):
+            assert r["torch"][mode][key]["p50_ms"] > 0
+    assert all(r["echo"][f] > 0 for f in LATENCY)
+    on, off = r["server"]["batching_on"], r["server"]["batching_off"]
+    assert all(on["predict_c1"][f] > 0 for f in LATENCY)
+    assert set(on["predict_context"]) == {"10", "100", "1000"}
+    for length, figures in on["predict_context"].items():
+        assert figures["context_tokens_min"] > int(length)
+    for server in (on, off):
+        assert set(server["generate"]) == {"1", "8", "64", "256"}
+        assert all(g["tokens_per_s"] > 0 for g in server["generate"].values())
+        assert server["rss_mb_after_load"] > 0 and server["rss_mb_after_load_test"] > 0
+    assert isinstance(r["int8"]["perplexity_change_percent"], float)
+    assert {t["key"] for t in r["targets"]} == TARGETS
+    assert all(t["status"] in ("PASS", "FAIL") for t in r["targets"])
+
+
+@pytest.mark.slow
+def test_every_scorer_scored_the_same_document(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    _, r = bench_run
+    bare = r["bare"]["score"]
+    scorers = [
+        r["server"]["batching_on"]["score"],
+        r["torch"]["onednn_on"]["score"],
+        r["torch"]["onednn_off"]["score"],
+    ]
+    for scored in scorers:
+        assert scored["tokens"] == bare["tokens"] == 2000
+        assert scored["log_prob"] == pytest.approx(bare["log_prob"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_markdown_and_plots(bench_run: tuple[Path, dict[str, Any]]) -> None:
+    out, r = bench_run
+    md = (out / "results.md").read_text()
+    for heading in HEADINGS:
+        assert heading in md, heading
+    assert r["run"]["command"] in md
+    assert md.count("| PASS |") + md.count("| FAIL |") == len(TARGETS)
+    for png in ("generate_throughput.png", "predict_next_context.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_harness_does_not_import_torch_without_a_checkpoint() -> None:
+    modules = (
+        "benchmarks.cli",
+        "benchmarks.bare",
+        "benchmarks.echo",
+        "benchmarks.server_load",
+        "benchmarks.report",
+        "benchmarks.plots",
+        "benchmarks.targets",
+    )
+    code = f"import sys, {', '.join(modules)}; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_bad_bundle_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--bundle", str(tmp_path / "missing"), "--quick", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--bundle" in err and "missing" in err
