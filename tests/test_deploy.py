@@ -695,3 +695,14 @@ def test_dockerfile_copies_what_the_wheel_and_the_image_need() -> None:
     assert patterns[0] == "*", "the build context starts from nothing"
     included = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     assert {s.split("/")[0] for s in sources} <= included
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
+    """promtool checks what the parser above cannot: rule semantics, durations, templates."""
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": list(_rule_groups())}), encoding="utf-8")
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

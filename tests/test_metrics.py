@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import Metrics, MetricsServer
@@ -136,3 +139,20 @@ def test_the_endpoint_serves_the_registry_on_a_free_port() -> None:
         ("version", "1"),
     )
     assert samples[("rnnlm_model_info", info)] == 1
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_finds_nothing_to_complain_about() -> None:
+    """The real linter, where it is installed (Debian's `prometheus` package has it)."""
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    _exercise(metrics)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=generate_latest(metrics.registry),
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert result.stdout.strip() == b"", result.stdout.decode()
