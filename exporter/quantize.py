@@ -102,7 +102,7 @@ def _validation_split(ckpt: Checkpoint) -> str:
     where = ckpt.path / "config.json"
     try:
         if args.get("corpus"):
-            corpus = load_corpus(Path(args["corpus"]))
+            corpus = load_corpus(Path(args["corpus"]), split=args.get("split", "lines"))
         elif all(args.get(split) for split in ("train", "valid", "test")):
             corpus = load_corpus(None, Path(args["train"]), Path(args["valid"]), Path(args["test"]))
         else:

@@ -190,11 +190,31 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(
         assert p_final[key] == p_straight[key], key
 
 
+def test_a_run_stopped_mid_epoch_ships_its_last_weights_when_they_validate_better(
+    corpus: Path, tmp_path: Path
+) -> None:
+    one_epoch = train(tiny(corpus, tmp_path / "one", epochs=1, dropout=0.0))
+    windows = json.loads((one_epoch / "config.json").read_text())["provenance"]["steps"]
+    stopped = train(tiny(corpus, tmp_path / "a", epochs=2, dropout=0.0, max_steps=2 * windows - 1))
+    prov = json.loads((stopped / "config.json").read_text())["provenance"]
+    epoch_one = next(r for r in read_metrics(stopped) if r["kind"] == "epoch")
+    assert prov["best_epoch"] == 1 and prov["valid_loss"] < epoch_one["valid_loss"]
+    assert prov["weights_from"] == f"step {2 * windows - 1} (max_steps)"
+    assert same_weights(stopped / "model.safetensors", stopped / "last.safetensors")
+    # The recorded best is still epoch 1's weights, for a resumed run to compare against.
+    state = torch.load(stopped / "train_state.pt", weights_only=True)
+    best = state["best_weights"]
+    assert all(torch.equal(best[k], v) for k, v in weights(one_epoch / "last.safetensors").items())
+
+
 def test_max_minutes_stops_and_the_run_resumes(corpus: Path, tmp_path: Path) -> None:
     stopped = train(tiny(corpus, tmp_path / "a", epochs=1, max_minutes=1e-9))
     prov = json.loads((stopped / "config.json").read_text())["provenance"]
     assert (prov["stopped"], prov["steps"]) == ("max_minutes", 0)
     assert load_checkpoint(stopped).model is not None  # complete even with no epoch done
+    # --max-minutes is the budget of the whole run: a resumed run that has spent it stops at once.
+    spent = train(TrainOptions(resume=stopped, out=tmp_path / "c", max_minutes=1e-9, quiet=True))
+    assert json.loads((spent / "config.json").read_text())["provenance"]["steps"] == 0
     resumed = train(TrainOptions(resume=stopped, threads=1, quiet=True))
     straight = train(tiny(corpus, tmp_path / "b", epochs=1))
     assert same_weights(resumed / "last.safetensors", straight / "last.safetensors")
@@ -225,7 +245,7 @@ TINY_FLAGS = ["--hidden", "8", "--embedding", "8", "--layers", "1", "--bptt", "8
         (grammar_text(), ["--hidden", "-4"], r"--hidden must be at least 1, not -4"),
         (grammar_text(), ["--dropout", "1"], r"--dropout must be in \[0, 1\), not 1.0"),
         (grammar_text(), ["--lr", "0"], r"--lr must be a positive number, not 0.0"),
-        (grammar_text(), ["--clip", "-1"], r"--clip must be 0 \(off\) or a positive number"),
+        (grammar_text(), ["--clip", "-1"], r"--clip must be 0 \(off\), a positive number or 'auto"),
         (grammar_text(), ["--vocab-size", "0"], r"--vocab-size must be at least 1, not 0"),
         (grammar_text(), ["--tokenizer", "bpe", "--vocab-size", "50"], r"at least 256 for bpe"),
         (grammar_text(), ["--max-minutes", "0"], r"--max-minutes must be positive"),

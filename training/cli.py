@@ -1,30 +1,59 @@
-"""`rnnlm train`: the flags of `TrainOptions`, and errors as one line with exit code 2."""
+"""`rnnlm train`: the flags of `TrainOptions`, presets, multi-process launch, and errors as one
+line with exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from training.checkpoint import CheckpointError
-from training.data import CorpusError
+from training.clipping import AUTO
+from training.data import SPLITS, CorpusError
+from training.distributed import launched_world_size
 from training.model import CELLS
+from training.presets import PRESETS, preset_options
+from training.schedule import SCHEDULES
 from training.tokenizer import KINDS
 from training.train import OPTIMIZERS, RUN_FIELDS, TrainError, TrainOptions, train
 
 DEFAULTS = TrainOptions()
 
 
+def clip_value(text: str) -> float | str:
+    """`--clip`: a number, or "auto" for a threshold from the running gradient norms."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or {AUTO!r}, not {text!r}") from None
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    # Flags left out stay out of the namespace, so a resumed run can tell what was given.
+    # Flags left out stay out of the namespace, so presets and resumed runs can tell what was
+    # given.
     parser.argument_default = argparse.SUPPRESS
     d = DEFAULTS
+    on_off = argparse.BooleanOptionalAction
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="start from a named recipe (docs/training.md); flags given explicitly override it",
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--corpus",
-        type=Path,
-        metavar="FILE",
-        help="one text file, split by lines: 90%% train, 5%% valid, 5%% test",
+        "--corpus", type=Path, metavar="FILE", help="one text file, split as --split says"
+    )
+    data.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="how --corpus is split: lines (90%% train, 5%% valid, 5%% test, by lines) or "
+        "nanogpt (the first 90%% of the characters train, the rest validates; no test split, "
+        f"the test figures are the validation ones) (default {d.split})",
     )
     data.add_argument(
         "--train", type=Path, metavar="FILE", help="training text (with --valid, --test)"
@@ -53,36 +82,106 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--embedding", type=int, metavar="N", help=f"embedding size (default {d.embedding})"
     )
-    model.add_argument("--dropout", type=float, metavar="P", help=f"dropout (default {d.dropout})")
     model.add_argument(
         "--tied",
-        action="store_true",
-        help="tie the decoder to the embedding (projected if sizes differ)",
+        action=on_off,
+        help="tie the decoder to the embedding (projected if sizes differ) (default off)",
     )
     model.add_argument(
-        "--residual", action="store_true", help="skip connections between stacked layers"
+        "--residual", action=on_off, help="skip connections between stacked layers (default off)"
+    )
+    reg = parser.add_argument_group("regularization (training only; the exported model has none)")
+    reg.add_argument(
+        "--dropout",
+        type=float,
+        metavar="P",
+        help=f"dropout between layers and before the decoder (default {d.dropout})",
+    )
+    reg.add_argument(
+        "--input-dropout",
+        type=float,
+        metavar="P",
+        help="dropout on the embedding output (default: --dropout)",
+    )
+    reg.add_argument(
+        "--embed-dropout",
+        type=float,
+        metavar="P",
+        help=f"drop whole vocabulary entries of the embedding (default {d.embed_dropout})",
+    )
+    reg.add_argument(
+        "--locked-dropout",
+        action=on_off,
+        help="variational dropout: one mask per sequence, the same at every step (default off)",
+    )
+    reg.add_argument(
+        "--weight-drop",
+        type=float,
+        metavar="P",
+        help=f"DropConnect on the hidden-to-hidden weights (default {d.weight_drop})",
     )
     run_ = parser.add_argument_group("training")
     run_.add_argument("--bptt", type=int, metavar="T", help=f"BPTT window (default {d.bptt})")
     run_.add_argument(
-        "--batch-size", type=int, metavar="B", help=f"parallel streams (default {d.batch_size})"
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help=f"parallel streams per process (default {d.batch_size})",
+    )
+    run_.add_argument(
+        "--eval-batch-size",
+        type=int,
+        metavar="B",
+        help="contiguous streams the validation and test text is cut into, each scored with "
+        f"its state carried; 1 scores it as one stream (default {d.eval_batch_size})",
     )
     run_.add_argument(
         "--epochs", type=int, metavar="N", help="epochs (default 10, or the resumed run's)"
     )
     run_.add_argument(
-        "--max-minutes", type=float, metavar="M", help="stop and save after M minutes of wall time"
+        "--max-minutes",
+        type=float,
+        metavar="M",
+        help="stop and save when the run's wall time (over all its invocations) reaches M",
     )
     run_.add_argument(
         "--max-steps", type=int, metavar="N", help="stop and save after N optimizer steps in all"
     )
-    run_.add_argument("--lr", type=float, help="learning rate (default: adamw 2e-3, sgd 20)")
     run_.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
+    run_.add_argument("--lr", type=float, help="learning rate (default: adamw 2e-3, sgd 20)")
+    run_.add_argument(
+        "--weight-decay",
+        type=float,
+        metavar="W",
+        help="weight decay (default: adamw 0.01, decoupled; sgd 0)",
+    )
+    run_.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="plateau: lr / 4 after a validation that does not improve; cosine: down to "
+        "--min-lr over the run (steps or --max-minutes, whichever ends first); constant "
+        f"(default {d.schedule})",
+    )
+    run_.add_argument(
+        "--warmup-steps",
+        type=int,
+        metavar="N",
+        help=f"linear learning-rate warm-up over the first N steps (default {d.warmup_steps})",
+    )
+    run_.add_argument(
+        "--min-lr", type=float, metavar="LR", help="where the cosine ends (default lr x 0.1)"
+    )
     run_.add_argument(
         "--clip",
-        type=float,
+        type=clip_value,
         metavar="NORM",
-        help=f"gradient-norm clipping, 0 for none (default {d.clip})",
+        help="gradient-norm clipping: a threshold, 0 for none, or auto (2 x the median of the "
+        f"last 200 norms) (default {d.clip})",
+    )
+    run_.add_argument(
+        "--bf16",
+        action=on_off,
+        help="bfloat16 autocast in the training forward; evaluation stays fp32 (default off)",
     )
     run_.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     run_.add_argument(
@@ -91,21 +190,85 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="continue the run saved in DIR exactly where it stopped",
     )
-    run_.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-    run_.add_argument("--device", choices=("cpu", "cuda"), help=f"(default {d.device})")
+    speed = parser.add_argument_group("execution")
+    speed.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    speed.add_argument(
+        "--mkldnn",
+        action=on_off,
+        help="oneDNN (MKLDNN) CPU kernels on or off (default: torch's, on)",
+    )
+    speed.add_argument("--device", choices=("cpu", "cuda"), help=f"(default {d.device})")
+    speed.add_argument(
+        "--quiet", action="store_true", help="no progress bar and no per-epoch lines"
+    )
+    speed.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train data-parallel in N processes (runs torchrun; the global batch is "
+        "--batch-size x N)",
+    )
+
+
+def torchrun_command(nproc: int, given: dict[str, Any]) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m training FLAGS`, the flags from `given`."""
+    flags: list[str] = []
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.extend([flag, str(value)])
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "training",
+        *flags,
+    ]
+
+
+def _launch(nproc: int, given: dict[str, Any]) -> int:
+    if nproc < 1:
+        raise TrainError(f"--nproc must be at least 1, not {nproc}")
+    if given.get("device") == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise TrainError(
+                f"--nproc {nproc} with --device cuda needs a GPU per process; "
+                f"{torch.cuda.device_count()} are visible"
+            )
+    process = subprocess.Popen(torchrun_command(nproc, given))
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            # torchrun got the same Ctrl-C and passes it on to the workers, which stop and
+            # save; killing it now (as subprocess.call would) would orphan them.
+            continue
 
 
 def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k != "command"}
+    nproc = given.pop("nproc", 1)
+    rank = int(os.environ.get("RANK", "0"))
     try:
+        if nproc != 1 and launched_world_size() == 1:
+            return _launch(nproc, given)
         if "resume" in given:
             fixed = [k for k in given if k not in RUN_FIELDS]
             if fixed:
                 flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
                 raise TrainError(f"{flags}: cannot change when resuming; the checkpoint has them")
-        out = train(TrainOptions(**given))
+        out = train(preset_options(given.pop("preset", None), given))
     except (TrainError, CorpusError, CheckpointError) as e:
-        print(f"rnnlm train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        who = f"rnnlm train (rank {rank})" if launched_world_size() > 1 else "rnnlm train"
+        print(f"{who}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {out}")
+    if rank == 0:
+        print(f"checkpoint: {out}")
     return 0

@@ -22,15 +22,25 @@ class CorpusError(Exception):
     """A corpus file is missing, unreadable, empty or too short; the message names it."""
 
 
+SPLITS = ("lines", "nanogpt")
+NANOGPT_TRAIN_FRACTION = 0.9
+
+
 @dataclass(frozen=True)
 class Corpus:
-    """The three splits as text (lines joined by "\\n", each line ending in one) and a hash."""
+    """The three splits as text and a hash of the raw bytes.
+
+    Split by lines, every line of a split ends in "\\n". The nanoGPT split cuts the characters
+    wherever 90% falls, so its training text may end, and its validation text begin, mid-line;
+    it has no test split: `test` is the validation text (`test_is_valid`).
+    """
 
     train: str
     valid: str
     test: str
     sha256: str
-    sources: dict[str, str]  # split -> the file (and line range) it came from
+    sources: dict[str, str]  # split -> the file (and line or character range) it came from
+    test_is_valid: bool = False
 
 
 def read_text(path: Path, flag: str) -> bytes:
@@ -46,15 +56,20 @@ def read_text(path: Path, flag: str) -> bytes:
         raise CorpusError(f"{flag} {path}: cannot be read ({e.strerror})") from e
 
 
-def decode_lines(data: bytes, flag: str, path: Path) -> list[str]:
-    """UTF-8 text split into lines ("\\r\\n" counts as "\\n"); empty text is an error."""
+def decode_text(data: bytes, flag: str, path: Path) -> str:
+    """UTF-8 text, "\\r\\n" read as "\\n" (as Python's text mode reads it); empty is an error."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{flag} {path}: not UTF-8 text (bad byte at offset {e.start})") from e
     if not text.strip():
         raise CorpusError(f"{flag} {path}: the file is empty (no text to train on)")
-    text = text.replace("\r\n", "\n")
+    return text.replace("\r\n", "\n")
+
+
+def decode_lines(data: bytes, flag: str, path: Path) -> list[str]:
+    """UTF-8 text split into lines ("\\r\\n" counts as "\\n"); empty text is an error."""
+    text = decode_text(data, flag, path)
     if text.endswith("\n"):
         text = text[:-1]
     return text.split("\n")
@@ -70,16 +85,40 @@ def split_counts(n_lines: int) -> tuple[int, int, int]:
     return n_lines - n_valid - n_test, n_valid, n_test
 
 
+def nanogpt_split(corpus: Path) -> Corpus:
+    """nanoGPT's split: the first 90% of the characters train, the last 10% validate.
+
+    Exactly `n = len(text); train = text[:int(n * 0.9)]; val = text[int(n * 0.9):]`.
+    """
+    data = read_text(corpus, "--corpus")
+    text = decode_text(data, "--corpus", corpus)
+    n = len(text)
+    cut = int(n * NANOGPT_TRAIN_FRACTION)
+    valid = f"{corpus} characters {cut + 1}-{n}"
+    return Corpus(
+        train=text[:cut],
+        valid=text[cut:],
+        test=text[cut:],
+        sha256=hashlib.sha256(data).hexdigest(),
+        sources={"train": f"{corpus} characters 1-{cut}", "valid": valid, "test": valid},
+        test_is_valid=True,
+    )
+
+
 def load_corpus(
     corpus: Path | None = None,
     train: Path | None = None,
     valid: Path | None = None,
     test: Path | None = None,
+    split: str = "lines",
 ) -> Corpus:
-    """One corpus split by lines (first 90% train, next 5% valid, last 5% test), or three files.
+    """One corpus split by lines (first 90% train, next 5% valid, last 5% test) or by nanoGPT's
+    character split, or three files.
 
     The hash is over the raw bytes of the file, or of the three files in that order.
     """
+    if corpus is not None and split == "nanogpt":
+        return nanogpt_split(corpus)
     if corpus is not None:
         data = read_text(corpus, "--corpus")
         lines = decode_lines(data, "--corpus", corpus)
@@ -122,9 +161,10 @@ def encode(tokenizer: Tokenizer, text: str) -> Tensor:
     """The token ids of `text` as one int64 stream, eos at every line end.
 
     Lines are encoded in a batch (in parallel); no kind's tokens cross a line end, so this equals
-    encoding the whole text at once.
+    encoding the whole text at once. A last line without "\\n" (a nanoGPT split) gets no eos.
     """
-    lines = [line + "\n" for line in text.split("\n")[:-1]]
+    *whole, rest = text.split("\n")
+    lines = [line + "\n" for line in whole] + ([rest] if rest else [])
     encodings = tokenizer.encode_batch(lines, add_special_tokens=False)
     ids = [i for encoding in encodings for i in encoding.ids]
     return torch.tensor(ids, dtype=torch.long)
