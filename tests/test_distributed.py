@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train import tiny
 from torch import nn
 
 from training import distributed as ddp
@@ -38,21 +39,7 @@ TOLERANCE = 1e-5  # float sums in another order, over a few dozen Adam steps
 
 
 def single(corpus: Path, out: Path, **kw: Any) -> Path:
-    options = TrainOptions(
-        corpus=corpus,
-        out=out,
-        layers=1,
-        hidden=16,
-        embedding=16,
-        bptt=8,
-        epochs=2,
-        dropout=0.0,
-        lr=0.01,
-        seed=5,
-        threads=1,
-        quiet=True,
-        batch_size=2 * PER_RANK_BATCH,
-    )
+    options = tiny(corpus, out, dropout=0.0, seed=5, batch_size=2 * PER_RANK_BATCH)
     return train(replace(options, **kw))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_train import tiny
 
 from exporter.export import export_bundle
 from server.bundle import load_bundle
@@ -37,24 +38,6 @@ def parse(argv: list[str]) -> TrainOptions:
     configure(parser)
     given = vars(parser.parse_args(argv))
     return preset_options(given.pop("preset", None), given)
-
-
-def tiny(corpus: Path, out: Path, **kw: Any) -> TrainOptions:
-    options = TrainOptions(
-        corpus=corpus,
-        out=out,
-        layers=1,
-        hidden=16,
-        embedding=16,
-        bptt=8,
-        batch_size=4,
-        epochs=2,
-        lr=0.01,
-        seed=3,
-        threads=1,
-        quiet=True,
-    )
-    return replace(options, **kw)
 
 
 def records(directory: Path, kind: str) -> list[dict]:
