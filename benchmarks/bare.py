@@ -1,6 +1,6 @@
 """Bare onnxruntime in this process: the floor the server's engine is measured against.
 
-Sessions are made with the engine's own session options (`server.engine._session_options` of
+Sessions are made with the engine's own session options (`server.engine.session_options` of
 a default `EngineConfig`: one intra-op and one inter-op thread, sequential execution, all graph
 optimizations, spinning off), so the only difference from the server is everything around
 `InferenceSession.run`.
@@ -17,14 +17,14 @@ import onnxruntime as ort
 from benchmarks.timing import BenchError, latency, over_trials, time_calls
 from benchmarks.workload import Plan, Workload
 from server.bundle import Bundle
-from server.engine import EngineConfig, _session_options
+from server.engine import EngineConfig, session_options
 from server.sampling import log_softmax
 
 WARMUP_CALLS = 5
 
 
 def session(bundle: Bundle, graph: str) -> ort.InferenceSession:
-    return bundle.open_session(graph, _session_options(EngineConfig()))
+    return bundle.open_session(graph, session_options(EngineConfig()))
 
 
 def session_settings() -> dict[str, Any]:

@@ -298,6 +298,9 @@ async def _generate_load(
                         call.cancel()
                         break
                     tokens[i] += len(reply.token_ids)
+                # Wait until the cancellation is through, so that hundreds of them are not
+                # still being processed when the next load starts its clock.
+                await call.code()
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.CANCELLED:
                     raise

@@ -49,6 +49,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         max_batch_size=config.max_batch_size,
         max_queue_wait_ms=config.max_queue_wait_ms,
         max_queued=config.max_queued,
+        stream_tokens=config.stream_tokens,
         state_cache_bytes=config.state_cache_bytes,
     )
 

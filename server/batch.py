@@ -19,13 +19,17 @@ the score graph, which returns only the targets' log-probs; embedding reads the 
 `features`.
 
 A step runs every decode token but at most one run's worth of prompt and document chunk
-tokens (`run_elements`, rows taking turns), so long documents cannot stall the streams. When
-every row is a generation past its prompt, the step is one run of one token per row with no
-per-request bookkeeping: the hot path of generation under load.
+tokens (`run_elements`, rows taking turns), so long documents cannot stall the streams.
+Generations past their prompt (the hot path under load) lead the step's one-token run as a
+block: their tokens are gathered and their rows sampled in single vectorised calls straight from
+the run's output, with no per-request bookkeeping; requests joining or finishing meanwhile
+cost only their own rows. Each block of generations is sampled in one call; the sampler treats
+rows independently, so how rows are split into blocks never changes a token.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +48,8 @@ SCORE = "score"
 # split. Batching rows of long chunks gains little, and memory would grow with B * T * V.
 RUN_ELEMENTS = 1 << 24
 POOLINGS = ("last", "mean", "max")
+# Uniforms a generation draws from its random stream at once.
+UNIFORMS_AHEAD = 64
 
 
 class Runner(Protocol):
@@ -67,6 +73,7 @@ class Failure:
     """A request's work failed; the engine turns this into an EngineError for the caller."""
 
     message: str
+    shutdown: bool = False  # the engine is closing, as opposed to a step that went wrong
 
 
 # The payload that ends a generation stream (after its last token).
@@ -122,10 +129,12 @@ class NextRequest(Request):
         context: np.ndarray,
         feed: np.ndarray,
         state: State,
+        key: int | None,
         deliver: Callable[[object], None],
     ) -> None:
         super().__init__(feed, state, deliver)
-        self.context = context  # the whole context, the state cache's key
+        self.context = context  # the whole context, the state cache's key ...
+        self.key = key  # ... and its hash, when the engine looked it up
 
 
 class GenerateRequest(Request):
@@ -140,16 +149,21 @@ class GenerateRequest(Request):
         params: SamplingParams,
         max_tokens: int,
         stop_ids: frozenset[int],
+        key: int | None,
         deliver: Callable[[object], None],
     ) -> None:
         super().__init__(feed, state, deliver)
         self.prompt = prompt
+        self.key = key  # the state cache's key of the prompt, when the engine looked it up
         # Next-token logits already known (from the state cache): sample without a run.
         self.head = head
         self.params = params
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
         self.rng = params.rng()
+        # The rng's uniforms drawn a few at a time: the same stream as one at a time, cheaper.
+        self._uniforms: list[float] = []
+        self._drawn = 0
         self.generated = 0
         self.next_token = -1
         self._seen: set[int] | None = None
@@ -164,6 +178,15 @@ class GenerateRequest(Request):
         if self.fed < len(self.feed):
             return super().work(chunk)
         return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
+
+    def uniform(self) -> float:
+        """The next uniform of the request's random stream (one per sampled token)."""
+        if self._drawn == len(self._uniforms):
+            ahead = min(UNIFORMS_AHEAD, max(1, self.max_tokens - self.generated))
+            self._uniforms = self.rng.random(ahead).tolist()
+            self._drawn = 0
+        self._drawn += 1
+        return self._uniforms[self._drawn - 1]
 
     def emitted(self, token: int) -> bool:
         """Record a sampled token; True when it ends the generation."""
@@ -244,6 +267,16 @@ class EmbedRequest(Request):
 
 
 @dataclass(slots=True)
+class _Block:
+    """Generations whose next-token logits are ready: `logits[j]` `[k, V]` for `requests[j]`,
+    which is batch row `rows[j]`. Each block is sampled in one vectorised call."""
+
+    requests: list[GenerateRequest]
+    rows: list[int]
+    logits: np.ndarray
+
+
+@dataclass(slots=True)
 class _Head:
     """A request whose next-token logits are ready: row `index` of `logits` `[k, V]`."""
 
@@ -275,7 +308,7 @@ class Batch:
         self.run_elements = run_elements
         self._turn = 0  # the row whose chunk goes first in the next step
         # Prefix states the step reached, for the state cache (see `store_prefixes`).
-        self._prefixes: list[tuple[np.ndarray, State, np.ndarray]] = []
+        self._prefixes: list[tuple[np.ndarray, State, np.ndarray, int | None]] = []
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -309,28 +342,39 @@ class Batch:
         return dropped
 
     def row_state(self, row: int) -> State:
-        """A copy of one row's state."""
-        return tuple(s[:, row, :].copy() for s in self.states)
+        """A read-only copy of one row's state."""
+        state = tuple(s[:, row, :].copy() for s in self.states)
+        for s in state:
+            s.setflags(write=False)
+        return state
 
     def store_prefixes(self) -> None:
         """Put the prefix states the last step reached into the state cache."""
         if self.cache is not None:
-            for tokens, state, logprobs in self._prefixes:
-                self.cache.insert(tokens, state, logprobs)
+            for tokens, state, logprobs, key in self._prefixes:
+                self.cache.insert(tokens, state, logprobs, key)
         self._prefixes.clear()
 
     def step(self, runner: Runner, chunk: int, batching: bool) -> list[Event]:
         """Run one step of every request's pending work; return the payloads to deliver."""
-        if (
-            batching
-            and len(self.requests) * (self.vocab_size + self.hidden) <= self.run_elements
-            and all(r.decoding for r in self.requests)
-        ):
-            return self._decode_step(runner)
-        works: list[Work | None] = [r.work(chunk) for r in self.requests]
-        self._take_turns(works)
+        requests = self.requests
+        # With batching, generations past their prompt (one sampled token each) join the
+        # step's one-token group as a block: no per-row bookkeeping, sampled straight from
+        # the run's output. Under load that is nearly every row of every step.
+        decoders: list[int] = []
+        works: list[Work | None] = []
+        for row, r in enumerate(requests):
+            if batching and r.decoding:
+                decoders.append(row)
+                works.append(None)
+            else:
+                works.append(r.work(chunk))
+        if len(decoders) < len(requests):
+            self._take_turns(works)
         # (graph, run length, the row when each request runs alone else -1) -> rows
         groups: dict[tuple[str, int, int], list[int]] = {}
+        if decoders:
+            groups[(STEP, 1, -1)] = list(decoders)
         for row, w in enumerate(works):
             if w is None:
                 continue
@@ -345,18 +389,25 @@ class Batch:
 
         events: list[Event] = []
         heads: list[_Head] = []
-        for (graph, length, _), rows in groups.items():
+        blocks: list[_Block] = []
+        for key, rows in groups.items():
+            graph, length, _ = key
             width = self.vocab_size + self.hidden if graph == STEP else self.vocab_size
             per_run = max(1, self.run_elements // (length * width))
+            # The decoders lead the rows of their group.
+            leading = len(decoders) if key == (STEP, 1, -1) else 0
             for start in range(0, len(rows), per_run):
                 part = rows[start : start + per_run]
-                self._run(runner, graph, length, part, works, heads, events)
-        for row, r in enumerate(self.requests):
+                lead = max(0, min(len(part), leading - start))
+                self._run(runner, graph, length, part, lead, works, heads, blocks, events)
+        for row, r in enumerate(requests):
             if isinstance(r, GenerateRequest) and r.head is not None:
                 heads.append(_Head(r, row, r.head[None, :], 0))
                 r.head = None
         if heads:
-            self._finish_heads(heads, events)
+            self._finish_heads(heads, blocks, events)
+        for block in blocks:
+            self._sample(block, events)
         return events
 
     def _take_turns(self, works: list[Work | None]) -> None:
@@ -380,13 +431,13 @@ class Batch:
                 used += len(w.tokens)
         self._turn += 1
 
-    def fail(self, message: str) -> list[Event]:
-        """End every request with a failure (after an unexpected error in a step)."""
+    def fail(self, message: str, shutdown: bool = False) -> list[Event]:
+        """End every request with a failure (an unexpected error in a step, or shutdown)."""
         events: list[Event] = []
         for r in self.requests:
             if not (r.done or r.cancelled):
                 r.done = True
-                events.append((r, Failure(message)))
+                events.append((r, Failure(message, shutdown)))
         return events
 
     def _run(
@@ -395,21 +446,32 @@ class Batch:
         graph: str,
         length: int,
         rows: list[int],
+        lead: int,
         works: list[Work | None],
         heads: list[_Head],
+        blocks: list[_Block],
         events: list[Event],
     ) -> None:
+        """One onnxruntime run of `rows`; the first `lead` of them are decoding generations."""
         k = len(rows)
+        requests = self.requests
         tokens = np.zeros((k, length), dtype=np.int64)
         targets = np.zeros((k, length), dtype=np.int64) if graph == SCORE else None
-        for i, row in enumerate(rows):
-            w = works[row]
+        if lead:
+            tokens[:lead, 0] = np.fromiter(
+                (requests[row].next_token for row in rows[:lead]),  # type: ignore[attr-defined]
+                dtype=np.int64,
+                count=lead,
+            )
+        for i in range(lead, k):
+            w = works[rows[i]]
             assert w is not None
             tokens[i, : len(w.tokens)] = w.tokens
             if targets is not None:
                 assert w.targets is not None
                 targets[i, : len(w.targets)] = w.targets
-        full = k == len(self.requests)
+        # Every row, in batch order: the run takes and returns the batch's own state arrays.
+        full = k == len(requests) and all(a < b for a, b in itertools.pairwise(rows))
         idx = np.array(rows, dtype=np.intp)
         states = self.states if full else [s[:, idx, :] for s in self.states]
         try:
@@ -419,7 +481,7 @@ class Batch:
                 logits, features, new = runner.step(tokens, states)
         except Exception as e:  # onnxruntime raises several types; the requests must end
             for row in rows:
-                r = self.requests[row]
+                r = requests[row]
                 r.done = True
                 events.append((r, Failure(f"onnxruntime run failed: {e}")))
             return
@@ -430,8 +492,12 @@ class Batch:
                 old[:, idx, :] = fresh
         # Rows that need next-token logits ran unpadded, so their last position is `length - 1`.
         last = logits[:, length - 1, :] if targets is None else None
-        for i, row in enumerate(rows):
-            r = self.requests[row]
+        if lead:
+            decoding = [requests[row] for row in rows[:lead]]
+            blocks.append(_Block(decoding, rows[:lead], last[:lead]))  # type: ignore[arg-type, index]
+        for i in range(lead, k):
+            row = rows[i]
+            r = requests[row]
             n = len(works[row].tokens)  # type: ignore[union-attr]
             if isinstance(r, ScoreRequest):
                 if r.absorb(logprobs[i, :n]):
@@ -444,8 +510,8 @@ class Batch:
             elif r.advance(n):
                 heads.append(_Head(r, row, last, i))  # type: ignore[arg-type]
 
-    def _finish_heads(self, heads: list[_Head], events: list[Event]) -> None:
-        """Turn ready next-token logits into results: log-probs, or sampled tokens."""
+    def _finish_heads(self, heads: list[_Head], blocks: list[_Block], events: list[Event]) -> None:
+        """Turn ready next-token logits into results: log-probs, or blocks to sample."""
         nexts = [h for h in heads if isinstance(h.request, NextRequest)]
         gens = [h for h in heads if isinstance(h.request, GenerateRequest)]
         if nexts:
@@ -456,40 +522,17 @@ class Batch:
                 lp = logprobs[j].copy()
                 lp.setflags(write=False)
                 if self.cache is not None:
-                    self._prefixes.append((r.context, self.row_state(h.row), lp))
+                    self._prefixes.append((r.context, self.row_state(h.row), lp, r.key))
                 r.done = True
                 events.append((r, lp))
         if gens:
             requests: list[GenerateRequest] = [h.request for h in gens]  # type: ignore[misc]
-            self._sample(requests, [h.row for h in gens], _stack(gens), events)
+            blocks.append(_Block(requests, [h.row for h in gens], _stack(gens)))
 
-    def _decode_step(self, runner: Runner) -> list[Event]:
-        """`step` when every row is a generation past its prompt: one run of one token each.
-
-        The same computation as the general path (one unpadded group), minus its bookkeeping,
-        which at 64 streams costs as much as the sampling.
-        """
-        requests: list[GenerateRequest] = self.requests  # type: ignore[assignment]
-        count = len(requests)
-        tokens = np.fromiter((r.next_token for r in requests), dtype=np.int64, count=count)
-        try:
-            logits, _, new = runner.step(tokens.reshape(count, 1), self.states)
-        except Exception as e:  # onnxruntime raises several types; the requests must end
-            return self.fail(f"onnxruntime run failed: {e}")
-        self.states = list(new)
-        events: list[Event] = []
-        self._sample(requests, range(count), logits[:, 0, :], events)
-        return events
-
-    def _sample(
-        self,
-        requests: list[GenerateRequest],
-        rows: Sequence[int],
-        logits: np.ndarray,
-        events: list[Event],
-    ) -> None:
-        """Sample each request's next token from its row of `logits` (batch rows `rows`)."""
-        uniforms = np.array([r.rng.random() for r in requests])
+    def _sample(self, block: _Block, events: list[Event]) -> None:
+        """Sample each request's next token from its row of the block's logits."""
+        requests, rows, logits = block.requests, block.rows, block.logits
+        uniforms = np.array([r.uniform() for r in requests])
         samples = self.sampler.sample(
             logits, [r.params for r in requests], [r.history for r in requests], uniforms
         )
@@ -499,7 +542,8 @@ class Batch:
             if r.generated == 0 and len(r.feed) and self.cache is not None:
                 # The prompt's state, for a later request on the same prompt.
                 prompt_lp = logits[j] - samples.lse[j]
-                self._prefixes.append((r.prompt, self.row_state(rows[j]), prompt_lp))
+                prompt_lp.setflags(write=False)
+                self._prefixes.append((r.prompt, self.row_state(rows[j]), prompt_lp, r.key))
             token = tokens[j]
             events.append((r, GeneratedToken(token, logprobs[j], samples.top[j])))
             if r.emitted(token):

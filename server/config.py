@@ -38,6 +38,7 @@ class ServerConfig:
     max_batch_size: int = 64
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
+    stream_tokens: int = 4
     state_cache_mb: float = 64.0
     max_tokens: int = 1024
     max_prompt_tokens: int = 8192
@@ -70,6 +71,7 @@ class ServerConfig:
             "intra_op_threads",
             "max_batch_size",
             "max_queued",
+            "stream_tokens",
             "max_tokens",
             "max_prompt_tokens",
             "max_message_bytes",
@@ -133,6 +135,7 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_batch_size": (int, "requests per batched run"),
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
+    "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),
     "state_cache_mb": (float, "state cache size per model, in MiB"),
     "max_tokens": (int, "cap on a Generate request's max_tokens"),
     "max_prompt_tokens": (int, "cap on prompt and context length, in tokens"),

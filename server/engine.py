@@ -3,7 +3,11 @@
 The service calls the engine at the token level (see `Engine`). One engine serves one model
 version. Its batching loop runs on one worker thread: onnxruntime's `run` releases the GIL, so
 the asyncio event loop keeps serving while a step runs. Requests cross to the worker through a
-locked queue and results come back with one `call_soon_threadsafe` per step.
+locked queue and results come back with one `call_soon_threadsafe` per step. Two exceptions
+keep the overheads down where they dominate: a short next-token request arriving while the
+engine is idle runs on the event loop at once (two thread wake-ups cost more than its step),
+and under load a generation's tokens reach its consumer a few at a time (`TokenStream`), so
+the gRPC layer sends fewer, larger messages.
 
 Every text is conditioned on the bundle's eos token: the engine feeds eos to the zero state
 once at start (the "root") and every request starts from that state, or from a longer prefix
@@ -19,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,6 @@ import numpy as np
 import onnxruntime as ort
 
 from server.batch import (
-    END,
     POOLINGS,
     Batch,
     EmbedRequest,
@@ -51,11 +54,19 @@ __all__ = [
     "GeneratedToken",
     "Overloaded",
     "SamplingParams",
+    "TokenStream",
+    "session_options",
 ]
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("cpu", "cuda", "auto")
+# A next-token request with at most this many new tokens, arriving while the engine has
+# nothing else to do, runs on the event loop at once (see `Engine.next_token_logprobs`).
+INLINE_TOKENS = 16
+# Requests in the engine from which a generation's tokens are handed over a few at a time
+# (`EngineConfig.stream_tokens`, see `TokenStream`).
+COALESCE_ACTIVE = 8
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -66,6 +77,14 @@ class EngineError(Exception):
 
 class Overloaded(EngineError):
     """Admission refused: too many requests are waiting (RESOURCE_EXHAUSTED)."""
+
+
+class EngineClosed(EngineError):
+    """The engine is not running or is shutting down (UNAVAILABLE, unlike a failed step)."""
+
+
+def _failure_error(failure: Failure) -> EngineError:
+    return (EngineClosed if failure.shutdown else EngineError)(failure.message)
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,9 @@ class EngineConfig:
     prefill_chunk: int = 128  # tokens of a prompt/document fed per step per request
     max_queued: int = 1024  # pending requests beyond which submit raises Overloaded
     state_cache_bytes: int = 64 * 2**20
+    # Under load, a generation's tokens reach its consumer this many at a time (see
+    # TokenStream); 1: always one at a time.
+    stream_tokens: int = 4
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -89,19 +111,20 @@ class EngineConfig:
         check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
         check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
         check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
-        for name in ("max_batch_size", "prefill_chunk", "max_queued"):
+        for name in ("max_batch_size", "prefill_chunk", "max_queued", "stream_tokens"):
             check(getattr(self, name) >= 1, name, ">= 1")
         check(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", ">= 0")
         check(self.state_cache_bytes >= 0, "state_cache_bytes", ">= 0")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Start:
     """Where a request starts: after `length` tokens of its context, in `state`."""
 
     length: int
     state: State
     logprobs: np.ndarray  # next-token log-probs at that point
+    key: int | None = None  # the state cache's key of the whole context (None: not looked up)
 
 
 class _Sessions:
@@ -146,34 +169,108 @@ class _Sessions:
         return logprobs, new
 
 
-class _Channel:
-    """Payloads from the batching thread to one generate() consumer, on the event loop."""
+class TokenStream:
+    """One generation's tokens as they are made: an async iterator of `GeneratedToken`.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    The request is queued (and Overloaded raised) on the first `__anext__`. `aclose()`, or
+    dropping the stream, takes the request out of the batch at the next step. Payloads arrive
+    from the batching thread through `Engine._dispatch`, on the event loop.
+
+    Under load (at least `COALESCE_ACTIVE` requests in the engine) the consumer is woken
+    only when `stream_tokens` tokens are ready (or the generation ended), and takes them
+    together with `take_ready`: each message to a client, on both ends of the connection,
+    costs more than the model's work for a token, and with many streams that cost is what
+    limits throughput. The first token is never held back, and lightly loaded streams get
+    every token as soon as it is made.
+    """
+
+    def __init__(
+        self, engine: Engine, start: Callable[[TokenStream], GenerateRequest], stream_tokens: int
+    ) -> None:
+        self._engine = engine
+        self._start: Callable[[TokenStream], GenerateRequest] | None = start
+        self._request: GenerateRequest | None = None
         self._items: deque[object] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._stream_tokens = stream_tokens
+        self._delivered = 0  # tokens received so far
 
-    def put(self, item: object) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def __aiter__(self) -> TokenStream:
+        return self
 
-    async def get(self) -> object:
-        while not self._items:
-            self._waiter = self._loop.create_future()
+    async def __anext__(self) -> GeneratedToken:
+        if self._start is not None:
+            start, self._start = self._start, None
+            self._request = start(self)
+        while not self._ready():
+            assert self._engine._loop is not None
+            self._waiter = self._engine._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+        if not self._items:  # closed
+            raise StopAsyncIteration
+        item = self._items.popleft()
+        if isinstance(item, GeneratedToken):
+            return item
+        self._close()
+        if isinstance(item, Failure):
+            raise _failure_error(item)
+        raise StopAsyncIteration  # END
+
+    def _ready(self) -> bool:
+        """Whether the consumer should go on: see the class docstring."""
+        items = self._items
+        if not items:
+            return self._closed
+        return (
+            len(items) >= self._stream_tokens
+            or not isinstance(items[-1], GeneratedToken)  # the end or a failure is here
+            or self._delivered <= 1
+            or self._engine.active < COALESCE_ACTIVE
+        )
+
+    def take_ready(self) -> list[GeneratedToken]:
+        """Under load, the tokens already here (after the one `__anext__` returned), without
+        waiting; otherwise none, so that a lightly loaded stream goes one token at a time."""
+        items = self._items
+        ready: list[GeneratedToken] = []
+        if self._engine.active < COALESCE_ACTIVE:
+            return ready
+        while items and isinstance(items[0], GeneratedToken):
+            ready.append(items.popleft())  # type: ignore[arg-type]
+        return ready
+
+    async def aclose(self) -> None:
+        self._start = None
+        self._close()
+
+    def put(self, item: object) -> None:
+        """Deliver a payload (event loop); wake the consumer when it should go on."""
+        self._items.append(item)
+        if isinstance(item, GeneratedToken):
+            self._delivered += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self._ready():
+            waiter.set_result(None)
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._request is not None:
+            self._request.cancelled = True
+
+    def __del__(self) -> None:
+        if self._request is not None:
+            self._request.cancelled = True
 
 
 def _settle(future: asyncio.Future[Any], payload: object) -> None:
     if future.done():
         return
     if isinstance(payload, Failure):
-        future.set_exception(EngineError(payload.message))
+        future.set_exception(_failure_error(payload))
     else:
         future.set_result(payload)
 
@@ -204,6 +301,7 @@ class Engine:
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._closing = False
+        self._idle = False  # the batching thread waits with nothing to do (lock held to read)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: _Sessions | None = None
@@ -217,7 +315,7 @@ class Engine:
         if self._thread is not None or self._closing:
             raise EngineError("the engine was already started")
         providers = _providers(self.config.provider)
-        options = _session_options(self.config)
+        options = session_options(self.config)
         try:
             step = await asyncio.to_thread(self.bundle.open_session, "step", options, providers)
             score = None
@@ -271,9 +369,10 @@ class Engine:
         start = self._start(ids)
         if start.length == len(ids):
             return start.logprobs
-        return await self._call(
-            functools.partial(NextRequest, ids, ids[start.length :], start.state)
-        )
+        feed = ids[start.length :]
+        if len(feed) <= INLINE_TOKENS and self._idle_now():
+            return self._next_inline(ids, feed, start)
+        return await self._call(functools.partial(NextRequest, ids, feed, start.state, start.key))
 
     def generate(
         self,
@@ -281,12 +380,13 @@ class Engine:
         max_tokens: int,
         params: SamplingParams,
         stop_ids: frozenset[int] = frozenset(),
-    ) -> AsyncGenerator[GeneratedToken, None]:
+    ) -> TokenStream:
         """Up to `max_tokens` tokens after eos + prompt, each as soon as its step ran.
 
-        Ends after a token in `stop_ids`. Closing the iterator (break, aclose, cancellation)
-        takes the request out of the batch at the next step. Arguments are checked here; the
-        request is queued (and Overloaded raised) on the first iteration.
+        Ends after a token in `stop_ids`. Closing the iterator (aclose, or dropping it after a
+        break or a cancellation) takes the request out of the batch at the next step.
+        Arguments are checked here; the request is queued (and Overloaded raised) on the first
+        iteration. Under load, tokens arrive a few at a time: see `TokenStream`.
         """
         ids = self._tokens(prompt_ids, "prompt_ids")
         if max_tokens < 1:
@@ -298,7 +398,8 @@ class Engine:
             raise ValueError(
                 f"stop_ids {outside[:5]} are outside the vocabulary (size {self.bundle.vocab_size})"
             )
-        return self._stream(ids, max_tokens, params, stops)
+        begin = functools.partial(self._begin, ids, max_tokens, params, stops)
+        return TokenStream(self, begin, self.config.stream_tokens)
 
     async def score(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [n]: the log-prob of each token given eos and the tokens before it.
@@ -339,7 +440,7 @@ class Engine:
         if arr.ndim != 1:
             raise ValueError(f"{field} must be a flat list of token ids, not shape {arr.shape}")
         vocab = self.bundle.vocab_size
-        if arr.size:
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
             bad = (arr < 0) | (arr >= vocab)
             if bad.any():
                 i = int(bad.argmax())
@@ -351,9 +452,9 @@ class Engine:
 
     def _root_start(self) -> _Start:
         if self._closing:
-            raise EngineError("the engine is shutting down")
+            raise EngineClosed("the engine is shutting down")
         if self._root is None:
-            raise EngineError("the engine is not running: call start() first")
+            raise EngineClosed("the engine is not running: call start() first")
         return self._root
 
     def _start(self, ids: np.ndarray) -> _Start:
@@ -361,17 +462,45 @@ class Engine:
         root = self._root_start()
         if len(ids) == 0:
             return root
-        hit = self.cache.lookup(ids)
+        hit, key = self.cache.find(ids)
         if hit is None:
-            return root
-        return _Start(hit.length, hit.state, hit.logprobs)
+            return _Start(0, root.state, root.logprobs, key)
+        return _Start(hit.length, hit.state, hit.logprobs, key)
+
+    def _idle_now(self) -> bool:
+        """True when the batching thread is waiting with an empty batch and queue.
+
+        Only the event loop submits work, so the engine stays idle until this caller returns.
+        """
+        with self._cond:
+            return self._idle and not self._queue and not self._closing
+
+    def _next_inline(self, ids: np.ndarray, feed: np.ndarray, start: _Start) -> np.ndarray:
+        """A lone next-token request, run here on the event loop while the engine is idle.
+
+        Handing it to the batching thread and the result back costs two thread wake-ups,
+        which on a busy machine take longer than the step itself; nothing could share its
+        run anyway. The result is the one the batch would give (a one-row, unpadded run).
+        """
+        sessions = self._sessions
+        assert sessions is not None
+        if self.metrics is not None:
+            self.metrics.observe_queue_wait(0.0)
+        states = [s[:, None, :] for s in start.state]
+        try:
+            logits, _, new = sessions.step(feed[None, :], states)
+        except Exception as e:  # onnxruntime raises several types
+            raise EngineError(f"onnxruntime run failed: {e}") from e
+        logprobs = _frozen(log_softmax(logits[0, -1]))
+        self.cache.insert(ids, tuple(s[:, 0, :] for s in new), logprobs, start.key)
+        return logprobs
 
     def _submit(self, request: Request) -> None:
         with self._cond:
             if self._closing:
-                raise EngineError("the engine is shutting down")
+                raise EngineClosed("the engine is shutting down")
             if self._thread is None:
-                raise EngineError("the engine is not running: call start() first")
+                raise EngineClosed("the engine is not running: call start() first")
             waiting = len(self._queue)
             if waiting >= self.config.max_queued:
                 raise Overloaded(
@@ -396,13 +525,17 @@ class Engine:
             request.cancelled = True
             raise
 
-    async def _stream(
-        self, ids: np.ndarray, max_tokens: int, params: SamplingParams, stops: frozenset[int]
-    ) -> AsyncGenerator[GeneratedToken, None]:
+    def _begin(
+        self,
+        ids: np.ndarray,
+        max_tokens: int,
+        params: SamplingParams,
+        stops: frozenset[int],
+        stream: TokenStream,
+    ) -> GenerateRequest:
+        """Queue a generation whose payloads go to `stream` (its first iteration)."""
         start = self._start(ids)
         exact = start.length == len(ids)
-        assert self._loop is not None
-        channel = _Channel(self._loop)
         request = GenerateRequest(
             ids,
             ids[start.length :],
@@ -411,19 +544,11 @@ class Engine:
             params,
             max_tokens,
             stops,
-            channel.put,
+            start.key,
+            stream.put,
         )
         self._submit(request)
-        try:
-            while True:
-                item = await channel.get()
-                if item is END:
-                    return
-                if isinstance(item, Failure):
-                    raise EngineError(item.message)
-                yield item  # type: ignore[misc]
-        finally:
-            request.cancelled = True
+        return request
 
     def _dispatch(self, events: list[Event]) -> None:
         for request, payload in events:
@@ -458,7 +583,9 @@ class Engine:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not batch.requests:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
                 if not self._closing and not batch.requests and wait > 0:
                     self._wait_for_company(min(config.max_batch_size, last_size), last_end, wait)
                 if self._closing:
@@ -517,8 +644,9 @@ class Engine:
         with self._cond:
             waiting = list(self._queue)
             self._queue.clear()
-        events: list[Event] = batch.fail("the engine is shutting down")
-        events += [(r, Failure("the engine is shutting down")) for r in waiting if not r.cancelled]
+        events: list[Event] = batch.fail("the engine is shutting down", shutdown=True)
+        closing = Failure("the engine is shutting down", shutdown=True)
+        events += [(r, closing) for r in waiting if not r.cancelled]
         batch.filter()
         if events:
             self._post(events)
@@ -548,7 +676,7 @@ def _providers(choice: str) -> list[str]:
     return [CPU]
 
 
-def _session_options(config: EngineConfig) -> ort.SessionOptions:
+def session_options(config: EngineConfig) -> ort.SessionOptions:
     """Options for a small shared CPU: few threads, no spinning (see FIELD-NOTES.md)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads

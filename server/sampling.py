@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,8 +84,9 @@ class SamplingParams:
         return np.random.default_rng(self.seed % 2**64)
 
 
-@dataclass(frozen=True, slots=True)
-class GeneratedToken:
+class GeneratedToken(NamedTuple):
+    """One sampled token (a named tuple: made 64 times a step, it must be cheap to build)."""
+
     token_id: int
     logprob: float  # log-prob under the model's (unmodified) distribution
     top: tuple[tuple[int, float], ...]  # top alternatives (token_id, logprob), most likely first
@@ -123,6 +125,18 @@ class Sampler:
             buf = self._scratch[name] = np.empty((rows, cols), dtype=dtype)
         return buf[:rows]
 
+    def _padded(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """A float32 scratch buffer `[rows, blocks * _BLOCK]` whose columns past `cols` are 0.
+
+        Callers write only `[:, :cols]`, so the padding stays zero and block searches can
+        read whole blocks without bounds checks (see `_locate`).
+        """
+        width = -(-cols // _BLOCK) * _BLOCK
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
+            buf = self._scratch[name] = np.zeros((rows, width), dtype=np.float32)
+        return buf[:rows]
+
     def sample(
         self,
         logits: np.ndarray,
@@ -134,27 +148,127 @@ class Sampler:
 
         `history[r]`: the token ids the repetition penalty applies to (prompt and generated;
         None when the row has no penalty). `uniforms[r]`: the row's one uniform draw in [0, 1).
+
+        Rows with only a temperature and bans (the common case) take a short path that reuses
+        the exponentials computed for the log-sum-exp; rows with filters or a penalty take the
+        general one. Which path a row takes depends on its own parameters only.
         """
         rows, vocab = logits.shape
-        temps = np.array([p.temperature for p in params], dtype=np.float32)
+        is_plain = [_plain(p, h) for p, h in zip(params, history, strict=True)]
+        plain = [r for r in range(rows) if is_plain[r]]
+        filtered = [r for r in range(rows) if not is_plain[r]]
         m = logits.max(axis=1, keepdims=True)
-        e = self._buffer("exp", rows, vocab)
+        padded = self._padded("exp", rows, vocab)
+        e = padded[:, :vocab]
         np.exp(np.subtract(logits, m, out=e), out=e)
+        # Plain rows' banned tokens weigh nothing in their sampling weights, but they count
+        # in the log-sum-exp of the unmodified distribution: their weights are added back.
+        bans = _ban_pairs(params, plain)
+        if bans is not None:
+            banned = e[bans]
+            e[bans] = 0.0
         e_blocks = _block_sums(e)
-        lse = m[:, 0] + np.log(e_blocks.sum(axis=1, dtype=np.float64)).astype(np.float32)
+        total = e_blocks.sum(axis=1, dtype=np.float64)
+        if bans is not None:
+            total += np.bincount(bans[0], weights=banned, minlength=rows)
+        lse = m[:, 0] + np.log(total).astype(np.float32)
+        u = np.asarray(uniforms, dtype=np.float64)
+        tokens = np.empty(rows, dtype=np.int64)
+        if plain:
+            filtered += self._sample_plain(logits, m, padded, e_blocks, params, u, plain, tokens)
+        if filtered:
+            if len(filtered) == rows:
+                tokens[:] = self._sample_filtered(logits, params, history, u)
+            else:
+                filtered.sort()
+                idx = np.array(filtered, dtype=np.intp)
+                sub_params = [params[r] for r in filtered]
+                sub_history = [history[r] for r in filtered]
+                tokens[idx] = self._sample_filtered(logits[idx], sub_params, sub_history, u[idx])
+        chosen = logits[np.arange(rows), tokens] - lse
+        top = self._top(logits, lse, params)
+        return Samples(tokens, chosen.astype(np.float32), lse, top)
 
+    def _sample_plain(
+        self,
+        logits: np.ndarray,
+        m: np.ndarray,
+        padded: np.ndarray,
+        e_blocks: np.ndarray,
+        params: Sequence[SamplingParams],
+        u: np.ndarray,
+        plain: list[int],
+        tokens: np.ndarray,
+    ) -> list[int]:
+        """Sample rows without filters or penalty into `tokens`; rows it cannot do are returned.
+
+        `padded[:, :V]` holds `exp(logits - max)` with the plain rows' banned tokens zeroed:
+        the sampling weights at temperature 1, whose block sums are `e_blocks`. Rows at other
+        temperatures get theirs recomputed. A row whose banned tokens outweigh all others by so
+        much that the rest underflow is handed back, for the general path (which subtracts
+        the allowed maximum instead).
+        """
+        vocab = logits.shape[1]
+        e = padded[:, :vocab]
+        greedy = [r for r in plain if params[r].temperature == 0]
+        drawn = [r for r in plain if params[r].temperature != 0]
+        if greedy:
+            g = np.array(greedy, dtype=np.intp)
+            sub = logits[g]
+            bans = _ban_pairs(params, greedy)
+            if bans is not None:
+                sub[np.searchsorted(g, bans[0]), bans[1]] = -np.inf
+            tokens[g] = sub.argmax(axis=1)
+        if not drawn:
+            return []
+        hot = [r for r in drawn if params[r].temperature != 1.0]
+        if hot:
+            inv_t = np.array([1.0 / params[r].temperature for r in hot], dtype=np.float32)
+            if len(hot) == len(e):  # every row: in place
+                np.subtract(logits, m, out=e)
+                np.multiply(e, inv_t[:, None], out=e)
+                np.exp(e, out=e)
+            else:
+                h = np.array(hot, dtype=np.intp)
+                e[h] = np.exp((logits[h] - m[h]) * inv_t[:, None])
+            bans = _ban_pairs(params, hot)
+            if bans is not None:
+                e[bans] = 0.0
+            if len(hot) == len(e):
+                e_blocks[:] = _block_sums(e)
+            else:
+                e_blocks[h] = _block_sums(e[h])
+        d = np.array(drawn, dtype=np.intp)
+        block_cum = np.cumsum(e_blocks[d], axis=1, dtype=np.float64)
+        # Below this total the allowed tokens' weights may have underflowed (see above).
+        lost = block_cum[:, -1] < 1e-20
+        if lost.any():
+            keep = ~lost
+            d, block_cum = d[keep], block_cum[keep]
+        if d.size:
+            tokens[d] = _inverse_cdf(padded, vocab, block_cum, u[d], d)
+        return [drawn[i] for i in np.flatnonzero(lost).tolist()]
+
+    def _sample_filtered(
+        self,
+        logits: np.ndarray,
+        params: Sequence[SamplingParams],
+        history: Sequence[np.ndarray | None],
+        u: np.ndarray,
+    ) -> np.ndarray:
+        """Tokens for rows with any filters and penalties (the general path)."""
+        rows, vocab = logits.shape
+        temps = np.array([p.temperature for p in params], dtype=np.float32)
         scaled = self._penalised(logits, params, history)
-        m_scaled = m if scaled is logits else scaled.max(axis=1, keepdims=True)
+        m_scaled = scaled.max(axis=1, keepdims=True)
         greedy = temps == 0
         inv_t = (1.0 / np.where(greedy, 1.0, temps)).astype(np.float32)
-        if scaled is logits and np.all(inv_t == 1):
-            weights, blocks = e, e_blocks
-        else:
-            weights = self._buffer("weights", rows, vocab)
-            np.subtract(scaled, m_scaled, out=weights)
-            np.multiply(weights, inv_t[:, None], out=weights)
-            np.exp(weights, out=weights)
-            blocks = _block_sums(weights)
+        padded = self._padded("weights", rows, vocab)
+        weights = padded[:, :vocab]
+        np.subtract(scaled, m_scaled, out=weights)
+        np.multiply(weights, inv_t[:, None], out=weights)
+        np.exp(weights, out=weights)
+        blocks = _block_sums(weights)
 
         tokens = scaled.argmax(axis=1) if greedy.any() else np.empty(rows, dtype=np.int64)
         drawn = np.flatnonzero(~greedy)
@@ -165,16 +279,9 @@ class Sampler:
                 # A multiply, not np.where: with half a row masked, where is 40x slower.
                 np.multiply(weights, np.greater_equal(scaled, tau[:, None], out=keep), out=weights)
                 blocks = _block_sums(weights)
-            block_cum = np.cumsum(blocks, axis=1, dtype=np.float64)
-            u = np.asarray(uniforms, dtype=np.float64)
-            if drawn.size == rows:
-                tokens = _inverse_cdf(weights, block_cum, u)
-            else:
-                tokens[drawn] = _inverse_cdf(weights[drawn], block_cum[drawn], u[drawn])
-
-        chosen = logits[np.arange(rows), tokens] - lse
-        top = self._top(logits, lse, params)
-        return Samples(tokens, chosen.astype(np.float32), lse, top)
+            block_cum = np.cumsum(blocks[drawn], axis=1, dtype=np.float64)
+            tokens[drawn] = _inverse_cdf(padded, vocab, block_cum, u[drawn], drawn)
+        return tokens
 
     def _penalised(
         self,
@@ -281,7 +388,8 @@ class Sampler:
         tau = np.where(top_k > 0, vals[idx, np.maximum(top_k, 1) - 1], -np.inf).astype(np.float32)
         if mass is None:
             return tau
-        q = self._buffer("nucleus", n, width)
+        q_padded = self._padded("nucleus", n, width)
+        q = q_padded[:, :width]
         np.subtract(vals, vals[:, :1], out=q)
         np.multiply(q, inv_t[:, None], out=q)
         np.exp(q, out=q)
@@ -289,7 +397,7 @@ class Sampler:
         block_cum = np.cumsum(_block_sums(q), axis=1, dtype=np.float64)
         # Within top-k the candidates hold all the kept mass; without it, the whole row does.
         total = np.where(top_k > 0, block_cum[:, -1], mass)
-        j = _locate(q, block_cum, top_p * total, strict=False)
+        j = _locate(q_padded, block_cum, top_p * total, strict=False)
         nucleus = top_p < 1.0
         found = nucleus & (j < width)
         tau[found] = np.maximum(tau[found], vals[found, j[found]])
@@ -347,37 +455,77 @@ def _block_sums(w: np.ndarray) -> np.ndarray:
     return np.add.reduceat(w, np.arange(0, w.shape[1], _BLOCK), axis=1)
 
 
-def _locate(w: np.ndarray, block_cum: np.ndarray, target: np.ndarray, strict: bool) -> np.ndarray:
-    """Per row, the first index whose running sum of `w` passes `target` (> if strict, else >=).
+def _locate(
+    padded: np.ndarray,
+    block_cum: np.ndarray,
+    target: np.ndarray,
+    strict: bool,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per row, the first index whose running sum of weights passes `target` (> if strict,
+    else >=).
 
-    May return an index past the row (or past a block's end, by rounding); callers clamp.
+    `padded`: the weights in a buffer from `Sampler._padded` (zero past the last column);
+    `rows`: its rows that `block_cum` and `target` describe (default: all, in order). May
+    return an index past the row (or past a block's end, by rounding); callers clamp.
     """
-    n, width = w.shape
+    n = block_cum.shape[0]
     t = target[:, None]
     passed = block_cum <= t if strict else block_cum < t
     block = np.minimum(passed.sum(axis=1), block_cum.shape[1] - 1)
     idx = np.arange(n)
     before = np.where(block > 0, block_cum[idx, np.maximum(block - 1, 0)], 0.0)
-    cols = block[:, None] * _BLOCK + np.arange(_BLOCK)
-    if width % _BLOCK:  # the last block is partial: its missing columns weigh nothing
-        picked = np.take_along_axis(w, np.minimum(cols, width - 1), axis=1) * (cols < width)
-    else:
-        picked = np.take_along_axis(w, cols, axis=1)
+    picked = padded.reshape(len(padded), -1, _BLOCK)[idx if rows is None else rows, block]
     running = before[:, None] + np.cumsum(picked, axis=1, dtype=np.float64)
     passed_in = running <= t if strict else running < t
     return block * _BLOCK + passed_in.sum(axis=1)
 
 
-def _inverse_cdf(weights: np.ndarray, block_cum: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+def _inverse_cdf(
+    padded: np.ndarray, vocab: int, block_cum: np.ndarray, uniforms: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
     """Index i per row with P(i) = w_i / sum(w), from one uniform each.
 
-    `block_cum`: the running sums of the rows' blocks (float64 `[n, blocks]`).
+    `padded[:, :vocab]`: the weights (see `_locate`); `rows`: the rows to draw from;
+    `block_cum`: the running sums of their blocks (float64 `[len(rows), blocks]`).
     """
-    n, vocab = weights.shape
-    tokens = _locate(weights, block_cum, uniforms * block_cum[:, -1], strict=True)
-    idx = np.arange(n)
+    tokens = _locate(padded, block_cum, uniforms * block_cum[:, -1], strict=True, rows=rows)
     # Rounding can step past a block's last weighted token: take the row's best instead.
-    bad = (tokens >= vocab) | (weights[idx, np.minimum(tokens, vocab - 1)] <= 0)
+    bad = (tokens >= vocab) | (padded[rows, np.minimum(tokens, vocab - 1)] <= 0)
     if bad.any():
-        tokens[bad] = weights[bad].argmax(axis=1)
+        tokens[bad] = padded[rows[bad], :vocab].argmax(axis=1)
     return tokens
+
+
+def _plain(p: SamplingParams, history: np.ndarray | None) -> bool:
+    """Whether a row needs only its temperature and bans (see `Sampler.sample`)."""
+    return (
+        p.top_k == 0
+        and p.top_p >= 1.0
+        and p.min_p == 0
+        and (p.repetition_penalty == 1.0 or history is None or not history.size)
+    )
+
+
+def _ban_pairs(
+    params: Sequence[SamplingParams], rows: list[int]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(row, token id) of every banned token of `rows`, or None when none has bans.
+
+    Rows sharing a banned set (usually all: the servicer bans `<unk>`) are handled together.
+    """
+    groups: dict[frozenset[int], list[int]] = {}
+    for r in rows:
+        banned = params[r].banned_ids
+        if banned:
+            groups.setdefault(banned, []).append(r)
+    if not groups:
+        return None
+    pairs = [
+        (np.repeat(members, len(ids)), np.tile(ids, len(members)))
+        for banned, members in groups.items()
+        for ids in (_banned_array(banned),)
+    ]
+    if len(pairs) == 1:
+        return pairs[0]
+    return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])

@@ -16,16 +16,16 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
-from server.engine import EngineError, GeneratedToken, Overloaded, SamplingParams
+from server.engine import EngineClosed, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.state_token import SessionContext, StateTokenError, StateTokens
@@ -154,8 +154,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             code, message = e.code, e.message
         except Overloaded as e:
             code, message = Code.RESOURCE_EXHAUSTED, f"model {call.model!r} is overloaded: {e}"
-        except EngineError as e:
+        except EngineClosed as e:
             code, message = Code.UNAVAILABLE, f"model {call.model!r} is not available: {e}"
+        except EngineError as e:
+            log.error("%s failed in the engine (model %r): %s", method, call.model, e)
+            code, message = Code.INTERNAL, f"model {call.model!r} failed: {e}"
         except asyncio.CancelledError:
             code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
             raise
@@ -229,28 +232,40 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         try:
             count, last = 0, call.start
             finish = pb.FINISH_REASON_LENGTH
-            # The engine's iterator supports aclose() (ENGINE_API.md): closing it takes the
-            # request out of the batch at once, whichever way this loop ends.
-            stream = cast(
-                AsyncGenerator[GeneratedToken, None],
-                model.engine.generate(prompt_ids, max_tokens, params),
-            )
+            # The engine's TokenStream supports aclose(): closing it takes the request out of
+            # the batch at once, whichever way this loop ends.
+            stream = model.engine.generate(prompt_ids, max_tokens, params)
             async with contextlib.aclosing(stream):
-                async for token in stream:
+                async for first in stream:
+                    # Under load the engine hands tokens over a few at a time; they go out as
+                    # one response, since per-message costs then dominate (TokenStream).
+                    tokens = [first, *stream.take_ready()]
                     now = time.perf_counter()
                     (itl if count else ttft).observe(now - last)
                     last = now
-                    count += 1
-                    generated.inc()
-                    text, stopped = stopper.push(detokenizer.push(token.token_id))
+                    pieces: list[str] = []
+                    ids: list[int] = []
+                    stopped = False
+                    for token in tokens:
+                        text, stopped = stopper.push(detokenizer.push(token.token_id))
+                        pieces.append(text)
+                        ids.append(token.token_id)
+                        if stopped:
+                            break
+                    kept = tokens[: len(ids)]
+                    for _ in kept[1:]:
+                        itl.observe(0.0)
+                    count += len(ids)
+                    generated.inc(len(ids))
                     response = pb.GenerateResponse(
-                        text=text, token_ids=[token.token_id], logprobs=[token.logprob]
+                        text="".join(pieces), token_ids=ids, logprobs=[t.logprob for t in kept]
                     )
                     if params.top_logprobs:
-                        response.top_logprobs.add().alternatives.extend(
-                            pb.TokenLogprob(token_id=i, token=codec.token_texts[i], logprob=lp)
-                            for i, lp in token.top
-                        )
+                        for token in kept:
+                            response.top_logprobs.add().alternatives.extend(
+                                pb.TokenLogprob(token_id=i, token=codec.token_texts[i], logprob=lp)
+                                for i, lp in token.top
+                            )
                     await context.write(response)
                     if stopped:
                         finish = pb.FINISH_REASON_STOP
@@ -593,29 +608,28 @@ def _predictions(
     """
     codec = model.codec
     if partial_word:
-        ids: np.ndarray | None = codec.ids_with_prefix(partial_word)
+        ids = codec.ids_with_prefix(partial_word)
         scores = logprobs[ids].astype(np.float64)
         if scores.size:
             top_score = scores.max()
             scores -= top_score + np.log(np.exp(scores - top_score).sum())
+        top = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
+        candidates, values = ids[top].tolist(), scores[top].tolist()
     else:
-        ids = None
-        scores = logprobs.astype(np.float64)
-        scores[codec.special_id_array] = -np.inf
-    k = min(k, scores.size)
-    if k == 0:
-        return []
-    top = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
-    top = top[np.isfinite(scores[top])]
-    token_ids = top if ids is None else ids[top]
-    order = np.lexsort((token_ids, -scores[top]))
+        # The k + (number of special tokens) most likely hold the k most likely ordinary ones,
+        # so the row is neither copied nor masked.
+        vocab = logprobs.size
+        want = min(k + codec.special_id_array.size, vocab)
+        top = np.argpartition(logprobs, vocab - want)[vocab - want :]
+        candidates, values = top.tolist(), logprobs[top].tolist()
+    ranked = sorted(
+        (-value, i)
+        for i, value in zip(candidates, values, strict=True)
+        if i not in codec.special_ids and math.isfinite(value)
+    )
     return [
-        pb.Prediction(
-            token=codec.token_texts[int(token_ids[i])],
-            token_id=int(token_ids[i]),
-            probability=math.exp(scores[top[i]]),
-        )
-        for i in order
+        pb.Prediction(token=codec.token_texts[i], token_id=i, probability=math.exp(-neg))
+        for neg, i in ranked[:k]
     ]
 
 

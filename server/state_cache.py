@@ -8,6 +8,9 @@ is one model version, so the version is part of every key by construction.
 Lookups hash every prefix of the context at once (a polynomial hash, vectorised in numpy with
 wrapping uint64 arithmetic) and probe only the prefix lengths present in the cache, longest
 first; a hit is confirmed by comparing the stored tokens, so a hash collision is only a miss.
+`find` also returns the whole context's hash, so the engine's insert of the extended context
+does not hash it again: a lookup and an insert cost a few vectorised passes over the tokens
+and a handful of dictionary probes, not Python work per token.
 Thread-safe: the engine looks up on the event loop and inserts from its batching thread.
 """
 
@@ -60,6 +63,7 @@ class StateCache:
         self._entries: OrderedDict[tuple[int, int], CachedPrefix] = OrderedDict()
         self._length_counts: dict[int, int] = {}
         self._lengths: list[int] = []  # sorted distinct lengths present
+        self._length_array: np.ndarray | None = None  # the same, for vectorised probes
         self._powers = np.ones(1, dtype=np.uint64)
         self._lock = threading.Lock()
         self.bytes = 0
@@ -72,55 +76,72 @@ class StateCache:
 
     def lookup(self, tokens: np.ndarray) -> CachedPrefix | None:
         """The longest cached prefix of `tokens` (length >= 1), or None; counts a hit or miss."""
+        return self.find(tokens)[0]
+
+    def find(self, tokens: np.ndarray) -> tuple[CachedPrefix | None, int | None]:
+        """`lookup`, and the key of all of `tokens` for a later `insert` (None if empty)."""
         if not len(tokens):
-            return None
+            return None, None
+        if not self.capacity:
+            with self._lock:
+                self.misses += 1
+            if self._metrics is not None:
+                self._metrics.cache_miss()
+            return None, None
         found = None
-        if self.capacity:
-            hashes = self._prefix_hashes(tokens)
-            with self._lock:
+        hashes = self._prefix_hashes(tokens)
+        key = int(hashes[-1])
+        with self._lock:
+            if self._entries:
                 found = self._find(tokens, hashes)
-                if found is not None:
-                    self._entries.move_to_end((found.length, int(hashes[found.length - 1])))
-                    self.hits += 1
-                else:
-                    self.misses += 1
-        else:
-            with self._lock:
+            if found is not None:
+                self._entries.move_to_end((found.length, int(hashes[found.length - 1])))
+                self.hits += 1
+            else:
                 self.misses += 1
         if self._metrics is not None:
             if found is not None:
                 self._metrics.cache_hit()
             else:
                 self._metrics.cache_miss()
-        return found
+        return found, key
 
     def insert(
-        self, tokens: np.ndarray, state: tuple[np.ndarray, ...], logprobs: np.ndarray
+        self,
+        tokens: np.ndarray,
+        state: tuple[np.ndarray, ...],
+        logprobs: np.ndarray,
+        key: int | None = None,
     ) -> CachedPrefix | None:
-        """Store a prefix's state and next-token log-probs (copied, read-only); evict to fit.
+        """Store a prefix's state and next-token log-probs (read-only copies); evict to fit.
 
-        Returns the stored entry, or None when it cannot fit at all (or `tokens` is empty).
+        `key`: the one `find` gave for these tokens, saving a hash. Read-only arrays that own
+        their memory are kept as they are (nobody can change them). Returns the stored entry,
+        or None when it cannot fit at all (or `tokens` is empty).
         """
         if not len(tokens) or not self.capacity:
             return None
-        tokens = _frozen(np.array(tokens, dtype=np.int64))
-        state = tuple(_frozen(np.array(s, dtype=np.float32)) for s in state)
-        logprobs = _frozen(np.array(logprobs, dtype=np.float32))
+        tokens = _read_only(tokens, np.int64)
+        state = tuple(_read_only(s, np.float32) for s in state)
+        logprobs = _read_only(logprobs, np.float32)
         nbytes = tokens.nbytes + sum(s.nbytes for s in state) + logprobs.nbytes + ENTRY_OVERHEAD
         if nbytes > self.capacity:
             return None
         entry = CachedPrefix(tokens, state, logprobs, nbytes)
-        key = (len(tokens), int(self._prefix_hashes(tokens)[-1]))
+        if key is None:
+            key = int(self._prefix_hashes(tokens)[-1])
+        full = (len(tokens), key)
         evicted = 0
         with self._lock:
-            old = self._entries.pop(key, None)
+            old = self._entries.pop(full, None)
             if old is not None:
                 self._forget(old)
-            self._entries[key] = entry
+            self._entries[full] = entry
             self.bytes += nbytes
             count = self._length_counts.get(len(tokens), 0)
             if count == 0:
                 bisect.insort(self._lengths, len(tokens))
+                self._length_array = None
             self._length_counts[len(tokens)] = count + 1
             while self.bytes > self.capacity:
                 _, victim = self._entries.popitem(last=False)
@@ -135,11 +156,23 @@ class StateCache:
         return entry
 
     def _find(self, tokens: np.ndarray, hashes: np.ndarray) -> CachedPrefix | None:
-        hash_list = hashes.tolist()
-        for length in reversed(self._lengths[: bisect.bisect_right(self._lengths, len(tokens))]):
-            entry = self._entries.get((length, hash_list[length - 1]))
-            if entry is not None and np.array_equal(entry.tokens, tokens[:length]):
-                return entry
+        """The longest entry that is a prefix of `tokens` (lock held).
+
+        Probes the cached lengths up to len(tokens), longest first: usually the first probe
+        hits (the context the caller sent before), so a few are tried before the rest, whose
+        hashes are then gathered in one go.
+        """
+        if self._length_array is None:
+            self._length_array = np.array(self._lengths, dtype=np.int64)
+        lengths = self._length_array
+        end = int(np.searchsorted(lengths, len(tokens), side="right"))
+        for part in (lengths[max(0, end - 4) : end], lengths[: max(0, end - 4)]):
+            if not part.size:
+                continue
+            for length, h in zip(part[::-1].tolist(), hashes[part[::-1] - 1].tolist(), strict=True):
+                entry = self._entries.get((length, h))
+                if entry is not None and np.array_equal(entry.tokens, tokens[:length]):
+                    return entry
         return None
 
     def _forget(self, entry: CachedPrefix) -> None:
@@ -151,6 +184,7 @@ class StateCache:
         else:
             del self._length_counts[entry.length]
             self._lengths.remove(entry.length)
+            self._length_array = None
 
     def _prefix_hashes(self, tokens: np.ndarray) -> np.ndarray:
         """hash(tokens[:i+1]) for every i: sum of (t_j + 1) * BASE**j, wrapping in uint64."""
@@ -167,6 +201,10 @@ class StateCache:
         return np.cumsum(values * powers[:n], dtype=np.uint64)
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.setflags(write=False)
-    return a
+def _read_only(a: np.ndarray, dtype: type) -> np.ndarray:
+    """`a` itself when it is read-only and owns its memory, else a read-only copy."""
+    if a.dtype == dtype and a.flags.owndata and not a.flags.writeable and a.flags.c_contiguous:
+        return a
+    out: np.ndarray = np.array(a, dtype=dtype)
+    out.setflags(write=False)
+    return out

@@ -13,6 +13,7 @@ import bisect
 import numpy as np
 
 from server.bundle import Bundle
+from server.prefix_encoder import PrefixEncoder
 
 # Tokens of context decoded in front of each new token, so that the new piece carries the
 # spacing the tokenizer's decoder puts between it and what came before.
@@ -44,10 +45,12 @@ class TextCodec:
         self._sorted_texts = [text for text, _ in keyed]
         self._sorted_ids = np.array([i for _, i in keyed], dtype=np.int64)
         self.special_id_array = np.array(sorted(self.special_ids), dtype=np.int64)
+        # A context that extends a recent one is encoded from near its end (typing clients).
+        self._encoder = PrefixEncoder(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a "\\n" is the eos token; unknown words become `<unk>`."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return self._encoder.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))

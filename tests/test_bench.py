@@ -76,7 +76,7 @@ def bench_run(
             "--trials",
             "1",
             "--duration",
-            "0.3",
+            "1.0",
             "--out",
             str(out),
         ]

@@ -477,6 +477,56 @@ def test_a_lone_request_does_not_wait_to_fill_a_batch(lstm: Bundle) -> None:
     assert run_engine(lstm, body, max_queue_wait_ms=2000) < 1.5
 
 
+def test_a_lone_next_token_request_runs_at_once_on_the_event_loop(lstm: Bundle) -> None:
+    """An idle engine answers a short extension without handing it to its thread and back."""
+    direct = Direct(lstm)
+    metrics = Metrics()
+
+    async def body(engine: Engine) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        await wait_until(lambda: engine._idle)
+        coroutine = engine.next_token_logprobs([3, 4, 5])
+        with pytest.raises(StopIteration) as done:  # finished without ever suspending
+            coroutine.send(None)
+        inline = done.value.value
+        # Busy with a stream, the engine batches such a request with the stream's step.
+        stream = engine.generate([1], 10**9, SamplingParams(seed=1))
+        await anext(stream)
+        queued = await engine.next_token_logprobs([3, 4, 5, 6])
+        await stream.aclose()
+        return inline, queued, runs(metrics, lstm)
+
+    inline, queued, (count, total) = run_engine(lstm, body, metrics)
+    close(inline, direct.logprobs([3, 4, 5])[-1])
+    close(queued, direct.logprobs([3, 4, 5, 6])[-1])
+    assert total > count  # the queued request shared a run with the stream
+
+
+async def groups_of(stream: Any) -> list[list[int]]:
+    """The tokens of a stream as its consumer takes them: each wake-up's tokens together."""
+    groups = []
+    async for first in stream:
+        groups.append([first.token_id, *(t.token_id for t in stream.take_ready())])
+    return groups
+
+
+def test_under_load_tokens_arrive_a_few_at_a_time(lstm: Bundle) -> None:
+    params = [SamplingParams(seed=i, temperature=1.3) for i in range(12)]
+
+    async def crowded(engine: Engine) -> list[list[list[int]]]:
+        streams = [engine.generate([2, i], 40, p) for i, p in enumerate(params)]
+        return list(await asyncio.gather(*(groups_of(s) for s in streams)))
+
+    async def alone(engine: Engine) -> list[list[list[int]]]:
+        return [await groups_of(engine.generate([2, i], 40, p)) for i, p in enumerate(params)]
+
+    loaded = run_engine(lstm, crowded, stream_tokens=3)
+    single = run_engine(lstm, alone, stream_tokens=3)
+    for busy, quiet in zip(loaded, single, strict=True):
+        assert [t for g in busy for t in g] == [t for g in quiet for t in g]
+        assert all(len(g) == 1 for g in quiet)  # one stream: every token on its own
+    assert max(len(g) for busy in loaded for g in busy) >= 3
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 

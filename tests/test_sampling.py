@@ -128,6 +128,31 @@ def test_banned_ids_are_never_drawn_even_by_greedy() -> None:
     np.testing.assert_allclose(freq[1:], np.exp(log_softmax(logits[0, 1:])), atol=2e-4)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_temperature_with_bans_gives_the_renormalised_distribution(temperature: float) -> None:
+    logits = np.random.default_rng(7).normal(0, 2, 300)
+    banned = frozenset({3, 130, 299})  # in the first, a middle and the partial last block
+    freq = grid_frequencies(logits, SamplingParams(temperature=temperature, banned_ids=banned))
+    kept = np.array([i not in banned for i in range(300)])
+    expected = np.where(kept, np.exp((logits - logits.max()) / temperature), 0.0)
+    np.testing.assert_allclose(freq, expected / expected.sum(), atol=2e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_a_banned_token_that_dwarfs_the_rest_is_still_no_problem(temperature: float) -> None:
+    # exp(others - max) underflows to 0 next to the banned token: the row must still sample
+    # the others, in their proportions, and report their log-probs under the raw logits.
+    logits = np.array([0.5, 200.0, -0.5, 1.0, 0.0])
+    params = SamplingParams(temperature=temperature, banned_ids=frozenset({1}))
+    freq = grid_frequencies(logits, params)
+    others = np.delete(logits, 1) / temperature
+    np.testing.assert_allclose(np.delete(freq, 1), np.exp(log_softmax(others)), atol=2e-4)
+    assert freq[1] == 0
+    s = Sampler().sample(logits[None, :].astype(np.float32), [params], [None], np.array([0.3]))
+    expected = log_softmax(logits.astype(np.float32))[s.tokens[0]]
+    np.testing.assert_allclose(s.logprobs[0], expected, rtol=1e-6)
+
+
 def test_top_logprobs_most_likely_first_ties_by_lower_id() -> None:
     logits = np.log(np.array([[0.1, 0.3, 0.05, 0.3, 0.25]], dtype=np.float32))
     s = Sampler().sample(logits, [SamplingParams(top_logprobs=3)], [None], np.array([0.2]))

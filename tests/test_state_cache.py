@@ -118,3 +118,39 @@ def test_zero_capacity_and_oversized_entries_store_nothing() -> None:
     assert small.hits == 0 and small.misses == 0
     with pytest.raises(ValueError, match="capacity"):
         StateCache(-1)
+
+
+def test_find_gives_the_key_an_insert_can_reuse() -> None:
+    cache = StateCache(1 << 20)
+    cache.insert(ids(1, 2, 3), state(1), logprobs(1))
+    hit, key = cache.find(ids(1, 2, 3, 4, 5))
+    assert hit is not None and hit.length == 3 and key is not None
+    cache.insert(ids(1, 2, 3, 4, 5), state(2), logprobs(2), key)
+    again, same = cache.find(ids(1, 2, 3, 4, 5))
+    assert again is not None and again.length == 5 and same == key
+    assert cache.find(ids()) == (None, None)
+
+
+def test_read_only_arrays_that_own_their_memory_are_kept_not_copied() -> None:
+    cache = StateCache(1 << 20)
+    tokens, lp = ids(7, 8), logprobs(3)
+    s = state(3)
+    for a in (tokens, lp, *s):
+        a.setflags(write=False)
+    entry = cache.insert(tokens, s, lp)
+    assert entry is not None
+    assert entry.tokens is tokens and entry.logprobs is lp and entry.state[0] is s[0]
+    view = np.arange(6, dtype=np.int64)[:3]  # a read-only view of a longer array: copied
+    view.setflags(write=False)
+    entry = cache.insert(view, s, lp)
+    assert entry is not None and entry.tokens is not view and entry.tokens.base is None
+
+
+def test_many_cached_lengths_still_find_the_longest_prefix() -> None:
+    cache = StateCache(1 << 24)
+    for n in range(1, 200):
+        cache.insert(np.arange(n, dtype=np.int64) + 1000, state(n), logprobs(n))
+    cache.insert(ids(5, 6, 7), state(0), logprobs(0))
+    hit = cache.lookup(np.array([5, 6, 7, *range(300)], dtype=np.int64))
+    assert hit is not None and hit.length == 3  # found past 196 longer candidate lengths
+    assert cache.lookup(np.arange(150, dtype=np.int64) + 1000).length == 150  # type: ignore[union-attr]
