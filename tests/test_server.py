@@ -516,14 +516,14 @@ def test_typing_session_follows_the_context(client: Client) -> None:
 # -- cancellation and deadlines ----------------------------------------------------------------
 
 
-def test_cancelling_a_stream_stops_the_work(live: LiveServer, client: Client) -> None:
-    before = live.scrape()
-    stream = client.generate("the", max_tokens=MAX_TOKENS_CAP, seed=1)
-    for _ in range(3):
-        next(stream)
-    stream.cancel()
-
-    labels = dict(method="Generate", model=DEFAULT, code="CANCELLED")
+def assert_generation_stopped(
+    live: LiveServer,
+    client: Client,
+    before: dict[tuple[str, frozenset[tuple[str, str]]], float],
+    code: str,
+) -> None:
+    """The call was counted with `code`, its stream closed, and no more tokens are made."""
+    labels = dict(method="Generate", model=DEFAULT, code=code)
     wait_for(
         lambda: (
             metric(live.scrape(), "rnnlm_requests_total", **labels)
@@ -535,6 +535,16 @@ def test_cancelling_a_stream_stops_the_work(live: LiveServer, client: Client) ->
     time.sleep(0.3)
     assert metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT) == generated
     assert_healthy(client)
+
+
+def test_cancelling_a_stream_stops_the_work(live: LiveServer, client: Client) -> None:
+    before = live.scrape()
+    stream = client.generate("the", max_tokens=MAX_TOKENS_CAP, seed=1)
+    for _ in range(3):
+        next(stream)
+    stream.cancel()
+
+    assert_generation_stopped(live, client, before, "CANCELLED")
 
 
 def test_deadline_stops_generation(live: LiveServer, client: Client) -> None:
@@ -544,18 +554,7 @@ def test_deadline_stops_generation(live: LiveServer, client: Client) -> None:
         chunks_of(client.generate("the", max_tokens=MAX_TOKENS_CAP, seed=1, timeout=0.5))
     assert error.value.code() == Code.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
-    labels = dict(method="Generate", model=DEFAULT, code="DEADLINE_EXCEEDED")
-    wait_for(
-        lambda: (
-            metric(live.scrape(), "rnnlm_requests_total", **labels)
-            == metric(before, "rnnlm_requests_total", **labels) + 1
-        )
-    )
-    wait_for(lambda: metric(live.scrape(), "rnnlm_active_streams", model=DEFAULT) == 0)
-    generated = metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT)
-    time.sleep(0.3)
-    assert metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT) == generated
-    assert_healthy(client)
+    assert_generation_stopped(live, client, before, "DEADLINE_EXCEEDED")
 
 
 # -- bad input ---------------------------------------------------------------------------------
