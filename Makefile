@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= models
+DEFAULT_MODEL ?= shakespeare-word
 PORT ?= 50051
 METRICS_PORT ?= 9464
 
-.PHONY: serve test lint proto default-model bench setup-serve setup-dev
+.PHONY: serve test lint proto default-model char-model bench setup-serve setup-dev
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rnnlm needs Python 3.11 or newer"'
@@ -24,7 +25,8 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[train,dev]'
 
 serve: setup-serve
-	$(BIN)/rnnlm serve --models $(MODELS) --port $(PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/rnnlm serve --models $(MODELS) --default-model $(DEFAULT_MODEL) \
+		--port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: setup-dev
 	$(BIN)/ruff check .
@@ -40,6 +42,10 @@ proto: setup-dev
 # Rebuild the shipped default bundle (see README, "The default model").
 default-model: setup-dev
 	bash scripts/build_default_model.sh
+
+# Rebuild the shipped character-level bundle (30 minutes of training).
+char-model: setup-dev
+	bash scripts/build_char_model.sh
 
 bench: setup-dev
 	$(BIN)/rnnlm bench --out benchmarks/results
