@@ -37,7 +37,7 @@ lint: setup-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy server rnnlm/client.py
 
 proto: setup-dev
-	bash scripts/gen_proto.sh
+	PYTHON=$(BIN)/python bash scripts/gen_proto.sh
 
 # Rebuild the shipped default bundle (see README, "The default model").
 default-model: setup-dev

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -70,6 +71,7 @@ def test_generated_files_are_what_gen_proto_writes(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
         text=True,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     for name in GENERATED:
         assert (tmp_path / name).read_bytes() == (ROOT / name).read_bytes(), (
