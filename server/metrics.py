@@ -9,7 +9,6 @@ summed over the versions rather than overwritten by whichever engine set them la
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -173,31 +172,38 @@ class Metrics:
             gauge.labels(model=model).set(sum(parts.values()))
 
 
-@dataclass(frozen=True)
 class EngineMetrics:
-    """What one engine (one model version) records: batching, queueing and its state cache."""
+    """What one engine (one model version) records: batching, queueing and its state cache.
 
-    metrics: Metrics
-    model: str
-    version: str
+    The labelled children are looked up once here: the engine calls these on every step and
+    every cache lookup, and `labels()` costs a lock and a dictionary lookup each time.
+    """
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.metrics, self.model, self.version = metrics, model, version
+        self._batch_size = metrics.batch_size.labels(model=model)
+        self._queue_wait = metrics.queue_wait.labels(model=model)
+        self._cache_hits = metrics.cache_hits.labels(model=model)
+        self._cache_misses = metrics.cache_misses.labels(model=model)
+        self._cache_evictions = metrics.cache_evictions.labels(model=model)
 
     def observe_batch(self, size: int) -> None:
-        self.metrics.batch_size.labels(model=self.model).observe(size)
+        self._batch_size.observe(size)
 
     def observe_queue_wait(self, seconds: float) -> None:
-        self.metrics.queue_wait.labels(model=self.model).observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def set_queue_depth(self, n: int) -> None:
         self.metrics.set_version_part(self.metrics.queue_depth, self.model, self.version, n)
 
     def cache_hit(self) -> None:
-        self.metrics.cache_hits.labels(model=self.model).inc()
+        self._cache_hits.inc()
 
     def cache_miss(self) -> None:
-        self.metrics.cache_misses.labels(model=self.model).inc()
+        self._cache_misses.inc()
 
     def cache_evict(self) -> None:
-        self.metrics.cache_evictions.labels(model=self.model).inc()
+        self._cache_evictions.inc()
 
     def set_cache_bytes(self, n: int) -> None:
         self.metrics.set_version_part(self.metrics.cache_bytes, self.model, self.version, n)
