@@ -201,7 +201,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         return model.codec.encode(text)
 
     async def _context_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
-        ids = await self._encode(model, text)
+        return self._within_prompt_limit(await self._encode(model, text), field)
+
+    def _within_prompt_limit(self, ids: list[int], field: str) -> list[int]:
         if len(ids) > self._limits.max_prompt_tokens:
             raise RpcError(
                 Code.RESOURCE_EXHAUSTED,
@@ -346,14 +348,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 raise invalid(
                     f"prompt_token_ids[{i}] is {token}, outside the vocabulary [0, {vocab})"
                 )
-        ids = list(request.prompt_token_ids)
-        if len(ids) > self._limits.max_prompt_tokens:
-            raise RpcError(
-                Code.RESOURCE_EXHAUSTED,
-                f"prompt_token_ids has {len(ids)} tokens; this server's limit "
-                f"(--max-prompt-tokens) is {self._limits.max_prompt_tokens}",
-            )
-        return ids
+        return self._within_prompt_limit(list(request.prompt_token_ids), "prompt_token_ids")
 
     # -- PredictNext and TypingSession -----------------------------------------------------
 
