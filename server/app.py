@@ -270,6 +270,3 @@ class RnnlmServer:
             self._metrics_server.close()
         log.info("stopped")
         self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()

@@ -126,7 +126,3 @@ def special_tokens(tokenizer: Tokenizer, kind: str) -> dict[str, int | None]:
     if eos is None or (kind != "bpe" and unk is None):
         raise ValueError(f"the {kind} tokenizer has no <unk> or end-of-line token")
     return {"unk": unk, "eos": eos}
-
-
-def load_tokenizer(path: str) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
