@@ -21,6 +21,11 @@ from server.engine import EngineConfig, session_options
 from server.sampling import log_softmax
 
 WARMUP_CALLS = 5
+# The idle gap before each call of the "after idle" batch-1 step: about what a
+# request/response client leaves the server between two calls (the echo round trip is
+# 0.7 to 0.9 ms here). A tight loop of steps keeps the weights in the CPU's caches; a server
+# answering one client at a time does not, and this measures what that costs the step.
+IDLE_GAP_S = 0.001
 
 
 def session(bundle: Bundle, graph: str) -> ort.InferenceSession:
@@ -47,8 +52,10 @@ def step_trial(
     batch: int,
     calls: int,
     seconds: float,
+    pause: float = 0.0,
 ) -> dict[str, float]:
-    """One trial of single-token steps at `batch` rows, the state carried from step to step."""
+    """One trial of single-token steps at `batch` rows, the state carried from step to step
+    (`pause` seconds idle before each, see `IDLE_GAP_S`)."""
     columns = step_columns(tokens, batch, calls + WARMUP_CALLS)
     names = [s.input for s in bundle.state]
     state: list[np.ndarray] = list(bundle.zero_state(batch))
@@ -61,7 +68,7 @@ def step_trial(
 
     for i in range(WARMUP_CALLS):
         call(calls + i)
-    return latency(time_calls(call, calls, seconds), tokens_per_call=batch)
+    return latency(time_calls(call, calls, seconds, pause), tokens_per_call=batch)
 
 
 def score_trial(
@@ -96,17 +103,21 @@ def score_trial(
     return {"seconds": elapsed, "tokens": float(n), "tokens_per_s": n / elapsed, "log_prob": total}
 
 
-def steps(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
-    """Batch-1 and large-batch step latency and throughput over `plan.trials` trials."""
+def steps(bundle: Bundle, workload: Workload, plan: Plan, idle: bool = False) -> dict[str, Any]:
+    """Batch-1 and large-batch step latency and throughput over `plan.trials` trials; with
+    `idle`, also batch-1 steps each after an idle gap (`step_b1_after_idle`)."""
     step = session(bundle, "step")
     out: dict[str, Any] = {}
-    for key, batch, calls in (
-        ("step_b1", 1, plan.step_calls),
-        (f"step_b{plan.large_batch}", plan.large_batch, plan.large_step_calls),
-    ):
+    runs = [
+        ("step_b1", 1, plan.step_calls, 0.0),
+        (f"step_b{plan.large_batch}", plan.large_batch, plan.large_step_calls, 0.0),
+    ]
+    if idle:
+        runs.append(("step_b1_after_idle", 1, plan.step_calls, IDLE_GAP_S))
+    for key, batch, calls, pause in runs:
         out[key] = over_trials(
             [
-                step_trial(step, bundle, workload.ids, batch, calls, plan.budget_s)
+                step_trial(step, bundle, workload.ids, batch, calls, plan.budget_s, pause)
                 for _ in range(plan.trials)
             ]
         )
@@ -114,8 +125,9 @@ def steps(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
 
 
 def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
-    """Steps at batch 1 and 64, and scoring the document with score.onnx (or model.onnx)."""
-    out = steps(bundle, workload, plan)
+    """Steps at batch 1 (also after idle gaps) and 64, and scoring the document with
+    score.onnx (or model.onnx)."""
+    out = steps(bundle, workload, plan, idle=True)
     graph = session(bundle, "score" if bundle.score_graph is not None else "step")
     ids = workload.score_ids(plan.score_tokens)
     score_trial(graph, bundle, ids[: plan.score_chunk * 2], plan.score_chunk, plan.score_budget_s)

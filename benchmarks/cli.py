@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bare, echo, plots, report, server_load, targets
+from benchmarks import bare, echo, engine_inproc, plots, report, server_load, targets
 from benchmarks.timing import BenchError
 from benchmarks.workload import Plan, build_workload
 from server.bundle import Bundle, BundleError, load_bundle
@@ -168,6 +168,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
 
     say(f"bare onnxruntime on {bundle.name}, trials: {plan.trials}")
     results["bare"] = bare.run(bundle, workload, plan)
+    say(f"the engine in-process, Generate at {plan.large_batch} streams")
+    results["engine"] = engine_inproc.run(bundle, plan)
     if args.checkpoint is not None:
         say("PyTorch eager, oneDNN on and off")
         from benchmarks import torch_eager  # imports torch
@@ -186,6 +188,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
     asyncio.run(network())
     results["machine"]["load_average_at_end"] = report.load_average()
     say("done")
+    results["diagnostics"] = [dataclasses.asdict(d) for d in targets.diagnostics(results)]
     return results, targets.compute(results)
 
 

@@ -132,6 +132,16 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         ["target", "measured", "threshold", "status", "how"],
         [[t.rule, t.value, f"{t.op} {t.threshold:g}", t.status, t.detail] for t in targets],
     )
+    lines += ["## Diagnostics", ""]
+    lines += [
+        "Ratios with no threshold that split the PredictNext and Generate figures into their "
+        "causes (docs/performance.md reads them).",
+        "",
+    ]
+    lines += _table(
+        ["ratio", "measured", "how"],
+        [[d["what"], d["value"], d["detail"]] for d in results.get("diagnostics") or []],
+    )
 
     bare = results.get("bare") or {}
     lines += ["## Bare onnxruntime, in-process", ""]
@@ -140,6 +150,7 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         LATENCY_HEADER,
         [
             _latency_row("step, batch 1", bare.get("step_b1")),
+            _latency_row("step, batch 1, each after 1 ms idle", bare.get("step_b1_after_idle")),
             _latency_row(f"step, batch {large[1:]}", bare.get(f"step_{large}")),
         ],
     )
@@ -159,6 +170,15 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         ],
     )
 
+    engine = (results.get("engine") or {}).get("generate") or {}
+    lines += ["## The engine in-process (no gRPC)", ""]
+    lines += [
+        f"`server.engine.Engine` with its default configuration, driven like the server's "
+        f"Generate rows at {_f(engine.get('streams'))} streams: "
+        f"{_f(engine.get('tokens_per_s'))} tokens/s at {_f(engine.get('cpu_percent'))} % CPU "
+        f"(this process).",
+        "",
+    ]
     lines += _torch_section(results.get("torch"), large)
     lines += _server_section(results.get("server") or {}, bare, large)
     lines += _int8_section(results.get("int8"), bare, large)

@@ -40,6 +40,25 @@ def _get(data: Any, *path: str) -> Any:
     return data
 
 
+@dataclass(frozen=True)
+class Diagnostic:
+    """A ratio with no threshold that explains where a target's figure comes from."""
+
+    key: str
+    what: str
+    value: float | None
+    detail: str
+
+
+def _quotient(
+    num: float | None, den: float | None, formula: str, missing: str
+) -> tuple[float | None, str]:
+    """num / den and how it was computed; None and what is missing when either is."""
+    if num is None or den is None or den == 0:
+        return None, f"not measured: {missing}"
+    return num / den, f"{formula} = {num:.4g} / {den:.4g}"
+
+
 def _ratio(
     key: str,
     rule: str,
@@ -51,9 +70,8 @@ def _ratio(
     missing: str,
 ) -> Target:
     """A target on the ratio num / den (n/a when either is missing)."""
-    if num is None or den is None or den == 0:
-        return Target(key, rule, None, op, threshold, f"not measured: {missing}")
-    return Target(key, rule, num / den, op, threshold, f"{formula} = {num:.4g} / {den:.4g}")
+    value, detail = _quotient(num, den, formula, missing)
+    return Target(key, rule, value, op, threshold, detail)
 
 
 def compute(results: dict[str, Any]) -> list[Target]:
@@ -160,4 +178,56 @@ def compute(results: dict[str, Any]) -> list[Target]:
             if rss
             else "not measured: needs /proc",
         ),
+    ]
+
+
+def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
+    """Ratios that split the PredictNext and Generate figures into their causes."""
+
+    def get(*path: str) -> Any:
+        return _get(results, *path)
+
+    on = ("server", "batching_on")
+    b1, idle = get("bare", "step_b1", "p50_ms"), get("bare", "step_b1_after_idle", "p50_ms")
+    echo = get("echo", "p50_ms")
+    idle_floor = None if idle is None or echo is None else idle + echo
+    engine = get("engine", "generate", "tokens_per_s")
+    gen64 = get(*on, "generate", "64", "tokens_per_s")
+    rows = [
+        (
+            "step_after_idle",
+            "bare batch-1 step after a 1 ms idle gap / back to back",
+            idle,
+            b1,
+            "p50 ms after idle / p50 ms back to back",
+            "needs the bare steps",
+        ),
+        (
+            "predict_next_vs_idle_floor",
+            "PredictNext p50 / (bare batch-1 step after a 1 ms idle gap + echo)",
+            get(*on, "predict_c1", "p50_ms"),
+            idle_floor,
+            "PredictNext p50 ms / (step after idle p50 ms + echo p50 ms)",
+            "needs the server, bare and echo runs",
+        ),
+        (
+            "engine_vs_bare",
+            "the engine in-process, Generate at 64 streams / bare batch-64 step throughput",
+            engine,
+            get("bare", "step_b64", "tokens_per_s"),
+            "engine tokens/s / bare batch-64 tokens/s",
+            "needs the in-process engine and a batch-64 step",
+        ),
+        (
+            "server_vs_engine",
+            "the server / the engine in-process, Generate at 64 streams",
+            gen64,
+            engine,
+            "server tokens/s / engine tokens/s",
+            "needs the server and the in-process engine at 64 streams",
+        ),
+    ]
+    return [
+        Diagnostic(key, what, *_quotient(num, den, formula, missing))
+        for key, what, num, den, formula, missing in rows
     ]

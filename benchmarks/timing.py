@@ -20,11 +20,19 @@ class BenchError(Exception):
     """The benchmark cannot run as asked; the message names the option, file or process."""
 
 
-def time_calls(fn: Callable[[int], object], count: int, seconds: float) -> list[float]:
-    """Seconds taken by each `fn(i)`, for up to `count` calls or `seconds` of calls."""
+def time_calls(
+    fn: Callable[[int], object], count: int, seconds: float, pause: float = 0.0
+) -> list[float]:
+    """Seconds taken by each `fn(i)`, for up to `count` calls or `seconds` of calls.
+
+    `pause`: seconds to sleep before each call (untimed), as a request/response client
+    leaves the server idle between its calls.
+    """
     samples: list[float] = []
     end = time.perf_counter() + seconds
     for i in range(count):
+        if pause:
+            time.sleep(pause)
         start = time.perf_counter()
         fn(i)
         now = time.perf_counter()

@@ -32,10 +32,18 @@ TARGETS = {
     "int8_perplexity",
     "server_rss",
 }
+DIAGNOSTICS = {
+    "step_after_idle",
+    "predict_next_vs_idle_floor",
+    "engine_vs_bare",
+    "server_vs_engine",
+}
 HEADINGS = (
     "## Machine",
     "## Targets",
+    "## Diagnostics",
     "## Bare onnxruntime",
+    "## The engine in-process",
     "## gRPC echo",
     "## PyTorch eager",
     "## The server",
@@ -95,6 +103,8 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
         assert r["int8"][key]["p50_ms"] > 0
         for mode in ("onednn_on", "onednn_off", "best"):
             assert r["torch"][mode][key]["p50_ms"] > 0
+    assert all(r["bare"]["step_b1_after_idle"][f] > 0 for f in LATENCY)
+    assert r["engine"]["generate"]["tokens_per_s"] > 0
     assert all(r["echo"][f] > 0 for f in LATENCY)
     on, off = r["server"]["batching_on"], r["server"]["batching_off"]
     assert all(on["predict_c1"][f] > 0 for f in LATENCY)
@@ -108,6 +118,8 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     assert isinstance(r["int8"]["perplexity_change_percent"], float)
     assert {t["key"] for t in r["targets"]} == TARGETS
     assert all(t["status"] in ("PASS", "FAIL") for t in r["targets"])
+    assert {d["key"] for d in r["diagnostics"]} == DIAGNOSTICS
+    assert all(d["value"] > 0 for d in r["diagnostics"])
 
 
 @pytest.mark.slow
@@ -141,6 +153,7 @@ def test_harness_does_not_import_torch_without_a_checkpoint() -> None:
         "benchmarks.cli",
         "benchmarks.bare",
         "benchmarks.echo",
+        "benchmarks.engine_inproc",
         "benchmarks.server_load",
         "benchmarks.report",
         "benchmarks.plots",

@@ -1,0 +1,80 @@
+"""The server's engine in this process, without gRPC: where Generate throughput goes.
+
+The same load as the server's Generate rows (streams issuing 64-token generations back to
+back, temperature 1, a distinct seed per call, `<unk>` banned as the servicer bans it) driven
+straight into `server.engine.Engine` with its default configuration. Next to bare onnxruntime
+and the server it splits the server's distance from the bare step into the engine's own
+share (batching, sampling, state bookkeeping) and the share of the transport and servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from benchmarks.timing import over_trials
+from benchmarks.workload import Plan
+from server.bundle import Bundle
+from server.engine import Engine, EngineConfig, SamplingParams
+
+
+async def _load(
+    engine: Engine, bundle: Bundle, streams: int, seconds: float, max_tokens: int, seed: int
+) -> int:
+    """Tokens handed to all streams' consumers before the deadline."""
+    unk = bundle.special_tokens.get("unk")
+    banned = frozenset() if unk is None else frozenset({unk})
+    deadline = time.perf_counter() + seconds
+    tokens = [0] * streams
+
+    async def stream(i: int) -> None:
+        calls = 0
+        while time.perf_counter() < deadline:
+            calls += 1
+            params = SamplingParams(seed=(seed * 1_000_003 + i) * 10_007 + calls, banned_ids=banned)
+            generation = engine.generate([], max_tokens, params)
+            try:
+                async for _ in generation:
+                    # Under load the engine hands tokens over a few at a time.
+                    tokens[i] += 1 + len(generation.take_ready())
+                    if time.perf_counter() >= deadline:
+                        break
+            finally:
+                await generation.aclose()
+
+    await asyncio.gather(*(stream(i) for i in range(streams)))
+    return sum(tokens)
+
+
+async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
+    engine = Engine(bundle, EngineConfig())
+    await engine.start()
+    try:
+        await _load(engine, bundle, streams, plan.warmup_s, plan.generate_max_tokens, seed=0)
+        trials = []
+        for trial in range(plan.trials):
+            cpu = time.process_time()
+            start = time.perf_counter()
+            tokens = await _load(
+                engine, bundle, streams, plan.duration_s, plan.generate_max_tokens, trial + 1
+            )
+            elapsed = time.perf_counter() - start
+            trials.append(
+                {
+                    "tokens": float(tokens),
+                    "tokens_per_s": tokens / plan.duration_s,
+                    "cpu_percent": 100 * (time.process_time() - cpu) / elapsed,
+                }
+            )
+    finally:
+        await engine.close()
+    summary = over_trials(trials)
+    summary["streams"] = streams
+    summary["max_tokens_per_call"] = plan.generate_max_tokens
+    return summary
+
+
+def run(bundle: Bundle, plan: Plan) -> dict[str, Any]:
+    """Generate tokens/s of the in-process engine at `plan.large_batch` streams."""
+    return {"generate": asyncio.run(_measure(bundle, plan, plan.large_batch))}
