@@ -317,3 +317,19 @@ def test_bundle_without_a_score_graph(default_bundle: Path, tmp_path: Path) -> N
     assert loaded.score_graph is None
     with pytest.raises(BundleError, match="has no 'score' graph"):
         loaded.open_session("score")
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.mark.parametrize("name", ["shakespeare-word", "shakespeare-char"])
+def test_shipped_bundles_load_and_carry_their_figures(name: str) -> None:
+    """The bundles `make serve` serves pass the loader's checks (hashes included) and record
+    the held-out perplexity their training measured."""
+    b = load_bundle(SHIPPED / name)
+    assert b.name == name
+    provenance = b.manifest["provenance"]
+    assert provenance["valid_perplexity"] > 1 and provenance["test_perplexity"] > 1
+    assert len(provenance["corpus_sha256"]) == 64
+    if b.precision == "int8":
+        assert abs(b.manifest["quantization"]["quality"]["perplexity_change_percent"]) <= 1.0
