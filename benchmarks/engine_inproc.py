@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from benchmarks.timing import over_trials
-from benchmarks.workload import Plan
+from benchmarks.workload import Plan, generate_seed
 from server.bundle import Bundle
 from server.engine import Engine, EngineConfig, SamplingParams
 
@@ -32,7 +32,7 @@ async def _load(
         calls = 0
         while time.perf_counter() < deadline:
             calls += 1
-            params = SamplingParams(seed=(seed * 1_000_003 + i) * 10_007 + calls, banned_ids=banned)
+            params = SamplingParams(seed=generate_seed(seed, i, calls), banned_ids=banned)
             generation = engine.generate([], max_tokens, params)
             try:
                 async for _ in generation:

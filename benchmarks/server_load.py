@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.process import ChildServer
 from benchmarks.timing import BenchError, latency, over_trials
-from benchmarks.workload import SENTENCE_TOKENS, Plan, Workload
+from benchmarks.workload import SENTENCE_TOKENS, Plan, Workload, generate_seed
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 
@@ -288,7 +288,7 @@ async def _generate_load(
     async def stream(i: int) -> None:
         while time.perf_counter() < deadline:
             request = pb.GenerateRequest(
-                max_tokens=max_tokens, seed=(seed * 1_000_003 + i) * 10_007 + calls[i]
+                max_tokens=max_tokens, seed=generate_seed(seed, i, calls[i])
             )
             calls[i] += 1
             call = stub.Generate(request, timeout=seconds + CALL_SLACK_SECONDS)

@@ -28,6 +28,12 @@ SENTENCE_TOKENS = 10
 RANDOM_LINE_WORDS = 12
 
 
+def generate_seed(trial: int, stream: int, call: int) -> int:
+    """The seed of one Generate call: distinct for every trial, stream and call, so no two
+    generations of a load repeat each other (the server and the in-process engine use it)."""
+    return (trial * 1_000_003 + stream) * 10_007 + call
+
+
 @dataclass(frozen=True)
 class Plan:
     """Counts and time bounds of every measurement; every loop stops at whichever comes first."""
