@@ -6,6 +6,7 @@ A target is n/a when the run did not measure what it needs (no `--checkpoint`, n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,8 +78,7 @@ def _ratio(
 def compute(results: dict[str, Any]) -> list[Target]:
     """Every target from a run's results (the structure `benchmarks.cli` writes to JSON)."""
 
-    def get(*path: str) -> Any:
-        return _get(results, *path)
+    get = functools.partial(_get, results)
 
     on = ("server", "batching_on")
     b1, echo = get("bare", "step_b1", "p50_ms"), get("echo", "p50_ms")
@@ -184,8 +184,7 @@ def compute(results: dict[str, Any]) -> list[Target]:
 def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
     """Ratios that split the PredictNext and Generate figures into their causes."""
 
-    def get(*path: str) -> Any:
-        return _get(results, *path)
+    get = functools.partial(_get, results)
 
     on = ("server", "batching_on")
     b1, idle = get("bare", "step_b1", "p50_ms"), get("bare", "step_b1_after_idle", "p50_ms")
