@@ -379,6 +379,8 @@ def build_manifest(
             "tied": c.tied,
             "residual": c.residual,
             "dropout": c.dropout,
+            "adaptive_cutoffs": list(c.adaptive_cutoffs),
+            "adaptive_div": c.adaptive_div,
         },
         "tokenizer": {
             "kind": ckpt.tokenizer_kind,

@@ -90,6 +90,28 @@ def test_other_tokenizers_export(
     assert bundle.tokenizer.encode("\n").ids == [bundle.eos_id]
 
 
+def test_an_adaptive_softmax_model_exports_and_serves_its_log_probs(
+    tiny_corpus: Path, tmp_path: Path
+) -> None:
+    from training.train import TrainOptions, train
+
+    options = TrainOptions(corpus=tiny_corpus, out=tmp_path / "ckpt", hidden=16, embedding=16,
+                           tied=True, adaptive_softmax=(6, 14), adaptive_div=2, bptt=8,
+                           batch_size=4, epochs=2, seed=0, threads=1, quiet=True)  # fmt: skip
+    checkpoint = train(options)
+    bundle = load_bundle(export_bundle(checkpoint, tmp_path / "bundle", name="ada"))
+    model = load_checkpoint(checkpoint).model
+    assert model.config.adaptive_cutoffs == (6, 14)
+    assert bundle.manifest["architecture"]["adaptive_cutoffs"] == [6, 14]
+    ids = np.array([[bundle.eos_id, *bundle.tokenizer.encode(TEXT).ids]], dtype=np.int64)
+    states = dict(zip([s.input for s in bundle.state], bundle.zero_state(1), strict=True))
+    logits, *_ = bundle.open_session("step").run(None, {"tokens": ids, **states})
+    with torch.no_grad():
+        expected, _ = model(torch.from_numpy(ids), model.initial_state(1))
+    close(logits, expected.numpy())
+    np.testing.assert_allclose(np.exp(logits).sum(-1), 1.0, rtol=1e-4)
+
+
 def test_tied_weights_are_stored_once(default_bundle: Path) -> None:
     bundle = load_bundle(default_bundle)
     v, e = bundle.vocab_size, bundle.manifest["architecture"]["embedding"]

@@ -1,4 +1,5 @@
-"""The model family: shapes, carried state, tying, the IRNN initialisation, residuals."""
+"""The model family: shapes, carried state, tying, the IRNN initialisation, residuals, the
+adaptive softmax."""
 
 from __future__ import annotations
 
@@ -95,9 +96,55 @@ def test_residual_adds_the_layer_input_where_sizes_match() -> None:
         ("cell", "transformer", "cell must be one of"),
         ("hidden", 0, "hidden must be at least 1"),
         ("dropout", 1.0, "dropout must be in"),
+        ("adaptive_cutoffs", (5, 5), "adaptive_cutoffs must increase strictly"),
+        ("adaptive_cutoffs", (4, 10), "adaptive_cutoffs must increase strictly"),
+        ("embedding", 2, "adaptive_div 4 leaves the last of 1 tail clusters no width"),
+        ("adaptive_div", 0, "adaptive_div must be at least 1"),
     ],
 )
 def test_bad_config(field: str, value: object, message: str) -> None:
     options: dict = {"cell": "lstm", "vocab_size": 10, field: value}
+    if field == "embedding":
+        options |= {"hidden": 2, "adaptive_cutoffs": (5,)}
     with pytest.raises(ValueError, match=message):
         ModelConfig(**options)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_adaptive_softmax_is_a_distribution_and_its_loss_matches_it(tied: bool) -> None:
+    model = _model(
+        "lstm", tied=tied, embedding=16, adaptive_cutoffs=(6, 14), adaptive_div=2, dropout=0.0
+    )
+    tokens = torch.arange(30).reshape(3, 10)  # every id, so every cluster, embedded and scored
+    targets = tokens.roll(1)
+    with torch.no_grad():
+        logits, _ = model(tokens, model.initial_state(3))
+        nll, _ = model(tokens, model.initial_state(3), targets)
+    assert logits.shape == (3, 10, 30)
+    torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(3, 10), atol=1e-5, rtol=0)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(nll, -picked, atol=1e-5, rtol=1e-5)
+    # Tied, the input embedding is the adaptive softmax's own matrices: no second copy.
+    assert (model.embed is None) == tied
+    assert model.decoder is None
+
+
+def test_the_full_softmax_nll_is_cross_entropy() -> None:
+    model = _model("gru")
+    tokens = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        logits, _ = model(tokens, model.initial_state(2))
+        nll, _ = model(tokens, model.initial_state(2), tokens)
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    torch.testing.assert_close(nll, expected)
+
+
+def test_adaptive_tail_embeddings_get_gradients_through_tying() -> None:
+    model = _model("lstm", tied=True, embedding=16, adaptive_cutoffs=(6,), adaptive_div=4)
+    model.train()
+    tokens = torch.full((1, 4), 20)  # a tail id, as input and as target
+    nll, _ = model(tokens, model.initial_state(1), tokens)
+    nll.sum().backward()
+    assert model.adaptive is not None
+    tail = model.adaptive.tail[0]
+    assert tail.grad is not None and tail.grad[20 - 6].abs().sum() > 0

@@ -249,6 +249,12 @@ TINY_FLAGS = ["--hidden", "8", "--embedding", "8", "--layers", "1", "--bptt", "8
         (grammar_text(), ["--vocab-size", "0"], r"--vocab-size must be at least 1, not 0"),
         (grammar_text(), ["--tokenizer", "bpe", "--vocab-size", "50"], r"at least 256 for bpe"),
         (grammar_text(), ["--max-minutes", "0"], r"--max-minutes must be positive"),
+        (
+            grammar_text(),
+            ["--adaptive-softmax", "9999"],
+            r"--adaptive-softmax / --adaptive-div: "
+            r"adaptive_cutoffs must increase strictly and lie between 1 and the vocabulary size",
+        ),
         (grammar_text(), ["--train", "x.txt"], r"either --corpus or --train/--valid/--test"),
     ],
 )
@@ -292,6 +298,13 @@ def test_unknown_choices_are_rejected_by_the_cli(
             main(["train", "--corpus", "c.txt", "--out", str(tmp_path / "o"), flag, value])
         assert exit_.value.code == 2
         assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+    for value, message in (("4,2", "must increase strictly"), ("ten", "separated by commas")):
+        with pytest.raises(SystemExit):
+            main(["train", "--corpus", "c.txt", "--out", str(tmp_path / "o"),
+                  "--adaptive-softmax", value])  # fmt: skip
+        assert message in capsys.readouterr().err
+    with pytest.raises(TrainError, match="--adaptive-div must be at least 1"):
+        train(TrainOptions(corpus=tmp_path / "c.txt", out=tmp_path / "o", adaptive_div=0))
 
 
 def test_an_existing_output_directory_is_not_overwritten(

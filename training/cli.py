@@ -33,6 +33,21 @@ def clip_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"must be a number or {AUTO!r}, not {text!r}") from None
 
 
+def cutoffs_value(text: str) -> tuple[int, ...]:
+    """`--adaptive-softmax`: increasing ids like "2000" or "1000,4000", or "none" (off)."""
+    if text == "none":
+        return ()
+    try:
+        cuts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be token ids separated by commas (e.g. 2000 or 1000,4000) or none, not {text!r}"
+        ) from None
+    if list(cuts) != sorted(set(cuts)) or cuts[0] < 1:
+        raise argparse.ArgumentTypeError(f"cutoffs must increase strictly from 1, not {text!r}")
+    return cuts
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     # Flags left out stay out of the namespace, so presets and resumed runs can tell what was
     # given.
@@ -89,6 +104,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--residual", action=on_off, help="skip connections between stacked layers (default off)"
+    )
+    model.add_argument(
+        "--adaptive-softmax",
+        type=cutoffs_value,
+        metavar="CUTOFFS",
+        help="an adaptive softmax cut at these ids (e.g. 2000): ids below the first cutoff get "
+        "a full-width output, rarer ones narrower ones; much faster with a large vocabulary; "
+        "none: a full softmax (default none)",
+    )
+    model.add_argument(
+        "--adaptive-div",
+        type=int,
+        metavar="N",
+        help=f"each adaptive tail cluster is this many times narrower than the one before "
+        f"(default {d.adaptive_div})",
     )
     reg = parser.add_argument_group("regularization (training only; the exported model has none)")
     reg.add_argument(

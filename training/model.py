@@ -5,6 +5,12 @@ explicit argument and an explicit result, a tuple of `[layers, batch, hidden]` t
 LSTM: h and c; one otherwise), so that training can carry it across BPTT windows and the ONNX
 export can make it a graph input and output.
 
+With `adaptive_cutoffs` the decoder is an adaptive softmax (Grave et al. 2017): the most
+frequent words (the lowest ids: the tokenizers number words by frequency) get a full-width
+output, rarer ones a narrower one behind a cluster token, so a training step costs a fraction
+of a full softmax over a large vocabulary. `logits` still returns the full `[B, T, V]` (they
+are log-probabilities), so the exporter, the bundle and the server do not change.
+
 Each layer is its own single-layer `nn.LSTM`/`nn.GRU`/`nn.RNN`, so that residual connections and
 dropout can sit between layers; the exporters still emit one native recurrent node per layer.
 
@@ -39,8 +45,12 @@ class ModelConfig:
     dropout: float = 0.0  # between layers and before the decoder
     tied: bool = False
     residual: bool = False
+    adaptive_cutoffs: tuple[int, ...] = ()  # () : a full softmax; else see `AdaptiveSoftmax`
+    adaptive_div: int = 4  # each tail cluster's width is the previous one's divided by this
 
     def __post_init__(self) -> None:
+        # JSON gives a list; the config must stay hashable and comparable.
+        object.__setattr__(self, "adaptive_cutoffs", tuple(self.adaptive_cutoffs))
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
         for name in ("vocab_size", "embedding", "hidden", "layers"):
@@ -48,6 +58,25 @@ class ModelConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        cuts = self.adaptive_cutoffs
+        if cuts:
+            if list(cuts) != sorted(set(cuts)) or cuts[0] < 1 or cuts[-1] >= self.vocab_size:
+                raise ValueError(
+                    f"adaptive_cutoffs must increase strictly and lie between 1 and the "
+                    f"vocabulary size {self.vocab_size} (exclusive), not {list(cuts)}"
+                )
+            if self.adaptive_div >= 1 and self.decoder_dim // self.adaptive_div ** len(cuts) < 1:
+                raise ValueError(
+                    f"adaptive_div {self.adaptive_div} leaves the last of {len(cuts)} tail "
+                    f"clusters no width (decoder input {self.decoder_dim})"
+                )
+        if self.adaptive_div < 1:
+            raise ValueError(f"adaptive_div must be at least 1, not {self.adaptive_div}")
+
+    @property
+    def decoder_dim(self) -> int:
+        """The width of the decoder's input: the embedding size when tied, else the hidden."""
+        return self.embedding if self.tied else self.hidden
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -100,23 +129,33 @@ class RNNLM(nn.Module):
         self.config = config
         self.regularization = regularization or Regularization()
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.embedding)
+        self.adaptive = (
+            AdaptiveSoftmax(c.decoder_dim, c.vocab_size, c.adaptive_cutoffs, c.adaptive_div)
+            if c.adaptive_cutoffs
+            else None
+        )
+        # Tied to an adaptive softmax, the input embedding is its "adaptive input" (Baevski and
+        # Auli 2019): the same matrices read the other way.
+        shared = c.tied and self.adaptive is not None
+        self.embed = None if shared else nn.Embedding(c.vocab_size, c.embedding)
         self.rnns = nn.ModuleList(
             _recurrent_layer(c.cell, c.embedding if i == 0 else c.hidden, c.hidden)
             for i in range(c.layers)
         )
         # Tying needs the decoder input to match the embedding; project when sizes differ.
         self.proj = nn.Linear(c.hidden, c.embedding) if c.tied and c.hidden != c.embedding else None
-        self.decoder = nn.Linear(c.embedding if c.tied else c.hidden, c.vocab_size)
+        self.decoder = nn.Linear(c.decoder_dim, c.vocab_size) if self.adaptive is None else None
         self._init_weights()
-        if c.tied:
+        if c.tied and self.decoder is not None and self.embed is not None:
             self.decoder.weight = self.embed.weight
 
     def _init_weights(self) -> None:
-        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
-        nn.init.zeros_(self.decoder.bias)
-        if not self.config.tied:
-            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        if self.embed is not None:
+            nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if self.decoder is not None:
+            nn.init.zeros_(self.decoder.bias)
+            if not self.config.tied:
+                nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         if self.config.cell == "rnn_relu":
             # IRNN (Le et al. 2015): identity recurrent matrix and zero biases keep ReLU RNN
             # gradients from exploding or vanishing at the start of training.
@@ -141,13 +180,17 @@ class RNNLM(nn.Module):
         return x * mask / (1.0 - p)
 
     def _embed(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) if self.embed is not None else self._adaptive().embed(tokens)
         p = self.regularization.embed_dropout
         if not self.training or p == 0.0:
-            return self.embed(tokens)
+            return x
         # A dropped vocabulary entry is zero wherever it occurs in the batch (word dropout).
-        weight = self.embed.weight
-        mask = weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p)
-        return F.embedding(tokens, weight * mask / (1.0 - p))
+        mask = x.new_empty(self.config.vocab_size).bernoulli_(1.0 - p)
+        return x * (mask / (1.0 - p))[tokens].unsqueeze(-1)
+
+    def _adaptive(self) -> AdaptiveSoftmax:
+        assert self.adaptive is not None
+        return self.adaptive
 
     def _recur(self, rnn: nn.Module, x: Tensor, hx: Tensor | tuple[Tensor, Tensor]) -> tuple:
         p = self.regularization.weight_drop
@@ -180,16 +223,117 @@ class RNNLM(nn.Module):
         )
         return x, new_state
 
-    def logits(self, features: Tensor) -> Tensor:
-        """Decode last-layer outputs `[B, T, hidden]` to next-token logits `[B, T, V]`."""
+    def _decoder_input(self, features: Tensor) -> Tensor:
         x = self._dropout(features, self.config.dropout)
-        if self.proj is not None:
-            x = self.proj(x)
-        return self.decoder(x)
+        return self.proj(x) if self.proj is not None else x
 
-    def forward(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+    def logits(self, features: Tensor) -> Tensor:
+        """Decode last-layer outputs `[B, T, hidden]` to next-token logits `[B, T, V]`.
+
+        With an adaptive softmax they are log-probabilities (logits up to a constant)."""
+        x = self._decoder_input(features)
+        if self.decoder is not None:
+            return self.decoder(x)
+        return self._adaptive().log_probs(x)
+
+    def nll(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Float32 negative log-likelihood `[B, T]` of each target; an adaptive softmax
+        computes only the clusters the targets fall in."""
+        x = self._decoder_input(features)
+        if self.decoder is not None:
+            logits = self.decoder(x)
+            return F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none"
+            ).view(targets.shape)
+        return self._adaptive().nll(x, targets)
+
+    def forward(
+        self, tokens: Tensor, state: State, targets: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """Logits `[B, T, V]` and the next state; given `targets`, the `nll` of each instead
+        (one forward for training, so that a DistributedDataParallel wrapper sees it)."""
         features, new_state = self.features(tokens, state)
+        if targets is not None:
+            return self.nll(features, targets), new_state
         return self.logits(features), new_state
+
+
+class AdaptiveSoftmax(nn.Module):
+    """An adaptive softmax over ids `[0, V)` cut at `cutoffs` (Grave et al. 2017), tied.
+
+    The head scores the ids below the first cutoff plus one token per tail cluster; tail
+    cluster i scores its ids after projecting the input to `dim / div**(i+1)`. The same
+    matrices embed tokens (adaptive input): a head id's row of the head, a tail id's row of
+    its cluster projected back to `dim`. Ids must be numbered by falling frequency, as the
+    tokenizers do, for the cheap head to cover most tokens.
+    """
+
+    def __init__(self, dim: int, vocab: int, cutoffs: tuple[int, ...], div: int) -> None:
+        super().__init__()
+        self.bounds = (0, *cutoffs, vocab)
+        head = cutoffs[0]
+        tails = len(cutoffs)
+        widths = [dim // div ** (i + 1) for i in range(tails)]
+        self.head = nn.Parameter(torch.empty(head + tails, dim).uniform_(-0.1, 0.1))
+        self.head_bias = nn.Parameter(torch.zeros(head + tails))
+        # Scaled so that a projected tail embedding is about as large as a head one.
+        self.proj = nn.ParameterList(
+            nn.Parameter(torch.empty(dim, w).uniform_(-((3 / w) ** 0.5), (3 / w) ** 0.5))
+            for w in widths
+        )
+        sizes = [self.bounds[i + 2] - self.bounds[i + 1] for i in range(tails)]
+        self.tail = nn.ParameterList(
+            nn.Parameter(torch.empty(n, w).uniform_(-0.1, 0.1))
+            for n, w in zip(sizes, widths, strict=True)
+        )
+        self.tail_bias = nn.ParameterList(nn.Parameter(torch.zeros(n)) for n in sizes)
+
+    def _clusters(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
+        """(first id, last id + 1, projection, output rows, bias) of each tail cluster."""
+        b = self.bounds
+        return [
+            (b[i + 1], b[i + 2], proj, tail, bias)
+            for i, (proj, tail, bias) in enumerate(
+                zip(self.proj, self.tail, self.tail_bias, strict=True)
+            )
+        ]
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """`[..., dim]` input vectors of `tokens` (every id looked up in every part, then the
+        right one kept: no data-dependent shapes, so it exports as it trains)."""
+        head = self.bounds[1]
+        x = F.embedding(tokens.clamp(max=head - 1), self.head[:head])
+        for lo, hi, proj, tail, _ in self._clusters():
+            rows = F.embedding((tokens - lo).clamp(0, hi - lo - 1), tail) @ proj.t()
+            x = torch.where(((tokens >= lo) & (tokens < hi)).unsqueeze(-1), rows, x)
+        return x
+
+    def log_probs(self, x: Tensor) -> Tensor:
+        """Log-probabilities `[..., V]` of every id."""
+        head_size = self.bounds[1]
+        head = torch.log_softmax(F.linear(x, self.head, self.head_bias).float(), dim=-1)
+        parts = [head[..., :head_size]]
+        for i, (_, _, proj, tail, bias) in enumerate(self._clusters()):
+            scores = F.linear(x @ proj, tail, bias).float()
+            parts.append(torch.log_softmax(scores, dim=-1) + head[..., head_size + i, None])
+        return torch.cat(parts, dim=-1)
+
+    def nll(self, x: Tensor, targets: Tensor) -> Tensor:
+        """Float32 `[...]`: -log p(target); tail clusters run only on their targets' rows."""
+        flat_x = x.reshape(-1, x.size(-1))
+        flat_y = targets.reshape(-1)
+        head_size = self.bounds[1]
+        head = torch.log_softmax(F.linear(flat_x, self.head, self.head_bias).float(), dim=-1)
+        in_head = flat_y < head_size
+        logp = head.gather(1, torch.where(in_head, flat_y, 0).unsqueeze(1)).squeeze(1)
+        logp = torch.where(in_head, logp, 0.0)
+        for i, (lo, hi, proj, tail, bias) in enumerate(self._clusters()):
+            # Run even with no rows, so every parameter is in the graph (DDP expects it).
+            rows = ((flat_y >= lo) & (flat_y < hi)).nonzero().squeeze(1)
+            scores = torch.log_softmax(F.linear(flat_x[rows] @ proj, tail, bias).float(), dim=-1)
+            picked = scores.gather(1, (flat_y[rows] - lo).unsqueeze(1)).squeeze(1)
+            logp = logp.index_add(0, rows, picked + head[rows, head_size + i])
+        return (-logp).view(targets.shape)
 
 
 def detach_state(state: State) -> State:

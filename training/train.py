@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
@@ -89,6 +88,8 @@ class TrainOptions:
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
     tied: bool = False
     residual: bool = False
+    adaptive_softmax: tuple[int, ...] = ()  # its cutoffs; (): a full softmax
+    adaptive_div: int = 4
     bptt: int = 35
     batch_size: int = 20  # per process; the global batch is this x the number of processes
     eval_batch_size: int = 10  # contiguous streams the validation and test text is cut into
@@ -141,6 +142,8 @@ LATER_FIELDS = (
     "min_lr",
     "bf16",
     "preset",
+    "adaptive_softmax",
+    "adaptive_div",
 )
 
 
@@ -207,6 +210,30 @@ def check_options(o: TrainOptions) -> None:
         raise bad("clip", f"must be 0 (off), a positive number or {AUTO!r}")
     if o.max_minutes is not None and not o.max_minutes > 0:
         raise bad("max_minutes", "must be positive")
+    cuts = list(o.adaptive_softmax)
+    if cuts and (cuts != sorted(set(cuts)) or cuts[0] < 1):
+        raise bad("adaptive_softmax", "must be cutoffs that increase strictly from 1")
+    if o.adaptive_div < 1:
+        raise bad("adaptive_div", "must be at least 1")
+
+
+def _model_config(o: TrainOptions, vocab_size: int) -> ModelConfig:
+    """The network the options describe, for a tokenizer of `vocab_size` ids."""
+    try:
+        return ModelConfig(
+            cell=o.cell,
+            vocab_size=vocab_size,
+            embedding=o.embedding,
+            hidden=o.hidden,
+            layers=o.layers,
+            dropout=o.dropout,
+            tied=o.tied,
+            residual=o.residual,
+            adaptive_cutoffs=tuple(o.adaptive_softmax),
+            adaptive_div=o.adaptive_div,
+        )
+    except ValueError as e:  # what only the vocabulary size can tell (the adaptive cutoffs)
+        raise TrainError(f"--adaptive-softmax / --adaptive-div: {e}") from e
 
 
 def _train_args(o: TrainOptions) -> dict:
@@ -228,6 +255,8 @@ def resumed_options(o: TrainOptions, saved: dict, directory: Path) -> TrainOptio
         value = saved.get(f.name, getattr(defaults, f.name))
         if f.name in PATH_FIELDS and value is not None:
             value = Path(value)
+        if isinstance(value, list):  # JSON has no tuples
+            value = tuple(value)
         mine = getattr(o, f.name)
         if mine != getattr(defaults, f.name) and mine != value:
             raise TrainError(
@@ -252,13 +281,6 @@ def _check_out(out: Path, resume: Path | None) -> None:
 # -- the network's outputs ---------------------------------------------------------------
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Teacher forcing: cross-entropy of each next token given the true ones before it."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction=reduction
-    )
-
-
 def backward_step(
     model: RNNLM,
     x: torch.Tensor,
@@ -280,8 +302,9 @@ def backward_step(
     state = detach_state(state)
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
-        logits, state = (net or model)(x, state)
-    loss = loss_fn(logits, y)
+        # Teacher forcing: the loss of each next token given the true ones before it.
+        nll, state = (net or model)(x, state, y)
+    loss = nll.mean()
     model.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -314,8 +337,8 @@ def evaluate(
         state = model.initial_state(mine.size(0), mine.device)
         for i in range(num_windows(mine, window)):
             x, y = get_batch(mine, i, window)
-            logits, state = model(x, state)
-            total += loss_fn(logits, y, reduction="sum").item()
+            nll, state = model(x, state, y)
+            total += nll.sum().item()
             count += y.numel()
     model.train(was_training)
     summed = ddp.all_sum([total, float(count)], group, streams.device)
@@ -586,16 +609,7 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
     torch.manual_seed(o.seed)
     random.seed(o.seed)
     np.random.seed(o.seed)
-    config = ModelConfig(
-        cell=o.cell,
-        vocab_size=tokenizer.get_vocab_size(),
-        embedding=o.embedding,
-        hidden=o.hidden,
-        layers=o.layers,
-        dropout=o.dropout,
-        tied=o.tied,
-        residual=o.residual,
-    )
+    config = _model_config(o, tokenizer.get_vocab_size())
     regularization = Regularization(
         input_dropout=o.input_dropout,
         embed_dropout=o.embed_dropout,
