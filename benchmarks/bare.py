@@ -155,7 +155,12 @@ def step_columns(tokens: np.ndarray, batch: int, count: int) -> list[np.ndarray]
 def int8(
     int8_bundle: Bundle, fp32_bundle: Bundle, workload: Workload, plan: Plan
 ) -> dict[str, Any]:
-    """The int8 bundle's steps, and the quality figures its exporter recorded in the manifest."""
+    """The int8 bundle's steps side by side with the fp32 bundle's, and the quality figures
+    its exporter recorded in the manifest.
+
+    fp32 and int8 trials alternate (`fp32_step_*` and `step_*`), so the speedup compares steps
+    taken under the same machine conditions, not minutes apart as the bare rows and these are.
+    """
     where = f"--int8-bundle {int8_bundle.path}"
     if int8_bundle.precision != "int8":
         raise BenchError(f"{where}: its precision is {int8_bundle.precision!r}, not 'int8'")
@@ -167,7 +172,23 @@ def int8(
     quality = int8_bundle.manifest.get("quantization", {}).get("quality")
     if not isinstance(quality, dict) or "perplexity_change_percent" not in quality:
         raise BenchError(f"{where}: the manifest has no quantization.quality figures")
-    out = steps(int8_bundle, workload, plan)
+    sides = {
+        "fp32_": (fp32_bundle, session(fp32_bundle, "step")),
+        "": (int8_bundle, session(int8_bundle, "step")),
+    }
+    out: dict[str, Any] = {}
+    for key, batch, calls in (
+        ("step_b1", 1, plan.step_calls),
+        (f"step_b{plan.large_batch}", plan.large_batch, plan.large_step_calls),
+    ):
+        trials: dict[str, list[dict[str, float]]] = {prefix: [] for prefix in sides}
+        for _ in range(plan.trials):
+            for prefix, (bundle, step) in sides.items():
+                trials[prefix].append(
+                    step_trial(step, bundle, workload.ids, batch, calls, plan.budget_s)
+                )
+        for prefix, figures in trials.items():
+            out[prefix + key] = over_trials(figures)
     out["perplexity_change_percent"] = float(quality["perplexity_change_percent"])
     out["quality"] = quality
     return out

@@ -181,7 +181,7 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     ]
     lines += _torch_section(results.get("torch"), large)
     lines += _server_section(results.get("server") or {}, bare, large)
-    lines += _int8_section(results.get("int8"), bare, large)
+    lines += _int8_section(results.get("int8"), large)
     return "\n".join(lines)
 
 
@@ -315,15 +315,21 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
     return lines
 
 
-def _int8_section(int8: dict[str, Any] | None, bare: dict[str, Any], large: str) -> list[str]:
+def _int8_section(int8: dict[str, Any] | None, large: str) -> list[str]:
     lines = ["## fp32 against int8", ""]
     if not int8:
         return [*lines, "Not measured: give `--int8-bundle DIR`.", ""]
     rows = []
     for key, label in (("step_b1", "step, batch 1"), (f"step_{large}", f"step, batch {large[1:]}")):
-        fp, q = (bare.get(key) or {}).get("p50_ms"), (int8.get(key) or {}).get("p50_ms")
+        fp = (int8.get("fp32_" + key) or {}).get("p50_ms")
+        q = (int8.get(key) or {}).get("p50_ms")
         rows.append([f"{label}: p50 ms", fp, q, fp / q if fp and q else None])
     lines += _table(["measurement", "fp32", "int8", "speedup"], rows)
+    lines += [
+        "fp32 and int8 trials alternate here, so these fp32 figures can differ from the bare "
+        "rows above, which were taken minutes earlier.",
+        "",
+    ]
     quality = int8.get("quality") or {}
     lines += [
         f"Recorded by the exporter on {_f((quality.get('text') or {}).get('tokens'))} held-out "

@@ -100,7 +100,7 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     assert r["run"]["command"].startswith("rnnlm bench --bundle ")
     for key in ("step_b1", "step_b64"):
         assert all(r["bare"][key][f] > 0 for f in (*LATENCY, "tokens_per_s"))
-        assert r["int8"][key]["p50_ms"] > 0
+        assert r["int8"][key]["p50_ms"] > 0 and r["int8"]["fp32_" + key]["p50_ms"] > 0
         for mode in ("onednn_on", "onednn_off", "best"):
             assert r["torch"][mode][key]["p50_ms"] > 0
     assert all(r["bare"]["step_b1_after_idle"][f] > 0 for f in LATENCY)
