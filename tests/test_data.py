@@ -1,4 +1,5 @@
-"""Corpus reading and splitting, encoding, and BPTT batching with a contiguous stream."""
+"""Corpus reading and splitting, encoding, BPTT batching with a contiguous stream, and the
+replacement of rare training words by <unk>."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from training.data import (
     get_batch,
     load_corpus,
     num_windows,
+    replace_rare,
+    singletons,
     split_counts,
 )
 from training.tokenizer import fit_tokenizer, special_tokens
@@ -112,3 +115,23 @@ def test_windows_carry_over_the_stream() -> None:
     # Every token of each row is predicted exactly once.
     targets = torch.cat([y for _, y in windows], dim=1)
     assert torch.equal(targets, streams[:, 1:])
+
+
+def test_singletons_are_the_ids_seen_once_except_the_kept_ones() -> None:
+    ids = torch.tensor([0, 2, 3, 3, 4, 1, 5])
+    once = singletons(ids, 7, keep=(0, 1, None))
+    assert once.tolist() == [False, False, True, False, True, True, False]
+
+
+def test_rare_words_become_unk_at_the_asked_rate_the_same_way_for_a_seed() -> None:
+    streams = torch.arange(10).repeat(4, 500)  # [4, 5000]: ids 0-9
+    rare = torch.zeros(10, dtype=torch.bool)
+    rare[[3, 7]] = True
+    once = replace_rare(streams, rare, unk=0, p=0.5, seed=11)
+    assert torch.equal(once, replace_rare(streams, rare, unk=0, p=0.5, seed=11))
+    assert not torch.equal(once, replace_rare(streams, rare, unk=0, p=0.5, seed=12))
+    changed = once != streams
+    assert set(streams[changed].tolist()) == {3, 7} and (once[changed] == 0).all()
+    assert 0.45 < changed.sum().item() / (rare[streams]).sum().item() < 0.55
+    assert torch.equal(replace_rare(streams, rare, unk=0, p=0.0, seed=1), streams)
+    assert (replace_rare(streams, rare, unk=0, p=1.0, seed=1)[rare[streams]] == 0).all()

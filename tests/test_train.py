@@ -255,6 +255,12 @@ TINY_FLAGS = ["--hidden", "8", "--embedding", "8", "--layers", "1", "--bptt", "8
             r"--adaptive-softmax / --adaptive-div: "
             r"adaptive_cutoffs must increase strictly and lie between 1 and the vocabulary size",
         ),
+        (grammar_text(), ["--unk-replace", "1.5"], r"--unk-replace must be in \[0, 1\]"),
+        (
+            grammar_text(),
+            ["--tokenizer", "bpe", "--vocab-size", "300", "--unk-replace", "0.5"],
+            r"--unk-replace needs a tokenizer with an <unk> token \(word or char\), not bpe",
+        ),
         (grammar_text(), ["--train", "x.txt"], r"either --corpus or --train/--valid/--test"),
     ],
 )

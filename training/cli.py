@@ -150,6 +150,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         help=f"DropConnect on the hidden-to-hidden weights (default {d.weight_drop})",
     )
+    reg.add_argument(
+        "--unk-replace",
+        type=float,
+        metavar="P",
+        help="each epoch, replace words seen once in training by <unk> with probability P, so "
+        "the model learns how often unseen words come (word and char tokenizers) "
+        f"(default {d.unk_replace})",
+    )
     run_ = parser.add_argument_group("training")
     run_.add_argument("--bptt", type=int, metavar="T", help=f"BPTT window (default {d.bptt})")
     run_.add_argument(

@@ -186,3 +186,20 @@ def get_batch(streams: Tensor, index: int, bptt: int) -> tuple[Tensor, Tensor]:
     start = index * bptt
     seq_len = min(bptt, streams.size(1) - 1 - start)
     return streams[:, start : start + seq_len], streams[:, start + 1 : start + 1 + seq_len]
+
+
+def singletons(ids: Tensor, vocab_size: int, keep: tuple[int | None, ...]) -> Tensor:
+    """Bool `[vocab_size]`: the ids that occur exactly once in `ids`, except those in `keep`."""
+    once = torch.bincount(ids, minlength=vocab_size) == 1
+    for i in keep:
+        if i is not None:
+            once[i] = False
+    return once
+
+
+def replace_rare(streams: Tensor, rare: Tensor, unk: int, p: float, seed: int) -> Tensor:
+    """A copy of `streams` with each token marked in `rare` replaced by `unk` with probability
+    `p`, the same way for the same `seed` (so a resumed epoch sees the same text)."""
+    draw = torch.rand(streams.shape, generator=torch.Generator().manual_seed(seed))
+    hit = rare[streams.cpu()] & (draw < p)
+    return torch.where(hit.to(streams.device), unk, streams)

@@ -6,8 +6,9 @@
   35, batch 20, evaluation in 10 streams, 40 epochs, seed 1111.
 - `word-small`: our word-level recipe for a 10-minute CPU budget, the best measured: the
   pytorch-examples model and SGD at lr 20, with the rate decayed along a cosine timed to the
-  budget down to 1 (the plateau rule never fires within 10 minutes), dropout 0.35, and bf16
-  autocast for speed.
+  budget down to 1 (the plateau rule never fires within 10 minutes), dropout 0.35, the words
+  seen once in training replaced by `<unk>` (so the model learns how often unseen words come),
+  and bf16 autocast for speed.
 - `word-awd`: the AWD-LSTM recipe cut to the same budget (AdamW with warm-up and cosine, a
   2 x 512 LSTM projected to a 256 tied embedding, embedding, locked and weight-drop dropout).
   Kept as measured: worse than `word-small` in 10 minutes (docs/training.md).
@@ -53,6 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "word-small": {
         **PYTORCH_EXAMPLES,
         "dropout": 0.35,
+        "unk_replace": 1.0,
         "schedule": "cosine",
         "min_lr": 1.0,
         "bf16": True,

@@ -43,6 +43,8 @@ from training.data import (
     get_batch,
     load_corpus,
     num_windows,
+    replace_rare,
+    singletons,
 )
 from training.model import CELLS, RNNLM, ModelConfig, Regularization, State, detach_state
 from training.plot import plot_metrics
@@ -86,6 +88,9 @@ class TrainOptions:
     embed_dropout: float = 0.0  # drops whole vocabulary entries of the embedding
     locked_dropout: bool = False  # variational dropout: one mask per sequence for all steps
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
+    # Each epoch, words seen once in training become <unk> with this probability: they stand
+    # in for the words a held-out text has that training never saw (Good-Turing).
+    unk_replace: float = 0.0
     tied: bool = False
     residual: bool = False
     adaptive_softmax: tuple[int, ...] = ()  # its cutoffs; (): a full softmax
@@ -144,6 +149,7 @@ LATER_FIELDS = (
     "preset",
     "adaptive_softmax",
     "adaptive_div",
+    "unk_replace",
 )
 
 
@@ -190,6 +196,8 @@ def check_options(o: TrainOptions) -> None:
     for name in ("vocab_size", "epochs", "max_steps", "threads"):
         if getattr(o, name) is not None and getattr(o, name) < 1:
             raise bad(name, "must be at least 1")
+    if not 0.0 <= o.unk_replace <= 1.0:
+        raise bad("unk_replace", "must be in [0, 1]")
     if o.warmup_steps < 0:
         raise bad("warmup_steps", "must be 0 (none) or more")
     for name in ("dropout", "input_dropout", "embed_dropout", "weight_drop"):
@@ -598,6 +606,13 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
                 "token(s); at least 2 are needed to score one prediction"
             )
     train_data = ddp.own_rows(batchify(splits["train"], global_batch), group).to(device)
+    specials = special_tokens(tokenizer, o.tokenizer)
+    unk = specials["unk"]
+    if o.unk_replace > 0 and unk is None:
+        raise TrainError(
+            f"--unk-replace needs a tokenizer with an <unk> token (word or char), not {o.tokenizer}"
+        )
+    rare = singletons(splits["train"], tokenizer.get_vocab_size(), (unk, specials["eos"]))
 
     def eval_streams(ids: torch.Tensor) -> torch.Tensor:
         # Columns of at least one full window where the split is long enough.
@@ -794,6 +809,10 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
     model.train()
     try:
         while epoch <= epochs:
+            epoch_data = train_data
+            if o.unk_replace > 0:
+                assert unk is not None
+                epoch_data = replace_rare(train_data, rare, unk, o.unk_replace, o.seed + epoch)
             bar = tqdm(
                 total=n_windows,
                 initial=window,
@@ -812,7 +831,7 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
                 for g in optimizer.param_groups:
                     g["lr"] = schedule.rate(step, clock)
                 step_started = time.monotonic()
-                x, y = get_batch(train_data, window, o.bptt)
+                x, y = get_batch(epoch_data, window, o.bptt)
                 loss_value, gnorm, hidden = backward_step(
                     model, x, y, hidden, clipper, net=net, bf16=o.bf16
                 )
