@@ -96,12 +96,9 @@ async def _measure_server(
             if batching:
                 say(f"server ({mode}): PredictNext at concurrency 1")
                 out["predict_c1"] = await _predict_c1(stub, workload, plan)
-                out["predict_context"] = {}
-                for length in plan.context_lengths:
-                    say(f"server ({mode}): PredictNext extending a {length}-token context")
-                    out["predict_context"][str(length)] = await _predict_context(
-                        stub, workload, plan, length
-                    )
+                lengths = ", ".join(str(n) for n in plan.context_lengths)
+                say(f"server ({mode}): PredictNext extending {lengths}-token contexts")
+                out["predict_context"] = await _predict_contexts(stub, workload, plan)
                 say(f"server ({mode}): Score, {plan.score_tokens} tokens")
                 out["score"] = await _score(stub, workload, plan)
             out["generate"] = {}
@@ -200,20 +197,22 @@ async def _predict_c1(
     return summary
 
 
-async def _predict_context(
-    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, length: int
-) -> dict[str, Any]:
-    """Extending a cached context of `length` tokens by one token per call."""
-    trials = []
+async def _predict_contexts(
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan
+) -> dict[str, dict[str, Any]]:
+    """Extending a cached context of each of `plan.context_lengths` tokens by one token per
+    call; the lengths take turns trial by trial, so their ratio compares like conditions."""
+    trials: dict[int, list[dict[str, float]]] = {n: [] for n in plan.context_lengths}
     for _ in range(plan.trials):
-        _, texts = _prefixes(workload, length, plan.context_calls)
-        end = time.perf_counter() + plan.budget_s
-        samples, lengths = await _extensions(stub, texts, plan.context_calls, end)
-        trial = latency(samples)
-        trial["context_tokens_min"] = float(min(lengths))
-        trial["context_tokens_max"] = float(max(lengths))
-        trials.append(trial)
-    return over_trials(trials)
+        for length, done in trials.items():
+            _, texts = _prefixes(workload, length, plan.context_calls)
+            end = time.perf_counter() + plan.budget_s
+            samples, lengths = await _extensions(stub, texts, plan.context_calls, end)
+            trial = latency(samples)
+            trial["context_tokens_min"] = float(min(lengths))
+            trial["context_tokens_max"] = float(max(lengths))
+            done.append(trial)
+    return {str(n): over_trials(done) for n, done in trials.items()}
 
 
 # -- Score ---------------------------------------------------------------------------------
