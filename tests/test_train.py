@@ -190,6 +190,23 @@ def test_an_interrupted_and_resumed_run_equals_an_uninterrupted_one(
         assert p_final[key] == p_straight[key], key
 
 
+def test_unk_replace_changes_what_is_trained_on_and_resumes_exactly(tmp_path: Path) -> None:
+    # Grammar lines with a few words seen once each in the training split.
+    lines = grammar_text(200).splitlines()
+    for i, word in enumerate(("zebra", "quokka", "marmot", "ibis", "tapir")):
+        lines[20 * i] += f" {word}"
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+
+    plain = train(tiny(path, tmp_path / "plain"))
+    straight = train(tiny(path, tmp_path / "straight", unk_replace=1.0))
+    assert not same_weights(plain / "last.safetensors", straight / "last.safetensors")
+    windows = json.loads((straight / "config.json").read_text())["provenance"]["steps"] // 2
+    part = train(tiny(path, tmp_path / "part", unk_replace=1.0, max_steps=windows + 2))
+    final = train(TrainOptions(resume=part, out=tmp_path / "final", threads=1, quiet=True))
+    assert same_weights(straight / "last.safetensors", final / "last.safetensors")
+
+
 def test_a_run_stopped_mid_epoch_ships_its_last_weights_when_they_validate_better(
     corpus: Path, tmp_path: Path
 ) -> None:

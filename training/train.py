@@ -606,13 +606,16 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
                 "token(s); at least 2 are needed to score one prediction"
             )
     train_data = ddp.own_rows(batchify(splits["train"], global_batch), group).to(device)
-    specials = special_tokens(tokenizer, o.tokenizer)
-    unk = specials["unk"]
-    if o.unk_replace > 0 and unk is None:
-        raise TrainError(
-            f"--unk-replace needs a tokenizer with an <unk> token (word or char), not {o.tokenizer}"
-        )
-    rare = singletons(splits["train"], tokenizer.get_vocab_size(), (unk, specials["eos"]))
+    unk, rare = None, None  # with --unk-replace: the <unk> id and the words seen once
+    if o.unk_replace > 0:
+        specials = special_tokens(tokenizer, o.tokenizer)
+        unk = specials["unk"]
+        if unk is None:
+            raise TrainError(
+                "--unk-replace needs a tokenizer with an <unk> token (word or char), "
+                f"not {o.tokenizer}"
+            )
+        rare = singletons(splits["train"], tokenizer.get_vocab_size(), (unk, specials["eos"]))
 
     def eval_streams(ids: torch.Tensor) -> torch.Tensor:
         # Columns of at least one full window where the split is long enough.
@@ -810,8 +813,7 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
     try:
         while epoch <= epochs:
             epoch_data = train_data
-            if o.unk_replace > 0:
-                assert unk is not None
+            if rare is not None and unk is not None:
                 epoch_data = replace_rare(train_data, rare, unk, o.unk_replace, o.seed + epoch)
             bar = tqdm(
                 total=n_windows,
