@@ -58,20 +58,19 @@ class ModelConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-        cuts = self.adaptive_cutoffs
-        if cuts:
-            if list(cuts) != sorted(set(cuts)) or cuts[0] < 1 or cuts[-1] >= self.vocab_size:
-                raise ValueError(
-                    f"adaptive_cutoffs must increase strictly and lie between 1 and the "
-                    f"vocabulary size {self.vocab_size} (exclusive), not {list(cuts)}"
-                )
-            if self.adaptive_div >= 1 and self.decoder_dim // self.adaptive_div ** len(cuts) < 1:
-                raise ValueError(
-                    f"adaptive_div {self.adaptive_div} leaves the last of {len(cuts)} tail "
-                    f"clusters no width (decoder input {self.decoder_dim})"
-                )
         if self.adaptive_div < 1:
             raise ValueError(f"adaptive_div must be at least 1, not {self.adaptive_div}")
+        cuts = self.adaptive_cutoffs
+        if cuts and (list(cuts) != sorted(set(cuts)) or cuts[0] < 1 or cuts[-1] >= self.vocab_size):
+            raise ValueError(
+                f"adaptive_cutoffs must increase strictly and lie between 1 and the "
+                f"vocabulary size {self.vocab_size} (exclusive), not {list(cuts)}"
+            )
+        if cuts and self.decoder_dim // self.adaptive_div ** len(cuts) < 1:
+            raise ValueError(
+                f"adaptive_div {self.adaptive_div} leaves the last of {len(cuts)} tail "
+                f"clusters no width (decoder input {self.decoder_dim})"
+            )
 
     @property
     def decoder_dim(self) -> int:
