@@ -407,6 +407,8 @@ def build_manifest(
         },
         "parity": parity,
     }
+    if ckpt.continuous_cache is not None:
+        manifest["continuous_cache"] = ckpt.continuous_cache
     if quantization is not None:
         manifest["quantization"] = quantization
     return manifest

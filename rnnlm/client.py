@@ -185,16 +185,19 @@ class Client:
         texts: str | Sequence[str],
         *,
         return_token_logprobs: bool = False,
+        continuous_cache: bool = False,
         model: str = "",
         model_version: str = "",
         timeout: float | None = None,
     ) -> pb.ScoreResponse:
-        """Log-probability, token count and perplexity of each text (a str is one text)."""
+        """Log-probability, token count and perplexity of each text (a str is one text);
+        `continuous_cache` mixes in the model's recall of each text's own earlier words."""
         request = pb.ScoreRequest(
             model=model,
             model_version=model_version,
             texts=[texts] if isinstance(texts, str) else list(texts),
             return_token_logprobs=return_token_logprobs,
+            continuous_cache=continuous_cache,
         )
         return self._stub.Score(request, **self._options(timeout))
 

@@ -89,6 +89,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument(
             "--token-logprobs", action="store_true", help="also show each token's log-prob"
         )
+        parser.add_argument(
+            "--continuous-cache",
+            action="store_true",
+            help="mix in the model's continuous cache (a recall of the text's own earlier words)",
+        )
     else:
         raise ValueError(f"unknown client command {name!r}")
 
@@ -208,6 +213,7 @@ def _score(client: Client, args: argparse.Namespace) -> None:
     response = client.score(
         texts,
         return_token_logprobs=args.token_logprobs,
+        continuous_cache=args.continuous_cache,
         model=args.model,
         model_version=args.model_version,
     )
@@ -232,7 +238,18 @@ def _models(client: Client, args: argparse.Namespace) -> None:
             _print_json(m)
         return
     rows: list[tuple[Any, ...]] = [
-        ("name", "version", "cell", "layers", "hidden", "vocab", "tokenizer", "provider", "")
+        (
+            "name",
+            "version",
+            "cell",
+            "layers",
+            "hidden",
+            "vocab",
+            "tokenizer",
+            "provider",
+            "cache",
+            "",
+        )
     ]
     for m in models:
         a = m.architecture
@@ -246,6 +263,7 @@ def _models(client: Client, args: argparse.Namespace) -> None:
                 m.vocab_size,
                 m.tokenizer_kind,
                 m.provider,
+                "yes" if m.HasField("continuous_cache") else "-",
                 "default" if m.is_default else "",
             )
         )

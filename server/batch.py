@@ -15,7 +15,8 @@ causal, so outputs at the real positions do not see the padding after them.
 
 Which graph serves which work: generation and next-token requests feed prompts through the
 step graph (the last chunk's last logits are what they need); scoring feeds documents through
-the score graph, which returns only the targets' log-probs; embedding reads the step graph's
+the score graph, which returns only the targets' log-probs, or with a continuous cache through
+the step graph, whose `features` the cache recalls by; embedding reads the step graph's
 `features`.
 
 A step runs every decode token but at most one run's worth of prompt and document chunk
@@ -37,6 +38,7 @@ from typing import Protocol
 
 import numpy as np
 
+from server.continuous_cache import ContinuousCache, mix
 from server.sampling import GeneratedToken, Sampler, SamplingParams, log_softmax
 from server.state_cache import StateCache
 
@@ -200,7 +202,10 @@ class GenerateRequest(Request):
 
 
 class ScoreRequest(Request):
-    """Log-probs of a document's tokens. Delivers float32 [n] (the preset first entry kept)."""
+    """Log-probs of a document's tokens. Delivers float32 [n] (the preset first entry kept).
+
+    With a continuous cache the document runs on the step graph, whose features the cache
+    recalls by, and each log-prob is the mixture's (`server/continuous_cache.py`)."""
 
     def __init__(
         self,
@@ -209,21 +214,30 @@ class ScoreRequest(Request):
         state: State,
         out: np.ndarray,
         deliver: Callable[[object], None],
+        cache: tuple[ContinuousCache, float] | None = None,
     ) -> None:
         super().__init__(feed, state, deliver)
         self.targets = targets
         self.out = out  # out[0] is set by the engine; out[1 + i] is the log-prob of targets[i]
+        self.cache = cache  # the document's cache and its share of the mixture
 
     def work(self, chunk: int) -> Work | None:
         n = min(len(self.feed) - self.fed, chunk)
         end = self.fed + n
+        graph = SCORE if self.cache is None else STEP
         return Work(
-            SCORE, self.feed[self.fed : end], self.targets[self.fed : end], end < len(self.feed)
+            graph, self.feed[self.fed : end], self.targets[self.fed : end], end < len(self.feed)
         )
 
-    def absorb(self, logprobs: np.ndarray) -> bool:
-        """Take one chunk's target log-probs; True when the document is done."""
+    def absorb(self, logprobs: np.ndarray, features: np.ndarray | None = None) -> bool:
+        """Take one chunk's target log-probs (and, with a cache, its features); True when the
+        document is done."""
         n = len(logprobs)
+        if self.cache is not None:
+            cache, lam = self.cache
+            assert features is not None, "a cached score runs on the step graph"
+            p_cache, seen = cache.recall(features, self.targets[self.fed : self.fed + n])
+            logprobs = mix(logprobs, p_cache, seen, lam)
         self.out[1 + self.fed : 1 + self.fed + n] = logprobs
         self.fed += n
         return self.fed == len(self.feed)
@@ -500,7 +514,13 @@ class Batch:
             r = requests[row]
             n = len(works[row].tokens)  # type: ignore[union-attr]
             if isinstance(r, ScoreRequest):
-                if r.absorb(logprobs[i, :n]):
+                if targets is None:  # a cached score, on the step graph
+                    chunk_targets = r.targets[r.fed : r.fed + n, None]
+                    picked = np.take_along_axis(log_softmax(logits[i, :n]), chunk_targets, axis=1)
+                    done = r.absorb(picked[:, 0], features[i, :n])
+                else:
+                    done = r.absorb(logprobs[i, :n])
+                if done:
                     r.done = True
                     events.append((r, r.out))
             elif isinstance(r, EmbedRequest):

@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from server.continuous_cache import CacheParams
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -75,6 +77,7 @@ class Bundle:
     state: tuple[StateSpec, ...]
     step_graph: Path
     score_graph: Path | None
+    continuous_cache: CacheParams | None = None  # what Score mixes in on request
 
     def graph_file(self, graph: str) -> Path:
         """The file of graph `step` or `score`."""
@@ -296,6 +299,14 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
             )
     eos_id: int = r.get(special, "eos", int, "tokenizer.special_tokens.")
 
+    continuous_cache = None
+    if "continuous_cache" in m:
+        block = r.get(m, "continuous_cache", dict)
+        try:
+            continuous_cache = CacheParams.from_dict(block)
+        except ValueError as e:
+            raise r.fail(f"continuous_cache: {e}") from e
+
     _verify_files(directory, files)
     for graph_file in (step_file, score_file):
         if graph_file is not None:
@@ -319,6 +330,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         state=state,
         step_graph=step_file,
         score_graph=score_file,
+        continuous_cache=continuous_cache,
     )
 
 

@@ -43,6 +43,7 @@ from server.batch import (
     State,
 )
 from server.bundle import Bundle, BundleError
+from server.continuous_cache import ContinuousCache
 from server.metrics import EngineMetrics
 from server.sampling import GeneratedToken, SamplingParams, log_softmax
 from server.state_cache import StateCache
@@ -125,6 +126,7 @@ class _Start:
     state: State
     logprobs: np.ndarray  # next-token log-probs at that point
     key: int | None = None  # the state cache's key of the whole context (None: not looked up)
+    features: np.ndarray | None = None  # the last layer's output there (kept for the root)
 
 
 class _Sessions:
@@ -401,11 +403,20 @@ class Engine:
         begin = functools.partial(self._begin, ids, max_tokens, params, stops)
         return TokenStream(self, begin, self.config.stream_tokens)
 
-    async def score(self, token_ids: Sequence[int]) -> np.ndarray:
+    async def score(self, token_ids: Sequence[int], continuous_cache: bool = False) -> np.ndarray:
         """float32 [n]: the log-prob of each token given eos and the tokens before it.
 
-        Fed in chunks with the state carried, so memory does not grow with the text.
+        Fed in chunks with the state carried, so memory does not grow with the text. With
+        `continuous_cache`, each is the mixture with the bundle's continuous cache over the
+        text's own earlier tokens (server/continuous_cache.py).
         """
+        params = self.bundle.continuous_cache
+        if continuous_cache and params is None:
+            raise ValueError(
+                f"model {self.bundle.name!r} version {self.bundle.version} has no continuous "
+                "cache (its manifest has no continuous_cache block; tune one with "
+                "`python -m training.cache CHECKPOINT` and export again)"
+            )
         ids = self._tokens(token_ids, "token_ids")
         root = self._root_start()
         out = np.empty(len(ids), dtype=np.float32)
@@ -414,8 +425,14 @@ class Engine:
         out[0] = root.logprobs[ids[0]]
         if len(ids) == 1:
             return _frozen(out)
+        cache = None
+        if continuous_cache:
+            assert params is not None and root.features is not None
+            recall = ContinuousCache(params.window, params.theta, self.bundle.hidden)
+            recall.recall(root.features, ids[:1])  # remember that ids[0] followed eos
+            cache = (recall, params.lam)
         result = await self._call(
-            functools.partial(ScoreRequest, ids[:-1], ids[1:], root.state, out)
+            functools.partial(ScoreRequest, ids[:-1], ids[1:], root.state, out, cache=cache)
         )
         return _frozen(result)
 
@@ -561,11 +578,12 @@ class Engine:
         sessions = self._sessions
         assert sessions is not None
         eos = np.full((1, 1), self.bundle.eos_id, dtype=np.int64)
-        logits, _, state = sessions.step(eos, self.bundle.zero_state(1))
+        logits, features, state = sessions.step(eos, self.bundle.zero_state(1))
         root = _Start(
             0,
             tuple(_frozen(s[:, 0, :].copy()) for s in state),
             _frozen(log_softmax(logits[0, 0])),
+            features=_frozen(features[0].copy()),
         )
         rows = min(self.config.max_batch_size, 64)
         sessions.step(np.zeros((rows, 1), dtype=np.int64), self.bundle.zero_state(rows))

@@ -25,6 +25,7 @@ import numpy as np
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server.bundle import Bundle
 from server.engine import EngineClosed, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
@@ -487,8 +488,15 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     async def _score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
         model = self._model(request.model, request.model_version, call)
+        cached = request.continuous_cache
+        if cached and model.bundle.continuous_cache is None:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"continuous_cache: model {model.name!r} version {model.version} has no "
+                "continuous cache (its manifest has no continuous_cache block)",
+            )
         all_ids = await self._texts_ids(model, list(request.texts))
-        scores = await _all(model.engine.score(ids) for ids in all_ids)
+        scores = await _all(model.engine.score(ids, cached) for ids in all_ids)
         response = pb.ScoreResponse(model_version=model.version)
         texts = model.codec.token_texts
         for ids, logprobs in zip(all_ids, scores, strict=True):
@@ -557,7 +565,23 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 corpus_sha256=str(prov.get("corpus_sha256") or ""),
             ),
             eos_token_id=b.eos_id,
+            continuous_cache=_cache_info(b),
         )
+
+
+def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
+    params = bundle.continuous_cache
+    if params is None:
+        return None
+    block = bundle.manifest["continuous_cache"]
+    figures = {
+        key: float(value) if isinstance(value, int | float) else 0.0
+        for key in ("valid_perplexity", "test_perplexity")
+        for value in [block.get(key)]
+    }
+    return pb.ContinuousCache(
+        window=params.window, theta=params.theta, mixture_weight=params.lam, **figures
+    )
 
 
 async def _all(work: Iterable[Awaitable[T]]) -> list[T]:

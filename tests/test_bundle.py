@@ -173,6 +173,15 @@ def test_manifest_missing_field(default_bundle: Path, tmp_path: Path, field: str
             r"graphs\.score\.file 'score\.onnx' has no sha256",
         ),
         (lambda m: m["files"].update({"model.onnx": "abc"}), "must be a sha256 hex digest"),
+        (lambda m: m.update(continuous_cache=[500]), "'continuous_cache' must be an object"),
+        (
+            lambda m: m.update(continuous_cache={"window": 500, "theta": 0.5}),
+            "continuous_cache: missing lambda",
+        ),
+        (
+            lambda m: m.update(continuous_cache={"window": 500, "theta": 0.5, "lambda": 2}),
+            "continuous_cache: lambda must be between 0 and 1",
+        ),
     ],
 )
 def test_manifest_bad_value(
@@ -333,3 +342,6 @@ def test_shipped_bundles_load_and_carry_their_figures(name: str) -> None:
     assert len(provenance["corpus_sha256"]) == 64
     if b.precision == "int8":
         assert abs(b.manifest["quantization"]["quality"]["perplexity_change_percent"]) <= 1.0
+    if b.continuous_cache is not None:
+        block = b.manifest["continuous_cache"]
+        assert block["test_perplexity"] < block["test_perplexity_without"]

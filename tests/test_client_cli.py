@@ -107,8 +107,9 @@ def test_models(capsys: pytest.CaptureFixture[str], target: str) -> None:
     assert header.split()[:3] == ["name", "version", "cell"]
     assert row.split() == [
         "tiny-lstm-word", "1", "lstm", "2", "16", row.split()[5], "word",
-        "CPUExecutionProvider", "default",
+        "CPUExecutionProvider", "-", "default",
     ]  # fmt: skip
+    assert header.split()[-1] == "cache"  # a model without a continuous cache shows "-"
     code, out, _ = rnnlm(capsys, "models", "--target", target, "--json")
     assert json.loads(out)["provider"] == "CPUExecutionProvider"
 
@@ -184,6 +185,9 @@ def test_errors_are_one_line_with_the_code(capsys: pytest.CaptureFixture[str], t
     assert err.startswith("rnnlm predict: INVALID_ARGUMENT: k must be in [1, ")
     code, _, err = rnnlm(capsys, "score", "--model", "nope", "x", "--target", target)
     assert code == 1 and "NOT_FOUND" in err and "nope" in err
+    code, _, err = rnnlm(capsys, "score", "the cat", "--continuous-cache", "--target", target)
+    assert code == 1 and err.count("\n") == 1
+    assert "FAILED_PRECONDITION" in err and "has no continuous cache" in err
 
 
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:

@@ -321,5 +321,6 @@ def test_the_report_tabulates_runs(tiny_corpus: Path, tmp_path: Path, capsys: An
     assert header.startswith("| run | preset | split | valid loss |") and len(rows) == 2
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
     assert cells[0][:3] == ["lines", "-", "lines"] and cells[0][5] != "= valid"
+    assert cells[0][7] == "-"  # no continuous cache was tuned
     assert cells[1][:3] == ["nanogpt", "-", "nanogpt"] and cells[1][5:7] == ["= valid"] * 2
     assert float(cells[0][3]) == pytest.approx(provenance(lines)["valid_loss"], abs=1e-4)

@@ -116,6 +116,23 @@ def test_a_run_writes_a_complete_checkpoint(corpus: Path, tmp_path: Path) -> Non
     assert epochs[-1]["tokens_seen"] == prov["tokens_seen"]
 
 
+def test_a_continuous_cache_is_tuned_after_training(tmp_path: Path) -> None:
+    # Held-out lines the grammar never makes, each repeated: the cache predicts them.
+    files = {
+        "train": grammar_text(),
+        "valid": "the moon finds a red house .\n" * 3 + "a tree sees the boat .\n" * 3,
+        "test": "the river likes my friend .\n" * 4,
+    }
+    for name, text in files.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    paths = {name: tmp_path / f"{name}.txt" for name in files}
+    out = train(tiny(None, tmp_path / "run", **paths, continuous_cache=True))  # type: ignore[arg-type]
+    block = json.loads((out / "config.json").read_text())["continuous_cache"]
+    assert block["valid_perplexity"] < block["valid_perplexity_without"]
+    assert block["test_perplexity"] < block["test_perplexity_without"]
+    assert load_checkpoint(out).continuous_cache == block
+
+
 def test_best_on_validation_weights_are_kept(corpus: Path, tmp_path: Path) -> None:
     # SGD at a high rate overshoots: here epoch 2 validates better than epoch 3.
     options = tiny(corpus, tmp_path / "three", optimizer="sgd", lr=30.0, clip=5.0, epochs=3)

@@ -4,7 +4,8 @@ A checkpoint directory holds
 
 - `config.json`: format version, the `ModelConfig`, the tokenizer kind and special token ids,
   the training arguments and provenance (corpus sha256, tokens seen, validation and test
-  perplexity);
+  perplexity), and the continuous cache's tuned settings and figures when it was tuned
+  (`training/cache.py`);
 - `model.safetensors`: the best-on-validation weights (what the exporter exports);
 - `tokenizer.json`: the Hugging Face `tokenizers` file;
 - `last.safetensors` and `train_state.pt`: the latest weights and the optimizer, schedule, RNG
@@ -51,6 +52,7 @@ class Checkpoint:
     special_tokens: dict[str, int | None]
     provenance: dict = field(default_factory=dict)
     train_args: dict = field(default_factory=dict)
+    continuous_cache: dict | None = None  # the cache training/cache.py tuned, if any
 
 
 def read_config(directory: Path) -> dict:
@@ -116,6 +118,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         special_tokens=dict(tok.get("special_tokens", {})),
         provenance=dict(data.get("provenance", {})),
         train_args=dict(data.get("train_args", {})),
+        continuous_cache=data.get("continuous_cache"),
     )
 
 

@@ -221,6 +221,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action=on_off,
         help="bfloat16 autocast in the training forward; evaluation stays fp32 (default off)",
     )
+    run_.add_argument(
+        "--continuous-cache",
+        action=on_off,
+        help="after training, tune a continuous cache (a recall of the text's recent words) on "
+        "the validation text; the bundle ships it for Score (default off)",
+    )
     run_.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     run_.add_argument(
         "--resume",

@@ -3,8 +3,9 @@
     python -m training.report runs/char-small runs/word-small ...
 
 One row per checkpoint directory, from its config.json: the preset, the split, the validation
-and test figures of the shipped weights, the steps and tokens, the training speed and the wall
-time. Losses are nats per token (per character for a char tokenizer).
+and test figures of the shipped weights (and the test perplexity with the continuous cache,
+when one was tuned), the steps and tokens, the training speed and the wall time. Losses are
+nats per token (per character for a char tokenizer).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from training.checkpoint import CheckpointError, read_config
 
 COLUMNS = ("run", "preset", "split", "valid loss", "valid ppl", "test loss", "test ppl",
-           "steps", "tokens", "tokens/s", "minutes", "weights from")  # fmt: skip
+           "test ppl, cache", "steps", "tokens", "tokens/s", "minutes", "weights from")  # fmt: skip
 
 
 def row(directory: Path) -> list[str]:
@@ -30,6 +31,7 @@ def row(directory: Path) -> list[str]:
     test = [num("test_loss", 4), num("test_perplexity", 2)]
     if p.get("test_is_valid"):
         test = ["= valid", "= valid"]
+    cached = (data.get("continuous_cache") or {}).get("test_perplexity")
     minutes = p.get("elapsed_s")
     return [
         directory.name,
@@ -38,6 +40,7 @@ def row(directory: Path) -> list[str]:
         num("valid_loss", 4),
         num("valid_perplexity", 2),
         *test,
+        "-" if cached is None else f"{cached:.2f}",
         str(p.get("steps", "-")),
         str(p.get("tokens_seen", "-")),
         num("train_tokens_per_s", 0),

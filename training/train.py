@@ -34,6 +34,9 @@ from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import distributed as ddp
+from training.cache import describe as describe_cache
+from training.cache import tune as tune_cache
+from training.cache import write_block as write_cache_block
 from training.clipping import AUTO, Clipper, make_clipper
 from training.data import (
     SPLITS,
@@ -109,6 +112,8 @@ class TrainOptions:
     min_lr: float | None = None  # the end of the cosine; None: lr x 0.1
     clip: float | str = 0.25  # gradient-norm clipping; 0 turns it off, "auto" from the norms
     bf16: bool = False  # bfloat16 autocast for the training forward (evaluation stays fp32)
+    # After training, tune a continuous cache on the validation text (training/cache.py).
+    continuous_cache: bool = False
     seed: int = 1111
     resume: Path | None = None
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -150,6 +155,7 @@ LATER_FIELDS = (
     "adaptive_softmax",
     "adaptive_div",
     "unk_replace",
+    "continuous_cache",
 )
 
 
@@ -942,5 +948,10 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
         f"ppl {perplexity(test_loss):.2f} | saved {out}"
     )
     save(valid_loss, test_loss, stopped, shipped, weights_from)
+    if o.continuous_cache and group.is_main:
+        test_ids = None if corpus.test_is_valid else splits["test"].to(device)
+        block = tune_cache(shipped, splits["valid"].to(device), test_ids)
+        write_cache_block(out, block)
+        log(describe_cache(block))
     ddp.barrier(group)  # no rank returns before the checkpoint is complete
     return out

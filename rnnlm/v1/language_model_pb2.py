@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drnnlm/v1/language_model.proto\x12\x08rnnlm.v1\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\";\n\x0bTopLogprobs\x12,\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x16.rnnlm.v1.TokenLogprob\"\xe7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.rnnlm.v1.TopLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.rnnlm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\"\x9d\x01\n\x12PredictNextRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x14\n\x0cpartial_word\x18\x05 \x01(\t\x12\x13\n\x0bstate_token\x18\x06 \x01(\x0c\x12\x1a\n\x12return_state_token\x18\x07 \x01(\x08\"B\n\nPrediction\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x84\x01\n\x13PredictNextResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.rnnlm.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\"b\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\x1d\n\x15return_token_logprobs\x18\x04 \x01(\x08\"w\n\x0bScoreResult\x12\x10\n\x08log_prob\x18\x01 \x01(\x01\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12.\n\x0etoken_logprobs\x18\x04 \x03(\x0b\x32\x16.rnnlm.v1.TokenLogprob\"N\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.rnnlm.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"g\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\"\n\x07pooling\x18\x04 \x01(\x0e\x32\x11.rnnlm.v1.Pooling\"/\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\"b\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x03(\x0b\x32\x13.rnnlm.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xa2\x01\n\x0bTypingEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x14\n\x0cpartial_word\x18\x05 \x01(\t\x12\t\n\x01k\x18\x06 \x01(\x05\x12\x13\n\x0bstate_token\x18\x07 \x01(\x0c\x12\x1a\n\x12return_state_token\x18\x08 \x01(\x08\"e\n\x0bSuggestions\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.rnnlm.v1.Prediction\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bstate_token\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.rnnlm.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"q\n\x0c\x41rchitecture\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\x05\x12\x0e\n\x06hidden\x18\x03 \x01(\x05\x12\x11\n\tembedding\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0c\n\x04tied\x18\x06 \x01(\x08\"h\n\x07Quality\x12\x18\n\x10valid_perplexity\x18\x01 \x01(\x01\x12\x17\n\x0ftest_perplexity\x18\x02 \x01(\x01\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x03\x12\x15\n\rcorpus_sha256\x18\x04 \x01(\t\"\xf7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12,\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\x16.rnnlm.v1.Architecture\x12\x16\n\x0etokenizer_kind\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\"\n\x07quality\x18\t \x01(\x0b\x32\x11.rnnlm.v1.Quality\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_LAST\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x32\xdc\x03\n\rLanguageModel\x12\x43\n\x08Generate\x12\x19.rnnlm.v1.GenerateRequest\x1a\x1a.rnnlm.v1.GenerateResponse0\x01\x12J\n\x0bPredictNext\x12\x1c.rnnlm.v1.PredictNextRequest\x1a\x1d.rnnlm.v1.PredictNextResponse\x12\x38\n\x05Score\x12\x16.rnnlm.v1.ScoreRequest\x1a\x17.rnnlm.v1.ScoreResponse\x12\x38\n\x05\x45mbed\x12\x16.rnnlm.v1.EmbedRequest\x1a\x17.rnnlm.v1.EmbedResponse\x12\x41\n\rTypingSession\x12\x15.rnnlm.v1.TypingEvent\x1a\x15.rnnlm.v1.Suggestions(\x01\x30\x01\x12G\n\nListModels\x12\x1b.rnnlm.v1.ListModelsRequest\x1a\x1c.rnnlm.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.rnnlm.v1.GetModelRequest\x1a\x13.rnnlm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drnnlm/v1/language_model.proto\x12\x08rnnlm.v1\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\";\n\x0bTopLogprobs\x12,\n\x0c\x61lternatives\x18\x01 \x03(\x0b\x32\x16.rnnlm.v1.TokenLogprob\"\xe7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xd3\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12+\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x15.rnnlm.v1.TopLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.rnnlm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05\"\x9d\x01\n\x12PredictNextRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x14\n\x0cpartial_word\x18\x05 \x01(\t\x12\x13\n\x0bstate_token\x18\x06 \x01(\x0c\x12\x1a\n\x12return_state_token\x18\x07 \x01(\x08\"B\n\nPrediction\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\x84\x01\n\x13PredictNextResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.rnnlm.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\x05\x12\x13\n\x0bstate_token\x18\x04 \x01(\x0c\"|\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\x1d\n\x15return_token_logprobs\x18\x04 \x01(\x08\x12\x18\n\x10\x63ontinuous_cache\x18\x05 \x01(\x08\"w\n\x0bScoreResult\x12\x10\n\x08log_prob\x18\x01 \x01(\x01\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x12\n\nperplexity\x18\x03 \x01(\x01\x12.\n\x0etoken_logprobs\x18\x04 \x03(\x0b\x32\x16.rnnlm.v1.TokenLogprob\"N\n\rScoreResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.rnnlm.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"g\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12\"\n\x07pooling\x18\x04 \x01(\x0e\x32\x11.rnnlm.v1.Pooling\"/\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\"b\n\rEmbedResponse\x12\'\n\nembeddings\x18\x01 \x03(\x0b\x32\x13.rnnlm.v1.Embedding\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xa2\x01\n\x0bTypingEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x14\n\x0cpartial_word\x18\x05 \x01(\t\x12\t\n\x01k\x18\x06 \x01(\x05\x12\x13\n\x0bstate_token\x18\x07 \x01(\x0c\x12\x1a\n\x12return_state_token\x18\x08 \x01(\x08\"e\n\x0bSuggestions\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.rnnlm.v1.Prediction\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\x05\x12\x13\n\x0bstate_token\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.rnnlm.v1.ModelInfo\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"q\n\x0c\x41rchitecture\x12\x0c\n\x04\x63\x65ll\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\x05\x12\x0e\n\x06hidden\x18\x03 \x01(\x05\x12\x11\n\tembedding\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x0c\n\x04tied\x18\x06 \x01(\x08\"h\n\x07Quality\x12\x18\n\x10valid_perplexity\x18\x01 \x01(\x01\x12\x17\n\x0ftest_perplexity\x18\x02 \x01(\x01\x12\x13\n\x0btokens_seen\x18\x03 \x01(\x03\x12\x15\n\rcorpus_sha256\x18\x04 \x01(\t\"{\n\x0f\x43ontinuousCache\x12\x0e\n\x06window\x18\x01 \x01(\x05\x12\r\n\x05theta\x18\x02 \x01(\x01\x12\x16\n\x0emixture_weight\x18\x03 \x01(\x01\x12\x18\n\x10valid_perplexity\x18\x04 \x01(\x01\x12\x17\n\x0ftest_perplexity\x18\x05 \x01(\x01\"\xac\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12,\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\x16.rnnlm.v1.Architecture\x12\x16\n\x0etokenizer_kind\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\"\n\x07quality\x18\t \x01(\x0b\x32\x11.rnnlm.v1.Quality\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x33\n\x10\x63ontinuous_cache\x18\x0b \x01(\x0b\x32\x19.rnnlm.v1.ContinuousCache*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*W\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_LAST\x10\x01\x12\x10\n\x0cPOOLING_MEAN\x10\x02\x12\x0f\n\x0bPOOLING_MAX\x10\x03\x32\xdc\x03\n\rLanguageModel\x12\x43\n\x08Generate\x12\x19.rnnlm.v1.GenerateRequest\x1a\x1a.rnnlm.v1.GenerateResponse0\x01\x12J\n\x0bPredictNext\x12\x1c.rnnlm.v1.PredictNextRequest\x1a\x1d.rnnlm.v1.PredictNextResponse\x12\x38\n\x05Score\x12\x16.rnnlm.v1.ScoreRequest\x1a\x17.rnnlm.v1.ScoreResponse\x12\x38\n\x05\x45mbed\x12\x16.rnnlm.v1.EmbedRequest\x1a\x17.rnnlm.v1.EmbedResponse\x12\x41\n\rTypingSession\x12\x15.rnnlm.v1.TypingEvent\x1a\x15.rnnlm.v1.Suggestions(\x01\x30\x01\x12G\n\nListModels\x12\x1b.rnnlm.v1.ListModelsRequest\x1a\x1c.rnnlm.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.rnnlm.v1.GetModelRequest\x1a\x13.rnnlm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnnlm.v1.language_model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2533
-  _globals['_FINISHREASON']._serialized_end=2657
-  _globals['_POOLING']._serialized_start=2659
-  _globals['_POOLING']._serialized_end=2746
+  _globals['_FINISHREASON']._serialized_start=2737
+  _globals['_FINISHREASON']._serialized_end=2861
+  _globals['_POOLING']._serialized_start=2863
+  _globals['_POOLING']._serialized_end=2950
   _globals['_TOKENLOGPROB']._serialized_start=43
   _globals['_TOKENLOGPROB']._serialized_end=107
   _globals['_TOPLOGPROBS']._serialized_start=109
@@ -50,33 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTNEXTRESPONSE']._serialized_start=975
   _globals['_PREDICTNEXTRESPONSE']._serialized_end=1107
   _globals['_SCOREREQUEST']._serialized_start=1109
-  _globals['_SCOREREQUEST']._serialized_end=1207
-  _globals['_SCORERESULT']._serialized_start=1209
-  _globals['_SCORERESULT']._serialized_end=1328
-  _globals['_SCORERESPONSE']._serialized_start=1330
-  _globals['_SCORERESPONSE']._serialized_end=1408
-  _globals['_EMBEDREQUEST']._serialized_start=1410
-  _globals['_EMBEDREQUEST']._serialized_end=1513
-  _globals['_EMBEDDING']._serialized_start=1515
-  _globals['_EMBEDDING']._serialized_end=1562
-  _globals['_EMBEDRESPONSE']._serialized_start=1564
-  _globals['_EMBEDRESPONSE']._serialized_end=1662
-  _globals['_TYPINGEVENT']._serialized_start=1665
-  _globals['_TYPINGEVENT']._serialized_end=1827
-  _globals['_SUGGESTIONS']._serialized_start=1829
-  _globals['_SUGGESTIONS']._serialized_end=1930
-  _globals['_LISTMODELSREQUEST']._serialized_start=1932
-  _globals['_LISTMODELSREQUEST']._serialized_end=1951
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1953
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2010
-  _globals['_GETMODELREQUEST']._serialized_start=2012
-  _globals['_GETMODELREQUEST']._serialized_end=2060
-  _globals['_ARCHITECTURE']._serialized_start=2062
-  _globals['_ARCHITECTURE']._serialized_end=2175
-  _globals['_QUALITY']._serialized_start=2177
-  _globals['_QUALITY']._serialized_end=2281
-  _globals['_MODELINFO']._serialized_start=2284
-  _globals['_MODELINFO']._serialized_end=2531
-  _globals['_LANGUAGEMODEL']._serialized_start=2749
-  _globals['_LANGUAGEMODEL']._serialized_end=3225
+  _globals['_SCOREREQUEST']._serialized_end=1233
+  _globals['_SCORERESULT']._serialized_start=1235
+  _globals['_SCORERESULT']._serialized_end=1354
+  _globals['_SCORERESPONSE']._serialized_start=1356
+  _globals['_SCORERESPONSE']._serialized_end=1434
+  _globals['_EMBEDREQUEST']._serialized_start=1436
+  _globals['_EMBEDREQUEST']._serialized_end=1539
+  _globals['_EMBEDDING']._serialized_start=1541
+  _globals['_EMBEDDING']._serialized_end=1588
+  _globals['_EMBEDRESPONSE']._serialized_start=1590
+  _globals['_EMBEDRESPONSE']._serialized_end=1688
+  _globals['_TYPINGEVENT']._serialized_start=1691
+  _globals['_TYPINGEVENT']._serialized_end=1853
+  _globals['_SUGGESTIONS']._serialized_start=1855
+  _globals['_SUGGESTIONS']._serialized_end=1956
+  _globals['_LISTMODELSREQUEST']._serialized_start=1958
+  _globals['_LISTMODELSREQUEST']._serialized_end=1977
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1979
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2036
+  _globals['_GETMODELREQUEST']._serialized_start=2038
+  _globals['_GETMODELREQUEST']._serialized_end=2086
+  _globals['_ARCHITECTURE']._serialized_start=2088
+  _globals['_ARCHITECTURE']._serialized_end=2201
+  _globals['_QUALITY']._serialized_start=2203
+  _globals['_QUALITY']._serialized_end=2307
+  _globals['_CONTINUOUSCACHE']._serialized_start=2309
+  _globals['_CONTINUOUSCACHE']._serialized_end=2432
+  _globals['_MODELINFO']._serialized_start=2435
+  _globals['_MODELINFO']._serialized_end=2735
+  _globals['_LANGUAGEMODEL']._serialized_start=2953
+  _globals['_LANGUAGEMODEL']._serialized_end=3429
 # @@protoc_insertion_point(module_scope)

@@ -134,16 +134,18 @@ class PredictNextResponse(_message.Message):
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., context_tokens: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "model_version", "texts", "return_token_logprobs")
+    __slots__ = ("model", "model_version", "texts", "return_token_logprobs", "continuous_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     return_token_logprobs: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., return_token_logprobs: _Optional[bool] = ...) -> None: ...
+    continuous_cache: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., return_token_logprobs: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
     __slots__ = ("log_prob", "num_tokens", "perplexity", "token_logprobs")
@@ -271,8 +273,22 @@ class Quality(_message.Message):
     corpus_sha256: str
     def __init__(self, valid_perplexity: _Optional[float] = ..., test_perplexity: _Optional[float] = ..., tokens_seen: _Optional[int] = ..., corpus_sha256: _Optional[str] = ...) -> None: ...
 
+class ContinuousCache(_message.Message):
+    __slots__ = ("window", "theta", "mixture_weight", "valid_perplexity", "test_perplexity")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    THETA_FIELD_NUMBER: _ClassVar[int]
+    MIXTURE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VALID_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    TEST_PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    window: int
+    theta: float
+    mixture_weight: float
+    valid_perplexity: float
+    test_perplexity: float
+    def __init__(self, window: _Optional[int] = ..., theta: _Optional[float] = ..., mixture_weight: _Optional[float] = ..., valid_perplexity: _Optional[float] = ..., test_perplexity: _Optional[float] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "is_default", "architecture", "tokenizer_kind", "vocab_size", "provider", "precision", "quality", "eos_token_id")
+    __slots__ = ("name", "version", "is_default", "architecture", "tokenizer_kind", "vocab_size", "provider", "precision", "quality", "eos_token_id", "continuous_cache")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +299,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     is_default: bool
@@ -293,4 +310,5 @@ class ModelInfo(_message.Message):
     precision: str
     quality: Quality
     eos_token_id: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., tokenizer_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    continuous_cache: ContinuousCache
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., tokenizer_kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., provider: _Optional[str] = ..., precision: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., eos_token_id: _Optional[int] = ..., continuous_cache: _Optional[_Union[ContinuousCache, _Mapping]] = ...) -> None: ...

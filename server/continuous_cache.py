@@ -1,0 +1,96 @@
+"""The continuous cache (Grave et al. 2017): a document's recent words, recalled by context.
+
+A recurrent model soon forgets a rare name it read a few hundred words ago; a text that names
+a character once tends to name them again. The cache keeps, for each position `i` already
+scored, the pair `(h_i, y_i)`: the last layer's features there and the token that came next.
+At a later position `t` it predicts the tokens that followed similar contexts,
+
+    p_cache(y) = sum over the last `window` pairs of softmax_i(theta * h_t . h_i) [y_i == y]
+
+and the probability of the next token mixes it with the model's:
+
+    p(y) = (1 - lambda) p_model(y) + lambda p_cache(y).
+
+`p_cache` is a distribution over the tokens the cache holds, so the mixture is one too; while
+the cache is empty (a text's first token) `p = p_model`. It needs no training: `window`,
+`theta` and `lambda` are tuned on validation text after training (`training/cache.py`) and
+ship in the bundle manifest's `continuous_cache` block. The server's `Score` applies it on
+request; this module is the one implementation that both use, so the tuned figures are the
+served ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """The cache's three settings (the manifest spells `lam` as `lambda`)."""
+
+    window: int  # pairs remembered
+    theta: float  # sharpness of the recall over feature dot products
+    lam: float  # the cache's share of the mixture
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer of at least 1, not {self.window!r}")
+        if not self.theta > 0 or self.theta == float("inf"):
+            raise ValueError(f"theta must be a positive finite number, not {self.theta!r}")
+        if not 0 < self.lam < 1:
+            raise ValueError(f"lambda must be between 0 and 1 (exclusive), not {self.lam!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "theta": self.theta, "lambda": self.lam}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheParams:
+        """From a manifest's or checkpoint's block; ValueError names a missing or bad field."""
+        missing = [k for k in ("window", "theta", "lambda") if k not in data]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        for key in ("theta", "lambda"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number, not {value!r}")
+        return cls(data["window"], float(data["theta"]), float(data["lambda"]))
+
+
+class ContinuousCache:
+    """One document's cache. Feed it the document's positions in order, in chunks of any size."""
+
+    def __init__(self, window: int, theta: float, hidden: int) -> None:
+        self.window = window
+        self.theta = theta
+        self.keys = np.empty((0, hidden), dtype=np.float32)  # the last `window` features
+        self.values = np.empty(0, dtype=np.int64)  # the token that followed each
+
+    def recall(self, features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`p_cache` of each target `[n]` (float64) and whether the cache held anything there;
+        then remember the chunk's pairs. `features` `[n, hidden]`, `targets` `[n]`."""
+        n, held = len(targets), len(self.values)
+        keys = np.concatenate((self.keys, features.astype(np.float32, copy=False)))
+        values = np.concatenate((self.values, targets.astype(np.int64, copy=False)))
+        # Chunk position j is document position held + j; it sees the pairs before it, at
+        # most `window` back.
+        col = np.arange(held + n)[None, :]
+        row = held + np.arange(n)[:, None]
+        visible = (col < row) & (col >= row - self.window)
+        scores = np.where(visible, self.theta * (features @ keys.T).astype(np.float64), -np.inf)
+        seen = np.any(visible, axis=1, keepdims=False)
+        top = np.where(seen, scores.max(axis=1, initial=-np.inf), 0.0)
+        weights = np.exp(scores - top[:, None])
+        total = weights.sum(axis=1)
+        hits = np.where(values[None, :] == targets[:, None], weights, 0.0).sum(axis=1)
+        p = np.divide(hits, total, out=np.zeros(n), where=seen)
+        self.keys, self.values = keys[-self.window :], values[-self.window :]
+        return p, seen
+
+
+def mix(logprobs: np.ndarray, p_cache: np.ndarray, seen: np.ndarray, lam: float) -> np.ndarray:
+    """float32 log p of each target under the mixture; the model's alone where nothing was seen."""
+    mixed = np.log((1.0 - lam) * np.exp(logprobs.astype(np.float64)) + lam * p_cache)
+    return np.where(seen, mixed, logprobs).astype(np.float32)

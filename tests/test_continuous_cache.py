@@ -1,0 +1,211 @@
+"""The continuous cache's arithmetic against a plain per-position reference (no torch)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from server.continuous_cache import CacheParams, ContinuousCache, mix
+
+
+def reference(features: np.ndarray, targets: np.ndarray, window: int, theta: float, vocab: int):
+    """[T, vocab]: the cache's distribution at each position, one position at a time."""
+    out = np.zeros((len(targets), vocab))
+    for t in range(len(targets)):
+        keys = range(max(0, t - window), t)
+        if not keys:
+            continue
+        scores = np.array([theta * float(features[t] @ features[i]) for i in keys])
+        weights = np.exp(scores - scores.max())
+        for w, i in zip(weights / weights.sum(), keys, strict=True):
+            out[t, targets[i]] += w
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+def test_recall_equals_the_reference_in_any_chunking(chunk: int) -> None:
+    rng = np.random.default_rng(0)
+    vocab, n, window, theta = 6, 40, 9, 0.7
+    features = rng.normal(size=(n, 5)).astype(np.float32)
+    targets = rng.integers(0, vocab, size=n)
+    expected = reference(features, targets, window, theta, vocab)
+    cache = ContinuousCache(window, theta, hidden=5)
+    parts = [
+        cache.recall(features[i : i + chunk], targets[i : i + chunk]) for i in range(0, n, chunk)
+    ]
+    p_cache = np.concatenate([p for p, _ in parts])
+    seen = np.concatenate([s for _, s in parts])
+    np.testing.assert_allclose(p_cache, expected[np.arange(n), targets], rtol=1e-5, atol=1e-9)
+    assert not seen[0] and seen[1:].all()
+    # The recall is a distribution over the tokens held, so the mixture is one too.
+    np.testing.assert_allclose(expected[1:].sum(axis=1), 1.0)
+    assert len(cache.values) == window
+
+
+def test_mix_is_the_model_alone_while_the_cache_is_empty() -> None:
+    logprobs = np.log(np.array([0.5, 0.25, 0.1], dtype=np.float32))
+    p_cache = np.array([0.0, 1.0, 0.2])
+    seen = np.array([False, True, True])
+    mixed = mix(logprobs, p_cache, seen, lam=0.2)
+    np.testing.assert_allclose(np.exp(mixed), [0.5, 0.8 * 0.25 + 0.2, 0.8 * 0.1 + 0.2 * 0.2])
+    assert mixed.dtype == np.float32
+
+
+def test_params_from_a_manifest_block() -> None:
+    params = CacheParams.from_dict({"window": 500, "theta": 0.5, "lambda": 0.15, "other": 1})
+    assert params == CacheParams(500, 0.5, 0.15)
+    assert params.to_dict() == {"window": 500, "theta": 0.5, "lambda": 0.15}
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"window": 500, "theta": 0.5}, "missing lambda"),
+        ({"window": 0, "theta": 0.5, "lambda": 0.1}, "window must be an integer of at least 1"),
+        ({"window": True, "theta": 0.5, "lambda": 0.1}, "window must be an integer"),
+        ({"window": 5, "theta": -1, "lambda": 0.1}, "theta must be a positive finite number"),
+        ({"window": 5, "theta": "big", "lambda": 0.1}, "theta must be a number"),
+        ({"window": 5, "theta": 0.5, "lambda": 1.0}, "lambda must be between 0 and 1"),
+    ],
+)
+def test_bad_params_name_the_field(block: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CacheParams.from_dict(block)
+
+
+# -- tuned after training, shipped in the bundle, served by Score ------------------------------
+
+# Lines the tiny grammar never produces, each repeated: what the model cannot predict and the
+# cache can, so tuning finds a setting that helps.
+VALID = "the moon calls a red house .\n" * 3 + "a child hears the small boat .\n" * 3
+TEST = "my friend finds the river .\n" * 4
+TEXTS = ["the moon calls a red house . the moon calls a red house .", "a child hears the boat ."]
+# Longer than a prefill chunk (128 tokens): the cache carries across the document's chunks.
+LONG = " ".join(TEXTS * 15)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_checkpoint_factory, tmp_path_factory: pytest.TempPathFactory):
+    """(checkpoint, bundle): the tiny word LSTM with a cache tuned on VALID, exported."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from exporter.export import export_bundle
+    from training.cache import tune, write_block
+    from training.checkpoint import load_checkpoint
+    from training.data import encode
+
+    root = tmp_path_factory.mktemp("cached")
+    directory = root / "checkpoint"
+    shutil.copytree(tiny_checkpoint_factory("lstm", "word"), directory)
+    checkpoint = load_checkpoint(directory)
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    block = tune(checkpoint.model, encode(tokenizer, VALID), encode(tokenizer, TEST))
+    write_block(directory, block)
+    bundle = export_bundle(directory, root / "models" / "tiny-cached", name="tiny-cached")
+    return load_checkpoint(directory), bundle
+
+
+def test_tuning_records_a_setting_that_helps(cached) -> None:
+    checkpoint, bundle = cached
+    block = checkpoint.continuous_cache
+    assert block["valid_perplexity"] < block["valid_perplexity_without"]
+    assert block["test_perplexity"] < block["test_perplexity_without"]
+    assert block["window"] in (100, 200, 500, 1000, 2000)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["continuous_cache"] == block
+
+
+def expected_scores(checkpoint, ids: list[int], params: CacheParams) -> np.ndarray:
+    """PyTorch's log-probs of `ids` after eos, mixed by the per-position reference."""
+    import torch
+
+    eos = checkpoint.special_tokens["eos"]
+    tokens = torch.tensor([[eos, *ids[:-1]]])
+    with torch.no_grad():
+        features, _ = checkpoint.model.features(tokens, checkpoint.model.initial_state(1))
+        logprobs = torch.log_softmax(checkpoint.model.logits(features)[0].double(), -1).numpy()
+    # Position t's features predict ids[t]; the pair (features[t], ids[t]) joins the cache.
+    recalled = reference(
+        features[0].numpy(), np.array(ids), params.window, params.theta, logprobs.shape[1]
+    )
+    model_p = np.exp(logprobs[np.arange(len(ids)), ids])
+    mixed = (1 - params.lam) * model_p + params.lam * recalled[np.arange(len(ids)), ids]
+    mixed[0] = model_p[0]  # the cache is empty at the first token
+    return np.log(mixed)
+
+
+def test_score_with_the_cache_equals_pytorch_mixed_by_the_reference(cached) -> None:
+    from test_server import LiveServer, config
+    from tokenizers import Tokenizer
+
+    from rnnlm.client import Client
+
+    checkpoint, bundle = cached
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    params = CacheParams.from_dict(checkpoint.continuous_cache)
+    server = LiveServer(config(bundle.parent))
+    try:
+        with Client(server.target, timeout=30) as client:
+            (info,) = client.list_models()
+            assert info.continuous_cache.window == params.window
+            assert info.continuous_cache.mixture_weight == pytest.approx(params.lam)
+            plain = client.score(TEXTS, return_token_logprobs=True)
+            texts = [*TEXTS, LONG]
+            response = client.score(texts, return_token_logprobs=True, continuous_cache=True)
+    finally:
+        server.close()
+    for text, result in zip(texts, response.results, strict=True):
+        ids = tokenizer.encode(text).ids
+        expected = expected_scores(checkpoint, ids, params)
+        got = [t.logprob for t in result.token_logprobs]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+        assert result.log_prob == pytest.approx(expected.sum(), rel=1e-4, abs=1e-3)
+    # The first text repeats itself, so the cache lowers its perplexity.
+    assert response.results[0].perplexity < plain.results[0].perplexity
+
+
+def test_score_with_the_cache_is_the_same_batched_or_not(cached) -> None:
+    import asyncio
+
+    from server.bundle import load_bundle
+    from server.engine import Engine, EngineConfig
+
+    _, path = cached
+    bundle = load_bundle(path)
+    ids = bundle.tokenizer.encode(" ".join(TEXTS * 6)).ids
+
+    async def scores(batching: bool) -> list[np.ndarray]:
+        engine = Engine(bundle, EngineConfig(batching=batching, prefill_chunk=8))
+        await engine.start()
+        try:
+            # Together with uncached scores of the same text, which share the runs.
+            work = [engine.score(ids[: 20 + i * 7], i % 2 == 0) for i in range(6)]
+            return await asyncio.gather(*work)
+        finally:
+            await engine.close()
+
+    for on, off in zip(asyncio.run(scores(True)), asyncio.run(scores(False)), strict=True):
+        np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_without_a_cache_refuses_it(default_bundle) -> None:
+    import grpc
+    from test_server import LiveServer, config
+
+    from rnnlm.client import Client
+
+    server = LiveServer(config(default_bundle.parent))
+    try:
+        with Client(server.target, timeout=30) as client:
+            (info,) = client.list_models()
+            assert not info.HasField("continuous_cache")
+            with pytest.raises(grpc.RpcError) as e:
+                client.score("the cat sees the moon .", continuous_cache=True)
+    finally:
+        server.close()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has no continuous cache" in e.value.details()

@@ -1,0 +1,184 @@
+"""Tune a trained model's continuous cache on validation text, and measure it on test text.
+
+The cache (`server/continuous_cache.py`, Grave et al. 2017) mixes the model's next-token
+probability with a recall of the tokens that followed similar contexts earlier in the same
+text. It has three settings and no weights: this module scores the validation text once in one
+stream with the state carried (as the server's `Score` reads a document), tries every setting
+of a small grid on it with the server's own implementation, and records the best with its
+validation and test perplexities, with and without the cache, in the checkpoint's
+`config.json` (`continuous_cache`), which the exporter copies into the bundle manifest.
+
+`rnnlm train --continuous-cache` runs it at the end of training; for an existing checkpoint:
+
+    python -m training.cache runs/word-small [--corpus FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from server.continuous_cache import CacheParams, ContinuousCache, mix
+from training import checkpoint as ckpt
+from training.data import CorpusError, encode, load_corpus
+from training.model import RNNLM
+
+WINDOWS = (100, 200, 500, 1000, 2000)
+THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+CHUNK = 256  # positions per forward and per cache recall
+
+
+def document_outputs(model: RNNLM, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Features `[T, H]`, target log-probs `[T]` and targets `[T]` of one stream of ids."""
+    was_training = model.training
+    model.eval()
+    tokens, targets = ids[:-1].view(1, -1), ids[1:].view(1, -1)
+    state = model.initial_state(1, ids.device)
+    features, logprobs = [], []
+    with torch.no_grad():
+        for start in range(0, tokens.size(1), CHUNK):
+            x, y = tokens[:, start : start + CHUNK], targets[:, start : start + CHUNK]
+            f, state = model.features(x, state)
+            lp = F.log_softmax(model.logits(f).float(), dim=-1).gather(-1, y[..., None])
+            features.append(f[0].float())
+            logprobs.append(lp[0, :, 0])
+    model.train(was_training)
+    return (
+        torch.cat(features).cpu().numpy(),
+        torch.cat(logprobs).cpu().numpy(),
+        targets[0].cpu().numpy(),
+    )
+
+
+def _recalled(outputs: tuple[np.ndarray, ...], window: int, theta: float) -> tuple[np.ndarray, ...]:
+    """`p_cache` and `seen` of every position, fed in chunks as the server feeds a document."""
+    features, _, targets = outputs
+    cache = ContinuousCache(window, theta, features.shape[1])
+    parts = [
+        cache.recall(features[i : i + CHUNK], targets[i : i + CHUNK])
+        for i in range(0, len(targets), CHUNK)
+    ]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
+
+
+def cache_loss(outputs: tuple[np.ndarray, ...], params: CacheParams) -> float:
+    """Mean negative log-likelihood per token with the cache mixed in."""
+    p_cache, seen = _recalled(outputs, params.window, params.theta)
+    return -float(np.mean(mix(outputs[1], p_cache, seen, params.lam), dtype=np.float64))
+
+
+def tune(model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None) -> dict | None:
+    """The grid's best setting on `valid`, with its figures (and `test`'s when given); None
+    when no setting lowers validation perplexity (a cache that does not help is not shipped)."""
+    valid_out = document_outputs(model, valid)
+    without = -float(np.mean(valid_out[1], dtype=np.float64))
+    best: tuple[float, CacheParams] | None = None
+    for window, theta in itertools.product(WINDOWS, THETAS):
+        p_cache, seen = _recalled(valid_out, window, theta)
+        for lam in LAMBDAS:
+            loss = -float(np.mean(mix(valid_out[1], p_cache, seen, lam), dtype=np.float64))
+            if best is None or loss < best[0]:
+                best = (loss, CacheParams(window, theta, lam))
+    assert best is not None
+    loss, params = best
+    if loss >= without:
+        return None
+    block = {
+        **params.to_dict(),
+        "tuned_on": "validation, one stream, state carried",
+        "valid_perplexity": math.exp(loss),
+        "valid_perplexity_without": math.exp(without),
+    }
+    if test is not None:
+        test_out = document_outputs(model, test)
+        block["test_perplexity"] = math.exp(cache_loss(test_out, params))
+        block["test_perplexity_without"] = math.exp(-float(np.mean(test_out[1], dtype=np.float64)))
+    return block
+
+
+def describe(block: dict | None) -> str:
+    """One log line: the setting and its figures."""
+    if block is None:
+        return "continuous cache: no setting lowers validation perplexity; none recorded"
+    figures = [
+        f"{split} ppl {block[f'{split}_perplexity_without']:.2f} -> "
+        f"{block[f'{split}_perplexity']:.2f}"
+        for split in ("valid", "test")
+        if f"{split}_perplexity" in block
+    ]
+    return (
+        f"continuous cache: window {block['window']}, theta {block['theta']}, lambda "
+        f"{block['lambda']} | " + " | ".join(figures)
+    )
+
+
+def write_block(directory: Path, block: dict | None) -> None:
+    """Record the tuned cache (None: remove any) in the checkpoint's config.json, written
+    whole and then renamed."""
+    data = ckpt.read_config(directory)
+    data.pop("continuous_cache", None)
+    if block is not None:
+        data["continuous_cache"] = block
+    path = Path(directory) / ckpt.CONFIG_FILE
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staged.write_text(json.dumps(data, indent=2) + "\n")
+    staged.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.cache",
+        description="Tune a checkpoint's continuous cache on its validation text and record it "
+        "in its config.json (the exporter ships it in the bundle).",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a directory `rnnlm train` wrote")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        help="the corpus the run was trained on, where its recorded path no longer reaches it",
+    )
+    args = parser.parse_args(argv)
+    try:
+        loaded = ckpt.load_checkpoint(args.checkpoint)
+        targs = loaded.train_args
+        if args.corpus or targs.get("corpus"):
+            corpus_path = Path(args.corpus or targs["corpus"])
+            corpus = load_corpus(corpus_path, split=targs.get("split") or "lines")
+        else:
+            files = [targs.get(k) for k in ("train", "valid", "test")]
+            if not all(files):
+                raise CorpusError(f"{args.checkpoint} records no corpus: give --corpus FILE")
+            corpus_path = Path(files[0])
+            corpus = load_corpus(None, *(Path(f) for f in files))
+    except (ckpt.CheckpointError, CorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    recorded = loaded.provenance.get("corpus_sha256")
+    if recorded and recorded != corpus.sha256:
+        print(
+            f"error: {corpus_path}: not the corpus {args.checkpoint} was trained on "
+            f"(sha256 {corpus.sha256[:12]}..., the checkpoint has {recorded[:12]}...)",
+            file=sys.stderr,
+        )
+        return 2
+    tokenizer = Tokenizer.from_file(str(loaded.tokenizer_path))
+    test = None if corpus.test_is_valid else encode(tokenizer, corpus.test)
+    block = tune(loaded.model, encode(tokenizer, corpus.valid), test)
+    write_block(args.checkpoint, block)
+    print(describe(block))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
