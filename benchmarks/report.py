@@ -265,7 +265,10 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
     lines += _table(["cached context tokens", "p50 ms", "p90 ms", "p99 ms", "tokens sent"], rows)
 
     lines += ["### Score", ""]
-    lines += _score_table({"server Score": on.get("score"), "bare onnxruntime": bare.get("score")})
+    scores = {"server Score": on.get("score")}
+    if on.get("score_cached"):
+        scores["server Score, continuous cache"] = on.get("score_cached")
+    lines += _score_table({**scores, "bare onnxruntime": bare.get("score")})
 
     lines += ["### Generate: aggregate tokens/s", ""]
     b64 = (bare.get(f"step_{large}") or {}).get("tokens_per_s")

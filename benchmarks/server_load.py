@@ -90,6 +90,7 @@ async def _measure_server(
                 "version": info.version,
                 "provider": info.provider,
                 "precision": info.precision,
+                "continuous_cache": info.HasField("continuous_cache"),
             }
             out["rss_mb_after_load"] = child.rss_mb()
             mode = "batching on" if batching else "batching off"
@@ -99,8 +100,10 @@ async def _measure_server(
                 lengths = ", ".join(str(n) for n in plan.context_lengths)
                 say(f"server ({mode}): PredictNext extending {lengths}-token contexts")
                 out["predict_context"] = await _predict_contexts(stub, workload, plan)
-                say(f"server ({mode}): Score, {plan.score_tokens} tokens")
-                out["score"] = await _score(stub, workload, plan)
+                cached = info.HasField("continuous_cache")
+                also = " (trials alternating with the continuous cache)" if cached else ""
+                say(f"server ({mode}): Score, {plan.score_tokens} tokens{also}")
+                out["score"], out["score_cached"] = await _score(stub, workload, plan, cached)
             out["generate"] = {}
             for c in plan.concurrency:
                 say(f"server ({mode}): Generate, {c} streams")
@@ -218,31 +221,39 @@ async def _predict_contexts(
 # -- Score ---------------------------------------------------------------------------------
 
 
-async def _score(stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan) -> dict[str, Any]:
-    """One Score call with the whole document per trial; tokens/s as the client sees it."""
+async def _score(
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, with_cache: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One Score call with the whole document per trial; tokens/s as the client sees it. With
+    `with_cache`, each trial also scores it with the continuous cache, the two alternating, and
+    the second summary is that (else None)."""
     ids = workload.score_ids(plan.score_tokens)
     text = workload.text(ids)
     warm = workload.text(ids[: plan.score_chunk * 2])
-    await stub.Score(pb.ScoreRequest(texts=[warm]), timeout=CALL_SLACK_SECONDS)
+    variants = (False, True) if with_cache else (False,)
+    for cached in variants:
+        request = pb.ScoreRequest(texts=[warm], continuous_cache=cached)
+        await stub.Score(request, timeout=CALL_SLACK_SECONDS)
     # One call cannot stop early: it gets ten times the in-process scoring budget.
     timeout = max(CALL_SLACK_SECONDS, 10 * plan.score_budget_s)
-    trials = []
+    trials: dict[bool, list[dict[str, float]]] = {cached: [] for cached in variants}
     for _ in range(plan.trials):
-        start = time.perf_counter()
-        reply = await stub.Score(pb.ScoreRequest(texts=[text]), timeout=timeout)
-        seconds = time.perf_counter() - start
-        result = reply.results[0]
-        trials.append(
-            {
-                "seconds": seconds,
-                "tokens": float(result.num_tokens),
-                "tokens_per_s": result.num_tokens / seconds,
-                "log_prob": result.log_prob,
-            }
-        )
-    summary = over_trials(trials)
-    summary["text_chars"] = len(text)
-    return summary
+        for cached in variants:
+            request = pb.ScoreRequest(texts=[text], continuous_cache=cached)
+            start = time.perf_counter()
+            reply = await stub.Score(request, timeout=timeout)
+            seconds = time.perf_counter() - start
+            result = reply.results[0]
+            trials[cached].append(
+                {
+                    "seconds": seconds,
+                    "tokens": float(result.num_tokens),
+                    "tokens_per_s": result.num_tokens / seconds,
+                    "log_prob": result.log_prob,
+                }
+            )
+    summaries = {c: {**over_trials(t), "text_chars": len(text)} for c, t in trials.items()}
+    return summaries[False], summaries.get(True)
 
 
 # -- Generate ------------------------------------------------------------------------------

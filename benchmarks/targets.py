@@ -218,6 +218,14 @@ def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
             "needs the in-process engine and a batch-64 step",
         ),
         (
+            "score_with_cache",
+            "server Score with the continuous cache / without (when the model has one)",
+            get(*on, "score_cached", "tokens_per_s"),
+            get(*on, "score", "tokens_per_s"),
+            "tokens/s with / without, trials alternating",
+            "the model has no continuous cache",
+        ),
+        (
             "server_vs_engine",
             "the server / the engine in-process, Generate at 64 streams",
             gen64,

@@ -9,6 +9,7 @@ each one is there, that the targets are computed, and that every scorer scored t
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,6 +37,7 @@ DIAGNOSTICS = {
     "step_after_idle",
     "predict_next_vs_idle_floor",
     "engine_vs_bare",
+    "score_with_cache",
     "server_vs_engine",
 }
 HEADINGS = (
@@ -70,12 +72,18 @@ def bench_run(
     int8 = export_bundle(
         checkpoint, tmp / "tiny-int8", quantize="int8", max_perplexity_change=100.0
     )
+    # A continuous cache in the manifest (which no hash covers), so cached Score is measured.
+    bundle = tmp / "tiny-lstm-word"
+    shutil.copytree(default_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["continuous_cache"] = {"window": 50, "theta": 0.5, "lambda": 0.1}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     out = tmp / "results"
     code = main(
         [
             "bench",
             "--bundle",
-            str(default_bundle),
+            str(bundle),
             "--checkpoint",
             str(checkpoint),
             "--int8-bundle",
@@ -128,11 +136,13 @@ def test_every_scorer_scored_the_same_document(bench_run: tuple[Path, dict[str, 
     bare = r["bare"]["score"]
     scorers = [
         r["server"]["batching_on"]["score"],
+        r["server"]["batching_on"]["score_cached"],
         r["torch"]["onednn_on"]["score"],
         r["torch"]["onednn_off"]["score"],
     ]
     for scored in scorers:
         assert scored["tokens"] == bare["tokens"] == 2000
+    for scored in (scorers[0], *scorers[2:]):
         assert scored["log_prob"] == pytest.approx(bare["log_prob"], rel=1e-4)
 
 
