@@ -82,6 +82,7 @@ def score_trial(
     targets = ids.astype(np.int64)[None, :]
     names = [s.input for s in bundle.state]
     has_targets = any(i.name == "targets" for i in graph.get_inputs())
+    wanted = ["target_logprobs", *(s.output for s in bundle.state)]  # not the features
     state: list[np.ndarray] = list(bundle.zero_state(1))
     total, n = 0.0, 0
     start = time.perf_counter()
@@ -91,7 +92,7 @@ def score_trial(
         want = targets[:, i : i + chunk]
         if has_targets:
             feeds["targets"] = want
-            picked, *state = graph.run(None, feeds)
+            picked, *state = graph.run(wanted, feeds)
         else:  # a bundle without score.onnx: reduce the step graph's logits, as the engine does
             logits, _, *state = graph.run(None, feeds)
             picked = np.take_along_axis(log_softmax(logits), want[..., None], axis=-1)[..., 0]

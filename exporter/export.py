@@ -79,16 +79,18 @@ class StepGraph(nn.Module):
 
 
 class ScoreGraph(nn.Module):
-    """tokens, targets, *states -> log-prob of each target, *final states (the score graph)."""
+    """tokens, targets, *states -> log-prob of each target, features, *final states (the score
+    graph; the features are what a continuous cache recalls by)."""
 
     def __init__(self, model: RNNLM) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, tokens: Tensor, targets: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        logits, final = self.model(tokens, state)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return (logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), *final)
+        features, final = self.model.features(tokens, state)
+        logprobs = torch.log_softmax(self.model.logits(features), dim=-1)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (picked, features, *final)
 
 
 def graph_io(model: RNNLM, graph: str) -> tuple[list[str], list[str]]:
@@ -98,7 +100,7 @@ def graph_io(model: RNNLM, graph: str) -> tuple[list[str], list[str]]:
     state_out = [f"{s}n" for s in states]
     if graph == "step":
         return ["tokens", *state_in], ["logits", "features", *state_out]
-    return ["tokens", "targets", *state_in], ["target_logprobs", *state_out]
+    return ["tokens", "targets", *state_in], ["target_logprobs", "features", *state_out]
 
 
 def export_graph(model: RNNLM, graph: str) -> bytes:

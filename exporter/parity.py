@@ -126,5 +126,6 @@ def _torch_run(
             first = [logits, features]
         else:
             targets = torch.from_numpy(data[1]).unsqueeze(-1)
-            first = [torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)]
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
+            first = [picked, features]
     return [t.numpy() for t in (*first, *final)]

@@ -250,7 +250,8 @@ def _score_run(
     state = _zero_state(state_shapes)
     logprobs = []
     for tokens, targets in _chunks(ids):
-        out, *state = session.run(None, dict(zip(names, [tokens, targets, *state], strict=True)))
+        out, *rest = session.run(None, dict(zip(names, [tokens, targets, *state], strict=True)))
+        state = rest[-len(state_shapes) :]  # after the features of a current score graph
         logprobs.append(out[0].astype(np.float64))
     return np.concatenate(logprobs)
 

@@ -15,9 +15,9 @@ causal, so outputs at the real positions do not see the padding after them.
 
 Which graph serves which work: generation and next-token requests feed prompts through the
 step graph (the last chunk's last logits are what they need); scoring feeds documents through
-the score graph, which returns only the targets' log-probs, or with a continuous cache through
-the step graph, whose `features` the cache recalls by; embedding reads the step graph's
-`features`.
+the score graph, which returns only the targets' log-probs and the features a continuous cache
+recalls by (bundles whose score graph predates the cache score with it on the step graph);
+embedding reads the step graph's `features`.
 
 A step runs every decode token but at most one run's worth of prompt and document chunk
 tokens (`run_elements`, rows taking turns), so long documents cannot stall the streams.
@@ -65,8 +65,9 @@ class Runner(Protocol):
 
     def score(
         self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """tokens, targets [B, T] -> log-prob of each target [B, T], final states."""
+    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
+        """tokens, targets [B, T] -> log-prob of each target [B, T], features [B, T, H] (None
+        from a score graph exported before the continuous cache), final states."""
         ...
 
 
@@ -204,8 +205,9 @@ class GenerateRequest(Request):
 class ScoreRequest(Request):
     """Log-probs of a document's tokens. Delivers float32 [n] (the preset first entry kept).
 
-    With a continuous cache the document runs on the step graph, whose features the cache
-    recalls by, and each log-prob is the mixture's (`server/continuous_cache.py`)."""
+    With a continuous cache each log-prob is the mixture's (`server/continuous_cache.py`); the
+    cache recalls by the features, so a bundle whose score graph has none runs it on the step
+    graph (`graph`)."""
 
     def __init__(
         self,
@@ -215,18 +217,22 @@ class ScoreRequest(Request):
         out: np.ndarray,
         deliver: Callable[[object], None],
         cache: tuple[ContinuousCache, float] | None = None,
+        graph: str = SCORE,
     ) -> None:
         super().__init__(feed, state, deliver)
         self.targets = targets
         self.out = out  # out[0] is set by the engine; out[1 + i] is the log-prob of targets[i]
         self.cache = cache  # the document's cache and its share of the mixture
+        self.graph = graph
 
     def work(self, chunk: int) -> Work | None:
         n = min(len(self.feed) - self.fed, chunk)
         end = self.fed + n
-        graph = SCORE if self.cache is None else STEP
         return Work(
-            graph, self.feed[self.fed : end], self.targets[self.fed : end], end < len(self.feed)
+            self.graph,
+            self.feed[self.fed : end],
+            self.targets[self.fed : end],
+            end < len(self.feed),
         )
 
     def absorb(self, logprobs: np.ndarray, features: np.ndarray | None = None) -> bool:
@@ -490,7 +496,7 @@ class Batch:
         states = self.states if full else [s[:, idx, :] for s in self.states]
         try:
             if targets is not None:
-                logprobs, new = runner.score(tokens, targets, states)
+                logprobs, features, new = runner.score(tokens, targets, states)
             else:
                 logits, features, new = runner.step(tokens, states)
         except Exception as e:  # onnxruntime raises several types; the requests must end
@@ -513,18 +519,20 @@ class Batch:
             row = rows[i]
             r = requests[row]
             n = len(works[row].tokens)  # type: ignore[union-attr]
+            row_features = None if features is None else features[i, :n]
             if isinstance(r, ScoreRequest):
                 if targets is None:  # a cached score, on the step graph
                     chunk_targets = r.targets[r.fed : r.fed + n, None]
                     picked = np.take_along_axis(log_softmax(logits[i, :n]), chunk_targets, axis=1)
-                    done = r.absorb(picked[:, 0], features[i, :n])
+                    done = r.absorb(picked[:, 0], row_features)
                 else:
-                    done = r.absorb(logprobs[i, :n])
+                    done = r.absorb(logprobs[i, :n], row_features)
                 if done:
                     r.done = True
                     events.append((r, r.out))
             elif isinstance(r, EmbedRequest):
-                if r.absorb(features[i, :n]):
+                assert row_features is not None, "embeddings run on the step graph"
+                if r.absorb(row_features):
                     r.done = True
                     events.append((r, r.result()))
             elif r.advance(n):

@@ -79,6 +79,12 @@ class Bundle:
     score_graph: Path | None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
 
+    @property
+    def score_features(self) -> bool:
+        """Whether the score graph also outputs `features` (bundles exported since the
+        continuous cache), so cached scoring can run on it."""
+        return self.score_graph is not None and "features" in self.graph_io("score")[1]
+
     def graph_file(self, graph: str) -> Path:
         """The file of graph `step` or `score`."""
         if graph == "step":
@@ -145,6 +151,7 @@ class Bundle:
         else:
             io["targets"] = ("tensor(int64)", [None, None])
             io["target_logprobs"] = (fp, [None, None])
+            io["features"] = (fp, [None, None, self.hidden])
         return io
 
 
@@ -379,12 +386,14 @@ def _read_graph(
     inputs = r.names(spec, "inputs", where)
     outputs = r.names(spec, "outputs", where)
     data_in = ["tokens"] if kind == "step" else ["tokens", "targets"]
-    data_out = ["logits", "features"] if kind == "step" else ["target_logprobs"]
+    data_out = ["logits", "features"] if kind == "step" else ["target_logprobs", "features"]
     want_in = data_in + [s.input for s in state]
     want_out = data_out + [s.output for s in state]
+    # Score graphs exported before the continuous cache have no `features`.
+    earlier = ["target_logprobs"] + [s.output for s in state] if kind == "score" else want_out
     if inputs != want_in:
         raise r.fail(f"{where}inputs {inputs} must be {want_in}")
-    if outputs != want_out:
+    if outputs not in (want_out, earlier):
         raise r.fail(f"{where}outputs {outputs} must be {want_out}")
     return directory / file
 

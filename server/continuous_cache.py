@@ -21,6 +21,7 @@ served ones.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,20 +75,32 @@ class ContinuousCache:
         n, held = len(targets), len(self.values)
         keys = np.concatenate((self.keys, features.astype(np.float32, copy=False)))
         values = np.concatenate((self.values, targets.astype(np.int64, copy=False)))
-        # Chunk position j is document position held + j; it sees the pairs before it, at
-        # most `window` back.
-        col = np.arange(held + n)[None, :]
-        row = held + np.arange(n)[:, None]
-        visible = (col < row) & (col >= row - self.window)
-        scores = np.where(visible, self.theta * (features @ keys.T).astype(np.float64), -np.inf)
-        seen = np.any(visible, axis=1, keepdims=False)
-        top = np.where(seen, scores.max(axis=1, initial=-np.inf), 0.0)
-        weights = np.exp(scores - top[:, None])
-        total = weights.sum(axis=1)
-        hits = np.where(values[None, :] == targets[:, None], weights, 0.0).sum(axis=1)
+        hidden, seen = _masks(n, held, self.window)
+        scores = features.astype(np.float32, copy=False) @ keys.T
+        scores *= np.float32(self.theta)
+        np.putmask(scores, hidden, -np.inf)
+        top = np.where(seen, scores.max(axis=1, initial=-np.inf), np.float32(0.0))
+        weights = np.exp(scores - top[:, None], out=scores)
+        total = weights.sum(axis=1, dtype=np.float64)
+        weights *= values[None, :] == targets[:, None]
+        hits = weights.sum(axis=1, dtype=np.float64)
         p = np.divide(hits, total, out=np.zeros(n), where=seen)
         self.keys, self.values = keys[-self.window :], values[-self.window :]
         return p, seen
+
+
+@functools.lru_cache(maxsize=64)
+def _masks(n: int, held: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which of `held + n` pairs each of a chunk's `n` positions must not see (a pair at or
+    after it, or more than `window` back), and whether it sees any. A document's chunks after
+    the first few all have the same `(n, held)`, so the masks are kept."""
+    col = np.arange(held + n)[None, :]
+    row = held + np.arange(n)[:, None]
+    visible = (col < row) & (col >= row - window)
+    hidden, seen = ~visible, np.any(visible, axis=1)
+    hidden.setflags(write=False)
+    seen.setflags(write=False)
+    return hidden, seen
 
 
 def mix(logprobs: np.ndarray, p_cache: np.ndarray, seen: np.ndarray, lam: float) -> np.ndarray:

@@ -32,6 +32,8 @@ import onnxruntime as ort
 
 from server.batch import (
     POOLINGS,
+    SCORE,
+    STEP,
     Batch,
     EmbedRequest,
     Event,
@@ -156,19 +158,20 @@ class _Sessions:
 
     def score(
         self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
         if self._score is None:
             # A bundle without a score graph: the step graph's logits, reduced here.
-            logits, _, new = self.step(tokens, states)
+            logits, features, new = self.step(tokens, states)
             picked = np.take_along_axis(log_softmax(logits), targets[..., None], axis=-1)
-            return picked[..., 0], new
+            return picked[..., 0], features, new
         feeds = dict(zip(self._state_inputs, states, strict=True))
         feeds["tokens"] = tokens
         feeds["targets"] = targets
-        logprobs, *new = self._score.run(None, feeds)
+        logprobs, *rest = self._score.run(None, feeds)
         if self.metrics is not None:
             self.metrics.observe_batch(len(tokens))
-        return logprobs, new
+        new = rest[-len(self._state_inputs) :]
+        return logprobs, rest[0] if len(rest) > len(new) else None, new
 
 
 class TokenStream:
@@ -300,6 +303,7 @@ class Engine:
         self.metrics = metrics
         self.provider = ""  # the execution provider in use, known after start()
         self.cache = StateCache(self.config.state_cache_bytes, metrics)
+        self._score_lacks_features = bundle.score_graph is not None and not bundle.score_features
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._closing = False
@@ -431,8 +435,13 @@ class Engine:
             recall = ContinuousCache(params.window, params.theta, self.bundle.hidden)
             recall.recall(root.features, ids[:1])  # remember that ids[0] followed eos
             cache = (recall, params.lam)
+        # The cache needs features: a score graph exported before it has none, so such a
+        # bundle's cached scores run on the step graph.
+        graph = STEP if cache is not None and self._score_lacks_features else SCORE
         result = await self._call(
-            functools.partial(ScoreRequest, ids[:-1], ids[1:], root.state, out, cache=cache)
+            functools.partial(
+                ScoreRequest, ids[:-1], ids[1:], root.state, out, cache=cache, graph=graph
+            )
         )
         return _frozen(result)
 

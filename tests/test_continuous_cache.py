@@ -209,3 +209,44 @@ def test_a_model_without_a_cache_refuses_it(default_bundle) -> None:
         server.close()
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "has no continuous cache" in e.value.details()
+
+
+def test_a_score_graph_without_features_scores_the_cache_on_the_step_graph(
+    cached, tmp_path
+) -> None:
+    """Bundles exported before the cache have a score graph without `features`: they still
+    load, and their cached scores (run on the step graph) are the same."""
+    import asyncio
+    import shutil
+
+    import onnx
+
+    from server.bundle import load_bundle, sha256_file
+    from server.engine import Engine, EngineConfig
+
+    _, path = cached
+    old = tmp_path / "tiny-cached"
+    shutil.copytree(path, old)
+    graph = onnx.load(str(old / "score.onnx"), load_external_data=False)
+    (features,) = [o for o in graph.graph.output if o.name == "features"]
+    graph.graph.output.remove(features)
+    (old / "score.onnx").write_bytes(graph.SerializeToString())
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["graphs"]["score"]["outputs"].remove("features")
+    manifest["files"]["score.onnx"] = sha256_file(old / "score.onnx")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+
+    current, earlier = load_bundle(path), load_bundle(old)
+    assert current.score_features and not earlier.score_features
+    ids = current.tokenizer.encode(LONG).ids
+
+    async def scores(bundle) -> list[np.ndarray]:
+        engine = Engine(bundle, EngineConfig(prefill_chunk=16))
+        await engine.start()
+        try:
+            return [await engine.score(ids, cached) for cached in (False, True)]
+        finally:
+            await engine.close()
+
+    for a, b in zip(asyncio.run(scores(current)), asyncio.run(scores(earlier)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -289,8 +289,8 @@ class CountingSessions:
     def score(self, tokens: np.ndarray, targets: np.ndarray, states: Any) -> tuple:
         self.shapes.append(tokens.shape)
         feeds = {"tokens": tokens, "targets": targets, **dict(zip(self.names, states, strict=True))}
-        logprobs, *new = self.score_session.run(None, feeds)
-        return logprobs, new
+        logprobs, features, *new = self.score_session.run(None, feeds)
+        return logprobs, features, new
 
 
 def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:

@@ -51,11 +51,12 @@ def test_onnx_scores_equal_pytorch_across_chunks(
         logits_o, features_o, *onnx_step = step.run(
             None, {"tokens": x, **dict(zip(state_in, onnx_step, strict=True))}
         )
-        logprobs_o, *onnx_score = score.run(
+        logprobs_o, score_features_o, *onnx_score = score.run(
             None, {"tokens": x, "targets": y, **dict(zip(state_in, onnx_score, strict=True))}
         )
         close(logits_o, logits.numpy())
         close(features_o, features.numpy())
+        close(score_features_o, features.numpy())
         close(logprobs_o, logprobs.squeeze(-1).numpy())
         for a, b, expected in zip(onnx_step, onnx_score, torch_state, strict=True):
             close(a, expected.numpy())
