@@ -72,22 +72,26 @@ def _recalled(outputs: tuple[np.ndarray, ...], window: int, theta: float) -> tup
     return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
 
+def _mean_nll(logprobs: np.ndarray) -> float:
+    return -float(np.mean(logprobs, dtype=np.float64))
+
+
 def cache_loss(outputs: tuple[np.ndarray, ...], params: CacheParams) -> float:
     """Mean negative log-likelihood per token with the cache mixed in."""
     p_cache, seen = _recalled(outputs, params.window, params.theta)
-    return -float(np.mean(mix(outputs[1], p_cache, seen, params.lam), dtype=np.float64))
+    return _mean_nll(mix(outputs[1], p_cache, seen, params.lam))
 
 
 def tune(model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None) -> dict | None:
     """The grid's best setting on `valid`, with its figures (and `test`'s when given); None
     when no setting lowers validation perplexity (a cache that does not help is not shipped)."""
     valid_out = document_outputs(model, valid)
-    without = -float(np.mean(valid_out[1], dtype=np.float64))
+    without = _mean_nll(valid_out[1])
     best: tuple[float, CacheParams] | None = None
     for window, theta in itertools.product(WINDOWS, THETAS):
         p_cache, seen = _recalled(valid_out, window, theta)
         for lam in LAMBDAS:
-            loss = -float(np.mean(mix(valid_out[1], p_cache, seen, lam), dtype=np.float64))
+            loss = _mean_nll(mix(valid_out[1], p_cache, seen, lam))
             if best is None or loss < best[0]:
                 best = (loss, CacheParams(window, theta, lam))
     assert best is not None
@@ -103,7 +107,7 @@ def tune(model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None) -> dict |
     if test is not None:
         test_out = document_outputs(model, test)
         block["test_perplexity"] = math.exp(cache_loss(test_out, params))
-        block["test_perplexity_without"] = math.exp(-float(np.mean(test_out[1], dtype=np.float64)))
+        block["test_perplexity_without"] = math.exp(_mean_nll(test_out[1]))
     return block
 
 
