@@ -19,7 +19,8 @@ from server.bundle import load_bundle
 from training.checkpoint import CheckpointError, load_checkpoint
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-RTOL, ATOL = 1e-3, 1e-5
+RTOL, ATOL = 1e-3, 1e-5  # these tests' own comparisons (tiny models round little)
+PARITY_TOLERANCES = (1e-3, 3e-5)  # what the exporter's parity check uses by default
 TEXT = "the cat sees the moon .\na dog likes a red house .\nthe old man calls the small boat .\n"
 
 
@@ -69,7 +70,7 @@ def test_manifest_records_the_export(cell: str, tiny_bundle_factory: Callable[..
     m = bundle.manifest
     assert m["architecture"]["cell"] == cell
     parity = m["parity"]
-    assert (parity["rtol"], parity["atol"]) == (RTOL, ATOL)
+    assert (parity["rtol"], parity["atol"]) == PARITY_TOLERANCES
     assert 0 <= parity["max_abs_error"] < 1e-3
     cases = {(c["graph"], c["batch"], tuple(c["lengths"])) for c in parity["cases"]}
     for graph in ("step", "score"):
