@@ -241,7 +241,7 @@ class ScoreRequest(Request):
         n = len(logprobs)
         if self.cache is not None:
             cache, lam = self.cache
-            assert features is not None, "a cached score runs on the step graph"
+            assert features is not None, "the engine runs a cached score on a graph with features"
             p_cache, seen = cache.recall(features, self.targets[self.fed : self.fed + n])
             logprobs = mix(logprobs, p_cache, seen, lam)
         self.out[1 + self.fed : 1 + self.fed + n] = logprobs

@@ -574,13 +574,17 @@ def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
     if params is None:
         return None
     block = bundle.manifest["continuous_cache"]
-    figures = {
-        key: float(value) if isinstance(value, int | float) else 0.0
-        for key in ("valid_perplexity", "test_perplexity")
-        for value in [block.get(key)]
-    }
+
+    def figure(key: str) -> float:  # informative in the manifest: 0 unless a number
+        value = block.get(key)
+        return float(value) if isinstance(value, int | float) else 0.0
+
     return pb.ContinuousCache(
-        window=params.window, theta=params.theta, mixture_weight=params.lam, **figures
+        window=params.window,
+        theta=params.theta,
+        mixture_weight=params.lam,
+        valid_perplexity=figure("valid_perplexity"),
+        test_perplexity=figure("test_perplexity"),
     )
 
 
