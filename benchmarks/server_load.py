@@ -97,10 +97,13 @@ async def _measure_server(
             if batching:
                 say(f"server ({mode}): PredictNext at concurrency 1")
                 out["predict_c1"] = await _predict_c1(stub, workload, plan)
-                lengths = ", ".join(str(n) for n in plan.context_lengths)
-                say(f"server ({mode}): PredictNext extending {lengths}-token contexts")
-                out["predict_context"] = await _predict_contexts(stub, workload, plan)
                 cached = info.HasField("continuous_cache")
+                lengths = ", ".join(str(n) for n in plan.context_lengths)
+                also = " (and with the continuous cache)" if cached else ""
+                say(f"server ({mode}): PredictNext extending {lengths}-token contexts{also}")
+                out["predict_context"], out["predict_context_cached"] = await _predict_contexts(
+                    stub, workload, plan, cached
+                )
                 also = " (trials alternating with the continuous cache)" if cached else ""
                 say(f"server ({mode}): Score, {plan.score_tokens} tokens{also}")
                 out["score"], out["score_cached"] = await _score(stub, workload, plan, cached)
@@ -139,22 +142,23 @@ async def _wait_serving(channel: grpc.aio.Channel, child: ChildServer) -> None:
 
 
 async def _extensions(
-    stub: pb_grpc.LanguageModelStub, texts: list[str], count: int, end: float
+    stub: pb_grpc.LanguageModelStub, texts: list[str], count: int, end: float, cached: bool
 ) -> tuple[list[float], list[int]]:
     """Send texts[0] untimed (it warms the state cache), then time each following text.
 
     Each text is the one before it plus one token, so each timed call extends a cached context
-    by one token. Returns the latencies and the context lengths the server reported.
+    by one token (`cached`: with the continuous cache). Returns the latencies and the context
+    lengths the server reported.
     """
     await stub.PredictNext(
-        pb.PredictNextRequest(context=texts[0], k=PREDICT_K), timeout=CALL_SLACK_SECONDS
+        pb.PredictNextRequest(context=texts[0], k=PREDICT_K, continuous_cache=cached),
+        timeout=CALL_SLACK_SECONDS,
     )
     samples, lengths = [], []
     for text in texts[1 : count + 1]:
+        request = pb.PredictNextRequest(context=text, k=PREDICT_K, continuous_cache=cached)
         start = time.perf_counter()
-        reply = await stub.PredictNext(
-            pb.PredictNextRequest(context=text, k=PREDICT_K), timeout=CALL_SLACK_SECONDS
-        )
+        reply = await stub.PredictNext(request, timeout=CALL_SLACK_SECONDS)
         now = time.perf_counter()
         samples.append(now - start)
         lengths.append(reply.context_tokens)
@@ -186,7 +190,7 @@ async def _predict_c1(
         end = time.perf_counter() + plan.budget_s
         while len(samples) < plan.predict_calls and time.perf_counter() < end:
             ids, texts = _prefixes(workload, 1, SENTENCE_TOKENS - 1)
-            got, _ = await _extensions(stub, texts, plan.predict_calls - len(samples), end)
+            got, _ = await _extensions(stub, texts, plan.predict_calls - len(samples), end, False)
             for k in range(2, len(got) + 2):
                 key = tuple(ids[:k].tolist())
                 repeated += key in seen
@@ -201,21 +205,30 @@ async def _predict_c1(
 
 
 async def _predict_contexts(
-    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan
-) -> dict[str, dict[str, Any]]:
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, with_cache: bool
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]] | None]:
     """Extending a cached context of each of `plan.context_lengths` tokens by one token per
-    call; the lengths take turns trial by trial, so their ratio compares like conditions."""
-    trials: dict[int, list[dict[str, float]]] = {n: [] for n in plan.context_lengths}
+    call; the lengths take turns trial by trial, so their ratio compares like conditions. With
+    `with_cache`, each length also takes a turn with the continuous cache (the second result,
+    else None)."""
+    variants = (False, True) if with_cache else (False,)
+    trials: dict[tuple[int, bool], list[dict[str, float]]] = {
+        (n, cached): [] for n in plan.context_lengths for cached in variants
+    }
     for _ in range(plan.trials):
-        for length, done in trials.items():
+        for (length, cached), done in trials.items():
             _, texts = _prefixes(workload, length, plan.context_calls)
             end = time.perf_counter() + plan.budget_s
-            samples, lengths = await _extensions(stub, texts, plan.context_calls, end)
+            samples, lengths = await _extensions(stub, texts, plan.context_calls, end, cached)
             trial = latency(samples)
             trial["context_tokens_min"] = float(min(lengths))
             trial["context_tokens_max"] = float(max(lengths))
             done.append(trial)
-    return {str(n): over_trials(done) for n, done in trials.items()}
+    results = [
+        {str(n): over_trials(trials[(n, cached)]) for n in plan.context_lengths}
+        for cached in variants
+    ]
+    return results[0], results[1] if with_cache else None
 
 
 # -- Score ---------------------------------------------------------------------------------

@@ -162,12 +162,14 @@ class Client:
         model_version: str = "",
         state_token: bytes = b"",
         return_state_token: bool = False,
+        continuous_cache: bool = False,
         timeout: float | None = None,
     ) -> pb.PredictNextResponse:
         """The k most likely next tokens after `context`, most likely first.
 
         With `state_token` (from an earlier reply), `context` continues the token's context;
-        `return_state_token` asks for a token for this request's context.
+        `return_state_token` asks for a token for this request's context; `continuous_cache`
+        mixes in the model's recall of the context's own words.
         """
         request = pb.PredictNextRequest(
             model=model,
@@ -177,6 +179,7 @@ class Client:
             partial_word=partial_word,
             state_token=state_token,
             return_state_token=return_state_token,
+            continuous_cache=continuous_cache,
         )
         return self._stub.PredictNext(request, **self._options(timeout))
 

@@ -77,6 +77,11 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("context", nargs="?", default="", help="the text typed so far")
         parser.add_argument("-k", "--k", type=int, default=10, help="number of predictions")
         parser.add_argument("--partial-word", default="", help="letters typed of the next word")
+        parser.add_argument(
+            "--continuous-cache",
+            action="store_true",
+            help="mix in the model's continuous cache (a recall of the context's own words)",
+        )
     elif name == "score":
         parser.add_argument("texts", nargs="*", help="texts to score, each on its own")
         parser.add_argument(
@@ -197,6 +202,7 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         args.context,
         k=args.k,
         partial_word=args.partial_word,
+        continuous_cache=args.continuous_cache,
         model=args.model,
         model_version=args.model_version,
     )

@@ -38,7 +38,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.continuous_cache import ContinuousCache, mix
+from server.continuous_cache import CacheParams, ContinuousCache, mix, next_logprobs
 from server.sampling import GeneratedToken, Sampler, SamplingParams, log_softmax
 from server.state_cache import StateCache
 
@@ -138,6 +138,52 @@ class NextRequest(Request):
         super().__init__(feed, state, deliver)
         self.context = context  # the whole context, the state cache's key ...
         self.key = key  # ... and its hash, when the engine looked it up
+
+
+class RecallNextRequest(Request):
+    """The next-token log-probs after a context with the continuous cache mixed in. Delivers a
+    read-only float32 [V] array.
+
+    The cache recalls by the features of the context's last `window` positions, so the request
+    feeds the context from a state at least that far back (the engine picks it) and keeps the
+    features as they come: `root_features`, the features after eos, lead them when it starts
+    from the root."""
+
+    def __init__(
+        self,
+        context: np.ndarray,
+        feed: np.ndarray,
+        state: State,
+        root_features: np.ndarray | None,
+        params: CacheParams,
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(feed, state, deliver)
+        self.context = context
+        self.params = params
+        self.features = root_features  # the last `window` + 1 features so far
+        self.last_logits: np.ndarray | None = None
+
+    def work(self, chunk: int) -> Work | None:
+        n = min(len(self.feed) - self.fed, chunk)
+        end = self.fed + n
+        return Work(STEP, self.feed[self.fed : end], None, end < len(self.feed))
+
+    def absorb(self, features: np.ndarray, logits: np.ndarray) -> bool:
+        """Take one chunk's features [n, hidden] and its last logits [V]; True when done."""
+        kept = features if self.features is None else np.concatenate((self.features, features))
+        self.features = kept[-(self.params.window + 1) :]  # the pairs' keys and the query
+        self.last_logits = logits
+        self.fed += len(features)
+        return self.fed == len(self.feed)
+
+    def result(self) -> np.ndarray:
+        assert self.last_logits is not None and self.features is not None
+        keys, query = self.features[:-1], self.features[-1]
+        values = self.context[len(self.context) - len(keys) :]  # the token after each key
+        out = next_logprobs(log_softmax(self.last_logits), query, keys, values, self.params)
+        out.setflags(write=False)
+        return out
 
 
 class GenerateRequest(Request):
@@ -533,6 +579,11 @@ class Batch:
             elif isinstance(r, EmbedRequest):
                 assert row_features is not None, "embeddings run on the step graph"
                 if r.absorb(row_features):
+                    r.done = True
+                    events.append((r, r.result()))
+            elif isinstance(r, RecallNextRequest):
+                assert row_features is not None, "it runs on the step graph"
+                if r.absorb(row_features, logits[i, n - 1]):
                     r.done = True
                     events.append((r, r.result()))
             elif r.advance(n):

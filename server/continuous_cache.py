@@ -14,9 +14,10 @@ and the probability of the next token mixes it with the model's:
 `p_cache` is a distribution over the tokens the cache holds, so the mixture is one too; while
 the cache is empty (a text's first token) `p = p_model`. It needs no training: `window`,
 `theta` and `lambda` are tuned on validation text after training (`training/cache.py`) and
-ship in the bundle manifest's `continuous_cache` block. The server's `Score` applies it on
-request; this module is the one implementation that both use, so the tuned figures are the
-served ones.
+ship in the bundle manifest's `continuous_cache` block. The server applies it on request:
+`Score` to every token of a text (`ContinuousCache`), `PredictNext` and `TypingSession` to the
+next token after a context (`next_logprobs`, the whole distribution). This module is the one
+implementation that tuning and serving use, so the tuned figures are the served ones.
 """
 
 from __future__ import annotations
@@ -101,6 +102,27 @@ def _masks(n: int, held: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     hidden.setflags(write=False)
     seen.setflags(write=False)
     return hidden, seen
+
+
+def next_logprobs(
+    logprobs: np.ndarray,
+    query: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    params: CacheParams,
+) -> np.ndarray:
+    """float32 `[V]`: the model's next-token log-probs `logprobs` mixed with the cache's recall,
+    by `query` (the features after the context), of the pairs `keys` `[m, hidden]` (the features
+    before each token of `values`, in order). The last `window` pairs count, as in `recall`;
+    with none, the model's alone."""
+    keys, values = keys[-params.window :], values[-params.window :]
+    if len(values) == 0:
+        return logprobs
+    scores = params.theta * (keys.astype(np.float32, copy=False) @ query).astype(np.float64)
+    weights = np.exp(scores - scores.max())
+    p_cache = np.bincount(values, weights=weights / weights.sum(), minlength=len(logprobs))
+    mixed = (1.0 - params.lam) * np.exp(logprobs.astype(np.float64)) + params.lam * p_cache
+    return np.log(mixed).astype(np.float32)
 
 
 def mix(logprobs: np.ndarray, p_cache: np.ndarray, seen: np.ndarray, lam: float) -> np.ndarray:

@@ -40,12 +40,13 @@ from server.batch import (
     Failure,
     GenerateRequest,
     NextRequest,
+    RecallNextRequest,
     Request,
     ScoreRequest,
     State,
 )
 from server.bundle import Bundle, BundleError
-from server.continuous_cache import ContinuousCache
+from server.continuous_cache import CacheParams, ContinuousCache
 from server.metrics import EngineMetrics
 from server.sampling import GeneratedToken, SamplingParams, log_softmax
 from server.state_cache import StateCache
@@ -369,9 +370,19 @@ class Engine:
 
     # ---- the API ---------------------------------------------------------------------------
 
-    async def next_token_logprobs(self, context_ids: Sequence[int]) -> np.ndarray:
-        """Log-softmax [V] of the next token after eos + context (cached prefixes reused)."""
+    async def next_token_logprobs(
+        self, context_ids: Sequence[int], continuous_cache: bool = False
+    ) -> np.ndarray:
+        """Log-softmax [V] of the next token after eos + context (cached prefixes reused).
+
+        With `continuous_cache`, mixed with the bundle's continuous cache over the context's
+        last `window` tokens (server/continuous_cache.py). That needs the features there, so the
+        context is fed from a cached state at least that far back (or the root), which makes
+        such a call cost up to `window` tokens of prefill.
+        """
         ids = self._tokens(context_ids, "context_ids")
+        if continuous_cache:
+            return await self._next_with_cache(ids)
         start = self._start(ids)
         if start.length == len(ids):
             return start.logprobs
@@ -379,6 +390,30 @@ class Engine:
         if len(feed) <= INLINE_TOKENS and self._idle_now():
             return self._next_inline(ids, feed, start)
         return await self._call(functools.partial(NextRequest, ids, feed, start.state, start.key))
+
+    async def _next_with_cache(self, ids: np.ndarray) -> np.ndarray:
+        params = self._cache_params()
+        root = self._root_start()
+        if len(ids) == 0:
+            return root.logprobs  # no pairs yet: the model's alone
+        # The query is the features after the last token and the keys those before each of
+        # the last `window` tokens: feed from a prefix no longer than len - window - 1.
+        start = self._start(ids[: max(0, len(ids) - params.window - 1)])
+        first = root.features if start.length == 0 else None
+        make = functools.partial(
+            RecallNextRequest, ids, ids[start.length :], start.state, first, params
+        )
+        return await self._call(make)
+
+    def _cache_params(self) -> CacheParams:
+        params = self.bundle.continuous_cache
+        if params is None:
+            raise ValueError(
+                f"model {self.bundle.name!r} version {self.bundle.version} has no continuous "
+                "cache (its manifest has no continuous_cache block; tune one with "
+                "`python -m training.cache CHECKPOINT` and export again)"
+            )
+        return params
 
     def generate(
         self,
@@ -414,13 +449,7 @@ class Engine:
         `continuous_cache`, each is the mixture with the bundle's continuous cache over the
         text's own earlier tokens (server/continuous_cache.py).
         """
-        params = self.bundle.continuous_cache
-        if continuous_cache and params is None:
-            raise ValueError(
-                f"model {self.bundle.name!r} version {self.bundle.version} has no continuous "
-                "cache (its manifest has no continuous_cache block; tune one with "
-                "`python -m training.cache CHECKPOINT` and export again)"
-            )
+        params = self._cache_params() if continuous_cache else None
         ids = self._tokens(token_ids, "token_ids")
         root = self._root_start()
         out = np.empty(len(ids), dtype=np.float32)

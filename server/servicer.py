@@ -365,8 +365,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             text = request.context
         _check_k(request.k, model, "k")
         _check_partial_word(request.partial_word)
+        if request.continuous_cache:
+            _require_cache(model)
         ids = await self._context_ids(model, text, "context")
-        logprobs = await model.engine.next_token_logprobs(ids)
+        logprobs = await model.engine.next_token_logprobs(ids, request.continuous_cache)
         response = pb.PredictNextResponse(
             predictions=_predictions(model, logprobs, request.k, request.partial_word),
             model_version=model.version,
@@ -407,8 +409,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 k = event.k or DEFAULT_TYPING_K
                 _check_k(k, model, "k")
                 _check_partial_word(event.partial_word)
+                if event.continuous_cache:
+                    _require_cache(model)
                 ids = await self._context_ids(model, text, "the session's context")
-                logprobs = await model.engine.next_token_logprobs(ids)
+                logprobs = await model.engine.next_token_logprobs(ids, event.continuous_cache)
                 reply = pb.Suggestions(
                     predictions=_predictions(model, logprobs, k, event.partial_word),
                     context_tokens=len(ids),
@@ -489,12 +493,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     async def _score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
         model = self._model(request.model, request.model_version, call)
         cached = request.continuous_cache
-        if cached and model.bundle.continuous_cache is None:
-            raise RpcError(
-                Code.FAILED_PRECONDITION,
-                f"continuous_cache: model {model.name!r} version {model.version} has no "
-                "continuous cache (its manifest has no continuous_cache block)",
-            )
+        if cached:
+            _require_cache(model)
         all_ids = await self._texts_ids(model, list(request.texts))
         scores = await _all(model.engine.score(ids, cached) for ids in all_ids)
         response = pb.ScoreResponse(model_version=model.version)
@@ -566,6 +566,15 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             ),
             eos_token_id=b.eos_id,
             continuous_cache=_cache_info(b),
+        )
+
+
+def _require_cache(model: LoadedModel) -> None:
+    if model.bundle.continuous_cache is None:
+        raise RpcError(
+            Code.FAILED_PRECONDITION,
+            f"continuous_cache: model {model.name!r} version {model.version} has no "
+            "continuous cache (its manifest has no continuous_cache block)",
         )
 
 

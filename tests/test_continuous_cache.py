@@ -250,3 +250,79 @@ def test_a_score_graph_without_features_scores_the_cache_on_the_step_graph(
 
     for a, b in zip(asyncio.run(scores(current)), asyncio.run(scores(earlier)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- the next token after a context: PredictNext and TypingSession -----------------------------
+
+
+def test_next_token_with_the_cache_is_scores_last_token(cached) -> None:
+    """The cached next-token distribution is a distribution, and its entry for a word is what
+    cached Score gives that word after the same context: one cache, two paths. Contexts shorter
+    and longer than the window, with and without a cached prefix state to start from."""
+    import asyncio
+
+    from server.bundle import load_bundle
+    from server.engine import Engine, EngineConfig
+
+    _, path = cached
+    bundle = load_bundle(path)
+    window = bundle.continuous_cache.window
+    long_ids = bundle.tokenizer.encode(LONG).ids
+    assert len(long_ids) > window + 20
+    contexts = [[], long_ids[:1], long_ids[:9], long_ids[: window + 1], long_ids[: window + 17]]
+    probes = sorted(set(long_ids))[:6]
+
+    async def check() -> None:
+        engine = Engine(bundle, EngineConfig(prefill_chunk=16))
+        await engine.start()
+        try:
+            for warm in (False, True):
+                for ids in contexts:
+                    if warm:  # plain calls leave prefix states in the state cache
+                        await engine.next_token_logprobs(ids[: len(ids) // 2])
+                        await engine.next_token_logprobs(ids[: max(0, len(ids) - window - 3)])
+                    mixed = await engine.next_token_logprobs(ids, continuous_cache=True)
+                    assert np.exp(mixed.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-4)
+                    for w in probes:
+                        scored = await engine.score([*ids, w], continuous_cache=True)
+                        assert mixed[w] == pytest.approx(scored[-1], abs=2e-4)
+            plain = await engine.next_token_logprobs(long_ids[:40])
+            assert not np.allclose(plain, await engine.next_token_logprobs(long_ids[:40], True))
+        finally:
+            await engine.close()
+
+    asyncio.run(check())
+
+
+def test_predict_next_and_typing_with_the_cache(cached, default_bundle) -> None:
+    import grpc
+    from test_server import LiveServer, config
+
+    from rnnlm.client import Client
+    from rnnlm.v1 import language_model_pb2 as pb
+
+    _, path = cached
+    context = "the moon calls a red house . the moon calls a"
+    server = LiveServer(config(path.parent))
+    try:
+        with Client(server.target, timeout=30) as client:
+            k = 20
+            plain = client.predict_next(context, k=k)
+            recalled = client.predict_next(context, k=k, continuous_cache=True)
+            events = [pb.TypingEvent(text=context, k=k, continuous_cache=True)]
+            (typed,) = list(client.typing_session(events))
+    finally:
+        server.close()
+    assert [p.token for p in typed.predictions] == [p.token for p in recalled.predictions]
+    probability = {p.token: p.probability for p in plain.predictions}
+    recalled_probability = {p.token: p.probability for p in recalled.predictions}
+    # "red" followed "calls a" earlier in the context: the cache makes it likelier.
+    assert recalled_probability["red"] > probability.get("red", 0.0)
+
+    server = LiveServer(config(default_bundle.parent))
+    try:
+        with Client(server.target, timeout=30) as client, pytest.raises(grpc.RpcError) as e:
+            client.predict_next("the cat", continuous_cache=True)
+    finally:
+        server.close()
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

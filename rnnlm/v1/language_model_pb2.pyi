@@ -94,7 +94,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class PredictNextRequest(_message.Message):
-    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token")
+    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token", "continuous_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class PredictNextRequest(_message.Message):
     PARTIAL_WORD_FIELD_NUMBER: _ClassVar[int]
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     context: str
@@ -109,7 +110,8 @@ class PredictNextRequest(_message.Message):
     partial_word: str
     state_token: bytes
     return_state_token: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ...) -> None: ...
+    continuous_cache: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("token", "token_id", "probability")
@@ -198,7 +200,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TypingEvent(_message.Message):
-    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token")
+    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token", "continuous_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +209,7 @@ class TypingEvent(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     text: str
@@ -215,7 +218,8 @@ class TypingEvent(_message.Message):
     k: int
     state_token: bytes
     return_state_token: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ...) -> None: ...
+    continuous_cache: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ...) -> None: ...
 
 class Suggestions(_message.Message):
     __slots__ = ("predictions", "context_tokens", "state_token")
