@@ -140,34 +140,43 @@ class NextRequest(Request):
         self.key = key  # ... and its hash, when the engine looked it up
 
 
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """What a `RecallNextRequest` delivers: the mixed next-token log-probs, and for the engine's
+    recall cache the model's own, the last `window` + 1 features and the state at the end."""
+
+    mixed: np.ndarray  # float32 [V], read-only
+    logprobs: np.ndarray  # float32 [V]
+    features: np.ndarray  # float32 [m, hidden]
+    state: State
+
+
 class RecallNextRequest(Request):
     """The next-token log-probs after a context with the continuous cache mixed in. Delivers a
-    read-only float32 [V] array.
+    `Recalled`.
 
     The cache recalls by the features of the context's last `window` positions, so the request
-    feeds the context from a state at least that far back (the engine picks it) and keeps the
-    features as they come: `root_features`, the features after eos, lead them when it starts
-    from the root."""
+    starts from a state at least that far back, or from one whose features up to there are
+    known (`features`: the features after the tokens just before the feed, the root's after
+    eos included when the feed starts at the context's start), and keeps them as they come."""
 
     def __init__(
         self,
         context: np.ndarray,
         feed: np.ndarray,
         state: State,
-        root_features: np.ndarray | None,
+        features: np.ndarray | None,
         params: CacheParams,
         deliver: Callable[[object], None],
     ) -> None:
         super().__init__(feed, state, deliver)
         self.context = context
         self.params = params
-        self.features = root_features  # the last `window` + 1 features so far
+        self.features = features  # the last `window` + 1 features so far
         self.last_logits: np.ndarray | None = None
 
-    def work(self, chunk: int) -> Work | None:
-        n = min(len(self.feed) - self.fed, chunk)
-        end = self.fed + n
-        return Work(STEP, self.feed[self.fed : end], None, end < len(self.feed))
+    # `work` is the base class's: the final state is kept (for the recall cache), so no chunk
+    # is padded.
 
     def absorb(self, features: np.ndarray, logits: np.ndarray) -> bool:
         """Take one chunk's features [n, hidden] and its last logits [V]; True when done."""
@@ -177,13 +186,27 @@ class RecallNextRequest(Request):
         self.fed += len(features)
         return self.fed == len(self.feed)
 
-    def result(self) -> np.ndarray:
+    def result(self, state: State) -> Recalled:
         assert self.last_logits is not None and self.features is not None
-        keys, query = self.features[:-1], self.features[-1]
-        values = self.context[len(self.context) - len(keys) :]  # the token after each key
-        out = next_logprobs(log_softmax(self.last_logits), query, keys, values, self.params)
-        out.setflags(write=False)
-        return out
+        logprobs = log_softmax(self.last_logits)
+        return Recalled(
+            recall_logprobs(logprobs, self.features, self.context, self.params),
+            logprobs,
+            self.features,
+            state,
+        )
+
+
+def recall_logprobs(
+    logprobs: np.ndarray, features: np.ndarray, context: np.ndarray, params: CacheParams
+) -> np.ndarray:
+    """The read-only mixed next-token log-probs after `context`, from the model's `logprobs`
+    and the features after its last positions (`features[-1]` after the last token)."""
+    keys, query = features[:-1], features[-1]
+    values = context[len(context) - len(keys) :]  # the token after each key
+    out = next_logprobs(logprobs, query, keys, values, params)
+    out.setflags(write=False)
+    return out
 
 
 class GenerateRequest(Request):
@@ -585,7 +608,7 @@ class Batch:
                 assert row_features is not None, "it runs on the step graph"
                 if r.absorb(row_features, logits[i, n - 1]):
                     r.done = True
-                    events.append((r, r.result()))
+                    events.append((r, r.result(self.row_state(row))))
             elif r.advance(n):
                 heads.append(_Head(r, row, last, i))  # type: ignore[arg-type]
 

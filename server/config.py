@@ -136,7 +136,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
     "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),
-    "state_cache_mb": (float, "state cache size per model, in MiB"),
+    "state_cache_mb": (
+        float,
+        "state cache size per model, in MiB (a quarter of it holds the continuous cache's "
+        "features for models that have one)",
+    ),
     "max_tokens": (int, "cap on a Generate request's max_tokens"),
     "max_prompt_tokens": (int, "cap on prompt and context length, in tokens"),
     "max_message_bytes": (int, "largest gRPC message accepted or sent"),

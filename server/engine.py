@@ -40,10 +40,12 @@ from server.batch import (
     Failure,
     GenerateRequest,
     NextRequest,
+    Recalled,
     RecallNextRequest,
     Request,
     ScoreRequest,
     State,
+    recall_logprobs,
 )
 from server.bundle import Bundle, BundleError
 from server.continuous_cache import CacheParams, ContinuousCache
@@ -303,7 +305,13 @@ class Engine:
         self.config = config if config is not None else EngineConfig()
         self.metrics = metrics
         self.provider = ""  # the execution provider in use, known after start()
-        self.cache = StateCache(self.config.state_cache_bytes, metrics)
+        # With a continuous cache, a quarter of the bytes hold the recall cache: prefixes that
+        # cached next-token calls saw, with the features the recall needs (up to `window` + 1
+        # rows each), so a typing session's next call feeds only its new tokens.
+        budget = self.config.state_cache_bytes
+        recall_bytes = budget // 4 if bundle.continuous_cache is not None else 0
+        self.cache = StateCache(budget - recall_bytes, metrics)
+        self.recall_cache = StateCache(recall_bytes)
         self._score_lacks_features = bundle.score_graph is not None and not bundle.score_features
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
@@ -397,13 +405,22 @@ class Engine:
         if len(ids) == 0:
             return root.logprobs  # no pairs yet: the model's alone
         # The query is the features after the last token and the keys those before each of
-        # the last `window` tokens: feed from a prefix no longer than len - window - 1.
-        start = self._start(ids[: max(0, len(ids) - params.window - 1)])
-        first = root.features if start.length == 0 else None
-        make = functools.partial(
-            RecallNextRequest, ids, ids[start.length :], start.state, first, params
-        )
-        return await self._call(make)
+        # the last `window` tokens. The recall cache has them for contexts cached calls saw
+        # (typing extends the last one); else feed from a prefix of at most len - window - 1.
+        hit, key = self.recall_cache.find(ids)
+        if hit is not None and hit.length == len(ids):
+            assert hit.features is not None
+            return recall_logprobs(hit.logprobs, hit.features, ids, params)
+        if hit is not None:
+            length, state, features = hit.length, hit.state, hit.features
+        else:
+            start = self._start(ids[: max(0, len(ids) - params.window - 1)])
+            length, state = start.length, start.state
+            features = root.features if start.length == 0 else None
+        make = functools.partial(RecallNextRequest, ids, ids[length:], state, features, params)
+        recalled: Recalled = await self._call(make)
+        self.recall_cache.insert(ids, recalled.state, recalled.logprobs, key, recalled.features)
+        return recalled.mixed
 
     def _cache_params(self) -> CacheParams:
         params = self.bundle.continuous_cache

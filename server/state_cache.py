@@ -46,6 +46,9 @@ class CachedPrefix:
     state: tuple[np.ndarray, ...]  # one read-only float32 [layers, hidden] per state tensor
     logprobs: np.ndarray  # float32 [V], read-only
     nbytes: int
+    # The last layer's features at the prefix's last positions (the continuous cache's recall
+    # needs them), when the entry was stored with them: read-only float32 [m, hidden].
+    features: np.ndarray | None = None
 
     @property
     def length(self) -> int:
@@ -112,6 +115,7 @@ class StateCache:
         state: tuple[np.ndarray, ...],
         logprobs: np.ndarray,
         key: int | None = None,
+        features: np.ndarray | None = None,
     ) -> CachedPrefix | None:
         """Store a prefix's state and next-token log-probs (read-only copies); evict to fit.
 
@@ -124,10 +128,13 @@ class StateCache:
         tokens = _read_only(tokens, np.int64)
         state = tuple(_read_only(s, np.float32) for s in state)
         logprobs = _read_only(logprobs, np.float32)
-        nbytes = tokens.nbytes + sum(s.nbytes for s in state) + logprobs.nbytes + ENTRY_OVERHEAD
+        if features is not None:
+            features = _read_only(features, np.float32)
+        arrays = [tokens, *state, logprobs, *([] if features is None else [features])]
+        nbytes = sum(a.nbytes for a in arrays) + ENTRY_OVERHEAD
         if nbytes > self.capacity:
             return None
-        entry = CachedPrefix(tokens, state, logprobs, nbytes)
+        entry = CachedPrefix(tokens, state, logprobs, nbytes, features)
         if key is None:
             key = int(self._prefix_hashes(tokens)[-1])
         full = (len(tokens), key)

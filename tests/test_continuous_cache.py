@@ -288,6 +288,17 @@ def test_next_token_with_the_cache_is_scores_last_token(cached) -> None:
                         assert mixed[w] == pytest.approx(scored[-1], abs=2e-4)
             plain = await engine.next_token_logprobs(long_ids[:40])
             assert not np.allclose(plain, await engine.next_token_logprobs(long_ids[:40], True))
+            # The typing pattern: each call extends the last, so the recall cache has the
+            # features and each call feeds only its new tokens. Same numbers as Score's.
+            ids = long_ids[: window + 30]
+            for n in range(window - 5, window + 30, 3):
+                mixed = await engine.next_token_logprobs(ids[:n], continuous_cache=True)
+                scored = await engine.score(ids[: n + 1], continuous_cache=True)
+                assert mixed[ids[n]] == pytest.approx(scored[-1], abs=2e-4)
+                again = await engine.next_token_logprobs(ids[:n], continuous_cache=True)
+                np.testing.assert_array_equal(again, mixed)  # an exact hit, no run
+            assert len(engine.recall_cache) > 10
+            assert engine.recall_cache.bytes <= engine.recall_cache.capacity
         finally:
             await engine.close()
 
