@@ -73,6 +73,17 @@ class ContinuousCache:
     def recall(self, features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`p_cache` of each target `[n]` (float64) and whether the cache held anything there;
         then remember the chunk's pairs. `features` `[n, hidden]`, `targets` `[n]`."""
+        weights, values, seen = self.attend(features, targets)
+        weights *= values[None, :] == targets[:, None]
+        return weights.sum(axis=1, dtype=np.float64), seen
+
+    def attend(
+        self, features: np.ndarray, targets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each position's recall weights over the pairs `[n, m]` (float32, summing to 1 where
+        the cache held anything, else 0), the token of each pair `[m]` and whether it held any;
+        then remember the chunk's pairs. `p_cache(y)` is the weight on the pairs whose token
+        is `y`."""
         n, held = len(targets), len(self.values)
         keys = np.concatenate((self.keys, features.astype(np.float32, copy=False)))
         values = np.concatenate((self.values, targets.astype(np.int64, copy=False)))
@@ -83,11 +94,9 @@ class ContinuousCache:
         top = np.where(seen, scores.max(axis=1, initial=-np.inf), np.float32(0.0))
         weights = np.exp(scores - top[:, None], out=scores)
         total = weights.sum(axis=1, dtype=np.float64)
-        weights *= values[None, :] == targets[:, None]
-        hits = weights.sum(axis=1, dtype=np.float64)
-        p = np.divide(hits, total, out=np.zeros(n), where=seen)
+        weights /= np.where(seen, total, 1.0).astype(np.float32)[:, None]
         self.keys, self.values = keys[-self.window :], values[-self.window :]
-        return p, seen
+        return weights, values, seen
 
 
 @functools.lru_cache(maxsize=64)

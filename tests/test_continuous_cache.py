@@ -337,3 +337,40 @@ def test_predict_next_and_typing_with_the_cache(cached, default_bundle) -> None:
     finally:
         server.close()
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_suggestion_accuracy_counts_the_top_k_hits(cached) -> None:
+    """The recorded accuracy equals a count made here from PyTorch's outputs and the
+    per-position reference, the special tokens never suggested nor counted."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from training.cache import suggestion_accuracy
+    from training.data import encode
+
+    checkpoint, _ = cached
+    params = CacheParams.from_dict(checkpoint.continuous_cache)
+    tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
+    ids = encode(tokenizer, TEST + VALID)
+    never = tuple(v for v in checkpoint.special_tokens.values() if v is not None)
+    got = suggestion_accuracy(checkpoint.model, ids, params, never, ks=(1, 2))
+
+    with torch.no_grad():
+        features, _ = checkpoint.model.features(ids[None, :-1], checkpoint.model.initial_state(1))
+        p_model = torch.softmax(checkpoint.model.logits(features)[0].double(), -1).numpy()
+    targets = ids[1:].numpy()
+    recalled = reference(features[0].numpy(), targets, params.window, params.theta, len(p_model[0]))
+    mixed = (1 - params.lam) * p_model + params.lam * recalled
+    mixed[0] = p_model[0]  # nothing to recall at the first position
+    keep = ~np.isin(targets, never)
+    expected = {}
+    for name, p in (("without", p_model), ("with", mixed)):
+        p = p.copy()
+        p[:, list(never)] = -1.0
+        order = np.argsort(-p, axis=1)[keep]
+        expected[name] = [
+            float(np.mean((order[:, :k] == targets[keep, None]).any(axis=1))) for k in (1, 2)
+        ]
+    assert got["positions"] == int(keep.sum())
+    assert got["without"] == pytest.approx(expected["without"])
+    assert got["with"] == pytest.approx(expected["with"])

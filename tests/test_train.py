@@ -130,6 +130,9 @@ def test_a_continuous_cache_is_tuned_after_training(tmp_path: Path) -> None:
     block = json.loads((out / "config.json").read_text())["continuous_cache"]
     assert block["valid_perplexity"] < block["valid_perplexity_without"]
     assert block["test_perplexity"] < block["test_perplexity_without"]
+    accuracy = block["test_suggestion_accuracy"]
+    assert accuracy["k"] == [1, 3, 5] and accuracy["positions"] > 0
+    assert all(0 <= a <= 1 for a in accuracy["without"] + accuracy["with"])
     assert load_checkpoint(out).continuous_cache == block
 
 

@@ -37,28 +37,68 @@ WINDOWS = (100, 200, 500, 1000, 2000)
 THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 CHUNK = 256  # positions per forward and per cache recall
+SUGGESTIONS = (1, 3, 5)  # the k of the suggestion accuracy
 
 
-def document_outputs(model: RNNLM, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
-    """Features `[T, H]`, target log-probs `[T]` and targets `[T]` of one stream of ids."""
+def _chunks(model: RNNLM, ids: torch.Tensor):
+    """(features, logits, targets) of one stream of ids, `CHUNK` positions at a time, the state
+    carried, in eval mode."""
     was_training = model.training
     model.eval()
     tokens, targets = ids[:-1].view(1, -1), ids[1:].view(1, -1)
     state = model.initial_state(1, ids.device)
-    features, logprobs = [], []
-    with torch.no_grad():
-        for start in range(0, tokens.size(1), CHUNK):
-            x, y = tokens[:, start : start + CHUNK], targets[:, start : start + CHUNK]
-            f, state = model.features(x, state)
-            lp = F.log_softmax(model.logits(f).float(), dim=-1).gather(-1, y[..., None])
-            features.append(f[0].float())
-            logprobs.append(lp[0, :, 0])
-    model.train(was_training)
-    return (
-        torch.cat(features).cpu().numpy(),
-        torch.cat(logprobs).cpu().numpy(),
-        targets[0].cpu().numpy(),
-    )
+    try:
+        with torch.no_grad():
+            for start in range(0, tokens.size(1), CHUNK):
+                x, y = tokens[:, start : start + CHUNK], targets[:, start : start + CHUNK]
+                f, state = model.features(x, state)
+                yield f[0].float(), model.logits(f)[0].float(), y[0]
+    finally:
+        model.train(was_training)
+
+
+def document_outputs(model: RNNLM, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Features `[T, H]`, target log-probs `[T]` and targets `[T]` of one stream of ids."""
+    features, logprobs, targets = [], [], []
+    for f, logits, y in _chunks(model, ids):
+        features.append(f.cpu().numpy())
+        lp = F.log_softmax(logits, dim=-1).gather(-1, y[:, None])[:, 0]
+        logprobs.append(lp.cpu().numpy())
+        targets.append(y.cpu().numpy())
+    return np.concatenate(features), np.concatenate(logprobs), np.concatenate(targets)
+
+
+def suggestion_accuracy(
+    model: RNNLM, ids: torch.Tensor, params: CacheParams, never: tuple[int, ...], ks=SUGGESTIONS
+) -> dict:
+    """How often the next token is among the k most likely, by the model alone and with the
+    cache: predictive typing's figure. Like the server's suggestions, the `never` ids (eos,
+    `<unk>`) are not suggested, and the positions whose next token is one of them not counted."""
+    never_ids = torch.tensor(never, dtype=torch.long)
+    hits = {"without": np.zeros(len(ks)), "with": np.zeros(len(ks))}
+    counted = 0
+    cache: ContinuousCache | None = None
+    for f, logits, y in _chunks(model, ids):
+        if cache is None:
+            cache = ContinuousCache(params.window, params.theta, f.shape[1])
+        weights, values, _ = cache.attend(f.cpu().numpy(), y.cpu().numpy())
+        p_model = torch.softmax(logits, dim=-1).double()
+        p_cache = torch.zeros_like(p_model)
+        p_cache.index_add_(1, torch.from_numpy(values), torch.from_numpy(weights).double())
+        # index_add_ over columns sums each pair's weight into its token's column per row.
+        mixed = (1 - params.lam) * p_model + params.lam * p_cache
+        keep = ~torch.isin(y, never_ids)
+        counted += int(keep.sum())
+        for name, p in (("without", p_model), ("with", mixed)):
+            p[:, never_ids] = -1.0
+            top = p.topk(max(ks), dim=-1).indices[keep]
+            found = top == y[keep, None]
+            hits[name] += [int(found[:, :k].any(dim=-1).sum()) for k in ks]
+    return {
+        "k": list(ks),
+        "positions": counted,
+        **{name: (h / max(counted, 1)).tolist() for name, h in hits.items()},
+    }
 
 
 def _recalled(outputs: tuple[np.ndarray, ...], window: int, theta: float) -> tuple[np.ndarray, ...]:
@@ -82,9 +122,12 @@ def cache_loss(outputs: tuple[np.ndarray, ...], params: CacheParams) -> float:
     return _mean_nll(mix(outputs[1], p_cache, seen, params.lam))
 
 
-def tune(model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None) -> dict | None:
-    """The grid's best setting on `valid`, with its figures (and `test`'s when given); None
-    when no setting lowers validation perplexity (a cache that does not help is not shipped)."""
+def tune(
+    model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None, never: tuple[int, ...] = ()
+) -> dict | None:
+    """The grid's best setting on `valid`, with its figures (and `test`'s when given: its
+    perplexity and suggestion accuracy, `never` suggesting those ids); None when no setting
+    lowers validation perplexity (a cache that does not help is not shipped)."""
     valid_out = document_outputs(model, valid)
     without = _mean_nll(valid_out[1])
     best: tuple[float, CacheParams] | None = None
@@ -108,6 +151,7 @@ def tune(model: RNNLM, valid: torch.Tensor, test: torch.Tensor | None) -> dict |
         test_out = document_outputs(model, test)
         block["test_perplexity"] = math.exp(cache_loss(test_out, params))
         block["test_perplexity_without"] = math.exp(_mean_nll(test_out[1]))
+        block["test_suggestion_accuracy"] = suggestion_accuracy(model, test, params, never)
     return block
 
 
@@ -121,6 +165,12 @@ def describe(block: dict | None) -> str:
         for split in ("valid", "test")
         if f"{split}_perplexity" in block
     ]
+    accuracy = block.get("test_suggestion_accuracy")
+    if accuracy:
+        figures += [
+            f"test top-{k} {100 * a:.1f}% -> {100 * b:.1f}%"
+            for k, a, b in zip(accuracy["k"], accuracy["without"], accuracy["with"], strict=True)
+        ]
     return (
         f"continuous cache: window {block['window']}, theta {block['theta']}, lambda "
         f"{block['lambda']} | " + " | ".join(figures)
@@ -178,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = Tokenizer.from_file(str(loaded.tokenizer_path))
     test = None if corpus.test_is_valid else encode(tokenizer, corpus.test)
-    block = tune(loaded.model, encode(tokenizer, corpus.valid), test)
+    never = tuple(i for i in loaded.special_tokens.values() if i is not None)
+    block = tune(loaded.model, encode(tokenizer, corpus.valid), test, never)
     write_block(args.checkpoint, block)
     print(describe(block))
     return 0

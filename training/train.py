@@ -950,7 +950,8 @@ def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
     save(valid_loss, test_loss, stopped, shipped, weights_from)
     if o.continuous_cache and group.is_main:
         test_ids = None if corpus.test_is_valid else splits["test"].to(device)
-        block = tune_cache(shipped, splits["valid"].to(device), test_ids)
+        never = tuple(i for i in special_tokens(tokenizer, o.tokenizer).values() if i is not None)
+        block = tune_cache(shipped, splits["valid"].to(device), test_ids, never)
         write_cache_block(out, block)
         log(describe_cache(block))
     ddp.barrier(group)  # no rank returns before the checkpoint is complete
