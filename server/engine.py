@@ -283,6 +283,10 @@ def _settle(future: asyncio.Future[Any], payload: object) -> None:
         future.set_result(payload)
 
 
+def _ignore(payload: object) -> None:
+    """The delivery of a request the engine runs inline and reads back itself."""
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a.setflags(write=False)
     return a
@@ -418,7 +422,11 @@ class Engine:
             length, state = start.length, start.state
             features = root.features if start.length == 0 else None
         make = functools.partial(RecallNextRequest, ids, ids[length:], state, features, params)
-        recalled: Recalled = await self._call(make)
+        recalled: Recalled
+        if len(ids) - length <= INLINE_TOKENS and self._idle_now():
+            recalled = self._recall_inline(make(_ignore))
+        else:
+            recalled = await self._call(make)
         self.recall_cache.insert(ids, recalled.state, recalled.logprobs, key, recalled.features)
         return recalled.mixed
 
@@ -566,6 +574,22 @@ class Engine:
         logprobs = _frozen(log_softmax(logits[0, -1]))
         self.cache.insert(ids, tuple(s[:, 0, :] for s in new), logprobs, start.key)
         return logprobs
+
+    def _recall_inline(self, request: RecallNextRequest) -> Recalled:
+        """A lone cached next-token request run here while the engine is idle, as
+        `_next_inline` does for a plain one (a one-row, unpadded run, as in the batch)."""
+        sessions = self._sessions
+        assert sessions is not None
+        if self.metrics is not None:
+            self.metrics.observe_queue_wait(0.0)
+        assert request.state is not None
+        states = [s[:, None, :] for s in request.state]
+        try:
+            logits, features, new = sessions.step(request.feed[None, :], states)
+        except Exception as e:  # onnxruntime raises several types
+            raise EngineError(f"onnxruntime run failed: {e}") from e
+        request.absorb(features[0], logits[0, -1])
+        return request.result(tuple(s[:, 0, :] for s in new))
 
     def _submit(self, request: Request) -> None:
         with self._cond:
