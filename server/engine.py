@@ -314,8 +314,8 @@ class Engine:
         # rows each), so a typing session's next call feeds only its new tokens.
         budget = self.config.state_cache_bytes
         recall_bytes = budget // 4 if bundle.continuous_cache is not None else 0
-        self.cache = StateCache(budget - recall_bytes, metrics)
-        self.recall_cache = StateCache(recall_bytes)
+        self.cache = StateCache(budget - recall_bytes, metrics.state_cache if metrics else None)
+        self.recall_cache = StateCache(recall_bytes, metrics.recall_cache if metrics else None)
         self._score_lacks_features = bundle.score_graph is not None and not bundle.score_features
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()

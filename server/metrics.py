@@ -133,6 +133,30 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.recall_hits = Counter(
+            "rnnlm_recall_cache_hits_total",
+            "Cached next-token calls that found the features of a context they extend.",
+            ["model"],
+            registry=r,
+        )
+        self.recall_misses = Counter(
+            "rnnlm_recall_cache_misses_total",
+            "Cached next-token calls that had to feed their context's window again.",
+            ["model"],
+            registry=r,
+        )
+        self.recall_evictions = Counter(
+            "rnnlm_recall_cache_evictions_total",
+            "Contexts evicted from the recall cache to keep it within its byte bound.",
+            ["model"],
+            registry=r,
+        )
+        self.recall_bytes = Gauge(
+            "rnnlm_recall_cache_bytes",
+            "Bytes of states and features held in the recall cache.",
+            ["model"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "rnnlm_model_info",
             "A loaded model version (value 1), with its execution provider and cell.",
@@ -173,7 +197,7 @@ class Metrics:
 
 
 class EngineMetrics:
-    """What one engine (one model version) records: batching, queueing and its state cache.
+    """What one engine (one model version) records: batching, queueing and its two caches.
 
     The labelled children are looked up once here: the engine calls these on every step and
     every cache lookup, and `labels()` costs a lock and a dictionary lookup each time.
@@ -183,9 +207,13 @@ class EngineMetrics:
         self.metrics, self.model, self.version = metrics, model, version
         self._batch_size = metrics.batch_size.labels(model=model)
         self._queue_wait = metrics.queue_wait.labels(model=model)
-        self._cache_hits = metrics.cache_hits.labels(model=model)
-        self._cache_misses = metrics.cache_misses.labels(model=model)
-        self._cache_evictions = metrics.cache_evictions.labels(model=model)
+        m = metrics
+        self.state_cache = CacheRecorder(
+            self, m.cache_hits, m.cache_misses, m.cache_evictions, m.cache_bytes
+        )
+        self.recall_cache = CacheRecorder(
+            self, m.recall_hits, m.recall_misses, m.recall_evictions, m.recall_bytes
+        )
 
     def observe_batch(self, size: int) -> None:
         self._batch_size.observe(size)
@@ -196,17 +224,31 @@ class EngineMetrics:
     def set_queue_depth(self, n: int) -> None:
         self.metrics.set_version_part(self.metrics.queue_depth, self.model, self.version, n)
 
+
+class CacheRecorder:
+    """What one of an engine's caches records (the `CacheMetrics` a `StateCache` reports to)."""
+
+    def __init__(
+        self, engine: EngineMetrics, hits: Counter, misses: Counter, evictions: Counter, size: Gauge
+    ) -> None:
+        self._engine = engine
+        self._hits = hits.labels(model=engine.model)
+        self._misses = misses.labels(model=engine.model)
+        self._evictions = evictions.labels(model=engine.model)
+        self._size = size
+
     def cache_hit(self) -> None:
-        self._cache_hits.inc()
+        self._hits.inc()
 
     def cache_miss(self) -> None:
-        self._cache_misses.inc()
+        self._misses.inc()
 
     def cache_evict(self) -> None:
-        self._cache_evictions.inc()
+        self._evictions.inc()
 
     def set_cache_bytes(self, n: int) -> None:
-        self.metrics.set_version_part(self.metrics.cache_bytes, self.model, self.version, n)
+        e = self._engine
+        e.metrics.set_version_part(self._size, e.model, e.version, n)
 
 
 class MetricsServer:

@@ -53,6 +53,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rnnlm_state_cache_misses_total": ("counter", ("model",)),
     "rnnlm_state_cache_evictions_total": ("counter", ("model",)),
     "rnnlm_state_cache_bytes": ("gauge", ("model",)),
+    "rnnlm_recall_cache_hits_total": ("counter", ("model",)),
+    "rnnlm_recall_cache_misses_total": ("counter", ("model",)),
+    "rnnlm_recall_cache_evictions_total": ("counter", ("model",)),
+    "rnnlm_recall_cache_bytes": ("gauge", ("model",)),
     "rnnlm_model_info": ("gauge", ("model", "version", "provider", "cell")),
     "rnnlm_model_load_failures_total": ("counter", ("model",)),
 }

@@ -28,6 +28,10 @@ EXPECTED = {
     "rnnlm_state_cache_misses_total": ("counter", {"model"}),
     "rnnlm_state_cache_evictions_total": ("counter", {"model"}),
     "rnnlm_state_cache_bytes": ("gauge", {"model"}),
+    "rnnlm_recall_cache_hits_total": ("counter", {"model"}),
+    "rnnlm_recall_cache_misses_total": ("counter", {"model"}),
+    "rnnlm_recall_cache_evictions_total": ("counter", {"model"}),
+    "rnnlm_recall_cache_bytes": ("gauge", {"model"}),
     "rnnlm_model_info": ("gauge", {"model", "version", "provider", "cell"}),
     "rnnlm_model_load_failures_total": ("counter", {"model"}),
 }
@@ -48,10 +52,11 @@ def _exercise(metrics: Metrics) -> None:
     engine.observe_batch(4)
     engine.observe_queue_wait(0.0002)
     engine.set_queue_depth(2)
-    engine.cache_hit()
-    engine.cache_miss()
-    engine.cache_evict()
-    engine.set_cache_bytes(1024)
+    for cache in (engine.state_cache, engine.recall_cache):
+        cache.cache_hit()
+        cache.cache_miss()
+        cache.cache_evict()
+        cache.set_cache_bytes(1024)
 
 
 def _families(metrics: Metrics) -> dict:
@@ -99,13 +104,15 @@ def test_engine_gauges_sum_over_versions_of_a_model() -> None:
     v1, v2 = metrics.engine_metrics("m", "1"), metrics.engine_metrics("m", "2")
     v1.set_queue_depth(3)
     v2.set_queue_depth(4)
-    v1.set_cache_bytes(100)
-    v2.set_cache_bytes(50)
+    v1.state_cache.set_cache_bytes(100)
+    v2.state_cache.set_cache_bytes(50)
+    v1.recall_cache.set_cache_bytes(7)
     v1.set_queue_depth(1)
     assert metrics.registry.get_sample_value("rnnlm_queue_depth", {"model": "m"}) == 5
     assert metrics.registry.get_sample_value("rnnlm_state_cache_bytes", {"model": "m"}) == 150
-    v1.cache_hit()
-    v2.cache_hit()
+    assert metrics.registry.get_sample_value("rnnlm_recall_cache_bytes", {"model": "m"}) == 7
+    v1.state_cache.cache_hit()
+    v2.state_cache.cache_hit()
     assert metrics.registry.get_sample_value("rnnlm_state_cache_hits_total", {"model": "m"}) == 2
 
 

@@ -73,7 +73,7 @@ def test_hash_collision_is_a_miss_not_a_wrong_state() -> None:
 def test_byte_bound_holds_and_lru_evicts_the_oldest() -> None:
     metrics = Metrics()
     capacity = 3 * entry_bytes(3)
-    cache = StateCache(capacity, metrics.engine_metrics("m", "1"))
+    cache = StateCache(capacity, metrics.engine_metrics("m", "1").state_cache)
     for t in range(3):
         cache.insert(ids(t, t, t), state(t), logprobs(t))
     assert cache.bytes == capacity and cache.evictions == 0
