@@ -124,14 +124,15 @@ def next_logprobs(
     by `query` (the features after the context), of the pairs `keys` `[m, hidden]` (the features
     before each token of `values`, in order). The last `window` pairs count, as in `recall`;
     with none, the model's alone."""
-    keys, values = keys[-params.window :], values[-params.window :]
     if len(values) == 0:
         return logprobs
-    scores = params.theta * (keys.astype(np.float32, copy=False) @ query).astype(np.float64)
-    weights = np.exp(scores - scores.max())
-    p_cache = np.bincount(values, weights=weights / weights.sum(), minlength=len(logprobs))
-    mixed = (1.0 - params.lam) * np.exp(logprobs.astype(np.float64)) + params.lam * p_cache
-    return np.log(mixed).astype(np.float32)
+    cache = ContinuousCache(params.window, params.theta, len(query))
+    cache.keys = keys[-params.window :].astype(np.float32, copy=False)
+    cache.values = values[-params.window :].astype(np.int64, copy=False)
+    # The query's own pair (its token unknown, 0 here) is after it, so it gets no weight.
+    weights, tokens, _ = cache.attend(query[None, :], np.zeros(1, dtype=np.int64))
+    p_cache = np.bincount(tokens, weights=weights[0], minlength=len(logprobs))
+    return mix(logprobs, p_cache, np.ones(len(logprobs), dtype=bool), params.lam)
 
 
 def mix(logprobs: np.ndarray, p_cache: np.ndarray, seen: np.ndarray, lam: float) -> np.ndarray:
