@@ -58,6 +58,7 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "GeneratedToken",
+    "NoContinuousCache",
     "Overloaded",
     "SamplingParams",
     "TokenStream",
@@ -87,6 +88,10 @@ class Overloaded(EngineError):
 
 class EngineClosed(EngineError):
     """The engine is not running or is shutting down (UNAVAILABLE, unlike a failed step)."""
+
+
+class NoContinuousCache(ValueError):
+    """A call asked for the continuous cache of a model that has none (FAILED_PRECONDITION)."""
 
 
 def _failure_error(failure: Failure) -> EngineError:
@@ -404,7 +409,7 @@ class Engine:
         return await self._call(functools.partial(NextRequest, ids, feed, start.state, start.key))
 
     async def _next_with_cache(self, ids: np.ndarray) -> np.ndarray:
-        params = self._cache_params()
+        params = self.cache_params()
         root = self._root_start()
         if len(ids) == 0:
             return root.logprobs  # no pairs yet: the model's alone
@@ -430,10 +435,11 @@ class Engine:
         self.recall_cache.insert(ids, recalled.state, recalled.logprobs, key, recalled.features)
         return recalled.mixed
 
-    def _cache_params(self) -> CacheParams:
+    def cache_params(self) -> CacheParams:
+        """The bundle's continuous cache; NoContinuousCache when it has none."""
         params = self.bundle.continuous_cache
         if params is None:
-            raise ValueError(
+            raise NoContinuousCache(
                 f"model {self.bundle.name!r} version {self.bundle.version} has no continuous "
                 "cache (its manifest has no continuous_cache block; tune one with "
                 "`python -m training.cache CHECKPOINT` and export again)"
@@ -474,7 +480,7 @@ class Engine:
         `continuous_cache`, each is the mixture with the bundle's continuous cache over the
         text's own earlier tokens (server/continuous_cache.py).
         """
-        params = self._cache_params() if continuous_cache else None
+        params = self.cache_params() if continuous_cache else None
         ids = self._tokens(token_ids, "token_ids")
         root = self._root_start()
         out = np.empty(len(ids), dtype=np.float32)

@@ -26,7 +26,13 @@ import numpy as np
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import Bundle
-from server.engine import EngineClosed, EngineError, Overloaded, SamplingParams
+from server.engine import (
+    EngineClosed,
+    EngineError,
+    NoContinuousCache,
+    Overloaded,
+    SamplingParams,
+)
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.state_token import SessionContext, StateTokenError, StateTokens
@@ -570,12 +576,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
 
 def _require_cache(model: LoadedModel) -> None:
-    if model.bundle.continuous_cache is None:
-        raise RpcError(
-            Code.FAILED_PRECONDITION,
-            f"continuous_cache: model {model.name!r} version {model.version} has no "
-            "continuous cache (its manifest has no continuous_cache block)",
-        )
+    """Refuse a call that asks for a continuous cache the model lacks, before any work."""
+    try:
+        model.engine.cache_params()
+    except NoContinuousCache as e:
+        raise RpcError(Code.FAILED_PRECONDITION, f"continuous_cache: {e}") from e
 
 
 def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
