@@ -568,34 +568,31 @@ class Engine:
         which on a busy machine take longer than the step itself; nothing could share its
         run anyway. The result is the one the batch would give (a one-row, unpadded run).
         """
-        sessions = self._sessions
-        assert sessions is not None
-        if self.metrics is not None:
-            self.metrics.observe_queue_wait(0.0)
-        states = [s[:, None, :] for s in start.state]
-        try:
-            logits, _, new = sessions.step(feed[None, :], states)
-        except Exception as e:  # onnxruntime raises several types
-            raise EngineError(f"onnxruntime run failed: {e}") from e
-        logprobs = _frozen(log_softmax(logits[0, -1]))
-        self.cache.insert(ids, tuple(s[:, 0, :] for s in new), logprobs, start.key)
+        logits, _, state = self._step_inline(feed, start.state)
+        logprobs = _frozen(log_softmax(logits[-1]))
+        self.cache.insert(ids, state, logprobs, start.key)
         return logprobs
 
     def _recall_inline(self, request: RecallNextRequest) -> Recalled:
         """A lone cached next-token request run here while the engine is idle, as
-        `_next_inline` does for a plain one (a one-row, unpadded run, as in the batch)."""
+        `_next_inline` does for a plain one."""
+        assert request.state is not None
+        logits, features, state = self._step_inline(request.feed, request.state)
+        request.absorb(features, logits[-1])
+        return request.result(state)
+
+    def _step_inline(self, feed: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
+        """One one-row, unpadded step run on the event loop: logits [T, V], features [T, H]
+        and the final state, as the batch would give them."""
         sessions = self._sessions
         assert sessions is not None
         if self.metrics is not None:
             self.metrics.observe_queue_wait(0.0)
-        assert request.state is not None
-        states = [s[:, None, :] for s in request.state]
         try:
-            logits, features, new = sessions.step(request.feed[None, :], states)
+            logits, features, new = sessions.step(feed[None, :], [s[:, None, :] for s in state])
         except Exception as e:  # onnxruntime raises several types
             raise EngineError(f"onnxruntime run failed: {e}") from e
-        request.absorb(features[0], logits[0, -1])
-        return request.result(tuple(s[:, 0, :] for s in new))
+        return logits[0], features[0], tuple(s[:, 0, :] for s in new)
 
     def _submit(self, request: Request) -> None:
         with self._cond:
