@@ -339,13 +339,14 @@ def test_predict_next_and_typing_with_the_cache(cached, default_bundle) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_suggestion_accuracy_counts_the_top_k_hits(cached) -> None:
+def test_test_figures_count_the_top_k_hits(cached) -> None:
     """The recorded accuracy equals a count made here from PyTorch's outputs and the
-    per-position reference, the special tokens never suggested nor counted."""
+    per-position reference, the special tokens never suggested nor counted; the perplexities
+    from the same pass equal the reference mixture's."""
     import torch
     from tokenizers import Tokenizer
 
-    from training.cache import suggestion_accuracy
+    from training.cache import test_figures
     from training.data import encode
 
     checkpoint, _ = cached
@@ -353,7 +354,8 @@ def test_suggestion_accuracy_counts_the_top_k_hits(cached) -> None:
     tokenizer = Tokenizer.from_file(str(checkpoint.tokenizer_path))
     ids = encode(tokenizer, TEST + VALID)
     never = tuple(v for v in checkpoint.special_tokens.values() if v is not None)
-    got = suggestion_accuracy(checkpoint.model, ids, params, never, ks=(1, 2))
+    figures = test_figures(checkpoint.model, ids, params, never, ks=(1, 2))
+    got = figures["suggestion_accuracy"]
 
     with torch.no_grad():
         features, _ = checkpoint.model.features(ids[None, :-1], checkpoint.model.initial_state(1))
@@ -362,6 +364,9 @@ def test_suggestion_accuracy_counts_the_top_k_hits(cached) -> None:
     recalled = reference(features[0].numpy(), targets, params.window, params.theta, len(p_model[0]))
     mixed = (1 - params.lam) * p_model + params.lam * recalled
     mixed[0] = p_model[0]  # nothing to recall at the first position
+    rows = np.arange(len(targets))
+    for key, p in (("perplexity_without", p_model), ("perplexity", mixed)):
+        assert figures[key] == pytest.approx(np.exp(-np.log(p[rows, targets]).mean()), rel=1e-5)
     keep = ~np.isin(targets, never)
     expected = {}
     for name, p in (("without", p_model), ("with", mixed)):

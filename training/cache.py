@@ -68,25 +68,34 @@ def document_outputs(model: RNNLM, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
     return np.concatenate(features), np.concatenate(logprobs), np.concatenate(targets)
 
 
-def suggestion_accuracy(
+def test_figures(
     model: RNNLM, ids: torch.Tensor, params: CacheParams, never: tuple[int, ...], ks=SUGGESTIONS
 ) -> dict:
-    """How often the next token is among the k most likely, by the model alone and with the
-    cache: predictive typing's figure. Like the server's suggestions, the `never` ids (eos,
-    `<unk>`) are not suggested, and the positions whose next token is one of them not counted."""
+    """One pass over held-out `ids`: perplexity with and without the cache, and the suggestion
+    accuracy, how often the next token is among the k most likely (predictive typing's figure).
+    Like the server's suggestions, the `never` ids (eos, `<unk>`) are not suggested, and the
+    positions whose next token is one of them not counted for accuracy."""
     never_ids = torch.tensor(never, dtype=torch.long)
     hits = {"without": np.zeros(len(ks)), "with": np.zeros(len(ks))}
-    counted = 0
+    nll = {"without": 0.0, "with": 0.0}
+    counted = scored = 0
     cache: ContinuousCache | None = None
     for f, logits, y in _chunks(model, ids):
         if cache is None:
             cache = ContinuousCache(params.window, params.theta, f.shape[1])
-        weights, values, _ = cache.attend(f.cpu().numpy(), y.cpu().numpy())
+        weights, values, seen = cache.attend(f.cpu().numpy(), y.cpu().numpy())
         p_model = torch.softmax(logits, dim=-1).double()
         p_cache = torch.zeros_like(p_model)
+        # Each pair's weight into its token's column, row by row.
         p_cache.index_add_(1, torch.from_numpy(values), torch.from_numpy(weights).double())
-        # index_add_ over columns sums each pair's weight into its token's column per row.
         mixed = (1 - params.lam) * p_model + params.lam * p_cache
+        rows = torch.arange(len(y))
+        picked = {"without": p_model[rows, y], "with": mixed[rows, y]}
+        # Where the cache held nothing the model stands alone, as in `mix`.
+        picked["with"] = torch.where(torch.tensor(seen), picked["with"], picked["without"])
+        for name, p in picked.items():
+            nll[name] -= float(p.log().sum())
+        scored += len(y)
         keep = ~torch.isin(y, never_ids)
         counted += int(keep.sum())
         for name, p in (("without", p_model), ("with", mixed)):
@@ -95,9 +104,13 @@ def suggestion_accuracy(
             found = top == y[keep, None]
             hits[name] += [int(found[:, :k].any(dim=-1).sum()) for k in ks]
     return {
-        "k": list(ks),
-        "positions": counted,
-        **{name: (h / max(counted, 1)).tolist() for name, h in hits.items()},
+        "perplexity": math.exp(nll["with"] / max(scored, 1)),
+        "perplexity_without": math.exp(nll["without"] / max(scored, 1)),
+        "suggestion_accuracy": {
+            "k": list(ks),
+            "positions": counted,
+            **{name: (h / max(counted, 1)).tolist() for name, h in hits.items()},
+        },
     }
 
 
@@ -114,12 +127,6 @@ def _recalled(outputs: tuple[np.ndarray, ...], window: int, theta: float) -> tup
 
 def _mean_nll(logprobs: np.ndarray) -> float:
     return -float(np.mean(logprobs, dtype=np.float64))
-
-
-def cache_loss(outputs: tuple[np.ndarray, ...], params: CacheParams) -> float:
-    """Mean negative log-likelihood per token with the cache mixed in."""
-    p_cache, seen = _recalled(outputs, params.window, params.theta)
-    return _mean_nll(mix(outputs[1], p_cache, seen, params.lam))
 
 
 def tune(
@@ -148,10 +155,10 @@ def tune(
         "valid_perplexity_without": math.exp(without),
     }
     if test is not None:
-        test_out = document_outputs(model, test)
-        block["test_perplexity"] = math.exp(cache_loss(test_out, params))
-        block["test_perplexity_without"] = math.exp(_mean_nll(test_out[1]))
-        block["test_suggestion_accuracy"] = suggestion_accuracy(model, test, params, never)
+        figures = test_figures(model, test, params, never)
+        block["test_perplexity"] = figures["perplexity"]
+        block["test_perplexity_without"] = figures["perplexity_without"]
+        block["test_suggestion_accuracy"] = figures["suggestion_accuracy"]
     return block
 
 
