@@ -125,10 +125,54 @@ def steps(bundle: Bundle, workload: Workload, plan: Plan, idle: bool = False) ->
     return out
 
 
+def chunk_trial(
+    graph: ort.InferenceSession, bundle: Bundle, tokens: np.ndarray, chunk: int, calls: int,
+    seconds: float,
+) -> dict[str, float]:  # fmt: skip
+    """One trial of `chunk`-token runs at batch 1 through `graph`, the state carried, every
+    output fetched (as the engine does)."""
+    names = [s.input for s in bundle.state]
+    count = len(bundle.state)
+    state: list[np.ndarray] = list(bundle.zero_state(1))
+    n = len(tokens) // chunk
+
+    def call(i: int) -> None:
+        nonlocal state
+        feeds = dict(zip(names, state, strict=True))
+        start = (i % n) * chunk
+        feeds["tokens"] = tokens[None, start : start + chunk].astype(np.int64)
+        state = graph.run(None, feeds)[-count:]
+
+    for i in range(WARMUP_CALLS):
+        call(calls + i)
+    return latency(time_calls(call, calls, seconds), tokens_per_call=chunk)
+
+
+def prefill_chunks(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any] | None:
+    """A prompt chunk of `plan.score_chunk` tokens at batch 1 on the step graph (logits and
+    all, as bundles without a prefill graph feed prompts) and on the prefill graph, trials
+    alternating; None for a bundle without a prefill graph."""
+    if bundle.prefill_graph is None:
+        return None
+    graphs = {graph: session(bundle, graph) for graph in ("step", "prefill")}
+    trials: dict[str, list[dict[str, float]]] = {graph: [] for graph in graphs}
+    for _ in range(plan.trials):
+        for graph, s in graphs.items():
+            trials[graph].append(
+                chunk_trial(
+                    s, bundle, workload.ids, plan.score_chunk, plan.large_step_calls, plan.budget_s
+                )
+            )
+    out: dict[str, Any] = {graph: over_trials(t) for graph, t in trials.items()}
+    out["chunk"] = plan.score_chunk
+    return out
+
+
 def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
-    """Steps at batch 1 (also after idle gaps) and 64, and scoring the document with
-    score.onnx (or model.onnx)."""
+    """Steps at batch 1 (also after idle gaps) and 64, prompt chunks on the step and prefill
+    graphs, and scoring the document with score.onnx (or model.onnx)."""
     out = steps(bundle, workload, plan, idle=True)
+    out["prefill_chunk"] = prefill_chunks(bundle, workload, plan)
     graph = session(bundle, "score" if bundle.score_graph is not None else "step")
     ids = workload.score_ids(plan.score_tokens)
     score_trial(graph, bundle, ids[: plan.score_chunk * 2], plan.score_chunk, plan.score_budget_s)

@@ -146,14 +146,17 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     bare = results.get("bare") or {}
     lines += ["## Bare onnxruntime, in-process", ""]
     lines += [f"Session options as the server's engine: {_settings(bare.get('session'))}.", ""]
-    lines += _table(
-        LATENCY_HEADER,
-        [
-            _latency_row("step, batch 1", bare.get("step_b1")),
-            _latency_row("step, batch 1, each after 1 ms idle", bare.get("step_b1_after_idle")),
-            _latency_row(f"step, batch {large[1:]}", bare.get(f"step_{large}")),
-        ],
-    )
+    rows = [
+        _latency_row("step, batch 1", bare.get("step_b1")),
+        _latency_row("step, batch 1, each after 1 ms idle", bare.get("step_b1_after_idle")),
+        _latency_row(f"step, batch {large[1:]}", bare.get(f"step_{large}")),
+    ]
+    chunk = bare.get("prefill_chunk")
+    if chunk:
+        what = f"{chunk['chunk']}-token prompt chunk, batch 1"
+        rows.append(_latency_row(f"{what}, step graph (logits too)", chunk["step"]))
+        rows.append(_latency_row(f"{what}, prefill graph", chunk["prefill"]))
+    lines += _table(LATENCY_HEADER, rows)
     lines += _score_table({"bare onnxruntime": bare.get("score")})
 
     echo = results.get("echo") or {}

@@ -233,6 +233,14 @@ def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
             "server tokens/s / engine tokens/s",
             "needs the server and the in-process engine at 64 streams",
         ),
+        (
+            "prefill_vs_step",
+            "bare prompt chunk at batch 1 on the prefill graph / on the step graph",
+            get("bare", "prefill_chunk", "prefill", "p50_ms"),
+            get("bare", "prefill_chunk", "step", "p50_ms"),
+            "p50 ms per chunk, trials alternating",
+            "the bundle has no prefill graph",
+        ),
     ]
     return [
         Diagnostic(key, what, *_quotient(num, den, formula, missing))

@@ -50,9 +50,10 @@ from training.model import RNNLM
 OPSET = 17
 STEP_FILE = "model.onnx"
 SCORE_FILE = "score.onnx"
+PREFILL_FILE = "prefill.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "weights.bin"
-GRAPH_FILES = {"step": STEP_FILE, "score": SCORE_FILE}
+GRAPH_FILES = {"step": STEP_FILE, "score": SCORE_FILE, "prefill": PREFILL_FILE}
 QUANTIZATIONS = ("int8",)
 # Shared tensors smaller than this stay inline (as onnx's own external-data writer does).
 EXTERNAL_MIN_BYTES = 1024
@@ -78,6 +79,20 @@ class StepGraph(nn.Module):
         return (self.model.logits(features), features, *final)
 
 
+class PrefillGraph(nn.Module):
+    """tokens, *states -> features, *final states: the step graph without its output layer,
+    for prompt and context chunks whose logits nobody reads (and for embeddings). The output
+    layer is most of a step's work (a `[T, H] x [H, V]` product), so a chunk costs a third."""
+
+    def __init__(self, model: RNNLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        features, final = self.model.features(tokens, state)
+        return (features, *final)
+
+
 class ScoreGraph(nn.Module):
     """tokens, targets, *states -> log-prob of each target, features, *final states (the score
     graph; the features are what a continuous cache recalls by)."""
@@ -100,12 +115,16 @@ def graph_io(model: RNNLM, graph: str) -> tuple[list[str], list[str]]:
     state_out = [f"{s}n" for s in states]
     if graph == "step":
         return ["tokens", *state_in], ["logits", "features", *state_out]
+    if graph == "prefill":
+        return ["tokens", *state_in], ["features", *state_out]
     return ["tokens", "targets", *state_in], ["target_logprobs", "features", *state_out]
 
 
 def export_graph(model: RNNLM, graph: str) -> bytes:
     """One graph as a self-contained ONNX model, with dynamic batch and time axes."""
-    module: nn.Module = StepGraph(model) if graph == "step" else ScoreGraph(model)
+    module: nn.Module = {"step": StepGraph, "prefill": PrefillGraph, "score": ScoreGraph}[graph](
+        model
+    )
     inputs, outputs = graph_io(model, graph)
     # Batch and time >= 2 in the example, so no axis can be specialised to 1.
     batch, time = 2, 3
@@ -172,6 +191,48 @@ def share_tied_weights(proto: onnx.ModelProto) -> None:
     graph.initializer.extend(kept)
     for name, source in replaced.items():
         graph.node.insert(0, helper.make_node("Transpose", [source], [name], perm=[1, 0]))
+
+
+def align_transposed_weights(blobs: dict[str, bytes]) -> None:
+    """Store each weight in the layout the step graph stores it in, so graphs share it.
+
+    With tied weights the step graph keeps the output layer's `[H, V]` matrix and makes the
+    embedding from it (`share_tied_weights`); a graph without the output layer (prefill) has
+    the embedding as its own `[V, H]` initializer, the same numbers transposed, which
+    `share_weights` (by content) would write a second time. Such an initializer becomes a
+    Transpose of a copy in the step graph's layout, folded away again by onnxruntime.
+    """
+    step = onnx.load_from_string(blobs["step"])
+    layouts = {
+        numpy_helper.to_array(t).tobytes() for t in step.graph.initializer if len(t.dims) == 2
+    }
+    for graph, blob in blobs.items():
+        if graph == "step":
+            continue
+        proto = onnx.load_from_string(blob)
+        changed = False
+        for tensor in proto.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            stored = np.ascontiguousarray(array.T)
+            if array.ndim != 2 or array.tobytes() in layouts or stored.tobytes() not in layouts:
+                continue
+            source = _unused_name(proto.graph, f"{tensor.name}.T")
+            proto.graph.node.insert(
+                0, helper.make_node("Transpose", [source], [tensor.name], perm=[1, 0])
+            )
+            tensor.CopyFrom(numpy_helper.from_array(stored, source))
+            changed = True
+        if changed:
+            onnx.checker.check_model(proto)
+            blobs[graph] = proto.SerializeToString()
+
+
+def _unused_name(graph: onnx.GraphProto, name: str) -> str:
+    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    taken |= {o for node in graph.node for o in node.output}
+    while name in taken:
+        name += "_"
+    return name
 
 
 def share_weights(graphs: dict[str, onnx.ModelProto]) -> bytes | None:
@@ -276,8 +337,9 @@ def export_bundle(
             held_out = evaluation_text(ckpt, calibration_text, eos)
         except QuantizationError as e:
             raise ExportError(f"{e}; nothing was written") from e
-    graphs = ["step", "score"] if score_graph else ["step"]
+    graphs = ["step", "prefill", "score"] if score_graph else ["step", "prefill"]
     blobs = {graph: export_graph(model, graph) for graph in graphs}
+    align_transposed_weights(blobs)
     report = check_parity(model, blobs, rtol=rtol, atol=atol)
     if not report.passed:
         raise ExportError(

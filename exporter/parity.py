@@ -49,7 +49,7 @@ class ParityReport:
 def check_parity(
     model: RNNLM, blobs: dict[str, bytes], *, rtol: float = 1e-3, atol: float = 3e-5, seed: int = 0
 ) -> ParityReport:
-    """Run every case for every graph in `blobs` ({"step"|"score": ONNX bytes})."""
+    """Run every case for every graph in `blobs` ({"step"|"prefill"|"score": ONNX bytes})."""
     report = ParityReport(rtol=rtol, atol=atol)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -121,11 +121,12 @@ def _torch_run(
     torch_state = tuple(torch.from_numpy(s) for s in state)
     with torch.no_grad():
         features, final = model.features(tokens, torch_state)
-        logits = model.logits(features)
-        if graph == "step":
-            first = [logits, features]
+        if graph == "prefill":
+            first = [features]
+        elif graph == "step":
+            first = [model.logits(features), features]
         else:
             targets = torch.from_numpy(data[1]).unsqueeze(-1)
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets).squeeze(-1)
-            first = [picked, features]
+            logprobs = torch.log_softmax(model.logits(features), dim=-1)
+            first = [logprobs.gather(-1, targets).squeeze(-1), features]
     return [t.numpy() for t in (*first, *final)]

@@ -13,11 +13,14 @@ it is never padded. Work whose final state is thrown away (the last chunk of a d
 scored or embedded) may be right-padded up to a power-of-two length: a recurrent network is
 causal, so outputs at the real positions do not see the padding after them.
 
-Which graph serves which work: generation and next-token requests feed prompts through the
-step graph (the last chunk's last logits are what they need); scoring feeds documents through
+Which graph serves which work: generation and next-token requests feed their prompts through
+the prefill graph (the step graph without its output layer, a third of the work per token)
+except the last token, which joins the step's one-token run on the step graph for the logits
+they need; so a step runs the chunks that need no logits first. Scoring feeds documents through
 the score graph, which returns only the targets' log-probs and the features a continuous cache
 recalls by (bundles whose score graph predates the cache score with it on the step graph);
-embedding reads the step graph's `features`.
+embedding reads the prefill graph's `features`. Bundles exported before the prefill graph run
+its work on the step graph and drop the logits.
 
 A step runs every decode token but at most one run's worth of prompt and document chunk
 tokens (`run_elements`, rows taking turns), so long documents cannot stall the streams.
@@ -46,6 +49,7 @@ State = tuple[np.ndarray, ...]  # one [layers, hidden] float32 array per state t
 
 STEP = "step"
 SCORE = "score"
+PREFILL = "prefill"
 # The most float32 values a run may write per [B, T, V] output (64 MiB): bigger groups are
 # split. Batching rows of long chunks gains little, and memory would grow with B * T * V.
 RUN_ELEMENTS = 1 << 24
@@ -68,6 +72,12 @@ class Runner(Protocol):
     ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray]]:
         """tokens, targets [B, T] -> log-prob of each target [B, T], features [B, T, H] (None
         from a score graph exported before the continuous cache), final states."""
+        ...
+
+    def prefill(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens [B, T] -> features [B, T, H], final states (no logits)."""
         ...
 
 
@@ -113,9 +123,15 @@ class Request:
         self.submitted = time.perf_counter()
 
     def work(self, chunk: int) -> Work | None:
-        """This step's work, at most `chunk` tokens; None when the request needs no run."""
-        n = min(len(self.feed) - self.fed, chunk)
-        return Work(STEP, self.feed[self.fed : self.fed + n], None, True)
+        """This step's work, at most `chunk` tokens; None when the request needs no run.
+
+        Only the last token's logits are read, so the tokens before it are prefill work and
+        the last one a one-token step."""
+        left = len(self.feed) - self.fed
+        if left > 1:
+            n = min(left - 1, chunk)
+            return Work(PREFILL, self.feed[self.fed : self.fed + n], None, True)
+        return Work(STEP, self.feed[self.fed :], None, True)
 
     def advance(self, n: int) -> bool:
         """Count `n` tokens fed (a decode token is not part of `feed`); True when the
@@ -178,11 +194,13 @@ class RecallNextRequest(Request):
     # `work` is the base class's: the final state is kept (for the recall cache), so no chunk
     # is padded.
 
-    def absorb(self, features: np.ndarray, logits: np.ndarray) -> bool:
-        """Take one chunk's features [n, hidden] and its last logits [V]; True when done."""
+    def absorb(self, features: np.ndarray, logits: np.ndarray | None) -> bool:
+        """Take one chunk's features [n, hidden] and, from the step graph, its last logits
+        [V] (None from the prefill graph); True when done."""
         kept = features if self.features is None else np.concatenate((self.features, features))
         self.features = kept[-(self.params.window + 1) :]  # the pairs' keys and the query
-        self.last_logits = logits
+        if logits is not None:
+            self.last_logits = logits
         self.fed += len(features)
         return self.fed == len(self.feed)
 
@@ -336,7 +354,7 @@ class EmbedRequest(Request):
     def work(self, chunk: int) -> Work | None:
         n = min(len(self.feed) - self.fed, chunk)
         end = self.fed + n
-        return Work(STEP, self.feed[self.fed : end], None, end < len(self.feed))
+        return Work(PREFILL, self.feed[self.fed : end], None, end < len(self.feed))
 
     def absorb(self, features: np.ndarray) -> bool:
         """Take one chunk's features [n, hidden]; True when the text is done."""
@@ -460,6 +478,43 @@ class Batch:
                 works.append(r.work(chunk))
         if len(decoders) < len(requests):
             self._take_turns(works)
+        events: list[Event] = []
+        heads: list[_Head] = []
+        blocks: list[_Block] = []
+        # Work that needs no logits runs first; a request whose prefill left only its last
+        # token feeds that in this step's one-token run, beside the decoding generations.
+        early = [w if w is not None and w.graph != STEP else None for w in works]
+        if any(w is not None for w in early):
+            self._run_groups(runner, chunk, batching, early, [], heads, blocks, events)
+            for row, w in enumerate(early):
+                if w is None:
+                    continue
+                r = requests[row]
+                after = r.work(chunk) if w.graph == PREFILL and not r.done else None
+                works[row] = after if after is not None and after.graph == STEP else None
+        self._run_groups(runner, chunk, batching, works, decoders, heads, blocks, events)
+        for row, r in enumerate(requests):
+            if isinstance(r, GenerateRequest) and r.head is not None:
+                heads.append(_Head(r, row, r.head[None, :], 0))
+                r.head = None
+        if heads:
+            self._finish_heads(heads, blocks, events)
+        for block in blocks:
+            self._sample(block, events)
+        return events
+
+    def _run_groups(
+        self,
+        runner: Runner,
+        chunk: int,
+        batching: bool,
+        works: list[Work | None],
+        decoders: list[int],
+        heads: list[_Head],
+        blocks: list[_Block],
+        events: list[Event],
+    ) -> None:
+        """Run `works` and the `decoders` rows in as few runs as the padding rules allow."""
         # (graph, run length, the row when each request runs alone else -1) -> rows
         groups: dict[tuple[str, int, int], list[int]] = {}
         if decoders:
@@ -475,29 +530,16 @@ class Batch:
             else:
                 key = (w.graph, _padded(n, chunk), -1)
             groups.setdefault(key, []).append(row)
-
-        events: list[Event] = []
-        heads: list[_Head] = []
-        blocks: list[_Block] = []
+        widths = {STEP: self.vocab_size + self.hidden, SCORE: self.vocab_size, PREFILL: self.hidden}
         for key, rows in groups.items():
             graph, length, _ = key
-            width = self.vocab_size + self.hidden if graph == STEP else self.vocab_size
-            per_run = max(1, self.run_elements // (length * width))
+            per_run = max(1, self.run_elements // (length * widths[graph]))
             # The decoders lead the rows of their group.
             leading = len(decoders) if key == (STEP, 1, -1) else 0
             for start in range(0, len(rows), per_run):
                 part = rows[start : start + per_run]
                 lead = max(0, min(len(part), leading - start))
                 self._run(runner, graph, length, part, lead, works, heads, blocks, events)
-        for row, r in enumerate(requests):
-            if isinstance(r, GenerateRequest) and r.head is not None:
-                heads.append(_Head(r, row, r.head[None, :], 0))
-                r.head = None
-        if heads:
-            self._finish_heads(heads, blocks, events)
-        for block in blocks:
-            self._sample(block, events)
-        return events
 
     def _take_turns(self, works: list[Work | None]) -> None:
         """Hold back chunks beyond one full run of tokens this step, in turns.
@@ -563,9 +605,12 @@ class Batch:
         full = k == len(requests) and all(a < b for a, b in itertools.pairwise(rows))
         idx = np.array(rows, dtype=np.intp)
         states = self.states if full else [s[:, idx, :] for s in self.states]
+        logits: np.ndarray | None = None
         try:
             if targets is not None:
                 logprobs, features, new = runner.score(tokens, targets, states)
+            elif graph == PREFILL:
+                features, new = runner.prefill(tokens, states)
             else:
                 logits, features, new = runner.step(tokens, states)
         except Exception as e:  # onnxruntime raises several types; the requests must end
@@ -580,7 +625,7 @@ class Batch:
             for old, fresh in zip(self.states, new, strict=True):
                 old[:, idx, :] = fresh
         # Rows that need next-token logits ran unpadded, so their last position is `length - 1`.
-        last = logits[:, length - 1, :] if targets is None else None
+        last = logits[:, length - 1, :] if logits is not None else None
         if lead:
             decoding = [requests[row] for row in rows[:lead]]
             blocks.append(_Block(decoding, rows[:lead], last[:lead]))  # type: ignore[arg-type, index]
@@ -591,6 +636,7 @@ class Batch:
             row_features = None if features is None else features[i, :n]
             if isinstance(r, ScoreRequest):
                 if targets is None:  # a cached score, on the step graph
+                    assert logits is not None
                     chunk_targets = r.targets[r.fed : r.fed + n, None]
                     picked = np.take_along_axis(log_softmax(logits[i, :n]), chunk_targets, axis=1)
                     done = r.absorb(picked[:, 0], row_features)
@@ -600,13 +646,13 @@ class Batch:
                     r.done = True
                     events.append((r, r.out))
             elif isinstance(r, EmbedRequest):
-                assert row_features is not None, "embeddings run on the step graph"
+                assert row_features is not None, "embeddings run on the prefill graph"
                 if r.absorb(row_features):
                     r.done = True
                     events.append((r, r.result()))
             elif isinstance(r, RecallNextRequest):
-                assert row_features is not None, "it runs on the step graph"
-                if r.absorb(row_features, logits[i, n - 1]):
+                assert row_features is not None, "the prefill and step graphs give features"
+                if r.absorb(row_features, None if logits is None else logits[i, n - 1]):
                     r.done = True
                     events.append((r, r.result(self.row_state(row))))
             elif r.advance(n):

@@ -26,7 +26,7 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 TOKENIZER_KINDS = ("word", "char", "bpe")
 # Precision of the weights -> the element type of the graphs' float inputs and outputs.
 FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
-GRAPH_KINDS = ("step", "score")
+GRAPH_KINDS = ("step", "score", "prefill")
 # ONNX protobuf field numbers (onnx/onnx.proto) on every path from a model to a tensor, so the
 # loader can list a graph's external data files without the `onnx` package (not a server
 # dependency). Message kind -> {field number: kind of the embedded message}.
@@ -77,6 +77,8 @@ class Bundle:
     state: tuple[StateSpec, ...]
     step_graph: Path
     score_graph: Path | None
+    # The step graph without its output layer (bundles exported before it have none).
+    prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
 
     @property
@@ -86,11 +88,11 @@ class Bundle:
         return self.score_graph is not None and "features" in self.graph_io("score")[1]
 
     def graph_file(self, graph: str) -> Path:
-        """The file of graph `step` or `score`."""
-        if graph == "step":
-            return self.step_graph
-        if graph == "score" and self.score_graph is not None:
-            return self.score_graph
+        """The file of graph `step`, `score` or `prefill`."""
+        path = {"step": self.step_graph, "score": self.score_graph, "prefill": self.prefill_graph}
+        found = path.get(graph)
+        if found is not None:
+            return found
         raise BundleError(f"{self.path / MANIFEST_FILE}: the bundle has no {graph!r} graph")
 
     def graph_io(self, graph: str) -> tuple[list[str], list[str]]:
@@ -145,13 +147,12 @@ class Bundle:
         io: dict[str, tuple[str, list[int | None]]] = {"tokens": ("tensor(int64)", [None, None])}
         for s in self.state:
             io[s.input] = io[s.output] = (fp, [s.layers, None, s.hidden])
+        io["features"] = (fp, [None, None, self.hidden])
         if graph == "step":
             io["logits"] = (fp, [None, None, self.vocab_size])
-            io["features"] = (fp, [None, None, self.hidden])
-        else:
+        elif graph == "score":
             io["targets"] = ("tensor(int64)", [None, None])
             io["target_logprobs"] = (fp, [None, None])
-            io["features"] = (fp, [None, None, self.hidden])
         return io
 
 
@@ -282,8 +283,9 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     state = _read_state(r, m, cell, layers, hidden)
     graphs = r.get(m, "graphs", dict)
     step_file = _read_graph(r, graphs, "step", state, directory, files)
-    score_file = (
-        _read_graph(r, graphs, "score", state, directory, files) if "score" in graphs else None
+    score_file, prefill_file = (
+        _read_graph(r, graphs, kind, state, directory, files) if kind in graphs else None
+        for kind in ("score", "prefill")
     )
     unknown = sorted(set(graphs) - set(GRAPH_KINDS))
     if unknown:
@@ -315,7 +317,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
             raise r.fail(f"continuous_cache: {e}") from e
 
     _verify_files(directory, files)
-    for graph_file in (step_file, score_file):
+    for graph_file in (step_file, score_file, prefill_file):
         if graph_file is not None:
             _check_external_data(directory, graph_file, files)
     tokenizer = _load_tokenizer(directory / tokenizer_file, vocab_size)
@@ -337,6 +339,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         state=state,
         step_graph=step_file,
         score_graph=score_file,
+        prefill_graph=prefill_file,
         continuous_cache=continuous_cache,
     )
 
@@ -385,8 +388,10 @@ def _read_graph(
     _require_listed(r, files, file, f"{where}file")
     inputs = r.names(spec, "inputs", where)
     outputs = r.names(spec, "outputs", where)
-    data_in = ["tokens"] if kind == "step" else ["tokens", "targets"]
-    data_out = ["logits", "features"] if kind == "step" else ["target_logprobs", "features"]
+    data_in = ["tokens", "targets"] if kind == "score" else ["tokens"]
+    data_out = {"step": ["logits"], "score": ["target_logprobs"], "prefill": []}[kind] + [
+        "features"
+    ]
     want_in = data_in + [s.input for s in state]
     want_out = data_out + [s.output for s in state]
     # Score graphs exported before the continuous cache have no `features`.

@@ -140,17 +140,19 @@ class _Start:
 
 
 class _Sessions:
-    """The step and score sessions, called with the bundle's input and output names."""
+    """The step, score and prefill sessions, called with the bundle's input and output names."""
 
     def __init__(
         self,
         step: ort.InferenceSession,
         score: ort.InferenceSession | None,
+        prefill: ort.InferenceSession | None,
         bundle: Bundle,
         metrics: EngineMetrics | None,
     ) -> None:
         self._step = step
         self._score = score
+        self._prefill = prefill
         self._state_inputs = [s.input for s in bundle.state]
         self.metrics = metrics
 
@@ -180,6 +182,20 @@ class _Sessions:
             self.metrics.observe_batch(len(tokens))
         new = rest[-len(self._state_inputs) :]
         return logprobs, rest[0] if len(rest) > len(new) else None, new
+
+    def prefill(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self._prefill is None:
+            # A bundle exported before the prefill graph: the step graph, logits dropped.
+            _, features, new = self.step(tokens, states)
+            return features, new
+        feeds = dict(zip(self._state_inputs, states, strict=True))
+        feeds["tokens"] = tokens
+        features, *new = self._prefill.run(None, feeds)
+        if self.metrics is not None:
+            self.metrics.observe_batch(len(tokens))
+        return features, new
 
 
 class TokenStream:
@@ -298,7 +314,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    """Runs one model version's requests in continuous batches; see ENGINE_API.md.
+    """Runs one model version's requests in continuous batches (see the module docstring).
 
     Results are read-only numpy arrays (next-token log-probs may be shared with the state
     cache). All methods must be called from the event loop that ran `start`.
@@ -341,14 +357,21 @@ class Engine:
         providers = _providers(self.config.provider)
         options = session_options(self.config)
         try:
-            step = await asyncio.to_thread(self.bundle.open_session, "step", options, providers)
-            score = None
-            if self.bundle.score_graph is not None:
-                score = await asyncio.to_thread(
-                    self.bundle.open_session, "score", options, providers
-                )
+            opened: dict[str, ort.InferenceSession | None] = {}
+            for graph, path in (
+                ("step", self.bundle.step_graph),
+                ("score", self.bundle.score_graph),
+                ("prefill", self.bundle.prefill_graph),
+            ):
+                opened[graph] = None
+                if path is not None:
+                    opened[graph] = await asyncio.to_thread(
+                        self.bundle.open_session, graph, options, providers
+                    )
         except BundleError as e:
             raise EngineError(str(e)) from e
+        step = opened["step"]
+        assert step is not None
         self.provider = step.get_providers()[0]
         if self.config.provider == "cuda" and self.provider != CUDA:
             raise EngineError(
@@ -357,7 +380,7 @@ class Engine:
                 "check the CUDA and cuDNN libraries"
             )
         log.info("%s version %s runs on %s", self.bundle.name, self.bundle.version, self.provider)
-        self._sessions = _Sessions(step, score, self.bundle, None)
+        self._sessions = _Sessions(step, opened["score"], opened["prefill"], self.bundle, None)
         self._root = await asyncio.to_thread(self._warm_up)
         self._sessions.metrics = self.metrics
         self._loop = asyncio.get_running_loop()
@@ -568,8 +591,8 @@ class Engine:
         which on a busy machine take longer than the step itself; nothing could share its
         run anyway. The result is the one the batch would give (a one-row, unpadded run).
         """
-        logits, _, state = self._step_inline(feed, start.state)
-        logprobs = _frozen(log_softmax(logits[-1]))
+        logits, _, state = self._feed_inline(feed, start.state)
+        logprobs = _frozen(log_softmax(logits))
         self.cache.insert(ids, state, logprobs, start.key)
         return logprobs
 
@@ -577,22 +600,28 @@ class Engine:
         """A lone cached next-token request run here while the engine is idle, as
         `_next_inline` does for a plain one."""
         assert request.state is not None
-        logits, features, state = self._step_inline(request.feed, request.state)
-        request.absorb(features, logits[-1])
+        logits, features, state = self._feed_inline(request.feed, request.state)
+        request.absorb(features, logits)
         return request.result(state)
 
-    def _step_inline(self, feed: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
-        """One one-row, unpadded step run on the event loop: logits [T, V], features [T, H]
-        and the final state, as the batch would give them."""
+    def _feed_inline(self, feed: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, State]:
+        """A one-row feed run on the event loop as the batch runs it (all but the last token
+        on the prefill graph, the last on the step graph): the last logits [V], the features
+        [T, H] and the final state."""
         sessions = self._sessions
         assert sessions is not None
         if self.metrics is not None:
             self.metrics.observe_queue_wait(0.0)
+        states = [s[:, None, :] for s in state]
         try:
-            logits, features, new = sessions.step(feed[None, :], [s[:, None, :] for s in state])
+            if len(feed) > 1:
+                before, states = sessions.prefill(feed[None, :-1], states)
+            logits, features, new = sessions.step(feed[None, -1:], states)
         except Exception as e:  # onnxruntime raises several types
             raise EngineError(f"onnxruntime run failed: {e}") from e
-        return logits[0], features[0], tuple(s[:, 0, :] for s in new)
+        if len(feed) > 1:
+            features = np.concatenate((before, features), axis=1)
+        return logits[0, -1], features[0], tuple(s[:, 0, :] for s in new)
 
     def _submit(self, request: Request) -> None:
         with self._cond:
@@ -671,6 +700,7 @@ class Engine:
         sessions.step(np.zeros((rows, 1), dtype=np.int64), self.bundle.zero_state(rows))
         two = np.zeros((1, 2), dtype=np.int64)
         sessions.score(two, two, self.bundle.zero_state(1))
+        sessions.prefill(two, self.bundle.zero_state(1))
         return root
 
     def _work(self) -> None:

@@ -39,6 +39,7 @@ DIAGNOSTICS = {
     "engine_vs_bare",
     "score_with_cache",
     "server_vs_engine",
+    "prefill_vs_step",
 }
 HEADINGS = (
     "## Machine",
@@ -112,6 +113,8 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
         for mode in ("onednn_on", "onednn_off", "best"):
             assert r["torch"][mode][key]["p50_ms"] > 0
     assert all(r["bare"]["step_b1_after_idle"][f] > 0 for f in LATENCY)
+    for graph in ("step", "prefill"):
+        assert all(r["bare"]["prefill_chunk"][graph][f] > 0 for f in LATENCY)
     assert r["engine"]["generate"]["tokens_per_s"] > 0
     assert all(r["echo"][f] > 0 for f in LATENCY)
     on, off = r["server"]["batching_on"], r["server"]["batching_off"]

@@ -328,6 +328,19 @@ def test_bundle_without_a_score_graph(default_bundle: Path, tmp_path: Path) -> N
         loaded.open_session("score")
 
 
+def test_prefill_graph_outputs_are_checked(default_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(default_bundle, tmp_path)
+
+    def with_logits(m: Manifest) -> None:
+        m["graphs"]["prefill"]["outputs"] = ["logits", "features", "hn", "cn"]
+
+    edit_manifest(bundle, with_logits)
+    with pytest.raises(
+        BundleError, match=r"graphs\.prefill\.outputs .* must be \['features', 'hn', 'cn'\]"
+    ):
+        load_bundle(bundle)
+
+
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
 

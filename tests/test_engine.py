@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.batch import Batch, EmbedRequest, Request, ScoreRequest
+from server.batch import Batch, EmbedRequest, NextRequest, Request, ScoreRequest
 from server.bundle import Bundle, load_bundle
 from server.engine import Engine, EngineConfig, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
@@ -272,25 +274,37 @@ def test_stop_ids_end_generation_after_the_stop_token(lstm: Bundle) -> None:
 
 
 class CountingSessions:
-    """The batch's runner on the bundle's real graphs, recording each run's shape."""
+    """The batch's runner on the bundle's real graphs, recording each run's graph and shape."""
 
     def __init__(self, bundle: Bundle) -> None:
         self.step_session = bundle.open_session("step")
         self.score_session = bundle.open_session("score")
+        self.prefill_session = bundle.open_session("prefill")
         self.names = [s.input for s in bundle.state]
         self.shapes: list[tuple[int, int]] = []
+        self.runs: list[tuple[str, tuple[int, int]]] = []
+
+    def _record(self, graph: str, tokens: np.ndarray) -> None:
+        self.shapes.append(tokens.shape)
+        self.runs.append((graph, tokens.shape))
 
     def step(self, tokens: np.ndarray, states: Any) -> tuple[np.ndarray, np.ndarray, list]:
-        self.shapes.append(tokens.shape)
+        self._record("step", tokens)
         feeds = {"tokens": tokens, **dict(zip(self.names, states, strict=True))}
         logits, features, *new = self.step_session.run(None, feeds)
         return logits, features, new
 
     def score(self, tokens: np.ndarray, targets: np.ndarray, states: Any) -> tuple:
-        self.shapes.append(tokens.shape)
+        self._record("score", tokens)
         feeds = {"tokens": tokens, "targets": targets, **dict(zip(self.names, states, strict=True))}
         logprobs, features, *new = self.score_session.run(None, feeds)
         return logprobs, features, new
+
+    def prefill(self, tokens: np.ndarray, states: Any) -> tuple[np.ndarray, list]:
+        self._record("prefill", tokens)
+        feeds = {"tokens": tokens, **dict(zip(self.names, states, strict=True))}
+        features, *new = self.prefill_session.run(None, feeds)
+        return features, new
 
 
 def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
@@ -329,6 +343,51 @@ def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
     )
     for a, b in zip(roomy, tight, strict=True):
         close(a, b)
+
+
+def test_a_context_runs_on_the_prefill_graph_but_its_last_token(lstm: Bundle) -> None:
+    """Only the last token's logits are read: the tokens before it go through the prefill
+    graph (no output layer) in chunks, and the last one joins a one-token step run in the
+    same step as the last chunk."""
+    ids = np.random.default_rng(7).integers(0, lstm.vocab_size, 20)
+    zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
+    sessions = CountingSessions(lstm)
+    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None)
+    got: list[Any] = []
+    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
+    steps = 0
+    while len(batch):
+        for request, payload in batch.step(sessions, 8, batching=True):
+            request.deliver(payload)
+        batch.filter()
+        steps += 1
+    assert sessions.runs == [
+        ("prefill", (1, 8)), ("prefill", (1, 8)), ("prefill", (1, 3)), ("step", (1, 1))
+    ]  # fmt: skip
+    assert steps == 3
+    close(got[0], Direct(lstm).logprobs(ids.tolist())[-1])
+
+
+def test_a_bundle_without_a_prefill_graph_gives_the_same_results(
+    lstm: Bundle, tmp_path: Path
+) -> None:
+    """Bundles exported before the prefill graph load, and run its work on the step graph."""
+    old = tmp_path / "no-prefill"
+    shutil.copytree(lstm.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["prefill"], manifest["files"]["prefill.onnx"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "prefill.onnx").unlink()
+    earlier = load_bundle(old)
+    assert lstm.prefill_graph is not None and earlier.prefill_graph is None
+    calls = mixed_workload(lstm.vocab_size)
+
+    async def together(engine: Engine) -> list[Any]:
+        return list(await asyncio.gather(*(call(engine) for call in calls)))
+
+    assert_same(
+        run_engine(lstm, together, prefill_chunk=8), run_engine(earlier, together, prefill_chunk=8)
+    )
 
 
 # ---- the state cache --------------------------------------------------------------------------

@@ -73,13 +73,15 @@ def test_manifest_records_the_export(cell: str, tiny_bundle_factory: Callable[..
     assert (parity["rtol"], parity["atol"]) == PARITY_TOLERANCES
     assert 0 <= parity["max_abs_error"] < 1e-3
     cases = {(c["graph"], c["batch"], tuple(c["lengths"])) for c in parity["cases"]}
-    for graph in ("step", "score"):
+    for graph in ("step", "prefill", "score"):
         assert {(graph, b, (t,)) for b in (1, 3, 8) for t in (1, 7, 64)} <= cases
         assert any(g == graph and len(lengths) > 1 for g, _, lengths in cases)
     prov = m["provenance"]
     assert len(prov["corpus_sha256"]) == 64
     assert prov["valid_perplexity"] > 1 and prov["tokens_seen"] > 0
-    assert set(m["files"]) == {"model.onnx", "score.onnx", "tokenizer.json", "weights.bin"}
+    assert set(m["files"]) == {
+        "model.onnx", "prefill.onnx", "score.onnx", "tokenizer.json", "weights.bin"
+    }  # fmt: skip
     assert m["precision"] == "fp32" and "quantization" not in m
 
 
@@ -117,14 +119,18 @@ def test_an_adaptive_softmax_model_exports_and_serves_its_log_probs(
 def test_tied_weights_are_stored_once(default_bundle: Path) -> None:
     bundle = load_bundle(default_bundle)
     v, e = bundle.vocab_size, bundle.manifest["architecture"]["embedding"]
-    for file in ("model.onnx", "score.onnx"):
+    stored = set()
+    for file in ("model.onnx", "prefill.onnx", "score.onnx"):
         graph = onnx.load(str(default_bundle / file)).graph
-        matrices = [i.name for i in graph.initializer if sorted(i.dims) == sorted([v, e])]
-        assert len(matrices) == 1, (file, matrices)
+        matrices = [i for i in graph.initializer if sorted(i.dims) == sorted([v, e])]
+        assert len(matrices) == 1, (file, [i.name for i in matrices])
+        stored.add(onnx.numpy_helper.to_array(matrices[0]).tobytes())
+    assert len(stored) == 1  # the same layout in every graph, so weights.bin holds it once
 
 
 def test_graphs_share_one_copy_of_the_weights(default_bundle: Path) -> None:
-    graphs = {f: onnx.load(str(default_bundle / f)) for f in ("model.onnx", "score.onnx")}
+    files = ("model.onnx", "prefill.onnx", "score.onnx")
+    graphs = {f: onnx.load(str(default_bundle / f)) for f in files}
     weights = (default_bundle / "weights.bin").stat().st_size
     unique: dict[bytes, int] = {}
     for proto in graphs.values():
@@ -166,7 +172,9 @@ def test_default_name_is_the_directory_name(
     assert sorted(p.name for p in path.iterdir()) == [
         "manifest.json",
         "model.onnx",
+        "prefill.onnx",
         "tokenizer.json",
+        "weights.bin",  # the step and prefill graphs share the recurrent weights
     ]
 
 
