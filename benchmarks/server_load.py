@@ -42,7 +42,7 @@ async def run(
     return {"batching_on": on, "batching_off": off}
 
 
-def _serve_args(bundle_dir: Path, batching: bool, extra: tuple[str, ...]) -> list[str]:
+def serve_args(bundle_dir: Path, batching: bool, extra: tuple[str, ...]) -> list[str]:
     return [
         "serve",
         "--models",
@@ -70,7 +70,7 @@ async def _measure_server(
     *,
     batching: bool,
 ) -> dict[str, Any]:
-    args = _serve_args(bundle_dir, batching, plan.server_args)
+    args = serve_args(bundle_dir, batching, plan.server_args)
     child = ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS)
     out: dict[str, Any] = {"command": "rnnlm " + " ".join(args)}
     try:
@@ -83,7 +83,7 @@ async def _measure_server(
         ]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options) as ch:
             stub = pb_grpc.LanguageModelStub(ch)
-            await _wait_serving(ch, child)
+            await wait_serving(ch, child)
             info = await stub.GetModel(pb.GetModelRequest(), timeout=CALL_SLACK_SECONDS)
             out["model"] = {
                 "name": info.name,
@@ -123,7 +123,7 @@ async def _measure_server(
     return out
 
 
-async def _wait_serving(channel: grpc.aio.Channel, child: ChildServer) -> None:
+async def wait_serving(channel: grpc.aio.Channel, child: ChildServer) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + READY_SECONDS
     while time.monotonic() < deadline:

@@ -50,9 +50,10 @@ State = tuple[np.ndarray, ...]  # one [layers, hidden] float32 array per state t
 STEP = "step"
 SCORE = "score"
 PREFILL = "prefill"
-# The most float32 values a run may write per [B, T, V] output (64 MiB): bigger groups are
-# split. Batching rows of long chunks gains little, and memory would grow with B * T * V.
-RUN_ELEMENTS = 1 << 24
+# The most float32 values a run may hold per [B, T, V] tensor (16 MiB): bigger groups are
+# split. Batching rows of long chunks gains little, and onnxruntime keeps the memory of its
+# largest run for good (its arena), so this bounds what scoring adds to the server's memory.
+RUN_ELEMENTS = 1 << 22
 POOLINGS = ("last", "mean", "max")
 # Uniforms a generation draws from its random stream at once.
 UNIFORMS_AHEAD = 64
