@@ -296,7 +296,7 @@ def export_bundle(
     force: bool = False,
     score_graph: bool = True,
     rtol: float = 1e-3,
-    atol: float = 3e-5,
+    atol: float = 1e-4,
     quantize: str | None = None,
     calibration_text: str | Path | None = None,
     max_perplexity_change: float = 1.0,

@@ -20,7 +20,7 @@ from training.checkpoint import CheckpointError, load_checkpoint
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 RTOL, ATOL = 1e-3, 1e-5  # these tests' own comparisons (tiny models round little)
-PARITY_TOLERANCES = (1e-3, 3e-5)  # what the exporter's parity check uses by default
+PARITY_TOLERANCES = (1e-3, 1e-4)  # what the exporter's parity check uses by default
 TEXT = "the cat sees the moon .\na dog likes a red house .\nthe old man calls the small boat .\n"
 
 
