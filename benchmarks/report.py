@@ -272,6 +272,12 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
             rows.append([length + label, s.get("p50_ms"), s.get("p90_ms"), s.get("p99_ms"), seen])
     lines += _table(["cached context tokens", "p50 ms", "p90 ms", "p99 ms", "tokens sent"], rows)
 
+    fresh = on.get("predict_fresh")
+    if fresh:
+        lines += [f"### PredictNext on a fresh {fresh.get('context_tokens')}-token context", ""]
+        lines += ["Nothing cached: the whole context is fed (prefill) before the next token.", ""]
+        lines += _table(LATENCY_HEADER, [_latency_row("PredictNext, k=5", fresh)])
+
     lines += ["### Score", ""]
     scores = {"server Score": on.get("score")}
     if on.get("score_cached"):

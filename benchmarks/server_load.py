@@ -104,6 +104,9 @@ async def _measure_server(
                 out["predict_context"], out["predict_context_cached"] = await _predict_contexts(
                     stub, workload, plan, cached
                 )
+                longest = max(plan.context_lengths)
+                say(f"server ({mode}): PredictNext on fresh {longest}-token contexts")
+                out["predict_fresh"] = await _predict_fresh(stub, workload, plan, longest)
                 also = " (trials alternating with the continuous cache)" if cached else ""
                 say(f"server ({mode}): Score, {plan.score_tokens} tokens{also}")
                 out["score"], out["score_cached"] = await _score(stub, workload, plan, cached)
@@ -229,6 +232,27 @@ async def _predict_contexts(
         for cached in variants
     ]
     return results[0], results[1] if with_cache else None
+
+
+async def _predict_fresh(
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, length: int
+) -> dict[str, Any]:
+    """PredictNext on a context of `length` tokens that nothing cached: the whole context is
+    prefilled (the first call of a typing session with a long document before the cursor)."""
+    trials = []
+    for _ in range(plan.trials):
+        samples: list[float] = []
+        end = time.perf_counter() + plan.budget_s
+        while len(samples) < plan.fresh_calls and time.perf_counter() < end:
+            context = workload.text(workload.fresh(length))
+            request = pb.PredictNextRequest(context=context, k=PREDICT_K)
+            start = time.perf_counter()
+            await stub.PredictNext(request, timeout=CALL_SLACK_SECONDS)
+            samples.append(time.perf_counter() - start)
+        trials.append(latency(samples, tokens_per_call=length))
+    summary = over_trials(trials)
+    summary["context_tokens"] = length
+    return summary
 
 
 # -- Score ---------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Plan:
     echo_calls: int = 500
     predict_calls: int = 200  # timed PredictNext calls per trial at concurrency 1
     context_calls: int = 100  # timed extensions per trial at each context length
+    fresh_calls: int = 20  # timed PredictNext calls per trial on a fresh longest context
     score_tokens: int = 100_000
     score_chunk: int = 128  # tokens per onnxruntime/eager scoring run (the engine's default)
     generate_max_tokens: int = 64  # tokens per Generate call; streams issue calls back to back
@@ -81,6 +82,7 @@ class Plan:
                 echo_calls=50,
                 predict_calls=20,
                 context_calls=10,
+                fresh_calls=3,
                 score_tokens=2000,
                 generate_max_tokens=16,
             )
@@ -101,9 +103,11 @@ class Plan:
     def context_tokens_needed(self) -> int:
         """Stream tokens the PredictNext measurements consume (each context fresh)."""
         sentences = -(-self.predict_calls // (SENTENCE_TOKENS - 1))
+        longest = max(self.context_lengths, default=0)
         per_trial = sentences * SENTENCE_TOKENS + sum(
             length + self.context_calls for length in self.context_lengths
         )
+        per_trial += self.fresh_calls * longest
         return self.trials * per_trial
 
 

@@ -52,6 +52,7 @@ HEADINGS = (
     "## The server",
     "### PredictNext at concurrency 1",
     "### PredictNext extending a cached context",
+    "### PredictNext on a fresh 1000-token context",
     "### Score",
     "### Generate",
     "### Resident memory",
@@ -122,6 +123,8 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     assert set(on["predict_context"]) == {"10", "100", "1000"}
     for length, figures in on["predict_context"].items():
         assert figures["context_tokens_min"] > int(length)
+    assert on["predict_fresh"]["context_tokens"] == 1000
+    assert all(on["predict_fresh"][f] > 0 for f in LATENCY)
     for server in (on, off):
         assert set(server["generate"]) == {"1", "8", "64", "256"}
         assert all(g["tokens_per_s"] > 0 for g in server["generate"].values())
