@@ -14,7 +14,7 @@ scored or embedded) may be right-padded up to a power-of-two length: a recurrent
 causal, so outputs at the real positions do not see the padding after them.
 
 Which graph serves which work: generation and next-token requests feed their prompts through
-the prefill graph (the step graph without its output layer, a third of the work per token)
+the prefill graph (the step graph without its output layer, 40 % of the time per chunk)
 except the last token, which joins the step's one-token run on the step graph for the logits
 they need; so a step runs the chunks that need no logits first. Scoring feeds documents through
 the score graph, which returns only the targets' log-probs and the features a continuous cache
