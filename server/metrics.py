@@ -214,6 +214,9 @@ class EngineMetrics:
         self.recall_cache = CacheRecorder(
             self, m.recall_hits, m.recall_misses, m.recall_evictions, m.recall_bytes
         )
+        # The load gauges exist from the start, so "at rest" reads 0 rather than no series.
+        self.set_queue_depth(0)
+        m.active_streams.labels(model=model)
 
     def observe_batch(self, size: int) -> None:
         self._batch_size.observe(size)

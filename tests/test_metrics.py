@@ -116,6 +116,14 @@ def test_engine_gauges_sum_over_versions_of_a_model() -> None:
     assert metrics.registry.get_sample_value("rnnlm_state_cache_hits_total", {"model": "m"}) == 2
 
 
+def test_a_loaded_engine_reports_its_load_gauges_at_zero() -> None:
+    """Before any request: alerts and dashboards see 0, not a missing series."""
+    metrics = Metrics()
+    metrics.engine_metrics("m", "1")
+    for gauge in ("rnnlm_queue_depth", "rnnlm_active_streams"):
+        assert metrics.registry.get_sample_value(gauge, {"model": "m"}) == 0
+
+
 def test_registries_are_independent() -> None:
     """Two servers in one process (as in the tests) must not share or clash on metrics."""
     a, b = Metrics(), Metrics()
