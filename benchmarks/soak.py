@@ -45,7 +45,7 @@ KINDS = ("generate", "cancel", "deadline", "predict", "score", "embed", "typing"
 # deadline); any other status is a failure of the soak.
 ALLOWED = {"cancel": {"OK", "CANCELLED"}, "deadline": {"OK", "DEADLINE_EXCEEDED"}}
 METRICS_PORT = re.compile(r"metrics on http://\S*:(\d+)/metrics")
-AT_REST = re.compile(r"^rnnlm_(active_streams|queue_depth)\{[^}]*\} (\S+)$", re.M)
+AT_REST = re.compile(r"^(rnnlm_(?:active_streams|queue_depth)\{[^}]*\}) (\S+)$", re.M)
 CALL_SECONDS = 30.0
 SHORT_DEADLINE_S = 0.005
 
@@ -163,20 +163,28 @@ async def soak(
         ok = status in ALLOWED.get(kind, {"OK"})
         failures += 0 if ok else count
         print(f"  {kind:9} {status:18} {count:6}{'' if ok else '  <- unexpected'}")
-    print(f"resident memory: {before:.0f} MiB after start, {after:.0f} MiB after the load")
+    print(f"resident memory: {_mib(before)} after start, {_mib(after)} after the load")
     busy = {name: value for name, value in gauges.items() if float(value) != 0}
     print("at rest" if not busy else f"NOT at rest: {busy}")
     return 1 if failures or busy else 0
 
 
+def _mib(rss: float | None) -> str:
+    return "n/a" if rss is None else f"{rss:.0f} MiB"
+
+
 def _rest_gauges(child: ChildServer) -> dict[str, str]:
-    """The active-stream and queue-depth gauges, read from the server's /metrics."""
+    """Every active-stream and queue-depth series, read from the server's /metrics."""
     found = METRICS_PORT.search(child.log_tail())
     if found is None:
         raise BenchError(f"the server did not log its metrics port; its log:\n{child.log_tail()}")
     with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {name: value for name, value in AT_REST.findall(text)}
+    series = dict(AT_REST.findall(text))
+    for gauge in ("rnnlm_active_streams", "rnnlm_queue_depth"):
+        if not any(name.startswith(gauge + "{") for name in series):
+            raise BenchError(f"the server's /metrics has no {gauge} series to check rest by")
+    return series
 
 
 def main(argv: list[str] | None = None) -> int:
