@@ -7,9 +7,11 @@ starts `rnnlm serve` on the bundle as `rnnlm bench` does (its own process, free 
 Generate (some cancelled after a few messages, some with a deadline too short to finish),
 PredictNext and Score (half of them with the continuous cache when the model has one), Embed
 and TypingSession, on texts of mixed lengths cut from the bundle's corpus. It then reports how
-every call ended and the server's resident memory before and after, and exits 1 when a call
-ended with a status its kind should not give or the server did not come back to rest (an
-active stream or a queued request left). An overloaded server's RESOURCE_EXHAUSTED counts as
+every call ended, as the client saw it and as the server recorded it, and the server's resident
+memory before and after. It exits 1 when a call ended with a status its kind should not give,
+when the server recorded an INTERNAL or UNKNOWN status (a client may see DEADLINE_EXCEEDED for
+a call the server thought had failed), or when the server did not come back to rest (an active
+stream or a queued request left). An overloaded server's RESOURCE_EXHAUSTED counts as
 unexpected: the soak is meant for a server configured for its load.
 
 What it is for: a leak or a stuck request shows as a gauge that stays up, or as memory that
@@ -46,6 +48,11 @@ KINDS = ("generate", "cancel", "deadline", "predict", "score", "embed", "typing"
 ALLOWED = {"cancel": {"OK", "CANCELLED"}, "deadline": {"OK", "DEADLINE_EXCEEDED"}}
 METRICS_PORT = re.compile(r"metrics on http://\S*:(\d+)/metrics")
 AT_REST = re.compile(r"^(rnnlm_(?:active_streams|queue_depth)\{[^}]*\}) (\S+)$", re.M)
+SERVER_CODES = re.compile(
+    r'^rnnlm_requests_total\{code="(\w+)",method="(\w+)",[^}]*\} (\S+)$', re.M
+)
+# Statuses the server must never record: each is a failure of its own, whatever the client saw.
+SERVER_FAILURES = ("INTERNAL", "UNKNOWN")
 CALL_SECONDS = 30.0
 SHORT_DEADLINE_S = 0.005
 
@@ -140,6 +147,7 @@ async def soak(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options) as channel:
             stub = pb_grpc.LanguageModelStub(channel)
             await wait_serving(channel, child)
+            metrics_url = _metrics_url(child)
             before = child.rss_mb()
             cached = bundle.continuous_cache is not None
             end = time.perf_counter() + seconds
@@ -154,7 +162,7 @@ async def soak(
             await asyncio.sleep(1.0)  # cancellations reach the engine at its next step
             child.check_alive()
             after = child.rss_mb()
-            gauges = _rest_gauges(child)
+            gauges, server_codes = _read_metrics(metrics_url)
     finally:
         child.stop()
     failures = 0
@@ -163,6 +171,11 @@ async def soak(
         ok = status in ALLOWED.get(kind, {"OK"})
         failures += 0 if ok else count
         print(f"  {kind:9} {status:18} {count:6}{'' if ok else '  <- unexpected'}")
+    print("as the server recorded them (rnnlm_requests_total):")
+    for (method, status), recorded in sorted(server_codes.items()):
+        bad = status in SERVER_FAILURES
+        failures += int(recorded) if bad else 0
+        print(f"  {method:13} {status:18} {recorded:6.0f}{'  <- a failure' if bad else ''}")
     print(f"resident memory: {_mib(before)} after start, {_mib(after)} after the load")
     busy = {name: value for name, value in gauges.items() if float(value) != 0}
     print("at rest" if not busy else f"NOT at rest: {busy}")
@@ -173,18 +186,27 @@ def _mib(rss: float | None) -> str:
     return "n/a" if rss is None else f"{rss:.0f} MiB"
 
 
-def _rest_gauges(child: ChildServer) -> dict[str, str]:
-    """Every active-stream and queue-depth series, read from the server's /metrics."""
+def _metrics_url(child: ChildServer) -> str:
+    """Where the server serves /metrics, from the line it logs at start."""
     found = METRICS_PORT.search(child.log_tail())
     if found is None:
         raise BenchError(f"the server did not log its metrics port; its log:\n{child.log_tail()}")
-    with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/metrics", timeout=5) as r:
+    return f"http://127.0.0.1:{found.group(1)}/metrics"
+
+
+def _read_metrics(url: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
+    """Every active-stream and queue-depth series, and the server's count of calls by
+    (method, status)."""
+    with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    series = dict(AT_REST.findall(text))
+    gauges = dict(AT_REST.findall(text))
     for gauge in ("rnnlm_active_streams", "rnnlm_queue_depth"):
-        if not any(name.startswith(gauge + "{") for name in series):
+        if not any(name.startswith(gauge + "{") for name in gauges):
             raise BenchError(f"the server's /metrics has no {gauge} series to check rest by")
-    return series
+    codes: dict[tuple[str, str], float] = {}
+    for status, method, value in SERVER_CODES.findall(text):
+        codes[method, status] = codes.get((method, status), 0.0) + float(value)
+    return gauges, codes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc._cython import cygrpc
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
@@ -47,6 +48,9 @@ DEFAULT_TYPING_K = 5
 MAX_TOP_LOGPROBS = 20
 # Texts longer than this are tokenized off the event loop.
 _LONG_TEXT_CHARS = 20_000
+# What grpc.aio raises when a handler writes to a call that has already ended at the transport
+# (its deadline passed, or the client went away, between two of a stream's writes).
+_ENDED_CALL_ERRORS = (cygrpc.ExecuteBatchError,)
 _POOLINGS = {
     pb.POOLING_UNSPECIFIED: "mean",
     pb.POOLING_LAST: "last",
@@ -169,6 +173,14 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         except asyncio.CancelledError:
             code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
             raise
+        except _ENDED_CALL_ERRORS as e:
+            if _deadline_passed(context) or context.cancelled():
+                # The call is over: nothing failed and nothing more can be sent (an abort would
+                # fail the same way). grpc ends a cancelled handler quietly.
+                code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
+                raise asyncio.CancelledError from e
+            log.exception("%s failed unexpectedly (model %r)", method, call.model)
+            code, message = Code.INTERNAL, f"{method} failed in the transport: {e}"
         except Exception:
             log.exception("%s failed unexpectedly (model %r)", method, call.model)
             code, message = Code.INTERNAL, f"{method} failed unexpectedly; the server logged why"
@@ -180,7 +192,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-        return await context.abort(code, message)  # abort raises: the call ends with `code`
+        try:
+            return await context.abort(code, message)  # abort raises: the call ends with `code`
+        except _ENDED_CALL_ERRORS as e:
+            # The call ended at the transport first (its deadline, or the client went away).
+            raise asyncio.CancelledError from e
 
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
         m = self._metrics
