@@ -121,7 +121,8 @@ class Client:
             session = stub.TypingSession(timeout=CALL_SECONDS)
             async for event in self.typing():
                 await session.write(event)
-                await session.read()
+                if await session.read() is grpc.aio.EOF:  # the server ended the session
+                    return await session.code()
             await session.done_writing()
             return await session.code()
         return grpc.StatusCode.OK
