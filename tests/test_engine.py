@@ -307,6 +307,17 @@ class CountingSessions:
         return features, new
 
 
+def run_to_the_end(batch: Batch, sessions: CountingSessions, chunk: int) -> int:
+    """Step the batch until every request finished, delivering as the engine does; the steps."""
+    steps = 0
+    while len(batch):
+        for request, payload in batch.step(sessions, chunk, batching=True):
+            request.deliver(payload)
+        batch.filter()
+        steps += 1
+    return steps
+
+
 def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
     """A tight run budget holds chunks back and splits groups; the numbers stay the same."""
     rng = np.random.default_rng(6)
@@ -327,12 +338,7 @@ def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
             len(lstm.state), lstm.vocab_size, lstm.hidden, None, run_elements=run_elements
         )
         batch.concatenate(requests)
-        steps = 0
-        while len(batch):
-            for request, payload in batch.step(sessions, 8, batching=True):
-                request.deliver(payload)
-            batch.filter()
-            steps += 1
+        steps = run_to_the_end(batch, sessions, chunk=8)
         return [r[0] for r in results], sessions, steps
 
     roomy, roomy_sessions, roomy_steps = finish(1 << 24)
@@ -355,12 +361,7 @@ def test_a_context_runs_on_the_prefill_graph_but_its_last_token(lstm: Bundle) ->
     batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None)
     got: list[Any] = []
     batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
-    steps = 0
-    while len(batch):
-        for request, payload in batch.step(sessions, 8, batching=True):
-            request.deliver(payload)
-        batch.filter()
-        steps += 1
+    steps = run_to_the_end(batch, sessions, chunk=8)
     assert sessions.runs == [
         ("prefill", (1, 8)), ("prefill", (1, 8)), ("prefill", (1, 3)), ("step", (1, 1))
     ]  # fmt: skip
