@@ -357,21 +357,16 @@ class Engine:
         providers = _providers(self.config.provider)
         options = session_options(self.config)
         try:
-            opened: dict[str, ort.InferenceSession | None] = {}
-            for graph, path in (
-                ("step", self.bundle.step_graph),
-                ("score", self.bundle.score_graph),
-                ("prefill", self.bundle.prefill_graph),
-            ):
-                opened[graph] = None
-                if path is not None:
-                    opened[graph] = await asyncio.to_thread(
-                        self.bundle.open_session, graph, options, providers
-                    )
+            step = await self._open_session("step", options, providers)
+            score, prefill = [  # graphs a bundle may lack
+                None if path is None else await self._open_session(graph, options, providers)
+                for graph, path in (
+                    ("score", self.bundle.score_graph),
+                    ("prefill", self.bundle.prefill_graph),
+                )
+            ]
         except BundleError as e:
             raise EngineError(str(e)) from e
-        step = opened["step"]
-        assert step is not None
         self.provider = step.get_providers()[0]
         if self.config.provider == "cuda" and self.provider != CUDA:
             raise EngineError(
@@ -380,7 +375,7 @@ class Engine:
                 "check the CUDA and cuDNN libraries"
             )
         log.info("%s version %s runs on %s", self.bundle.name, self.bundle.version, self.provider)
-        self._sessions = _Sessions(step, opened["score"], opened["prefill"], self.bundle, None)
+        self._sessions = _Sessions(step, score, prefill, self.bundle, None)
         self._root = await asyncio.to_thread(self._warm_up)
         self._sessions.metrics = self.metrics
         self._loop = asyncio.get_running_loop()
@@ -393,6 +388,11 @@ class Engine:
             daemon=True,
         )
         self._thread.start()
+
+    async def _open_session(
+        self, graph: str, options: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        return await asyncio.to_thread(self.bundle.open_session, graph, options, providers)
 
     async def close(self) -> None:
         """Stop the batching loop; requests still queued or running get EngineError."""
