@@ -14,9 +14,11 @@ scored or embedded) may be right-padded up to a power-of-two length: a recurrent
 causal, so outputs at the real positions do not see the padding after them.
 
 Which graph serves which work: generation and next-token requests feed their prompts through
-the prefill graph (the step graph without its output layer, 40 % of the time per chunk)
-except the last token, which joins the step's one-token run on the step graph for the logits
-they need; so a step runs the chunks that need no logits first. Scoring feeds documents through
+the prefill graph (the step graph without its output layer, 40 % of the time per chunk for a
+large vocabulary) except the last token, which runs on the step graph for the logits they need,
+in the same step, so a step runs the chunks that need no logits first. A short last stretch
+(fewer than `prefill_split` tokens before the last) runs whole on the step graph instead: a
+second run costs more than the output layer saves on a few tokens. Scoring feeds documents through
 the score graph, which returns only the targets' log-probs and the features a continuous cache
 recalls by (bundles whose score graph predates the cache score with it on the step graph);
 embedding reads the prefill graph's `features`. Bundles exported before the prefill graph run
@@ -123,16 +125,22 @@ class Request:
         self.decoding = False  # a generation past its prompt: one sampled token per step
         self.submitted = time.perf_counter()
 
-    def work(self, chunk: int) -> Work | None:
+    def work(self, chunk: int, split: int | None) -> Work | None:
         """This step's work, at most `chunk` tokens; None when the request needs no run.
 
-        Only the last token's logits are read, so the tokens before it are prefill work and
-        the last one a one-token step."""
+        Only the last token's logits are read, so with a prefill graph (`split` not None) the
+        chunks before the last go through it, and so do the last chunk's tokens but its last
+        when there are at least `split` of them; the last token then runs alone on the step
+        graph. Fewer go with it, in one run: a run of its own costs more than the output layer
+        saves on a few tokens (see `Engine.prefill_split`)."""
         left = len(self.feed) - self.fed
-        if left > 1:
-            n = min(left - 1, chunk)
-            return Work(PREFILL, self.feed[self.fed : self.fed + n], None, True)
-        return Work(STEP, self.feed[self.fed :], None, True)
+        if split is not None and left > 1:
+            before = left - 1
+            if before > chunk or before >= split:
+                n = min(before, chunk)
+                return Work(PREFILL, self.feed[self.fed : self.fed + n], None, True)
+        n = min(left, chunk)
+        return Work(STEP, self.feed[self.fed : self.fed + n], None, True)
 
     def advance(self, n: int) -> bool:
         """Count `n` tokens fed (a decode token is not part of `feed`); True when the
@@ -263,11 +271,11 @@ class GenerateRequest(Request):
             self._seen = set(prompt.tolist())
             self.history = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
 
-    def work(self, chunk: int) -> Work | None:
+    def work(self, chunk: int, split: int | None) -> Work | None:
         if self.head is not None:
             return None
         if self.fed < len(self.feed):
-            return super().work(chunk)
+            return super().work(chunk, split)
         return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
 
     def uniform(self) -> float:
@@ -313,8 +321,8 @@ class ScoreRequest(Request):
         self.cache = cache  # the document's cache and its share of the mixture
         self.graph = graph
 
-    def work(self, chunk: int) -> Work | None:
-        n = min(len(self.feed) - self.fed, chunk)
+    def work(self, chunk: int, split: int | None) -> Work | None:
+        n = min(len(self.feed) - self.fed, chunk)  # every log-prob is read: no split
         end = self.fed + n
         return Work(
             self.graph,
@@ -352,8 +360,8 @@ class EmbedRequest(Request):
         self.pooling = pooling
         self.pooled = np.full(hidden, -np.inf if pooling == "max" else 0.0, dtype=np.float64)
 
-    def work(self, chunk: int) -> Work | None:
-        n = min(len(self.feed) - self.fed, chunk)
+    def work(self, chunk: int, split: int | None) -> Work | None:
+        n = min(len(self.feed) - self.fed, chunk)  # no logits are read
         end = self.fed + n
         return Work(PREFILL, self.feed[self.fed : end], None, end < len(self.feed))
 
@@ -405,6 +413,7 @@ class Batch:
         cache: StateCache | None,
         sampler: Sampler | None = None,
         run_elements: int = RUN_ELEMENTS,
+        prefill_split: int | None = None,
     ) -> None:
         self.requests: list[Request] = []
         self.states: list[np.ndarray] = []  # [layers, N, hidden] each
@@ -414,6 +423,8 @@ class Batch:
         self.cache = cache
         self.sampler = sampler if sampler is not None else Sampler()
         self.run_elements = run_elements
+        # Tokens before a request's last from which they run on the prefill graph (Request.work).
+        self.prefill_split = prefill_split
         self._turn = 0  # the row whose chunk goes first in the next step
         # Prefix states the step reached, for the state cache (see `store_prefixes`).
         self._prefixes: list[tuple[np.ndarray, State, np.ndarray, int | None]] = []
@@ -476,14 +487,14 @@ class Batch:
                 decoders.append(row)
                 works.append(None)
             else:
-                works.append(r.work(chunk))
+                works.append(r.work(chunk, self.prefill_split))
         if len(decoders) < len(requests):
             self._take_turns(works)
         events: list[Event] = []
         heads: list[_Head] = []
         blocks: list[_Block] = []
         # Work that needs no logits runs first; a request whose prefill left only its last
-        # token feeds that in this step's one-token run, beside the decoding generations.
+        # few tokens feeds them on the step graph in this step, beside the decoding rows.
         early = [w if w is not None and w.graph != STEP else None for w in works]
         if any(w is not None for w in early):
             self._run_groups(runner, chunk, batching, early, [], heads, blocks, events)
@@ -491,7 +502,7 @@ class Batch:
                 if w is None:
                     continue
                 r = requests[row]
-                after = r.work(chunk) if w.graph == PREFILL and not r.done else None
+                after = None if w.graph != PREFILL or r.done else r.work(chunk, self.prefill_split)
                 works[row] = after if after is not None and after.graph == STEP else None
         self._run_groups(runner, chunk, batching, works, decoders, heads, blocks, events)
         for row, r in enumerate(requests):

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -74,6 +75,8 @@ INLINE_TOKENS = 16
 # Requests in the engine from which a generation's tokens are handed over a few at a time
 # (`EngineConfig.stream_tokens`, see `TokenStream`).
 COALESCE_ACTIVE = 8
+# Runs of each graph timed at start to choose `Engine.prefill_split` (the fastest counts).
+SPLIT_TIMINGS = 5
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -113,6 +116,9 @@ class EngineConfig:
     # Under load, a generation's tokens reach its consumer this many at a time (see
     # TokenStream); 1: always one at a time.
     stream_tokens: int = 4
+    # Tokens before a request's last from which they are fed on the prefill graph in a run of
+    # their own (see Engine.prefill_split); None: measured when the engine starts.
+    prefill_split: int | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -126,6 +132,8 @@ class EngineConfig:
             check(getattr(self, name) >= 1, name, ">= 1")
         check(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", ">= 0")
         check(self.state_cache_bytes >= 0, "state_cache_bytes", ">= 0")
+        split = self.prefill_split
+        check(split is None or split >= 1, "prefill_split", "None (measured) or >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,10 @@ class _Sessions:
             self.metrics.observe_batch(len(tokens))
         new = rest[-len(self._state_inputs) :]
         return logprobs, rest[0] if len(rest) > len(new) else None, new
+
+    @property
+    def has_prefill(self) -> bool:
+        return self._prefill is not None
 
     def prefill(
         self, tokens: np.ndarray, states: Sequence[np.ndarray]
@@ -347,6 +359,9 @@ class Engine:
         self._sessions: _Sessions | None = None
         self._root: _Start | None = None
         self._batch: Batch | None = None
+        # Feed the tokens before a request's last on the prefill graph when there are at least
+        # this many (None: never; the step graph takes them all in one run). Known after start.
+        self.prefill_split: int | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -377,10 +392,15 @@ class Engine:
         log.info("%s version %s runs on %s", self.bundle.name, self.bundle.version, self.provider)
         self._sessions = _Sessions(step, score, prefill, self.bundle, None)
         self._root = await asyncio.to_thread(self._warm_up)
+        self.prefill_split = await asyncio.to_thread(self._choose_prefill_split)
         self._sessions.metrics = self.metrics
         self._loop = asyncio.get_running_loop()
         self._batch = Batch(
-            len(self.bundle.state), self.bundle.vocab_size, self.bundle.hidden, self.cache
+            len(self.bundle.state),
+            self.bundle.vocab_size,
+            self.bundle.hidden,
+            self.cache,
+            prefill_split=self.prefill_split,
         )
         self._thread = threading.Thread(
             target=self._work,
@@ -613,14 +633,16 @@ class Engine:
         if self.metrics is not None:
             self.metrics.observe_queue_wait(0.0)
         states = [s[:, None, :] for s in state]
+        split = self.prefill_split is not None and len(feed) - 1 >= self.prefill_split
         try:
-            if len(feed) > 1:
+            if split:
                 before, states = sessions.prefill(feed[None, :-1], states)
-            logits, features, new = sessions.step(feed[None, -1:], states)
+                logits, features, new = sessions.step(feed[None, -1:], states)
+                features = np.concatenate((before, features), axis=1)
+            else:
+                logits, features, new = sessions.step(feed[None, :], states)
         except Exception as e:  # onnxruntime raises several types
             raise EngineError(f"onnxruntime run failed: {e}") from e
-        if len(feed) > 1:
-            features = np.concatenate((before, features), axis=1)
         return logits[0, -1], features[0], tuple(s[:, 0, :] for s in new)
 
     def _submit(self, request: Request) -> None:
@@ -702,6 +724,60 @@ class Engine:
         sessions.score(two, two, self.bundle.zero_state(1))
         sessions.prefill(two, self.bundle.zero_state(1))
         return root
+
+    def _choose_prefill_split(self) -> int | None:
+        """`EngineConfig.prefill_split`, else measured: how many tokens before a request's
+        last one make a prefill run of their own pay.
+
+        Feeding n tokens as a prefill run of n - 1 and a one-token step saves the output
+        layer's work on n - 1 tokens and costs a second run. Timed here on the engine's own
+        sessions, a full chunk on the step graph, on the prefill graph, and split so, give both:
+        the output layer's time per token, and what the second run adds. None (never) for a
+        bundle without a prefill graph, or when the output layer is within the timing's noise
+        or cannot pay for the run within a chunk (a character-level model's output layer is a
+        rounding error).
+        """
+        if self.config.prefill_split is not None:
+            return self.config.prefill_split
+        sessions = self._sessions
+        assert sessions is not None
+        if not sessions.has_prefill:
+            return None
+        chunk = self.config.prefill_chunk
+        tokens = np.full((1, chunk), self.bundle.eos_id, dtype=np.int64)
+        zero = self.bundle.zero_state(1)
+
+        def split_run() -> None:
+            _, states = sessions.prefill(tokens[:, 1:], zero)
+            sessions.step(tokens[:, :1], states)
+
+        runs: dict[str, Callable[[], object]] = {
+            "step": lambda: sessions.step(tokens, zero),
+            "prefill": lambda: sessions.prefill(tokens, zero),
+            "split": split_run,
+        }
+        fastest = dict.fromkeys(runs, float("inf"))
+        for _ in range(SPLIT_TIMINGS):  # in turns, so a slow moment hits all three alike
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
+        per_token = (fastest["step"] - fastest["prefill"]) / chunk  # the output layer's
+        second_run = max(0.0, fastest["split"] - fastest["step"] + (chunk - 1) * per_token)
+        # An output layer under a tenth of a chunk's time is within the timing's noise.
+        meaningful = per_token * chunk > fastest["step"] / 10
+        split = math.floor(second_run / per_token) + 1 if meaningful else chunk + 1
+        log.info(
+            "%s version %s: the output layer takes %.1f us a token, a second run %.0f us: %s",
+            self.bundle.name,
+            self.bundle.version,
+            per_token * 1e6,
+            second_run * 1e6,
+            f"a feed with {split} or more tokens before its last runs those on the prefill graph"
+            if split <= chunk
+            else "only whole chunks before a feed's last chunk run on the prefill graph",
+        )
+        return split if split <= chunk else None
 
     def _work(self) -> None:
         batch = self._batch

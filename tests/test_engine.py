@@ -27,6 +27,9 @@ from server.metrics import Metrics
 from server.sampling import log_softmax
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+# Always feed the tokens before a request's last on the prefill graph, or never: the measured
+# choice of a tiny model could be either.
+SPLITS = (1, 10**6)
 
 
 def close(actual: Any, expected: Any) -> None:
@@ -116,10 +119,11 @@ def test_next_token_logprobs_match_the_model(bundle: Bundle) -> None:
     async def body(engine: Engine) -> list[np.ndarray]:
         return [await engine.next_token_logprobs(c) for c in contexts]
 
-    got = run_engine(bundle, body, prefill_chunk=8, state_cache_bytes=0)
-    for context, lp in zip(contexts, got, strict=True):
-        assert lp.shape == (bundle.vocab_size,) and lp.dtype == np.float32
-        close(lp, direct.logprobs(context)[-1])
+    for split in SPLITS:
+        got = run_engine(bundle, body, prefill_chunk=8, state_cache_bytes=0, prefill_split=split)
+        for context, lp in zip(contexts, got, strict=True):
+            assert lp.shape == (bundle.vocab_size,) and lp.dtype == np.float32
+            close(lp, direct.logprobs(context)[-1])
 
 
 def test_score_matches_the_step_graph_across_chunks(bundle: Bundle) -> None:
@@ -233,6 +237,8 @@ def test_batching_on_and_off_give_the_same_results(bundle: Bundle) -> None:
     sequential = run_engine(bundle, alone, prefill_chunk=8, state_cache_bytes=0)
     for other in (small, unbatched, sequential):
         assert_same(batched, other)
+    for split in SPLITS:
+        assert_same(batched, run_engine(bundle, together, prefill_chunk=8, prefill_split=split))
 
 
 def test_seeded_generation_ignores_its_companions(lstm: Bundle) -> None:
@@ -318,6 +324,20 @@ def run_to_the_end(batch: Batch, sessions: CountingSessions, chunk: int) -> int:
     return steps
 
 
+def test_a_short_feed_runs_whole_on_the_step_graph(lstm: Bundle) -> None:
+    """Fewer than `prefill_split` tokens before the last: one step-graph run saves a run."""
+    ids = np.random.default_rng(8).integers(0, lstm.vocab_size, 21)
+    zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
+    sessions = CountingSessions(lstm)
+    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None, prefill_split=5)
+    got: list[Any] = []
+    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
+    run_to_the_end(batch, sessions, chunk=8)
+    # 20 tokens before the last: two whole chunks on the prefill graph, then 4 + the last.
+    assert sessions.runs == [("prefill", (1, 8)), ("prefill", (1, 8)), ("step", (1, 5))]
+    close(got[0], Direct(lstm).logprobs(ids.tolist())[-1])
+
+
 def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
     """A tight run budget holds chunks back and splits groups; the numbers stay the same."""
     rng = np.random.default_rng(6)
@@ -358,7 +378,7 @@ def test_a_context_runs_on_the_prefill_graph_but_its_last_token(lstm: Bundle) ->
     ids = np.random.default_rng(7).integers(0, lstm.vocab_size, 20)
     zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
     sessions = CountingSessions(lstm)
-    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None)
+    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None, prefill_split=1)
     got: list[Any] = []
     batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
     steps = run_to_the_end(batch, sessions, chunk=8)
@@ -387,8 +407,14 @@ def test_a_bundle_without_a_prefill_graph_gives_the_same_results(
         return list(await asyncio.gather(*(call(engine) for call in calls)))
 
     assert_same(
-        run_engine(lstm, together, prefill_chunk=8), run_engine(earlier, together, prefill_chunk=8)
+        run_engine(lstm, together, prefill_chunk=8, prefill_split=1),
+        run_engine(earlier, together, prefill_chunk=8),
     )
+
+    async def split(engine: Engine) -> int | None:
+        return engine.prefill_split
+
+    assert run_engine(earlier, split) is None  # the step graph takes a feed in one run
 
 
 # ---- the state cache --------------------------------------------------------------------------
@@ -622,7 +648,13 @@ def test_engine_must_be_started(lstm: Bundle) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("provider", "tpu"), ("max_batch_size", 0), ("prefill_chunk", 0), ("max_queue_wait_ms", -1)],
+    [
+        ("provider", "tpu"),
+        ("max_batch_size", 0),
+        ("prefill_chunk", 0),
+        ("max_queue_wait_ms", -1),
+        ("prefill_split", 0),
+    ],
 )
 def test_bad_config_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
