@@ -324,18 +324,27 @@ def run_to_the_end(batch: Batch, sessions: CountingSessions, chunk: int) -> int:
     return steps
 
 
+def next_token_runs(
+    bundle: Bundle, ids: np.ndarray, split: int
+) -> tuple[list[tuple[str, tuple[int, int]]], int, np.ndarray]:
+    """One next-token request for `ids` through a batch (chunks of 8, `prefill_split`
+    `split`): the runs it made, the steps it took and its log-probs."""
+    zero = tuple(s[:, 0, :] for s in bundle.zero_state(1))
+    sessions = CountingSessions(bundle)
+    batch = Batch(len(bundle.state), bundle.vocab_size, bundle.hidden, None, prefill_split=split)
+    got: list[Any] = []
+    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
+    steps = run_to_the_end(batch, sessions, chunk=8)
+    return sessions.runs, steps, got[0]
+
+
 def test_a_short_feed_runs_whole_on_the_step_graph(lstm: Bundle) -> None:
     """Fewer than `prefill_split` tokens before the last: one step-graph run saves a run."""
     ids = np.random.default_rng(8).integers(0, lstm.vocab_size, 21)
-    zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
-    sessions = CountingSessions(lstm)
-    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None, prefill_split=5)
-    got: list[Any] = []
-    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
-    run_to_the_end(batch, sessions, chunk=8)
+    runs, _, logprobs = next_token_runs(lstm, ids, split=5)
     # 20 tokens before the last: two whole chunks on the prefill graph, then 4 + the last.
-    assert sessions.runs == [("prefill", (1, 8)), ("prefill", (1, 8)), ("step", (1, 5))]
-    close(got[0], Direct(lstm).logprobs(ids.tolist())[-1])
+    assert runs == [("prefill", (1, 8)), ("prefill", (1, 8)), ("step", (1, 5))]
+    close(logprobs, Direct(lstm).logprobs(ids.tolist())[-1])
 
 
 def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
@@ -376,17 +385,12 @@ def test_a_context_runs_on_the_prefill_graph_but_its_last_token(lstm: Bundle) ->
     graph (no output layer) in chunks, and the last one joins a one-token step run in the
     same step as the last chunk."""
     ids = np.random.default_rng(7).integers(0, lstm.vocab_size, 20)
-    zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
-    sessions = CountingSessions(lstm)
-    batch = Batch(len(lstm.state), lstm.vocab_size, lstm.hidden, None, prefill_split=1)
-    got: list[Any] = []
-    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
-    steps = run_to_the_end(batch, sessions, chunk=8)
-    assert sessions.runs == [
+    runs, steps, logprobs = next_token_runs(lstm, ids, split=1)
+    assert runs == [
         ("prefill", (1, 8)), ("prefill", (1, 8)), ("prefill", (1, 3)), ("step", (1, 1))
     ]  # fmt: skip
     assert steps == 3
-    close(got[0], Direct(lstm).logprobs(ids.tolist())[-1])
+    close(logprobs, Direct(lstm).logprobs(ids.tolist())[-1])
 
 
 def test_a_bundle_without_a_prefill_graph_gives_the_same_results(
