@@ -16,9 +16,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -41,6 +41,7 @@ from server.state_token import SessionContext, StateTokenError, StateTokens
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+A = TypeVar("A")
 Code = grpc.StatusCode
 
 DEFAULT_MAX_TOKENS = 64
@@ -518,7 +519,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         if cached:
             _require_cache(model)
         all_ids = await self._texts_ids(model, list(request.texts))
-        scores = await _all(model.engine.score(ids, cached) for ids in all_ids)
+        engine = model.engine
+        scores = await _each(
+            all_ids, lambda ids: engine.score(ids, cached), engine.config.max_batch_size
+        )
         response = pb.ScoreResponse(model_version=model.version)
         texts = model.codec.token_texts
         for ids, logprobs in zip(all_ids, scores, strict=True):
@@ -543,7 +547,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 + ", ".join(f"{pb.Pooling.Name(v)} ({v})" for v in _POOLINGS)
             )
         all_ids = await self._texts_ids(model, list(request.texts))
-        vectors = await _all(model.engine.embed(ids, pooling) for ids in all_ids)
+        engine = model.engine
+        vectors = await _each(
+            all_ids, lambda ids: engine.embed(ids, pooling), engine.config.max_batch_size
+        )
         response = pb.EmbedResponse(dimension=model.bundle.hidden, model_version=model.version)
         for ids, vector in zip(all_ids, vectors, strict=True):
             response.embeddings.add(values=vector.tolist(), num_tokens=len(ids))
@@ -618,14 +625,25 @@ def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
     )
 
 
-async def _all(work: Iterable[Awaitable[T]]) -> list[T]:
-    """Run concurrently (so the engine batches them); the first failure cancels the rest."""
-    tasks = [asyncio.ensure_future(w) for w in work]
+async def _each(items: Sequence[A], run: Callable[[A], Awaitable[T]], limit: int) -> list[T]:
+    """`run` on every item, up to `limit` at once: concurrently, so the engine batches them,
+    but bounded, so that one call of many texts cannot fill the engine's queue by itself (it
+    would be refused as overloaded) nor crowd out other calls. The first failure cancels the
+    rest."""
+    results: list[T | None] = [None] * len(items)
+    pending = iter(enumerate(items))
+
+    async def worker() -> None:
+        for i, item in pending:  # one iterator shared by the workers
+            results[i] = await run(item)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(limit, len(items)))]
     try:
-        return await asyncio.gather(*tasks)
+        await asyncio.gather(*workers)
     finally:
-        for task in tasks:
+        for task in workers:
             task.cancel()
+    return cast(list[T], results)
 
 
 def _deadline_passed(context: Any) -> bool:

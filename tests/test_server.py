@@ -709,6 +709,25 @@ def test_a_full_queue_answers_resource_exhausted(default_bundle: Path) -> None:
         live.close()
 
 
+def test_a_call_of_many_texts_is_not_refused_by_its_own_size(default_bundle: Path) -> None:
+    """Score and Embed submit a call's texts a batch at a time, so a call of more texts than
+    --max-queued is answered (it was refused as overloaded on an idle server), the same as
+    each text alone."""
+    live = LiveServer(config(default_bundle, max_queued=2, max_batch_size=2))
+    try:
+        texts = [f"the old man calls the small boat {'. ' * (i % 4)}" for i in range(30)]
+        with Client(live.target, timeout=60) as client:
+            together = client.score(texts).results
+            alone = [client.score(text).results[0] for text in texts[:5]]
+            vectors = client.embed(texts).embeddings
+        assert len(together) == len(vectors) == len(texts)
+        for a, b in zip(together, alone, strict=False):
+            assert a.num_tokens == b.num_tokens
+            assert a.log_prob == pytest.approx(b.log_prob, rel=1e-5)
+    finally:
+        live.close()
+
+
 # -- lifecycle ---------------------------------------------------------------------------------
 
 
