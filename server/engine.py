@@ -743,7 +743,7 @@ class Engine:
         assert sessions is not None
         if not sessions.has_prefill:
             return None
-        chunk = self.config.prefill_chunk
+        chunk = max(2, self.config.prefill_chunk)  # the split run needs a token to prefill
         tokens = np.full((1, chunk), self.bundle.eos_id, dtype=np.int64)
         zero = self.bundle.zero_state(1)
 
