@@ -45,6 +45,33 @@ def session_settings() -> dict[str, Any]:
     }
 
 
+def carried_trial(
+    graph: ort.InferenceSession,
+    bundle: Bundle,
+    inputs: list[np.ndarray],
+    calls: int,
+    seconds: float,
+    pause: float = 0.0,
+) -> dict[str, float]:
+    """One trial of `graph` runs on `inputs` (`[batch, T]` token arrays, taken in turn), the
+    state carried from run to run and every output fetched, as the engine does (`pause`
+    seconds idle before each, see `IDLE_GAP_S`)."""
+    names = [s.input for s in bundle.state]
+    count = len(bundle.state)
+    batch, length = inputs[0].shape
+    state: list[np.ndarray] = list(bundle.zero_state(batch))
+
+    def call(i: int) -> None:
+        nonlocal state
+        feeds = dict(zip(names, state, strict=True))
+        feeds["tokens"] = inputs[i % len(inputs)]
+        state = graph.run(None, feeds)[-count:]
+
+    for i in range(WARMUP_CALLS):
+        call(calls + i)
+    return latency(time_calls(call, calls, seconds, pause), tokens_per_call=batch * length)
+
+
 def step_trial(
     step: ort.InferenceSession,
     bundle: Bundle,
@@ -54,21 +81,9 @@ def step_trial(
     seconds: float,
     pause: float = 0.0,
 ) -> dict[str, float]:
-    """One trial of single-token steps at `batch` rows, the state carried from step to step
-    (`pause` seconds idle before each, see `IDLE_GAP_S`)."""
+    """One trial of single-token steps at `batch` rows (see `carried_trial`)."""
     columns = step_columns(tokens, batch, calls + WARMUP_CALLS)
-    names = [s.input for s in bundle.state]
-    state: list[np.ndarray] = list(bundle.zero_state(batch))
-
-    def call(i: int) -> None:
-        nonlocal state
-        feeds = dict(zip(names, state, strict=True))
-        feeds["tokens"] = columns[i]
-        state = step.run(None, feeds)[2:]
-
-    for i in range(WARMUP_CALLS):
-        call(calls + i)
-    return latency(time_calls(call, calls, seconds, pause), tokens_per_call=batch)
+    return carried_trial(step, bundle, columns, calls, seconds, pause)
 
 
 def score_trial(
@@ -125,29 +140,6 @@ def steps(bundle: Bundle, workload: Workload, plan: Plan, idle: bool = False) ->
     return out
 
 
-def chunk_trial(
-    graph: ort.InferenceSession, bundle: Bundle, tokens: np.ndarray, chunk: int, calls: int,
-    seconds: float,
-) -> dict[str, float]:  # fmt: skip
-    """One trial of `chunk`-token runs at batch 1 through `graph`, the state carried, every
-    output fetched (as the engine does)."""
-    names = [s.input for s in bundle.state]
-    count = len(bundle.state)
-    state: list[np.ndarray] = list(bundle.zero_state(1))
-    n = len(tokens) // chunk
-
-    def call(i: int) -> None:
-        nonlocal state
-        feeds = dict(zip(names, state, strict=True))
-        start = (i % n) * chunk
-        feeds["tokens"] = tokens[None, start : start + chunk].astype(np.int64)
-        state = graph.run(None, feeds)[-count:]
-
-    for i in range(WARMUP_CALLS):
-        call(calls + i)
-    return latency(time_calls(call, calls, seconds), tokens_per_call=chunk)
-
-
 def prefill_chunks(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any] | None:
     """A prompt chunk of `plan.score_chunk` tokens at batch 1 on the step graph (logits and
     all, as bundles without a prefill graph feed prompts) and on the prefill graph, trials
@@ -155,13 +147,14 @@ def prefill_chunks(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, 
     if bundle.prefill_graph is None:
         return None
     graphs = {graph: session(bundle, graph) for graph in ("step", "prefill")}
+    size = plan.score_chunk
+    ids = workload.ids.astype(np.int64)
+    chunks = [ids[None, i : i + size] for i in range(0, len(ids) - size + 1, size)]
     trials: dict[str, list[dict[str, float]]] = {graph: [] for graph in graphs}
     for _ in range(plan.trials):
         for graph, s in graphs.items():
             trials[graph].append(
-                chunk_trial(
-                    s, bundle, workload.ids, plan.score_chunk, plan.large_step_calls, plan.budget_s
-                )
+                carried_trial(s, bundle, chunks, plan.large_step_calls, plan.budget_s)
             )
     out: dict[str, Any] = {graph: over_trials(t) for graph, t in trials.items()}
     out["chunk"] = plan.score_chunk
