@@ -43,11 +43,11 @@ def single(corpus: Path, out: Path, **kw: Any) -> Path:
     return train(replace(options, **kw))
 
 
-def two_processes(args: list[str]) -> None:
-    """`rnnlm train --nproc 2 ...`: it runs torchrun, which runs `python -m training` twice."""
+def torchrun_train(args: list[str], nproc: int = 2) -> None:
+    """`rnnlm train --nproc N ...`: it runs torchrun, which runs `python -m training` N times."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     done = subprocess.run(
-        [sys.executable, "-m", "training", "--nproc", "2", *args],
+        [sys.executable, "-m", "training", "--nproc", str(nproc), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -76,7 +76,7 @@ def corpus(tiny_corpus: Path) -> Path:
 def test_two_processes_equal_one_and_resume_on_another_count(corpus: Path, tmp_path: Path) -> None:
     # 2 processes x 4 streams, stopped mid-epoch, against 1 process x 8 streams.
     two = tmp_path / "two"
-    two_processes(["--corpus", str(corpus), "--out", str(two), *FLAGS,
+    torchrun_train(["--corpus", str(corpus), "--out", str(two), *FLAGS,
                    "--batch-size", str(PER_RANK_BATCH), "--max-steps", str(STOP_AT)])  # fmt: skip
     one = single(corpus, tmp_path / "one", max_steps=STOP_AT)
     p_two, p_one = provenance(two), provenance(one)
@@ -95,7 +95,7 @@ def test_two_processes_equal_one_and_resume_on_another_count(corpus: Path, tmp_p
     # uninterrupted 1-process run ends.
     straight = single(corpus, tmp_path / "straight")
     finished_by_one = train(TrainOptions(resume=two, out=tmp_path / "by-one", quiet=True))
-    two_processes(["--resume", str(one), "--out", str(tmp_path / "by-two"), "--quiet"])
+    torchrun_train(["--resume", str(one), "--out", str(tmp_path / "by-two"), "--quiet"])
     for finished in (finished_by_one, tmp_path / "by-two"):
         assert provenance(finished)["steps"] == provenance(straight)["steps"]
         assert max_difference(finished, straight) < TOLERANCE
@@ -146,3 +146,13 @@ def test_the_collectives_and_the_sync_check() -> None:
     assert results[0]["own"] == [[0, 1], [2, 3]] and results[1]["own"] == [[4, 5], [6, 7]]
     # Evaluation rows need not split evenly: 5 streams are 3 + 2.
     assert len(results[0]["eval"]) == 3 and len(results[1]["eval"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nccl_on_one_gpu_trains_and_saves(corpus: Path, tmp_path: Path) -> None:
+    """`--nproc 1 --device cuda`: torchrun, NCCL and DDP on `cuda:0`, through to the checkpoint."""
+    out = tmp_path / "nccl"
+    torchrun_train(["--corpus", str(corpus), "--out", str(out), "--device", "cuda", *FLAGS], 1)
+    assert provenance(out)["stopped"] == "completed"
+    assert safetensors.torch.load_file(str(out / "model.safetensors"))

@@ -162,6 +162,41 @@ def test_each_cell_learns_a_tiny_corpus(cell: str, corpus: Path, tmp_path: Path)
     assert epochs[-1]["valid_perplexity"] < vocab / 4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_run_on_cuda_learns_and_its_checkpoint_exports(
+    bf16: bool, corpus: Path, tmp_path: Path
+) -> None:
+    """`--device cuda` (and bf16 autocast there) trains, and the checkpoint it writes loads
+    on the CPU and exports with parity like one trained on the CPU."""
+    from exporter.export import export_bundle
+
+    out = train(tiny(corpus, tmp_path / "gpu", device="cuda", bf16=bf16, epochs=3, lr=0.02))
+    epochs = [r for r in read_metrics(out) if r["kind"] == "epoch"]
+    assert epochs[0]["valid_loss"] > epochs[-1]["valid_loss"]
+    assert epochs[-1]["valid_perplexity"] < load_checkpoint(out).config.vocab_size / 4
+    assert all(t.device.type == "cpu" for t in weights(out / "model.safetensors").values())
+    bundle = export_bundle(out, tmp_path / "bundle")
+    assert (bundle / "manifest.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_run_on_cuda_resumes_on_cuda_and_on_the_cpu(corpus: Path, tmp_path: Path) -> None:
+    """The device is the resuming run's choice: a GPU run's optimizer state and RNG come back
+    on the GPU and on the CPU."""
+    first = train(tiny(corpus, tmp_path / "a", device="cuda", epochs=2, max_steps=5))
+    assert json.loads((first / "config.json").read_text())["provenance"]["stopped"] == "max_steps"
+    train(TrainOptions(resume=first, device="cuda", max_steps=10, threads=1, quiet=True))
+    assert json.loads((first / "config.json").read_text())["provenance"]["steps"] == 10
+    final = train(TrainOptions(resume=first, out=tmp_path / "b", threads=1, quiet=True))
+    config = json.loads((final / "config.json").read_text())
+    assert config["train_args"]["device"] == "cpu"
+    assert config["provenance"]["stopped"] == "completed"
+    assert config["provenance"]["epochs_completed"] == 2
+
+
 def test_clipping_bounds_the_gradient_norm_and_reports_the_norm_before() -> None:
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(cell="rnn_relu", vocab_size=20, embedding=8, hidden=8, layers=2))

@@ -17,6 +17,7 @@ read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -79,8 +80,9 @@ def load_weights(model: RNNLM, path: Path) -> None:
     """Load safetensors weights into `model`, naming the file in any error."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
+    target = _on_cpu(model)
     try:
-        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
+        missing, unexpected = safetensors.torch.load_model(target, str(path), strict=False)
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{path}: cannot be read as safetensors weights ({e})") from e
     if missing or unexpected:
@@ -88,10 +90,21 @@ def load_weights(model: RNNLM, path: Path) -> None:
             f"{path}: weights do not match the model in config.json "
             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})"
         )
+    if target is not model:
+        model.load_state_dict(target.state_dict())
 
 
 def save_weights(model: RNNLM, path: Path) -> None:
-    safetensors.torch.save_model(model, str(path))
+    """Write `model`'s weights, tied ones once."""
+    safetensors.torch.save_model(_on_cpu(model), str(path))
+
+
+def _on_cpu(model: RNNLM) -> RNNLM:
+    """`model`, or a CPU copy of it when it is on a GPU: there cuDNN packs an RNN's weights
+    into one buffer, whose views safetensors refuses to save or load as separate tensors."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 def load_checkpoint(directory: str | Path) -> Checkpoint:
