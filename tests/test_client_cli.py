@@ -211,6 +211,49 @@ def test_sigterm_stops_cleanly(default_bundle: Path) -> None:
     server.wait_for_line("stopped")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in onnxruntime.get_available_providers(),
+    reason="needs onnxruntime-gpu and a GPU",
+)
+def test_serve_on_cuda_answers_like_cpu(default_bundle: Path, target: str) -> None:
+    """`--provider cuda` end to end: every RPC kind answers as the CPU server does (within
+    float tolerance: onnxruntime's CUDA kernels round differently, 2e-4 was seen)."""
+    server = ServeProcess(
+        ["--models", str(default_bundle), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--provider", "cuda"],
+        {},
+    )  # fmt: skip
+    port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
+    server.wait_for_line("serving ")
+    texts = ["the cat sees the moon .", "a dog likes a red house . " * 40]
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as gpu, Client(target) as cpu:
+            assert gpu.get_model().provider == "CUDAExecutionProvider"
+            on_gpu, on_cpu = (c.score(texts, return_token_logprobs=True) for c in (gpu, cpu))
+            for x, y in zip(on_gpu.results, on_cpu.results, strict=True):
+                assert x.num_tokens == y.num_tokens
+                assert [t.token_id for t in x.token_logprobs] == [
+                    t.token_id for t in y.token_logprobs
+                ]
+                assert [t.logprob for t in x.token_logprobs] == pytest.approx(
+                    [t.logprob for t in y.token_logprobs], rel=1e-3, abs=1e-3
+                )
+            for context in ("the old man calls the", texts[1]):
+                x, y = (c.predict_next(context, k=5) for c in (gpu, cpu))
+                assert [p.token_id for p in x.predictions] == [p.token_id for p in y.predictions]
+                assert [p.probability for p in x.predictions] == pytest.approx(
+                    [p.probability for p in y.predictions], rel=1e-3, abs=1e-3
+                )
+            x, y = (c.generate_text("the cat", max_tokens=20, temperature=0) for c in (gpu, cpu))
+            assert x == y
+            x, y = (c.embed(texts).embeddings for c in (gpu, cpu))
+            for a, b in zip(x, y, strict=True):
+                assert list(a.values) == pytest.approx(list(b.values), rel=1e-3, abs=1e-3)
+    finally:
+        assert server.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
