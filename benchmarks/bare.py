@@ -2,8 +2,8 @@
 
 Sessions are made with the engine's own session options (`server.engine.session_options` of
 a default `EngineConfig`: one intra-op and one inter-op thread, sequential execution, all graph
-optimizations, spinning off), so the only difference from the server is everything around
-`InferenceSession.run`.
+optimizations, spinning off) and the plan's execution provider, so the only difference from the
+server is everything around `InferenceSession.run`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import onnxruntime as ort
 from benchmarks.timing import BenchError, latency, over_trials, time_calls
 from benchmarks.workload import Plan, Workload
 from server.bundle import Bundle
-from server.engine import EngineConfig, session_options
+from server.engine import EngineConfig, providers_for, session_options
 from server.sampling import log_softmax
 
 WARMUP_CALLS = 5
@@ -28,12 +28,13 @@ WARMUP_CALLS = 5
 IDLE_GAP_S = 0.001
 
 
-def session(bundle: Bundle, graph: str) -> ort.InferenceSession:
-    return bundle.open_session(graph, session_options(EngineConfig()))
+def session(bundle: Bundle, graph: str, plan: Plan) -> ort.InferenceSession:
+    options = session_options(EngineConfig(provider=plan.provider))
+    return bundle.open_session(graph, options, providers_for(plan.provider))
 
 
-def session_settings() -> dict[str, Any]:
-    """The engine settings the bare sessions copy, for the report."""
+def session_settings(step: ort.InferenceSession) -> dict[str, Any]:
+    """The engine settings the bare sessions copy, and the provider `step` runs on."""
     c = EngineConfig()
     return {
         "intra_op_threads": c.intra_op_threads,
@@ -41,7 +42,7 @@ def session_settings() -> dict[str, Any]:
         "allow_spinning": c.allow_spinning,
         "execution_mode": "sequential",
         "graph_optimization_level": "ORT_ENABLE_ALL",
-        "provider": "CPUExecutionProvider",
+        "provider": step.get_providers()[0],
     }
 
 
@@ -122,7 +123,7 @@ def score_trial(
 def steps(bundle: Bundle, workload: Workload, plan: Plan, idle: bool = False) -> dict[str, Any]:
     """Batch-1 and large-batch step latency and throughput over `plan.trials` trials; with
     `idle`, also batch-1 steps each after an idle gap (`step_b1_after_idle`)."""
-    step = session(bundle, "step")
+    step = session(bundle, "step", plan)
     out: dict[str, Any] = {}
     runs = [
         ("step_b1", 1, plan.step_calls, 0.0),
@@ -146,7 +147,7 @@ def prefill_chunks(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, 
     alternating; None for a bundle without a prefill graph."""
     if bundle.prefill_graph is None:
         return None
-    graphs = {graph: session(bundle, graph) for graph in ("step", "prefill")}
+    graphs = {graph: session(bundle, graph, plan) for graph in ("step", "prefill")}
     size = plan.score_chunk
     ids = workload.ids.astype(np.int64)
     chunks = [ids[None, i : i + size] for i in range(0, len(ids) - size + 1, size)]
@@ -166,7 +167,7 @@ def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
     graphs, and scoring the document with score.onnx (or model.onnx)."""
     out = steps(bundle, workload, plan, idle=True)
     out["prefill_chunk"] = prefill_chunks(bundle, workload, plan)
-    graph = session(bundle, "score" if bundle.score_graph is not None else "step")
+    graph = session(bundle, "score" if bundle.score_graph is not None else "step", plan)
     ids = workload.score_ids(plan.score_tokens)
     score_trial(graph, bundle, ids[: plan.score_chunk * 2], plan.score_chunk, plan.score_budget_s)
     out["score"] = over_trials(
@@ -177,7 +178,7 @@ def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
     )
     out["score"]["graph"] = "score.onnx" if bundle.score_graph is not None else "model.onnx"
     out["score"]["chunk"] = plan.score_chunk
-    out["session"] = session_settings()
+    out["session"] = session_settings(graph)
     return out
 
 
@@ -211,8 +212,8 @@ def int8(
     if not isinstance(quality, dict) or "perplexity_change_percent" not in quality:
         raise BenchError(f"{where}: the manifest has no quantization.quality figures")
     sides = {
-        "fp32_": (fp32_bundle, session(fp32_bundle, "step")),
-        "": (int8_bundle, session(int8_bundle, "step")),
+        "fp32_": (fp32_bundle, session(fp32_bundle, "step", plan)),
+        "": (int8_bundle, session(int8_bundle, "step", plan)),
     }
     out: dict[str, Any] = {}
     for key, batch, calls in (

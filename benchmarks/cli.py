@@ -22,6 +22,7 @@ from benchmarks import bare, echo, engine_inproc, plots, report, server_load, ta
 from benchmarks.timing import BenchError
 from benchmarks.workload import Plan, build_workload
 from server.bundle import Bundle, BundleError, load_bundle
+from server.engine import CPU, PROVIDERS, EngineError, providers_for
 
 DEFAULT_BUNDLE = Path("models/shakespeare-word")
 DEFAULT_OUT = Path("benchmarks/results")
@@ -83,6 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="length of the scored document in tokens (default: 100000, --quick 2000)",
     )
     parser.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="cpu",
+        help="onnxruntime execution provider for bare onnxruntime, the engine and the server "
+        "(default: cpu; cuda needs onnxruntime-gpu and a GPU, and leaves out --checkpoint)",
+    )
+    parser.add_argument(
         "--server-arg",
         action="append",
         default=[],
@@ -138,7 +146,17 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
         duration=args.duration,
         score_tokens=args.score_tokens,
         server_args=tuple(args.server_arg),
+        provider=args.provider,
     )
+    try:
+        on_gpu = providers_for(plan.provider)[0] != CPU
+    except EngineError as e:
+        raise BenchError(f"--provider {plan.provider}: {e}") from e
+    if args.checkpoint is not None and on_gpu:
+        raise BenchError(
+            f"--checkpoint measures PyTorch eager on the CPU, which is no comparison for "
+            f"--provider {plan.provider}: leave out one of them"
+        )
     bundle = _open(args.bundle, "--bundle")
     int8_bundle = _open(args.int8_bundle, "--int8-bundle") if args.int8_bundle else None
     if args.checkpoint is not None and not args.checkpoint.is_dir():
@@ -201,5 +219,7 @@ def _command(args: argparse.Namespace) -> str:
             words += ["--" + option.replace("_", "-"), str(value)]
     if args.quick:
         words.append("--quick")
+    if args.provider != "cpu":
+        words += ["--provider", args.provider]
     words += [f"--server-arg={a}" for a in args.server_arg]
     return shlex.join([*words, "--out", str(args.out)])

@@ -48,7 +48,7 @@ async def _load(
 
 
 async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
-    engine = Engine(bundle, EngineConfig())
+    engine = Engine(bundle, EngineConfig(provider=plan.provider))
     await engine.start()
     try:
         await _load(engine, bundle, streams, plan.warmup_s, plan.generate_max_tokens, seed=0)

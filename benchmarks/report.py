@@ -11,10 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+
 from benchmarks.process import ROOT
 from benchmarks.targets import Target
 
-PACKAGES = ("onnxruntime", "grpcio", "numpy", "protobuf", "tokenizers", "torch")
+PACKAGES = ("grpcio", "numpy", "protobuf", "tokenizers", "torch")
 
 
 def machine() -> dict[str, Any]:
@@ -29,6 +31,9 @@ def machine() -> dict[str, Any]:
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
+    # The module in use, whichever distribution holds it (onnxruntime or onnxruntime-gpu).
+    info["onnxruntime"] = ort.__version__
+    info["onnxruntime_providers"] = ", ".join(ort.get_available_providers())
     for package in PACKAGES:
         try:
             # Read from the installed metadata: asking torch its version would import it.

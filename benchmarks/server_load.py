@@ -42,7 +42,9 @@ async def run(
     return {"batching_on": on, "batching_off": off}
 
 
-def serve_args(bundle_dir: Path, batching: bool, extra: tuple[str, ...]) -> list[str]:
+def serve_args(
+    bundle_dir: Path, batching: bool, extra: tuple[str, ...], provider: str = "cpu"
+) -> list[str]:
     return [
         "serve",
         "--models",
@@ -58,6 +60,8 @@ def serve_args(bundle_dir: Path, batching: bool, extra: tuple[str, ...]) -> list
         "--grace-seconds",
         "1",
         "--batching" if batching else "--no-batching",
+        "--provider",
+        provider,
         *extra,
     ]
 
@@ -70,7 +74,7 @@ async def _measure_server(
     *,
     batching: bool,
 ) -> dict[str, Any]:
-    args = serve_args(bundle_dir, batching, plan.server_args)
+    args = serve_args(bundle_dir, batching, plan.server_args, plan.provider)
     child = ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS)
     out: dict[str, Any] = {"command": "rnnlm " + " ".join(args)}
     try:

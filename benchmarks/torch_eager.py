@@ -39,7 +39,7 @@ def run(checkpoint_dir: Path, bundle: Bundle, workload: Workload, plan: Plan) ->
     except CheckpointError as e:
         raise BenchError(f"--checkpoint: {e}") from e
     model = ckpt.model.eval()
-    parity = _check_same_model(model, checkpoint_dir, bundle)
+    parity = _check_same_model(model, checkpoint_dir, bundle, plan)
     out: dict[str, Any] = {}
     previous = torch.backends.mkldnn.enabled
     try:
@@ -126,7 +126,7 @@ def _best(results: dict[str, Any]) -> dict[str, Any]:
     return best
 
 
-def _check_same_model(model: RNNLM, checkpoint_dir: Path, bundle: Bundle) -> float:
+def _check_same_model(model: RNNLM, checkpoint_dir: Path, bundle: Bundle, plan: Plan) -> float:
     """BenchError unless the checkpoint is the bundle's model; the max |logit| difference."""
     arch = bundle.manifest.get("architecture", {})
     config = model.config.to_dict()
@@ -143,7 +143,7 @@ def _check_same_model(model: RNNLM, checkpoint_dir: Path, bundle: Bundle) -> flo
     eos = np.array([[bundle.eos_id]], dtype=np.int64)
     feeds = dict(zip([s.input for s in bundle.state], bundle.zero_state(1), strict=True))
     feeds["tokens"] = eos
-    ort_logits = bare.session(bundle, "step").run(["logits"], feeds)[0]
+    ort_logits = bare.session(bundle, "step", plan).run(["logits"], feeds)[0]
     with torch.inference_mode():
         torch_logits, _ = model(torch.from_numpy(eos), model.initial_state(1))
     diff = float(np.abs(torch_logits.numpy() - ort_logits).max())

@@ -56,6 +56,7 @@ class Plan:
     context_lengths: tuple[int, ...] = CONTEXT_LENGTHS
     large_batch: int = LARGE_BATCH
     server_args: tuple[str, ...] = field(default_factory=tuple)
+    provider: str = "cpu"  # the execution provider of bare onnxruntime, the engine and the server
 
     @classmethod
     def make(
@@ -66,9 +67,10 @@ class Plan:
         duration: float | None = None,
         score_tokens: int | None = None,
         server_args: tuple[str, ...] = (),
+        provider: str = "cpu",
     ) -> Plan:
         """The default plan (a few minutes), or the quick one (seconds), with overrides."""
-        plan = cls(server_args=server_args)
+        plan = cls(server_args=server_args, provider=provider)
         if quick:
             plan = replace(
                 plan,

@@ -369,7 +369,7 @@ class Engine:
         """Create the sessions, feed eos (the root state), warm up and start the batching loop."""
         if self._thread is not None or self._closing:
             raise EngineError("the engine was already started")
-        providers = _providers(self.config.provider)
+        providers = providers_for(self.config.provider)
         options = session_options(self.config)
         try:
             step = await self._open_session("step", options, providers)
@@ -866,7 +866,7 @@ class Engine:
             self._loop.call_soon_threadsafe(self._dispatch, events)
 
 
-def _providers(choice: str) -> list[str]:
+def providers_for(choice: str) -> list[str]:
     """The onnxruntime providers for a `provider` setting; EngineError if CUDA is missing."""
     available = ort.get_available_providers()
     if choice == "cuda":

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import pytest
 
 from exporter.export import export_bundle
@@ -184,3 +185,29 @@ def test_bad_bundle_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--bundle" in err and "missing" in err
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in onnxruntime.get_available_providers(), reason="a GPU is present"
+)
+def test_provider_cuda_without_a_gpu_is_refused_before_measuring(
+    default_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "--bundle", str(default_bundle), "--provider", "cuda", "--quick"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnlm bench: --provider cuda: ") and "CUDAExecutionProvider" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in onnxruntime.get_available_providers(),
+    reason="needs onnxruntime-gpu and a GPU",
+)
+def test_provider_cuda_refuses_a_pytorch_checkpoint(
+    default_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["bench", "--bundle", str(default_bundle), "--provider", "cuda", "--quick"]
+    assert main([*args, "--checkpoint", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
