@@ -36,6 +36,7 @@ class ServerConfig:
     intra_op_threads: int = 1
     batching: bool = True
     max_batch_size: int = 64
+    batch_threads: int = 1
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
     stream_tokens: int = 4
@@ -70,6 +71,7 @@ class ServerConfig:
         for name in (
             "intra_op_threads",
             "max_batch_size",
+            "batch_threads",
             "max_queued",
             "stream_tokens",
             "max_tokens",
@@ -133,6 +135,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "intra_op_threads": (int, "onnxruntime threads per session"),
     "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
     "max_batch_size": (int, "requests per batched run"),
+    "batch_threads": (
+        int,
+        "threads per model, each stepping its own batch, so that one's onnxruntime run "
+        "overlaps another's sampling (1: one batch)",
+    ),
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
     "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),

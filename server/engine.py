@@ -1,9 +1,11 @@
 """The inference engine: onnxruntime sessions, continuous batching, sampling, the state cache.
 
 The service calls the engine at the token level (see `Engine`). One engine serves one model
-version. Its batching loop runs on one worker thread: onnxruntime's `run` releases the GIL, so
-the asyncio event loop keeps serving while a step runs. Requests cross to the worker through a
-locked queue and results come back with one `call_soon_threadsafe` per step. Two exceptions
+version. Its batching loop runs on a worker thread (or several, `EngineConfig.batch_threads`,
+each stepping a batch of its own): onnxruntime's `run` and numpy's array work release the GIL, so
+one thread's run overlaps another's sampling, and the asyncio event loop keeps serving while
+steps run. Requests cross to the workers through one locked queue, each worker taking its share,
+and results come back with one `call_soon_threadsafe` per step. Two exceptions
 keep the overheads down where they dominate: a short next-token request arriving while the
 engine is idle runs on the event loop at once (two thread wake-ups cost more than its step),
 and under load a generation's tokens reach its consumer a few at a time (`TokenStream`), so
@@ -109,6 +111,10 @@ class EngineConfig:
     allow_spinning: bool = False
     batching: bool = True  # False: one onnxruntime run per request (for comparison)
     max_batch_size: int = 64  # requests gathered into one run
+    # Worker threads, each stepping its own batch, the queue's requests shared out between
+    # them: while one thread's onnxruntime run computes, another samples. More than one pays
+    # on machines with cores to spare under many streams (docs/performance.md).
+    batch_threads: int = 1
     max_queue_wait_ms: float = 2.0  # how long a step may wait to fill a batch
     prefill_chunk: int = 128  # tokens of a prompt/document fed per step per request
     max_queued: int = 1024  # pending requests beyond which submit raises Overloaded
@@ -128,7 +134,13 @@ class EngineConfig:
         check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
         check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
         check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
-        for name in ("max_batch_size", "prefill_chunk", "max_queued", "stream_tokens"):
+        for name in (
+            "max_batch_size",
+            "batch_threads",
+            "prefill_chunk",
+            "max_queued",
+            "stream_tokens",
+        ):
             check(getattr(self, name) >= 1, name, ">= 1")
         check(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", ">= 0")
         check(self.state_cache_bytes >= 0, "state_cache_bytes", ">= 0")
@@ -353,12 +365,12 @@ class Engine:
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._closing = False
-        self._idle = False  # the batching thread waits with nothing to do (lock held to read)
-        self._thread: threading.Thread | None = None
+        self._idle_threads = 0  # batching threads waiting with nothing to do (lock held)
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: _Sessions | None = None
         self._root: _Start | None = None
-        self._batch: Batch | None = None
+        self._batches: list[Batch] = []  # one per batching thread
         # Feed the tokens before a request's last on the prefill graph when there are at least
         # this many (None: never; the step graph takes them all in one run). Known after start.
         self.prefill_split: int | None = None
@@ -366,8 +378,8 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the sessions, feed eos (the root state), warm up and start the batching loop."""
-        if self._thread is not None or self._closing:
+        """Create the sessions, feed eos (the root state), warm up and start the batching loops."""
+        if self._threads or self._closing:
             raise EngineError("the engine was already started")
         providers = providers_for(self.config.provider)
         options = session_options(self.config)
@@ -395,19 +407,27 @@ class Engine:
         self.prefill_split = await asyncio.to_thread(self._choose_prefill_split)
         self._sessions.metrics = self.metrics
         self._loop = asyncio.get_running_loop()
-        self._batch = Batch(
-            len(self.bundle.state),
-            self.bundle.vocab_size,
-            self.bundle.hidden,
-            self.cache,
-            prefill_split=self.prefill_split,
-        )
-        self._thread = threading.Thread(
-            target=self._work,
-            name=f"engine-{self.bundle.name}-{self.bundle.version}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._batches = [
+            Batch(
+                len(self.bundle.state),
+                self.bundle.vocab_size,
+                self.bundle.hidden,
+                self.cache,
+                prefill_split=self.prefill_split,
+            )
+            for _ in range(self.config.batch_threads)
+        ]
+        self._threads = [
+            threading.Thread(
+                target=self._work,
+                args=(batch,),
+                name=f"engine-{self.bundle.name}-{self.bundle.version}-{i}",
+                daemon=True,
+            )
+            for i, batch in enumerate(self._batches)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def _open_session(
         self, graph: str, options: ort.SessionOptions, providers: list[str]
@@ -419,14 +439,18 @@ class Engine:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the batches hold at most: beyond that, more wait in the queue."""
+        return self.config.max_batch_size * self.config.batch_threads
 
     @property
     def active(self) -> int:
-        """Requests admitted to the batch or waiting for it."""
-        batch = self._batch
-        return len(self._queue) + (len(batch) if batch is not None else 0)
+        """Requests admitted to a batch or waiting for one."""
+        return len(self._queue) + sum(len(batch) for batch in self._batches)
 
     # ---- the API ---------------------------------------------------------------------------
 
@@ -597,12 +621,13 @@ class Engine:
         return _Start(hit.length, hit.state, hit.logprobs, key)
 
     def _idle_now(self) -> bool:
-        """True when the batching thread is waiting with an empty batch and queue.
+        """True when every batching thread is waiting with an empty batch, and the queue is empty.
 
         Only the event loop submits work, so the engine stays idle until this caller returns.
         """
         with self._cond:
-            return self._idle and not self._queue and not self._closing
+            idle = self._idle_threads == len(self._threads)
+            return idle and not self._queue and not self._closing
 
     def _next_inline(self, ids: np.ndarray, feed: np.ndarray, start: _Start) -> np.ndarray:
         """A lone next-token request, run here on the event loop while the engine is idle.
@@ -649,7 +674,7 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
-            if self._thread is None:
+            if not self._threads:
                 raise EngineClosed("the engine is not running: call start() first")
             waiting = len(self._queue)
             if waiting >= self.config.max_queued:
@@ -779,25 +804,26 @@ class Engine:
         )
         return split if split <= chunk else None
 
-    def _work(self) -> None:
-        batch = self._batch
+    def _work(self, batch: Batch) -> None:
+        """One batching thread's loop: admit its share of the queue into `batch`, step it."""
         sessions = self._sessions
-        assert batch is not None and sessions is not None
+        assert sessions is not None
         config = self.config
         wait = config.max_queue_wait_ms / 1000 if config.batching else 0.0
         last_size, last_end, last_depth = 0, 0.0, 0
         while True:
             with self._cond:
                 while not self._closing and not self._queue and not batch.requests:
-                    self._idle = True
+                    self._idle_threads += 1
                     self._cond.wait()
-                    self._idle = False
+                    self._idle_threads -= 1
                 if not self._closing and not batch.requests and wait > 0:
                     self._wait_for_company(min(config.max_batch_size, last_size), last_end, wait)
                 if self._closing:
                     break
                 admitted: list[Request] = []
-                while self._queue and len(batch) + len(admitted) < config.max_batch_size:
+                share = self._share()
+                while self._queue and len(batch) + len(admitted) < share:
                     request = self._queue.popleft()
                     if not request.cancelled:
                         admitted.append(request)
@@ -826,6 +852,12 @@ class Engine:
                 self._post(events)
             batch.filter()
         self._shut_down(batch)
+
+    def _share(self) -> int:
+        """How many requests one batch may hold now (lock held): an even share of everything
+        admitted or waiting, so the threads' runs are alike and overlap, up to a full batch."""
+        total = len(self._queue) + sum(len(batch) for batch in self._batches)
+        return min(self.config.max_batch_size, -(-total // len(self._batches)))
 
     def _wait_for_company(self, target: int, last_end: float, wait: float) -> None:
         """Hold a step (lock held) while closed-loop callers of the last one come back.

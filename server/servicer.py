@@ -28,6 +28,7 @@ from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import Bundle
 from server.engine import (
+    Engine,
     EngineClosed,
     EngineError,
     NoContinuousCache,
@@ -520,9 +521,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             _require_cache(model)
         all_ids = await self._texts_ids(model, list(request.texts))
         engine = model.engine
-        scores = await _each(
-            all_ids, lambda ids: engine.score(ids, cached), engine.config.max_batch_size
-        )
+        scores = await _each(all_ids, lambda ids: engine.score(ids, cached), _in_flight(engine))
         response = pb.ScoreResponse(model_version=model.version)
         texts = model.codec.token_texts
         for ids, logprobs in zip(all_ids, scores, strict=True):
@@ -548,9 +547,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             )
         all_ids = await self._texts_ids(model, list(request.texts))
         engine = model.engine
-        vectors = await _each(
-            all_ids, lambda ids: engine.embed(ids, pooling), engine.config.max_batch_size
-        )
+        vectors = await _each(all_ids, lambda ids: engine.embed(ids, pooling), _in_flight(engine))
         response = pb.EmbedResponse(dimension=model.bundle.hidden, model_version=model.version)
         for ids, vector in zip(all_ids, vectors, strict=True):
             response.embeddings.add(values=vector.tolist(), num_tokens=len(ids))
@@ -623,6 +620,12 @@ def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
         valid_perplexity=figure("valid_perplexity"),
         test_perplexity=figure("test_perplexity"),
     )
+
+
+def _in_flight(engine: Engine) -> int:
+    """How many of one call's texts to keep in the engine: as many as its batches hold, and
+    never more than its queue takes."""
+    return min(engine.capacity, engine.config.max_queued)
 
 
 async def _each(items: Sequence[A], run: Callable[[A], Awaitable[T]], limit: int) -> list[T]:

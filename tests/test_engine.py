@@ -230,15 +230,33 @@ def test_batching_on_and_off_give_the_same_results(bundle: Bundle) -> None:
     count, total = runs(metrics, bundle)
     assert total > count  # some runs really held several requests
     small = run_engine(bundle, together, prefill_chunk=8, max_batch_size=5)
+    two_threads = run_engine(bundle, together, prefill_chunk=8, batch_threads=2)
+    three_threads = run_engine(bundle, together, prefill_chunk=8, batch_threads=3)
     off_metrics = Metrics()
     unbatched = run_engine(bundle, together, off_metrics, prefill_chunk=8, batching=False)
     count, total = runs(off_metrics, bundle)
     assert total == count  # one request per run
     sequential = run_engine(bundle, alone, prefill_chunk=8, state_cache_bytes=0)
-    for other in (small, unbatched, sequential):
+    for other in (small, two_threads, three_threads, unbatched, sequential):
         assert_same(batched, other)
     for split in SPLITS:
         assert_same(batched, run_engine(bundle, together, prefill_chunk=8, prefill_split=split))
+
+
+def test_batching_threads_share_the_requests_evenly(lstm: Bundle) -> None:
+    """Each thread's batch takes an even share, so their runs are alike and overlap."""
+
+    async def body(engine: Engine) -> list[int]:
+        streams = [engine.generate([1], 10**9, SamplingParams(seed=i)) for i in range(13)]
+        for stream in streams:
+            await anext(stream)
+        sizes = sorted(len(batch) for batch in engine._batches)
+        for stream in streams:
+            await stream.aclose()
+        return sizes
+
+    sizes = run_engine(lstm, body, batch_threads=3)
+    assert sum(sizes) == 13 and max(sizes) <= 5  # none holds more than a third, rounded up
 
 
 def test_seeded_generation_ignores_its_companions(lstm: Bundle) -> None:
@@ -573,7 +591,7 @@ def test_a_lone_next_token_request_runs_at_once_on_the_event_loop(lstm: Bundle) 
     metrics = Metrics()
 
     async def body(engine: Engine) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-        await wait_until(lambda: engine._idle)
+        await wait_until(engine._idle_now)
         coroutine = engine.next_token_logprobs([3, 4, 5])
         with pytest.raises(StopIteration) as done:  # finished without ever suspending
             coroutine.send(None)
@@ -655,6 +673,7 @@ def test_engine_must_be_started(lstm: Bundle) -> None:
     [
         ("provider", "tpu"),
         ("max_batch_size", 0),
+        ("batch_threads", 0),
         ("prefill_chunk", 0),
         ("max_queue_wait_ms", -1),
         ("prefill_split", 0),

@@ -709,11 +709,16 @@ def test_a_full_queue_answers_resource_exhausted(default_bundle: Path) -> None:
         live.close()
 
 
-def test_a_call_of_many_texts_is_not_refused_by_its_own_size(default_bundle: Path) -> None:
+@pytest.mark.parametrize("batch_threads", [1, 2])
+def test_a_call_of_many_texts_is_not_refused_by_its_own_size(
+    default_bundle: Path, batch_threads: int
+) -> None:
     """Score and Embed submit a call's texts a batch at a time, so a call of more texts than
     --max-queued is answered (it was refused as overloaded on an idle server), the same as
-    each text alone."""
-    live = LiveServer(config(default_bundle, max_queued=2, max_batch_size=2))
+    each text alone; with two batching threads, whose batches hold more than the queue."""
+    live = LiveServer(
+        config(default_bundle, max_queued=2, max_batch_size=2, batch_threads=batch_threads)
+    )
     try:
         texts = [f"the old man calls the small boat {'. ' * (i % 4)}" for i in range(30)]
         with Client(live.target, timeout=60) as client:
@@ -806,6 +811,7 @@ def test_flags_win_over_environment_over_defaults() -> None:
         (("--models", "/m", "--port", "70000"), {}, "--port"),
         (("--models", "/m"), {"RNNLM_PROVIDER": "tpu"}, "RNNLM_PROVIDER"),
         (("--models", "/m", "--max-tokens", "0"), {}, "--max-tokens"),
+        (("--models", "/m"), {"RNNLM_BATCH_THREADS": "0"}, "--batch-threads"),
         (("--models", "/m"), {"RNNLM_RELOAD_SECONDS": "-1"}, "--reload-seconds"),
         (("--models", "/m", "--health-port", "70000"), {}, "--health-port"),
         (("--models", "/m", "--tls-key", "k"), {}, "needs --tls-cert"),
