@@ -117,7 +117,7 @@ async def _measure_server(
             out["generate"] = {}
             for c in plan.concurrency:
                 say(f"server ({mode}): Generate, {c} streams")
-                out["generate"][str(c)] = await _generate(stub, child, plan, c)
+                out["generate"][str(c)] = await generate(stub, child, plan, c)
             child.check_alive()
             out["rss_mb_after_load_test"] = child.rss_mb()
     except grpc.aio.AioRpcError as e:
@@ -300,7 +300,7 @@ async def _score(
 # -- Generate ------------------------------------------------------------------------------
 
 
-async def _generate(
+async def generate(
     stub: pb_grpc.LanguageModelStub, child: ChildServer, plan: Plan, concurrency: int
 ) -> dict[str, Any]:
     """Aggregate tokens/s of `concurrency` streams, each issuing Generate calls back to back."""
