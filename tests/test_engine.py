@@ -701,7 +701,9 @@ def test_cuda_without_a_gpu_fails_at_start(lstm: Bundle) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_runs_the_same_results(lstm: Bundle) -> None:
+@pytest.mark.parametrize("batch_threads", [1, 2])
+def test_cuda_runs_the_same_results(lstm: Bundle, batch_threads: int) -> None:
+    """On CUDA, also with two threads running one session at once, results are the CPU's."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu and a GPU")
     calls = mixed_workload(lstm.vocab_size)
@@ -709,7 +711,9 @@ def test_cuda_runs_the_same_results(lstm: Bundle) -> None:
     async def together(engine: Engine) -> list[Any]:
         return list(await asyncio.gather(*(call(engine) for call in calls)))
 
-    on_gpu = run_engine(lstm, together, provider="cuda", prefill_chunk=8)
+    on_gpu = run_engine(
+        lstm, together, provider="cuda", prefill_chunk=8, batch_threads=batch_threads
+    )
     on_cpu = run_engine(lstm, together, provider="cpu", prefill_chunk=8)
     for x, y in zip(on_gpu, on_cpu, strict=True):
         if isinstance(x, np.ndarray):
