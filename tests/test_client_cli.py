@@ -197,15 +197,22 @@ def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
 
 
-def test_sigterm_stops_cleanly(default_bundle: Path) -> None:
+def serving(bundle: Path, *flags: str) -> tuple[ServeProcess, str]:
+    """`rnnlm serve` on `bundle` and loopback ports it picks, with `flags`, once it serves;
+    the process and its gRPC target."""
     server = ServeProcess(
-        ["--models", str(default_bundle), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--grace-seconds", "1"],
+        ["--models", str(bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+         *flags],
         {},
     )  # fmt: skip
     port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
     server.wait_for_line("serving ")
-    with Client(f"127.0.0.1:{port}", timeout=10) as client:
+    return server, f"127.0.0.1:{port}"
+
+
+def test_sigterm_stops_cleanly(default_bundle: Path) -> None:
+    server, target = serving(default_bundle, "--grace-seconds", "1")
+    with Client(target, timeout=10) as client:
         assert client.health() == "SERVING"
     assert server.stop() == 0
     server.wait_for_line("stopped")
@@ -219,16 +226,10 @@ def test_sigterm_stops_cleanly(default_bundle: Path) -> None:
 def test_serve_on_cuda_answers_like_cpu(default_bundle: Path, target: str) -> None:
     """`--provider cuda` end to end: every RPC kind answers as the CPU server does (within
     float tolerance: onnxruntime's CUDA kernels round differently, 2e-4 was seen)."""
-    server = ServeProcess(
-        ["--models", str(default_bundle), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--provider", "cuda"],
-        {},
-    )  # fmt: skip
-    port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
-    server.wait_for_line("serving ")
+    server, gpu_target = serving(default_bundle, "--provider", "cuda")
     texts = ["the cat sees the moon .", "a dog likes a red house . " * 40]
     try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as gpu, Client(target) as cpu:
+        with Client(gpu_target, timeout=30) as gpu, Client(target) as cpu:
             assert gpu.get_model().provider == "CUDAExecutionProvider"
             on_gpu, on_cpu = (c.score(texts, return_token_logprobs=True) for c in (gpu, cpu))
             for x, y in zip(on_gpu.results, on_cpu.results, strict=True):
