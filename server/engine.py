@@ -787,7 +787,8 @@ class Engine:
                 start = time.perf_counter()
                 run()
                 fastest[name] = min(fastest[name], time.perf_counter() - start)
-        per_token = (fastest["step"] - fastest["prefill"]) / chunk  # the output layer's
+        # The output layer's cost a token; timing noise can make it come out below zero.
+        per_token = max(0.0, fastest["step"] - fastest["prefill"]) / chunk
         second_run = max(0.0, fastest["split"] - fastest["step"] + (chunk - 1) * per_token)
         # An output layer under a tenth of a chunk's time is within the timing's noise.
         meaningful = per_token * chunk > fastest["step"] / 10
