@@ -97,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(streams) < 1 or args.trials < 1 or not args.duration > 0:
         parser.error("--streams must be >= 1, --trials >= 1 and --duration > 0")
     configurations = [shlex.split(c) for c in args.config]
-    plan = Plan(
-        trials=args.trials,
-        duration_s=args.duration,
-        warmup_s=min(1.0, args.duration),
-        provider=args.provider,
-    )
     try:
+        plan = Plan.make(trials=args.trials, duration=args.duration, provider=args.provider)
         load_bundle(args.bundle)
         results = asyncio.run(compare(args.bundle.resolve(), configurations, streams, plan))
     except (BenchError, BundleError) as e:

@@ -1,8 +1,8 @@
 """Bare onnxruntime in this process: the floor the server's engine is measured against.
 
-Sessions are made with the engine's own session options (`server.engine.session_options` of
-a default `EngineConfig`: one intra-op and one inter-op thread, sequential execution, all graph
-optimizations, spinning off) and the plan's execution provider, so the only difference from the
+Sessions are made with the servers' engine's session options (`server.engine.session_options`
+of `Plan.engine`: by default one intra-op and one inter-op thread, sequential execution, all
+graph optimizations, spinning off) and execution provider, so the only difference from the
 server is everything around `InferenceSession.run`.
 """
 
@@ -17,7 +17,7 @@ import onnxruntime as ort
 from benchmarks.timing import BenchError, latency, over_trials, time_calls
 from benchmarks.workload import Plan, Workload
 from server.bundle import Bundle
-from server.engine import EngineConfig, providers_for, session_options
+from server.engine import providers_for, session_options
 from server.sampling import log_softmax
 
 WARMUP_CALLS = 5
@@ -29,13 +29,13 @@ IDLE_GAP_S = 0.001
 
 
 def session(bundle: Bundle, graph: str, plan: Plan) -> ort.InferenceSession:
-    options = session_options(EngineConfig(provider=plan.provider))
+    options = session_options(plan.engine)
     return bundle.open_session(graph, options, providers_for(plan.provider))
 
 
-def session_settings(step: ort.InferenceSession) -> dict[str, Any]:
+def session_settings(step: ort.InferenceSession, plan: Plan) -> dict[str, Any]:
     """The engine settings the bare sessions copy, and the provider `step` runs on."""
-    c = EngineConfig()
+    c = plan.engine
     return {
         "intra_op_threads": c.intra_op_threads,
         "inter_op_threads": c.inter_op_threads,
@@ -178,7 +178,7 @@ def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
     )
     out["score"]["graph"] = "score.onnx" if bundle.score_graph is not None else "model.onnx"
     out["score"]["chunk"] = plan.score_chunk
-    out["session"] = session_settings(graph)
+    out["session"] = session_settings(graph, plan)
     return out
 
 

@@ -2,9 +2,10 @@
 
 The same load as the server's Generate rows (streams issuing 64-token generations back to
 back, temperature 1, a distinct seed per call, `<unk>` banned as the servicer bans it) driven
-straight into `server.engine.Engine` with its default configuration. Next to bare onnxruntime
-and the server it splits the server's distance from the bare step into the engine's own
-share (batching, sampling, state bookkeeping) and the share of the transport and servicer.
+straight into `server.engine.Engine`, configured as the servers' engine (`Plan.engine`). Next
+to bare onnxruntime and the server it splits the server's distance from the bare step into the
+engine's own share (batching, sampling, state bookkeeping) and the share of the transport and
+servicer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from benchmarks.timing import over_trials
 from benchmarks.workload import Plan, generate_seed
 from server.bundle import Bundle
-from server.engine import Engine, EngineConfig, SamplingParams
+from server.engine import Engine, SamplingParams
 
 
 async def _load(
@@ -48,7 +49,7 @@ async def _load(
 
 
 async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
-    engine = Engine(bundle, EngineConfig(provider=plan.provider))
+    engine = Engine(bundle, plan.engine)
     await engine.start()
     try:
         await _load(engine, bundle, streams, plan.warmup_s, plan.generate_max_tokens, seed=0)

@@ -181,7 +181,7 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     engine = (results.get("engine") or {}).get("generate") or {}
     lines += ["## The engine in-process (no gRPC)", ""]
     lines += [
-        f"`server.engine.Engine` with its default configuration, driven like the server's "
+        f"`server.engine.Engine` configured as the servers' engine, driven like the server's "
         f"Generate rows at {_f(engine.get('streams'))} streams: "
         f"{_f(engine.get('tokens_per_s'))} tokens/s at {_f(engine.get('cpu_percent'))} % CPU "
         f"(this process).",

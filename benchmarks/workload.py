@@ -10,13 +10,17 @@ state-cache entry that another measurement left behind.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.timing import BenchError
+from server.app import engine_config
 from server.bundle import Bundle
+from server.config import ConfigError, add_arguments, config_from_args
+from server.engine import EngineConfig
 
 CONCURRENCY = (1, 8, 64, 256)
 CONTEXT_LENGTHS = (10, 100, 1000)
@@ -26,6 +30,23 @@ LARGE_BATCH = 64
 SENTENCE_TOKENS = 10
 # Random-word lines (no corpus available) have this many words.
 RANDOM_LINE_WORDS = 12
+
+
+def served_engine(server_args: tuple[str, ...], provider: str) -> EngineConfig:
+    """The engine configuration `rnnlm serve --provider PROVIDER SERVER_ARGS` runs, read the way
+    the server reads its flags (without `RNNLM_*` variables, which the bench does not pass on);
+    BenchError naming a flag the server would refuse."""
+    parser = argparse.ArgumentParser(prog="rnnlm serve", add_help=False, exit_on_error=False)
+    add_arguments(parser)
+    try:
+        args, unknown = parser.parse_known_args(
+            ["--models", ".", "--provider", provider, *server_args]
+        )
+        if unknown:
+            raise BenchError(f"--server-arg: not a flag of rnnlm serve: {' '.join(unknown)}")
+        return engine_config(config_from_args(args, environ={}))
+    except (argparse.ArgumentError, ConfigError) as e:
+        raise BenchError(f"--server-arg: {e}") from e
 
 
 def generate_seed(trial: int, stream: int, call: int) -> int:
@@ -56,7 +77,14 @@ class Plan:
     context_lengths: tuple[int, ...] = CONTEXT_LENGTHS
     large_batch: int = LARGE_BATCH
     server_args: tuple[str, ...] = field(default_factory=tuple)
-    provider: str = "cpu"  # the execution provider of bare onnxruntime, the engine and the server
+    # The servers' engine settings (their defaults, `server_args` and the provider), which the
+    # in-process engine and bare onnxruntime's sessions copy.
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def provider(self) -> str:
+        """The execution provider of bare onnxruntime, the engine and the servers."""
+        return self.engine.provider
 
     @classmethod
     def make(
@@ -70,7 +98,7 @@ class Plan:
         provider: str = "cpu",
     ) -> Plan:
         """The default plan (a few minutes), or the quick one (seconds), with overrides."""
-        plan = cls(server_args=server_args, provider=provider)
+        plan = cls(server_args=server_args, engine=served_engine(server_args, provider))
         if quick:
             plan = replace(
                 plan,

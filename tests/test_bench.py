@@ -19,6 +19,7 @@ from typing import Any
 import onnxruntime
 import pytest
 
+from benchmarks.workload import Plan
 from exporter.export import export_bundle
 from rnnlm.cli import main
 
@@ -211,3 +212,31 @@ def test_provider_cuda_refuses_a_pytorch_checkpoint(
     args = ["bench", "--bundle", str(default_bundle), "--provider", "cuda", "--quick"]
     assert main([*args, "--checkpoint", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_the_in_process_sides_copy_the_servers_engine_settings() -> None:
+    plan = Plan.make(server_args=("--batch-threads=2", "--intra-op-threads", "2"))
+    assert (plan.engine.batch_threads, plan.engine.intra_op_threads) == (2, 2)
+    assert plan.engine.max_batch_size == Plan.make().engine.max_batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--bogus", "not a flag of rnnlm serve: --bogus"),
+        ("--batch-threads=0", "--batch-threads (RNNLM_BATCH_THREADS): must be at least 1"),
+        ("--max-batch-size=many", "--max-batch-size: invalid int value"),
+    ],
+)
+def test_a_bad_server_arg_is_refused_before_measuring(
+    default_bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    message: str,
+) -> None:
+    args = ["bench", "--bundle", str(default_bundle), "--quick", f"--server-arg={flag}"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rnnlm bench: --server-arg: ") and message in err
+    assert list(tmp_path.iterdir()) == []
