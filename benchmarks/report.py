@@ -137,6 +137,14 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         ["target", "measured", "threshold", "status", "how"],
         [[t.rule, t.value, f"{t.op} {t.threshold:g}", t.status, t.detail] for t in targets],
     )
+    threads = run["plan"]["engine"]["batch_threads"]
+    if threads > 1:
+        lines += [
+            f"The servers ran {threads} batching threads, whose onnxruntime runs go on at once; "
+            "bare onnxruntime's steps run one at a time, so the Generate ratios against them "
+            "count the server's extra cores too.",
+            "",
+        ]
     lines += ["## Diagnostics", ""]
     lines += [
         "Ratios with no threshold that split the PredictNext and Generate figures into their "

@@ -97,6 +97,8 @@ def bench_run(
             "1",
             "--duration",
             "1.0",
+            # Every side then runs two batching threads: the engine's, and the report says so.
+            "--server-arg=--batch-threads=2",
             "--out",
             str(out),
         ]
@@ -162,6 +164,8 @@ def test_markdown_and_plots(bench_run: tuple[Path, dict[str, Any]]) -> None:
         assert heading in md, heading
     assert r["run"]["command"] in md
     assert md.count("| PASS |") + md.count("| FAIL |") == len(TARGETS)
+    assert r["run"]["plan"]["engine"]["batch_threads"] == 2
+    assert "The servers ran 2 batching threads" in md
     for png in ("generate_throughput.png", "predict_next_context.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
 
