@@ -54,6 +54,7 @@ SERVER_CODES = re.compile(
 # Statuses the server must never record: each is a failure of its own, whatever the client saw.
 SERVER_FAILURES = ("INTERNAL", "UNKNOWN")
 CALL_SECONDS = 30.0
+SETTLE_SECONDS = 5.0  # how long the server may take to come back to rest after the load
 SHORT_DEADLINE_S = 0.005
 
 
@@ -160,10 +161,9 @@ async def soak(
                     outcomes[kind, await client.call(kind)] += 1
 
             await asyncio.gather(*(worker(seed) for seed in range(workers)))
-            await asyncio.sleep(1.0)  # cancellations reach the engine at its next step
+            gauges, server_codes = await _settled(metrics_url)
             child.check_alive()
             after = child.rss_mb()
-            gauges, server_codes = _read_metrics(metrics_url)
     finally:
         child.stop()
     failures = 0
@@ -193,6 +193,18 @@ def _metrics_url(child: ChildServer) -> str:
     if found is None:
         raise BenchError(f"the server did not log its metrics port; its log:\n{child.log_tail()}")
     return f"http://127.0.0.1:{found.group(1)}/metrics"
+
+
+async def _settled(url: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
+    """The server's metrics once its load gauges read zero, or as they are after
+    `SETTLE_SECONDS`: cancellations reach the engine at its next step, and on a busy machine
+    the last calls' ends take a moment to be recorded, but a leaked stream never ends."""
+    deadline = time.perf_counter() + SETTLE_SECONDS
+    while True:
+        await asyncio.sleep(0.25)
+        gauges, codes = _read_metrics(url)
+        if time.perf_counter() >= deadline or all(float(v) == 0 for v in gauges.values()):
+            return gauges, codes
 
 
 def _read_metrics(url: str) -> tuple[dict[str, str], dict[tuple[str, str], float]]:
