@@ -31,6 +31,7 @@ from benchmarks.timing import BenchError
 from benchmarks.workload import Plan
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import BundleError, load_bundle
+from server.engine import PROVIDERS
 
 
 async def compare(
@@ -88,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, default=3.0, help="seconds of load per trial (default 3)"
     )
-    parser.add_argument("--provider", default="cpu", help="every server's --provider")
+    parser.add_argument(
+        "--provider", choices=PROVIDERS, default="cpu", help="every server's --provider"
+    )
     args = parser.parse_args(argv)
     try:
         streams = [int(s) for s in args.streams.split(",")]
