@@ -173,13 +173,13 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             log.error("%s failed in the engine (model %r): %s", method, call.model, e)
             code, message = Code.INTERNAL, f"model {call.model!r} failed: {e}"
         except asyncio.CancelledError:
-            code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
+            code = _ended_code(context)
             raise
         except _ENDED_CALL_ERRORS as e:
             if _deadline_passed(context) or context.cancelled():
                 # The call is over: nothing failed and nothing more can be sent (an abort would
                 # fail the same way). grpc ends a cancelled handler quietly.
-                code = Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
+                code = _ended_code(context)
                 raise asyncio.CancelledError from e
             log.exception("%s failed unexpectedly (model %r)", method, call.model)
             code, message = Code.INTERNAL, f"{method} failed in the transport: {e}"
@@ -647,6 +647,12 @@ async def _each(items: Sequence[A], run: Callable[[A], Awaitable[T]], limit: int
         for task in workers:
             task.cancel()
     return cast(list[T], results)
+
+
+def _ended_code(context: Any) -> grpc.StatusCode:
+    """How a call that ended before its handler finished is recorded: its deadline passed, or
+    the client cancelled it."""
+    return Code.DEADLINE_EXCEEDED if _deadline_passed(context) else Code.CANCELLED
 
 
 def _deadline_passed(context: Any) -> bool:
