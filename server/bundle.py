@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ TOKENIZER_KINDS = ("word", "char", "bpe")
 # Precision of the weights -> the element type of the graphs' float inputs and outputs.
 FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
 GRAPH_KINDS = ("step", "score", "prefill")
+MAX_MANIFEST_BYTES = 4 * 2**20
+QUOTE_CHARS = 60  # the most of a manifest's value an error message quotes
+_HEX64 = re.compile("[0-9a-f]{64}")
 # ONNX protobuf field numbers (onnx/onnx.proto) on every path from a model to a tensor, so the
 # loader can list a graph's external data files without the `onnx` package (not a server
 # dependency). Message kind -> {field number: kind of the embedded message}.
@@ -180,6 +186,72 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A value from a manifest or graph, quoted for an error message: a bounded prefix only."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why `name` is not a plain file name inside a bundle directory, or None when it is."""
+    if not name or name in (".", ".."):
+        return "is not a file name"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "is not a file name inside the bundle (no directories, no absolute paths)"
+    if len(name.encode("utf-8", errors="replace")) > 255:
+        return "is longer than a file name can be (255 bytes)"
+    return None
+
+
+def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST_FILE}") -> Path:
+    """Where file `name` of a bundle really is, once known to be a regular file inside it.
+
+    Refused, with one line and before anything is opened: a name that is not a plain file name
+    (an absolute path, `..`, a subdirectory), a symbolic link that leads out of the bundle, a
+    missing file, and anything but a regular file (a FIFO, a device, a directory).
+    """
+    problem = file_name_problem(name)
+    if problem is not None:
+        raise BundleError(
+            f"{directory / MANIFEST_FILE}: 'files' names {quote(name)}, which {problem}"
+        )
+    path = directory / name
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(os.path.realpath(directory)):
+        raise BundleError(f"{path}: a symbolic link out of the bundle; bundle files must be in it")
+    try:
+        mode = real.stat().st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing ({missing})") from None
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+    return real
+
+
+def read_member(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, read through one descriptor that follows no symbolic link:
+    exactly the size it had when opened, so a file that keeps growing is never read forever."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+        if limit is not None and info.st_size > limit:
+            raise BundleError(f"{path}: {info.st_size} bytes, more than the {limit} allowed")
+        data = f.read(info.st_size)
+    if len(data) != info.st_size:
+        raise BundleError(f"{path}: shrank while it was read ({len(data)} of {info.st_size} bytes)")
+    return data
+
+
 class _Reader:
     """Typed access to the manifest's fields; every error names the manifest and the field."""
 
@@ -196,7 +268,7 @@ class _Reader:
         value = obj[key]
         # bool is an int in Python; a JSON true is never a valid count.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"field {field!r} must be {_json_type(kind)}, not {value!r}")
+            raise self.fail(f"field {field!r} must be {_json_type(kind)}, not {quote(value)}")
         return value
 
     def positive(self, obj: dict[str, Any], key: str, where: str) -> int:
@@ -207,14 +279,16 @@ class _Reader:
 
     def file_name(self, obj: dict[str, Any], key: str, where: str) -> str:
         name: str = self.get(obj, key, str, where)
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise self.fail(f"field {where}{key!r} must be a file name in the bundle, not {name!r}")
+        if file_name_problem(name) is not None:
+            raise self.fail(
+                f"field {where}{key!r} must be a file name in the bundle, not {quote(name)}"
+            )
         return name
 
     def names(self, obj: dict[str, Any], key: str, where: str) -> list[str]:
         value: list[Any] = self.get(obj, key, list, where)
         if not all(isinstance(v, str) for v in value):
-            raise self.fail(f"field {where}{key!r} must be a list of strings, not {value!r}")
+            raise self.fail(f"field {where}{key!r} must be a list of strings, not {quote(value)}")
         return value
 
 
@@ -229,13 +303,11 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     directory = Path(bundle_dir)
     if not directory.is_dir():
         raise BundleError(f"{directory}: not a bundle directory (it does not exist)")
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise BundleError(f"{path}: missing; is {directory} a model bundle?")
+    path = member_path(directory, MANIFEST_FILE, f"is {directory} a model bundle?")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_member(path, MAX_MANIFEST_BYTES).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from e
+        raise BundleError(f"{path}: not valid JSON ({quote(str(e), 200)})") from e
     if not isinstance(data, dict):
         raise BundleError(f"{path}: must hold a JSON object, not {type(data).__name__}")
     return data
@@ -277,8 +349,11 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
 
     files: dict[str, Any] = r.get(m, "files", dict)
     for file, digest in files.items():
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise r.fail(f"files[{file!r}] must be a sha256 hex digest, not {digest!r}")
+        problem = file_name_problem(file)
+        if problem is not None:
+            raise r.fail(f"'files' names {quote(file)}, which {problem}")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise r.fail(f"files[{quote(file)}] must be a sha256 hex digest, not {quote(digest)}")
 
     state = _read_state(r, m, cell, layers, hidden)
     graphs = r.get(m, "graphs", dict)
@@ -316,11 +391,11 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         except ValueError as e:
             raise r.fail(f"continuous_cache: {e}") from e
 
-    _verify_files(directory, files)
+    contents = _verify_files(directory, files)
     for graph_file in (step_file, score_file, prefill_file):
         if graph_file is not None:
-            _check_external_data(directory, graph_file, files)
-    tokenizer = _load_tokenizer(directory / tokenizer_file, vocab_size)
+            _check_external_data(graph_file, contents)
+    tokenizer = _load_tokenizer(directory / tokenizer_file, contents[tokenizer_file], vocab_size)
 
     return Bundle(
         path=directory,
@@ -408,48 +483,52 @@ def _require_listed(r: _Reader, files: dict[str, Any], file: str, field: str) ->
         raise r.fail(f"{field} {file!r} has no sha256 in 'files'")
 
 
-def _verify_files(directory: Path, files: dict[str, Any]) -> None:
+def _verify_files(directory: Path, files: dict[str, Any]) -> dict[str, bytes]:
+    """Every listed file's bytes, each read once and checked against its sha256.
+
+    Every name is confined to the bundle (see `member_path`) before any file is read.
+    """
+    paths = {file: member_path(directory, file) for file in files}
+    contents = {}
     for file, digest in files.items():
-        path = directory / file
-        if not path.is_file():
-            raise BundleError(f"{path}: missing (listed in {MANIFEST_FILE})")
-        actual = sha256_file(path)
+        data = read_member(paths[file])
+        actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise BundleError(
-                f"{path}: sha256 {actual} does not match the manifest's {digest}; "
+                f"{paths[file]}: sha256 {actual} does not match the manifest's {digest}; "
                 "the file was changed or damaged after export"
             )
+        contents[file] = data
+    return contents
 
 
-def _check_external_data(directory: Path, graph_file: Path, files: dict[str, Any]) -> None:
+def _check_external_data(graph_file: Path, contents: dict[str, bytes]) -> None:
     """Every external data file a graph references is a file of the bundle, present and hashed,
     and every tensor's bytes lie inside it."""
-    sizes: dict[str, int] = {}
-    for ref in external_data(graph_file):
+    for ref in external_data(contents[graph_file.name], graph_file):
         location = ref.location
-        if location not in sizes:
-            path = directory / location
-            if not location or "/" in location or "\\" in location or location in (".", ".."):
-                raise BundleError(
-                    f"{graph_file}: external data location {location!r} is not a file name "
-                    "inside the bundle"
-                )
-            if not path.is_file():
+        if file_name_problem(location) is not None:
+            raise BundleError(
+                f"{graph_file}: external data location {quote(location)} is not a file name "
+                "inside the bundle"
+            )
+        if location not in contents:
+            path = graph_file.parent / location
+            if not os.path.lexists(path):
                 raise BundleError(
                     f"{path}: missing; {graph_file.name} keeps its weights there "
                     "(ONNX external data)"
                 )
-            if location not in files:
-                raise BundleError(
-                    f"{graph_file}: references external data {location!r}, which has no sha256 "
-                    f"in {MANIFEST_FILE} 'files'"
-                )
-            sizes[location] = path.stat().st_size
-        if ref.length is None or ref.offset + ref.length > sizes[location]:
             raise BundleError(
-                f"{graph_file}: tensor {ref.tensor!r} lies at bytes {ref.offset}-"
+                f"{graph_file}: references external data {quote(location)}, which has no "
+                f"sha256 in {MANIFEST_FILE} 'files'"
+            )
+        size = len(contents[location])
+        if ref.length is None or ref.offset + ref.length > size:
+            raise BundleError(
+                f"{graph_file}: tensor {quote(ref.tensor)} lies at bytes {ref.offset}-"
                 f"{ref.offset + (ref.length or 0)} of {location!r}, which has "
-                f"{sizes[location]} bytes (the graph and the weights file do not belong together)"
+                f"{size} bytes (the graph and the weights file do not belong together)"
             )
 
 
@@ -463,12 +542,17 @@ class ExternalRef:
     length: int | None  # None: to the end of the file (never written by the exporter)
 
 
-def external_data(graph_file: Path) -> list[ExternalRef]:
-    """The external-data tensors of an ONNX file, read without the `onnx` package."""
+def external_data(graph: Path | bytes, shown: Path | None = None) -> list[ExternalRef]:
+    """The external-data tensors of an ONNX file or its bytes, read without the `onnx` package.
+
+    `shown` names the graph in errors when it is given as bytes.
+    """
+    where = graph if isinstance(graph, Path) else shown
     try:
-        return _external_refs(memoryview(graph_file.read_bytes()), "model")
+        data = graph.read_bytes() if isinstance(graph, Path) else graph
+        return _external_refs(memoryview(data), "model")
     except ValueError as e:
-        raise BundleError(f"{graph_file}: not an ONNX model ({e})") from e
+        raise BundleError(f"{where}: not an ONNX model ({e})") from e
 
 
 def _external_refs(message: memoryview, kind: str) -> list[ExternalRef]:
@@ -538,11 +622,13 @@ def _varint(message: memoryview, pos: int) -> tuple[int, int]:
     raise ValueError("malformed protobuf: truncated varint")
 
 
-def _load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+def _load_tokenizer(path: Path, data: bytes, vocab_size: int) -> Tokenizer:
     try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
-        raise BundleError(f"{path}: cannot be read as a tokenizers file ({e})") from e
+        raise BundleError(
+            f"{path}: cannot be read as a tokenizers file ({quote(str(e), 200)})"
+        ) from e
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != vocab_size:
         raise BundleError(

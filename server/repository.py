@@ -27,7 +27,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.bundle import MANIFEST_FILE, Bundle, BundleError, load_bundle, read_manifest
+from server.bundle import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    Bundle,
+    BundleError,
+    load_bundle,
+    member_path,
+    read_manifest,
+    read_member,
+)
 from server.engine import Engine, EngineConfig, EngineError
 from server.metrics import Metrics
 from server.text import TextCodec
@@ -123,7 +132,12 @@ def fingerprint(bundle_dir: Path) -> str:
     Cheap enough to poll (no graph is read), and a bundle still being copied in changes it
     again when the copy completes, so it is retried then.
     """
-    digest = hashlib.sha256((bundle_dir / MANIFEST_FILE).read_bytes())
+    try:  # read as the loader reads it: a FIFO or a link out of the bundle is never opened
+        digest = hashlib.sha256(
+            read_member(member_path(bundle_dir, MANIFEST_FILE), MAX_MANIFEST_BYTES)
+        )
+    except BundleError as e:  # loading fails with this error; the stamp changes with it
+        digest = hashlib.sha256(str(e).encode())
     for path in sorted(bundle_dir.iterdir()):
         if path.is_file():
             stat = path.stat()
