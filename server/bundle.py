@@ -12,8 +12,9 @@ import json
 import os
 import re
 import stat
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,48 @@ class StateSpec:
     hidden: int
 
 
+class GraphBytes:
+    """The verified bytes of a bundle's graphs and of the external data they reference.
+
+    Sessions are made from these bytes, never from the files: onnxruntime copies the weights
+    into memory it owns, so a bundle edited, truncated or removed under a live server changes
+    no answer (onnxruntime maps an external data file it loads from a path, and a truncated
+    mapped file kills the process with SIGBUS). `release` drops the bytes once every session
+    is made.
+    """
+
+    def __init__(self, files: dict[str, bytes], external: tuple[str, ...]) -> None:
+        self._files: dict[str, bytes] | None = files
+        self._external = external  # the external data files the graphs reference
+        self._given: weakref.WeakSet[ort.SessionOptions] = weakref.WeakSet()
+
+    def session_inputs(self, graph: Path, options: ort.SessionOptions) -> bytes:
+        """The graph's bytes, with its external data files added to `options` (once per
+        options object: onnxruntime refuses a second entry of the same name)."""
+        if self._files is None:
+            raise BundleError(
+                f"{graph}: the bundle's bytes were released once its sessions were made; "
+                "load the bundle again"
+            )
+        if self._external and options not in self._given:
+            buffers = [self._files[name] for name in self._external]
+            try:
+                options.add_external_initializers_from_files_in_memory(
+                    list(self._external), buffers, [len(b) for b in buffers]
+                )
+            except RuntimeError as e:
+                raise BundleError(
+                    f"{graph}: these session options already carry another bundle's external "
+                    f"data ({quote(str(e), 120)}); give each bundle its own SessionOptions"
+                ) from e
+            self._given.add(options)
+        return self._files[graph.name]
+
+    def release(self) -> None:
+        """Drop the bytes (the sessions made from them keep their own copies)."""
+        self._files = None
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A validated bundle: the manifest's facts, the loaded tokenizer and the graph files."""
@@ -86,6 +129,10 @@ class Bundle:
     # The step graph without its output layer (bundles exported before it have none).
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
+    # The verified bytes the sessions are made from (never the files again).
+    graph_bytes: GraphBytes = field(
+        default_factory=lambda: GraphBytes({}, ()), repr=False, compare=False
+    )
 
     @property
     def score_features(self) -> bool:
@@ -124,14 +171,18 @@ class Bundle:
         held against the graph.
         """
         path = self.graph_file(graph)
+        options = session_options if session_options is not None else ort.SessionOptions()
+        data = self.graph_bytes.session_inputs(path, options)
         try:
             session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options,
+                data,
+                sess_options=options,
                 providers=list(providers) if providers is not None else ["CPUExecutionProvider"],
             )
         except Exception as e:  # onnxruntime raises several types for an unreadable graph
-            raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
+            raise BundleError(
+                f"{path}: onnxruntime cannot load the graph ({quote(str(e), 300)})"
+            ) from e
         inputs, outputs = self.graph_io(graph)
         expected = self._expected_io(graph)
         for kind, names, args in (
@@ -392,9 +443,9 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
             raise r.fail(f"continuous_cache: {e}") from e
 
     contents = _verify_files(directory, files)
-    for graph_file in (step_file, score_file, prefill_file):
-        if graph_file is not None:
-            _check_external_data(graph_file, contents)
+    graph_files = [g for g in (step_file, score_file, prefill_file) if g is not None]
+    external = sorted({loc for g in graph_files for loc in _check_external_data(g, contents)})
+    held = {name: contents[name] for name in [*(g.name for g in graph_files), *external]}
     tokenizer = _load_tokenizer(directory / tokenizer_file, contents[tokenizer_file], vocab_size)
 
     return Bundle(
@@ -416,6 +467,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         score_graph=score_file,
         prefill_graph=prefill_file,
         continuous_cache=continuous_cache,
+        graph_bytes=GraphBytes(held, tuple(external)),
     )
 
 
@@ -502,9 +554,10 @@ def _verify_files(directory: Path, files: dict[str, Any]) -> dict[str, bytes]:
     return contents
 
 
-def _check_external_data(graph_file: Path, contents: dict[str, bytes]) -> None:
-    """Every external data file a graph references is a file of the bundle, present and hashed,
-    and every tensor's bytes lie inside it."""
+def _check_external_data(graph_file: Path, contents: dict[str, bytes]) -> set[str]:
+    """The external data files a graph references, each checked to be a file of the bundle,
+    present and hashed, with every tensor's bytes inside it."""
+    locations = set()
     for ref in external_data(contents[graph_file.name], graph_file):
         location = ref.location
         if file_name_problem(location) is not None:
@@ -530,6 +583,8 @@ def _check_external_data(graph_file: Path, contents: dict[str, bytes]) -> None:
                 f"{ref.offset + (ref.length or 0)} of {location!r}, which has "
                 f"{size} bytes (the graph and the weights file do not belong together)"
             )
+        locations.add(location)
+    return locations
 
 
 @dataclass(frozen=True)

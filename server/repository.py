@@ -179,6 +179,8 @@ class ModelRepository:
         self._retired: set[LoadedModel] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._failed: dict[Path, str] = {}  # bundle dir -> fingerprint that failed to load
+        # bundle dir -> why it is not served (at start or at the last reload that tried it)
+        self.failures: dict[Path, str] = {}
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -189,17 +191,58 @@ class ModelRepository:
         default_model: str,
         engine_config: EngineConfig,
         metrics: Metrics,
+        *,
+        strict: bool = False,
     ) -> ModelRepository:
         """Validate every bundle, then start (and warm up) one engine per model version.
 
-        Any failure stops the engines already started and raises, so a server never serves a
-        partial repository.
+        A bundle that cannot be loaded or started is logged, counted and listed in `failures`,
+        and the others serve; it is an error when none can. With `strict` (`--strict-models`)
+        any such failure stops the engines already started and raises. A name and version in
+        two bundles, or a default model that is not served, is an error either way.
         """
         paths = find_bundles(root)
+        repository = cls([], default_model, root=root, engine_config=engine_config, metrics=metrics)
+        bundles = await repository._open_all(paths, strict)
+        if not bundles:
+            repository._nothing_served()
+        names = sorted({bundle.name for bundle, _ in bundles})
+        if default_model and default_model not in names:
+            raise RepositoryError(
+                f"--default-model {default_model!r} is not in {root} (models: {', '.join(names)})"
+            )
+        loaded: list[LoadedModel] = []
+        try:
+            for bundle, stamp in bundles:
+                try:
+                    loaded.append(await repository._start(bundle, stamp))
+                except (EngineError, BundleError) as e:
+                    repository._start_failure(bundle.path, stamp, e, strict)
+            if not loaded:
+                repository._nothing_served()
+        except BaseException:
+            await asyncio.gather(*(m.engine.close() for m in loaded), return_exceptions=True)
+            raise
+        served = sorted({m.name for m in loaded})
+        if default_model and default_model not in served:
+            await asyncio.gather(*(m.engine.close() for m in loaded), return_exceptions=True)
+            raise RepositoryError(f"--default-model {default_model!r} could not be served")
+        if not default_model and len(served) == 1:
+            repository.default_model = served[0]
+        repository._publish(loaded)
+        return repository
+
+    async def _open_all(self, paths: list[Path], strict: bool) -> list[tuple[Bundle, str]]:
+        """Each bundle that validates, with its fingerprint; the others are start failures."""
         bundles: dict[tuple[str, str], tuple[Bundle, str]] = {}
         for path in paths:
-            stamp = await asyncio.to_thread(fingerprint, path)
-            bundle = await asyncio.to_thread(load_bundle, path)
+            stamp = ""
+            try:
+                stamp = await asyncio.to_thread(fingerprint, path)
+                bundle = await asyncio.to_thread(load_bundle, path)
+            except (BundleError, OSError) as e:
+                self._start_failure(path, stamp, e, strict)
+                continue
             key = (bundle.name, bundle.version)
             if key in bundles:
                 raise RepositoryError(
@@ -207,25 +250,31 @@ class ModelRepository:
                     f"{bundles[key][0].path}; each name and version may appear once"
                 )
             bundles[key] = (bundle, stamp)
-        names = sorted({name for name, _ in bundles})
-        if default_model and default_model not in names:
-            raise RepositoryError(
-                f"--default-model {default_model!r} is not in {root} (models: {', '.join(names)})"
-            )
-        if not default_model and len(names) == 1:
-            default_model = names[0]
-        repository = cls([], default_model, root=root, engine_config=engine_config, metrics=metrics)
-        loaded: list[LoadedModel] = []
-        try:
-            for bundle, stamp in bundles.values():
-                loaded.append(await repository._start(bundle, stamp))
-        except BaseException:
-            await asyncio.gather(*(m.engine.close() for m in loaded), return_exceptions=True)
-            raise
-        repository._publish(loaded)
-        return repository
+        return list(bundles.values())
+
+    def _nothing_served(self) -> None:
+        first = next(iter(self.failures.values()), "")
+        raise RepositoryError(f"{self._root}: no model could be served; {first}")
+
+    def _start_failure(self, path: Path, stamp: str, error: Exception, strict: bool) -> None:
+        """A bundle that cannot be served at start: raise (strict) or log, count and list it."""
+        message = f"cannot load {path}: {error}"
+        if strict:
+            raise RepositoryError(f"{message} (--strict-models: every bundle must load)")
+        assert self._metrics is not None and self._root is not None
+        log.error("start: %s; serving the other bundles", message)
+        self._metrics.model_load_failures.labels(model=_model_label(path, self._root)).inc()
+        self._failed[path] = stamp
+        self.failures[path] = message
+        self._metrics.bundles_failing.set(len(self.failures))
 
     # -- lookups ----------------------------------------------------------------------------
+
+    def failed_models(self) -> set[str]:
+        """The model names of the bundles in `failures` (a directory's name when the manifest
+        cannot say)."""
+        root = self._root
+        return set() if root is None else {_model_label(path, root) for path in self.failures}
 
     @property
     def models(self) -> list[LoadedModel]:
@@ -310,6 +359,8 @@ class ModelRepository:
                 await asyncio.gather(*(m.engine.close() for m in started), return_exceptions=True)
                 raise
             self._failed = {p: s for p, s in self._failed.items() if p in stamps}
+            self.failures = {p: m for p, m in self.failures.items() if p in stamps}
+            self._metrics.bundles_failing.set(len(self.failures))
             served = set(keep) | set(started)
             gone = [m for m in self._models if m not in served]
             self._publish([*keep, *started])
@@ -354,10 +405,12 @@ class ModelRepository:
             model = await self._start(bundle, stamp)
         except (BundleError, EngineError, RepositoryError, OSError) as e:
             self._failed[path] = stamp
+            self.failures[path] = f"cannot load {path}: {e}"
             keeping = f"; {replaces.name}:{replaces.version} keeps serving" if replaces else ""
             self._fail(result, _model_label(path, self._root), f"cannot load {path}: {e}{keeping}")
             return None
         self._failed.pop(path, None)
+        self.failures.pop(path, None)
         return model
 
     def _fail(self, result: ReloadResult, model: str, message: str) -> None:
@@ -377,6 +430,8 @@ class ModelRepository:
         except BaseException:
             await engine.close()
             raise
+        finally:
+            bundle.graph_bytes.release()  # the sessions hold their own copies of the weights
         self._metrics.set_model_info(name, version, engine.provider, bundle.cell)
         log.info(
             "loaded model %s version %s from %s: %s, %s tokenizer, vocabulary %d, provider %s",

@@ -6,15 +6,25 @@ bundle is refused with one short line before the file is opened, hashed or read.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from test_bundle import copy_bundle, edit_manifest, rehash
+from test_client_cli import ServeProcess
+from test_server import LiveServer, config, metric
+from test_server import copy_bundle as copy_to
 
+from rnnlm.client import Client
+from server.app import SERVICE_NAME
 from server.bundle import BundleError, load_bundle
+from server.config import add_arguments, config_from_args
+from server.repository import RepositoryError
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -120,3 +130,136 @@ def test_a_listed_extra_file_is_checked_like_the_others(
     rehash(bundle, "README")
     assert json.loads((bundle / "manifest.json").read_text())["files"]["README"]
     load_bundle(bundle)
+
+
+# -- a live server and its bundles' files ------------------------------------------------------
+
+NAME = "tiny-lstm-word"
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+CHAR = "shakespeare-char"
+
+
+def answers(client: Client) -> tuple[object, ...]:
+    """Answers that depend on every weight: next-word probabilities, scores, greedy text."""
+    return (
+        client.predict_next("the cat", k=5),
+        client.score(["the cat sees the moon .", "a dog likes a red house ."]),
+        client.generate_text("the", max_tokens=12, top_k=1),
+    )
+
+
+def flip_in_place(path: Path) -> None:
+    """Invert every byte of a file through its own inode, as an in-place editor would."""
+    with path.open("r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.slow
+def test_a_served_bundle_edited_in_place_changes_no_answer(tmp_path: Path) -> None:
+    """Flipping, then truncating, the served `weights.bin` (and reloading after each) leaves
+    every answer as it was, and the server alive: the weights live in the process's memory."""
+    # A shipped bundle: onnxruntime maps only large tensors (the tiny test models' are read).
+    root = tmp_path / "models"
+    copy_to(SHIPPED / CHAR, root / CHAR)
+    server = ServeProcess(
+        ["--models", str(root), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+        {},
+    )
+    try:
+        port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
+        server.wait_for_line(r"serving shakespeare-char:")
+        weights = root / CHAR / "weights.bin"
+        with Client(f"127.0.0.1:{port}", timeout=30) as client:
+            before = answers(client)
+            flip_in_place(weights)
+            assert answers(client) == before
+            server.process.send_signal(signal.SIGHUP)
+            server.wait_for_line(r"cannot load .*weights\.bin: sha256 .*keeps serving")
+            assert answers(client) == before
+            os.truncate(weights, 0)
+            assert answers(client) == before
+            server.process.send_signal(signal.SIGHUP)
+            server.wait_for_line(r"cannot load .*weights\.bin: sha256 .*keeps serving")
+            assert answers(client) == before
+            assert client.health() == "SERVING"
+        assert server.process.poll() is None
+    finally:
+        assert server.stop() == 0
+
+
+def broken_repository(default_bundle: Path, root: Path) -> None:
+    """NAME serves; `broken` has a tokenizer that no longer matches its hash, and `hostile`
+    names /proc/self/pagemap (which hung start-up when it was read)."""
+    copy_to(default_bundle, root / NAME / "1")
+    for name in ("broken", "hostile"):
+        bundle = root / name / "1"
+        copy_to(default_bundle, bundle)
+        edit_manifest(bundle, lambda m, name=name: m.update(name=name))
+    with (root / "broken" / "1" / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    name_a_file(root / "hostile" / "1", "/proc/self/pagemap")
+
+
+def test_a_bad_bundle_at_start_is_reported_and_the_good_ones_serve(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    broken_repository(default_bundle, root)
+    live = LiveServer(config(root))
+    try:
+        assert live.server.repository is not None
+        failures = live.server.repository.failures
+        assert sorted(failures) == [root / "broken" / "1", root / "hostile" / "1"]
+        assert "tokenizer.json: sha256" in failures[root / "broken" / "1"]
+        assert "'/proc/self/pagemap'" in failures[root / "hostile" / "1"]
+        samples = live.scrape()
+        assert metric(samples, "rnnlm_model_bundles_failing") == 2
+        for name in ("broken", "hostile"):
+            assert metric(samples, "rnnlm_model_load_failures_total", model=name) == 1
+        with Client(live.target, timeout=10) as client:
+            assert [m.name for m in client.list_models()] == [NAME]
+            assert client.predict_next("the", k=2).model_version == "1"
+            assert client.health() == "SERVING"
+            assert client.health(f"{SERVICE_NAME}/{NAME}") == "SERVING"
+            assert client.health(f"{SERVICE_NAME}/broken") == "NOT_SERVING"
+            # Mended, the bundle loads at the next reload and its health follows.
+            shutil.rmtree(root / "broken")
+            copy_to(default_bundle, root / "broken" / "1")
+            edit_manifest(root / "broken" / "1", lambda m: m.update(name="broken"))
+            result = live.run(live.server.reload())
+            assert result.loaded == ["broken:1"]
+            assert client.health(f"{SERVICE_NAME}/broken") == "SERVING"
+            assert metric(live.scrape(), "rnnlm_model_bundles_failing") == 1
+    finally:
+        live.close()
+
+
+def test_strict_models_refuses_to_start_with_one_line(default_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    broken_repository(default_bundle, root)
+    with pytest.raises(RepositoryError) as error:
+        LiveServer(config(root, strict_models=True))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot load {root / 'broken' / '1'}")
+    assert message.endswith("(--strict-models: every bundle must load)")
+
+
+def test_no_loadable_bundle_fails_the_start(default_bundle: Path, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    broken_repository(default_bundle, root)
+    shutil.rmtree(root / NAME)
+    with pytest.raises(RepositoryError, match=r"no model could be served; cannot load .*broken"):
+        LiveServer(config(root))
+
+
+def test_strict_models_flag_and_environment() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert not config_from_args(parser.parse_args(["--models", "m"]), {}).strict_models
+    assert config_from_args(
+        parser.parse_args(["--models", "m", "--strict-models"]), {}
+    ).strict_models
+    env = {"RNNLM_MODELS": "m", "RNNLM_STRICT_MODELS": "true"}
+    assert config_from_args(parser.parse_args([]), env).strict_models
