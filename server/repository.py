@@ -10,7 +10,8 @@ Models are known by the name and version in their manifests, not by directory na
 starting with "." are skipped (the exporter's temporary directories). A request that names no
 version gets the newest: versions compare as numbers when both are numbers, else as text.
 
-The start is all or nothing: every bundle must load. After it, `reload` (SIGHUP,
+At start, a bundle that cannot be loaded is logged, counted and listed in `failures` while the
+others serve (`strict`, `--strict-models`: every bundle must load). After it, `reload` (SIGHUP,
 `--reload-seconds`) brings the served set in line with the directory: new and changed bundles
 are loaded and warmed up before they take requests, removed ones are unloaded, and a bundle that
 fails to load is logged and counted while whatever was serving keeps serving. Calls hold the
