@@ -221,7 +221,7 @@ def test_provider_cuda_refuses_a_pytorch_checkpoint(
 def test_the_in_process_sides_copy_the_servers_engine_settings() -> None:
     plan = Plan.make(server_args=("--batch-threads=2", "--intra-op-threads", "2"))
     assert (plan.engine.batch_threads, plan.engine.intra_op_threads) == (2, 2)
-    assert plan.engine.max_batch_size == Plan.make().engine.max_batch_size == 64
+    assert plan.engine.max_step_ms == Plan.make().engine.max_step_ms == 20.0
 
 
 @pytest.mark.parametrize(
