@@ -21,17 +21,21 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from server.sampling import GeneratedToken, Sampler, SamplingParams
 
+GRAPH_PATH = Path(__file__).with_name("sampler.onnx")  # built by exporter/sampler_graph.py
 _MASK32 = np.uint64(0xFFFFFFFF)
 # The hash's constants (shared with the graph builder, which must compute the same bits).
 HASH_START = 0x9E3779B9
-HASH_MIX = (0x85EBCA6B, 0xC2B2AE35)  # murmur3's finaliser multipliers
-HASH_SHIFTS = (16, 13, 16)
+# A 32-bit integer hash ("lowbias32" of Wellons' hash-prospector, second variant): multipliers
+# below 2^31, so the graph's int64 products of 32-bit values stay below 2^63.
+HASH_MIX = (0x21F0AAAD, 0x735A2D97)
+HASH_SHIFTS = (16, 15, 15)
 
 
 @dataclass
@@ -122,9 +126,11 @@ class SampledRows:
     tokens: np.ndarray  # [B] int64
     logprobs: np.ndarray  # [B] float32: the chosen token's, under the unmodified distribution
     lse: np.ndarray  # [B] float32: log-sum-exp of each row's raw logits
-    top_ids: np.ndarray  # [B, K] int64: most likely first, ties by lower id; K = max asked
+    # The top alternatives, most likely first, ties by lower id; K = the most any row asked
+    # for, and row r's first top_counts[r] columns are its answer (the rest: unspecified).
+    top_ids: np.ndarray  # [B, K] int64
     top_logprobs: np.ndarray  # [B, K] float32: their log-probs (unmodified distribution)
-    top_counts: np.ndarray  # [B] int64: how many of the K each row asked for
+    top_counts: np.ndarray  # [B] int64
 
     def generated(self) -> list[GeneratedToken]:
         """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
@@ -144,19 +150,20 @@ class SampledRows:
 
 def stream_uniforms(seed: np.ndarray, position: np.ndarray) -> np.ndarray:
     """Row r's uniform in [0, 1) (float64, 32 random bits) at `position[r]` of `seed[r]`'s
-    stream: a hash of the two, bit-identical to the sampler graph's."""
+    stream: a hash of the seed's two 32-bit halves and the position (mod 2^32, the stream's
+    period), bit-identical to the sampler graph's."""
     s = np.asarray(seed, dtype=np.int64).view(np.uint64)
     p = np.asarray(position, dtype=np.int64).view(np.uint64)
-    words = [s & _MASK32, s >> np.uint64(32), p >> np.uint64(32), p & _MASK32]
+    words = [s & _MASK32, s >> np.uint64(32), p & _MASK32]
     h = np.full(s.shape, HASH_START, dtype=np.uint32)
     for w in words:
-        h = _fmix32(h ^ w.astype(np.uint32))
-    h = _fmix32(h ^ np.uint32(HASH_START))  # a second round after the counter's last word
+        h = _hash32(h ^ w.astype(np.uint32))
+    h = _hash32(h ^ np.uint32(HASH_START))  # a second round after the counter
     return h.astype(np.float64) * 2.0**-32
 
 
-def _fmix32(h: np.ndarray) -> np.ndarray:
-    """murmur3's 32-bit finaliser (a bijection with full avalanche), wrapping uint32."""
+def _hash32(h: np.ndarray) -> np.ndarray:
+    """The 32-bit integer hash (a bijection with near-full avalanche), wrapping uint32."""
     a, b, c = HASH_SHIFTS
     h = h ^ (h >> np.uint32(a))
     h = h * np.uint32(HASH_MIX[0])
@@ -203,11 +210,11 @@ def _row_params(rows: SamplingRows, r: int) -> SamplingParams:
 
 
 class BatchSampler:
-    """Samples a batch's `[B, V]` logits in one pass (see the module docstring).
+    """Samples a batch's `[B, V]` logits in one pass of the sampler graph.
 
     `sample(logits, rows)`: `logits` float32 `[B, V]`, a numpy array or an
-    `onnxruntime.OrtValue` (left where it is); returns a `SampledRows`. Use one sampler per
-    thread.
+    `onnxruntime.OrtValue` (fed to the graph where it is); returns a `SampledRows`. The Python
+    work per call is the same whatever B. One sampler may serve one thread at a time.
     """
 
     def __init__(
@@ -215,10 +222,29 @@ class BatchSampler:
         providers: Sequence[str] | None = None,
         options: ort.SessionOptions | None = None,
     ) -> None:
-        """`providers`, `options`: for the graph's onnxruntime session (default: CPU)."""
-        self._reference = ReferenceSampler()
+        """`providers`, `options`: for the graph's onnxruntime session (default: CPU, one
+        thread)."""
+        if options is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(GRAPH_PATH),
+            sess_options=options,
+            providers=list(providers) if providers else ["CPUExecutionProvider"],
+        )
 
     def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:
-        if isinstance(logits, ort.OrtValue):
-            logits = logits.numpy()
-        return self._reference.sample(logits, rows)
+        shape = tuple(logits.shape()) if isinstance(logits, ort.OrtValue) else logits.shape
+        if shape != rows.banned.shape:
+            raise ValueError(
+                f"logits of shape {shape} do not match {len(rows)} rows of a vocabulary "
+                f"of {rows.banned.shape[1]}"
+            )
+        feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in _FIELDS}
+        feeds["logits"] = logits
+        tokens, logprobs, lse, top_ids, top_values = self._session.run(_OUTPUTS, feeds)
+        return SampledRows(tokens, logprobs, lse, top_ids, top_values, rows.top_logprobs)
+
+
+_OUTPUTS = ["tokens", "logprobs", "lse", "top_ids", "top_values"]
