@@ -31,6 +31,7 @@ from server.sampler import GRAPH_PATH, HASH_MIX, HASH_SHIFTS, HASH_START
 
 OPSET = 18  # BitwiseXor and BitwiseAnd
 _HEAD = 256  # sorted candidates for top-p before falling back to the whole row
+_BISECT = 12  # bisection steps of a nucleus wider than the candidates, before its sort
 _BLOCK = 128  # tokens per block of the inverse CDF's two-level search
 _F, _D, _I, _B = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 
@@ -197,6 +198,40 @@ def _top_p_threshold(
     return tau, g.op("And", nucleus, g.op("Not", found))
 
 
+def _wide_top_p(g: _Graph, xp: str, weights: str, top_p: str, hi: str) -> str:
+    """Top-p's `[R, 1]` threshold for rows whose nucleus reaches below `hi` (their smallest
+    sorted candidate) and that have no top-k, without sorting whole rows.
+
+    The threshold t is the largest logit whose tokens at or above it hold `top_p` of the
+    mass. Bisection on logit values narrows [lo, hi] around t (mass at or above lo reaches
+    the target; t <= hi throughout), then the few logits left in [lo, hi] are sorted and
+    summed in order onto the mass above hi, as the candidates' path does."""
+    wd = g.cast(weights, _D)
+    target = g.op("Mul", g.cast(top_p, _D), g.row_sum(wd))
+    allowed = g.where(g.op("IsInf", xp, detect_positive=0), hi, xp)
+    lo = g.op("ReduceMin", allowed, g.i64([1]), keepdims=1)
+    for _ in range(_BISECT):
+        mid = g.op("Mul", g.op("Add", lo, hi), g.f32(0.5))
+        mass = g.row_sum(g.op("Mul", wd, g.cast(g.op("GreaterOrEqual", xp, mid), _D)))
+        reaches = g.op("GreaterOrEqual", mass, target)
+        lo, hi = g.where(reaches, mid, lo), g.where(reaches, hi, mid)
+    left = g.op("And", g.op("GreaterOrEqual", xp, lo), g.op("LessOrEqual", xp, hi))
+    count = g.op("ReduceMax", g.row_sum(g.cast(left, _I)), keepdims=0)
+    count = g.op("Max", g.op("Reshape", count, g.i64([1])), g.i64([1]))
+    vals, idx = g.ops(
+        "TopK", [g.where(left, xp, g.f32(-np.inf)), count], 2, axis=1, largest=1, sorted=1
+    )
+    q = g.op(
+        "Mul",
+        g.op("GatherElements", wd, idx, axis=1),
+        g.cast(g.op("Greater", vals, g.f32(-np.inf)), _D),
+    )
+    above = g.row_sum(g.op("Mul", wd, g.cast(g.op("Greater", xp, hi), _D)))
+    cum = g.op("Add", above, g.op("CumSum", q, g.i64(1)))
+    j = g.row_sum(g.cast(g.op("Less", cum, target), _I))
+    return g.op("GatherElements", vals, g.op("Min", j, g.op("Sub", count, g.i64(1))), axis=1)
+
+
 def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -> str:
     """`[R, 1]` threshold of top-k, then top-p over the top-k-renormalised mass, for rows
     `xp` `[R, V]` (every one with a top-k or a top-p)."""
@@ -210,11 +245,14 @@ def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -
     tau_k = g.where(g.op("Greater", top_k, g.i64(0)), tau_k, g.f32(-np.inf))
     tau_p, wide = _top_p_threshold(g, xp, weights, tau_k, top_p, width)
 
-    def whole_rows(b: _Graph) -> list[str]:  # a nucleus wider than the candidates
-        full, _ = _top_p_threshold(b, xp, weights, tau_k, top_p, vocab)
-        return [b.where(wide, full, tau_p)]
+    def wider(b: _Graph) -> list[str]:  # rows whose nucleus is wider than the candidates
+        rows = _rows(b, wide)
+        sub = [b.op("Gather", t, rows, axis=0) for t in (xp, weights, top_p)]
+        last = b.op("Gather", b.cols(vals, -1, 2**62), rows, axis=0)
+        tau = _wide_top_p(b, *sub, last)
+        return [b.op("ScatterND", tau_p, b.op("Unsqueeze", rows, b.i64([1])), tau)]
 
-    tau_p = g.branch(g.any(wide), whole_rows, lambda b: [tau_p])[0]
+    tau_p = g.branch(g.any(wide), wider, lambda b: [tau_p])[0]
     return g.op("Max", tau_k, tau_p)
 
 

@@ -153,6 +153,16 @@ def test_same_ids_as_the_reference_given_the_same_uniforms(
     )
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_wide_nuclei_give_the_reference_ids(sampler: BatchSampler, top_p: float) -> None:
+    # Flat-ish rows of 2000: nuclei of hundreds to thousands of tokens, past the candidates.
+    logits = np.random.default_rng(7).normal(0, 1, (48, 2000)).astype(np.float32)
+    logits[:8] = np.round(logits[:8], 1)  # many ties at every threshold
+    rows = make_rows([SamplingParams(top_p=top_p, temperature=0.9)] * 48, 2000, position=3)
+    graph, ref = sampler.sample(logits, rows), ReferenceSampler().sample(logits, rows)
+    np.testing.assert_array_equal(graph.tokens, ref.tokens)
+
+
 LOGITS = np.log(np.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2]))
 
 
