@@ -959,6 +959,31 @@ def test_the_documented_patch_relabels_the_monitoring_objects(tmp_path: Path) ->
             assert obj["metadata"]["labels"]["release"] == release, obj["kind"]
 
 
+def test_the_documented_settings_overlay_merges_and_rolls(tmp_path: Path) -> None:
+    documented = _doc_yaml_with("behavior: merge")
+    built = _build(_overlay(tmp_path, configMapGenerator=documented["configMapGenerator"]))
+    (deployment,) = _built(built, "Deployment")
+    (ref,) = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    (configmap,) = [
+        c
+        for c in _built(built, "ConfigMap")
+        if c["metadata"]["name"] == ref["configMapRef"]["name"]
+    ]
+    expected = dict(item.split("=", 1) for item in documented["configMapGenerator"][0]["literals"])
+    assert configmap["data"] == _config_data() | expected
+    assert _serve_config(configmap["data"]).log_level == expected["RNNLM_LOG_LEVEL"]
+
+
+def test_the_documented_overlay_without_prometheus_operator_drops_its_objects(
+    tmp_path: Path,
+) -> None:
+    documented = _doc_yaml_with("$patch: delete")
+    built = _build(_overlay(tmp_path, patches=documented["patches"]))
+    kinds = {o["kind"] for o in built}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
+
+
 # --- the image ----------------------------------------------------------------------------------
 
 
