@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,10 +89,20 @@ def test_the_documented_client_config_works_against_the_server(container: LiveSe
     """A channel with the documented options sends calls only to a pod whose health service
     reports SERVING for the service named in healthCheckConfig: calls that succeed prove the
     name is one the server reports on."""
-    options = _documented_client()["options"]
-    with grpc.insecure_channel(f"ipv4:{container.target}", options=options) as channel:
-        stub = pb_grpc.LanguageModelStub(channel)
+    documented = _documented_client()
+    with grpc.insecure_channel(f"ipv4:{container.target}", options=documented["options"]) as ch:
+        stub = pb_grpc.LanguageModelStub(ch)
         reply = stub.ListModels(pb.ListModelsRequest(), timeout=30, wait_for_ready=True)
         assert [m.name for m in reply.models] == ["tiny-gru-char"]
         reply = stub.PredictNext(pb.PredictNextRequest(context="the ca", k=1), timeout=30)
         assert len(reply.predictions) == 1
+    # The control: the same options with a service the server does not report on leave the
+    # channel no healthy backend, so the check above is in effect (as it is for a draining pod).
+    unknown = documented["service_config"] | {"healthCheckConfig": {"serviceName": "no.Such"}}
+    options = [o for o in documented["options"] if o[0] != "grpc.service_config"]
+    options.append(("grpc.service_config", json.dumps(unknown)))
+    channel = grpc.insecure_channel(f"ipv4:{container.target}", options=options)
+    with channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.LanguageModelStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "unhealthy" in (refused.value.details() or "")
