@@ -1,7 +1,10 @@
 """Held-out loss: the validation and test text scored with the state carried.
 
 `evaluate` scores text laid out as parallel streams (`--eval-batch-size` of them), each from the
-zero state, in windows of about `EVAL_TOKENS` tokens.
+zero state, in windows of about `EVAL_TOKENS` tokens: fast enough to run every epoch, and what
+chooses the best weights. `score_document` scores a text as one stream from the eos state, as
+the server's `Score` does: what the checkpoint and the bundle manifest record as the shipped
+weights' validation and test perplexity (docs/training.md, "Losses").
 """
 
 from __future__ import annotations
@@ -42,3 +45,21 @@ def evaluate(
     model.train(was_training)
     summed = ddp.all_sum([total, float(count)], group, streams.device)
     return summed[0] / summed[1]
+
+
+@torch.no_grad()
+def score_document(model: RNNLM, ids: torch.Tensor, eos: int) -> float:
+    """Mean negative log-likelihood per token of `ids` read as one document, the way the
+    server's `Score` reads a text: one stream from the state after eos (the state every request
+    starts from), each token scored given eos and all the tokens before it."""
+    was_training = model.training
+    model.eval()
+    stream = torch.cat([ids.new_tensor([eos]), ids]).view(1, -1)
+    state = model.initial_state(1, ids.device)
+    total = 0.0
+    for i in range(num_windows(stream, EVAL_TOKENS)):
+        x, y = get_batch(stream, i, EVAL_TOKENS)
+        nll, state = model(x, state, y)
+        total += nll.double().sum().item()
+    model.train(was_training)
+    return total / ids.numel()

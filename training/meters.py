@@ -10,7 +10,11 @@ import math
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(loss)
+    """e^loss, or infinity where that is beyond a float (the loss of a diverging run)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def new_meters() -> dict[str, dict]:

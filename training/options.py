@@ -17,6 +17,7 @@ from training import checkpoint as ckpt
 from training.clipping import AUTO
 from training.data import SPLITS
 from training.model import CELLS, ModelConfig
+from training.recurrent_norm import CAPPABLE
 from training.schedule import SCHEDULES
 from training.tokenizer import KINDS
 
@@ -71,6 +72,9 @@ class TrainOptions:
     warmup_steps: int = 0
     min_lr: float | None = None  # the end of the cosine; None: lr x 0.1
     clip: float | str = 0.25  # gradient-norm clipping; 0 turns it off, "auto" from the norms
+    # The largest singular value each Elman layer's recurrent matrix may have (0: no cap);
+    # None: the cell's default, 0.95 for rnn_relu (training/recurrent_norm.py), else none.
+    recurrent_norm: float | None = None
     bf16: bool = False  # bfloat16 autocast for the training forward (evaluation stays fp32)
     # After training, tune a continuous cache on the validation text (training/cache.py).
     continuous_cache: bool = False
@@ -116,7 +120,10 @@ LATER_FIELDS = (
     "adaptive_div",
     "unk_replace",
     "continuous_cache",
+    "recurrent_norm",
 )
+# What a checkpoint from before a field ran with, where that is not the field's default now.
+LATER_VALUES = {"recurrent_norm": 0.0}
 
 
 def _flag(name: str) -> str:
@@ -182,6 +189,14 @@ def check_options(o: TrainOptions) -> None:
         isinstance(o.clip, int | float) and o.clip >= 0 and math.isfinite(o.clip)
     ):
         raise bad("clip", f"must be 0 (off), a positive number or {AUTO!r}")
+    if o.recurrent_norm is not None:
+        if not (o.recurrent_norm >= 0 and math.isfinite(o.recurrent_norm)):
+            raise bad("recurrent_norm", "must be 0 (no cap) or a positive number")
+        if o.recurrent_norm > 0 and o.cell not in CAPPABLE:
+            raise TrainError(
+                f"--recurrent-norm caps the recurrent matrix of {' and '.join(CAPPABLE)}; "
+                f"--cell is {o.cell}"
+            )
     if o.max_minutes is not None and not o.max_minutes > 0:
         raise bad("max_minutes", "must be positive")
     cuts = list(o.adaptive_softmax)
@@ -226,7 +241,7 @@ def resumed_options(o: TrainOptions, saved: dict, directory: Path) -> TrainOptio
             raise ckpt.CheckpointError(
                 f"{directory / ckpt.CONFIG_FILE}: train_args lacks {f.name!r}"
             )
-        value = saved.get(f.name, getattr(defaults, f.name))
+        value = saved.get(f.name, LATER_VALUES.get(f.name, getattr(defaults, f.name)))
         if f.name in PATH_FIELDS and value is not None:
             value = Path(value)
         if isinstance(value, list):  # JSON has no tuples

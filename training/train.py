@@ -53,7 +53,7 @@ from training.data import (
     replace_rare,
     singletons,
 )
-from training.evaluation import evaluate
+from training.evaluation import evaluate, score_document
 from training.meters import meter_summary, meter_update, new_meter, new_meters, perplexity
 from training.model import RNNLM, Regularization, State, detach_state
 from training.options import (
@@ -72,6 +72,7 @@ from training.options import (
     train_args,
 )
 from training.plot import plot_metrics
+from training.recurrent_norm import cap_recurrent_norm, default_limit, spectral_norms
 from training.rng import rng_state, seed_rank, set_rng_state
 from training.schedule import MIN_LR_RATIO, Schedule
 from training.tokenizer import fit_tokenizer, special_tokens
@@ -317,6 +318,8 @@ def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, d
     weight_decay = (
         o.weight_decay if o.weight_decay is not None else DEFAULT_WEIGHT_DECAY[o.optimizer]
     )
+    if o.recurrent_norm is None:
+        o = replace(o, recurrent_norm=default_limit(o.cell))
 
     torch.manual_seed(o.seed)
     random.seed(o.seed)
@@ -330,6 +333,7 @@ def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, d
     )
     model = RNNLM(config, regularization).to(device)
     best = RNNLM(config).to(device)
+    cap_recurrent_norm(model, o.recurrent_norm or 0.0)  # a ReLU RNN: from rho x identity
     best.load_state_dict(model.state_dict())
     net = ddp.wrap(model, group, device)  # every rank now holds rank 0's initial weights
     optimizer: torch.optim.Optimizer
@@ -560,6 +564,7 @@ def train_step(run: Run, p: Progress, data: torch.Tensor, clock: float) -> float
             f"{loss}, gradient norm {gnorm}; lower --lr or --clip"
         )
     run.optimizer.step()
+    cap_recurrent_norm(run.model, run.o.recurrent_norm or 0.0)
     seconds = time.monotonic() - started
     p.advance(loss, y.numel() * group.world_size, gnorm, run.clipper.last, seconds)
     return loss
@@ -625,39 +630,59 @@ def end_epoch(run: Run, p: Progress) -> None:
 
 @dataclass(frozen=True)
 class Figures:
-    """The held-out losses a checkpoint records for the weights it ships (None: not measured)."""
+    """The held-out losses a checkpoint records for the weights it ships (None: not measured):
+    in `--eval-batch-size` streams from the zero state (what chooses the weights), and each text
+    as one document from the eos state (what the server's `Score` gives)."""
 
     valid_loss: float | None = None
     test_loss: float | None = None
+    valid_document_loss: float | None = None
+    test_document_loss: float | None = None
 
     def perplexities(self) -> dict:
-        return {
-            "valid_loss": self.valid_loss,
-            "valid_perplexity": None if self.valid_loss is None else perplexity(self.valid_loss),
-            "test_loss": self.test_loss,
-            "test_perplexity": None if self.test_loss is None else perplexity(self.test_loss),
-        }
+        out: dict = {}
+        for name in ("valid", "test", "valid_document", "test_document"):
+            loss = getattr(self, f"{name}_loss")
+            out[f"{name}_loss"] = loss
+            out[f"{name}_perplexity"] = None if loss is None else perplexity(loss)
+        return out
 
 
-def finish(run: Run, p: Progress, stopped: str) -> Path:
-    """Choose the weights to ship, test them, log, and write the final checkpoint.
+def choose_shipped(run: Run, p: Progress, stopped: str) -> tuple[RNNLM, float, str]:
+    """The weights to ship, their validation loss and where they come from.
 
     Weights trained since the last validation (a run stopped mid-epoch) are validated too, and
     shipped if better than the best epoch; the recorded best stays the best epoch, so a resumed
     run picks its best exactly as an uninterrupted one would.
     """
-    o, data = run.o, run.data
-    shipped, weights_from = run.best, f"epoch {p.best_epoch}"
-    valid_loss = p.best_valid_loss
+    shipped, valid_loss, weights_from = run.best, p.best_valid_loss, f"epoch {p.best_epoch}"
     if p.window > 0 or p.best_epoch is None:
-        current_loss = evaluate(run.model, data.valid, o.bptt, run.group)
+        current_loss = evaluate(run.model, run.data.valid, run.o.bptt, run.group)
         if current_loss < p.best_valid_loss:
             shipped, valid_loss = run.model, current_loss
             weights_from = f"step {p.step} ({stopped})"
-    test_loss = (
-        valid_loss if data.corpus.test_is_valid else evaluate(shipped, data.test, o.bptt, run.group)
+    return shipped, valid_loss, weights_from
+
+
+def measure(run: Run, shipped: RNNLM, valid_loss: float) -> Figures:
+    """The shipped weights' test loss in streams, and (rank 0) both texts as documents."""
+    o, data = run.o, run.data
+    same = data.corpus.test_is_valid  # the nanoGPT split: the test text is the validation text
+    test_loss = valid_loss if same else evaluate(shipped, data.test, o.bptt, run.group)
+    eos = special_tokens(data.tokenizer, o.tokenizer).get("eos")
+    if not run.group.is_main or eos is None:
+        return Figures(valid_loss=valid_loss, test_loss=test_loss)
+    valid_doc = score_document(shipped, data.splits["valid"].to(run.device), eos)
+    test_doc = (
+        valid_doc if same else score_document(shipped, data.splits["test"].to(run.device), eos)
     )
-    figures = Figures(valid_loss=valid_loss, test_loss=test_loss)
+    return Figures(valid_loss, test_loss, valid_doc, test_doc)
+
+
+def finish(run: Run, p: Progress, stopped: str) -> Path:
+    """Choose the weights to ship, test them, log, and write the final checkpoint."""
+    shipped, valid_loss, weights_from = choose_shipped(run, p, stopped)
+    figures = measure(run, shipped, valid_loss)
     p.metrics.append(
         {
             "kind": "test",
@@ -670,13 +695,9 @@ def finish(run: Run, p: Progress, stopped: str) -> Path:
             "train_tokens_per_s": p.tokens_per_s(),
         }
     )
-    speed = f"{p.tokens_per_s():.0f} tok/s" if p.run_seconds else "no steps"
-    run.log(
-        f"done ({stopped}) after {p.step} steps | {speed} | weights from {weights_from} | valid "
-        f"loss {valid_loss:.4f} ppl {perplexity(valid_loss):.2f} | test loss {test_loss:.4f} "
-        f"ppl {perplexity(test_loss):.2f} | saved {run.out}"
-    )
+    run.log(summary_line(run, p, stopped, weights_from, figures))
     save(run, p, figures, stopped, shipped, weights_from)
+    o, data = run.o, run.data
     if o.continuous_cache and run.group.is_main:
         test_ids = None if data.corpus.test_is_valid else data.splits["test"].to(run.device)
         specials = special_tokens(data.tokenizer, o.tokenizer).values()
@@ -688,7 +709,25 @@ def finish(run: Run, p: Progress, stopped: str) -> Path:
     return run.out
 
 
-def provenance(run: Run, p: Progress, figures: Figures, stopped: str, weights_from: str) -> dict:
+def summary_line(run: Run, p: Progress, stopped: str, weights_from: str, f: Figures) -> str:
+    speed = f"{p.tokens_per_s():.0f} tok/s" if p.run_seconds else "no steps"
+    ppl = f.perplexities()
+    line = (
+        f"done ({stopped}) after {p.step} steps | {speed} | weights from {weights_from} | valid "
+        f"loss {f.valid_loss:.4f} ppl {ppl['valid_perplexity']:.2f} | test loss "
+        f"{f.test_loss:.4f} ppl {ppl['test_perplexity']:.2f}"
+    )
+    if f.valid_document_loss is not None:
+        line += (
+            f" | as one document (as Score reads it): valid ppl "
+            f"{ppl['valid_document_perplexity']:.2f} test ppl {ppl['test_document_perplexity']:.2f}"
+        )
+    return f"{line} | saved {run.out}"
+
+
+def provenance(
+    run: Run, p: Progress, figures: Figures, stopped: str, shipped: RNNLM, weights_from: str
+) -> dict:
     """config.json's provenance: where the weights came from and what they score."""
     corpus = run.data.corpus
     return {
@@ -702,6 +741,7 @@ def provenance(run: Run, p: Progress, figures: Figures, stopped: str, weights_fr
         "best_epoch": p.best_epoch,
         "weights_from": weights_from,
         **figures.perplexities(),
+        "recurrent_spectral_norm": spectral_norms(shipped),
         "split_tokens": {name: int(ids.numel()) for name, ids in run.data.splits.items()},
         "train_tokens_per_s": p.tokens_per_s(),
         "elapsed_s": p.elapsed(),
@@ -725,7 +765,7 @@ def save(
     writes. `shipped` (default: the best) becomes model.safetensors."""
     shipped = shipped or run.best
     state = p.train_state(run, None if shipped is run.best else run.best.state_dict())
-    prov = provenance(run, p, figures, stopped, weights_from)
+    prov = provenance(run, p, figures, stopped, shipped, weights_from)
     if prov["rank_divergence"] > 0:
         raise TrainError(
             f"the processes' weights diverged (max |difference| {prov['rank_divergence']:.3g}"
