@@ -42,6 +42,7 @@ from training.cache import describe as describe_cache
 from training.cache import tune as tune_cache
 from training.cache import write_block as write_cache_block
 from training.clipping import Clipper, make_clipper
+from training.console import epoch_progress
 from training.data import (
     Corpus,
     CorpusError,
@@ -71,7 +72,7 @@ from training.options import (
     resumed_options,
     train_args,
 )
-from training.plot import plot_metrics
+from training.plot import plot_metrics, run_title
 from training.recurrent_norm import cap_recurrent_norm, default_limit, spectral_norms
 from training.rng import rng_state, seed_rank, set_rng_state
 from training.schedule import MIN_LR_RATIO, Schedule
@@ -574,25 +575,17 @@ def train_epoch(run: Run, p: Progress, signals: StopSignals) -> str | None:
     """Train the rest of epoch `p.epoch`, window by window with the state carried; returns
     why it stopped before the epoch's end, or None at the end."""
     data = run.data.for_epoch(p.epoch, run.o)
-    bar = tqdm(
-        total=run.n_windows,
-        initial=p.window,
-        desc=f"epoch {p.epoch}/{run.epochs}",
-        unit="batch",
-        disable=not run.group.is_main or run.o.quiet,
-        leave=False,
-        file=sys.stderr,
-        mininterval=1.0,
-    )
+    shown = run.group.is_main and not run.o.quiet
+    desc = f"epoch {p.epoch}/{run.epochs}"
+    bar = epoch_progress(run.n_windows, p.window, desc, run.record_every, shown)
     try:
         while p.window < run.n_windows:
             reason, clock = before_step(run, p, signals)
             if reason is not None:
                 return reason
             loss = train_step(run, p, data, clock)
-            bar.update()
             rate = p.meters["epoch"]["tokens"] / max(p.meters["epoch"]["seconds"], 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+            bar.update(p.window, loss, rate)
             if p.window % run.record_every == 0 or p.window == run.n_windows:
                 lr = run.optimizer.param_groups[0]["lr"]
                 p.record("train", lr=lr, **meter_summary(p.meters["interval"]))
@@ -817,7 +810,7 @@ def save_checkpoint(
         torch.save(train_state, staged / ckpt.TRAIN_STATE_FILE)
         tokenizer.save(str(staged / ckpt.TOKENIZER_FILE))
         (staged / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        plot_metrics(metrics, staged / PLOT_FILE)
+        plot_metrics(metrics, staged / PLOT_FILE, run_title(out.name, train_args))
         ckpt.write_config(
             staged, model.config, kind, special_tokens(tokenizer, kind), provenance, train_args
         )
