@@ -23,6 +23,7 @@ from importers.errors import ImportFailure
 
 # How much of a name from the file goes into a message.
 NAME_CHARS = 80
+NAMES_SHOWN = 3
 
 
 def load_allowed(path: Path, allowed: dict[str, Any], what: str) -> Any:
@@ -37,10 +38,11 @@ def load_allowed(path: Path, allowed: dict[str, Any], what: str) -> Any:
         raise ImportFailure(f"{path}: not a torch checkpoint ({_short(e)})") from e
     unknown = sorted(set(names) - set(allowed))
     if unknown:
-        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        named = ", ".join(repr(n[:NAME_CHARS]) for n in unknown[:NAMES_SHOWN])
+        more = f" and {len(unknown) - NAMES_SHOWN} more" if len(unknown) > NAMES_SHOWN else ""
         raise ImportFailure(
-            f"{path}: refused: it holds {unknown[0][:NAME_CHARS]!r}{more}, which a {what} does "
-            "not; nothing in it was run"
+            f"{path}: refused: it holds {named}{more}, which a {what} does not; nothing in it "
+            "was run"
         )
     safe: list[Any] = [(cls, name) for name, cls in allowed.items()]
     try:
