@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import sys
 import types
@@ -498,6 +499,36 @@ def test_onnx_cli_names_missing_inputs_and_keeps_the_source_names(
     assert source["metadata"]["model_type"] == "rnnlm"
     assert manifest["architecture"]["embedding"] is None
     assert set(manifest["graphs"]) == {"step", "prefill", "score"}
+
+
+def test_onnx_bundle_with_only_a_step_graph_serves_score_on_it(
+    repository: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the server does with an import whose derived graphs were left out."""
+    from importers.onnx_lm import OnnxSpec, import_onnx
+    from importers.write import write_imported
+
+    work, eos = repository["work"], repository["onnx_eos"]
+    spec = OnnxSpec(tokens="x", output="log_softmax", log_probs=True,
+                    states=(("h0", "next_h0"), ("c0", "next_c0")))  # fmt: skip
+    imported = import_onnx(work / "lm.onnx", work / "tokenizer.json", spec, None)
+    imported.blobs = {"step": imported.blobs["step"]}
+    write_imported(imported, tmp_path / "models" / "step-only")
+    manifest = json.loads((tmp_path / "models" / "step-only" / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"step"}
+    caplog.set_level(logging.INFO, logger="server.repository")
+    server = LiveServer(config(tmp_path / "models"))
+    try:
+        with Client(server.target, timeout=30) as client:
+            (result,) = client.score(TEST_TEXT, model="step-only").results
+    finally:
+        server.close()
+    tok = Tokenizer.from_file(str(work / "tokenizer.json"))
+    ids = tok.encode(TEST_TEXT).ids
+    logprobs = icefall_logprobs(work, ids, eos)[np.arange(len(ids)), ids]
+    assert result.log_prob == pytest.approx(logprobs.sum(), rel=1e-4, abs=1e-3)
+    said = [r.getMessage() for r in caplog.records]
+    assert "step-only version 1 has no score graph: its score work runs on the step graph" in said
 
 
 # -- flair --------------------------------------------------------------------------------------
