@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a recurrent language model on a text corpus"),
     "export": ("exporter.cli", "export a checkpoint to a parity-checked ONNX model bundle"),
+    "import": ("importers.cli", "import a model made elsewhere as a parity-checked bundle"),
     "serve": ("server.cli", "serve model bundles over gRPC"),
     "generate": ("rnnlm.client_cli", "stream generated text from a server"),
     "predict": ("rnnlm.client_cli", "the k most likely next words for a context"),

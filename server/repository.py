@@ -374,6 +374,10 @@ class ModelRepository:
             bundle.vocab_size,
             engine.provider,
         )
+        for graph, path in (("score", bundle.score_graph), ("prefill", bundle.prefill_graph)):
+            if path is None:
+                log.info("%s version %s has no %s graph: its %s work runs on the step graph",
+                         name, version, graph, graph)  # fmt: skip
         return LoadedModel(bundle, engine, TextCodec(bundle), stamp)
 
     def _publish(self, models: list[LoadedModel]) -> None:
