@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -252,3 +254,42 @@ def test_the_continuous_cache_on_a_variant_without_one_fails_clearly(
         assert "version 1-int8 has no continuous cache" in error.value.details()
     finally:
         server.close()
+
+
+# -- the serving-only install ------------------------------------------------------------------
+
+# Runs `rnnlm ARGS` as the serving install would: torch and safetensors cannot be imported.
+_WITHOUT_TRAIN_EXTRA = """
+import sys
+for name in ("torch", "safetensors", "onnxscript"):
+    sys.modules[name] = None  # makes `import name` raise ModuleNotFoundError
+from rnnlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_train_and_export_without_the_train_extra_name_it_in_one_line(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, command, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"rnnlm {command}: needs the 'train' extra (")
+    assert result.stderr.rstrip().endswith("pip install 'rnnlm[train]'")
+
+
+def test_the_serving_commands_need_no_train_extra() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "--models" in result.stdout
