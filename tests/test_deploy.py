@@ -66,6 +66,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rnnlm_recall_cache_bytes": ("gauge", ("model",)),
     "rnnlm_model_info": ("gauge", ("model", "version", "provider", "cell")),
     "rnnlm_model_load_failures_total": ("counter", ("model",)),
+    "rnnlm_model_bundles_failing": ("gauge", ()),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels Prometheus attaches to every scraped series (ServiceMonitor and kube-state-metrics).
