@@ -70,7 +70,8 @@ def read_checkpoint(path: Path, cell: str | None) -> tuple[dict[str, Tensor], st
 
 
 def corpus_vocabulary(data_dir: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
-    """The `data.Corpus` dictionary (word -> id by first appearance) and each split's ids."""
+    """The `data.Corpus` dictionary (word -> id by first appearance) and each split's ids
+    (train's only as far as `check_tokenizer` reads: a large corpus's would not fit)."""
     vocab: dict[str, int] = {}
     ids: dict[str, list[int]] = {}
     for split in SPLITS:
@@ -81,7 +82,9 @@ def corpus_vocabulary(data_dir: Path) -> tuple[dict[str, int], dict[str, list[in
         with open(path, encoding="utf8") as f:
             for line in f:
                 for word in [*line.split(), EOS_WORD]:
-                    out.append(vocab.setdefault(word, len(vocab)))
+                    index = vocab.setdefault(word, len(vocab))
+                    if split != "train.txt" or len(out) < CHECK_CHARS:
+                        out.append(index)  # train's ids are only checked, up to CHECK_CHARS
         ids[split] = out
     return vocab, ids
 

@@ -117,7 +117,8 @@ def import_onnx(
         optional_graphs=True,
         notes=[
             f"{spec.output} is the next-token {details['output_is']}; features are the "
-            f"last layer of {spec.states[0][1]}"
+            f"last layer of {spec.states[0][1]}",
+            *([] if ids else ["no --test-text: parity ran on random tokens only"]),
         ],
     )
 

@@ -58,6 +58,14 @@ class Imported:
     optional_graphs: bool = False
 
 
+@dataclass(frozen=True)
+class Written:
+    """A written bundle and what the user should know about it."""
+
+    path: Path
+    notes: list[str]
+
+
 def source_record(fmt: str, path: Path, **details: Any) -> dict[str, Any]:
     """The provenance of an imported file: its format, path, size and sha256."""
     return {
@@ -86,8 +94,8 @@ def write_imported(
     force: bool = False,
     rtol: float = 1e-3,
     atol: float = 1e-4,
-) -> Path:
-    """Prove parity, score the test text, and write the bundle; return its path."""
+) -> Written:
+    """Prove parity, score the test text, and write the bundle: its path and the notes."""
     target = Path(bundle_dir)
     if not version:
         raise ImportFailure("the version must not be empty")
@@ -97,7 +105,8 @@ def write_imported(
         raise ImportFailure(str(e)) from e
     c = imported.config
     shapes = [(c.layers, c.hidden)] * len(c.state_names)
-    report = _prove(imported, shapes, rtol, atol)
+    report, blobs, dropped = _prove(imported, shapes, rtol, atol)
+    notes = [*imported.notes, *dropped]
     provenance: dict[str, Any] = {}
     if imported.test_ids:
         eos = imported.special_tokens["eos"]
@@ -118,26 +127,30 @@ def write_imported(
             provenance=provenance,
         )
         manifest = build_manifest(
-            ckpt, imported.blobs, report, name=name or target.resolve().name, version=version
+            ckpt, blobs, report, name=name or target.resolve().name, version=version
         )
-        _describe_import(manifest, imported)
+        _describe_import(manifest, imported, notes)
         try:
-            return _commit(target, ckpt, bundle_files(imported.blobs), manifest, force)
+            path = _commit(target, ckpt, bundle_files(blobs), manifest, force)
         except (ExportError, BundleError) as e:
             raise ImportFailure(str(e)) from e
+    return Written(path, notes)
 
 
 def _prove(
     imported: Imported, shapes: list[tuple[int, int]], rtol: float, atol: float
-) -> ParityReport:
-    """Each graph's parity with the source. A derived prefill or score graph that fails is left
-    out when `imported.optional_graphs` (the server then runs its work on the step graph, and
-    the notes say so); any other failure stops the import."""
+) -> tuple[ParityReport, dict[str, bytes], list[str]]:
+    """Each graph's parity with the source: the report, the graphs that passed and a note for
+    each left out. A derived prefill or score graph that fails is left out when
+    `imported.optional_graphs` (the server then runs its work on the step graph); any other
+    failure stops the import."""
     report = ParityReport(rtol=rtol, atol=atol)
-    for graph in list(imported.blobs):
+    passed: dict[str, bytes] = {}
+    dropped: list[str] = []
+    for graph, blob in imported.blobs.items():
         one = check_source_parity(
             imported.reference,
-            {graph: imported.blobs[graph]},
+            {graph: blob},
             vocab=imported.config.vocab_size,
             state_shapes=shapes,
             real_ids=imported.real_ids[:PARITY_TEXT_TOKENS],
@@ -145,8 +158,7 @@ def _prove(
             atol=atol,
         )
         if not one.passed and graph != "step" and imported.optional_graphs:
-            del imported.blobs[graph]
-            imported.notes.append(
+            dropped.append(
                 f"the {graph} graph derived from the source does not match it ({one.failure}); "
                 f"it is left out and the server runs {graph} work on the step graph"
             )
@@ -158,10 +170,11 @@ def _prove(
             )
         report.cases.extend(one.cases)
         report.max_abs_error = max(report.max_abs_error, one.max_abs_error)
-    return report
+        passed[graph] = blob
+    return report, passed, dropped
 
 
-def _describe_import(manifest: dict[str, Any], imported: Imported) -> None:
+def _describe_import(manifest: dict[str, Any], imported: Imported, notes: list[str]) -> None:
     """Record where the model came from, how the test perplexity and parity were measured."""
     manifest["architecture"].update(imported.architecture)
     prov = manifest["provenance"]
@@ -175,6 +188,6 @@ def _describe_import(manifest: dict[str, Any], imported: Imported) -> None:
             "tokens": len(imported.test_ids),
             "how": "the source model, one stream from the eos state, as Score scores a text",
         }
-    if imported.notes:
-        prov["notes"] = list(imported.notes)
+    if notes:
+        prov["notes"] = notes
     manifest["parity"]["against"] = "the source model in its own framework (provenance.source)"

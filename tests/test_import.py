@@ -412,6 +412,7 @@ def test_examples_cli_imports_and_says_where_to(
     code, out, err = import_cli(capsys, *argv, "--version", "7")
     assert (code, err) == (0, "")
     assert out.startswith(f"imported pytorch-examples {path} -> {target}")
+    assert "note: the corpus has no <unk>: a word it never saw cannot be encoded" in out
     manifest = json.loads((target / "manifest.json").read_text())
     assert (manifest["name"], manifest["version"]) == ("lm", "7")
     code, _, err = import_cli(capsys, *argv)
