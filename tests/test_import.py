@@ -419,6 +419,29 @@ def test_examples_cli_imports_and_says_where_to(
     assert code == 2 and "already exists" in err
 
 
+def test_examples_elman_state_dict_needs_its_cell(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    vocab, ids = corpus_ids(data_dir)
+    torch.manual_seed(3)
+    model = RNNModel("RNN_RELU", len(vocab), 8, 8, 2).eval()
+    torch.save(model.state_dict(), tmp_path / "relu.pt")
+    argv = ["pytorch-examples", str(tmp_path / "relu.pt"), str(tmp_path / "b"),
+            "--data", str(data_dir)]  # fmt: skip
+    code, _, err = import_cli(capsys, *argv)
+    assert code == 2 and "pass --cell rnn_tanh or rnn_relu" in err
+    code, _, err = import_cli(capsys, *argv, "--cell", "gru")
+    assert code == 2 and "not a gru" in err
+    code, _, err = import_cli(capsys, *argv, "--cell", "rnn_relu")
+    assert (code, err) == (0, "")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["architecture"]["cell"] == "rnn_relu"
+    expected = examples_logprobs(model, ids["test"], vocab["<eos>"])
+    assert manifest["provenance"]["test_perplexity"] == pytest.approx(
+        math.exp(-expected.mean()), rel=1e-4
+    )
+
+
 def test_examples_data_that_is_not_the_training_corpus_is_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, examples_models: dict[str, RNNModel]
 ) -> None:
