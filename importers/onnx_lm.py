@@ -88,7 +88,10 @@ def import_onnx(
              ("step", "prefill", "score")}  # fmt: skip
     ids = None
     if test_text is not None:
-        ids = tok.encode(read_text(test_text)).ids
+        try:
+            ids = tok.encode(read_text(test_text)).ids
+        except Exception as e:  # tokenizers raises a bare Exception (a word without an id)
+            raise ImportFailure(f"{test_text}: the tokenizer cannot encode it ({e})") from e
     config = ModelConfig(cell=cell, vocab_size=vocab, embedding=hidden, hidden=hidden,
                          layers=layers)  # fmt: skip
     details = {"inputs": [spec.tokens, *(i for i, _ in spec.states)],
@@ -156,6 +159,8 @@ def _check_io(path: Path, graph: onnx.GraphProto, spec: OnnxSpec) -> tuple[int, 
             raise ImportFailure(f"{path}: has no {kind} {name[:80]!r} (it has {sorted(table)})")
     if inputs[spec.tokens].type.tensor_type.elem_type != TensorProto.INT64:
         raise ImportFailure(f"{path}: --tokens {spec.tokens!r} must be int64")
+    if outputs[spec.output].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ImportFailure(f"{path}: output {spec.output!r} must be float32")
     shapes = set()
     for name, out in spec.states:
         dims = _dims(inputs[name])
