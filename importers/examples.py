@@ -55,7 +55,7 @@ def read_checkpoint(path: Path, cell: str | None) -> tuple[dict[str, Tensor], st
     """(state_dict, cell, what the file held) of a saved `RNNModel` or its `state_dict`."""
     obj = load_allowed(path, _allowed(), "pytorch/examples word_language_model checkpoint")
     if isinstance(obj, RNNModelStandIn):
-        state = dict(obj.state_dict())
+        state = module_tensors(obj)
         rnn_type = obj.__dict__.get("rnn_type")
         if isinstance(rnn_type, str) and rnn_type in RNN_TYPES:
             declared = RNN_TYPES[rnn_type]
@@ -67,6 +67,21 @@ def read_checkpoint(path: Path, cell: str | None) -> tuple[dict[str, Tensor], st
         state = {str(k): v for k, v in obj.items()}
         return state, str(infer_shape(state, cell)["cell"]), "state_dict"
     raise ImportFailure(f"{path}: holds a {type(obj).__name__}, not an RNNModel or its state_dict")
+
+
+def module_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """A unpickled module's parameters and buffers by state_dict name, read from its
+    attributes only (no method of it runs: no state_dict hooks a pickle could have set)."""
+    found: dict[str, Tensor] = {}
+    attrs = vars(module)
+    for table in ("_parameters", "_buffers"):
+        for name, value in attrs.get(table, {}).items():
+            if isinstance(value, Tensor):
+                found[prefix + name] = value
+    for name, child in attrs.get("_modules", {}).items():
+        if isinstance(child, nn.Module):
+            found.update(module_tensors(child, f"{prefix}{name}."))
+    return found
 
 
 def corpus_vocabulary(data_dir: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
