@@ -461,20 +461,25 @@ def test_examples_data_that_is_not_the_training_corpus_is_refused(
 # -- ONNX (icefall layout) ------------------------------------------------------------------------
 
 
-def icefall_logprobs(work: Path, ids: list[int], eos: int) -> np.ndarray:
-    """`[len(ids) + 1, V]`: the source graph's log-probs after eos, then after each id, fed one
-    token per call as sherpa-onnx feeds it."""
+def icefall_run(work: Path, ids: list[int], eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source graph fed eos and then `ids` one token per call, as sherpa-onnx feeds it:
+    the log-probs `[len(ids) + 1, V]` after each and the last layer of `h` after each."""
     session = ort.InferenceSession(str(work / "lm.onnx"), providers=["CPUExecutionProvider"])
     h, c = np.zeros((2, 1, 16), np.float32), np.zeros((2, 1, 16), np.float32)
-    rows = []
+    rows, features = [], []
     for token in [eos, *ids]:
         x = np.array([[token]], dtype=np.int64)
         logprobs, h, c = session.run(None, {"x": x, "h0": h, "c0": c})
         rows.append(logprobs[0].astype(np.float64))
-    return np.array(rows)
+        features.append(h[-1, 0])
+    return np.array(rows), np.array(features)
 
 
-def test_onnx_lm_serves_predict_next_generate_and_score(
+def icefall_logprobs(work: Path, ids: list[int], eos: int) -> np.ndarray:
+    return icefall_run(work, ids, eos)[0]
+
+
+def test_onnx_lm_serves_predict_next_generate_embed_and_score(
     client: Client, repository: dict[str, Any]
 ) -> None:
     work, eos = repository["work"], repository["onnx_eos"]
@@ -495,6 +500,10 @@ def test_onnx_lm_serves_predict_next_generate_and_score(
     for _ in range(8):
         expected.append(int(np.argmax(icefall_logprobs(work, ids + expected, eos)[-1])))
     assert generated == expected
+
+    (embedding,) = client.embed(context, pooling="last", model="icefall").embeddings
+    np.testing.assert_allclose(embedding.values, icefall_run(work, ids, eos)[1][-1],
+                               rtol=1e-3, atol=1e-5)  # fmt: skip
 
     text = TEST_TEXT + " ".join(["the old man calls the small boat ."] * 30)
     score_ids = tok.encode(text).ids
