@@ -585,6 +585,9 @@ def test_flair_lm_scores_like_the_source(client: Client, repository: dict[str, A
         math.exp(-want.mean()), rel=1e-4
     )
     assert manifest["tokenizer"]["special_tokens"] == {"eos": eos, "unk": 0}
+    info = client.get_model("flair")
+    assert info.quality.test_perplexity == pytest.approx(manifest["provenance"]["test_perplexity"])
+    assert (info.architecture.cell, info.tokenizer_kind) == ("lstm", "char")
 
 
 def test_flair_backward_lm_and_foreign_classes_are_refused(
