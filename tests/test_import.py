@@ -525,6 +525,11 @@ def test_onnx_cli_names_missing_inputs_and_keeps_the_source_names(
     code, _, err = import_cli(capsys, "onnx", *common, "--state", "h0:next_h0",
                               "--state", "c0:cn")  # fmt: skip
     assert code == 2 and "has no output 'cn'" in err
+    code, out, err = import_cli(capsys, "onnx", *common, "--state", "h0:next_h0",
+                                "--state", "c0:next_c0", "--name", "lm")  # fmt: skip
+    assert (code, err) == (0, "")
+    assert "note: no --test-text: parity ran on random tokens only" in out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["name"] == "lm"
     manifest = json.loads((repository["root"] / "icefall" / "manifest.json").read_text())
     source = manifest["provenance"]["source"]
     assert source["inputs"] == ["x", "h0", "c0"]
