@@ -26,7 +26,7 @@ from importers.errors import ImportFailure
 from importers.safe_load import load_allowed
 from importers.torch_source import build_source, export_graphs, infer_shape, is_tied, to_rnnlm
 from importers.write import Imported, source_record
-from server.bundle import sha256_file
+from rnnlm.bundle import sha256_file
 from training.tokenizer import EOS_WORD, UNK, _word_tokenizer
 
 SPLITS = ("train.txt", "valid.txt", "test.txt")

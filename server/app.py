@@ -37,6 +37,7 @@ from server.state_token import StateTokens
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period, how long ended streams get to send their last message.
 _END_STREAMS_SECONDS = 1.0
 
@@ -82,6 +83,7 @@ class RnnlmServer:
         self._tls: TlsFiles | None = None
         self._auth: BearerTokens | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the poller and signalled reloads
+        self._model_health: set[str] = set()  # the models with a per-model health status
 
     async def start(self) -> None:
         """Open the ports, load and warm every model, then report SERVING.
@@ -96,6 +98,7 @@ class RnnlmServer:
                 self.config.default_model,
                 engine_config(self.config),
                 self.metrics,
+                strict=self.config.strict_models,
             )
         except BaseException:
             await self.stop(grace=0)
@@ -104,12 +107,19 @@ class RnnlmServer:
         self._servicer.accepting = True
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._report_model_health()
         log.info(
             "serving %s on %s (default model %s)",
             ", ".join(f"{m.name}:{m.version}" for m in self.repository.models),
             _address(self.config.host, self.port),
             self.repository.default_model or "none",
         )
+        if self.repository.failures:
+            log.error(
+                "not serving %d bundle(s) that failed to load (logged above): %s",
+                len(self.repository.failures),
+                ", ".join(str(p) for p in self.repository.failures),
+            )
         if self.config.reload_seconds > 0:
             self._spawn(self._poll())
 
@@ -132,7 +142,20 @@ class RnnlmServer:
         if self.repository is None or self._stopping:
             return ReloadResult()
         self._refresh_secrets()
-        return await self.repository.reload(retry_failed=retry_failed)
+        result = await self.repository.reload(retry_failed=retry_failed)
+        if not self._stopping:
+            await self._report_model_health()
+        return result
+
+    async def _report_model_health(self) -> None:
+        """Health per model, service `rnnlm.v1.LanguageModel/NAME`: SERVING while a version of
+        it is served; NOT_SERVING when its bundles failed to load, or it was removed."""
+        assert self.repository is not None
+        served = {m.name for m in self.repository.models}
+        self._model_health |= served | self.repository.failed_models()
+        for name in sorted(self._model_health):
+            status = health_pb2.HealthCheckResponse.SERVING if name in served else NOT_SERVING
+            await self._health.set(f"{SERVICE_NAME}/{name}", status)
 
     def request_reload(self) -> None:
         """Start a reload in the background (the SIGHUP handler)."""

@@ -48,6 +48,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     log_level: str = "info"
     reload_seconds: float = 0.0
+    strict_models: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -170,6 +171,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         "poll the model repository for new or changed bundles every this many seconds; "
         "0 is off (SIGHUP reloads either way)",
     ),
+    "strict_models": (
+        _parse_bool,
+        "refuse to start unless every bundle in the model repository loads (default: serve "
+        "the bundles that load, and log, count and report the others)",
+    ),
     "tls_cert": (Path, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     "tls_key": (Path, "the PEM private key of --tls-cert"),
     "tls_client_ca": (
@@ -205,7 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else (f" (default: {default})")
         )
         text = f"{help_}{shown}; env {env_name(name)}"
-        if name == "batching":
+        if name in ("batching", "strict_models"):
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )
