@@ -45,6 +45,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
     def __init__(self, on_refused: Callable[[str, grpc.StatusCode], None]) -> None:
         self._on_refused = on_refused
+        # method -> (its handler, the guarded handler): made once per method, not per call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -55,6 +57,14 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         limit = OPEN_SERVICE_MAX_BYTES if method.startswith(OPEN_SERVICES) else None
         deserializer = _guarded(handler.request_deserializer, limit)
         if handler.request_streaming:

@@ -88,12 +88,14 @@ class Limits:
             )
         return token
 
-    def reply(self, size: int, what: str) -> None:
-        """Refuse a call whose reply would be `size` bytes, more than gRPC may send."""
+    def reply(self, size: int, what: str = "") -> None:
+        """Refuse a call whose reply would be `size` bytes, more than gRPC may send; `what`
+        says what makes it so large."""
         if size > self.max_message_bytes:
+            why = f" ({what})" if what else ""
             raise RpcError(
                 Code.RESOURCE_EXHAUSTED,
-                f"the reply would be {size} bytes ({what}); this server sends at most "
+                f"the reply would be {size} bytes{why}; this server sends at most "
                 f"{self.max_message_bytes} (--max-message-bytes)",
             )
 

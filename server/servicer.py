@@ -98,7 +98,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._end_streams = asyncio.Event()
-        self._draining = asyncio.Event()
+        # Done when the drain starts; made in the event loop at first use.
+        self._draining: asyncio.Future[None] | None = None
 
     # -- lifecycle (driven by server.app) -------------------------------------------------
 
@@ -113,7 +114,14 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     def start_drain(self) -> None:
         """Refuse new calls, and end typing sessions as soon as they wait for the next event."""
         self.accepting = False
-        self._draining.set()
+        draining = self._drain_started()
+        if not draining.done():
+            draining.set_result(None)
+
+    def _drain_started(self) -> asyncio.Future[None]:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_future()
+        return self._draining
 
     def end_streams(self) -> None:
         """Make open Generate calls finish (FINISH_REASON_CANCELLED) and typing sessions end."""
@@ -162,7 +170,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 raise RpcError(Code.UNAVAILABLE, "the server is not serving (starting or stopping)")
             reply = await body(call)
             if reply is not None:
-                self._sendable(reply, "the reply")
+                self._sendable(reply)
             return reply
         except RpcError as e:
             code, message = e.code, e.message
@@ -201,10 +209,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             # The call ended at the transport first (its deadline, or the client went away).
             raise asyncio.CancelledError from e
 
-    def _sendable(self, message: Any, what: str) -> None:
+    def _sendable(self, message: Any) -> None:
         """Refuse a reply gRPC would not send (over --max-message-bytes), so that the call
         is recorded with the status the client sees."""
-        self._limits.reply(message.ByteSize(), what)
+        self._limits.reply(message.ByteSize())
 
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
         m = self._metrics
@@ -457,7 +465,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 )
                 if event.return_state_token:
                     reply.state_token = self._seal(model, text, ids)
-                self._sendable(reply, "the session's reply")
+                self._sendable(reply)
                 await context.write(reply)
                 if self._end_streams.is_set():
                     break
@@ -469,21 +477,23 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         """`events`, until the server starts draining: a session waiting for its next event
         then ends with UNAVAILABLE, telling the client to resume elsewhere."""
         iterator = aiter(events)
-        drained = asyncio.ensure_future(self._draining.wait())
+        draining = self._drain_started()
+        following: asyncio.Future[T] | None = None
         try:
-            while not drained.done():
+            while not draining.done():
                 following = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait((following, drained), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((following, draining), return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
-                    following.cancel()
                     break
                 try:
                     event = following.result()
                 except StopAsyncIteration:
                     return
+                following = None
                 yield event
         finally:
-            drained.cancel()
+            if following is not None:
+                following.cancel()
         raise RpcError(Code.UNAVAILABLE, DRAINING_MESSAGE)
 
     # -- state tokens ----------------------------------------------------------------------
