@@ -61,8 +61,8 @@ class Limits:
 
     max_tokens: int
     max_prompt_tokens: int
-    max_text_chars: int = 131_072
-    max_message_bytes: int = 16 * 2**20
+    max_text_chars: int
+    max_message_bytes: int
 
     def text(self, value: str, field: str) -> str:
         """`value` if it is within --max-text-chars."""

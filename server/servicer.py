@@ -526,8 +526,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 if value
             )
             raise invalid(
-                f"state_token is for model {resumed.model!r} version {resumed.version!r}, but "
-                f"the request asks for {asked}"
+                f"state_token is for model {quote(resumed.model)} version "
+                f"{quote(resumed.version)}, but the request asks for {asked}"
             )
         try:
             return self._model(resumed.model, resumed.version, call)
