@@ -466,8 +466,14 @@ def build_manifest(
         "provenance": {
             "corpus_sha256": prov.get("corpus_sha256"),
             "tokens_seen": prov.get("tokens_seen"),
-            "valid_perplexity": prov.get("valid_perplexity"),
-            "test_perplexity": prov.get("test_perplexity"),
+            # Each text as one document from eos, as Score reads it (docs/training.md, "Losses");
+            # a checkpoint from before that measure has only the figures in eval streams.
+            "valid_perplexity": (
+                prov.get("valid_document_perplexity") or prov.get("valid_perplexity")
+            ),
+            "test_perplexity": prov.get("test_document_perplexity") or prov.get("test_perplexity"),
+            "valid_perplexity_in_streams": prov.get("valid_perplexity"),
+            "test_perplexity_in_streams": prov.get("test_perplexity"),
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "exporter": f"torch.onnx TorchScript, opset {OPSET}",
             "torch_version": torch.__version__,

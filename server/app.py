@@ -51,6 +51,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         provider=config.provider,
         intra_op_threads=config.intra_op_threads,
         batching=config.batching,
+        max_step_ms=config.max_step_ms,
         max_batch_size=config.max_batch_size,
         batch_threads=config.batch_threads,
         max_queue_wait_ms=config.max_queue_wait_ms,

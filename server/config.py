@@ -35,7 +35,8 @@ class ServerConfig:
     provider: str = "cpu"
     intra_op_threads: int = 1
     batching: bool = True
-    max_batch_size: int = 64
+    max_step_ms: float = 20.0
+    max_batch_size: int | None = None
     batch_threads: int = 1
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
@@ -73,7 +74,6 @@ class ServerConfig:
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         for name in (
             "intra_op_threads",
-            "max_batch_size",
             "batch_threads",
             "max_queued",
             "stream_tokens",
@@ -83,6 +83,9 @@ class ServerConfig:
             "max_message_bytes",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
+        if self.max_batch_size is not None:
+            check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
+        check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
         for name in (
             "max_queue_wait_ms",
             "state_cache_mb",
@@ -145,7 +148,16 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "intra_op_threads": (int, "onnxruntime threads per session"),
     "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
-    "max_batch_size": (int, "requests per batched run"),
+    "max_step_ms": (
+        float,
+        "step-time budget in ms: a step advances as many Generate streams as fit in it, the "
+        "others take turns; next-token work (PredictNext, typing, Score, prompts) never waits",
+    ),
+    "max_batch_size": (
+        int,
+        "at most this many Generate streams advance in one step, the others taking turns (no "
+        "longer a slot pool: nothing waits for a slot; default: --max-step-ms alone decides)",
+    ),
     "batch_threads": (
         int,
         "threads per model, each stepping its own batch, so that one's onnxruntime run "

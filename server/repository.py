@@ -8,7 +8,9 @@
 
 Models are known by the name and version in their manifests, not by directory names. Names
 starting with "." are skipped (the exporter's temporary directories). A request that names no
-version gets the newest: versions compare as numbers when both are numbers, else as text.
+version gets the newest (`newest_version`: the highest number, the plain `2` over its variant
+`2-int8`), and one that names no model gets the default model (`resolve_default_model`: the
+flag, the environment, the repository's `repository.json`, or the only model).
 
 The start is all or nothing: every bundle must load. After it, `reload` (SIGHUP,
 `--reload-seconds`) brings the served set in line with the directory: new and changed bundles
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,8 @@ from server.metrics import Metrics
 from server.text import TextCodec
 
 log = logging.getLogger(__name__)
+
+REPOSITORY_FILE = "repository.json"  # optional, in the repository root: {"default_model": NAME}
 
 
 class RepositoryError(Exception):
@@ -88,9 +94,30 @@ class ReloadResult:
     failed: list[str] = field(default_factory=list)
 
 
-def version_key(version: str) -> tuple[int, int, str]:
-    """Sort key: numeric versions by value, before other versions by text."""
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+_NUMBERED = re.compile(r"(\d+(?:\.\d+)*)(.*)", re.DOTALL)
+
+
+def version_key(version: str) -> tuple[int, tuple[int, ...], int, str]:
+    """Sort key, oldest first: versions that start with a number by that number (dotted parts
+    compare as numbers: 1.10 after 1.9), the plain number before its variants (`2` before
+    `2-int8`, which is a variant of 2: after 1 and before 3), then text-only versions by text."""
+    match = _NUMBERED.fullmatch(version)
+    if match is None:
+        return (1, (), 1, version)
+    number, suffix = match.groups()
+    return (0, tuple(int(part) for part in number.split(".")), 1 if suffix else 0, suffix)
+
+
+def newest_version(versions: Iterable[str]) -> str:
+    """The version a request that names none gets: the highest number, its plain version if
+    loaded (`2` over `2-int8`), else its first variant by text; text-only versions only when no
+    version starts with a number."""
+    ordered = sorted(versions, key=version_key)
+    numbered = [v for v in ordered if version_key(v)[0] == 0]
+    if not numbered:
+        return ordered[-1]
+    highest = version_key(numbered[-1])[1]
+    return next(v for v in numbered if version_key(v)[1] == highest)
 
 
 def find_bundles(root: Path) -> list[Path]:
@@ -111,6 +138,60 @@ def find_bundles(root: Path) -> list[Path]:
             "subdirectories and their subdirectories)"
         )
     return found
+
+
+def resolve_default_model(root: Path, names: Iterable[str], configured: str = "") -> str:
+    """The model for requests that name none; empty when there is none.
+
+    In order: `configured` (--default-model, else RNNLM_DEFAULT_MODEL), the repository's own
+    `repository.json` ({"default_model": NAME}), the only model when there is one. A name that
+    is not among `names` raises RepositoryError naming where it came from.
+    """
+    loaded = sorted(set(names))
+    if configured:
+        chosen, source = configured, f"--default-model {_quoted(configured)} (RNNLM_DEFAULT_MODEL)"
+    elif (declared := read_repository_file(root)) is not None:
+        chosen, source = declared, f"{root / REPOSITORY_FILE}: default_model {_quoted(declared)}"
+    elif len(loaded) == 1:
+        return loaded[0]
+    else:
+        log.warning(
+            "no default model: requests must name a model (models: %s); set --default-model, "
+            "RNNLM_DEFAULT_MODEL or default_model in %s",
+            ", ".join(loaded),
+            root / REPOSITORY_FILE,
+        )
+        return ""
+    if chosen not in loaded:
+        raise RepositoryError(f"{source} is not in {root} (models: {', '.join(loaded)})")
+    return chosen
+
+
+def read_repository_file(root: Path) -> str | None:
+    """The default model that `root/repository.json` declares; None when there is no file."""
+    path = root / REPOSITORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise RepositoryError(f"{path}: cannot read it as JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise RepositoryError(f'{path}: must be a JSON object like {{"default_model": "NAME"}}')
+    unknown = sorted(set(data) - {"default_model"})
+    if unknown:
+        raise RepositoryError(
+            f"{path}: unknown key {_quoted(unknown[0])} (the only key is default_model)"
+        )
+    name = data.get("default_model")
+    if not isinstance(name, str) or not name:
+        raise RepositoryError(f"{path}: default_model must be a non-empty model name")
+    return name
+
+
+def _quoted(value: str, limit: int = 80) -> str:
+    """`value` quoted, cut to `limit` characters: an error never echoes an unbounded value."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def _subdirs(directory: Path) -> Iterable[Path]:
@@ -193,13 +274,7 @@ class ModelRepository:
                     f"{bundles[key][0].path}; each name and version may appear once"
                 )
             bundles[key] = (bundle, stamp)
-        names = sorted({name for name, _ in bundles})
-        if default_model and default_model not in names:
-            raise RepositoryError(
-                f"--default-model {default_model!r} is not in {root} (models: {', '.join(names)})"
-            )
-        if not default_model and len(names) == 1:
-            default_model = names[0]
+        default_model = resolve_default_model(root, {name for name, _ in bundles}, default_model)
         repository = cls([], default_model, root=root, engine_config=engine_config, metrics=metrics)
         loaded: list[LoadedModel] = []
         try:
@@ -233,7 +308,7 @@ class ModelRepository:
                 f"model {name!r} is not loaded (models: {', '.join(self._by_name)})"
             )
         if not version:
-            return versions[max(versions, key=version_key)]
+            return versions[newest_version(versions)]
         if version not in versions:
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r} (versions: "
@@ -374,6 +449,10 @@ class ModelRepository:
             bundle.vocab_size,
             engine.provider,
         )
+        for graph, path in (("score", bundle.score_graph), ("prefill", bundle.prefill_graph)):
+            if path is None:
+                log.info("%s version %s has no %s graph: its %s work runs on the step graph",
+                         name, version, graph, graph)  # fmt: skip
         return LoadedModel(bundle, engine, TextCodec(bundle), stamp)
 
     def _publish(self, models: list[LoadedModel]) -> None:

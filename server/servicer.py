@@ -237,9 +237,14 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         return model
 
     async def _encode(self, model: LoadedModel, text: str) -> list[int]:
-        if len(text) > _LONG_TEXT_CHARS:
-            return await asyncio.to_thread(model.codec.encode, text)
-        return model.codec.encode(text)
+        try:
+            if len(text) > _LONG_TEXT_CHARS:
+                return await asyncio.to_thread(model.codec.encode, text)
+            return model.codec.encode(text)
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a word without
+            # an id in a vocabulary that has no <unk> (an imported pytorch/examples corpus)
+            reason = " ".join(str(e).split())[:200]
+            raise invalid(f"the text cannot be encoded by model {model.name!r}: {reason}") from e
 
     async def _context_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
         self._limits.text(text, field)
