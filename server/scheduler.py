@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.batch import Batch
 from server.delivery import dispatch
@@ -36,8 +36,8 @@ from server.engine_config import EngineConfig
 from server.engine_errors import EngineClosed, Overloaded, failure_error
 from server.metrics import EngineMetrics
 from server.requests import Failure, Request
+from server.row_sampler import RowSampler
 from server.runner import Runner
-from server.sampling import Sampler
 from server.state_cache import StateCache
 from server.step import Prefix, Reply, StepConfig, StepResult, step
 
@@ -95,6 +95,7 @@ class Scheduler:
         cache: StateCache,
         metrics: EngineMetrics | None,
         num_states: int,
+        make_sampler: Callable[[], RowSampler],
         loop: asyncio.AbstractEventLoop,
         name: str,
     ) -> None:
@@ -104,6 +105,7 @@ class Scheduler:
         self.cache = cache
         self.metrics = metrics
         self._num_states = num_states
+        self._make_sampler = make_sampler
         self._loop = loop
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
@@ -112,7 +114,7 @@ class Scheduler:
         threads = config.batch_threads
         self.sizes = [0] * threads  # rows in each worker's batch
         self._waiting = [0] * threads  # each worker's rows that sat out its last step
-        self._inline_sampler = Sampler()
+        self._inline_sampler = make_sampler()
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"engine-{name}-{i}", daemon=True)
             for i in range(threads)
@@ -168,7 +170,7 @@ class Scheduler:
         """Run a request to its answer here, through `step` (the engine must be idle)."""
         if self.metrics is not None:
             self.metrics.observe_queue_wait(0.0)
-        batch = Batch.of([request])
+        batch = Batch.of([request], self.step_config.vocab_size)
         replies: list[Reply] = []
         while not request.done:
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
@@ -189,8 +191,9 @@ class Scheduler:
 
     def _work(self, index: int) -> None:
         """One worker's loop: admit its share of the queue into its batch, step it."""
-        batch = Batch.empty(self._num_states)
-        sampler = Sampler()
+        vocab = self.step_config.vocab_size
+        batch = Batch.empty(self._num_states, vocab)
+        sampler = self._make_sampler()
         pace = Pace(self.config.max_step_ms, self.config.max_batch_size)
         last_size, last_end = 0, 0.0
         while True:
@@ -198,7 +201,7 @@ class Scheduler:
             if admitted is None:
                 break
             if admitted:
-                batch = batch.concatenate([Batch.of(admitted)])
+                batch = batch.concatenate([Batch.of(admitted, vocab)])
             batch = pace.rest(batch.live())
             self.sizes[index] = len(batch)
             if not len(batch):
@@ -216,7 +219,7 @@ class Scheduler:
             self.sizes[index] = len(batch)
         self._shut_down(index, batch)
 
-    def _step(self, batch: Batch, sampler: Sampler) -> StepResult:
+    def _step(self, batch: Batch, sampler: RowSampler) -> StepResult:
         try:
             return step(batch, self.runner, self.step_config, sampler)
         except Exception as e:  # a bug must not take the engine down with it
