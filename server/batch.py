@@ -13,6 +13,7 @@ server/scheduler.py). A step advances the sampled rows' stream positions in plac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,11 +55,14 @@ class Batch:
         for r in requests:
             r.state = None
         gens = [r if isinstance(r, GenerateRequest) else None for r in requests]
-        sampling = SamplingRows.from_params(
-            [NEUTRAL if g is None else g.params for g in gens],
-            [None if g is None else g.prompt for g in gens],
-            vocab_size,
-        )
+        if any(g is not None for g in gens):
+            sampling = SamplingRows.from_params(
+                [NEUTRAL if g is None else g.params for g in gens],
+                [None if g is None else g.prompt for g in gens],
+                vocab_size,
+            )
+        else:  # no row samples (a next-token call, a score): neutral rows, made once
+            sampling = _neutral_row(vocab_size).filter(np.zeros(len(requests), dtype=np.intp))
         return Batch(tuple(requests), tuple(states), sampling)
 
     def __len__(self) -> int:
@@ -104,3 +108,10 @@ class Batch:
         for s in state:
             s.setflags(write=False)
         return state
+
+
+@functools.cache
+def _neutral_row(vocab_size: int) -> SamplingRows:
+    """One sampling row of neutral parameters (never sampled: a request that does not
+    generate), for a vocabulary of `vocab_size`."""
+    return SamplingRows.from_params([NEUTRAL], [None], vocab_size)
