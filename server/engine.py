@@ -165,6 +165,7 @@ class Engine:
             sampler,
             asyncio.get_running_loop(),
             f"{bundle.name}-{bundle.version}",
+            cpu_bound=self.provider == CPU and config.intra_op_threads == 1,
         )
 
     async def _open_sessions(self) -> Sessions:

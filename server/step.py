@@ -5,7 +5,8 @@ groups the work into as few onnxruntime runs as the padding rules allow, runs th
 row its outputs (`Request.absorb`), finishes the rows whose next-token logits are ready (their
 log-probs in one vectorised pass, every sampled row's token in one sampler call) and returns
 what happened: the batch with its new states, the replies to deliver, and the prefix states
-for the state cache. It changes no argument but the requests' own progress counters.
+for the state cache. It changes no argument but progress counters: the requests' own, and the
+sampled rows' random-stream positions (and seen tokens) in the batch's sampling rows.
 
 Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
 decode step, a document chunk before the last) runs only with work of exactly its length, so
