@@ -247,9 +247,10 @@ def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -
 
     def wider(b: _Graph) -> list[str]:  # rows whose nucleus is wider than the candidates
         rows = _rows(b, wide)
-        sub = [b.op("Gather", t, rows, axis=0) for t in (xp, weights, top_p)]
-        last = b.op("Gather", b.cols(vals, -1, 2**62), rows, axis=0)
-        tau = _wide_top_p(b, *sub, last)
+        x, w, p, last = (
+            b.op("Gather", t, rows, axis=0) for t in (xp, weights, top_p, b.cols(vals, -1, 2**62))
+        )
+        tau = _wide_top_p(b, x, w, p, last)
         return [b.op("ScatterND", tau_p, b.op("Unsqueeze", rows, b.i64([1])), tau)]
 
     tau_p = g.branch(g.any(wide), wider, lambda b: [tau_p])[0]
@@ -301,14 +302,16 @@ def _blocks(g: _Graph, weights: str) -> str:
     return g.op("Reshape", padded, g.i64([0, -1, _BLOCK]))
 
 
-def _draw(g: _Graph, weights: str, u: str) -> str:
-    """`[B, 1]` index per row with P(i) = w_i / sum(w), by inverse CDF from its uniform `u`:
+def _draw(g: _Graph, weights: str, u: str) -> list[str]:
+    """`[B, 1]` index per row with P(i) = w_i / sum(w), and sum(w) (float64), by inverse CDF
+    from the row's uniform `u`:
     the first index whose running sum of weights passes `u * sum(w)` (u = 0: the first
     token of any weight). Two levels: blocks of `_BLOCK` tokens, then the target's block."""
     blocks = _blocks(g, weights)
     sums = g.cast(g.op("ReduceSum", blocks, g.i64([2]), keepdims=0), _D)
     block_cum = g.op("CumSum", sums, g.i64(1))
-    target = g.op("Mul", u, g.cols(block_cum, -1, 2**62))
+    total = g.cols(block_cum, -1, 2**62)
+    target = g.op("Mul", u, total)
     passed = g.row_sum(g.cast(g.op("LessOrEqual", block_cum, target), _I))
     last_block = g.op("Sub", g.op("Shape", block_cum, start=1, end=2), g.i64(1))
     block = g.op("Min", passed, last_block)
@@ -327,7 +330,7 @@ def _draw(g: _Graph, weights: str, u: str) -> str:
     def best(b: _Graph) -> list[str]:  # rounding stepped past the weights: the row's best
         return [b.where(lost, b.op("ArgMax", weights, axis=1, keepdims=1), clamped)]
 
-    return g.branch(g.any(lost), best, lambda b: [clamped])[0]
+    return [g.branch(g.any(lost), best, lambda b: [clamped])[0], total]
 
 
 class _Rows:
@@ -355,11 +358,12 @@ class _Rows:
 
 
 def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
-    """`[B, 1]` chosen tokens from `weights` (bans applied; filters applied here)."""
+    """`[B, 1]` chosen tokens from `weights` (bans applied; filters applied here), and the
+    weight they were chosen from."""
     return g.branch(
         rows.any_filter,
-        lambda b: [_draw(b, _filtered(b, xs, weights, rows.greedy), rows.u)],
-        lambda b: [_draw(b, weights, rows.u)],
+        lambda b: _draw(b, _filtered(b, xs, weights, rows.greedy), rows.u),
+        lambda b: _draw(b, weights, rows.u),
     )
 
 
@@ -385,14 +389,16 @@ def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
     underflowed next to a banned one are redone with the bans on the logits."""
     probs = g.op("Softmax", g.op("Mul", xs, rows.inv_t), axis=1)
     weights = g.op("Mul", probs, g.cast(g.op("Not", "banned"), _F))
-    lost = g.op("Less", g.row_sum(weights), g.f32(1e-20))
+    tokens, total = _choose(g, rows, xs, weights)
+    lost = g.op("Less", total, g.const(1e-20, np.float64))
 
     def exact(b: _Graph) -> list[str]:
         xb = b.where("banned", b.f32(-np.inf), xs)
         redone = b.op("Softmax", b.op("Mul", xb, rows.inv_t), axis=1)
-        return _choose(b, rows, xs, b.where(lost, redone, weights))
+        again = _choose(b, rows, xs, b.where(lost, redone, weights))[0]
+        return [b.where(lost, again, tokens)]
 
-    tokens = g.branch(g.any(lost), exact, lambda b: _choose(b, rows, xs, weights))[0]
+    tokens = g.branch(g.any(lost), exact, lambda b: [tokens])[0]
     return [tokens, _lse(g, rows, probs)]
 
 
