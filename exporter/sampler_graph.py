@@ -3,14 +3,23 @@
 The graph does for all `[B, V]` rows at once what `server.sampling.Sampler` does (see that
 module for the semantics), with B and V dynamic so one file serves every bundle:
 
-1. log-sum-exp of the raw logits, and the requested top log-probs (TopK: ties by lower id);
-2. repetition penalty over each row's seen tokens, bans (-inf), greedy rows' argmax;
-3. per-row logit thresholds: top-k (TopK's k-th value), top-p over the top-k-renormalised
-   distribution (cumulative sums of the sorted head, `_HEAD` candidates; an `If` redoes
-   every row fully sorted when a row's nucleus is wider), min-p; ties at a threshold kept;
-4. one uniform per row from a hash of (seed, position) in 32-bit lanes held in int64 (products
-   stay below 2^49), bit-identical to `server.sampler.stream_uniforms`;
-5. the inverse CDF over the kept weights in id order (float64 running sums).
+1. the repetition penalty over each row's seen tokens (only when some row has one);
+2. the softmax of the tempered logits, with banned tokens' weights zeroed (rows whose allowed
+   tokens underflowed next to a banned one are redone with the bans on the logits);
+3. only when some row has one: per-row logit thresholds (ties kept): greedy's maximum, min-p,
+   and, on the rows that have them, top-k (TopK's k-th value) and top-p over the top-k-
+   renormalised mass (running sums of `_HEAD` sorted candidates; a wider nucleus by
+   bisection on logit values, then a sort of the few logits left);
+4. one uniform per row, a hash of (seed, position) in 32-bit lanes held in int64 (products
+   below 2^63), bit-identical to `server.sampler.stream_uniforms`;
+5. the inverse CDF over the kept weights in id order, in two levels (blocks of `_BLOCK`);
+6. the log-sum-exp of the raw logits (from the softmax where a row samples the raw
+   distribution), the chosen token's log-prob, and the requested top log-probs (TopK: ties
+   by lower id).
+
+Each `If` gates work on what some row needs, and every row's result depends on that row
+alone. Its branches return `[B, 1]` values, never `[B, V]` ones (onnxruntime copies branch
+outputs).
 
 The server only loads the committed file; `tests/test_sampler_graph.py` checks that this
 script rebuilds it byte for byte.
@@ -129,7 +138,11 @@ class _Graph:
         graphs = []
         for name, build in (("then", then), ("else", otherwise)):
             sub = _Graph(self._counter)
-            outs = [sub.op("Identity", out) for out in build(sub)]
+            outs = build(sub)
+            made = {name for node in sub.nodes for name in node.output}
+            # A branch output must be made in the branch: outer values pass through an
+            # Identity (a copy, so branches return small values where they can).
+            outs = [out if out in made else sub.op("Identity", out) for out in outs]
             values = [helper.make_empty_tensor_value_info(out) for out in outs]
             graphs.append(helper.make_graph(sub.nodes, self._name(name), [], values))
         return self.ops(
@@ -350,6 +363,7 @@ class _Rows:
         # Rows whose sampling softmax is not that of the raw logits (their log-sum-exp needs
         # its own pass): a temperature other than 0 or 1, or a repetition penalty.
         hot = g.op("Not", g.op("Or", self.greedy, g.op("Equal", temperature, g.f32(1.0))))
+        self.any_hot = g.any(hot)
         penalty = g.op("Not", g.op("Equal", g.col("repetition_penalty"), g.f32(1.0)))
         self.own_lse = g.op("Or", hot, penalty)
         u = g.col(_uniforms(g))
@@ -367,18 +381,21 @@ def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
     )
 
 
-def _lse(g: _Graph, rows: _Rows, probs: str) -> str:
-    """`[B, 1]` log-sum-exp of the raw logits. Where a row samples from the raw logits'
-    softmax `probs`, from its largest value (exp(max - lse)); elsewhere by a LogSoftmax pass
-    (only when some row needs it). Either way a row's value depends on that row alone."""
-    from_probs = g.op("Sub", g.row_max("logits"), g.op("Log", g.row_max(probs)))
+def _lse(g: _Graph, rows: _Rows, probs: str, tokens: str, own: str) -> str:
+    """`[B, 1]` log-sum-exp of the raw logits. Where a row drew from the raw logits' softmax
+    `probs`, from its chosen token's probability (exp(logit - lse)); rows `own` get a
+    LogSoftmax pass (only when there are any). A row's value depends on that row alone."""
+    picked = g.op("GatherElements", probs, tokens, axis=1)
+    own = g.op("Or", own, g.op("Less", picked, g.f32(1e-30)))  # no precision left
+    chosen = g.op("GatherElements", "logits", tokens, axis=1)
+    from_probs = g.op("Sub", chosen, g.op("Log", g.op("Max", picked, g.f32(1e-30))))
 
-    def own(b: _Graph) -> list[str]:
+    def exact(b: _Graph) -> list[str]:
         log_probs = b.op("LogSoftmax", "logits", axis=1)
-        exact = b.op("Sub", b.cols("logits", 0, 1), b.cols(log_probs, 0, 1))
-        return [b.where(rows.own_lse, exact, from_probs)]
+        lse = b.op("Sub", b.cols("logits", 0, 1), b.cols(log_probs, 0, 1))
+        return [b.where(own, lse, from_probs)]
 
-    return g.branch(g.any(rows.own_lse), own, lambda b: [from_probs])[0]
+    return g.branch(g.any(own), exact, lambda b: [from_probs])[0]
 
 
 def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
@@ -387,7 +404,11 @@ def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
     Bans zero the softmax's weights rather than set logits to -inf (cheaper, and the softmax
     of the raw logits then gives the log-sum-exp too); rows whose allowed tokens all
     underflowed next to a banned one are redone with the bans on the logits."""
-    probs = g.op("Softmax", g.op("Mul", xs, rows.inv_t), axis=1)
+    probs = g.branch(
+        rows.any_hot,
+        lambda b: [b.op("Softmax", b.op("Mul", xs, rows.inv_t), axis=1)],
+        lambda b: [b.op("Softmax", xs, axis=1)],
+    )[0]
     weights = g.op("Mul", probs, g.cast(g.op("Not", "banned"), _F))
     tokens, total = _choose(g, rows, xs, weights)
     lost = g.op("Less", total, g.const(1e-20, np.float64))
@@ -399,7 +420,7 @@ def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
         return [b.where(lost, again, tokens)]
 
     tokens = g.branch(g.any(lost), exact, lambda b: [tokens])[0]
-    return [tokens, _lse(g, rows, probs)]
+    return [tokens, _lse(g, rows, probs, tokens, g.op("Or", rows.own_lse, lost))]
 
 
 def _body(g: _Graph) -> list[str]:
