@@ -81,7 +81,7 @@ class _Graph:
 
     def ops(self, op: str, inputs: list[str], outputs: int, **attrs: Any) -> list[str]:
         names = [self._name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, names, name=names[0], **attrs))
         return names
 
     def op(self, op: str, *inputs: str, **attrs: Any) -> str:
@@ -270,40 +270,78 @@ def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -
     return g.op("Max", tau_k, tau_p)
 
 
-def _heads(g: _Graph, xp: str, weights: str, rows: str) -> list[str]:
+def _heads(g: _Graph, xs: str, weights: str, rows: str) -> list[str]:
     """`[B, 1]` top-k/top-p threshold: computed for the rows `rows` only, -inf elsewhere."""
-    sub = [g.op("Gather", t, rows, axis=0) for t in (xp, weights)]
+    x, w, banned = (g.op("Gather", t, rows, axis=0) for t in (xs, weights, "banned"))
     top_k, top_p = (g.op("Gather", g.col(n), rows, axis=0) for n in ("top_k", "top_p"))
-    tau = _head_thresholds(g, sub[0], sub[1], top_k, top_p)
-    shape = g.op("Concat", g.op("Shape", xp, start=0, end=1), g.i64([1]), axis=0)
+    tau = _head_thresholds(g, g.where(banned, g.f32(-np.inf), x), w, top_k, top_p)
+    shape = g.op("Concat", g.op("Shape", xs, start=0, end=1), g.i64([1]), axis=0)
     none = g.op(
         "ConstantOfShape", shape, value=numpy_helper.from_array(np.array([-np.inf], np.float32))
     )
     return [g.op("ScatterND", none, g.op("Unsqueeze", rows, g.i64([1])), tau)]
 
 
-def _filtered(g: _Graph, xs: str, weights: str, greedy: str) -> str:
-    """`weights` with each row's tokens below its threshold (top-k, top-p, min-p; the
-    maximum for greedy rows) set to 0: ties at a threshold are kept."""
-    xp = g.where("banned", g.f32(-np.inf), xs)
-    mp = g.row_max(xp)
-    drawn = g.op("Not", greedy)
+def _thresholded(g: _Graph, rows: _Rows, xs: str, weights: str, mp: str) -> str:
+    """`weights` with each drawn row's tokens below its threshold (top-k, top-p, min-p) set
+    to 0: ties at a threshold are kept. `mp`: each row's largest allowed logit."""
+    drawn = g.op("Not", rows.greedy)
     min_p = g.col("min_p")
-    temperature = g.where(greedy, g.f32(1.0), g.col("temperature"))
-    tau = g.op("Add", mp, g.op("Mul", g.op("Log", min_p), temperature))
+    tau = g.op("Add", mp, g.op("Mul", g.op("Log", min_p), g.col("temperature")))
     tau = g.where(g.op("And", drawn, g.op("Greater", min_p, g.f32(0.0))), tau, g.f32(-np.inf))
-    tau = g.where(greedy, mp, tau)
     k_or_p = g.op(
         "Or", g.op("Greater", g.col("top_k"), g.i64(0)), g.op("Less", g.col("top_p"), g.f32(1.0))
     )
     heads = g.op("And", drawn, k_or_p)
     tau_heads = g.branch(
         g.any(heads),
-        lambda b: _heads(b, xp, weights, _rows(b, heads)),
+        lambda b: _heads(b, xs, weights, _rows(b, heads)),
         lambda b: [b.f32(-np.inf)],
     )[0]
     tau = g.op("Max", tau, tau_heads)
-    return g.op("Mul", weights, g.cast(g.op("GreaterOrEqual", xp, tau), _F))
+    # Banned tokens pass the comparison of the raw logits, but their weight is already 0.
+    return g.op("Mul", weights, g.cast(g.op("GreaterOrEqual", xs, tau), _F))
+
+
+def _best(g: _Graph, xs: str, blocks: str) -> tuple[str, str]:
+    """Each row's `[B, 1]` most likely allowed token (the lowest id among equals) and its
+    logit, from the weights' blocks: the first block holding the largest weight, then the
+    first token in it. A unique largest weight is the largest allowed logit (exp is
+    monotone); rows where it is tied, or zero, take a full pass over the banned logits.
+    `blocks`: the weights in blocks (`_blocks`)."""
+    block_max = g.op("ReduceMax", blocks, g.i64([2]), keepdims=0)
+    top = g.row_max(block_max)
+    hit = g.op("Equal", block_max, top)
+    block = g.op("ArgMax", g.cast(hit, _F), axis=1, keepdims=1)
+    inner = _block_of(g, blocks, block)
+    inner_hit = g.op("Equal", inner, top)
+    token = g.op(
+        "Add",
+        g.op("Mul", block, g.i64(_BLOCK)),
+        g.op("ArgMax", g.cast(inner_hit, _F), axis=1, keepdims=1),
+    )
+    ties = g.op("Add", g.row_sum(g.cast(hit, _I)), g.row_sum(g.cast(inner_hit, _I)))
+    unsure = g.op("Or", g.op("Greater", ties, g.i64(2)), g.op("LessOrEqual", top, g.f32(0.0)))
+
+    def exact(b: _Graph) -> list[str]:
+        xp = b.where("banned", b.f32(-np.inf), xs)
+        return [b.where(unsure, b.op("ArgMax", xp, axis=1, keepdims=1), token)]
+
+    token = g.branch(g.any(unsure), exact, lambda b: [token])[0]
+    return token, g.op("GatherElements", xs, token, axis=1)
+
+
+def _filtered_choice(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
+    """`_choose` when some row is greedy or has a filter."""
+    blocks = _blocks(g, weights)
+    best, mp = _best(g, xs, blocks)
+    token, total = g.branch(
+        rows.any_drawn_filter,
+        lambda b: _draw(b, _thresholded(b, rows, xs, weights, mp), rows.u),
+        lambda b: _draw(b, weights, rows.u, blocks),
+    )
+    best_weight = g.cast(g.op("GatherElements", weights, best, axis=1), _D)
+    return [g.where(rows.greedy, best, token), g.where(rows.greedy, best_weight, total)]
 
 
 def _blocks(g: _Graph, weights: str) -> str:
@@ -315,12 +353,18 @@ def _blocks(g: _Graph, weights: str) -> str:
     return g.op("Reshape", padded, g.i64([0, -1, _BLOCK]))
 
 
-def _draw(g: _Graph, weights: str, u: str) -> list[str]:
+def _block_of(g: _Graph, blocks: str, block: str) -> str:
+    """Each row's block `block` (`[B, 1]` int64) of `blocks` `[B, n, _BLOCK]`: `[B, _BLOCK]`."""
+    where = g.op("Expand", g.op("Unsqueeze", block, g.i64([2])), g.i64([1, 1, _BLOCK]))
+    return g.op("Reshape", g.op("GatherElements", blocks, where, axis=1), g.i64([0, _BLOCK]))
+
+
+def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> list[str]:
     """`[B, 1]` index per row with P(i) = w_i / sum(w), and sum(w) (float64), by inverse CDF
-    from the row's uniform `u`:
-    the first index whose running sum of weights passes `u * sum(w)` (u = 0: the first
-    token of any weight). Two levels: blocks of `_BLOCK` tokens, then the target's block."""
-    blocks = _blocks(g, weights)
+    from the row's uniform `u`: the first index whose running sum of weights passes
+    `u * sum(w)`. Two levels: blocks of `_BLOCK` tokens (`blocks`, when the caller has
+    them), then the tokens of the target's block."""
+    blocks = _blocks(g, weights) if blocks is None else blocks
     sums = g.cast(g.op("ReduceSum", blocks, g.i64([2]), keepdims=0), _D)
     block_cum = g.op("CumSum", sums, g.i64(1))
     total = g.cols(block_cum, -1, 2**62)
@@ -330,8 +374,7 @@ def _draw(g: _Graph, weights: str, u: str) -> list[str]:
     block = g.op("Min", passed, last_block)
     zero = g.op("Mul", g.cols(block_cum, 0, 1), g.const(0.0, np.float64))
     before = g.op("GatherElements", g.op("Concat", zero, block_cum, axis=1), block, axis=1)
-    where = g.op("Expand", g.op("Unsqueeze", block, g.i64([2])), g.i64([1, 1, _BLOCK]))
-    inner = g.op("Reshape", g.op("GatherElements", blocks, where, axis=1), g.i64([0, _BLOCK]))
+    inner = _block_of(g, blocks, block)
     running = g.op("Add", before, g.op("CumSum", g.cast(inner, _D), g.i64(1)))
     within = g.row_sum(g.cast(g.op("LessOrEqual", running, target), _I))
     token = g.op("Add", g.op("Mul", block, g.i64(_BLOCK)), within)
@@ -360,15 +403,15 @@ class _Rows:
             g.op("Greater", g.col("min_p"), g.f32(0.0)),
         ]
         self.any_filter = g.any(g.op("Concat", *filters, axis=1))
+        drawn_filter = g.op("Concat", *filters[1:], axis=1)
+        self.any_drawn_filter = g.any(g.op("And", drawn_filter, g.op("Not", self.greedy)))
         # Rows whose sampling softmax is not that of the raw logits (their log-sum-exp needs
         # its own pass): a temperature other than 0 or 1, or a repetition penalty.
         hot = g.op("Not", g.op("Or", self.greedy, g.op("Equal", temperature, g.f32(1.0))))
         self.any_hot = g.any(hot)
         penalty = g.op("Not", g.op("Equal", g.col("repetition_penalty"), g.f32(1.0)))
         self.own_lse = g.op("Or", hot, penalty)
-        u = g.col(_uniforms(g))
-        self.uniforms = u
-        self.u = g.where(self.greedy, g.const(0.0, np.float64), u)  # greedy: the first max
+        self.u = g.col(_uniforms(g))
 
 
 def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
@@ -376,7 +419,7 @@ def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
     weight they were chosen from."""
     return g.branch(
         rows.any_filter,
-        lambda b: _draw(b, _filtered(b, xs, weights, rows.greedy), rows.u),
+        lambda b: _filtered_choice(b, rows, xs, weights),
         lambda b: _draw(b, weights, rows.u),
     )
 
@@ -443,7 +486,7 @@ def _body(g: _Graph) -> list[str]:
         g.op("Reshape", lse, flat),
         top_ids,
         g.op("Sub", top_vals, lse),
-        g.op("Reshape", rows.uniforms, flat),
+        g.op("Reshape", rows.u, flat),
     ]
 
 

@@ -135,6 +135,22 @@ def test_greedy_and_top_k_1_are_exact(sampler: BatchSampler) -> None:
     np.testing.assert_allclose(out.logprobs, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_greedy_ties_take_the_lowest_id_and_skip_banned_maxima(sampler: BatchSampler) -> None:
+    logits = np.random.default_rng(4).normal(0, 1, (4, 400)).astype(np.float32)
+    logits[0, [300, 5, 130]] = 9.0  # tied in three blocks
+    logits[1, [7, 9]] = 9.0  # tied in one block
+    logits[2, 3], logits[2, 250] = 50.0, 9.0  # the largest is banned
+    logits[3, 17], logits[3, 18] = 9.0, np.nextafter(np.float32(9.0), np.float32(10.0))
+    params = [SamplingParams(temperature=0)] * 4
+    params[2] = SamplingParams(temperature=0, banned_ids=frozenset({3}))
+    out = sampler.sample(logits, make_rows(params, 400))
+    assert out.tokens.tolist() == [5, 7, 250, 18]
+    # min-p is relative to the largest allowed token, not the banned one
+    min_p = SamplingParams(min_p=0.5, banned_ids=frozenset({3}))
+    freq = frequencies(sampler, logits[2].astype(np.float64), min_p, n=2000)
+    assert freq[250] == 1.0
+
+
 @pytest.mark.parametrize("position", [0, 1, 2, 3, 50, 1000])
 def test_same_ids_as_the_reference_given_the_same_uniforms(
     sampler: BatchSampler, position: int
