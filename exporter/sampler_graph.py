@@ -4,22 +4,22 @@ The graph does for all `[B, V]` rows at once what `server.sampling.Sampler` does
 module for the semantics), with B and V dynamic so one file serves every bundle:
 
 1. the repetition penalty over each row's seen tokens (only when some row has one);
-2. the softmax of the tempered logits, with banned tokens' weights zeroed (rows whose allowed
-   tokens underflowed next to a banned one are redone with the bans on the logits);
-3. only when some row has one: per-row logit thresholds (ties kept): greedy's maximum, min-p,
-   and, on the rows that have them, top-k (TopK's k-th value) and top-p over the top-k-
+2. the softmax of the tempered logits with each row's banned ids (a short `[B, N]` list, not a
+   `[B, V]` mask: a mask costs a full-width pass) scattered to -inf;
+3. only when some row needs them: the most likely allowed token (greedy rows' choice, and
+   min-p's reference) from the weights' block maxima; per-row logit thresholds (ties
+   kept): min-p and, on the rows that have them, top-k (TopK's k-th value) and top-p over the top-k-
    renormalised mass (running sums of `_HEAD` sorted candidates; a wider nucleus by
    bisection on logit values, then a sort of the few logits left);
 4. one uniform per row, a hash of (seed, position) in 32-bit lanes held in int64 (products
    below 2^63), bit-identical to `server.sampler.stream_uniforms`;
 5. the inverse CDF over the kept weights in id order, in two levels (blocks of `_BLOCK`);
-6. the log-sum-exp of the raw logits (from the softmax where a row samples the raw
-   distribution), the chosen token's log-prob, and the requested top log-probs (TopK: ties
-   by lower id).
+6. the log-sum-exp of the raw logits (from the chosen token's weight and the banned logits
+   where a row samples the raw distribution), the chosen token's log-prob, and the
+   requested top log-probs (TopK: ties by lower id).
 
 Each `If` gates work on what some row needs, and every row's result depends on that row
-alone. Its branches return `[B, 1]` values, never `[B, V]` ones (onnxruntime copies branch
-outputs).
+alone. A branch returns values it makes: an outer `[B, V]` value returned would be copied.
 
 The server only loads the committed file; `tests/test_sampler_graph.py` checks that this
 script rebuilds it byte for byte.
@@ -54,8 +54,8 @@ INPUTS = (
     ("top_logprobs", _I, ["B"]),
     ("seed", _I, ["B"]),
     ("position", _I, ["B"]),
-    ("banned", _B, ["B", "V"]),
     ("seen", _B, ["B", "V"]),
+    ("banned_ids", _I, ["B", "N"]),
 )
 OUTPUTS = (
     ("tokens", _I, ["B"]),
@@ -272,9 +272,9 @@ def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -
 
 def _heads(g: _Graph, xs: str, weights: str, rows: str) -> list[str]:
     """`[B, 1]` top-k/top-p threshold: computed for the rows `rows` only, -inf elsewhere."""
-    x, w, banned = (g.op("Gather", t, rows, axis=0) for t in (xs, weights, "banned"))
+    x, w = (g.op("Gather", t, rows, axis=0) for t in (xs, weights))
     top_k, top_p = (g.op("Gather", g.col(n), rows, axis=0) for n in ("top_k", "top_p"))
-    tau = _head_thresholds(g, g.where(banned, g.f32(-np.inf), x), w, top_k, top_p)
+    tau = _head_thresholds(g, x, w, top_k, top_p)
     shape = g.op("Concat", g.op("Shape", xs, start=0, end=1), g.i64([1]), axis=0)
     none = g.op(
         "ConstantOfShape", shape, value=numpy_helper.from_array(np.array([-np.inf], np.float32))
@@ -299,7 +299,6 @@ def _thresholded(g: _Graph, rows: _Rows, xs: str, weights: str, mp: str) -> str:
         lambda b: [b.f32(-np.inf)],
     )[0]
     tau = g.op("Max", tau, tau_heads)
-    # Banned tokens pass the comparison of the raw logits, but their weight is already 0.
     return g.op("Mul", weights, g.cast(g.op("GreaterOrEqual", xs, tau), _F))
 
 
@@ -307,8 +306,7 @@ def _best(g: _Graph, xs: str, blocks: str) -> tuple[str, str]:
     """Each row's `[B, 1]` most likely allowed token (the lowest id among equals) and its
     logit, from the weights' blocks: the first block holding the largest weight, then the
     first token in it. A unique largest weight is the largest allowed logit (exp is
-    monotone); rows where it is tied, or zero, take a full pass over the banned logits.
-    `blocks`: the weights in blocks (`_blocks`)."""
+    monotone); rows where it is tied take a full pass. `blocks`: the weights in blocks."""
     block_max = g.op("ReduceMax", blocks, g.i64([2]), keepdims=0)
     top = g.row_max(block_max)
     hit = g.op("Equal", block_max, top)
@@ -321,11 +319,10 @@ def _best(g: _Graph, xs: str, blocks: str) -> tuple[str, str]:
         g.op("ArgMax", g.cast(inner_hit, _F), axis=1, keepdims=1),
     )
     ties = g.op("Add", g.row_sum(g.cast(hit, _I)), g.row_sum(g.cast(inner_hit, _I)))
-    unsure = g.op("Or", g.op("Greater", ties, g.i64(2)), g.op("LessOrEqual", top, g.f32(0.0)))
+    unsure = g.op("Greater", ties, g.i64(2))
 
     def exact(b: _Graph) -> list[str]:
-        xp = b.where("banned", b.f32(-np.inf), xs)
-        return [b.where(unsure, b.op("ArgMax", xp, axis=1, keepdims=1), token)]
+        return [b.where(unsure, b.op("ArgMax", xs, axis=1, keepdims=1), token)]
 
     token = g.branch(g.any(unsure), exact, lambda b: [token])[0]
     return token, g.op("GatherElements", xs, token, axis=1)
@@ -335,13 +332,12 @@ def _filtered_choice(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]
     """`_choose` when some row is greedy or has a filter."""
     blocks = _blocks(g, weights)
     best, mp = _best(g, xs, blocks)
-    token, total = g.branch(
+    token = g.branch(
         rows.any_drawn_filter,
-        lambda b: _draw(b, _thresholded(b, rows, xs, weights, mp), rows.u),
-        lambda b: _draw(b, weights, rows.u, blocks),
-    )
-    best_weight = g.cast(g.op("GatherElements", weights, best, axis=1), _D)
-    return [g.where(rows.greedy, best, token), g.where(rows.greedy, best_weight, total)]
+        lambda b: [_draw(b, _thresholded(b, rows, xs, weights, mp), rows.u)],
+        lambda b: [_draw(b, weights, rows.u, blocks)],
+    )[0]
+    return [g.where(rows.greedy, best, token)]
 
 
 def _blocks(g: _Graph, weights: str) -> str:
@@ -359,16 +355,15 @@ def _block_of(g: _Graph, blocks: str, block: str) -> str:
     return g.op("Reshape", g.op("GatherElements", blocks, where, axis=1), g.i64([0, _BLOCK]))
 
 
-def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> list[str]:
-    """`[B, 1]` index per row with P(i) = w_i / sum(w), and sum(w) (float64), by inverse CDF
-    from the row's uniform `u`: the first index whose running sum of weights passes
+def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> str:
+    """`[B, 1]` index per row with P(i) = w_i / sum(w), by inverse CDF from the row's
+    uniform `u`: the first index whose running sum of weights passes
     `u * sum(w)`. Two levels: blocks of `_BLOCK` tokens (`blocks`, when the caller has
     them), then the tokens of the target's block."""
     blocks = _blocks(g, weights) if blocks is None else blocks
     sums = g.cast(g.op("ReduceSum", blocks, g.i64([2]), keepdims=0), _D)
     block_cum = g.op("CumSum", sums, g.i64(1))
-    total = g.cols(block_cum, -1, 2**62)
-    target = g.op("Mul", u, total)
+    target = g.op("Mul", u, g.cols(block_cum, -1, 2**62))
     passed = g.row_sum(g.cast(g.op("LessOrEqual", block_cum, target), _I))
     last_block = g.op("Sub", g.op("Shape", block_cum, start=1, end=2), g.i64(1))
     block = g.op("Min", passed, last_block)
@@ -386,7 +381,7 @@ def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> list[st
     def best(b: _Graph) -> list[str]:  # rounding stepped past the weights: the row's best
         return [b.where(lost, b.op("ArgMax", weights, axis=1, keepdims=1), clamped)]
 
-    return [g.branch(g.any(lost), best, lambda b: [clamped])[0], total]
+    return g.branch(g.any(lost), best, lambda b: [clamped])[0]
 
 
 class _Rows:
@@ -414,56 +409,62 @@ class _Rows:
         self.u = g.col(_uniforms(g))
 
 
-def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
-    """`[B, 1]` chosen tokens from `weights` (bans applied; filters applied here), and the
-    weight they were chosen from."""
+def _choose(g: _Graph, rows: _Rows, xb: str, weights: str) -> str:
+    """`[B, 1]` chosen tokens from `weights`, the softmax of the banned logits `xb` at each
+    row's temperature (filters and greedy rows' maxima applied here)."""
     return g.branch(
         rows.any_filter,
-        lambda b: _filtered_choice(b, rows, xs, weights),
-        lambda b: _draw(b, weights, rows.u),
-    )
+        lambda b: _filtered_choice(b, rows, xb, weights),
+        lambda b: [_draw(b, weights, rows.u)],
+    )[0]
 
 
-def _lse(g: _Graph, rows: _Rows, probs: str, tokens: str, own: str) -> str:
-    """`[B, 1]` log-sum-exp of the raw logits. Where a row drew from the raw logits' softmax
-    `probs`, from its chosen token's probability (exp(logit - lse)); rows `own` get a
-    LogSoftmax pass (only when there are any). A row's value depends on that row alone."""
-    picked = g.op("GatherElements", probs, tokens, axis=1)
-    own = g.op("Or", own, g.op("Less", picked, g.f32(1e-30)))  # no precision left
+def _banned(g: _Graph, xs: str) -> str:
+    """`xs` with each row's `banned_ids` at -inf (a copy and a scatter; -1s change nothing:
+    they write the row's first banned id again, or, in a row with none, token 0 its own
+    value)."""
+    ids = "banned_ids"
+    first = g.op("Max", g.cols(ids, 0, 1), g.i64(0))
+    idx = g.where(g.op("GreaterOrEqual", ids, g.i64(0)), ids, first)
+    any_ban = g.op("GreaterOrEqual", g.cols(ids, 0, 1), g.i64(0))
+    own = g.op("GatherElements", xs, idx, axis=1)
+    return g.op("ScatterElements", xs, idx, g.where(any_ban, g.f32(-np.inf), own), axis=1)
+
+
+def _lse(g: _Graph, rows: _Rows, weights: str, tokens: str) -> str:
+    """`[B, 1]` log-sum-exp of the raw logits. A row that drew at temperature 0 or 1 without
+    a penalty gets it from its chosen token's weight (exp(logit - lse of the allowed
+    tokens)) and its banned tokens' logits; other rows from a LogSoftmax pass (only when
+    there are any). A row's value depends on that row alone."""
+    picked = g.op("GatherElements", weights, tokens, axis=1)
+    own = g.op("Or", rows.own_lse, g.op("Less", picked, g.f32(1e-30)))  # no precision left
     chosen = g.op("GatherElements", "logits", tokens, axis=1)
-    from_probs = g.op("Sub", chosen, g.op("Log", g.op("Max", picked, g.f32(1e-30))))
+    allowed = g.op("Sub", chosen, g.op("Log", g.op("Max", picked, g.f32(1e-30))))
+    ids = "banned_ids"
+    banned = g.op("GatherElements", "logits", g.op("Max", ids, g.i64(0)), axis=1)
+    banned = g.where(g.op("GreaterOrEqual", ids, g.i64(0)), banned, g.f32(-np.inf))
+    terms = g.op("Concat", allowed, banned, axis=1)
+    top = g.row_max(terms)
+    from_weights = g.op("Add", top, g.op("Log", g.row_sum(g.op("Exp", g.op("Sub", terms, top)))))
 
     def exact(b: _Graph) -> list[str]:
         log_probs = b.op("LogSoftmax", "logits", axis=1)
         lse = b.op("Sub", b.cols("logits", 0, 1), b.cols(log_probs, 0, 1))
-        return [b.where(own, lse, from_probs)]
+        return [b.where(own, lse, from_weights)]
 
-    return g.branch(g.any(own), exact, lambda b: [from_probs])[0]
+    return g.branch(g.any(own), exact, lambda b: [from_weights])[0]
 
 
 def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
-    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`.
-
-    Bans zero the softmax's weights rather than set logits to -inf (cheaper, and the softmax
-    of the raw logits then gives the log-sum-exp too); rows whose allowed tokens all
-    underflowed next to a banned one are redone with the bans on the logits."""
-    probs = g.branch(
+    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`."""
+    xb = _banned(g, xs)
+    weights = g.branch(
         rows.any_hot,
-        lambda b: [b.op("Softmax", b.op("Mul", xs, rows.inv_t), axis=1)],
-        lambda b: [b.op("Softmax", xs, axis=1)],
+        lambda b: [b.op("Softmax", b.op("Mul", xb, rows.inv_t), axis=1)],
+        lambda b: [b.op("Softmax", xb, axis=1)],
     )[0]
-    weights = g.op("Mul", probs, g.cast(g.op("Not", "banned"), _F))
-    tokens, total = _choose(g, rows, xs, weights)
-    lost = g.op("Less", total, g.const(1e-20, np.float64))
-
-    def exact(b: _Graph) -> list[str]:
-        xb = b.where("banned", b.f32(-np.inf), xs)
-        redone = b.op("Softmax", b.op("Mul", xb, rows.inv_t), axis=1)
-        again = _choose(b, rows, xs, b.where(lost, redone, weights))[0]
-        return [b.where(lost, again, tokens)]
-
-    tokens = g.branch(g.any(lost), exact, lambda b: [tokens])[0]
-    return [tokens, _lse(g, rows, probs, tokens, g.op("Or", rows.own_lse, lost))]
+    tokens = _choose(g, rows, xb, weights)
+    return [tokens, _lse(g, rows, weights, tokens)]
 
 
 def _body(g: _Graph) -> list[str]:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 
-from server.sampler import BatchSampler, SamplingRows
+from server.sampler import GRAPH_INPUTS, BatchSampler, SamplingRows
 from server.sampling import Sampler, SamplingParams
 
 CASES = {
@@ -79,7 +79,7 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
 
 
 def _feeds(logits: np.ndarray, rows: SamplingRows) -> dict[str, np.ndarray]:
-    feeds = {n: getattr(rows, n) for n in SamplingRows.__dataclass_fields__}
+    feeds = {n: getattr(rows, n) for n in GRAPH_INPUTS}
     feeds["logits"] = logits
     return feeds
 
