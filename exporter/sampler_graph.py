@@ -340,13 +340,17 @@ def _filtered_choice(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]
     return [g.where(rows.greedy, best, token)]
 
 
-def _blocks(g: _Graph, weights: str) -> str:
-    """`weights` zero-padded to whole blocks: `[B, blocks, _BLOCK]`."""
-    vocab = g.op("Shape", weights, start=1, end=2)
+def _padded(g: _Graph, x: str) -> str:
+    """`x` `[B, V]` padded with -inf to whole blocks of `_BLOCK` tokens."""
+    vocab = g.op("Shape", x, start=1, end=2)
     block = g.i64([_BLOCK])
     pad = g.op("Mod", g.op("Sub", block, g.op("Mod", vocab, block)), block)
-    padded = g.op("Pad", weights, g.op("Concat", g.i64([0, 0, 0]), pad, axis=0))
-    return g.op("Reshape", padded, g.i64([0, -1, _BLOCK]))
+    return g.op("Pad", x, g.op("Concat", g.i64([0, 0, 0]), pad, axis=0), g.f32(-np.inf))
+
+
+def _blocks(g: _Graph, weights: str) -> str:
+    """Weights padded to whole blocks, `[B, blocks * _BLOCK]`, as `[B, blocks, _BLOCK]`."""
+    return g.op("Reshape", weights, g.i64([0, -1, _BLOCK]))
 
 
 def _block_of(g: _Graph, blocks: str, block: str) -> str:
@@ -373,7 +377,7 @@ def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> str:
     running = g.op("Add", before, g.op("CumSum", g.cast(inner, _D), g.i64(1)))
     within = g.row_sum(g.cast(g.op("LessOrEqual", running, target), _I))
     token = g.op("Add", g.op("Mul", block, g.i64(_BLOCK)), within)
-    vocab = g.op("Shape", weights, start=1, end=2)
+    vocab = g.op("Shape", "logits", start=1, end=2)
     clamped = g.op("Min", token, g.op("Sub", vocab, g.i64(1)))
     weightless = g.op("LessOrEqual", g.op("GatherElements", weights, clamped, axis=1), g.f32(0))
     lost = g.op("Or", g.op("GreaterOrEqual", token, vocab), weightless)
@@ -420,15 +424,16 @@ def _choose(g: _Graph, rows: _Rows, xb: str, weights: str) -> str:
 
 
 def _banned(g: _Graph, xs: str) -> str:
-    """`xs` with each row's `banned_ids` at -inf (a copy and a scatter; -1s change nothing:
-    they write the row's first banned id again, or, in a row with none, token 0 its own
-    value)."""
+    """`xs` padded to whole blocks (`_padded`) with each row's `banned_ids` at -inf: a scatter
+    into the padded copy, in place (-1s change nothing: they write the row's first banned
+    id again, or, in a row with none, token 0 its own value)."""
     ids = "banned_ids"
     first = g.op("Max", g.cols(ids, 0, 1), g.i64(0))
     idx = g.where(g.op("GreaterOrEqual", ids, g.i64(0)), ids, first)
     any_ban = g.op("GreaterOrEqual", g.cols(ids, 0, 1), g.i64(0))
     own = g.op("GatherElements", xs, idx, axis=1)
-    return g.op("ScatterElements", xs, idx, g.where(any_ban, g.f32(-np.inf), own), axis=1)
+    values = g.where(any_ban, g.f32(-np.inf), own)
+    return g.op("ScatterElements", _padded(g, xs), idx, values, axis=1)
 
 
 def _lse(g: _Graph, rows: _Rows, weights: str, tokens: str) -> str:
@@ -456,7 +461,8 @@ def _lse(g: _Graph, rows: _Rows, weights: str, tokens: str) -> str:
 
 
 def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
-    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`."""
+    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`. The
+    weights are padded to whole blocks of the draw with zeros."""
     xb = _banned(g, xs)
     weights = g.branch(
         rows.any_hot,
