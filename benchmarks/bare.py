@@ -70,7 +70,12 @@ def carried_trial(
 
     for i in range(WARMUP_CALLS):
         call(calls + i)
-    return latency(time_calls(call, calls, seconds, pause), tokens_per_call=batch * length)
+    cpu = time.process_time()
+    samples = time_calls(call, calls, seconds, pause)
+    out = latency(samples, tokens_per_call=batch * length)
+    # This process's CPU time a token (one intra-op thread: the step's own cost).
+    out["cpu_us_per_token"] = (time.process_time() - cpu) / (len(samples) * batch * length) * 1e6
+    return out
 
 
 def step_trial(
@@ -121,14 +126,14 @@ def score_trial(
 
 
 def steps(bundle: Bundle, workload: Workload, plan: Plan, idle: bool = False) -> dict[str, Any]:
-    """Batch-1 and large-batch step latency and throughput over `plan.trials` trials; with
+    """Batch-1 and large-batch (`large_batch` and every `engine_streams`) step latency,
+    throughput and CPU time a token over `plan.trials` trials; with
     `idle`, also batch-1 steps each after an idle gap (`step_b1_after_idle`)."""
     step = session(bundle, "step", plan)
     out: dict[str, Any] = {}
-    runs = [
-        ("step_b1", 1, plan.step_calls, 0.0),
-        (f"step_b{plan.large_batch}", plan.large_batch, plan.large_step_calls, 0.0),
-    ]
+    batches = sorted({plan.large_batch, *plan.engine_streams})
+    runs = [("step_b1", 1, plan.step_calls, 0.0)]
+    runs += [(f"step_b{b}", b, plan.large_step_calls, 0.0) for b in batches]
     if idle:
         runs.append(("step_b1_after_idle", 1, plan.step_calls, IDLE_GAP_S))
     for key, batch, calls, pause in runs:

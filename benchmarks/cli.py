@@ -186,7 +186,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
 
     say(f"bare onnxruntime on {bundle.name}, trials: {plan.trials}")
     results["bare"] = bare.run(bundle, workload, plan)
-    say(f"the engine in-process, Generate at {plan.large_batch} streams")
+    say(f"the engine in-process, Generate at {plan.engine_streams} streams")
     results["engine"] = engine_inproc.run(bundle, plan)
     if args.checkpoint is not None:
         say("PyTorch eager, oneDNN on and off")

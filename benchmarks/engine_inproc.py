@@ -61,11 +61,13 @@ async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
                 engine, bundle, streams, plan.duration_s, plan.generate_max_tokens, trial + 1
             )
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu
             trials.append(
                 {
                     "tokens": float(tokens),
                     "tokens_per_s": tokens / plan.duration_s,
-                    "cpu_percent": 100 * (time.process_time() - cpu) / elapsed,
+                    "cpu_percent": 100 * cpu / elapsed,
+                    "cpu_us_per_token": cpu / max(1, tokens) * 1e6,
                 }
             )
     finally:
@@ -77,5 +79,11 @@ async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
 
 
 def run(bundle: Bundle, plan: Plan) -> dict[str, Any]:
-    """Generate tokens/s of the in-process engine at `plan.large_batch` streams."""
-    return {"generate": asyncio.run(_measure(bundle, plan, plan.large_batch))}
+    """Generate tokens/s and CPU time a token of the in-process engine at each of
+    `plan.engine_streams` streams (under "generate", keyed by the stream count)."""
+    return {
+        "generate": {
+            str(streams): asyncio.run(_measure(bundle, plan, streams))
+            for streams in plan.engine_streams
+        }
+    }

@@ -8,6 +8,7 @@ from typing import Any
 
 GENERATE_PNG = "generate_throughput.png"
 CONTEXT_PNG = "predict_next_context.png"
+CPU_PNG = "cpu_per_token.png"
 
 
 def write(results: dict[str, Any], out: Path) -> list[Path]:
@@ -55,6 +56,10 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, out / GENERATE_PNG))
 
+    cpu = _cpu_figure(plt, results, title)
+    if cpu is not None:
+        written.append(_save(cpu, out / CPU_PNG))
+
     contexts = on.get("predict_context") or {}
     if contexts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -84,6 +89,40 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, out / CONTEXT_PNG))
     return written
+
+
+def _cpu_figure(plt: Any, results: dict[str, Any], title: str) -> Any:
+    """CPU time per generated token against streams: the server (from /proc), the engine
+    in-process and bare onnxruntime's step at the same batch; None without server figures."""
+    generate = ((results.get("server") or {}).get("batching_on") or {}).get("generate") or {}
+    server = {int(c): g.get("server_cpu_us_per_token") for c, g in generate.items()}
+    server = {c: v for c, v in server.items() if v is not None}
+    if not server:
+        return None
+    bare = results.get("bare") or {}
+    engine = (results.get("engine") or {}).get("generate") or {}
+    lines = {
+        "server (rnnlm serve)": server,
+        "engine in-process": {int(c): e.get("cpu_us_per_token") for c, e in engine.items()},
+        "bare onnxruntime step (one thread)": {
+            int(k[6:]): v.get("cpu_us_per_token")
+            for k, v in bare.items()
+            if k.startswith("step_b") and k[6:].isdigit()
+        },
+    }
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, points), style in zip(lines.items(), ("o-", "s--", "^:"), strict=True):
+        xs = sorted(c for c, v in points.items() if v is not None)
+        if xs:
+            ax.plot(xs, [points[c] for c in xs], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent Generate streams (bare: batch rows)")
+    ax.set_ylabel("CPU us per generated token")
+    ax.set_title(f"CPU per generated token\n{title}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -109,10 +109,27 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _latency_row(name: str, m: dict[str, Any] | None) -> list[Any]:
     m = m or {}
-    return [name, m.get("p50_ms"), m.get("p90_ms"), m.get("p99_ms"), m.get("tokens_per_s")]
+    return [
+        name,
+        m.get("p50_ms"),
+        m.get("p90_ms"),
+        m.get("p99_ms"),
+        m.get("tokens_per_s"),
+        m.get("cpu_us_per_token"),
+    ]
 
 
-LATENCY_HEADER = ["measurement", "p50 ms", "p90 ms", "p99 ms", "tokens/s at p50"]
+LATENCY_HEADER = ["measurement", "p50 ms", "p90 ms", "p99 ms", "tokens/s at p50", "CPU us/token"]
+# Which part of a run measures each target (all of them come from the run's one command).
+MEASURED_BY = {
+    "server_cpu_per_token": "bare steps (CPU time), server Generate@64 (/proc CPU time)",
+    "engine_vs_bare_64": "bare steps, the engine in-process",
+    "engine_vs_bare_256": "bare steps, the engine in-process",
+    "predict_next_latency": "bare steps after idle, gRPC echo, server PredictNext",
+    "predict_under_load": "server under load (64 long Generates)",
+    "first_token_under_load": "server under load (64 long Generates)",
+    "generate_vs_no_batching": "server Generate@64, batching on and off",
+}
 
 
 def markdown(results: dict[str, Any], targets: list[Target]) -> str:
@@ -133,9 +150,13 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     lines += _table(["", ""], [[k.replace("_", " "), v] for k, v in m.items()])
 
     lines += ["## Targets", ""]
+    lines += [f"Every target is reproduced by the command above (`{run['command']}`).", ""]
     lines += _table(
-        ["target", "measured", "threshold", "status", "how"],
-        [[t.rule, t.value, f"{t.op} {t.threshold:g}", t.status, t.detail] for t in targets],
+        ["target", "measured", "threshold", "status", "how", "measured by"],
+        [
+            [t.rule, t.value, f"{t.op} {t.threshold:g}", t.status, t.detail, MEASURED_BY.get(t.key)]
+            for t in targets
+        ],
     )
     threads = run["plan"]["engine"]["batch_threads"]
     if threads > 1:
@@ -162,7 +183,11 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     rows = [
         _latency_row("step, batch 1", bare.get("step_b1")),
         _latency_row("step, batch 1, each after 1 ms idle", bare.get("step_b1_after_idle")),
-        _latency_row(f"step, batch {large[1:]}", bare.get(f"step_{large}")),
+    ]
+    rows += [
+        _latency_row(f"step, batch {key[6:]}", value)
+        for key, value in bare.items()
+        if key.startswith("step_b") and key[6:].isdigit() and key != "step_b1"
     ]
     chunk = bare.get("prefill_chunk")
     if chunk:
@@ -189,12 +214,24 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     engine = (results.get("engine") or {}).get("generate") or {}
     lines += ["## The engine in-process (no gRPC)", ""]
     lines += [
-        f"`server.engine.Engine` configured as the servers' engine, driven like the server's "
-        f"Generate rows at {_f(engine.get('streams'))} streams: "
-        f"{_f(engine.get('tokens_per_s'))} tokens/s at {_f(engine.get('cpu_percent'))} % CPU "
-        f"(this process).",
+        "`server.engine.Engine` configured as the servers' engine, driven like the server's "
+        "Generate rows; CPU is this process's.",
         "",
     ]
+    lines += _table(
+        ["streams", "tokens/s", "CPU %", "CPU us/token", "bare tokens/s", "bare CPU us/token"],
+        [
+            [
+                n,
+                e.get("tokens_per_s"),
+                e.get("cpu_percent"),
+                e.get("cpu_us_per_token"),
+                (bare.get(f"step_b{n}") or {}).get("tokens_per_s"),
+                (bare.get(f"step_b{n}") or {}).get("cpu_us_per_token"),
+            ]
+            for n, e in engine.items()
+        ],
+    )
     lines += _torch_section(results.get("torch"), large)
     lines += _server_section(results.get("server") or {}, bare, large)
     lines += _int8_section(results.get("int8"), large)
@@ -291,6 +328,17 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
         lines += ["Nothing cached: the whole context is fed (prefill) before the next token.", ""]
         lines += _table(LATENCY_HEADER, [_latency_row("PredictNext, k=5", fresh)])
 
+    under = on.get("under_load")
+    if under:
+        lines += [f"### Under load: {under.get('streams')} long Generate streams running", ""]
+        lines += _table(
+            LATENCY_HEADER[:4],
+            [
+                _latency_row("PredictNext, k=5", under.get("predict"))[:4],
+                _latency_row("first token of one stream more", under.get("first_token"))[:4],
+            ],
+        )
+
     lines += ["### Score", ""]
     scores = {"server Score": on.get("score")}
     if on.get("score_cached"):
@@ -316,6 +364,7 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
                 o.get("tokens_per_s"),
                 ratio,
                 s.get("server_cpu_percent"),
+                s.get("server_cpu_us_per_token"),
                 s.get("client_cpu_percent"),
                 o.get("server_cpu_percent"),
             ]
@@ -327,6 +376,7 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
             "batching off",
             "on / off",
             "server CPU % (on)",
+            "server CPU us/token (on)",
             "client CPU % (on)",
             "server CPU % (off)",
         ],

@@ -10,6 +10,7 @@ only. Its resident memory is read from /proc after loading and after the load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.process import ChildServer
 from benchmarks.timing import BenchError, latency, over_trials
-from benchmarks.workload import SENTENCE_TOKENS, Plan, Workload, generate_seed
+from benchmarks.workload import LONG_TOKENS, SENTENCE_TOKENS, Plan, Workload, generate_seed
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 
@@ -114,6 +115,10 @@ async def _measure_server(
                 also = " (trials alternating with the continuous cache)" if cached else ""
                 say(f"server ({mode}): Score, {plan.score_tokens} tokens{also}")
                 out["score"], out["score_cached"] = await _score(stub, workload, plan, cached)
+            if batching:
+                streams = plan.large_batch
+                say(f"server ({mode}): PredictNext and a new stream under {streams} long Generates")
+                out["under_load"] = await under_load(stub, workload, plan, streams)
             out["generate"] = {}
             for c in plan.concurrency:
                 say(f"server ({mode}): Generate, {c} streams")
@@ -297,6 +302,89 @@ async def _score(
     return summaries[False], summaries.get(True)
 
 
+# -- Under load ----------------------------------------------------------------------------
+
+
+async def under_load(
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, streams: int
+) -> dict[str, Any]:
+    """While `streams` long Generate streams run: PredictNext latency (`predict`), and the
+    time to the first token of one stream more (`first_token`), one call at a time, a
+    trial's calls spaced by a short pause."""
+    stop = asyncio.Event()
+    started: set[int] = set()
+
+    async def long_stream(i: int) -> None:
+        call_index = 0
+        while not stop.is_set():
+            seed = generate_seed(plan.trials + 1, i, call_index)
+            call_index += 1
+            request = pb.GenerateRequest(max_tokens=LONG_TOKENS, seed=seed)
+            call = stub.Generate(request, timeout=plan.budget_s * 4 * plan.trials + 60)
+            try:
+                async for _ in call:
+                    started.add(i)
+                    if stop.is_set():
+                        call.cancel()
+                        break
+                await call.code()
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    raise
+
+    tasks = [asyncio.ensure_future(long_stream(i)) for i in range(streams)]
+    try:
+        end = time.perf_counter() + CALL_SLACK_SECONDS
+        while len(started) < streams and time.perf_counter() < end:
+            await asyncio.sleep(0.01)
+        predict, first = [], []
+        for _ in range(plan.trials):
+            predict.append(latency(await _predict_samples(stub, workload, plan)))
+            first.append(latency(await _first_token_samples(stub, plan)))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return {"streams": streams, "predict": over_trials(predict), "first_token": over_trials(first)}
+
+
+async def _predict_samples(
+    stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan
+) -> list[float]:
+    samples = []
+    end = time.perf_counter() + plan.budget_s
+    for _ in range(plan.under_load_calls):
+        await asyncio.sleep(0.01)
+        context = workload.text(workload.fresh(SENTENCE_TOKENS))
+        start = time.perf_counter()
+        await stub.PredictNext(
+            pb.PredictNextRequest(context=context, k=PREDICT_K), timeout=CALL_SLACK_SECONDS
+        )
+        samples.append(time.perf_counter() - start)
+        if time.perf_counter() >= end:
+            break
+    return samples
+
+
+async def _first_token_samples(stub: pb_grpc.LanguageModelStub, plan: Plan) -> list[float]:
+    samples = []
+    end = time.perf_counter() + plan.budget_s
+    for i in range(plan.under_load_calls):
+        await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        call = stub.Generate(
+            pb.GenerateRequest(max_tokens=LONG_TOKENS, seed=i), timeout=CALL_SLACK_SECONDS
+        )
+        async for _ in call:
+            samples.append(time.perf_counter() - start)
+            call.cancel()
+            break
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await call.code()
+        if time.perf_counter() >= end:
+            break
+    return samples
+
+
 # -- Generate ------------------------------------------------------------------------------
 
 
@@ -322,6 +410,7 @@ async def generate(
         }
         if cpu_server is not None and server_after is not None:
             figures["server_cpu_percent"] = 100 * (server_after - cpu_server) / elapsed
+            figures["server_cpu_us_per_token"] = (server_after - cpu_server) / max(1, tokens) * 1e6
         trials.append(figures)
     summary = over_trials(trials)
     summary["max_tokens_per_call"] = plan.generate_max_tokens

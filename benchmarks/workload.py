@@ -25,6 +25,11 @@ from server.engine import EngineConfig
 CONCURRENCY = (1, 8, 64, 256)
 CONTEXT_LENGTHS = (10, 100, 1000)
 LARGE_BATCH = 64
+# Streams the in-process engine is measured at (bare steps are measured at these batches too).
+ENGINE_STREAMS = (64, 256)
+# Generate calls this long keep a stream busy through a whole under-load measurement (the
+# server's default --max-tokens).
+LONG_TOKENS = 1024
 # PredictNext at concurrency 1 follows the typing pattern on sentences of this many tokens:
 # the first token is sent untimed, then each timed call adds one token.
 SENTENCE_TOKENS = 10
@@ -76,6 +81,8 @@ class Plan:
     concurrency: tuple[int, ...] = CONCURRENCY
     context_lengths: tuple[int, ...] = CONTEXT_LENGTHS
     large_batch: int = LARGE_BATCH
+    engine_streams: tuple[int, ...] = ENGINE_STREAMS
+    under_load_calls: int = 20  # timed PredictNext calls and first tokens per trial under load
     server_args: tuple[str, ...] = field(default_factory=tuple)
     # The servers' engine settings (their defaults, `server_args` and the provider), which the
     # in-process engine and bare onnxruntime's sessions copy.
@@ -115,6 +122,7 @@ class Plan:
                 fresh_calls=3,
                 score_tokens=2000,
                 generate_max_tokens=16,
+                under_load_calls=5,
             )
         if trials is not None:
             if trials < 1:

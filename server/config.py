@@ -35,7 +35,8 @@ class ServerConfig:
     provider: str = "cpu"
     intra_op_threads: int = 1
     batching: bool = True
-    max_batch_size: int = 64
+    max_step_ms: float = 20.0
+    max_batch_size: int | None = None
     batch_threads: int = 1
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
@@ -43,10 +44,14 @@ class ServerConfig:
     state_cache_mb: float = 64.0
     max_tokens: int = 1024
     max_prompt_tokens: int = 8192
+    max_text_chars: int = 131_072
     max_message_bytes: int = 16 * 2**20
     grace_seconds: float = 10.0
+    max_connection_age_seconds: float = 300.0
+    max_connection_age_grace_seconds: float = 0.0
     log_level: str = "info"
     reload_seconds: float = 0.0
+    strict_models: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -70,16 +75,26 @@ class ServerConfig:
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         for name in (
             "intra_op_threads",
-            "max_batch_size",
             "batch_threads",
             "max_queued",
             "stream_tokens",
             "max_tokens",
             "max_prompt_tokens",
+            "max_text_chars",
             "max_message_bytes",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("max_queue_wait_ms", "state_cache_mb", "grace_seconds", "reload_seconds"):
+        if self.max_batch_size is not None:
+            check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
+        check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
+        for name in (
+            "max_queue_wait_ms",
+            "state_cache_mb",
+            "grace_seconds",
+            "reload_seconds",
+            "max_connection_age_seconds",
+            "max_connection_age_grace_seconds",
+        ):
             check(getattr(self, name) >= 0, name, "must be at least 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = (
@@ -134,7 +149,16 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "intra_op_threads": (int, "onnxruntime threads per session"),
     "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
-    "max_batch_size": (int, "requests per batched run"),
+    "max_step_ms": (
+        float,
+        "step-time budget in ms: a step advances as many Generate streams as fit in it, the "
+        "others take turns; next-token work (PredictNext, typing, Score, prompts) never waits",
+    ),
+    "max_batch_size": (
+        int,
+        "at most this many Generate streams advance in one step, the others taking turns (no "
+        "longer a slot pool: nothing waits for a slot; default: --max-step-ms alone decides)",
+    ),
     "batch_threads": (
         int,
         "threads per model, each stepping its own batch, so that one's onnxruntime run "
@@ -150,13 +174,36 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_tokens": (int, "cap on a Generate request's max_tokens"),
     "max_prompt_tokens": (int, "cap on prompt and context length, in tokens"),
-    "max_message_bytes": (int, "largest gRPC message accepted or sent"),
+    "max_text_chars": (
+        int,
+        "cap on a request's text in characters (prompt, context, a typing session's context, "
+        "a Score or Embed call's texts in all)",
+    ),
+    "max_message_bytes": (
+        int,
+        "largest gRPC message accepted or sent (calls whose reply would be larger are refused)",
+    ),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may take to finish"),
+    "max_connection_age_seconds": (
+        float,
+        "send GOAWAY to a client connection this old (give or take 10%%), so long-lived "
+        "channels reconnect and spread over new replicas; 0 is off",
+    ),
+    "max_connection_age_grace_seconds": (
+        float,
+        "how long calls on a connection past its age may go on before it is closed; "
+        "0 is as long as they take",
+    ),
     "log_level": (str.lower, "debug, info, warning or error"),
     "reload_seconds": (
         float,
         "poll the model repository for new or changed bundles every this many seconds; "
         "0 is off (SIGHUP reloads either way)",
+    ),
+    "strict_models": (
+        _parse_bool,
+        "refuse to start unless every bundle in the model repository loads (default: serve "
+        "the bundles that load, and log, count and report the others)",
     ),
     "tls_cert": (Path, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     "tls_key": (Path, "the PEM private key of --tls-cert"),
@@ -193,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else (f" (default: {default})")
         )
         text = f"{help_}{shown}; env {env_name(name)}"
-        if name == "batching":
+        if name in ("batching", "strict_models"):
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )

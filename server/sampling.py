@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+# The most alternatives a request may ask for per token (the public API's limit).
+MAX_TOP_LOGPROBS = 20
 # Tokens per block of the two-level searches. Blocks of at most 128 also make block sums
 # independent of how many trailing zeros a row carries (numpy sums <= 128 items in 8 fixed
 # lanes), which keeps thresholds identical whatever width the batch asked for.
@@ -32,7 +34,12 @@ _TOP_P_CANDIDATES = 256
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens; validated here, against the vocabulary by the engine."""
+    """How one request picks its tokens.
+
+    The one place sampling parameters are validated (the ranges of the public API, see
+    docs/api.md): construction raises ValueError naming the field, and `check_vocab` checks
+    them against a model's vocabulary. Callers turn the message into their error.
+    """
 
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -48,16 +55,24 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, not {getattr(self, name)!r}")
 
-        check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", ">= 0")
-        check(self.top_k >= 0, "top_k", ">= 0 (0 turns it off)")
+        check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            ">= 0 (0 is greedy)",
+        )
+        check(self.top_k >= 0, "top_k", ">= 0 (0 is off)")
         check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
-        check(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
+        check(0.0 <= self.min_p < 1.0, "min_p", "in [0, 1) (0 is off)")
         check(
             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
             "repetition_penalty",
-            "> 0",
+            "> 0 (1 is off)",
         )
-        check(self.top_logprobs >= 0, "top_logprobs", ">= 0")
+        check(
+            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
+            f"in [0, {MAX_TOP_LOGPROBS}]",
+        )
         bad = sorted(i for i in self.banned_ids if not isinstance(i, int) or i < 0)
         if bad:
             raise ValueError(f"banned_ids must hold token ids (integers >= 0), not {bad[:5]}")

@@ -25,8 +25,12 @@ from rnnlm.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
+    "server_cpu_per_token",
+    "engine_vs_bare_64",
+    "engine_vs_bare_256",
     "predict_next_latency",
-    "generate_vs_bare",
+    "predict_under_load",
+    "first_token_under_load",
     "generate_vs_no_batching",
     "score_vs_bare",
     "score_vs_torch",
@@ -36,9 +40,9 @@ TARGETS = {
     "server_rss",
 }
 DIAGNOSTICS = {
+    "generate_vs_bare",
+    "engine_cpu_per_token",
     "step_after_idle",
-    "predict_next_vs_idle_floor",
-    "engine_vs_bare",
     "score_with_cache",
     "server_vs_engine",
     "prefill_vs_step",
@@ -55,6 +59,7 @@ HEADINGS = (
     "### PredictNext at concurrency 1",
     "### PredictNext extending a cached context",
     "### PredictNext on a fresh 1000-token context",
+    "### Under load: 64 long Generate streams running",
     "### Score",
     "### Generate",
     "### Resident memory",
@@ -112,15 +117,18 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     _, r = bench_run
     assert r["machine"]["cpu"] and r["machine"]["onnxruntime"] and r["machine"]["grpcio"]
     assert r["run"]["command"].startswith("rnnlm bench --bundle ")
+    for key in ("step_b1", "step_b64", "step_b256"):
+        assert all(r["bare"][key][f] > 0 for f in (*LATENCY, "tokens_per_s", "cpu_us_per_token"))
     for key in ("step_b1", "step_b64"):
-        assert all(r["bare"][key][f] > 0 for f in (*LATENCY, "tokens_per_s"))
         assert r["int8"][key]["p50_ms"] > 0 and r["int8"]["fp32_" + key]["p50_ms"] > 0
         for mode in ("onednn_on", "onednn_off", "best"):
             assert r["torch"][mode][key]["p50_ms"] > 0
     assert all(r["bare"]["step_b1_after_idle"][f] > 0 for f in LATENCY)
     for graph in ("step", "prefill"):
         assert all(r["bare"]["prefill_chunk"][graph][f] > 0 for f in LATENCY)
-    assert r["engine"]["generate"]["tokens_per_s"] > 0
+    assert set(r["engine"]["generate"]) == {"64", "256"}
+    for figures in r["engine"]["generate"].values():
+        assert figures["tokens_per_s"] > 0 and figures["cpu_us_per_token"] > 0
     assert all(r["echo"][f] > 0 for f in LATENCY)
     on, off = r["server"]["batching_on"], r["server"]["batching_off"]
     assert all(on["predict_c1"][f] > 0 for f in LATENCY)
@@ -129,6 +137,10 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
         assert figures["context_tokens_min"] > int(length)
     assert on["predict_fresh"]["context_tokens"] == 1000
     assert all(on["predict_fresh"][f] > 0 for f in LATENCY)
+    assert on["under_load"]["streams"] == 64
+    for call in ("predict", "first_token"):
+        assert all(on["under_load"][call][f] > 0 for f in LATENCY)
+    assert on["generate"]["64"]["server_cpu_us_per_token"] > 0
     for server in (on, off):
         assert set(server["generate"]) == {"1", "8", "64", "256"}
         assert all(g["tokens_per_s"] > 0 for g in server["generate"].values())
@@ -166,7 +178,7 @@ def test_markdown_and_plots(bench_run: tuple[Path, dict[str, Any]]) -> None:
     assert md.count("| PASS |") + md.count("| FAIL |") == len(TARGETS)
     assert r["run"]["plan"]["engine"]["batch_threads"] == 2
     assert "The servers ran 2 batching threads" in md
-    for png in ("generate_throughput.png", "predict_next_context.png"):
+    for png in ("generate_throughput.png", "predict_next_context.png", "cpu_per_token.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
 
 
@@ -221,7 +233,7 @@ def test_provider_cuda_refuses_a_pytorch_checkpoint(
 def test_the_in_process_sides_copy_the_servers_engine_settings() -> None:
     plan = Plan.make(server_args=("--batch-threads=2", "--intra-op-threads", "2"))
     assert (plan.engine.batch_threads, plan.engine.intra_op_threads) == (2, 2)
-    assert plan.engine.max_batch_size == Plan.make().engine.max_batch_size == 64
+    assert plan.engine.max_step_ms == Plan.make().engine.max_step_ms == 20.0
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.batch import Batch, EmbedRequest, NextRequest, Request, ScoreRequest
+from server.batch import Batch
 from server.bundle import Bundle, load_bundle
 from server.engine import Engine, EngineConfig, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
-from server.sampling import log_softmax
+from server.requests import EmbedRequest, NextRequest, Request, ScoreRequest
+from server.sampling import Sampler, log_softmax
+from server.step import StepConfig, step
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Always feed the tokens before a request's last on the prefill graph, or never: the measured
@@ -250,7 +252,8 @@ def test_batching_threads_share_the_requests_evenly(lstm: Bundle) -> None:
         streams = [engine.generate([1], 10**9, SamplingParams(seed=i)) for i in range(13)]
         for stream in streams:
             await anext(stream)
-        sizes = sorted(len(batch) for batch in engine._batches)
+        assert engine._scheduler is not None
+        sizes = sorted(engine._scheduler.sizes)
         for stream in streams:
             await stream.aclose()
         return sizes
@@ -331,13 +334,15 @@ class CountingSessions:
         return features, new
 
 
-def run_to_the_end(batch: Batch, sessions: CountingSessions, chunk: int) -> int:
+def run_to_the_end(batch: Batch, sessions: CountingSessions, config: StepConfig) -> int:
     """Step the batch until every request finished, delivering as the engine does; the steps."""
     steps = 0
+    sampler = Sampler()
     while len(batch):
-        for request, payload in batch.step(sessions, chunk, batching=True):
+        result = step(batch, sessions, config, sampler)
+        for request, payload in result.replies:
             request.deliver(payload)
-        batch.filter()
+        batch = result.batch.live()
         steps += 1
     return steps
 
@@ -349,10 +354,10 @@ def next_token_runs(
     `split`): the runs it made, the steps it took and its log-probs."""
     zero = tuple(s[:, 0, :] for s in bundle.zero_state(1))
     sessions = CountingSessions(bundle)
-    batch = Batch(len(bundle.state), bundle.vocab_size, bundle.hidden, None, prefill_split=split)
+    config = StepConfig(bundle.vocab_size, bundle.hidden, chunk=8, prefill_split=split)
     got: list[Any] = []
-    batch.concatenate([NextRequest(ids, ids, zero, None, got.append)])
-    steps = run_to_the_end(batch, sessions, chunk=8)
+    batch = Batch.of([NextRequest(ids, ids, zero, None, got.append)])
+    steps = run_to_the_end(batch, sessions, config)
     return sessions.runs, steps, got[0]
 
 
@@ -381,11 +386,8 @@ def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
             requests.append(ScoreRequest(fed[:-1], ids, zero, out, results[2 * i].append))
             requests.append(EmbedRequest(fed, zero, "mean", lstm.hidden, results[2 * i + 1].append))
         sessions = CountingSessions(lstm)
-        batch = Batch(
-            len(lstm.state), lstm.vocab_size, lstm.hidden, None, run_elements=run_elements
-        )
-        batch.concatenate(requests)
-        steps = run_to_the_end(batch, sessions, chunk=8)
+        config = StepConfig(lstm.vocab_size, lstm.hidden, chunk=8, run_elements=run_elements)
+        steps = run_to_the_end(Batch.of(requests), sessions, config)
         return [r[0] for r in results], sessions, steps
 
     roomy, roomy_sessions, roomy_steps = finish(1 << 24)
@@ -540,28 +542,38 @@ def test_cancelling_a_call_removes_its_request(lstm: Bundle) -> None:
     run_engine(lstm, body, prefill_chunk=1)
 
 
-def test_overloaded_past_max_queued(lstm: Bundle) -> None:
-    async def body(engine: Engine) -> None:
-        stream = engine.generate([1], 10**9, SamplingParams(seed=3))
-        await anext(stream)  # admitted: it holds the only batch slot
-        waiting = [asyncio.create_task(engine.next_token_logprobs([7, i])) for i in range(2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded, match="max_queued 2"):
-            await engine.next_token_logprobs([8, 9])
-        await stream.aclose()
-        for lp in await asyncio.gather(*waiting):
-            assert lp.shape == (lstm.vocab_size,)
+def test_overloaded_counts_waiting_work_not_running_rows(lstm: Bundle) -> None:
+    """Admission control: generations sitting a step out count as waiting work; rows that
+    run every step do not, however many there are."""
 
-    run_engine(lstm, body, max_batch_size=1, max_queued=2)
+    async def crowded(engine: Engine, capped: bool) -> None:
+        streams = [engine.generate([1], 10**9, SamplingParams(seed=i)) for i in range(3)]
+        for stream in streams:
+            await anext(stream)
+        scheduler = engine._scheduler
+        assert scheduler is not None
+        if capped:  # one generation advances per step: two wait for their turn
+            await wait_until(lambda: scheduler.waiting >= 2)
+            with pytest.raises(Overloaded, match="max_queued 2"):
+                await engine.next_token_logprobs([8, 9])
+        else:  # three running rows, nothing waiting: admitted
+            assert (await engine.next_token_logprobs([8, 9])).shape == (lstm.vocab_size,)
+        for stream in streams:
+            await stream.aclose()
+        await wait_until(lambda: engine.active == 0)
+        assert (await engine.next_token_logprobs([8, 9, 10])).shape == (lstm.vocab_size,)
+
+    run_engine(lstm, lambda e: crowded(e, True), max_batch_size=1, max_queued=2)
+    run_engine(lstm, lambda e: crowded(e, False), max_queued=2)
 
 
 def test_close_fails_pending_requests(lstm: Bundle) -> None:
     async def main() -> None:
-        engine = Engine(lstm, EngineConfig(max_batch_size=1))
+        engine = Engine(lstm, EngineConfig(prefill_chunk=1))
         await engine.start()
         stream = engine.generate([1], 10**9, SamplingParams(seed=4))
         await anext(stream)
-        queued = asyncio.create_task(engine.next_token_logprobs([5, 6, 7]))
+        queued = asyncio.create_task(engine.score([5, 6, 7] * 5000))  # a token a step
         await asyncio.sleep(0.01)
         await engine.close()
         with pytest.raises(EngineError, match="shutting down"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.sampling import Sampler, SamplingParams, log_softmax
+from server.sampling import MAX_TOP_LOGPROBS, Sampler, SamplingParams, log_softmax
 
 
 def grid_frequencies(logits: np.ndarray, params: SamplingParams, n: int = 20000) -> np.ndarray:
@@ -209,14 +209,22 @@ def test_seeded_rng_is_reproducible() -> None:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.0}, "min_p"),  # the public API's range is [0, 1)
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"top_logprobs": -2}, "top_logprobs"),
+        ({"top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs"),
         ({"banned_ids": frozenset({-3})}, "banned_ids"),
     ],
 )
 def test_bad_params_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_the_edges_of_each_range_are_accepted() -> None:
+    SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=0.999, top_logprobs=MAX_TOP_LOGPROBS)
+    with pytest.raises(ValueError, match=r"min_p must be in \[0, 1\) \(0 is off\), not 1.0"):
+        SamplingParams(min_p=1.0)
 
 
 def test_params_checked_against_the_vocabulary() -> None:

@@ -1,0 +1,106 @@
+"""Time the batch sampler graph against the numpy `Sampler`, in process (short; medians).
+
+    PYTHONPATH=$PWD python scripts/bench_sampler.py [--model models/shakespeare-word]
+
+Logits are the model's own next-token logits after an 8-token random prompt, so top-p sees a
+real distribution. Trials of the two samplers alternate; each figure is the median over
+trials of the mean time per call. "python" is the graph sampler's own time with
+`session.run` answered at once (feeding, shape check, result): it must not grow with B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+
+from server.sampler import BatchSampler, SamplingRows
+from server.sampling import Sampler, SamplingParams
+
+CASES = {
+    "plain": SamplingParams(banned_ids=frozenset({0})),
+    "greedy": SamplingParams(temperature=0, banned_ids=frozenset({0})),
+    "top-p": SamplingParams(top_p=0.9, banned_ids=frozenset({0})),
+}
+
+
+def model_logits(model: Path, rows: int) -> np.ndarray:
+    """`[rows, V]` float32 next-token logits of the bundle's step graph."""
+    session = ort.InferenceSession(str(model / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds: dict[str, np.ndarray] = {}
+    for i in session.get_inputs():
+        if i.name == "tokens":
+            continue
+        shape = [rows if d == "batch" else d for d in i.shape]
+        feeds[i.name] = np.zeros(shape, dtype=np.float32)
+    vocab = session.get_outputs()[0].shape[-1]
+    feeds["tokens"] = np.random.default_rng(0).integers(0, vocab, (rows, 8))
+    return np.ascontiguousarray(session.run(["logits"], feeds)[0][:, -1])
+
+
+def per_call(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, float]:
+    """Median seconds per call: numpy, graph, and the graph sampler's Python share."""
+    logits = model_logits(model, b)
+    rows = SamplingRows.from_params([params] * b, [None] * b, logits.shape[1])
+    graph, numpy_sampler = BatchSampler(), Sampler()
+    plist, history = [params] * b, [None] * b
+    uniforms = np.random.default_rng(1).random(b)
+    graph.sample(logits, rows)
+    # The same sampler with the session answered at once: what is left is Python.
+    python_only = BatchSampler()
+    answer = python_only._session.run(None, _feeds(logits, rows))[:5]
+    python_only._session = SimpleNamespace(run=lambda *_: answer)  # type: ignore[assignment]
+    calls = max(3, 256 // b)
+    runs = {
+        "numpy": lambda: numpy_sampler.sample(logits, plist, history, uniforms),
+        "graph": lambda: graph.sample(logits, rows),
+        "python": lambda: python_only.sample(logits, rows),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(trials):
+        for name, fn in runs.items():
+            times[name].append(per_call(fn, calls))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _feeds(logits: np.ndarray, rows: SamplingRows) -> dict[str, np.ndarray]:
+    feeds = {n: getattr(rows, n) for n in SamplingRows.__dataclass_fields__}
+    feeds["logits"] = logits
+    return feeds
+
+
+def bench(model: Path, sizes: list[int], trials: int) -> None:
+    print(f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9} {'python us':>10}")
+    for name, params in CASES.items():
+        for b in sizes:
+            med = case(model, params, b, trials)
+            print(
+                f"{name:7} {b:>4} {med['numpy'] * 1e3:9.3f} {med['graph'] * 1e3:9.3f} "
+                f"{med['python'] * 1e6:10.1f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/shakespeare-word"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--trials", type=int, default=7)
+    args = parser.parse_args()
+    bench(args.model, args.sizes, args.trials)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Delivery of results to callers, on the event loop: one-result futures and token streams.
+
+The engine's worker threads post each step's replies with one `call_soon_threadsafe`; here
+they reach their callers (`dispatch`): a future for a one-result request (`settle`), a
+`TokenStream` for a generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from server.engine_errors import failure_error
+from server.requests import Failure, GenerateRequest, Request
+from server.sampling import GeneratedToken
+
+# Requests in the engine from which a generation's tokens are handed over a few at a time
+# (`EngineConfig.stream_tokens`, see `TokenStream`).
+COALESCE_ACTIVE = 8
+
+
+class Busy(Protocol):
+    """How busy the engine is: requests admitted to a batch or waiting for one."""
+
+    @property
+    def active(self) -> int: ...
+
+
+class TokenStream:
+    """One generation's tokens as they are made: an async iterator of `GeneratedToken`.
+
+    The request is queued (and Overloaded raised) on the first `__anext__`. `aclose()`, or
+    dropping the stream, takes the request out of the batch at the next step. Payloads arrive
+    from the batching thread through `dispatch`, on the event loop.
+
+    Under load (at least `COALESCE_ACTIVE` requests in the engine) the consumer is woken
+    only when `stream_tokens` tokens are ready (or the generation ended), and takes them
+    together with `take_ready`: each message to a client, on both ends of the connection,
+    costs more than the model's work for a token, and with many streams that cost is what
+    limits throughput. The first token is never held back, and lightly loaded streams get
+    every token as soon as it is made.
+    """
+
+    def __init__(
+        self, engine: Busy, start: Callable[[TokenStream], GenerateRequest], stream_tokens: int
+    ) -> None:
+        self._engine = engine
+        self._start: Callable[[TokenStream], GenerateRequest] | None = start
+        self._request: GenerateRequest | None = None
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._stream_tokens = stream_tokens
+        self._delivered = 0  # tokens received so far
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> GeneratedToken:
+        if self._start is not None:
+            start, self._start = self._start, None
+            self._request = start(self)
+        while not self._ready():
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self._items:  # closed
+            raise StopAsyncIteration
+        item = self._items.popleft()
+        if isinstance(item, GeneratedToken):
+            return item
+        self._close()
+        if isinstance(item, Failure):
+            raise failure_error(item)
+        raise StopAsyncIteration  # END
+
+    def _ready(self) -> bool:
+        """Whether the consumer should go on: see the class docstring."""
+        items = self._items
+        if not items:
+            return self._closed
+        return (
+            len(items) >= self._stream_tokens
+            or not isinstance(items[-1], GeneratedToken)  # the end or a failure is here
+            or self._delivered <= 1
+            or self._engine.active < COALESCE_ACTIVE
+        )
+
+    def take_ready(self) -> list[GeneratedToken]:
+        """Under load, the tokens already here (after the one `__anext__` returned), without
+        waiting; otherwise none, so that a lightly loaded stream goes one token at a time."""
+        items = self._items
+        ready: list[GeneratedToken] = []
+        if self._engine.active < COALESCE_ACTIVE:
+            return ready
+        while items and isinstance(items[0], GeneratedToken):
+            ready.append(items.popleft())  # type: ignore[arg-type]
+        return ready
+
+    async def aclose(self) -> None:
+        self._start = None
+        self._close()
+
+    def put(self, item: object) -> None:
+        """Deliver a payload (event loop); wake the consumer when it should go on."""
+        self._items.append(item)
+        if isinstance(item, GeneratedToken):
+            self._delivered += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self._ready():
+            waiter.set_result(None)
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._request is not None:
+            self._request.cancelled = True
+
+    def __del__(self) -> None:
+        if self._request is not None:
+            self._request.cancelled = True
+
+
+def settle(future: asyncio.Future[Any], payload: object) -> None:
+    if future.done():
+        return
+    if isinstance(payload, Failure):
+        future.set_exception(failure_error(payload))
+    else:
+        future.set_result(payload)
+
+
+def dispatch(replies: Sequence[tuple[Request, object]]) -> None:
+    """Hand each reply to its request's caller (on the event loop)."""
+    for request, payload in replies:
+        request.deliver(payload)

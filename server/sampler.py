@@ -1,0 +1,250 @@
+"""Sampling for a whole batch in one pass, with parameters as per-row vectors.
+
+A batch's sampling parameters are data (`SamplingRows`: one vector per parameter, one row per
+request, plus `[B, V]` masks of banned and seen tokens), so a step samples every row with one
+call whose Python cost does not depend on the batch size: `BatchSampler.sample(logits, rows)`
+runs an ONNX graph (`server/sampler.onnx`, built by `exporter/sampler_graph.py`) fed the
+step's `[B, V]` logits, and only the chosen ids, their log-probs and the requested top
+log-probs come back to numpy. Filter semantics are those of `server.sampling` (vLLM's:
+repetition penalty and bans, then temperature, top-k, top-p over the top-k-renormalised
+distribution, min-p; ties at a threshold kept), and `ReferenceSampler` gives the same results
+through the numpy `Sampler`.
+
+Randomness is a counter-based stream: row r's uniform is a hash of (seed[r], position[r])
+(`stream_uniforms`), computed for all rows at once, so a seeded request draws the same
+uniforms whatever shares its batch. A request without a seed gets a random one, drawn once
+when its row is built.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from server.sampling import GeneratedToken, Sampler, SamplingParams
+
+GRAPH_PATH = Path(__file__).with_name("sampler.onnx")  # built by exporter/sampler_graph.py
+_MASK32 = np.uint64(0xFFFFFFFF)
+# The hash's constants (shared with the graph builder, which must compute the same bits).
+HASH_START = 0x9E3779B9
+# A 32-bit integer hash ("lowbias32" of Wellons' hash-prospector, second variant): multipliers
+# below 2^31, so the graph's int64 products of 32-bit values stay below 2^63.
+HASH_MIX = (0x21F0AAAD, 0x735A2D97)
+HASH_SHIFTS = (16, 15, 15)
+
+
+@dataclass
+class SamplingRows:
+    """Per-row sampling parameters of a batch: row r of every field belongs to request r.
+
+    Build rows for new requests with `from_params`, keep them with the batch (`filter`,
+    `concatenate`), and call `advance` with each step's chosen tokens.
+    """
+
+    temperature: np.ndarray  # [B] float32; 0 = greedy
+    top_k: np.ndarray  # [B] int64; 0 = off
+    top_p: np.ndarray  # [B] float32; 1 = off
+    min_p: np.ndarray  # [B] float32; 0 = off
+    repetition_penalty: np.ndarray  # [B] float32; 1 = off
+    top_logprobs: np.ndarray  # [B] int64: alternatives to report
+    seed: np.ndarray  # [B] int64: the stream's seed mod 2**64, as two's complement
+    position: np.ndarray  # [B] int64: index of the row's next uniform in its stream
+    banned: np.ndarray  # [B, V] bool: never sampled
+    seen: np.ndarray  # [B, V] bool: tokens the repetition penalty applies to
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Sequence[SamplingParams],
+        histories: Sequence[np.ndarray | None],
+        vocab_size: int,
+    ) -> SamplingRows:
+        """Rows for new requests; `histories[r]`: the prompt's token ids (for the penalty).
+
+        Draws the random seed of each request without one: build a request's row once.
+        """
+        n = len(params)
+        banned = np.zeros((n, vocab_size), dtype=np.bool_)
+        seen = np.zeros((n, vocab_size), dtype=np.bool_)
+        for r, (p, h) in enumerate(zip(params, histories, strict=True)):
+            if p.banned_ids:
+                banned[r, np.fromiter(p.banned_ids, dtype=np.int64)] = True
+            if h is not None and p.repetition_penalty != 1.0:
+                seen[r, np.asarray(h, dtype=np.int64)] = True
+        seeds = [secrets.randbits(64) if p.seed is None else p.seed % 2**64 for p in params]
+        return cls(
+            temperature=np.array([p.temperature for p in params], dtype=np.float32),
+            top_k=np.array([p.top_k for p in params], dtype=np.int64),
+            top_p=np.array([p.top_p for p in params], dtype=np.float32),
+            min_p=np.array([p.min_p for p in params], dtype=np.float32),
+            repetition_penalty=np.array([p.repetition_penalty for p in params], dtype=np.float32),
+            top_logprobs=np.array([p.top_logprobs for p in params], dtype=np.int64),
+            seed=np.array(seeds, dtype=np.uint64).view(np.int64),
+            position=np.zeros(n, dtype=np.int64),
+            banned=banned,
+            seen=seen,
+        )
+
+    def __len__(self) -> int:
+        return len(self.temperature)
+
+    def filter(self, rows: np.ndarray | Sequence[int]) -> SamplingRows:
+        """The rows `rows` (indices into this batch), in that order, as new arrays."""
+        idx = np.asarray(rows, dtype=np.intp)
+        return SamplingRows(**{name: getattr(self, name)[idx] for name in _FIELDS})
+
+    @staticmethod
+    def concatenate(parts: Sequence[SamplingRows]) -> SamplingRows:
+        """The rows of `parts`, one after another, as new arrays."""
+        return SamplingRows(
+            **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS}
+        )
+
+    def advance(self, tokens: np.ndarray) -> None:
+        """Record each row's chosen token, in place: next stream position, token now seen.
+
+        O(B) numpy work; the `[B, V]` masks are updated, not copied.
+        """
+        self.position += 1
+        penalised = np.flatnonzero(self.repetition_penalty != 1.0)
+        if penalised.size:
+            self.seen[penalised, np.asarray(tokens, dtype=np.int64)[penalised]] = True
+
+
+_FIELDS = tuple(SamplingRows.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class SampledRows:
+    """What a sampler chose for each row of a batch."""
+
+    tokens: np.ndarray  # [B] int64
+    logprobs: np.ndarray  # [B] float32: the chosen token's, under the unmodified distribution
+    lse: np.ndarray  # [B] float32: log-sum-exp of each row's raw logits
+    # The top alternatives, most likely first, ties by lower id; K = the most any row asked
+    # for, and row r's first top_counts[r] columns are its answer (the rest: unspecified).
+    top_ids: np.ndarray  # [B, K] int64
+    top_logprobs: np.ndarray  # [B, K] float32: their log-probs (unmodified distribution)
+    top_counts: np.ndarray  # [B] int64
+
+    def generated(self) -> list[GeneratedToken]:
+        """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
+        ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
+        return [
+            GeneratedToken(t, lp, tuple(zip(ids[r][:k], lps[r][:k], strict=True)))
+            for r, (t, lp, k) in enumerate(
+                zip(
+                    self.tokens.tolist(),
+                    self.logprobs.tolist(),
+                    self.top_counts.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+
+
+def stream_uniforms(seed: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Row r's uniform in [0, 1) (float64, 32 random bits) at `position[r]` of `seed[r]`'s
+    stream: a hash of the seed's two 32-bit halves and the position (mod 2^32, the stream's
+    period), bit-identical to the sampler graph's."""
+    s = np.asarray(seed, dtype=np.int64).view(np.uint64)
+    p = np.asarray(position, dtype=np.int64).view(np.uint64)
+    words = [s & _MASK32, s >> np.uint64(32), p & _MASK32]
+    h = np.full(s.shape, HASH_START, dtype=np.uint32)
+    for w in words:
+        h = _hash32(h ^ w.astype(np.uint32))
+    h = _hash32(h ^ np.uint32(HASH_START))  # a second round after the counter
+    return h.astype(np.float64) * 2.0**-32
+
+
+def _hash32(h: np.ndarray) -> np.ndarray:
+    """The 32-bit integer hash (a bijection with near-full avalanche), wrapping uint32."""
+    a, b, c = HASH_SHIFTS
+    h = h ^ (h >> np.uint32(a))
+    h = h * np.uint32(HASH_MIX[0])
+    h = h ^ (h >> np.uint32(b))
+    h = h * np.uint32(HASH_MIX[1])
+    return h ^ (h >> np.uint32(c))
+
+
+class ReferenceSampler:
+    """The numpy reference: today's `Sampler`, row by row parameters, same uniforms."""
+
+    def __init__(self) -> None:
+        self._sampler = Sampler()
+
+    def sample(
+        self, logits: np.ndarray, rows: SamplingRows, uniforms: np.ndarray | None = None
+    ) -> SampledRows:
+        """Sample float32 `logits` `[B, V]`; `uniforms` default to the rows' streams."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        u = stream_uniforms(rows.seed, rows.position) if uniforms is None else uniforms
+        params = [_row_params(rows, r) for r in range(len(rows))]
+        history = [np.flatnonzero(rows.seen[r]) for r in range(len(rows))]
+        s = self._sampler.sample(logits, params, history, np.asarray(u, dtype=np.float64))
+        width = int(rows.top_logprobs.max(initial=0))
+        top_ids = np.zeros((len(rows), width), dtype=np.int64)
+        top_lps = np.zeros((len(rows), width), dtype=np.float32)
+        for r, top in enumerate(s.top):
+            if top:
+                top_ids[r, : len(top)] = [t for t, _ in top]
+                top_lps[r, : len(top)] = [lp for _, lp in top]
+        return SampledRows(s.tokens, s.logprobs, s.lse, top_ids, top_lps, rows.top_logprobs)
+
+
+def _row_params(rows: SamplingRows, r: int) -> SamplingParams:
+    return SamplingParams(
+        temperature=float(rows.temperature[r]),
+        top_k=int(rows.top_k[r]),
+        top_p=float(rows.top_p[r]),
+        min_p=float(rows.min_p[r]),
+        repetition_penalty=float(rows.repetition_penalty[r]),
+        top_logprobs=int(rows.top_logprobs[r]),
+        banned_ids=frozenset(np.flatnonzero(rows.banned[r]).tolist()),
+    )
+
+
+class BatchSampler:
+    """Samples a batch's `[B, V]` logits in one pass of the sampler graph.
+
+    `sample(logits, rows)`: `logits` float32 `[B, V]`, a numpy array or an
+    `onnxruntime.OrtValue` (fed to the graph where it is); returns a `SampledRows`. The Python
+    work per call is the same whatever B. One sampler may serve one thread at a time.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[str] | None = None,
+        options: ort.SessionOptions | None = None,
+    ) -> None:
+        """`providers`, `options`: for the graph's onnxruntime session (default: CPU, one
+        thread)."""
+        if options is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(GRAPH_PATH),
+            sess_options=options,
+            providers=list(providers) if providers else ["CPUExecutionProvider"],
+        )
+
+    def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:
+        shape = tuple(logits.shape()) if isinstance(logits, ort.OrtValue) else logits.shape
+        if shape != rows.banned.shape:
+            raise ValueError(
+                f"logits of shape {shape} do not match {len(rows)} rows of a vocabulary "
+                f"of {rows.banned.shape[1]}"
+            )
+        feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in _FIELDS}
+        feeds["logits"] = logits
+        tokens, logprobs, lse, top_ids, top_values = self._session.run(_OUTPUTS, feeds)
+        return SampledRows(tokens, logprobs, lse, top_ids, top_values, rows.top_logprobs)
+
+
+_OUTPUTS = ["tokens", "logprobs", "lse", "top_ids", "top_values"]

@@ -1,0 +1,298 @@
+"""The scheduler: the queue, the worker threads that step batches, and the step-time policy.
+
+Requests cross from the event loop to the workers through one locked queue. Each worker owns a
+batch; every step it takes its share of the queue into the batch (so a request waits for no
+slot: it joins the next step), picks which generations advance this step (`Pace`), runs
+`step`, writes the prefix states it reached into the state cache, and posts the replies to
+the event loop with one `call_soon_threadsafe`. onnxruntime's `run` and numpy's array work
+release the GIL, so one worker's run overlaps another's sampling and the event loop keeps
+serving while steps run.
+
+No request waits behind another. Next-token work (a prompt, a next-token call, a score or
+embed chunk) runs in the next step, always. Generations past their prompt advance together
+while the step stays under `max_step_ms` (and `max_batch_size`, the old slot pool's flag,
+when set); beyond that they take turns, those that advanced least first. Admission control
+counts waiting work (requests not yet in a batch, generations sitting a step out, chunks held
+for a later step), not running rows.
+
+`run_inline` is the fast path: a lone next-token request on an idle engine runs through the
+same `step` on the caller's thread at once (two thread wake-ups cost more than its step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from server.batch import Batch
+from server.delivery import dispatch
+from server.engine_config import EngineConfig
+from server.engine_errors import EngineClosed, Overloaded, failure_error
+from server.metrics import EngineMetrics
+from server.requests import Failure, Request
+from server.runner import Runner
+from server.sampling import Sampler
+from server.state_cache import StateCache
+from server.step import Prefix, Reply, StepConfig, StepResult, step
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest step in the running estimate of a generation's share of step time.
+PACE_WEIGHT = 0.2
+
+
+class Pace:
+    """The step-time policy: how many generations one step advances, and which.
+
+    The cost of a row is its share of the step's time, estimated as steps run (the step's
+    seconds over its rows, a moving average: an overestimate at small batches, where a step's
+    fixed cost weighs most, so the batch grows as the estimate falls)."""
+
+    def __init__(self, max_step_ms: float, max_rows: int | None) -> None:
+        self.max_step_s = max_step_ms / 1000
+        self.max_rows = max_rows
+        self.row_s: float | None = None  # estimated seconds a row adds to a step
+
+    def limit(self) -> int | None:
+        """The most generations the next step advances (None: all)."""
+        by_time = None if self.row_s is None else max(1, math.floor(self.max_step_s / self.row_s))
+        if by_time is None or self.max_rows is None:
+            return by_time if by_time is not None else self.max_rows
+        return min(by_time, self.max_rows)
+
+    def observe(self, seconds: float, rows: int) -> None:
+        if rows:
+            sample = seconds / rows
+            old = self.row_s
+            self.row_s = sample if old is None else old + PACE_WEIGHT * (sample - old)
+
+    def rest(self, batch: Batch) -> Batch:
+        """`batch` with the generations beyond this step's limit resting, the ones that
+        advanced least taking their turn first."""
+        limit = self.limit()
+        requests = batch.requests
+        decoding = [row for row, r in enumerate(requests) if r.decoding]
+        if limit is None or len(decoding) <= limit:
+            return batch
+        order = sorted(decoding, key=lambda row: requests[row].stepped)  # type: ignore[attr-defined]
+        return batch.rest(frozenset(order[limit:]))
+
+
+class Scheduler:
+    """The queue and the worker threads (see the module docstring)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        step_config: StepConfig,
+        config: EngineConfig,
+        cache: StateCache,
+        metrics: EngineMetrics | None,
+        num_states: int,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+    ) -> None:
+        self.runner = runner
+        self.step_config = step_config
+        self.config = config
+        self.cache = cache
+        self.metrics = metrics
+        self._num_states = num_states
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._queue: deque[Request] = deque()
+        self._closing = False
+        self._idle_threads = 0  # workers waiting with nothing to do (lock held)
+        threads = config.batch_threads
+        self.sizes = [0] * threads  # rows in each worker's batch
+        self._waiting = [0] * threads  # each worker's rows that sat out its last step
+        self._inline_sampler = Sampler()
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"engine-{name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def active(self) -> int:
+        """Requests admitted to a batch or waiting for one."""
+        return len(self._queue) + sum(self.sizes)
+
+    @property
+    def waiting(self) -> int:
+        """Work that did not run in the last step: queued requests and rows sitting out."""
+        return len(self._queue) + sum(self._waiting)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+
+    def submit(self, request: Request, model: str) -> None:
+        """Queue a request for the next step; Overloaded when too much work is waiting."""
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is shutting down")
+            waiting = self.waiting
+            if waiting >= self.config.max_queued:
+                raise Overloaded(
+                    f"{waiting} requests are already waiting for {model} "
+                    f"(max_queued {self.config.max_queued}); try again later"
+                )
+            self._queue.append(request)
+            self._cond.notify()
+
+    def idle_now(self) -> bool:
+        """True when every worker waits with an empty batch and the queue is empty.
+
+        Only the event loop submits work, so the engine stays idle until this caller returns.
+        """
+        with self._cond:
+            idle = self._idle_threads == len(self._threads)
+            return idle and not self._queue and not self._closing
+
+    def run_inline(self, request: Request) -> object:
+        """Run a request to its answer here, through `step` (the engine must be idle)."""
+        if self.metrics is not None:
+            self.metrics.observe_queue_wait(0.0)
+        batch = Batch.of([request])
+        replies: list[Reply] = []
+        while not request.done:
+            result = step(batch, self.runner, self.step_config, self._inline_sampler)
+            self._store(result.prefixes)
+            replies += result.replies
+            batch = result.batch
+        payload = replies[-1][1]
+        if isinstance(payload, Failure):
+            raise failure_error(payload)
+        return payload
+
+    def _store(self, prefixes: Sequence[Prefix]) -> None:
+        """The one place the state cache is written: the prefix states steps reached."""
+        for p in prefixes:
+            self.cache.insert(p.tokens, p.state, p.logprobs, p.key)
+
+    # ---- the worker threads ----------------------------------------------------------------
+
+    def _work(self, index: int) -> None:
+        """One worker's loop: admit its share of the queue into its batch, step it."""
+        batch = Batch.empty(self._num_states)
+        sampler = Sampler()
+        pace = Pace(self.config.max_step_ms, self.config.max_batch_size)
+        last_size, last_end = 0, 0.0
+        while True:
+            admitted = self._admit(len(batch), last_size, last_end)
+            if admitted is None:
+                break
+            if admitted:
+                batch = batch.concatenate([Batch.of(admitted)])
+            batch = pace.rest(batch.live())
+            self.sizes[index] = len(batch)
+            if not len(batch):
+                continue
+            start = time.perf_counter()
+            result = self._step(batch, sampler)
+            last_size, last_end = len(batch), time.perf_counter()
+            pace.observe(last_end - start, len(batch) - len(batch.resting))
+            self._waiting[index] = len(batch.resting) + result.held
+            # Cached before the results go out, so a caller's next request can hit them.
+            self._store(result.prefixes)
+            if result.replies:
+                self._post(result.replies)
+            batch = result.batch.live()
+            self.sizes[index] = len(batch)
+        self._shut_down(index, batch)
+
+    def _step(self, batch: Batch, sampler: Sampler) -> StepResult:
+        try:
+            return step(batch, self.runner, self.step_config, sampler)
+        except Exception as e:  # a bug must not take the engine down with it
+            log.exception("engine step failed")
+            return StepResult(batch, _fail(batch, f"internal engine error: {e}"), [])
+
+    def _admit(self, size: int, last_size: int, last_end: float) -> list[Request] | None:
+        """This worker's share of the queue, waiting for work while its batch is empty;
+        None when the engine is closing."""
+        wait = self.config.max_queue_wait_ms / 1000 if self.config.batching else 0.0
+        with self._cond:
+            while not self._closing and not self._queue and not size:
+                self._idle_threads += 1
+                self._cond.wait()
+                self._idle_threads -= 1
+            if not self._closing and not size and wait > 0:
+                self._wait_for_company(last_size, last_end, wait)
+            if self._closing:
+                return None
+            share = -(-self.active // len(self._threads))  # an even share of all the work
+            admitted: list[Request] = []
+            while self._queue and size + len(admitted) < share:
+                request = self._queue.popleft()
+                if not request.cancelled:
+                    admitted.append(request)
+            depth = len(self._queue)
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(depth)
+            now = time.perf_counter()
+            for request in admitted:
+                self.metrics.observe_queue_wait(now - request.submitted)
+        return admitted
+
+    def _wait_for_company(self, target: int, last_end: float, wait: float) -> None:
+        """Hold a step (lock held) while closed-loop callers of the last one come back.
+
+        When the last step served `target` requests and ended just before the first waiting
+        one arrived, up to `wait` seconds are spent letting the others rejoin, so they share
+        one run instead of trickling through one at a time. A lone caller never waits.
+        """
+        if not self._queue or len(self._queue) >= target:
+            return
+        first = self._queue[0].submitted
+        if first - last_end > wait:
+            return
+        deadline = first + wait
+        while not self._closing and len(self._queue) < target:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def _shut_down(self, index: int, batch: Batch) -> None:
+        with self._cond:
+            waiting = list(self._queue)
+            self._queue.clear()
+        closing = Failure("the engine is shutting down", shutdown=True)
+        replies = _fail(batch, closing.message, shutdown=True)
+        replies += [(r, closing) for r in waiting if not r.cancelled]
+        self.sizes[index] = 0
+        if replies:
+            self._post(replies)
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(0)
+
+    def _post(self, replies: list[Reply]) -> None:
+        # A closed event loop raises RuntimeError: then nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(dispatch, replies)
+
+
+def _fail(batch: Batch, message: str, shutdown: bool = False) -> list[Reply]:
+    """End every live request of `batch` with a failure."""
+    replies: list[Reply] = []
+    for r in batch.requests:
+        if not (r.done or r.cancelled):
+            r.done = True
+            replies.append((r, Failure(message, shutdown)))
+    return replies

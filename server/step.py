@@ -1,0 +1,407 @@
+"""One step of a batch: `step(batch, runner, config, sampler) -> StepResult`.
+
+The step asks every row for its pending work (a decode token, a prompt or document chunk),
+groups the work into as few onnxruntime runs as the padding rules allow, runs them, hands each
+row its outputs (`Request.absorb`), finishes the rows whose next-token logits are ready (their
+log-probs in one vectorised pass, their samples in one sampler call per block) and returns
+what happened: the batch with its new states, the replies to deliver, and the prefix states
+for the state cache. It changes no argument but the requests' own progress counters.
+
+Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
+decode step, a document chunk before the last) runs only with work of exactly its length, so
+it is never padded. Work whose final state is thrown away (the last chunk of a document being
+scored or embedded) may be right-padded up to a power-of-two length: a recurrent network is
+causal, so outputs at the real positions do not see the padding after them.
+
+Which graph serves which work: prompts go through the prefill graph (the step graph without
+its output layer) but their last token, which runs on the step graph for the logits, in the
+same step (see `Request.work`); scoring goes through the score graph, embedding through the
+prefill graph. A step runs every decode token but at most one run's worth of prompt and
+document tokens (`run_elements`, rows taking turns), so long documents cannot stall streams.
+Generations past their prompt (the hot path under load) lead the one-token run as a block:
+their tokens are gathered and their rows sampled in single vectorised calls straight from the
+run's output; the sampler treats rows independently, so blocks never change a token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.batch import Batch
+from server.requests import (
+    END,
+    PREFILL,
+    READY,
+    SCORE,
+    STEP,
+    Failure,
+    GenerateRequest,
+    Request,
+    RowOutput,
+    State,
+    Work,
+)
+from server.runner import Runner
+from server.sampling import GeneratedToken, Sampler, log_softmax
+
+# The most float32 values a run may hold per [B, T, V] tensor (16 MiB): bigger groups are
+# split. Batching rows of long chunks gains little, and onnxruntime keeps the memory of its
+# largest run for good (its arena), so this bounds what scoring adds to the server's memory.
+RUN_ELEMENTS = 1 << 22
+
+Reply = tuple[Request, object]
+
+
+@dataclass(frozen=True, slots=True)
+class StepConfig:
+    """How steps run: the engine's settings and the model's sizes."""
+
+    vocab_size: int
+    hidden: int
+    chunk: int = 128  # tokens of a prompt/document fed per step per request
+    batching: bool = True  # False: one run per request
+    prefill_split: int | None = None  # see `Request.work`
+    run_elements: int = RUN_ELEMENTS
+    caching: bool = True  # return the prefix states reached, for the state cache
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """A context's state and next-token log-probs, for the state cache."""
+
+    tokens: np.ndarray
+    state: State
+    logprobs: np.ndarray
+    key: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step did."""
+
+    batch: Batch  # the same rows with their new states (finished ones still in it)
+    replies: list[Reply]  # payloads to deliver, in order
+    prefixes: list[Prefix]  # for the state cache, before the replies go out
+    held: int = 0  # rows whose chunk the step's token budget held back for a later step
+    decoded: int = 0  # generations advanced by one decode token
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    graph: str
+    length: int
+    rows: list[int]
+    lead: int  # the first `lead` rows are decoding generations
+
+
+@dataclass(slots=True)
+class _Ran:
+    """One run's outcome."""
+
+    replies: list[Reply] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)  # rows whose next-token logits are ready
+    block: tuple[list[int], np.ndarray] | None = None  # decoding rows and their logits
+
+
+def step(batch: Batch, runner: Runner, config: StepConfig, sampler: Sampler) -> StepResult:
+    """Run one step of every row's pending work (resting rows excepted); see the docstring."""
+    requests = batch.requests
+    decoders, works = _plan(batch, config)
+    held = 0
+    if len(decoders) < len(requests):
+        works, held = _take_turns(works, batch.turn, config)
+    states = list(batch.states)
+    outcomes: list[_Ran] = []
+    # Work that needs no logits runs first; a request whose prefill left only its last few
+    # tokens feeds them on the step graph in this step, beside the decoding rows.
+    early = [w if w is not None and w.graph != STEP else None for w in works]
+    if any(w is not None for w in early):
+        for run in _groups(early, [], config):
+            states, ran = _run(runner, states, batch.states, run, early, requests)
+            outcomes.append(ran)
+        works = _after_early(works, early, requests, config)
+    for run in _groups(works, decoders, config):
+        states, ran = _run(runner, states, batch.states, run, works, requests)
+        outcomes.append(ran)
+    after = batch.stepped(states)
+    replies = [reply for ran in outcomes for reply in ran.replies]
+    ready = [row for ran in outcomes for row in ran.ready]
+    ready += [
+        row
+        for row, r in enumerate(requests)
+        if works[row] is None and r.logits is not None and row not in batch.resting
+    ]  # logits known before the step (a generation from a cached prompt)
+    finished = _finish(after, sorted(set(ready)), [ran.block for ran in outcomes], sampler, config)
+    return StepResult(after, replies + finished[0], finished[1], held, len(decoders))
+
+
+def _plan(batch: Batch, config: StepConfig) -> tuple[list[int], list[Work | None]]:
+    """The decoding rows (a block, with batching) and every other row's work."""
+    decoders: list[int] = []
+    works: list[Work | None] = []
+    resting = batch.resting
+    for row, r in enumerate(batch.requests):
+        if row in resting or r.done or r.cancelled:
+            works.append(None)
+        elif config.batching and r.decoding:
+            decoders.append(row)
+            works.append(None)
+        else:
+            works.append(r.work(config.chunk, config.prefill_split))
+    return decoders, works
+
+
+def _after_early(
+    works: list[Work | None],
+    early: list[Work | None],
+    requests: Sequence[Request],
+    config: StepConfig,
+) -> list[Work | None]:
+    """The step-graph work left after the early runs: a prefilled prompt's last tokens."""
+    out = list(works)
+    for row, w in enumerate(early):
+        if w is None:
+            continue
+        r = requests[row]
+        after = None if w.graph != PREFILL or r.done else r.work(config.chunk, config.prefill_split)
+        out[row] = after if after is not None and after.graph == STEP else None
+    return out
+
+
+def _groups(works: list[Work | None], decoders: list[int], config: StepConfig) -> list[_Run]:
+    """`works` and the `decoders` rows in as few runs as the padding rules allow."""
+    # (graph, run length, the row when each request runs alone else -1) -> rows
+    groups: dict[tuple[str, int, int], list[int]] = {}
+    if decoders:
+        groups[(STEP, 1, -1)] = list(decoders)
+    for row, w in enumerate(works):
+        if w is None:
+            continue
+        n = len(w.tokens)
+        if not config.batching:
+            key = (w.graph, n, row)
+        elif w.keeps_state:
+            key = (w.graph, n, -1)
+        else:
+            key = (w.graph, _padded(n, config.chunk), -1)
+        groups.setdefault(key, []).append(row)
+    widths = {
+        STEP: config.vocab_size + config.hidden,
+        SCORE: config.vocab_size,
+        PREFILL: config.hidden,
+    }
+    runs = []
+    for key, rows in groups.items():
+        graph, length, _ = key
+        per_run = max(1, config.run_elements // (length * widths[graph]))
+        leading = len(decoders) if key == (STEP, 1, -1) else 0  # the decoders lead their group
+        for start in range(0, len(rows), per_run):
+            part = rows[start : start + per_run]
+            runs.append(_Run(graph, length, part, max(0, min(len(part), leading - start))))
+    return runs
+
+
+def _take_turns(
+    works: list[Work | None], turn: int, config: StepConfig
+) -> tuple[list[Work | None], int]:
+    """Hold back chunks beyond one full run of tokens this step, in turns; the works kept and
+    how many were held.
+
+    Decode steps always run; prompt and document chunks share a budget of one run's worth of
+    tokens per step, so a flood of long documents cannot stall every stream's next token for
+    many runs (nor grow memory), and each request gets its turn first.
+    """
+    budget = config.run_elements // (config.vocab_size + config.hidden)
+    count = len(works)
+    kept = list(works)
+    used = held = 0
+    for k in range(count):
+        row = (turn + k) % count
+        w = kept[row]
+        if w is None or len(w.tokens) == 1:
+            continue
+        if used and used + len(w.tokens) > budget:
+            kept[row] = None
+            held += 1
+        else:
+            used += len(w.tokens)
+    return kept, held
+
+
+def _run(
+    runner: Runner,
+    states: list[np.ndarray],
+    original: Sequence[np.ndarray],
+    run: _Run,
+    works: list[Work | None],
+    requests: Sequence[Request],
+) -> tuple[list[np.ndarray], _Ran]:
+    """One onnxruntime run of `run.rows`: the states after it, and what it gave the rows."""
+    rows, lead = run.rows, run.lead
+    tokens, targets = _inputs(run, works, requests)
+    # Every row, in batch order: the run takes and returns the batch's own state arrays.
+    full = len(rows) == len(requests) and all(a < b for a, b in itertools.pairwise(rows))
+    idx = np.array(rows, dtype=np.intp)
+    inputs = states if full else [s[:, idx, :] for s in states]
+    logits: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
+    try:
+        if targets is not None:
+            logprobs, features, new = runner.score(tokens, targets, inputs)
+        elif run.graph == PREFILL:
+            features, new = runner.prefill(tokens, inputs)
+        else:
+            logits, features, new = runner.step(tokens, inputs)
+    except Exception as e:  # onnxruntime raises several types; the requests must end
+        failure = Failure(f"onnxruntime run failed: {e}")
+        for row in rows:
+            requests[row].done = True
+        return states, _Ran(replies=[(requests[row], failure) for row in rows])
+    states = list(new) if full else _scatter(states, original, idx, new)
+    ran = _Ran()
+    if lead:
+        assert logits is not None
+        ran.block = (rows[:lead], logits[:lead, 0, :])
+    for i in range(lead, len(rows)):
+        r = requests[rows[i]]
+        n = len(works[rows[i]].tokens)  # type: ignore[union-attr]
+        out = RowOutput(
+            None if features is None else features[i, :n],
+            None if logits is None else logits[i, :n],
+            None if logprobs is None else logprobs[i, :n],
+            _lazy_state(new, i),
+        )
+        answer = r.absorb(out)
+        if answer is READY:
+            ran.ready.append(rows[i])
+        elif answer is not None:
+            r.done = True
+            ran.replies.append((r, answer))
+    return states, ran
+
+
+def _lazy_state(states: Sequence[np.ndarray], i: int) -> Callable[[], State]:
+    """A read-only copy of row `i` of `states`, made only when asked for."""
+
+    def state() -> State:
+        copy = tuple(s[:, i, :].copy() for s in states)
+        for s in copy:
+            s.setflags(write=False)
+        return copy
+
+    return state
+
+
+def _inputs(
+    run: _Run, works: list[Work | None], requests: Sequence[Request]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The run's tokens [k, length] (and targets, on the score graph)."""
+    k, lead = len(run.rows), run.lead
+    tokens = np.zeros((k, run.length), dtype=np.int64)
+    targets = np.zeros((k, run.length), dtype=np.int64) if run.graph == SCORE else None
+    if lead:
+        tokens[:lead, 0] = np.fromiter(
+            (requests[row].next_token for row in run.rows[:lead]),  # type: ignore[attr-defined]
+            dtype=np.int64,
+            count=lead,
+        )
+    for i in range(lead, k):
+        w = works[run.rows[i]]
+        assert w is not None
+        tokens[i, : len(w.tokens)] = w.tokens
+        if targets is not None:
+            assert w.targets is not None
+            targets[i, : len(w.targets)] = w.targets
+    return tokens, targets
+
+
+def _scatter(
+    states: list[np.ndarray],
+    original: Sequence[np.ndarray],
+    idx: np.ndarray,
+    new: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    """`states` with rows `idx` replaced by `new`; the batch's own arrays are copied first."""
+    out = []
+    for s, o, fresh in zip(states, original, new, strict=True):
+        target = s.copy() if s is o else s
+        target[:, idx, :] = fresh
+        out.append(target)
+    return out
+
+
+def _finish(
+    batch: Batch,
+    ready: list[int],
+    blocks: list[tuple[list[int], np.ndarray] | None],
+    sampler: Sampler,
+    config: StepConfig,
+) -> tuple[list[Reply], list[Prefix]]:
+    """Answer the rows whose next-token logits are ready: log-probs, or samples."""
+    requests = batch.requests
+    replies: list[Reply] = []
+    prefixes: list[Prefix] = []
+    nexts = [row for row in ready if not requests[row].samples]
+    firsts = [row for row in ready if requests[row].samples]
+    if nexts:
+        logprobs = log_softmax(np.stack([requests[row].logits for row in nexts]))  # type: ignore[misc]
+        for j, row in enumerate(nexts):
+            r = requests[row]
+            lp = logprobs[j].copy()
+            lp.setflags(write=False)
+            if config.caching:
+                context, key = r.context, r.key  # type: ignore[attr-defined]
+                prefixes.append(Prefix(context, batch.row_state(row), lp, key))
+            r.logits = None
+            r.done = True
+            replies.append((r, lp))
+    every = [b for b in blocks if b is not None]
+    if firsts:
+        every.append((firsts, np.stack([requests[row].logits for row in firsts])))  # type: ignore[misc]
+        for row in firsts:
+            requests[row].logits = None
+    for rows, logits in every:
+        sampled = _sample(batch, rows, logits, sampler, config)
+        replies += sampled[0]
+        prefixes += sampled[1]
+    return replies, prefixes
+
+
+def _sample(
+    batch: Batch, rows: list[int], logits: np.ndarray, sampler: Sampler, config: StepConfig
+) -> tuple[list[Reply], list[Prefix]]:
+    """Sample each row's next token from its row of `logits` in one sampler call."""
+    requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
+    uniforms = np.array([r.uniform() for r in requests])
+    samples = sampler.sample(
+        np.ascontiguousarray(logits),
+        [r.params for r in requests],
+        [r.history for r in requests],
+        uniforms,
+    )
+    tokens = samples.tokens.tolist()
+    logprobs = samples.logprobs.tolist()
+    replies: list[Reply] = []
+    prefixes: list[Prefix] = []
+    for j, r in enumerate(requests):
+        if r.generated == 0 and len(r.feed) and config.caching:
+            # The prompt's state, for a later request on the same prompt.
+            prompt_lp = logits[j] - samples.lse[j]
+            prompt_lp.setflags(write=False)
+            prefixes.append(Prefix(r.prompt, batch.row_state(rows[j]), prompt_lp, r.key))
+        token = tokens[j]
+        replies.append((r, GeneratedToken(token, logprobs[j], samples.top[j])))
+        r.stepped += 1
+        if r.emitted(token):
+            r.done = True
+            replies.append((r, END))
+    return replies, prefixes
+
+
+def _padded(n: int, chunk: int) -> int:
+    """The run length a discard-state chunk of `n` tokens is padded to."""
+    return min(1 << (n - 1).bit_length(), max(chunk, n))

@@ -1,0 +1,93 @@
+"""The scheduler's rules: no request waits behind another, generations share steps fairly,
+and what shares a step never changes a result (asserted on order and on the engine's own
+accounting, never on wall time)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_engine import Direct, close, collect, run_engine, runs
+
+from server.bundle import Bundle, load_bundle
+from server.engine import Engine, SamplingParams
+from server.metrics import Metrics
+
+
+@pytest.fixture(scope="module")
+def lstm(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
+    return load_bundle(tiny_bundle_factory("lstm", "word"))
+
+
+def test_next_token_work_never_waits_behind_generations(lstm: Bundle) -> None:
+    """Head of line: with one generation advancing per step (the old `--max-batch-size 1`,
+    once a slot pool), four long generations all start, and a PredictNext is answered while
+    every one of them is still running."""
+
+    async def body(engine: Engine) -> tuple[Any, list[int], list[bool]]:
+        streams = [engine.generate([2, i], 10**6, SamplingParams(seed=i)) for i in range(4)]
+        for stream in streams:  # each starts while the ones before it run
+            await anext(stream)
+        assert not engine._idle_now()  # so the call below goes through the scheduler
+        logprobs = await engine.next_token_logprobs([3, 4, 5, 6])
+        requests = [stream._request for stream in streams]
+        running = [r is not None and not r.done for r in requests]
+        stepped = [r.stepped for r in requests if r is not None]
+        for stream in streams:
+            await stream.aclose()
+        return logprobs, stepped, running
+
+    logprobs, stepped, running = run_engine(lstm, body, max_batch_size=1)
+    assert all(running)
+    close(logprobs, Direct(lstm).logprobs([3, 4, 5, 6])[-1])
+    assert max(stepped) - min(stepped) <= 1  # turns taken fairly: the least advanced first
+
+
+def test_generations_take_turns_beyond_the_step_time(lstm: Bundle) -> None:
+    """A step-time budget below one row's cost advances one generation per step; every
+    generation still finishes, in fair turns, with the tokens it gets alone."""
+    params = [SamplingParams(seed=10 + i, temperature=1.2) for i in range(5)]
+
+    async def together(engine: Engine) -> list[Any]:
+        return list(await asyncio.gather(*(collect(engine, [7], 12, p) for p in params)))
+
+    async def alone(engine: Engine) -> list[Any]:
+        return [await collect(engine, [7], 12, p) for p in params]
+
+    metrics = Metrics()
+    turns = run_engine(lstm, together, metrics, max_step_ms=1e-6)
+    count, total = runs(metrics, lstm)
+    assert run_engine(lstm, alone) == turns
+    # One generation a step past the first token: about one run per token of each stream.
+    assert count >= 5 * 11 and total < 2 * count
+
+
+def test_a_seeded_generation_is_the_same_alone_and_among_64(lstm: Bundle) -> None:
+    prompt = [2, 3]
+    params = SamplingParams(seed=99, temperature=1.1, top_p=0.9)
+
+    async def alone(engine: Engine) -> list[Any]:
+        return await collect(engine, prompt, 40, params)
+
+    async def crowded(engine: Engine) -> list[Any]:
+        others = [
+            collect(
+                engine,
+                [4, i % 7],
+                40,
+                SamplingParams(seed=1000 + i, temperature=0.8 + i / 100, top_k=i % 5),
+            )
+            for i in range(63)
+        ]
+        results = await asyncio.gather(collect(engine, prompt, 40, params), *others)
+        return results[0]
+
+    metrics = Metrics()
+    first = run_engine(lstm, alone)
+    assert run_engine(lstm, crowded, metrics) == first
+    count, total = runs(metrics, lstm)
+    assert total / count > 16  # the runs really were shared
+    assert run_engine(lstm, crowded, max_step_ms=1e-6) == first  # and in turns
