@@ -20,13 +20,14 @@ from tokenizers import Tokenizer
 from exporter.export import (
     ExportError,
     _check_target,
-    _commit,
     build_manifest,
     bundle_files,
+    write_bundle,
 )
 from exporter.parity import ParityReport
 from importers.errors import ImportFailure
 from importers.parity import Reference, check_source_parity, stream_perplexity
+from rnnlm.bundle import TOKENIZER_FILE
 from server.bundle import BundleError, sha256_file
 from training.checkpoint import Checkpoint
 from training.model import RNNLM, ModelConfig
@@ -105,7 +106,7 @@ def write_imported(
             imported.reference, imported.test_ids, eos, shapes
         )
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_path = Path(tmp) / "tokenizer.json"
+        tokenizer_path = Path(tmp) / TOKENIZER_FILE
         imported.tokenizer.save(str(tokenizer_path))
         ckpt = Checkpoint(
             path=imported.source_path,
@@ -122,7 +123,8 @@ def write_imported(
         )
         _describe_import(manifest, imported)
         try:
-            return _commit(target, ckpt, bundle_files(imported.blobs), manifest, force)
+            files = {**bundle_files(imported.blobs), TOKENIZER_FILE: tokenizer_path.read_bytes()}
+            return write_bundle(target, files, manifest, force=force)
         except (ExportError, BundleError) as e:
             raise ImportFailure(str(e)) from e
 
