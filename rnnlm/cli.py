@@ -25,8 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # The optional dependencies (pyproject's extras) a subcommand needs beyond the serving install.
-EXTRAS: dict[str, str] = {"train": "train", "export": "train"}
-_OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "benchmarks"}
+EXTRAS: dict[str, str] = {"train": "train", "export": "train", "import": "train"}
+_OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "importers", "benchmarks"}
 
 
 def _usage() -> str:

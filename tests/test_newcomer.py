@@ -268,7 +268,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command", ["train", "export"])
+@pytest.mark.parametrize("command", ["train", "export", "import"])
 def test_train_and_export_without_the_train_extra_name_it_in_one_line(command: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, command, "--help"],
