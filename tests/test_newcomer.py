@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -293,3 +294,43 @@ def test_the_serving_commands_need_no_train_extra() -> None:
         timeout=120,
     )
     assert result.returncode == 0 and "--models" in result.stdout
+
+
+# -- rnnlm serve start-up failures -------------------------------------------------------------
+
+
+def serve_fails(*args: str) -> str:
+    """`rnnlm serve ARGS` that must fail to start: its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnlm", "serve", "--host", "127.0.0.1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--health-port"])
+def test_a_port_in_use_is_named_in_one_line(default_bundle: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "0", flag: port}
+        stderr = serve_fails("--models", str(default_bundle), *sum(ports.items(), ()))
+    assert stderr == (
+        f"rnnlm serve: cannot start: {flag} {port}: address already in use on 127.0.0.1 "
+        "(another process listens there; stop it or choose another port)\n"
+    )
+
+
+def test_a_start_up_error_is_said_once(default_bundle: Path, tmp_path: Path) -> None:
+    renamed(default_bundle, tmp_path / "a", name="alpha")
+    stderr = serve_fails(
+        "--models", str(tmp_path), "--port", "0", "--metrics-port", "0", "--default-model", "nope"
+    )
+    assert stderr.count("'nope'") == 1
+    assert stderr.splitlines()[-1].startswith("rnnlm serve: cannot start: --default-model 'nope'")
+    assert "Traceback" not in stderr
