@@ -25,7 +25,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
@@ -34,6 +33,7 @@ from server.engine import EngineConfig
 from server.guard import DecodeGuard
 from server.limits import Limits
 from server.metrics import Metrics, MetricsServer
+from server.reflection import enable_reflection
 from server.repository import ModelRepository, ReloadResult
 from server.security import BearerAuthInterceptor, BearerTokens, TlsFiles
 from server.servicer import LanguageModelServicer
@@ -254,9 +254,7 @@ class RnnlmServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
         address = _address(c.host, c.port)
         try:
             if self._tls is not None:
