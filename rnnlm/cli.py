@@ -20,13 +20,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("rnnlm.client_cli", "stream generated text from a server"),
     "predict": ("rnnlm.client_cli", "the k most likely next words for a context"),
     "score": ("rnnlm.client_cli", "log-probability and perplexity of texts"),
+    "embed": ("rnnlm.client_cli", "a sentence encoding of each text"),
     "models": ("rnnlm.client_cli", "list the models a server has loaded"),
     "bench": ("benchmarks.cli", "measure the server against bare onnxruntime and PyTorch"),
 }
 
 # The optional dependencies (pyproject's extras) a subcommand needs beyond the serving install.
-EXTRAS: dict[str, str] = {"train": "train", "export": "train"}
-_OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "benchmarks"}
+EXTRAS: dict[str, str] = {"train": "train", "export": "train", "import": "train"}
+_OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "importers", "benchmarks"}
 
 
 def _usage() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -268,7 +269,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command", ["train", "export"])
+@pytest.mark.parametrize("command", ["train", "export", "import"])
 def test_train_and_export_without_the_train_extra_name_it_in_one_line(command: str) -> None:
     result = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TRAIN_EXTRA, command, "--help"],
@@ -293,3 +294,144 @@ def test_the_serving_commands_need_no_train_extra() -> None:
         timeout=120,
     )
     assert result.returncode == 0 and "--models" in result.stdout
+
+
+# -- rnnlm serve start-up failures -------------------------------------------------------------
+
+
+def serve_fails(*args: str) -> str:
+    """`rnnlm serve ARGS` that must fail to start: its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnlm", "serve", "--host", "127.0.0.1", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--health-port"])
+def test_a_port_in_use_is_named_in_one_line(default_bundle: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "0", flag: port}
+        stderr = serve_fails("--models", str(default_bundle), *sum(ports.items(), ()))
+    assert stderr == (
+        f"rnnlm serve: cannot start: {flag} {port}: address already in use on 127.0.0.1 "
+        "(another process listens there; stop it or choose another port)\n"
+    )
+
+
+def test_a_start_up_error_is_said_once(default_bundle: Path, tmp_path: Path) -> None:
+    renamed(default_bundle, tmp_path / "a", name="alpha")
+    stderr = serve_fails(
+        "--models", str(tmp_path), "--port", "0", "--metrics-port", "0", "--default-model", "nope"
+    )
+    assert stderr.count("'nope'") == 1
+    assert stderr.splitlines()[-1].startswith("rnnlm serve: cannot start: --default-model 'nope'")
+    assert "Traceback" not in stderr
+
+
+# -- reflection v1 -----------------------------------------------------------------------------
+
+# grpc/reflection/v1/reflection.proto as the gRPC repository publishes it (comments left out):
+# the client below is built from this text alone, not from anything the server uses.
+_REFLECTION_V1 = """
+syntax = "proto3";
+package grpc.reflection.v1;
+service ServerReflection {
+  rpc ServerReflectionInfo(stream ServerReflectionRequest)
+      returns (stream ServerReflectionResponse);
+}
+message ServerReflectionRequest {
+  string host = 1;
+  oneof message_request {
+    string file_by_filename = 3;
+    string file_containing_symbol = 4;
+    ExtensionRequest file_containing_extension = 5;
+    string all_extension_numbers_of_type = 6;
+    string list_services = 7;
+  }
+}
+message ExtensionRequest { string containing_type = 1; int32 extension_number = 2; }
+message ServerReflectionResponse {
+  string valid_host = 1;
+  ServerReflectionRequest original_request = 2;
+  oneof message_response {
+    FileDescriptorResponse file_descriptor_response = 4;
+    ExtensionNumberResponse all_extension_numbers_response = 5;
+    ListServiceResponse list_services_response = 6;
+    ErrorResponse error_response = 7;
+  }
+}
+message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
+message ExtensionNumberResponse { string base_type_name = 1; repeated int32 extension_number = 2; }
+message ListServiceResponse { repeated ServiceResponse service = 1; }
+message ServiceResponse { string name = 1; }
+message ErrorResponse { int32 error_code = 1; string error_message = 2; }
+"""
+
+
+def _v1_client_messages(tmp_path: Path) -> tuple[type, type]:
+    """v1's request and response classes, compiled by protoc into a pool of their own."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_tools import protoc
+
+    (tmp_path / "reflection.proto").write_text(_REFLECTION_V1)
+    out = tmp_path / "reflection.pb"
+    assert protoc.main(["protoc", f"-I{tmp_path}", f"-o{out}", "reflection.proto"]) == 0
+    pool = descriptor_pool.DescriptorPool()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file:
+        pool.Add(file)
+    return tuple(  # type: ignore[return-value]
+        message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.reflection.v1.{name}"))
+        for name in ("ServerReflectionRequest", "ServerReflectionResponse")
+    )
+
+
+def test_reflection_v1_lists_and_describes_the_services(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    from google.protobuf import descriptor_pb2
+
+    request, response = _v1_client_messages(tmp_path)
+    server = ServeProcess(
+        ["--models", str(default_bundle), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0"],
+        {},
+    )  # fmt: skip
+    try:
+        port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
+        asks = [
+            request(list_services=""),
+            request(file_containing_symbol="rnnlm.v1.LanguageModel"),
+            request(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            request(file_containing_symbol="no.such.Service"),
+        ]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response.FromString,
+            )
+            listed, language_model, reflection, missing = list(info(iter(asks), timeout=30))
+    finally:
+        server.stop()
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"rnnlm.v1.LanguageModel", "grpc.health.v1.Health"} <= names
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= (
+        names
+    )
+
+    def services(reply: object) -> set[str]:
+        files = reply.file_descriptor_response.file_descriptor_proto  # type: ignore[attr-defined]
+        protos = [descriptor_pb2.FileDescriptorProto.FromString(f) for f in files]
+        return {f"{p.package}.{s.name}" for p in protos for s in p.service}
+
+    assert "rnnlm.v1.LanguageModel" in services(language_model)
+    assert "grpc.reflection.v1.ServerReflection" in services(reflection)
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
