@@ -97,19 +97,34 @@ def _run_case(
             data.append(rng.integers(0, vocab, size=(batch, length), dtype=np.int64))
         expected = _torch_run(model, graph, data, torch_state)
         actual = session.run(outputs, dict(zip(inputs, [*data, *onnx_state], strict=True)))
-        for name, want, got in zip(outputs, expected, actual, strict=True):
-            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-            worst = max(worst, float(diff.max()) if diff.size else 0.0)
-            bad = diff > atol + rtol * np.abs(want)
-            if failure is None and (bad.any() or got.shape != want.shape):
-                failure = (
-                    f"call {call + 1}, output {name!r}: max abs error {float(diff.max()):.3g}"
-                    if got.shape == want.shape
-                    else f"call {call + 1}, output {name!r}: shape {got.shape}, expected "
-                    f"{want.shape}"
-                )
+        error, mismatch = compare_outputs(outputs, expected, actual, rtol, atol)
+        worst = max(worst, error)
+        if failure is None and mismatch is not None:
+            failure = f"call {call + 1}, {mismatch}"
         torch_state = tuple(expected[-n_states:])
         onnx_state = tuple(actual[-n_states:])
+    return worst, failure
+
+
+def compare_outputs(
+    names: list[str],
+    expected: list[np.ndarray],
+    actual: list[np.ndarray],
+    rtol: float,
+    atol: float,
+) -> tuple[float, str | None]:
+    """The max abs error over all outputs and the first output outside `atol + rtol * |want|`
+    (or of another shape), named."""
+    worst = 0.0
+    failure = None
+    for name, want, got in zip(names, expected, actual, strict=True):
+        if got.shape != want.shape:
+            failure = failure or f"output {name!r}: shape {got.shape}, expected {want.shape}"
+            continue
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        if failure is None and not (diff <= atol + rtol * np.abs(want)).all():  # NaN fails
+            failure = f"output {name!r}: max abs error {float(diff.max()):.3g}"
     return worst, failure
 
 

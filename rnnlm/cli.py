@@ -15,13 +15,19 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a recurrent language model on a text corpus"),
     "export": ("exporter.cli", "export a checkpoint to a parity-checked ONNX model bundle"),
+    "import": ("importers.cli", "import a model made elsewhere as a parity-checked bundle"),
     "serve": ("server.cli", "serve model bundles over gRPC"),
     "generate": ("rnnlm.client_cli", "stream generated text from a server"),
     "predict": ("rnnlm.client_cli", "the k most likely next words for a context"),
     "score": ("rnnlm.client_cli", "log-probability and perplexity of texts"),
+    "embed": ("rnnlm.client_cli", "a sentence encoding of each text"),
     "models": ("rnnlm.client_cli", "list the models a server has loaded"),
     "bench": ("benchmarks.cli", "measure the server against bare onnxruntime and PyTorch"),
 }
+
+# The optional dependencies (pyproject's extras) a subcommand needs beyond the serving install.
+EXTRAS: dict[str, str] = {"train": "train", "export": "train", "import": "train"}
+_OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "importers", "benchmarks"}
 
 
 def _usage() -> str:
@@ -40,7 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = SUBCOMMANDS[name]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").partition(".")[0]
+        if name not in EXTRAS or not missing or missing in _OWN_PACKAGES:
+            raise
+        extra = EXTRAS[name]
+        print(
+            f"rnnlm {name}: needs the {extra!r} extra ({missing} is not installed): "
+            f"pip install 'rnnlm[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     parser = argparse.ArgumentParser(prog=f"rnnlm {name}", description=help_)
     if module_name == "rnnlm.client_cli":
         module.configure(parser, name)

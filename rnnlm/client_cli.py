@@ -1,4 +1,4 @@
-"""`rnnlm generate | predict | score | models`: call a running server from the command line.
+"""`rnnlm generate | predict | score | embed | models`: call a running server from the command line.
 
 Output is for people by default and one JSON object per line with `--json`. A failed call prints
 one line, `rnnlm COMMAND: CODE: message`, on stderr and exits with 1; bad options exit with 2.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -20,11 +21,13 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from rnnlm.client import DEFAULT_TARGET, Client
+from rnnlm.client import DEFAULT_TARGET, POOLINGS, Client
 from rnnlm.v1 import language_model_pb2 as pb
 
 # Shown for an empty or whitespace-only token so that tables stay readable.
 _VISIBLE = {"\n": "\\n", "\t": "\\t", " ": "␣"}
+# `rnnlm embed` shows this many values of each vector (all of them with --json).
+_EMBED_SHOWN = 6
 
 
 def configure(parser: argparse.ArgumentParser, name: str) -> None:
@@ -61,46 +64,76 @@ def configure(parser: argparse.ArgumentParser, name: str) -> None:
         return
     parser.add_argument("--model", default="", help="model name (default: the server's default)")
     parser.add_argument("--model-version", default="", help="model version (default: newest)")
-    if name == "generate":
-        parser.add_argument("prompt", nargs="?", default="", help="text to continue")
-        parser.add_argument("--max-tokens", type=int, default=None, help="tokens to generate")
-        parser.add_argument("--temperature", type=float, default=None, help="0 is greedy")
-        parser.add_argument("--top-k", type=int, default=0, help="0 is off")
-        parser.add_argument("--top-p", type=float, default=None, help="nucleus, in (0, 1]")
-        parser.add_argument("--min-p", type=float, default=0.0, help="in [0, 1); 0 is off")
-        parser.add_argument("--repetition-penalty", type=float, default=None, help="> 0")
-        parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
-        parser.add_argument(
-            "--stop", action="append", default=[], help="stop at this string (repeatable)"
-        )
-    elif name == "predict":
-        parser.add_argument("context", nargs="?", default="", help="the text typed so far")
-        parser.add_argument("-k", "--k", type=int, default=10, help="number of predictions")
-        parser.add_argument("--partial-word", default="", help="letters typed of the next word")
-        parser.add_argument(
-            "--continuous-cache",
-            action="store_true",
-            help="mix in the model's continuous cache (a recall of the context's own words)",
-        )
-    elif name == "score":
-        parser.add_argument("texts", nargs="*", help="texts to score, each on its own")
-        parser.add_argument(
-            "--file",
-            type=Path,
-            action="append",
-            default=[],
-            help="score a whole file as one text (repeatable)",
-        )
-        parser.add_argument(
-            "--token-logprobs", action="store_true", help="also show each token's log-prob"
-        )
-        parser.add_argument(
-            "--continuous-cache",
-            action="store_true",
-            help="mix in the model's continuous cache (a recall of the text's own earlier words)",
-        )
-    else:
+    options = _COMMAND_OPTIONS.get(name)
+    if options is None:
         raise ValueError(f"unknown client command {name!r}")
+    options(parser)
+
+
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default="", help="text to continue")
+    parser.add_argument("--max-tokens", type=int, default=None, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 is off")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus, in (0, 1]")
+    parser.add_argument("--min-p", type=float, default=0.0, help="in [0, 1); 0 is off")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 0")
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="stop at this string (repeatable)"
+    )
+
+
+def _predict_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("context", nargs="?", default="", help="the text typed so far")
+    parser.add_argument("-k", "--k", type=int, default=10, help="number of predictions")
+    parser.add_argument("--partial-word", default="", help="letters typed of the next word")
+    parser.add_argument(
+        "--continuous-cache",
+        action="store_true",
+        help="mix in the model's continuous cache (a recall of the context's own words)",
+    )
+
+
+def _text_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("texts", nargs="*", help=f"texts to {verb}, each on its own")
+    parser.add_argument(
+        "--file",
+        type=Path,
+        action="append",
+        default=[],
+        help=f"{verb} a whole file as one text (repeatable)",
+    )
+
+
+def _score_options(parser: argparse.ArgumentParser) -> None:
+    _text_options(parser, "score")
+    parser.add_argument(
+        "--token-logprobs", action="store_true", help="also show each token's log-prob"
+    )
+    parser.add_argument(
+        "--continuous-cache",
+        action="store_true",
+        help="mix in the model's continuous cache (a recall of the text's own earlier words)",
+    )
+
+
+def _embed_options(parser: argparse.ArgumentParser) -> None:
+    _text_options(parser, "encode")
+    parser.add_argument(
+        "--pooling",
+        choices=tuple(POOLINGS),
+        default="mean",
+        help="how each token's features become the text's vector (default: mean)",
+    )
+
+
+_COMMAND_OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "generate": _generate_options,
+    "predict": _predict_options,
+    "score": _score_options,
+    "embed": _embed_options,
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         "generate": _generate,
         "predict": _predict,
         "score": _score,
+        "embed": _embed,
         "models": _models,
     }
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -213,9 +247,20 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         print(f"{p.probability:8.4f}  {_visible(p.token)}")
 
 
-def _score(client: Client, args: argparse.Namespace) -> None:
+def _texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The texts of `score` and `embed` (the arguments, then each --file whole) and how each
+    is shown: itself, or the file's name."""
     texts = list(args.texts) + [path.read_text(encoding="utf-8") for path in args.file]
     labels = list(args.texts) + [str(path) for path in args.file]
+    return texts, labels
+
+
+def _label(text: str) -> str:
+    return _visible(text if len(text) <= 50 else text[:47] + "...")
+
+
+def _score(client: Client, args: argparse.Namespace) -> None:
+    texts, labels = _texts(args)
     response = client.score(
         texts,
         return_token_logprobs=args.token_logprobs,
@@ -228,13 +273,31 @@ def _score(client: Client, args: argparse.Namespace) -> None:
         return
     print(f"{'perplexity':>12}  {'log_prob':>12}  {'tokens':>7}  text")
     for label, result in zip(labels, response.results, strict=True):
-        shown = label if len(label) <= 50 else label[:47] + "..."
         print(
             f"{result.perplexity:12.4f}  {result.log_prob:12.4f}  {result.num_tokens:7d}  "
-            f"{_visible(shown)}"
+            f"{_label(label)}"
         )
         for t in result.token_logprobs:
             print(f"{'':12}  {t.logprob:12.4f}  {'':7}    {_visible(t.token)}")
+
+
+def _embed(client: Client, args: argparse.Namespace) -> None:
+    texts, labels = _texts(args)
+    response = client.embed(
+        texts, pooling=args.pooling, model=args.model, model_version=args.model_version
+    )
+    if args.json:
+        _print_json(response)
+        return
+    shown = min(_EMBED_SHOWN, response.dimension)
+    title = f"values (first {shown} of {response.dimension})"
+    width = max(len(title), 8 * shown - 1)  # each value is "+0.1234" and a space
+    print(f"{'tokens':>7}  {'norm':>9}  {title:<{width}}  text")
+    for label, embedding in zip(labels, response.embeddings, strict=True):
+        values = list(embedding.values)
+        norm = math.sqrt(sum(v * v for v in values))
+        head = " ".join(f"{v:+.4f}" for v in values[:shown])
+        print(f"{embedding.num_tokens:7d}  {norm:9.4f}  {head:<{width}}  {_label(label)}")
 
 
 def _models(client: Client, args: argparse.Namespace) -> None:

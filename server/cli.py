@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 
 from server.app import RnnlmServer
@@ -43,12 +45,49 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        check_ports(config)
         asyncio.run(serve(config))
     except _STARTUP_ERRORS as e:
-        log.error("cannot start: %s", e)
-        print(f"rnnlm serve: cannot start: {e}", file=sys.stderr)
+        print(f"rnnlm serve: cannot start: {e}", file=sys.stderr)  # once, and only here
         return 2
     return 0
+
+
+def check_ports(config: ServerConfig) -> None:
+    """Refuse a port that another process holds before anything starts, naming the reason:
+    grpcio reports only "Failed to bind" (after printing its own line) for a port in use."""
+    ports = (
+        ("--port", config.port),
+        ("--metrics-port", config.metrics_port),
+        ("--health-port", config.health_port),
+    )
+    for flag, port in ports:
+        if port:  # None is off, 0 picks a free port
+            _probe(flag, config.host, port)
+
+
+def _probe(flag: str, host: str, port: int) -> None:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"--host {host!r}: not an address of this machine ({e.strerror})") from e
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpcio and http.server
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise OSError(
+                    f"{flag} {port}: address already in use on {host} (another process "
+                    "listens there; stop it or choose another port)"
+                ) from e
+            if e.errno == errno.EACCES:
+                raise OSError(
+                    f"{flag} {port}: permission denied on {host} (ports below 1024 need privileges)"
+                ) from e
+            raise OSError(f"{flag} {port}: cannot listen on {host} ({e.strerror or e})") from e
 
 
 async def serve(config: ServerConfig) -> None:

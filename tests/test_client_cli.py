@@ -178,6 +178,37 @@ def test_score(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path) 
     assert [line.split()[-1] for line in lines[2:]] == ["a", "dog"]
 
 
+def test_embed(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path) -> None:
+    document = tmp_path / "doc.txt"
+    document.write_text("a dog likes a red house .\n")
+    code, out, _ = rnnlm(
+        capsys, "embed", "the cat sees the moon .", "--file", str(document), "--pooling", "max",
+        "--json", "--target", target,
+    )  # fmt: skip
+    assert code == 0
+    reply = json.loads(out)
+    with Client(target) as client:
+        expected = client.embed(["the cat sees the moon .", document.read_text()], pooling="max")
+    assert reply["dimension"] == expected.dimension == 16
+    for got, want in zip(reply["embeddings"], expected.embeddings, strict=True):
+        assert got["values"] == pytest.approx(list(want.values))
+        assert got["num_tokens"] == want.num_tokens
+    code, out, _ = rnnlm(capsys, "embed", "a dog", "the bird", "--target", target)
+    assert code == 0
+    header, *rows = out.strip().splitlines()
+    assert header.split() == ["tokens", "norm", "values", "(first", "6", "of", "16)", "text"]
+    with Client(target) as client:
+        mean = client.embed(["a dog", "the bird"]).embeddings
+    for row, want in zip(rows, mean, strict=True):
+        fields = row.split()
+        assert int(fields[0]) == want.num_tokens
+        assert [float(v) for v in fields[2:8]] == pytest.approx(list(want.values)[:6], abs=1e-4)
+        assert fields[8:] in (["a", "dog"], ["the", "bird"])
+    with pytest.raises(SystemExit) as exited:
+        rnnlm(capsys, "embed", "x", "--pooling", "median", "--target", target)
+    assert exited.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
+
+
 def test_errors_are_one_line_with_the_code(capsys: pytest.CaptureFixture[str], target: str) -> None:
     code, out, err = rnnlm(capsys, "predict", "the", "-k", "0", "--target", target)
     assert code == 1 and out == ""

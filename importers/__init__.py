@@ -1,0 +1,1 @@
+"""`rnnlm import`: serve recurrent LMs made elsewhere (see docs/importing.md)."""
