@@ -324,6 +324,9 @@ def test_filter_and_concatenate_keep_rows_whole() -> None:
     assert mixed.banned_ids.tolist() == [[0, -1, -1], [1, 4, 5], [-1, -1, -1]]
     assert [np.flatnonzero(b).tolist() for b in mixed.banned] == [[0], [1, 4, 5], []]
     assert SamplingRows.from_params([], [], 6).banned_ids.shape == (0, 0)
+    fields = {n: getattr(mixed, n) for n in SamplingRows.__dataclass_fields__}
+    del fields["banned_ids"]  # left out: made from the mask
+    assert SamplingRows(**fields).banned_ids.tolist() == mixed.banned_ids.tolist()
 
 
 def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
