@@ -590,6 +590,17 @@ def test_prestop_pause_then_drain_fit_in_the_termination_grace() -> None:
     assert _pod_spec()["terminationGracePeriodSeconds"] >= pause + grace + 5
 
 
+def test_connections_age_out_so_channels_reach_new_pods() -> None:
+    """A client's channel keeps its connections until they close: without a maximum age, pods
+    the HPA adds get no traffic from clients that connected before."""
+    config = _serve_config(_config_data())
+    behavior = _one("HorizontalPodAutoscaler")["spec"]["behavior"]
+    scale_down_window = behavior["scaleDown"]["stabilizationWindowSeconds"]
+    assert 0 < config.max_connection_age_seconds <= scale_down_window, "connections must age out"
+    # Open calls (typing sessions) are not cut when their connection ages out.
+    assert config.max_connection_age_grace_seconds == 0
+
+
 def test_resources_and_security_context() -> None:
     container = _server_container()
     resources = container["resources"]
