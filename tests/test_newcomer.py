@@ -8,6 +8,7 @@ benchmark that leaves the committed results alone, and output that survives `| h
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -119,25 +120,49 @@ def test_the_shipped_repository_declares_its_default() -> None:
     assert resolve_default_model(models, names) == "shakespeare-word"
 
 
-def test_the_readme_serve_command_answers_the_readme_client_commands(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """README "Serving" on the shipped models, with no --default-model, then its clients."""
-    from rnnlm.cli import main
-
+@pytest.fixture(scope="module")
+def readme_server() -> Iterator[str]:
+    """README "Serving" on the shipped models, with no --default-model: its gRPC target."""
     server = ServeProcess(
         ["--models", "models", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], {}
     )
     try:
         port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
         server.wait_for_line(r"serving .*\(default model shakespeare-word\)", timeout=180)
-        target = f"127.0.0.1:{port}"
-        assert main(["predict", "I pray you , my", "--k", "5", "--target", target]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 5
-        assert main(["score", "To be , or not to be", "--json", "--target", target]) == 0
-        assert json.loads(capsys.readouterr().out)["results"][0]["num_tokens"] > 0
+        yield f"127.0.0.1:{port}"
     finally:
         assert server.stop() == 0
+
+
+def test_the_readme_serve_command_answers_the_readme_client_commands(
+    capsys: pytest.CaptureFixture[str], readme_server: str
+) -> None:
+    from rnnlm.cli import main
+
+    assert main(["predict", "I pray you , my", "--k", "5", "--target", readme_server]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert main(["score", "To be , or not to be", "--json", "--target", readme_server]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["num_tokens"] > 0
+
+
+def test_the_readme_python_snippet_prints_clean_lines(readme_server: str) -> None:
+    """README's client snippet, run as written (on this server's port): the text, then one
+    line per prediction and the perplexity, no protobuf text."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"localhost:50051"' in snippet
+    snippet = snippet.replace('"localhost:50051"', repr(readme_server))
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ROMEO :" and len(lines) > 5  # the prompt, then its continuation
+    predictions = [line.split() for line in lines[-4:-1]]
+    assert [len(p) for p in predictions] == [2, 2, 2]
+    assert all(0 < float(p) <= 1 and word.startswith("l") for p, word in predictions)
+    assert re.fullmatch(r"perplexity \d+\.\d", lines[-1])
+    assert "token_id" not in result.stdout and "token:" not in result.stdout
 
 
 def test_a_repository_file_naming_a_missing_model_stops_the_start_in_one_line(
