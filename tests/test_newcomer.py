@@ -8,6 +8,7 @@ benchmark that leaves the committed results alone, and output that survives `| h
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -460,3 +461,49 @@ def test_reflection_v1_lists_and_describes_the_services(
     assert "rnnlm.v1.LanguageModel" in services(language_model)
     assert "grpc.reflection.v1.ServerReflection" in services(reflection)
     assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+# -- rnnlm bench --quick -----------------------------------------------------------------------
+
+
+def _tree(directory: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_quick_bench_goes_to_scratch_and_says_it_is_quick(
+    default_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.axes
+
+    from benchmarks import plots
+
+    committed = ROOT / "benchmarks" / "results"
+    before = _tree(committed)
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnlm", "bench", "--bundle", str(default_bundle), "--quick",
+         "--trials", "1", "--duration", "0.3"],
+        cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+        timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _tree(committed) == before  # the committed results are untouched
+    out = tmp_path / "rnnlm-bench-quick"
+    assert f"wrote {out / 'results.md'}" in result.stdout
+    assert (
+        (out / "results.md")
+        .read_text()
+        .startswith("# rnnlm benchmark results (quick run)\n\n**A quick run (--quick): ")
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["quick"] is True
+    titles: list[str] = []
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda self, text, **kw: titles.append(text)
+    )
+    assert plots.write(results, out)  # again, its titles seen
+    assert titles and all("QUICK RUN, rough figures: " in t for t in titles)
