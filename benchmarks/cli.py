@@ -194,7 +194,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
     say(f"bare onnxruntime on {bundle.name}, trials: {plan.trials}")
     results["bare"] = bare.run(bundle, workload, plan)
     say(f"the engine in-process, Generate at {plan.engine_streams} streams")
-    results["engine"] = engine_inproc.run(bundle, plan)
+    results["engine"] = engine_inproc.run(bundle, workload, plan)
     if args.checkpoint is not None:
         say("PyTorch eager, oneDNN on and off")
         from benchmarks import torch_eager  # imports torch

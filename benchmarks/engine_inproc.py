@@ -14,8 +14,9 @@ import asyncio
 import time
 from typing import Any
 
+from benchmarks import bare
 from benchmarks.timing import over_trials
-from benchmarks.workload import Plan, generate_seed
+from benchmarks.workload import Plan, Workload, generate_seed
 from server.bundle import Bundle
 from server.engine import Engine, SamplingParams
 
@@ -48,13 +49,19 @@ async def _load(
     return sum(tokens)
 
 
-async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
+async def _measure(bundle: Bundle, workload: Workload, plan: Plan, streams: int) -> dict[str, Any]:
+    """The engine's trials, each after a bare batch-`streams` step trial (alternating, so
+    their ratio compares like machine conditions)."""
     engine = Engine(bundle, plan.engine)
+    step = bare.session(bundle, "step", plan)
     await engine.start()
     try:
         await _load(engine, bundle, streams, plan.warmup_s, plan.generate_max_tokens, seed=0)
         trials = []
         for trial in range(plan.trials):
+            floor = bare.step_trial(
+                step, bundle, workload.ids, streams, plan.large_step_calls, plan.budget_s
+            )
             cpu = time.process_time()
             start = time.perf_counter()
             tokens = await _load(
@@ -68,6 +75,8 @@ async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
                     "tokens_per_s": tokens / plan.duration_s,
                     "cpu_percent": 100 * cpu / elapsed,
                     "cpu_us_per_token": cpu / max(1, tokens) * 1e6,
+                    "bare_tokens_per_s": floor["tokens_per_s"],
+                    "bare_cpu_us_per_token": floor["cpu_us_per_token"],
                 }
             )
     finally:
@@ -78,12 +87,13 @@ async def _measure(bundle: Bundle, plan: Plan, streams: int) -> dict[str, Any]:
     return summary
 
 
-def run(bundle: Bundle, plan: Plan) -> dict[str, Any]:
+def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:
     """Generate tokens/s and CPU time a token of the in-process engine at each of
-    `plan.engine_streams` streams (under "generate", keyed by the stream count)."""
+    `plan.engine_streams` streams (under "generate", keyed by the stream count), each trial
+    beside a bare step trial at that batch."""
     return {
         "generate": {
-            str(streams): asyncio.run(_measure(bundle, plan, streams))
+            str(streams): asyncio.run(_measure(bundle, workload, plan, streams))
             for streams in plan.engine_streams
         }
     }

@@ -123,8 +123,8 @@ LATENCY_HEADER = ["measurement", "p50 ms", "p90 ms", "p99 ms", "tokens/s at p50"
 # Which part of a run measures each target (all of them come from the run's one command).
 MEASURED_BY = {
     "server_cpu_per_token": "bare steps (CPU time), server Generate@64 (/proc CPU time)",
-    "engine_vs_bare_64": "bare steps, the engine in-process",
-    "engine_vs_bare_256": "bare steps, the engine in-process",
+    "engine_vs_bare_64": "the engine in-process, trials alternating with bare steps",
+    "engine_vs_bare_256": "the engine in-process, trials alternating with bare steps",
     "predict_next_latency": "bare steps after idle, gRPC echo, server PredictNext",
     "predict_under_load": "server under load (64 long Generates)",
     "first_token_under_load": "server under load (64 long Generates)",
@@ -222,7 +222,8 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     lines += ["## The engine in-process (no gRPC)", ""]
     lines += [
         "`server.engine.Engine` configured as the servers' engine, driven like the server's "
-        "Generate rows; CPU is this process's.",
+        "Generate rows; CPU is this process's. Each trial follows a bare step trial at the same "
+        "batch (the bare columns), so their ratio compares like machine conditions.",
         "",
     ]
     lines += _table(
@@ -233,8 +234,8 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
                 e.get("tokens_per_s"),
                 e.get("cpu_percent"),
                 e.get("cpu_us_per_token"),
-                (bare.get(f"step_b{n}") or {}).get("tokens_per_s"),
-                (bare.get(f"step_b{n}") or {}).get("cpu_us_per_token"),
+                e.get("bare_tokens_per_s"),
+                e.get("bare_cpu_us_per_token"),
             ]
             for n, e in engine.items()
         ],

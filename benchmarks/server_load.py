@@ -63,6 +63,9 @@ def serve_args(
         "--batching" if batching else "--no-batching",
         "--provider",
         provider,
+        # Score sends the whole document in one call: bounded by the message size alone.
+        "--max-text-chars",
+        str(16 * 2**20),
         *extra,
     ]
 

@@ -9,8 +9,9 @@ weights, is undone by `share_tied_weights`.
 Nothing is written until onnxruntime has matched PyTorch (`exporter.parity`) and, for an int8
 bundle, the quantized graphs have passed the quality check (`exporter.quantize`). The weights
 both graphs hold are written once, as ONNX external data in `weights.bin` that both graphs
-point into (`share_weights`). The bundle is written to a temporary directory beside the target,
-validated with the server's own loader, and renamed into place.
+point into (`share_weights`). The manifest, graph names and state tensors are the bundle
+contract's (`rnnlm.bundle`); `write_bundle` writes the bundle into a temporary directory beside
+the target, validates it with the server's own loader, and renames it into place.
 """
 
 from __future__ import annotations
@@ -43,17 +44,22 @@ from exporter.quantize import (
     quantize_graph,
     worst_change,
 )
-from server.bundle import FORMAT_VERSION, MANIFEST_FILE, BundleError, load_bundle, sha256_file
+from rnnlm.bundle import (
+    GRAPH_FILES,
+    MANIFEST_FILE,
+    STATE_NAMES,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    make_manifest,
+    state_specs,
+    with_file_hashes,
+)
+from rnnlm.bundle import graph_io as contract_graph_io
+from server.bundle import BundleError, load_bundle
 from training.checkpoint import Checkpoint, load_checkpoint
 from training.model import RNNLM
 
 OPSET = 17
-STEP_FILE = "model.onnx"
-SCORE_FILE = "score.onnx"
-PREFILL_FILE = "prefill.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS_FILE = "weights.bin"
-GRAPH_FILES = {"step": STEP_FILE, "score": SCORE_FILE, "prefill": PREFILL_FILE}
 QUANTIZATIONS = ("int8",)
 # Shared tensors smaller than this stay inline (as onnx's own external-data writer does).
 EXTERNAL_MIN_BYTES = 1024
@@ -115,15 +121,12 @@ GRAPH_MODULES: dict[str, type[nn.Module]] = {
 
 
 def graph_io(model: RNNLM, graph: str) -> tuple[list[str], list[str]]:
-    """The input and output names of a graph, in the order its `forward` takes and returns."""
-    states = model.config.state_names
-    state_in = [f"{s}0" for s in states]
-    state_out = [f"{s}n" for s in states]
-    if graph == "step":
-        return ["tokens", *state_in], ["logits", "features", *state_out]
-    if graph == "prefill":
-        return ["tokens", *state_in], ["features", *state_out]
-    return ["tokens", "targets", *state_in], ["target_logprobs", "features", *state_out]
+    """The input and output names of a graph (the bundle contract's), in the order its
+    `forward` takes and returns them."""
+    c = model.config
+    if c.state_names != STATE_NAMES[c.cell]:  # the model's state order is the contract's
+        raise ExportError(f"a {c.cell} model's states {c.state_names} are not the bundle's")
+    return contract_graph_io(graph, state_specs(c.cell, c.layers, c.hidden))
 
 
 def export_graph(model: RNNLM, graph: str) -> bytes:
@@ -363,7 +366,8 @@ def export_bundle(
         version=version,
         quantization=quantization,
     )
-    return _commit(target, ckpt, bundle_files(blobs), manifest, force)
+    files = {**bundle_files(blobs), TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()}
+    return write_bundle(target, files, manifest, force=force)
 
 
 def _quantize(
@@ -426,21 +430,16 @@ def build_manifest(
     """The manifest of docs/bundle.md, without the `files` hashes (added when written)."""
     c = ckpt.config
     prov = ckpt.provenance
-    graphs = {}
-    for graph in blobs:
-        inputs, outputs = graph_io(ckpt.model, graph)
-        graphs[graph] = {"file": GRAPH_FILES[graph], "inputs": inputs, "outputs": outputs}
     parity = report.to_dict()
     if quantization is not None:
         parity["applies_to"] = (
             "the fp32 graphs the int8 graphs were quantized from; the int8 graphs are held to "
             "quantization.quality instead"
         )
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "architecture": {
+    return make_manifest(
+        name=name,
+        version=version,
+        architecture={
             "cell": c.cell,
             "layers": c.layers,
             "hidden": c.hidden,
@@ -452,18 +451,11 @@ def build_manifest(
             "adaptive_cutoffs": list(c.adaptive_cutoffs),
             "adaptive_div": c.adaptive_div,
         },
-        "tokenizer": {
-            "kind": ckpt.tokenizer_kind,
-            "file": TOKENIZER_FILE,
-            "special_tokens": {k: v for k, v in ckpt.special_tokens.items() if v is not None},
-        },
-        "precision": "fp32" if quantization is None else "int8",
-        "state": [
-            {"name": s, "input": f"{s}0", "output": f"{s}n", "shape": [c.layers, "batch", c.hidden]}
-            for s in c.state_names
-        ],
-        "graphs": graphs,
-        "provenance": {
+        tokenizer_kind=ckpt.tokenizer_kind,
+        special_tokens={k: v for k, v in ckpt.special_tokens.items() if v is not None},
+        precision="fp32" if quantization is None else "int8",
+        graphs=list(blobs),
+        provenance={
             "corpus_sha256": prov.get("corpus_sha256"),
             "tokens_seen": prov.get("tokens_seen"),
             # Each text as one document from eos, as Score reads it (docs/training.md, "Losses");
@@ -481,23 +473,34 @@ def build_manifest(
             "onnxruntime_version": ort.__version__,
             "train_args": ckpt.train_args,
         },
-        "parity": parity,
-    }
-    if ckpt.continuous_cache is not None:
-        manifest["continuous_cache"] = ckpt.continuous_cache
-    if quantization is not None:
-        manifest["quantization"] = quantization
-    return manifest
+        parity=parity,
+        sections={
+            key: value
+            for key, value in (
+                ("continuous_cache", ckpt.continuous_cache),
+                ("quantization", quantization),
+            )
+            if value is not None
+        },
+    )
 
 
-def _commit(
-    target: Path,
-    ckpt: Checkpoint,
-    files: dict[str, bytes],
-    manifest: dict[str, Any],
-    force: bool,
+def write_bundle(
+    target: Path, files: dict[str, bytes], manifest: dict[str, Any], *, force: bool = False
 ) -> Path:
-    """Write into a temporary directory beside `target`, validate it, then rename it in place."""
+    """Write a bundle and return its path: `files` by file name (graphs, `weights.bin`, the
+    tokenizer) and `manifest` (`rnnlm.bundle.make_manifest`; the file hashes are added here).
+
+    The manifest is held to the bundle contract before anything is written; the files go into
+    a temporary directory beside `target`, are validated by the server's own loader (every
+    graph opened in onnxruntime), and are renamed into place. On any failure nothing is left
+    behind. An existing `target` is replaced only with `force`. Importers write through this.
+    """
+    try:
+        manifest = with_file_hashes(manifest, files)
+    except BundleError as e:
+        raise ExportError(f"the manifest does not follow the bundle contract: {e}") from e
+    _check_target(target, force)
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -506,8 +509,6 @@ def _commit(
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the server's user
         for file, data in files.items():
             (staging / file).write_bytes(data)
-        shutil.copyfile(ckpt.tokenizer_path, staging / TOKENIZER_FILE)
-        manifest["files"] = {f: sha256_file(staging / f) for f in sorted([*files, TOKENIZER_FILE])}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             bundle = load_bundle(staging)

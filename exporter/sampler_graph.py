@@ -3,14 +3,23 @@
 The graph does for all `[B, V]` rows at once what `server.sampling.Sampler` does (see that
 module for the semantics), with B and V dynamic so one file serves every bundle:
 
-1. log-sum-exp of the raw logits, and the requested top log-probs (TopK: ties by lower id);
-2. repetition penalty over each row's seen tokens, bans (-inf), greedy rows' argmax;
-3. per-row logit thresholds: top-k (TopK's k-th value), top-p over the top-k-renormalised
-   distribution (cumulative sums of the sorted head, `_HEAD` candidates; an `If` redoes
-   every row fully sorted when a row's nucleus is wider), min-p; ties at a threshold kept;
-4. one uniform per row from a hash of (seed, position) in 32-bit lanes held in int64 (products
-   stay below 2^49), bit-identical to `server.sampler.stream_uniforms`;
-5. the inverse CDF over the kept weights in id order (float64 running sums).
+1. the repetition penalty over each row's seen tokens (only when some row has one);
+2. the softmax of the tempered logits with each row's banned ids (a short `[B, N]` list, not a
+   `[B, V]` mask: a mask costs a full-width pass) scattered to -inf;
+3. only when some row needs them: the most likely allowed token (greedy rows' choice, and
+   min-p's reference) from the weights' block maxima; per-row logit thresholds (ties
+   kept): min-p and, on the rows that have them, top-k (TopK's k-th value) and top-p over the top-k-
+   renormalised mass (running sums of `_HEAD` sorted candidates; a wider nucleus by
+   bisection on logit values, then a sort of the few logits left);
+4. one uniform per row, a hash of (seed, position) in 32-bit lanes held in int64 (products
+   below 2^63), bit-identical to `server.sampler.stream_uniforms`;
+5. the inverse CDF over the kept weights in id order, in two levels (blocks of `_BLOCK`);
+6. the log-sum-exp of the raw logits (from the chosen token's weight and the banned logits
+   where a row samples the raw distribution), the chosen token's log-prob, and the
+   requested top log-probs (TopK: ties by lower id).
+
+Each `If` gates work on what some row needs, and every row's result depends on that row
+alone. A branch returns values it makes: an outer `[B, V]` value returned would be copied.
 
 The server only loads the committed file; `tests/test_sampler_graph.py` checks that this
 script rebuilds it byte for byte.
@@ -45,8 +54,8 @@ INPUTS = (
     ("top_logprobs", _I, ["B"]),
     ("seed", _I, ["B"]),
     ("position", _I, ["B"]),
-    ("banned", _B, ["B", "V"]),
     ("seen", _B, ["B", "V"]),
+    ("banned_ids", _I, ["B", "N"]),
 )
 OUTPUTS = (
     ("tokens", _I, ["B"]),
@@ -72,7 +81,7 @@ class _Graph:
 
     def ops(self, op: str, inputs: list[str], outputs: int, **attrs: Any) -> list[str]:
         names = [self._name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, names, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, names, name=names[0], **attrs))
         return names
 
     def op(self, op: str, *inputs: str, **attrs: Any) -> str:
@@ -129,7 +138,11 @@ class _Graph:
         graphs = []
         for name, build in (("then", then), ("else", otherwise)):
             sub = _Graph(self._counter)
-            outs = [sub.op("Identity", out) for out in build(sub)]
+            outs = build(sub)
+            made = {name for node in sub.nodes for name in node.output}
+            # A branch output must be made in the branch: outer values pass through an
+            # Identity (a copy, so branches return small values where they can).
+            outs = [out if out in made else sub.op("Identity", out) for out in outs]
             values = [helper.make_empty_tensor_value_info(out) for out in outs]
             graphs.append(helper.make_graph(sub.nodes, self._name(name), [], values))
         return self.ops(
@@ -247,65 +260,111 @@ def _head_thresholds(g: _Graph, xp: str, weights: str, top_k: str, top_p: str) -
 
     def wider(b: _Graph) -> list[str]:  # rows whose nucleus is wider than the candidates
         rows = _rows(b, wide)
-        sub = [b.op("Gather", t, rows, axis=0) for t in (xp, weights, top_p)]
-        last = b.op("Gather", b.cols(vals, -1, 2**62), rows, axis=0)
-        tau = _wide_top_p(b, *sub, last)
+        x, w, p, last = (
+            b.op("Gather", t, rows, axis=0) for t in (xp, weights, top_p, b.cols(vals, -1, 2**62))
+        )
+        tau = _wide_top_p(b, x, w, p, last)
         return [b.op("ScatterND", tau_p, b.op("Unsqueeze", rows, b.i64([1])), tau)]
 
     tau_p = g.branch(g.any(wide), wider, lambda b: [tau_p])[0]
     return g.op("Max", tau_k, tau_p)
 
 
-def _heads(g: _Graph, xp: str, weights: str, rows: str) -> list[str]:
+def _heads(g: _Graph, xs: str, weights: str, rows: str) -> list[str]:
     """`[B, 1]` top-k/top-p threshold: computed for the rows `rows` only, -inf elsewhere."""
-    sub = [g.op("Gather", t, rows, axis=0) for t in (xp, weights)]
+    x, w = (g.op("Gather", t, rows, axis=0) for t in (xs, weights))
     top_k, top_p = (g.op("Gather", g.col(n), rows, axis=0) for n in ("top_k", "top_p"))
-    tau = _head_thresholds(g, sub[0], sub[1], top_k, top_p)
-    shape = g.op("Concat", g.op("Shape", xp, start=0, end=1), g.i64([1]), axis=0)
+    tau = _head_thresholds(g, x, w, top_k, top_p)
+    shape = g.op("Concat", g.op("Shape", xs, start=0, end=1), g.i64([1]), axis=0)
     none = g.op(
         "ConstantOfShape", shape, value=numpy_helper.from_array(np.array([-np.inf], np.float32))
     )
     return [g.op("ScatterND", none, g.op("Unsqueeze", rows, g.i64([1])), tau)]
 
 
-def _filtered(g: _Graph, xs: str, weights: str, greedy: str) -> str:
-    """`weights` with each row's tokens below its threshold (top-k, top-p, min-p; the
-    maximum for greedy rows) set to 0: ties at a threshold are kept."""
-    xp = g.where("banned", g.f32(-np.inf), xs)
-    mp = g.row_max(xp)
-    drawn = g.op("Not", greedy)
+def _thresholded(g: _Graph, rows: _Rows, xs: str, weights: str, mp: str) -> str:
+    """`weights` with each drawn row's tokens below its threshold (top-k, top-p, min-p) set
+    to 0: ties at a threshold are kept. `mp`: each row's largest allowed logit."""
+    drawn = g.op("Not", rows.greedy)
     min_p = g.col("min_p")
-    temperature = g.where(greedy, g.f32(1.0), g.col("temperature"))
-    tau = g.op("Add", mp, g.op("Mul", g.op("Log", min_p), temperature))
+    tau = g.op("Add", mp, g.op("Mul", g.op("Log", min_p), g.col("temperature")))
     tau = g.where(g.op("And", drawn, g.op("Greater", min_p, g.f32(0.0))), tau, g.f32(-np.inf))
-    tau = g.where(greedy, mp, tau)
     k_or_p = g.op(
         "Or", g.op("Greater", g.col("top_k"), g.i64(0)), g.op("Less", g.col("top_p"), g.f32(1.0))
     )
     heads = g.op("And", drawn, k_or_p)
     tau_heads = g.branch(
         g.any(heads),
-        lambda b: _heads(b, xp, weights, _rows(b, heads)),
+        lambda b: _heads(b, xs, weights, _rows(b, heads)),
         lambda b: [b.f32(-np.inf)],
     )[0]
     tau = g.op("Max", tau, tau_heads)
-    return g.op("Mul", weights, g.cast(g.op("GreaterOrEqual", xp, tau), _F))
+    return g.op("Mul", weights, g.cast(g.op("GreaterOrEqual", xs, tau), _F))
+
+
+def _best(g: _Graph, xs: str, blocks: str) -> tuple[str, str]:
+    """Each row's `[B, 1]` most likely allowed token (the lowest id among equals) and its
+    logit, from the weights' blocks: the first block holding the largest weight, then the
+    first token in it. A unique largest weight is the largest allowed logit (exp is
+    monotone); rows where it is tied take a full pass. `blocks`: the weights in blocks."""
+    block_max = g.op("ReduceMax", blocks, g.i64([2]), keepdims=0)
+    top = g.row_max(block_max)
+    hit = g.op("Equal", block_max, top)
+    block = g.op("ArgMax", g.cast(hit, _F), axis=1, keepdims=1)
+    inner = _block_of(g, blocks, block)
+    inner_hit = g.op("Equal", inner, top)
+    token = g.op(
+        "Add",
+        g.op("Mul", block, g.i64(_BLOCK)),
+        g.op("ArgMax", g.cast(inner_hit, _F), axis=1, keepdims=1),
+    )
+    ties = g.op("Add", g.row_sum(g.cast(hit, _I)), g.row_sum(g.cast(inner_hit, _I)))
+    unsure = g.op("Greater", ties, g.i64(2))
+
+    def exact(b: _Graph) -> list[str]:
+        return [b.where(unsure, b.op("ArgMax", xs, axis=1, keepdims=1), token)]
+
+    token = g.branch(g.any(unsure), exact, lambda b: [token])[0]
+    return token, g.op("GatherElements", xs, token, axis=1)
+
+
+def _filtered_choice(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
+    """`_choose` when some row is greedy or has a filter."""
+    blocks = _blocks(g, weights)
+    best, mp = _best(g, xs, blocks)
+    token = g.branch(
+        rows.any_drawn_filter,
+        lambda b: [_draw(b, _thresholded(b, rows, xs, weights, mp), rows.u)],
+        lambda b: [_draw(b, weights, rows.u, blocks)],
+    )[0]
+    return [g.where(rows.greedy, best, token)]
+
+
+def _padded(g: _Graph, x: str) -> str:
+    """`x` `[B, V]` padded with -inf to whole blocks of `_BLOCK` tokens."""
+    vocab = g.op("Shape", x, start=1, end=2)
+    block = g.i64([_BLOCK])
+    pad = g.op("Mod", g.op("Sub", block, g.op("Mod", vocab, block)), block)
+    return g.op("Pad", x, g.op("Concat", g.i64([0, 0, 0]), pad, axis=0), g.f32(-np.inf))
 
 
 def _blocks(g: _Graph, weights: str) -> str:
-    """`weights` zero-padded to whole blocks: `[B, blocks, _BLOCK]`."""
-    vocab = g.op("Shape", weights, start=1, end=2)
-    block = g.i64([_BLOCK])
-    pad = g.op("Mod", g.op("Sub", block, g.op("Mod", vocab, block)), block)
-    padded = g.op("Pad", weights, g.op("Concat", g.i64([0, 0, 0]), pad, axis=0))
-    return g.op("Reshape", padded, g.i64([0, -1, _BLOCK]))
+    """Weights padded to whole blocks, `[B, blocks * _BLOCK]`, as `[B, blocks, _BLOCK]`."""
+    return g.op("Reshape", weights, g.i64([0, -1, _BLOCK]))
 
 
-def _draw(g: _Graph, weights: str, u: str) -> str:
-    """`[B, 1]` index per row with P(i) = w_i / sum(w), by inverse CDF from its uniform `u`:
-    the first index whose running sum of weights passes `u * sum(w)` (u = 0: the first
-    token of any weight). Two levels: blocks of `_BLOCK` tokens, then the target's block."""
-    blocks = _blocks(g, weights)
+def _block_of(g: _Graph, blocks: str, block: str) -> str:
+    """Each row's block `block` (`[B, 1]` int64) of `blocks` `[B, n, _BLOCK]`: `[B, _BLOCK]`."""
+    where = g.op("Expand", g.op("Unsqueeze", block, g.i64([2])), g.i64([1, 1, _BLOCK]))
+    return g.op("Reshape", g.op("GatherElements", blocks, where, axis=1), g.i64([0, _BLOCK]))
+
+
+def _draw(g: _Graph, weights: str, u: str, blocks: str | None = None) -> str:
+    """`[B, 1]` index per row with P(i) = w_i / sum(w), by inverse CDF from the row's
+    uniform `u`: the first index whose running sum of weights passes
+    `u * sum(w)`. Two levels: blocks of `_BLOCK` tokens (`blocks`, when the caller has
+    them), then the tokens of the target's block."""
+    blocks = _blocks(g, weights) if blocks is None else blocks
     sums = g.cast(g.op("ReduceSum", blocks, g.i64([2]), keepdims=0), _D)
     block_cum = g.op("CumSum", sums, g.i64(1))
     target = g.op("Mul", u, g.cols(block_cum, -1, 2**62))
@@ -314,12 +373,11 @@ def _draw(g: _Graph, weights: str, u: str) -> str:
     block = g.op("Min", passed, last_block)
     zero = g.op("Mul", g.cols(block_cum, 0, 1), g.const(0.0, np.float64))
     before = g.op("GatherElements", g.op("Concat", zero, block_cum, axis=1), block, axis=1)
-    where = g.op("Expand", g.op("Unsqueeze", block, g.i64([2])), g.i64([1, 1, _BLOCK]))
-    inner = g.op("Reshape", g.op("GatherElements", blocks, where, axis=1), g.i64([0, _BLOCK]))
+    inner = _block_of(g, blocks, block)
     running = g.op("Add", before, g.op("CumSum", g.cast(inner, _D), g.i64(1)))
     within = g.row_sum(g.cast(g.op("LessOrEqual", running, target), _I))
     token = g.op("Add", g.op("Mul", block, g.i64(_BLOCK)), within)
-    vocab = g.op("Shape", weights, start=1, end=2)
+    vocab = g.op("Shape", "logits", start=1, end=2)
     clamped = g.op("Min", token, g.op("Sub", vocab, g.i64(1)))
     weightless = g.op("LessOrEqual", g.op("GatherElements", weights, clamped, axis=1), g.f32(0))
     lost = g.op("Or", g.op("GreaterOrEqual", token, vocab), weightless)
@@ -344,56 +402,75 @@ class _Rows:
             g.op("Greater", g.col("min_p"), g.f32(0.0)),
         ]
         self.any_filter = g.any(g.op("Concat", *filters, axis=1))
+        drawn_filter = g.op("Concat", *filters[1:], axis=1)
+        self.any_drawn_filter = g.any(g.op("And", drawn_filter, g.op("Not", self.greedy)))
         # Rows whose sampling softmax is not that of the raw logits (their log-sum-exp needs
         # its own pass): a temperature other than 0 or 1, or a repetition penalty.
         hot = g.op("Not", g.op("Or", self.greedy, g.op("Equal", temperature, g.f32(1.0))))
+        self.any_hot = g.any(hot)
         penalty = g.op("Not", g.op("Equal", g.col("repetition_penalty"), g.f32(1.0)))
         self.own_lse = g.op("Or", hot, penalty)
-        u = g.col(_uniforms(g))
-        self.uniforms = u
-        self.u = g.where(self.greedy, g.const(0.0, np.float64), u)  # greedy: the first max
+        self.u = g.col(_uniforms(g))
 
 
-def _choose(g: _Graph, rows: _Rows, xs: str, weights: str) -> list[str]:
-    """`[B, 1]` chosen tokens from `weights` (bans applied; filters applied here)."""
+def _choose(g: _Graph, rows: _Rows, xb: str, weights: str) -> str:
+    """`[B, 1]` chosen tokens from `weights`, the softmax of the banned logits `xb` at each
+    row's temperature (filters and greedy rows' maxima applied here)."""
     return g.branch(
         rows.any_filter,
-        lambda b: [_draw(b, _filtered(b, xs, weights, rows.greedy), rows.u)],
+        lambda b: _filtered_choice(b, rows, xb, weights),
         lambda b: [_draw(b, weights, rows.u)],
-    )
+    )[0]
 
 
-def _lse(g: _Graph, rows: _Rows, probs: str) -> str:
-    """`[B, 1]` log-sum-exp of the raw logits. Where a row samples from the raw logits'
-    softmax `probs`, from its largest value (exp(max - lse)); elsewhere by a LogSoftmax pass
-    (only when some row needs it). Either way a row's value depends on that row alone."""
-    from_probs = g.op("Sub", g.row_max("logits"), g.op("Log", g.row_max(probs)))
+def _banned(g: _Graph, xs: str) -> str:
+    """`xs` padded to whole blocks (`_padded`) with each row's `banned_ids` at -inf: a scatter
+    into the padded copy, in place (-1s change nothing: they write the row's first banned
+    id again, or, in a row with none, token 0 its own value)."""
+    ids = "banned_ids"
+    first = g.op("Max", g.cols(ids, 0, 1), g.i64(0))
+    idx = g.where(g.op("GreaterOrEqual", ids, g.i64(0)), ids, first)
+    any_ban = g.op("GreaterOrEqual", g.cols(ids, 0, 1), g.i64(0))
+    own = g.op("GatherElements", xs, idx, axis=1)
+    values = g.where(any_ban, g.f32(-np.inf), own)
+    return g.op("ScatterElements", _padded(g, xs), idx, values, axis=1)
 
-    def own(b: _Graph) -> list[str]:
+
+def _lse(g: _Graph, rows: _Rows, weights: str, tokens: str) -> str:
+    """`[B, 1]` log-sum-exp of the raw logits. A row that drew at temperature 0 or 1 without
+    a penalty gets it from its chosen token's weight (exp(logit - lse of the allowed
+    tokens)) and its banned tokens' logits; other rows from a LogSoftmax pass (only when
+    there are any). A row's value depends on that row alone."""
+    picked = g.op("GatherElements", weights, tokens, axis=1)
+    own = g.op("Or", rows.own_lse, g.op("Less", picked, g.f32(1e-30)))  # no precision left
+    chosen = g.op("GatherElements", "logits", tokens, axis=1)
+    allowed = g.op("Sub", chosen, g.op("Log", g.op("Max", picked, g.f32(1e-30))))
+    ids = "banned_ids"
+    banned = g.op("GatherElements", "logits", g.op("Max", ids, g.i64(0)), axis=1)
+    banned = g.where(g.op("GreaterOrEqual", ids, g.i64(0)), banned, g.f32(-np.inf))
+    terms = g.op("Concat", allowed, banned, axis=1)
+    top = g.row_max(terms)
+    from_weights = g.op("Add", top, g.op("Log", g.row_sum(g.op("Exp", g.op("Sub", terms, top)))))
+
+    def exact(b: _Graph) -> list[str]:
         log_probs = b.op("LogSoftmax", "logits", axis=1)
-        exact = b.op("Sub", b.cols("logits", 0, 1), b.cols(log_probs, 0, 1))
-        return [b.where(rows.own_lse, exact, from_probs)]
+        lse = b.op("Sub", b.cols("logits", 0, 1), b.cols(log_probs, 0, 1))
+        return [b.where(own, lse, from_weights)]
 
-    return g.branch(g.any(rows.own_lse), own, lambda b: [from_probs])[0]
+    return g.branch(g.any(own), exact, lambda b: [from_weights])[0]
 
 
 def _sample(g: _Graph, rows: _Rows, xs: str) -> list[str]:
-    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`.
-
-    Bans zero the softmax's weights rather than set logits to -inf (cheaper, and the softmax
-    of the raw logits then gives the log-sum-exp too); rows whose allowed tokens all
-    underflowed next to a banned one are redone with the bans on the logits."""
-    probs = g.op("Softmax", g.op("Mul", xs, rows.inv_t), axis=1)
-    weights = g.op("Mul", probs, g.cast(g.op("Not", "banned"), _F))
-    lost = g.op("Less", g.row_sum(weights), g.f32(1e-20))
-
-    def exact(b: _Graph) -> list[str]:
-        xb = b.where("banned", b.f32(-np.inf), xs)
-        redone = b.op("Softmax", b.op("Mul", xb, rows.inv_t), axis=1)
-        return _choose(b, rows, xs, b.where(lost, redone, weights))
-
-    tokens = g.branch(g.any(lost), exact, lambda b: _choose(b, rows, xs, weights))[0]
-    return [tokens, _lse(g, rows, probs)]
+    """`[B, 1]` tokens and log-sum-exps, sampling from the (penalised) logits `xs`. The
+    weights are padded to whole blocks of the draw with zeros."""
+    xb = _banned(g, xs)
+    weights = g.branch(
+        rows.any_hot,
+        lambda b: [b.op("Softmax", b.op("Mul", xb, rows.inv_t), axis=1)],
+        lambda b: [b.op("Softmax", xb, axis=1)],
+    )[0]
+    tokens = _choose(g, rows, xb, weights)
+    return [tokens, _lse(g, rows, weights, tokens)]
 
 
 def _body(g: _Graph) -> list[str]:
@@ -416,7 +493,7 @@ def _body(g: _Graph) -> list[str]:
         g.op("Reshape", lse, flat),
         top_ids,
         g.op("Sub", top_vals, lse),
-        g.op("Reshape", rows.uniforms, flat),
+        g.op("Reshape", rows.u, flat),
     ]
 
 

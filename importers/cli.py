@@ -84,14 +84,14 @@ def _read(args: argparse.Namespace) -> Imported:
 def run(args: argparse.Namespace) -> int:
     try:
         imported = _read(args)
-        path = write_imported(
+        written = write_imported(
             imported, args.bundle_dir, name=args.name, version=args.version, force=args.force
         )
     except ImportFailure as e:
         # One line, whatever the underlying library put in its message.
         print(f"rnnlm import: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"imported {args.format} {imported.source_path} -> {path}")
-    for note in imported.notes:
+    print(f"imported {args.format} {imported.source_path} -> {written.path}")
+    for note in written.notes:
         print(f"note: {note}")
     return 0

@@ -26,7 +26,7 @@ from importers.errors import ImportFailure
 from importers.safe_load import load_allowed
 from importers.torch_source import build_source, export_graphs, infer_shape, is_tied, to_rnnlm
 from importers.write import Imported, source_record
-from server.bundle import sha256_file
+from rnnlm.bundle import sha256_file
 from training.tokenizer import EOS_WORD, UNK, _word_tokenizer
 
 SPLITS = ("train.txt", "valid.txt", "test.txt")
@@ -55,7 +55,7 @@ def read_checkpoint(path: Path, cell: str | None) -> tuple[dict[str, Tensor], st
     """(state_dict, cell, what the file held) of a saved `RNNModel` or its `state_dict`."""
     obj = load_allowed(path, _allowed(), "pytorch/examples word_language_model checkpoint")
     if isinstance(obj, RNNModelStandIn):
-        state = dict(obj.state_dict())
+        state = module_tensors(obj)
         rnn_type = obj.__dict__.get("rnn_type")
         if isinstance(rnn_type, str) and rnn_type in RNN_TYPES:
             declared = RNN_TYPES[rnn_type]
@@ -69,8 +69,24 @@ def read_checkpoint(path: Path, cell: str | None) -> tuple[dict[str, Tensor], st
     raise ImportFailure(f"{path}: holds a {type(obj).__name__}, not an RNNModel or its state_dict")
 
 
+def module_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """A unpickled module's parameters and buffers by state_dict name, read from its
+    attributes only (no method of it runs: no state_dict hooks a pickle could have set)."""
+    found: dict[str, Tensor] = {}
+    attrs = vars(module)
+    for table in ("_parameters", "_buffers"):
+        for name, value in attrs.get(table, {}).items():
+            if isinstance(value, Tensor):
+                found[prefix + name] = value
+    for name, child in attrs.get("_modules", {}).items():
+        if isinstance(child, nn.Module):
+            found.update(module_tensors(child, f"{prefix}{name}."))
+    return found
+
+
 def corpus_vocabulary(data_dir: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
-    """The `data.Corpus` dictionary (word -> id by first appearance) and each split's ids."""
+    """The `data.Corpus` dictionary (word -> id by first appearance) and each split's ids
+    (train's only as far as `check_tokenizer` reads: a large corpus's would not fit)."""
     vocab: dict[str, int] = {}
     ids: dict[str, list[int]] = {}
     for split in SPLITS:
@@ -81,7 +97,9 @@ def corpus_vocabulary(data_dir: Path) -> tuple[dict[str, int], dict[str, list[in
         with open(path, encoding="utf8") as f:
             for line in f:
                 for word in [*line.split(), EOS_WORD]:
-                    out.append(vocab.setdefault(word, len(vocab)))
+                    index = vocab.setdefault(word, len(vocab))
+                    if split != "train.txt" or len(out) < CHECK_CHARS:
+                        out.append(index)  # train's ids are only checked, up to CHECK_CHARS
         ids[split] = out
     return vocab, ids
 

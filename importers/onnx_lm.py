@@ -35,6 +35,7 @@ from tokenizers import Tokenizer
 
 from importers.errors import ImportFailure
 from importers.write import Imported, read_text, source_record
+from rnnlm.bundle import GRAPH_KINDS, graph_io, state_specs
 from training.model import ModelConfig
 
 FORMAT = "onnx"
@@ -84,13 +85,15 @@ def import_onnx(
     vocab = _vocab(model_path, source.graph, spec, tok)
     cell = _cell(spec)
     eos = _eos(model_path, source, spec, vocab)
-    blobs = {kind: wrap(source, spec, kind, vocab, layers, hidden) for kind in
-             ("step", "prefill", "score")}  # fmt: skip
     ids = None
     if test_text is not None:
-        ids = tok.encode(read_text(test_text)).ids
+        try:
+            ids = tok.encode(read_text(test_text)).ids
+        except Exception as e:  # tokenizers raises a bare Exception (a word without an id)
+            raise ImportFailure(f"{test_text}: the tokenizer cannot encode it ({e})") from e
     config = ModelConfig(cell=cell, vocab_size=vocab, embedding=hidden, hidden=hidden,
                          layers=layers)  # fmt: skip
+    blobs = {kind: wrap(source, spec, kind, config) for kind in GRAPH_KINDS}
     details = {"inputs": [spec.tokens, *(i for i, _ in spec.states)],
                "outputs": [spec.output, *(o for _, o in spec.states)],
                "output_is": "log-probs" if spec.log_probs else "logits",
@@ -117,7 +120,8 @@ def import_onnx(
         optional_graphs=True,
         notes=[
             f"{spec.output} is the next-token {details['output_is']}; features are the "
-            f"last layer of {spec.states[0][1]}"
+            f"last layer of {spec.states[0][1]}",
+            *([] if ids else ["no --test-text: parity ran on random tokens only"]),
         ],
     )
 
@@ -155,6 +159,8 @@ def _check_io(path: Path, graph: onnx.GraphProto, spec: OnnxSpec) -> tuple[int, 
             raise ImportFailure(f"{path}: has no {kind} {name[:80]!r} (it has {sorted(table)})")
     if inputs[spec.tokens].type.tensor_type.elem_type != TensorProto.INT64:
         raise ImportFailure(f"{path}: --tokens {spec.tokens!r} must be int64")
+    if outputs[spec.output].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise ImportFailure(f"{path}: output {spec.output!r} must be float32")
     shapes = set()
     for name, out in spec.states:
         dims = _dims(inputs[name])
@@ -283,17 +289,15 @@ def _body(
     return body, list(graph.initializer), list(graph.sparse_initializer)
 
 
-def wrap(
-    source: onnx.ModelProto, spec: OnnxSpec, kind: str, vocab: int, layers: int, hidden: int
-) -> bytes:
-    """The bundle graph `kind` ("step", "prefill" or "score"): a Scan over the source graph."""
+def wrap(source: onnx.ModelProto, spec: OnnxSpec, kind: str, config: ModelConfig) -> bytes:
+    """The bundle graph `kind` ("step", "prefill" or "score"): a Scan over the source graph,
+    with the inputs and outputs the bundle contract names."""
     body, weights, sparse = _body(source.graph, spec, kind)
-    names = ["h", "c"][: len(spec.states)]
-    state_in = [f"{s}0" for s in names]
-    state_out = [f"{s}n" for s in names]
-    data_in = ["tokens", "targets"] if kind == "score" else ["tokens"]
-    data_out = {"step": ["logits", "features"], "prefill": ["features"],
-                "score": ["target_logprobs", "features"]}[kind]  # fmt: skip
+    vocab, layers, hidden = config.vocab_size, config.layers, config.hidden
+    state = state_specs(config.cell, layers, hidden)
+    inputs, outputs = graph_io(kind, state)
+    data_in, state_in = inputs[: -len(state)], [s.input for s in state]
+    data_out, state_out = outputs[: -len(state)], [s.output for s in state]
     scan = helper.make_node(
         "Scan",
         state_in + data_in,

@@ -2,34 +2,30 @@
 
 Every importer hands over an `Imported`: the bundle's ONNX graphs, the source as a parity
 `Reference`, the tokenizer and where the model came from. Nothing is written until the graphs
-have matched the source on random and real inputs (`importers.parity`); the manifest is built
-and the bundle committed by `rnnlm export`'s own functions, so an imported bundle is validated
-by the server's loader exactly as an exported one is.
+have matched the source on random and real inputs (`importers.parity`); the manifest is made by
+the bundle contract (`rnnlm.bundle.make_manifest`) and the bundle written by `rnnlm export`'s
+`write_bundle`, so an imported bundle is validated by the server's loader exactly as an exported
+one is.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
+import onnx
+import onnxruntime as ort
+import torch
 from tokenizers import Tokenizer
 
-from exporter.export import (
-    ExportError,
-    _check_target,
-    _commit,
-    build_manifest,
-    bundle_files,
-)
+from exporter.export import OPSET, ExportError, _check_target, bundle_files, write_bundle
 from exporter.parity import ParityReport
 from importers.errors import ImportFailure
 from importers.parity import Reference, check_source_parity, stream_perplexity
-from server.bundle import BundleError, sha256_file
-from training.checkpoint import Checkpoint
-from training.model import RNNLM, ModelConfig
+from rnnlm.bundle import TOKENIZER_FILE, BundleError, make_manifest, sha256_file
+from training.model import ModelConfig
 
 # Real text fed to the parity check (tokens from the start of the source's own text).
 PARITY_TEXT_TOKENS = 400
@@ -56,6 +52,14 @@ class Imported:
     # Whether a prefill or score graph that fails parity is left out rather than fatal (graphs
     # derived from a source graph; `rnnlm export`'s own graphs must all pass).
     optional_graphs: bool = False
+
+
+@dataclass(frozen=True)
+class Written:
+    """A written bundle and what the user should know about it."""
+
+    path: Path
+    notes: list[str]
 
 
 def source_record(fmt: str, path: Path, **details: Any) -> dict[str, Any]:
@@ -86,8 +90,8 @@ def write_imported(
     force: bool = False,
     rtol: float = 1e-3,
     atol: float = 1e-4,
-) -> Path:
-    """Prove parity, score the test text, and write the bundle; return its path."""
+) -> Written:
+    """Prove parity, score the test text, and write the bundle: its path and the notes."""
     target = Path(bundle_dir)
     if not version:
         raise ImportFailure("the version must not be empty")
@@ -97,47 +101,51 @@ def write_imported(
         raise ImportFailure(str(e)) from e
     c = imported.config
     shapes = [(c.layers, c.hidden)] * len(c.state_names)
-    report = _prove(imported, shapes, rtol, atol)
-    provenance: dict[str, Any] = {}
-    if imported.test_ids:
-        eos = imported.special_tokens["eos"]
-        provenance["test_perplexity"] = stream_perplexity(
-            imported.reference, imported.test_ids, eos, shapes
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_path = Path(tmp) / "tokenizer.json"
-        imported.tokenizer.save(str(tokenizer_path))
-        ckpt = Checkpoint(
-            path=imported.source_path,
-            # build_manifest reads only the model's config (its state names).
-            model=cast(RNNLM, SimpleNamespace(config=c)),
-            config=c,
-            tokenizer_path=tokenizer_path,
-            tokenizer_kind=imported.tokenizer_kind,
-            special_tokens=dict(imported.special_tokens),
-            provenance=provenance,
-        )
-        manifest = build_manifest(
-            ckpt, imported.blobs, report, name=name or target.resolve().name, version=version
-        )
-        _describe_import(manifest, imported)
-        try:
-            return _commit(target, ckpt, bundle_files(imported.blobs), manifest, force)
-        except (ExportError, BundleError) as e:
-            raise ImportFailure(str(e)) from e
+    report, blobs, dropped = _prove(imported, shapes, rtol, atol)
+    notes = [*imported.notes, *dropped]
+    manifest = make_manifest(
+        name=name or target.resolve().name,
+        version=version,
+        architecture={
+            "cell": c.cell,
+            "layers": c.layers,
+            "hidden": c.hidden,
+            "embedding": c.embedding,
+            "vocab_size": c.vocab_size,
+            "tied": c.tied,
+            **imported.architecture,
+        },
+        tokenizer_kind=imported.tokenizer_kind,
+        special_tokens=imported.special_tokens,
+        precision="fp32",
+        graphs=list(blobs),
+        provenance=_provenance(imported, shapes, notes),
+        parity={
+            **report.to_dict(),
+            "against": "the source model in its own framework (provenance.source)",
+        },
+    )
+    files = {**bundle_files(blobs), TOKENIZER_FILE: imported.tokenizer.to_str().encode()}
+    try:
+        return Written(write_bundle(target, files, manifest, force=force), notes)
+    except (ExportError, BundleError) as e:
+        raise ImportFailure(str(e)) from e
 
 
 def _prove(
     imported: Imported, shapes: list[tuple[int, int]], rtol: float, atol: float
-) -> ParityReport:
-    """Each graph's parity with the source. A derived prefill or score graph that fails is left
-    out when `imported.optional_graphs` (the server then runs its work on the step graph, and
-    the notes say so); any other failure stops the import."""
+) -> tuple[ParityReport, dict[str, bytes], list[str]]:
+    """Each graph's parity with the source: the report, the graphs that passed and a note for
+    each left out. A derived prefill or score graph that fails is left out when
+    `imported.optional_graphs` (the server then runs its work on the step graph); any other
+    failure stops the import."""
     report = ParityReport(rtol=rtol, atol=atol)
-    for graph in list(imported.blobs):
+    passed: dict[str, bytes] = {}
+    dropped: list[str] = []
+    for graph, blob in imported.blobs.items():
         one = check_source_parity(
             imported.reference,
-            {graph: imported.blobs[graph]},
+            {graph: blob},
             vocab=imported.config.vocab_size,
             state_shapes=shapes,
             real_ids=imported.real_ids[:PARITY_TEXT_TOKENS],
@@ -145,8 +153,7 @@ def _prove(
             atol=atol,
         )
         if not one.passed and graph != "step" and imported.optional_graphs:
-            del imported.blobs[graph]
-            imported.notes.append(
+            dropped.append(
                 f"the {graph} graph derived from the source does not match it ({one.failure}); "
                 f"it is left out and the server runs {graph} work on the step graph"
             )
@@ -158,23 +165,34 @@ def _prove(
             )
         report.cases.extend(one.cases)
         report.max_abs_error = max(report.max_abs_error, one.max_abs_error)
-    return report
+        passed[graph] = blob
+    return report, passed, dropped
 
 
-def _describe_import(manifest: dict[str, Any], imported: Imported) -> None:
-    """Record where the model came from, how the test perplexity and parity were measured."""
-    manifest["architecture"].update(imported.architecture)
-    prov = manifest["provenance"]
-    prov["source"] = imported.source
-    prov["imported_by"] = f"rnnlm import {imported.source['format']}"
-    if imported.exporter is not None:
-        prov["exporter"] = imported.exporter
+def _provenance(
+    imported: Imported, shapes: list[tuple[int, int]], notes: list[str]
+) -> dict[str, Any]:
+    """Where the model came from, how its graphs were made, and its test perplexity measured
+    as `Score` measures a document (one stream from the eos state), with the source model."""
+    prov: dict[str, Any] = {
+        "source": imported.source,
+        "imported_by": f"rnnlm import {imported.source['format']}",
+        "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "exporter": imported.exporter or f"torch.onnx TorchScript, opset {OPSET}",
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+    }
     if imported.test_ids:
+        eos = imported.special_tokens["eos"]
+        prov["test_perplexity"] = stream_perplexity(
+            imported.reference, imported.test_ids, eos, shapes
+        )
         prov["test_perplexity_measured"] = {
             "text": imported.test_file,
             "tokens": len(imported.test_ids),
             "how": "the source model, one stream from the eos state, as Score scores a text",
         }
-    if imported.notes:
-        prov["notes"] = list(imported.notes)
-    manifest["parity"]["against"] = "the source model in its own framework (provenance.source)"
+    if notes:
+        prov["notes"] = notes
+    return prov

@@ -2,9 +2,12 @@
 
 Start order keeps a load balancer honest: the port opens first with health NOT_SERVING (so a
 liveness probe passes while models load), then every model is loaded and warmed up, and only
-then does health say SERVING. Stopping reverses it: health goes NOT_SERVING and new calls get
-UNAVAILABLE, in-flight calls get up to the grace period, streams still open after it are ended,
-then the transport stops and the engines close.
+then does health say SERVING. Stopping reverses it: health goes NOT_SERVING, every client
+connection gets a GOAWAY (its next calls go to another replica), typing sessions waiting for
+their next event end with UNAVAILABLE (the client resumes elsewhere with its state token),
+in-flight calls get up to the grace period, streams still open after it are ended, then the
+transport stops and the engines close. Connections also get a GOAWAY when they reach
+--max-connection-age-seconds, so long-lived channels spread over replicas added since.
 
 Security comes from the configuration's files (server.security): TLS or mutual TLS on the gRPC
 port, bearer tokens checked by an interceptor, and the state-token keys. `reload()` (SIGHUP,
@@ -27,16 +30,19 @@ from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
+from server.guard import DecodeGuard
+from server.limits import Limits
 from server.metrics import Metrics, MetricsServer
 from server.reflection import enable_reflection
 from server.repository import ModelRepository, ReloadResult
 from server.security import BearerAuthInterceptor, BearerTokens, TlsFiles
-from server.servicer import LanguageModelServicer, Limits
+from server.servicer import LanguageModelServicer
 from server.state_token import StateTokens
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LanguageModel"].full_name
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period, how long ended streams get to send their last message.
 _END_STREAMS_SECONDS = 1.0
 
@@ -56,6 +62,34 @@ def engine_config(config: ServerConfig) -> EngineConfig:
     )
 
 
+def limits(config: ServerConfig) -> Limits:
+    return Limits(
+        max_tokens=config.max_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_text_chars=config.max_text_chars,
+        max_message_bytes=config.max_message_bytes,
+    )
+
+
+def transport_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes and the connections' maximum age."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if config.max_connection_age_seconds > 0:
+        options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_seconds)))
+        if config.max_connection_age_grace_seconds > 0:
+            grace = _ms(config.max_connection_age_grace_seconds)
+            options.append(("grpc.max_connection_age_grace_ms", grace))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, min(round(seconds * 1000), 2**31 - 1))
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -69,9 +103,7 @@ class RnnlmServer:
         self.port = 0
         self.metrics_port = 0
         self.repository: ModelRepository | None = None
-        self._servicer = LanguageModelServicer(
-            self.metrics, Limits(config.max_tokens, config.max_prompt_tokens)
-        )
+        self._servicer = LanguageModelServicer(self.metrics, limits(config))
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
@@ -82,6 +114,7 @@ class RnnlmServer:
         self._tls: TlsFiles | None = None
         self._auth: BearerTokens | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the poller and signalled reloads
+        self._model_health: set[str] = set()  # the models with a per-model health status
 
     async def start(self) -> None:
         """Open the ports, load and warm every model, then report SERVING.
@@ -96,6 +129,7 @@ class RnnlmServer:
                 self.config.default_model,
                 engine_config(self.config),
                 self.metrics,
+                strict=self.config.strict_models,
             )
         except BaseException:
             await self.stop(grace=0)
@@ -104,12 +138,19 @@ class RnnlmServer:
         self._servicer.accepting = True
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._report_model_health()
         log.info(
             "serving %s on %s (default model %s)",
             ", ".join(f"{m.name}:{m.version}" for m in self.repository.models),
             _address(self.config.host, self.port),
             self.repository.default_model or "none",
         )
+        if self.repository.failures:
+            log.error(
+                "not serving %d bundle(s) that failed to load (logged above): %s",
+                len(self.repository.failures),
+                ", ".join(str(p) for p in self.repository.failures),
+            )
         if self.config.reload_seconds > 0:
             self._spawn(self._poll())
 
@@ -132,7 +173,20 @@ class RnnlmServer:
         if self.repository is None or self._stopping:
             return ReloadResult()
         self._refresh_secrets()
-        return await self.repository.reload(retry_failed=retry_failed)
+        result = await self.repository.reload(retry_failed=retry_failed)
+        if not self._stopping:
+            await self._report_model_health()
+        return result
+
+    async def _report_model_health(self) -> None:
+        """Health per model, service `rnnlm.v1.LanguageModel/NAME`: SERVING while a version of
+        it is served; NOT_SERVING when its bundles failed to load, or it was removed."""
+        assert self.repository is not None
+        served = {m.name for m in self.repository.models}
+        self._model_health |= served | self.repository.failed_models()
+        for name in sorted(self._model_health):
+            status = health_pb2.HealthCheckResponse.SERVING if name in served else NOT_SERVING
+            await self._health.set(f"{SERVICE_NAME}/{name}", status)
 
     def request_reload(self) -> None:
         """Start a reload in the background (the SIGHUP handler)."""
@@ -179,26 +233,23 @@ class RnnlmServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _refused(self, method: str) -> None:
-        """Count a call the bearer-token check refused."""
-        name = method.rsplit("/", 1)[-1]
-        self.metrics.requests.labels(method=name, model="", code="UNAUTHENTICATED").inc()
+    def _refused(
+        self, method: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+    ) -> None:
+        """Count a call of the LanguageModel service refused before the servicer saw it."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        if service == SERVICE_NAME:
+            self.metrics.requests.labels(method=name, model="", code=code.name).inc()
 
     # -- transport --------------------------------------------------------------------------
 
     async def _open(self) -> None:
         c = self.config
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._auth is not None:
             interceptors.append(BearerAuthInterceptor(self._auth, self._refused))
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", c.max_message_bytes),
-                ("grpc.max_send_message_length", c.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        interceptors.append(DecodeGuard(self._refused))
+        server = grpc.aio.server(interceptors=interceptors, options=transport_options(c))
         pb_grpc.add_LanguageModelServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", SERVICE_NAME):
@@ -245,6 +296,13 @@ class RnnlmServer:
         self._health_server = server
         log.info("health (only) on %s (plaintext)", _address(self.config.host, self.health_port))
 
+    def _stop_transport(self, grace: float) -> asyncio.Future[None] | None:
+        """Start stopping the gRPC port: GOAWAY to every client connection now, so that clients
+        send their next calls elsewhere, while the calls in flight here go on for `grace`."""
+        if self._server is None:
+            return None
+        return asyncio.ensure_future(self._server.stop(grace))
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain (up to `grace` seconds, default --grace-seconds), then shut everything down."""
         if self._stopping:
@@ -256,14 +314,17 @@ class RnnlmServer:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("shutting down: draining in-flight calls for up to %.1f s", grace)
         await self._health.enter_graceful_shutdown()
-        self._servicer.accepting = False
+        self._servicer.start_drain()
+        transport = self._stop_transport(grace + _END_STREAMS_SECONDS)
         if not await self._servicer.drain(grace):
             log.warning("grace period over: ending the streams still open")
             self._servicer.end_streams()
             await self._servicer.drain(_END_STREAMS_SECONDS)
         for server in (self._server, self._health_server):
             if server is not None:
-                await server.stop(grace=0)
+                await server.stop(grace=0)  # what is left (health watches): ended now
+        if transport is not None:
+            await transport
         if self.repository is not None:
             await self.repository.close()
         if self._metrics_server is not None:

@@ -3,20 +3,27 @@
 As TGI's `CausalLMBatch`: a `Batch` is a value. `of` builds one from requests, `concatenate`
 joins batches, `filter` keeps some rows, `with_states` swaps in the states a step computed;
 each returns a new batch and none calls the model (server/step.py does). The request objects
-carry each row's progress (tokens fed, tokens generated, sampling parameters, random stream);
-the batch carries the arrays a run takes: one `[layers, N, hidden]` float32 array per state
-tensor, and which rows sit the next step out (`resting`: generations waiting for their turn,
-see server/scheduler.py).
+carry each row's progress (tokens fed, tokens generated); the batch carries the arrays a step
+takes: one `[layers, N, hidden]` float32 array per state tensor, every row's sampling
+parameters as vectors with its counter-based random stream's seed and position
+(`SamplingRows`, server/sampler.py; rows that do not generate hold neutral parameters), and
+which rows sit the next step out (`resting`: generations waiting for their turn, see
+server/scheduler.py). A step advances the sampled rows' stream positions in place.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.requests import Request, State
+from server.requests import GenerateRequest, Request, State
+from server.sampler import SamplingRows
+from server.sampling import SamplingParams
+
+NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,16 +32,19 @@ class Batch:
 
     requests: tuple[Request, ...]
     states: tuple[np.ndarray, ...]  # [layers, N, hidden] each
+    sampling: SamplingRows
     resting: frozenset[int] = field(default_factory=frozenset)  # rows the next step skips
     turn: int = 0  # whose held-back chunk goes first next (rows take turns, server/step.py)
 
     @staticmethod
-    def empty(num_states: int) -> Batch:
-        return Batch((), tuple(np.empty((0, 0, 0), np.float32) for _ in range(num_states)))
+    def empty(num_states: int, vocab_size: int) -> Batch:
+        states = tuple(np.empty((0, 0, 0), np.float32) for _ in range(num_states))
+        return Batch((), states, SamplingRows.from_params([], [], vocab_size))
 
     @staticmethod
-    def of(requests: Sequence[Request]) -> Batch:
-        """A batch of new requests, each starting from its own `state` (taken over here)."""
+    def of(requests: Sequence[Request], vocab_size: int) -> Batch:
+        """A batch of new requests, each starting from its own `state` (taken over here); each
+        one's sampling row is built here, once (a request without a seed draws one)."""
         if not requests:
             raise ValueError("a batch of no requests has no state shapes: use Batch.empty")
         first = requests[0].state
@@ -44,7 +54,16 @@ class Batch:
             states.append(np.stack([r.state[j] for r in requests], axis=1))  # type: ignore[index]
         for r in requests:
             r.state = None
-        return Batch(tuple(requests), tuple(states))
+        gens = [r if isinstance(r, GenerateRequest) else None for r in requests]
+        if any(g is not None for g in gens):
+            sampling = SamplingRows.from_params(
+                [NEUTRAL if g is None else g.params for g in gens],
+                [None if g is None else g.prompt for g in gens],
+                vocab_size,
+            )
+        else:  # no row samples (a next-token call, a score): neutral rows, made once
+            sampling = _neutral_row(vocab_size).filter(np.zeros(len(requests), dtype=np.intp))
+        return Batch(tuple(requests), tuple(states), sampling)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -57,15 +76,17 @@ class Batch:
         requests = tuple(r for b in parts for r in b.requests)
         width = len(parts[0].states)
         states = tuple(np.concatenate([b.states[j] for b in parts], axis=1) for j in range(width))
-        return Batch(requests, states, turn=self.turn)
+        sampling = SamplingRows.concatenate([b.sampling for b in parts])
+        return Batch(requests, states, sampling, turn=self.turn)
 
     def filter(self, rows: Sequence[int]) -> Batch:
         """The given rows, in that order."""
         if len(rows) == len(self.requests) and all(i == r for i, r in enumerate(rows)):
-            return Batch(self.requests, self.states, turn=self.turn)
+            return Batch(self.requests, self.states, self.sampling, turn=self.turn)
         idx = np.asarray(rows, dtype=np.intp)
         requests = tuple(self.requests[i] for i in rows)
-        return Batch(requests, tuple(s[:, idx, :] for s in self.states), turn=self.turn)
+        states = tuple(s[:, idx, :] for s in self.states)
+        return Batch(requests, states, self.sampling.filter(idx), turn=self.turn)
 
     def live(self) -> Batch:
         """The rows whose requests are neither done nor cancelled."""
@@ -75,11 +96,11 @@ class Batch:
     def stepped(self, states: Sequence[np.ndarray]) -> Batch:
         """The same rows after a step: its new states, every row running again, the next
         turn."""
-        return Batch(self.requests, tuple(states), turn=self.turn + 1)
+        return Batch(self.requests, tuple(states), self.sampling, turn=self.turn + 1)
 
     def rest(self, rows: frozenset[int]) -> Batch:
         """The same batch with `rows` sitting the next step out."""
-        return Batch(self.requests, self.states, rows, self.turn)
+        return Batch(self.requests, self.states, self.sampling, rows, self.turn)
 
     def row_state(self, row: int) -> State:
         """A read-only copy of one row's state."""
@@ -87,3 +108,10 @@ class Batch:
         for s in state:
             s.setflags(write=False)
         return state
+
+
+@functools.cache
+def _neutral_row(vocab_size: int) -> SamplingRows:
+    """One sampling row of neutral parameters (never sampled: a request that does not
+    generate), for a vocabulary of `vocab_size`."""
+    return SamplingRows.from_params([NEUTRAL], [None], vocab_size)

@@ -1,16 +1,17 @@
-"""The model bundle contract: the one place that defines, reads and validates a bundle.
+"""The server's view of a model bundle: validated by the contract, then loaded to serve.
 
-The exporter runs this same validator before it commits a bundle, and the server runs it before
-it serves one, so a bundle that loads here is a bundle both sides agree on. Torch-free: only
-numpy, onnxruntime and tokenizers. The format is described in docs/bundle.md.
+`rnnlm.bundle` defines the bundle (manifest, graphs, state tensors, files) and every check on
+it; this module adds what serving needs on top, with numpy, onnxruntime and tokenizers (never
+torch or onnx): the tokenizer, the continuous-cache settings, and onnxruntime sessions made
+from the verified bytes rather than the files (`GraphBytes`). docs/bundle.md describes the
+format.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,43 +19,84 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from rnnlm.bundle import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    BundleError,
+    ExternalRef,
+    Manifest,
+    StateSpec,
+    check_graph_io,
+    external_data,
+    load_manifest,
+    member_path,
+    quote,
+    read_files,
+    read_manifest,
+    read_member,
+    sha256_file,
+)
 from server.continuous_cache import CacheParams
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-TOKENIZER_KINDS = ("word", "char", "bpe")
-# Precision of the weights -> the element type of the graphs' float inputs and outputs.
-FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
-GRAPH_KINDS = ("step", "score", "prefill")
-# ONNX protobuf field numbers (onnx/onnx.proto) on every path from a model to a tensor, so the
-# loader can list a graph's external data files without the `onnx` package (not a server
-# dependency). Message kind -> {field number: kind of the embedded message}.
-_ONNX_FIELDS: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 25: "function"},
-    "function": {7: "node"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "node": {5: "attribute"},
-    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-}
-_TENSOR_NAME = 8
-_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data: StringStringEntryProto key=1, value=2
+__all__ = [  # the contract's names that the server's modules and tests import from here
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "MAX_MANIFEST_BYTES",
+    "Bundle",
+    "BundleError",
+    "ExternalRef",
+    "GraphBytes",
+    "StateSpec",
+    "external_data",
+    "load_bundle",
+    "member_path",
+    "read_manifest",
+    "read_member",
+    "sha256_file",
+]
 
 
-class BundleError(Exception):
-    """A bundle is missing, incomplete, tampered with or inconsistent; the message names a file."""
+class GraphBytes:
+    """The verified bytes of a bundle's graphs and of the external data they reference.
 
+    Sessions are made from these bytes, never from the files: onnxruntime copies the weights
+    into memory it owns, so a bundle edited, truncated or removed under a live server changes
+    no answer (onnxruntime maps an external data file it loads from a path, and a truncated
+    mapped file kills the process with SIGBUS). `release` drops the bytes once every session
+    is made.
+    """
 
-@dataclass(frozen=True)
-class StateSpec:
-    """One recurrent state tensor `[layers, batch, hidden]`: its graph input and output names."""
+    def __init__(self, files: dict[str, bytes], external: tuple[str, ...]) -> None:
+        self._files: dict[str, bytes] | None = files
+        self._external = external  # the external data files the graphs reference
+        self._given: weakref.WeakSet[ort.SessionOptions] = weakref.WeakSet()
 
-    name: str
-    input: str
-    output: str
-    layers: int
-    hidden: int
+    def session_inputs(self, graph: Path, options: ort.SessionOptions) -> bytes:
+        """The graph's bytes, with its external data files added to `options` (once per
+        options object: onnxruntime refuses a second entry of the same name)."""
+        if self._files is None:
+            raise BundleError(
+                f"{graph}: the bundle's bytes were released once its sessions were made; "
+                "load the bundle again"
+            )
+        if self._external and options not in self._given:
+            buffers = [self._files[name] for name in self._external]
+            try:
+                options.add_external_initializers_from_files_in_memory(
+                    list(self._external), buffers, [len(b) for b in buffers]
+                )
+            except RuntimeError as e:
+                raise BundleError(
+                    f"{graph}: these session options already carry another bundle's external "
+                    f"data ({quote(str(e), 120)}); give each bundle its own SessionOptions"
+                ) from e
+            self._given.add(options)
+        return self._files[graph.name]
+
+    def release(self) -> None:
+        """Drop the bytes (the sessions made from them keep their own copies)."""
+        self._files = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +119,14 @@ class Bundle:
     state: tuple[StateSpec, ...]
     step_graph: Path
     score_graph: Path | None
+    spec: Manifest = field(repr=False, compare=False)  # the validated manifest
     # The step graph without its output layer (bundles exported before it have none).
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
+    # The verified bytes the sessions are made from (never the files again).
+    graph_bytes: GraphBytes = field(
+        default_factory=lambda: GraphBytes({}, ()), repr=False, compare=False
+    )
 
     @property
     def score_features(self) -> bool:
@@ -118,127 +165,20 @@ class Bundle:
         held against the graph.
         """
         path = self.graph_file(graph)
+        options = session_options if session_options is not None else ort.SessionOptions()
+        data = self.graph_bytes.session_inputs(path, options)
         try:
             session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options,
+                data,
+                sess_options=options,
                 providers=list(providers) if providers is not None else ["CPUExecutionProvider"],
             )
         except Exception as e:  # onnxruntime raises several types for an unreadable graph
-            raise BundleError(f"{path}: onnxruntime cannot load the graph ({e})") from e
-        inputs, outputs = self.graph_io(graph)
-        expected = self._expected_io(graph)
-        for kind, names, args in (
-            ("inputs", inputs, session.get_inputs()),
-            ("outputs", outputs, session.get_outputs()),
-        ):
-            actual = [a.name for a in args]
-            if actual != names:
-                raise BundleError(
-                    f"{path}: graph {kind} {actual} do not match the manifest's {names}"
-                )
-            for arg in args:
-                _check_arg(path, arg, *expected[arg.name])
-        return session
-
-    def _expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
-        """Each I/O name of a graph -> (element type, dims where None means dynamic)."""
-        fp = FLOAT_IO[self.precision]
-        io: dict[str, tuple[str, list[int | None]]] = {"tokens": ("tensor(int64)", [None, None])}
-        for s in self.state:
-            io[s.input] = io[s.output] = (fp, [s.layers, None, s.hidden])
-        io["features"] = (fp, [None, None, self.hidden])
-        if graph == "step":
-            io["logits"] = (fp, [None, None, self.vocab_size])
-        elif graph == "score":
-            io["targets"] = ("tensor(int64)", [None, None])
-            io["target_logprobs"] = (fp, [None, None])
-        return io
-
-
-def _check_arg(path: Path, arg: Any, elem_type: str, dims: list[int | None]) -> None:
-    if arg.type != elem_type:
-        raise BundleError(f"{path}: {arg.name!r} has type {arg.type}, expected {elem_type}")
-    shape = list(arg.shape)
-    if len(shape) != len(dims):
-        raise BundleError(
-            f"{path}: {arg.name!r} has rank {len(shape)} {shape}, expected rank {len(dims)}"
-        )
-    for axis, (got, want) in enumerate(zip(shape, dims, strict=True)):
-        if want is not None and isinstance(got, int) and got != want:
             raise BundleError(
-                f"{path}: {arg.name!r} has size {got} on axis {axis}, expected {want} "
-                "(from the manifest's architecture)"
-            )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class _Reader:
-    """Typed access to the manifest's fields; every error names the manifest and the field."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, message: str) -> BundleError:
-        return BundleError(f"{self.path}: {message}")
-
-    def get(self, obj: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
-        field = f"{where}{key}"
-        if key not in obj:
-            raise self.fail(f"missing field {field!r}")
-        value = obj[key]
-        # bool is an int in Python; a JSON true is never a valid count.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"field {field!r} must be {_json_type(kind)}, not {value!r}")
-        return value
-
-    def positive(self, obj: dict[str, Any], key: str, where: str) -> int:
-        value: int = self.get(obj, key, int, where)
-        if value < 1:
-            raise self.fail(f"field {where}{key!r} must be at least 1, not {value}")
-        return value
-
-    def file_name(self, obj: dict[str, Any], key: str, where: str) -> str:
-        name: str = self.get(obj, key, str, where)
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise self.fail(f"field {where}{key!r} must be a file name in the bundle, not {name!r}")
-        return name
-
-    def names(self, obj: dict[str, Any], key: str, where: str) -> list[str]:
-        value: list[Any] = self.get(obj, key, list, where)
-        if not all(isinstance(v, str) for v in value):
-            raise self.fail(f"field {where}{key!r} must be a list of strings, not {value!r}")
-        return value
-
-
-def _json_type(kind: type) -> str:
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer"}.get(
-        kind, kind.__name__
-    )
-
-
-def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    """The parsed manifest.json of a bundle directory (parsed only, not validated)."""
-    directory = Path(bundle_dir)
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: not a bundle directory (it does not exist)")
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise BundleError(f"{path}: missing; is {directory} a model bundle?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: must hold a JSON object, not {type(data).__name__}")
-    return data
+                f"{path}: onnxruntime cannot load the graph ({quote(str(e), 300)})"
+            ) from e
+        check_graph_io(path, graph, self.spec, session.get_inputs(), session.get_outputs())
+        return session
 
 
 def load_bundle(bundle_dir: str | Path) -> Bundle:
@@ -248,301 +188,50 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     execution providers and threading.
     """
     directory = Path(bundle_dir)
-    m = read_manifest(directory)
-    r = _Reader(directory / MANIFEST_FILE)
-
-    fmt = r.get(m, "format_version", int)
-    if fmt != FORMAT_VERSION:
-        raise r.fail(f"format_version {fmt} is not supported (expected {FORMAT_VERSION})")
-    name: str = r.get(m, "name", str)
-    if not name:
-        raise r.fail("field 'name' must not be empty")
-    version: str = r.get(m, "version", str)
-    if not version:
-        raise r.fail("field 'version' must not be empty")
-
-    arch = r.get(m, "architecture", dict)
-    cell: str = r.get(arch, "cell", str, "architecture.")
-    if cell not in CELLS:
-        raise r.fail(f"architecture.cell must be one of {', '.join(CELLS)}, not {cell!r}")
-    layers = r.positive(arch, "layers", "architecture.")
-    hidden = r.positive(arch, "hidden", "architecture.")
-    vocab_size = r.positive(arch, "vocab_size", "architecture.")
-
-    precision: str = r.get(m, "precision", str)
-    if precision not in FLOAT_IO:
-        raise r.fail(f"precision must be one of {', '.join(FLOAT_IO)}, not {precision!r}")
-    r.get(m, "provenance", dict)
-    r.get(m, "parity", dict)
-
-    files: dict[str, Any] = r.get(m, "files", dict)
-    for file, digest in files.items():
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise r.fail(f"files[{file!r}] must be a sha256 hex digest, not {digest!r}")
-
-    state = _read_state(r, m, cell, layers, hidden)
-    graphs = r.get(m, "graphs", dict)
-    step_file = _read_graph(r, graphs, "step", state, directory, files)
-    score_file, prefill_file = (
-        _read_graph(r, graphs, kind, state, directory, files) if kind in graphs else None
-        for kind in ("score", "prefill")
-    )
-    unknown = sorted(set(graphs) - set(GRAPH_KINDS))
-    if unknown:
-        raise r.fail(f"graphs has unknown entries {unknown}; known: {', '.join(GRAPH_KINDS)}")
-
-    tok = r.get(m, "tokenizer", dict)
-    tokenizer_kind: str = r.get(tok, "kind", str, "tokenizer.")
-    if tokenizer_kind not in TOKENIZER_KINDS:
-        raise r.fail(
-            f"tokenizer.kind must be one of {', '.join(TOKENIZER_KINDS)}, not {tokenizer_kind!r}"
-        )
-    tokenizer_file = r.file_name(tok, "file", "tokenizer.")
-    _require_listed(r, files, tokenizer_file, "tokenizer.file")
-    special: dict[str, Any] = r.get(tok, "special_tokens", dict, "tokenizer.")
-    for key, value in special.items():
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
-            raise r.fail(
-                f"tokenizer.special_tokens.{key} must be a token id below vocab_size "
-                f"{vocab_size}, not {value!r}"
-            )
-    eos_id: int = r.get(special, "eos", int, "tokenizer.special_tokens.")
-
+    m = load_manifest(directory)
     continuous_cache = None
-    if "continuous_cache" in m:
-        block = r.get(m, "continuous_cache", dict)
+    if "continuous_cache" in m.data:
         try:
-            continuous_cache = CacheParams.from_dict(block)
+            continuous_cache = CacheParams.from_dict(m.data["continuous_cache"])
         except ValueError as e:
-            raise r.fail(f"continuous_cache: {e}") from e
-
-    _verify_files(directory, files)
-    for graph_file in (step_file, score_file, prefill_file):
-        if graph_file is not None:
-            _check_external_data(directory, graph_file, files)
-    tokenizer = _load_tokenizer(directory / tokenizer_file, vocab_size)
-
+            raise BundleError(f"{m.path}: continuous_cache: {e}") from e
+    files = read_files(directory, m)
+    tokenizer_data = files.contents[m.tokenizer_file]
+    tokenizer = _load_tokenizer(directory / m.tokenizer_file, tokenizer_data, m.vocab_size)
+    graph_names = [spec.file for spec in m.graphs.values()]
+    held = {name: files.contents[name] for name in [*graph_names, *files.external]}
+    paths = {kind: directory / spec.file for kind, spec in m.graphs.items()}
     return Bundle(
         path=directory,
-        manifest=m,
-        name=name,
-        version=version,
-        cell=cell,
-        layers=layers,
-        hidden=hidden,
-        vocab_size=vocab_size,
-        precision=precision,
+        manifest=m.data,
+        name=m.name,
+        version=m.version,
+        cell=m.cell,
+        layers=m.layers,
+        hidden=m.hidden,
+        vocab_size=m.vocab_size,
+        precision=m.precision,
         tokenizer=tokenizer,
-        tokenizer_kind=tokenizer_kind,
-        special_tokens=dict(special),
-        eos_id=eos_id,
-        state=state,
-        step_graph=step_file,
-        score_graph=score_file,
-        prefill_graph=prefill_file,
+        tokenizer_kind=m.tokenizer_kind,
+        special_tokens=dict(m.special_tokens),
+        eos_id=m.eos_id,
+        state=m.state,
+        step_graph=paths["step"],
+        score_graph=paths.get("score"),
+        prefill_graph=paths.get("prefill"),
         continuous_cache=continuous_cache,
+        spec=m,
+        graph_bytes=GraphBytes(held, files.external),
     )
 
 
-def _read_state(
-    r: _Reader, m: dict[str, Any], cell: str, layers: int, hidden: int
-) -> tuple[StateSpec, ...]:
-    entries: list[Any] = r.get(m, "state", list)
-    expected = 2 if cell == "lstm" else 1
-    if len(entries) != expected:
-        raise r.fail(f"state lists {len(entries)} tensors; a {cell} has {expected}")
-    specs = []
-    for i, entry in enumerate(entries):
-        where = f"state[{i}]."
-        if not isinstance(entry, dict):
-            raise r.fail(f"state[{i}] must be an object, not {entry!r}")
-        shape = r.get(entry, "shape", list, where)
-        if len(shape) != 3 or shape[0] != layers or shape[2] != hidden:
-            raise r.fail(
-                f"{where}shape {shape} does not match the architecture "
-                f"[{layers}, 'batch', {hidden}]"
-            )
-        specs.append(
-            StateSpec(
-                name=r.get(entry, "name", str, where),
-                input=r.get(entry, "input", str, where),
-                output=r.get(entry, "output", str, where),
-                layers=layers,
-                hidden=hidden,
-            )
-        )
-    return tuple(specs)
-
-
-def _read_graph(
-    r: _Reader,
-    graphs: dict[str, Any],
-    kind: str,
-    state: tuple[StateSpec, ...],
-    directory: Path,
-    files: dict[str, Any],
-) -> Path:
-    where = f"graphs.{kind}."
-    spec = r.get(graphs, kind, dict, "graphs.")
-    file = r.file_name(spec, "file", where)
-    _require_listed(r, files, file, f"{where}file")
-    inputs = r.names(spec, "inputs", where)
-    outputs = r.names(spec, "outputs", where)
-    data_in = ["tokens", "targets"] if kind == "score" else ["tokens"]
-    data_out = {"step": ["logits"], "score": ["target_logprobs"], "prefill": []}[kind] + [
-        "features"
-    ]
-    want_in = data_in + [s.input for s in state]
-    want_out = data_out + [s.output for s in state]
-    # Score graphs exported before the continuous cache have no `features`.
-    earlier = ["target_logprobs"] + [s.output for s in state] if kind == "score" else want_out
-    if inputs != want_in:
-        raise r.fail(f"{where}inputs {inputs} must be {want_in}")
-    if outputs not in (want_out, earlier):
-        raise r.fail(f"{where}outputs {outputs} must be {want_out}")
-    return directory / file
-
-
-def _require_listed(r: _Reader, files: dict[str, Any], file: str, field: str) -> None:
-    if file not in files:
-        raise r.fail(f"{field} {file!r} has no sha256 in 'files'")
-
-
-def _verify_files(directory: Path, files: dict[str, Any]) -> None:
-    for file, digest in files.items():
-        path = directory / file
-        if not path.is_file():
-            raise BundleError(f"{path}: missing (listed in {MANIFEST_FILE})")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise BundleError(
-                f"{path}: sha256 {actual} does not match the manifest's {digest}; "
-                "the file was changed or damaged after export"
-            )
-
-
-def _check_external_data(directory: Path, graph_file: Path, files: dict[str, Any]) -> None:
-    """Every external data file a graph references is a file of the bundle, present and hashed,
-    and every tensor's bytes lie inside it."""
-    sizes: dict[str, int] = {}
-    for ref in external_data(graph_file):
-        location = ref.location
-        if location not in sizes:
-            path = directory / location
-            if not location or "/" in location or "\\" in location or location in (".", ".."):
-                raise BundleError(
-                    f"{graph_file}: external data location {location!r} is not a file name "
-                    "inside the bundle"
-                )
-            if not path.is_file():
-                raise BundleError(
-                    f"{path}: missing; {graph_file.name} keeps its weights there "
-                    "(ONNX external data)"
-                )
-            if location not in files:
-                raise BundleError(
-                    f"{graph_file}: references external data {location!r}, which has no sha256 "
-                    f"in {MANIFEST_FILE} 'files'"
-                )
-            sizes[location] = path.stat().st_size
-        if ref.length is None or ref.offset + ref.length > sizes[location]:
-            raise BundleError(
-                f"{graph_file}: tensor {ref.tensor!r} lies at bytes {ref.offset}-"
-                f"{ref.offset + (ref.length or 0)} of {location!r}, which has "
-                f"{sizes[location]} bytes (the graph and the weights file do not belong together)"
-            )
-
-
-@dataclass(frozen=True)
-class ExternalRef:
-    """Where one tensor of a graph keeps its bytes (ONNX external data)."""
-
-    tensor: str
-    location: str
-    offset: int
-    length: int | None  # None: to the end of the file (never written by the exporter)
-
-
-def external_data(graph_file: Path) -> list[ExternalRef]:
-    """The external-data tensors of an ONNX file, read without the `onnx` package."""
+def _load_tokenizer(path: Path, data: bytes, vocab_size: int) -> Tokenizer:
     try:
-        return _external_refs(memoryview(graph_file.read_bytes()), "model")
-    except ValueError as e:
-        raise BundleError(f"{graph_file}: not an ONNX model ({e})") from e
-
-
-def _external_refs(message: memoryview, kind: str) -> list[ExternalRef]:
-    if kind == "tensor":
-        name, entries = "", {}
-        for number, value in _protobuf_fields(message):
-            if number == _TENSOR_NAME and isinstance(value, memoryview):
-                name = _text(value)
-            elif number == _TENSOR_EXTERNAL_DATA and isinstance(value, memoryview):
-                entry = dict(_protobuf_fields(value))
-                key, text = entry.get(1), entry.get(2, memoryview(b""))
-                if isinstance(key, memoryview) and isinstance(text, memoryview):
-                    entries[_text(key)] = _text(text)
-        if "location" not in entries:
-            return []
-        try:
-            offset = int(entries.get("offset", "0"))
-            length = int(entries["length"]) if "length" in entries else None
-        except ValueError as e:
-            raise ValueError(f"tensor {name!r} has a bad external data offset or length") from e
-        return [ExternalRef(name, entries["location"], offset, length)]
-    found: list[ExternalRef] = []
-    children = _ONNX_FIELDS.get(kind, {})
-    for number, value in _protobuf_fields(message):
-        if number in children and isinstance(value, memoryview):
-            found.extend(_external_refs(value, children[number]))
-    return found
-
-
-def _text(value: memoryview) -> str:
-    return bytes(value).decode("utf-8", errors="replace")
-
-
-def _protobuf_fields(message: memoryview) -> Iterator[tuple[int, int | memoryview]]:
-    """(field number, value) of each field; a length-delimited value is its bytes, unparsed."""
-    pos, end = 0, len(message)
-    while pos < end:
-        key, pos = _varint(message, pos)
-        number, wire = key >> 3, key & 7
-        value: int | memoryview = 0
-        if wire == 0:
-            value, pos = _varint(message, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            length, pos = _varint(message, pos)
-            value = message[pos : pos + length]
-            pos += length
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"malformed protobuf: wire type {wire} at byte {pos}")
-        if pos > end or number == 0:
-            raise ValueError(f"malformed protobuf: truncated field {number}")
-        yield number, value
-
-
-def _varint(message: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while pos < len(message) and shift < 64:
-        byte = message[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-    raise ValueError("malformed protobuf: truncated varint")
-
-
-def _load_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception for a bad file
-        raise BundleError(f"{path}: cannot be read as a tokenizers file ({e})") from e
+        raise BundleError(
+            f"{path}: cannot be read as a tokenizers file ({quote(str(e), 200)})"
+        ) from e
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size != vocab_size:
         raise BundleError(

@@ -44,10 +44,14 @@ class ServerConfig:
     state_cache_mb: float = 64.0
     max_tokens: int = 1024
     max_prompt_tokens: int = 8192
+    max_text_chars: int = 131_072
     max_message_bytes: int = 16 * 2**20
     grace_seconds: float = 10.0
+    max_connection_age_seconds: float = 300.0
+    max_connection_age_grace_seconds: float = 0.0
     log_level: str = "info"
     reload_seconds: float = 0.0
+    strict_models: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -76,13 +80,21 @@ class ServerConfig:
             "stream_tokens",
             "max_tokens",
             "max_prompt_tokens",
+            "max_text_chars",
             "max_message_bytes",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         if self.max_batch_size is not None:
             check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
         check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
-        for name in ("max_queue_wait_ms", "state_cache_mb", "grace_seconds", "reload_seconds"):
+        for name in (
+            "max_queue_wait_ms",
+            "state_cache_mb",
+            "grace_seconds",
+            "reload_seconds",
+            "max_connection_age_seconds",
+            "max_connection_age_grace_seconds",
+        ):
             check(getattr(self, name) >= 0, name, "must be at least 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = (
@@ -162,13 +174,36 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_tokens": (int, "cap on a Generate request's max_tokens"),
     "max_prompt_tokens": (int, "cap on prompt and context length, in tokens"),
-    "max_message_bytes": (int, "largest gRPC message accepted or sent"),
+    "max_text_chars": (
+        int,
+        "cap on a request's text in characters (prompt, context, a typing session's context, "
+        "a Score or Embed call's texts in all)",
+    ),
+    "max_message_bytes": (
+        int,
+        "largest gRPC message accepted or sent (calls whose reply would be larger are refused)",
+    ),
     "grace_seconds": (float, "on SIGTERM/SIGINT, how long in-flight calls may take to finish"),
+    "max_connection_age_seconds": (
+        float,
+        "send GOAWAY to a client connection this old (give or take 10%%), so long-lived "
+        "channels reconnect and spread over new replicas; 0 is off",
+    ),
+    "max_connection_age_grace_seconds": (
+        float,
+        "how long calls on a connection past its age may go on before it is closed; "
+        "0 is as long as they take",
+    ),
     "log_level": (str.lower, "debug, info, warning or error"),
     "reload_seconds": (
         float,
         "poll the model repository for new or changed bundles every this many seconds; "
         "0 is off (SIGHUP reloads either way)",
+    ),
+    "strict_models": (
+        _parse_bool,
+        "refuse to start unless every bundle in the model repository loads (default: serve "
+        "the bundles that load, and log, count and report the others)",
     ),
     "tls_cert": (Path, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     "tls_key": (Path, "the PEM private key of --tls-cert"),
@@ -205,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else (f" (default: {default})")
         )
         text = f"{help_}{shown}; env {env_name(name)}"
-        if name == "batching":
+        if name in ("batching", "strict_models"):
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )

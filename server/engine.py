@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from server import row_sampler
 from server.bundle import Bundle, BundleError
 from server.continuous_cache import CacheParams, ContinuousCache
 from server.delivery import COALESCE_ACTIVE, TokenStream, settle
@@ -142,6 +143,10 @@ class Engine:
             choose_prefill_split, sessions, bundle, config.prefill_chunk, config.prefill_split
         )
         sessions.metrics = self.metrics
+        providers, options = providers_for(config.provider), session_options(config)
+        sampler = functools.partial(
+            row_sampler.choose, config.sampler, self.provider, providers, options
+        )
         step_config = StepConfig(
             bundle.vocab_size,
             bundle.hidden,
@@ -157,8 +162,10 @@ class Engine:
             self.cache,
             self.metrics,
             len(bundle.state),
+            sampler,
             asyncio.get_running_loop(),
             f"{bundle.name}-{bundle.version}",
+            cpu_bound=self.provider == CPU and config.intra_op_threads == 1,
         )
 
     async def _open_sessions(self) -> Sessions:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROVIDERS = ("cpu", "cuda", "auto")
+SAMPLERS = ("auto", "graph", "numpy")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class EngineConfig:
     # Under load, a generation's tokens reach its consumer this many at a time (see
     # server/delivery.py, TokenStream); 1: always one at a time.
     stream_tokens: int = 4
+    # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
+    # "numpy", or "auto" (the graph on CUDA, numpy on a CPU, where it costs less). Both give
+    # the same tokens for the same seed.
+    sampler: str = "auto"
     # Tokens before a request's last from which they are fed on the prefill graph in a run of
     # their own (see server/runner.py, choose_prefill_split); None: measured at start.
     prefill_split: int | None = None
@@ -45,6 +50,7 @@ class EngineConfig:
                 raise ValueError(f"engine {name} must be {rule}, not {getattr(self, name)!r}")
 
         check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
+        check(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}")
         check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
         check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
         for name in ("batch_threads", "prefill_chunk", "max_queued", "stream_tokens"):

@@ -165,8 +165,15 @@ class Metrics:
         )
         self.model_load_failures = Counter(
             "rnnlm_model_load_failures_total",
-            "Bundles a reload could not load (the versions already loaded kept serving).",
+            "Bundles a start or a reload could not load (the others, and the versions already "
+            "loaded, kept serving).",
             ["model"],
+            registry=r,
+        )
+        self.bundles_failing = Gauge(
+            "rnnlm_model_bundles_failing",
+            "Bundles in the model repository that are not served because they failed to load "
+            "(at start, or at the last reload that tried them).",
             registry=r,
         )
         self._lock = threading.Lock()

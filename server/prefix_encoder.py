@@ -38,6 +38,9 @@ PROBES = 8
 RESTART_WORDS = 3
 MAX_ENTRIES = 512
 MAX_TOKENS = 1 << 18  # ids held over all entries (Python ints: about 9 MB)
+# Texts this long are encoded with `encode_batch`, which releases the GIL while it works
+# (`encode` holds it): a long text encoded on a worker thread then leaves the event loop free.
+RELEASE_GIL_CHARS = 4096
 
 _LOCAL_NORMALIZERS = {"Replace", "NFC", "NFKC", "NFD", "NFKD", "Lowercase"}
 _LOCAL_PRE_TOKENIZERS = {"Split", "ByteLevel", "Whitespace", "WhitespaceSplit", "Punctuation"}
@@ -86,6 +89,8 @@ class PrefixEncoder:
         return list(entry.ids)
 
     def _encode(self, text: str) -> Encoding:
+        if len(text) >= RELEASE_GIL_CHARS:
+            return self.tokenizer.encode_batch([text], add_special_tokens=False)[0]
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _encode_in_pieces(self, text: str) -> list[int]:

@@ -12,7 +12,8 @@ version gets the newest (`newest_version`: the highest number, the plain `2` ove
 `2-int8`), and one that names no model gets the default model (`resolve_default_model`: the
 flag, the environment, the repository's `repository.json`, or the only model).
 
-The start is all or nothing: every bundle must load. After it, `reload` (SIGHUP,
+At start, a bundle that cannot be loaded is logged, counted and listed in `failures` while the
+others serve (`strict`, `--strict-models`: every bundle must load). After it, `reload` (SIGHUP,
 `--reload-seconds`) brings the served set in line with the directory: new and changed bundles
 are loaded and warmed up before they take requests, removed ones are unloaded, and a bundle that
 fails to load is logged and counted while whatever was serving keeps serving. Calls hold the
@@ -31,7 +32,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.bundle import MANIFEST_FILE, Bundle, BundleError, load_bundle, read_manifest
+from server.bundle import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    Bundle,
+    BundleError,
+    load_bundle,
+    member_path,
+    read_manifest,
+    read_member,
+)
 from server.engine import Engine, EngineConfig, EngineError
 from server.metrics import Metrics
 from server.text import TextCodec
@@ -204,7 +214,12 @@ def fingerprint(bundle_dir: Path) -> str:
     Cheap enough to poll (no graph is read), and a bundle still being copied in changes it
     again when the copy completes, so it is retried then.
     """
-    digest = hashlib.sha256((bundle_dir / MANIFEST_FILE).read_bytes())
+    try:  # read as the loader reads it: a FIFO or a link out of the bundle is never opened
+        digest = hashlib.sha256(
+            read_member(member_path(bundle_dir, MANIFEST_FILE), MAX_MANIFEST_BYTES)
+        )
+    except BundleError as e:  # loading fails with this error; the stamp changes with it
+        digest = hashlib.sha256(str(e).encode())
     for path in sorted(bundle_dir.iterdir()):
         if path.is_file():
             stat = path.stat()
@@ -246,6 +261,8 @@ class ModelRepository:
         self._retired: set[LoadedModel] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._failed: dict[Path, str] = {}  # bundle dir -> fingerprint that failed to load
+        # bundle dir -> why it is not served (at start or at the last reload that tried it)
+        self.failures: dict[Path, str] = {}
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -256,17 +273,50 @@ class ModelRepository:
         default_model: str,
         engine_config: EngineConfig,
         metrics: Metrics,
+        *,
+        strict: bool = False,
     ) -> ModelRepository:
         """Validate every bundle, then start (and warm up) one engine per model version.
 
-        Any failure stops the engines already started and raises, so a server never serves a
-        partial repository.
+        A bundle that cannot be loaded or started is logged, counted and listed in `failures`,
+        and the others serve; it is an error when none can. With `strict` (`--strict-models`)
+        any such failure stops the engines already started and raises. A name and version in
+        two bundles, or a default model (`resolve_default_model`) that is not served, is an
+        error either way.
         """
         paths = find_bundles(root)
+        repository = cls([], default_model, root=root, engine_config=engine_config, metrics=metrics)
+        bundles = await repository._open_all(paths, strict)
+        if not bundles:
+            repository._nothing_served()
+        loaded: list[LoadedModel] = []
+        try:
+            for bundle, stamp in bundles:
+                try:
+                    loaded.append(await repository._start(bundle, stamp))
+                except (EngineError, BundleError) as e:
+                    repository._start_failure(bundle.path, stamp, e, strict)
+            if not loaded:
+                repository._nothing_served()
+            served = {m.name for m in loaded}
+            repository.default_model = resolve_default_model(root, served, default_model)
+        except BaseException:
+            await asyncio.gather(*(m.engine.close() for m in loaded), return_exceptions=True)
+            raise
+        repository._publish(loaded)
+        return repository
+
+    async def _open_all(self, paths: list[Path], strict: bool) -> list[tuple[Bundle, str]]:
+        """Each bundle that validates, with its fingerprint; the others are start failures."""
         bundles: dict[tuple[str, str], tuple[Bundle, str]] = {}
         for path in paths:
-            stamp = await asyncio.to_thread(fingerprint, path)
-            bundle = await asyncio.to_thread(load_bundle, path)
+            stamp = ""
+            try:
+                stamp = await asyncio.to_thread(fingerprint, path)
+                bundle = await asyncio.to_thread(load_bundle, path)
+            except (BundleError, OSError) as e:
+                self._start_failure(path, stamp, e, strict)
+                continue
             key = (bundle.name, bundle.version)
             if key in bundles:
                 raise RepositoryError(
@@ -274,19 +324,31 @@ class ModelRepository:
                     f"{bundles[key][0].path}; each name and version may appear once"
                 )
             bundles[key] = (bundle, stamp)
-        default_model = resolve_default_model(root, {name for name, _ in bundles}, default_model)
-        repository = cls([], default_model, root=root, engine_config=engine_config, metrics=metrics)
-        loaded: list[LoadedModel] = []
-        try:
-            for bundle, stamp in bundles.values():
-                loaded.append(await repository._start(bundle, stamp))
-        except BaseException:
-            await asyncio.gather(*(m.engine.close() for m in loaded), return_exceptions=True)
-            raise
-        repository._publish(loaded)
-        return repository
+        return list(bundles.values())
+
+    def _nothing_served(self) -> None:
+        first = next(iter(self.failures.values()), "")
+        raise RepositoryError(f"{self._root}: no model could be served; {first}")
+
+    def _start_failure(self, path: Path, stamp: str, error: Exception, strict: bool) -> None:
+        """A bundle that cannot be served at start: raise (strict) or log, count and list it."""
+        message = f"cannot load {path}: {error}"
+        if strict:
+            raise RepositoryError(f"{message} (--strict-models: every bundle must load)")
+        assert self._metrics is not None and self._root is not None
+        log.error("start: %s; serving the other bundles", message)
+        self._metrics.model_load_failures.labels(model=_model_label(path, self._root)).inc()
+        self._failed[path] = stamp
+        self.failures[path] = message
+        self._metrics.bundles_failing.set(len(self.failures))
 
     # -- lookups ----------------------------------------------------------------------------
+
+    def failed_models(self) -> set[str]:
+        """The model names of the bundles in `failures` (a directory's name when the manifest
+        cannot say)."""
+        root = self._root
+        return set() if root is None else {_model_label(path, root) for path in self.failures}
 
     @property
     def models(self) -> list[LoadedModel]:
@@ -371,6 +433,8 @@ class ModelRepository:
                 await asyncio.gather(*(m.engine.close() for m in started), return_exceptions=True)
                 raise
             self._failed = {p: s for p, s in self._failed.items() if p in stamps}
+            self.failures = {p: m for p, m in self.failures.items() if p in stamps}
+            self._metrics.bundles_failing.set(len(self.failures))
             served = set(keep) | set(started)
             gone = [m for m in self._models if m not in served]
             self._publish([*keep, *started])
@@ -415,10 +479,12 @@ class ModelRepository:
             model = await self._start(bundle, stamp)
         except (BundleError, EngineError, RepositoryError, OSError) as e:
             self._failed[path] = stamp
+            self.failures[path] = f"cannot load {path}: {e}"
             keeping = f"; {replaces.name}:{replaces.version} keeps serving" if replaces else ""
             self._fail(result, _model_label(path, self._root), f"cannot load {path}: {e}{keeping}")
             return None
         self._failed.pop(path, None)
+        self.failures.pop(path, None)
         return model
 
     def _fail(self, result: ReloadResult, model: str, message: str) -> None:
@@ -438,6 +504,8 @@ class ModelRepository:
         except BaseException:
             await engine.close()
             raise
+        finally:
+            bundle.graph_bytes.release()  # the sessions hold their own copies of the weights
         self._metrics.set_model_info(name, version, engine.provider, bundle.cell)
         log.info(
             "loaded model %s version %s from %s: %s, %s tokenizer, vocabulary %d, provider %s",

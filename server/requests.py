@@ -25,8 +25,6 @@ STEP = "step"
 SCORE = "score"
 PREFILL = "prefill"
 POOLINGS = ("last", "mean", "max")
-# Uniforms a generation draws from its random stream at once.
-UNIFORMS_AHEAD = 64
 # What `absorb` returns when the request's next-token logits are ready for the step's finish.
 READY = object()
 # The payload that ends a generation stream (after its last token).
@@ -215,21 +213,14 @@ class GenerateRequest(Request):
         self.key = key  # the state cache's key of the prompt, when the engine looked it up
         # Next-token logits already known (from the state cache): sample without a run.
         self.logits = head
+        # Its sampling row (parameters, random stream, seen tokens) is built from these when
+        # it joins a batch (server/batch.py).
         self.params = params
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
-        self.rng = params.rng()
-        # The rng's uniforms drawn a few at a time: the same stream as one at a time, cheaper.
-        self._uniforms: list[float] = []
-        self._drawn = 0
         self.generated = 0
         self.next_token = -1
         self.stepped = 0  # the scheduler's count of steps that advanced it (fair turns)
-        self._seen: set[int] | None = None
-        self.history: np.ndarray | None = None
-        if params.repetition_penalty != 1.0:
-            self._seen = set(prompt.tolist())
-            self.history = np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
 
     def work(self, chunk: int, split: int | None) -> Work | None:
         if self.logits is not None:
@@ -238,23 +229,11 @@ class GenerateRequest(Request):
             return super().work(chunk, split)
         return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
 
-    def uniform(self) -> float:
-        """The next uniform of the request's random stream (one per sampled token)."""
-        if self._drawn == len(self._uniforms):
-            ahead = min(UNIFORMS_AHEAD, max(1, self.max_tokens - self.generated))
-            self._uniforms = self.rng.random(ahead).tolist()
-            self._drawn = 0
-        self._drawn += 1
-        return self._uniforms[self._drawn - 1]
-
     def emitted(self, token: int) -> bool:
         """Record a sampled token; True when it ends the generation."""
         self.generated += 1
         self.next_token = token
         self.decoding = True
-        if self._seen is not None and token not in self._seen:
-            self._seen.add(token)
-            self.history = np.append(self.history, token)  # type: ignore[arg-type]
         return token in self.stop_ids or self.generated >= self.max_tokens
 
 

@@ -1,7 +1,7 @@
 """Sampling for a whole batch in one pass, with parameters as per-row vectors.
 
 A batch's sampling parameters are data (`SamplingRows`: one vector per parameter, one row per
-request, plus `[B, V]` masks of banned and seen tokens), so a step samples every row with one
+request, the banned ids, and a `[B, V]` mask of seen tokens), so a step samples every row with one
 call whose Python cost does not depend on the batch size: `BatchSampler.sample(logits, rows)`
 runs an ONNX graph (`server/sampler.onnx`, built by `exporter/sampler_graph.py`) fed the
 step's `[B, V]` logits, and only the chosen ids, their log-probs and the requested top
@@ -54,8 +54,11 @@ class SamplingRows:
     top_logprobs: np.ndarray  # [B] int64: alternatives to report
     seed: np.ndarray  # [B] int64: the stream's seed mod 2**64, as two's complement
     position: np.ndarray  # [B] int64: index of the row's next uniform in its stream
-    banned: np.ndarray  # [B, V] bool: never sampled
+    banned: np.ndarray  # [B, V] bool: never sampled (a mask of `banned_ids`)
     seen: np.ndarray  # [B, V] bool: tokens the repetition penalty applies to
+    # [B, N] int64: each row's distinct banned ids, then -1s (what the samplers read: a mask
+    # costs the graph a full-width pass). Rows built by `from_params` hold both forms.
+    banned_ids: np.ndarray
 
     @classmethod
     def from_params(
@@ -77,6 +80,9 @@ class SamplingRows:
             if h is not None and p.repetition_penalty != 1.0:
                 seen[r, np.asarray(h, dtype=np.int64)] = True
         seeds = [secrets.randbits(64) if p.seed is None else p.seed % 2**64 for p in params]
+        banned_ids = np.full((n, max((len(p.banned_ids) for p in params), default=0)), -1)
+        for r, p in enumerate(params):
+            banned_ids[r, : len(p.banned_ids)] = sorted(p.banned_ids)
         return cls(
             temperature=np.array([p.temperature for p in params], dtype=np.float32),
             top_k=np.array([p.top_k for p in params], dtype=np.int64),
@@ -88,6 +94,7 @@ class SamplingRows:
             position=np.zeros(n, dtype=np.int64),
             banned=banned,
             seen=seen,
+            banned_ids=banned_ids.astype(np.int64),
         )
 
     def __len__(self) -> int:
@@ -101,9 +108,17 @@ class SamplingRows:
     @staticmethod
     def concatenate(parts: Sequence[SamplingRows]) -> SamplingRows:
         """The rows of `parts`, one after another, as new arrays."""
-        return SamplingRows(
-            **{name: np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS}
-        )
+        width = max(p.banned_ids.shape[1] for p in parts)
+        padded = [
+            np.pad(p.banned_ids, ((0, 0), (0, width - p.banned_ids.shape[1])), constant_values=-1)
+            for p in parts
+        ]
+        fields = {
+            name: np.concatenate([getattr(p, name) for p in parts])
+            for name in _FIELDS
+            if name != "banned_ids"
+        }
+        return SamplingRows(**fields, banned_ids=np.concatenate(padded))
 
     def advance(self, tokens: np.ndarray) -> None:
         """Record each row's chosen token, in place: next stream position, token now seen.
@@ -205,7 +220,7 @@ def _row_params(rows: SamplingRows, r: int) -> SamplingParams:
         min_p=float(rows.min_p[r]),
         repetition_penalty=float(rows.repetition_penalty[r]),
         top_logprobs=int(rows.top_logprobs[r]),
-        banned_ids=frozenset(np.flatnonzero(rows.banned[r]).tolist()),
+        banned_ids=frozenset(i for i in rows.banned_ids[r].tolist() if i >= 0),
     )
 
 
@@ -241,10 +256,25 @@ class BatchSampler:
                 f"logits of shape {shape} do not match {len(rows)} rows of a vocabulary "
                 f"of {rows.banned.shape[1]}"
             )
-        feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in _FIELDS}
+        if rows.banned_ids.size and int(rows.banned_ids.max()) >= shape[1]:
+            raise ValueError(f"banned_ids reach past the vocabulary of {shape[1]}")
+        feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in GRAPH_INPUTS}
         feeds["logits"] = logits
         tokens, logprobs, lse, top_ids, top_values = self._session.run(_OUTPUTS, feeds)
         return SampledRows(tokens, logprobs, lse, top_ids, top_values, rows.top_logprobs)
 
 
+# The graph's inputs besides the logits: `SamplingRows` fields of the same names.
+GRAPH_INPUTS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "top_logprobs",
+    "seed",
+    "position",
+    "seen",
+    "banned_ids",
+)
 _OUTPUTS = ["tokens", "logprobs", "lse", "top_ids", "top_values"]

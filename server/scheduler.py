@@ -28,7 +28,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.batch import Batch
 from server.delivery import dispatch
@@ -36,8 +36,8 @@ from server.engine_config import EngineConfig
 from server.engine_errors import EngineClosed, Overloaded, failure_error
 from server.metrics import EngineMetrics
 from server.requests import Failure, Request
+from server.row_sampler import RowSampler
 from server.runner import Runner
-from server.sampling import Sampler
 from server.state_cache import StateCache
 from server.step import Prefix, Reply, StepConfig, StepResult, step
 
@@ -52,16 +52,23 @@ class Pace:
 
     The cost of a row is its share of the step's time, estimated as steps run (the step's
     seconds over its rows, a moving average: an overestimate at small batches, where a step's
-    fixed cost weighs most, so the batch grows as the estimate falls)."""
+    fixed cost weighs most, so the batch grows as the estimate falls). `clock` times steps:
+    the worker thread's CPU time where all of a step's work runs on it (onnxruntime on the
+    CPU with one intra-op thread), so that other processes on a shared machine do not make
+    the hardware look slower than it is; the wall clock otherwise."""
 
-    def __init__(self, max_step_ms: float, max_rows: int | None) -> None:
+    def __init__(
+        self, max_step_ms: float, max_rows: int | None, clock: Callable[[], float]
+    ) -> None:
         self.max_step_s = max_step_ms / 1000
         self.max_rows = max_rows
+        self.clock = clock
         self.row_s: float | None = None  # estimated seconds a row adds to a step
 
     def limit(self) -> int | None:
         """The most generations the next step advances (None: all)."""
-        by_time = None if self.row_s is None else max(1, math.floor(self.max_step_s / self.row_s))
+        row_s = self.row_s
+        by_time = max(1, math.floor(self.max_step_s / row_s)) if row_s else None
         if by_time is None or self.max_rows is None:
             return by_time if by_time is not None else self.max_rows
         return min(by_time, self.max_rows)
@@ -95,8 +102,10 @@ class Scheduler:
         cache: StateCache,
         metrics: EngineMetrics | None,
         num_states: int,
+        make_sampler: Callable[[], RowSampler],
         loop: asyncio.AbstractEventLoop,
         name: str,
+        cpu_bound: bool,
     ) -> None:
         self.runner = runner
         self.step_config = step_config
@@ -104,6 +113,9 @@ class Scheduler:
         self.cache = cache
         self.metrics = metrics
         self._num_states = num_states
+        self._make_sampler = make_sampler
+        # How steps are timed for the step-time policy (see `Pace`).
+        self._clock = time.thread_time if cpu_bound else time.perf_counter
         self._loop = loop
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
@@ -112,7 +124,7 @@ class Scheduler:
         threads = config.batch_threads
         self.sizes = [0] * threads  # rows in each worker's batch
         self._waiting = [0] * threads  # each worker's rows that sat out its last step
-        self._inline_sampler = Sampler()
+        self._inline_sampler = make_sampler()
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"engine-{name}-{i}", daemon=True)
             for i in range(threads)
@@ -168,7 +180,7 @@ class Scheduler:
         """Run a request to its answer here, through `step` (the engine must be idle)."""
         if self.metrics is not None:
             self.metrics.observe_queue_wait(0.0)
-        batch = Batch.of([request])
+        batch = Batch.of([request], self.step_config.vocab_size)
         replies: list[Reply] = []
         while not request.done:
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
@@ -189,24 +201,25 @@ class Scheduler:
 
     def _work(self, index: int) -> None:
         """One worker's loop: admit its share of the queue into its batch, step it."""
-        batch = Batch.empty(self._num_states)
-        sampler = Sampler()
-        pace = Pace(self.config.max_step_ms, self.config.max_batch_size)
+        vocab = self.step_config.vocab_size
+        batch = Batch.empty(self._num_states, vocab)
+        sampler = self._make_sampler()
+        pace = Pace(self.config.max_step_ms, self.config.max_batch_size, self._clock)
         last_size, last_end = 0, 0.0
         while True:
             admitted = self._admit(len(batch), last_size, last_end)
             if admitted is None:
                 break
             if admitted:
-                batch = batch.concatenate([Batch.of(admitted)])
+                batch = batch.concatenate([Batch.of(admitted, vocab)])
             batch = pace.rest(batch.live())
             self.sizes[index] = len(batch)
             if not len(batch):
                 continue
-            start = time.perf_counter()
+            start = pace.clock()
             result = self._step(batch, sampler)
+            pace.observe(pace.clock() - start, len(batch) - len(batch.resting))
             last_size, last_end = len(batch), time.perf_counter()
-            pace.observe(last_end - start, len(batch) - len(batch.resting))
             self._waiting[index] = len(batch.resting) + result.held
             # Cached before the results go out, so a caller's next request can hit them.
             self._store(result.prefixes)
@@ -216,7 +229,7 @@ class Scheduler:
             self.sizes[index] = len(batch)
         self._shut_down(index, batch)
 
-    def _step(self, batch: Batch, sampler: Sampler) -> StepResult:
+    def _step(self, batch: Batch, sampler: RowSampler) -> StepResult:
         try:
             return step(batch, self.runner, self.step_config, sampler)
         except Exception as e:  # a bug must not take the engine down with it

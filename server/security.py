@@ -226,7 +226,12 @@ class BearerTokens:
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid bearer token with UNAUTHENTICATED (health is open)."""
+    """Refuses calls without a valid bearer token with UNAUTHENTICATED (health is open).
+
+    The decision is made on the call's metadata alone, and a refused call's request is never
+    read: however large, it is not received past the transport's flow-control window, nor
+    parsed (the receive limit of an unauthenticated call is nothing).
+    """
 
     def __init__(self, tokens: BearerTokens, on_refused: Callable[[str], None]) -> None:
         self._tokens = tokens
@@ -245,23 +250,18 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         if problem is None:
             return handler
         self._on_refused(method)
-        return _refusal(handler, problem)
+        return _refusal(problem)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+def _refusal(message: str) -> grpc.RpcMethodHandler:
+    """A handler that answers UNAUTHENTICATED without reading the request.
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    It is a streaming handler whatever the method's shape: grpcio reads a unary call's request
+    before its handler runs, and a streaming call's only when the handler asks; the wire does
+    not tell the two apart, so a unary client gets the status all the same.
+    """
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, _CHALLENGE)
 
-    codec = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **codec)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **codec)
-    return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+    return grpc.stream_stream_rpc_method_handler(refuse)

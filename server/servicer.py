@@ -35,6 +35,15 @@ from server.engine import (
     Overloaded,
     SamplingParams,
 )
+from server.limits import (
+    Limits,
+    RpcError,
+    check_name,
+    check_partial_word,
+    check_stops,
+    invalid,
+    quote,
+)
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.state_token import SessionContext, StateTokenError, StateTokens
@@ -53,33 +62,16 @@ _LONG_TEXT_CHARS = 20_000
 # What grpc.aio raises when a handler writes to a call that has already ended at the transport
 # (its deadline passed, or the client went away, between two of a stream's writes).
 _ENDED_CALL_ERRORS = (cygrpc.ExecuteBatchError,)
+DRAINING_MESSAGE = (
+    "the server is shutting down: reconnect and resume the session with the state_token of "
+    "its last reply (return_state_token), or send its context again"
+)
 _POOLINGS = {
     pb.POOLING_UNSPECIFIED: "mean",
     pb.POOLING_LAST: "last",
     pb.POOLING_MEAN: "mean",
     pb.POOLING_MAX: "max",
 }
-
-
-class RpcError(Exception):
-    """A request answered with a status code other than OK; the message names the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> RpcError:
-    return RpcError(Code.INVALID_ARGUMENT, message)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The server's caps on requests (from --max-tokens and --max-prompt-tokens)."""
-
-    max_tokens: int
-    max_prompt_tokens: int
 
 
 @dataclass
@@ -106,6 +98,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._end_streams = asyncio.Event()
+        # Done when the drain starts; made in the event loop at first use.
+        self._draining: asyncio.Future[None] | None = None
 
     # -- lifecycle (driven by server.app) -------------------------------------------------
 
@@ -116,6 +110,18 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         except TimeoutError:
             return False
         return True
+
+    def start_drain(self) -> None:
+        """Refuse new calls, and end typing sessions as soon as they wait for the next event."""
+        self.accepting = False
+        draining = self._drain_started()
+        if not draining.done():
+            draining.set_result(None)
+
+    def _drain_started(self) -> asyncio.Future[None]:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_future()
+        return self._draining
 
     def end_streams(self) -> None:
         """Make open Generate calls finish (FINISH_REASON_CANCELLED) and typing sessions end."""
@@ -162,7 +168,10 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         try:
             if not self.accepting or self.repository is None:
                 raise RpcError(Code.UNAVAILABLE, "the server is not serving (starting or stopping)")
-            return await body(call)
+            reply = await body(call)
+            if reply is not None:
+                self._sendable(reply)
+            return reply
         except RpcError as e:
             code, message = e.code, e.message
         except Overloaded as e:
@@ -200,6 +209,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             # The call ended at the transport first (its deadline, or the client went away).
             raise asyncio.CancelledError from e
 
+    def _sendable(self, message: Any) -> None:
+        """Refuse a reply gRPC would not send (over --max-message-bytes), so that the call
+        is recorded with the status the client sees."""
+        self._limits.reply(message.ByteSize())
+
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
         m = self._metrics
         m.requests.labels(method=call.method, model=call.model, code=code.name).inc()
@@ -210,6 +224,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     def _model(self, name: str, version: str, call: _Call) -> LoadedModel:
         """The model a call names, held by the call until it ends."""
         assert self.repository is not None  # _handle refuses calls before it is set
+        check_name(name, "model")
+        check_name(version, "model_version")
         try:
             model = self.repository.acquire(name, version)
         except ModelNotFound as e:
@@ -231,6 +247,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             raise invalid(f"the text cannot be encoded by model {model.name!r}: {reason}") from e
 
     async def _context_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
+        self._limits.text(text, field)
         return self._within_prompt_limit(await self._encode(model, text), field)
 
     def _within_prompt_limit(self, ids: list[int], field: str) -> list[int]:
@@ -248,13 +265,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         model = self._model(request.model, request.model_version, call)
         params = self._sampling_params(request, model)
         max_tokens = self._max_tokens(request)
-        for i, s in enumerate(request.stop):
-            if not s:
-                raise invalid(f"stop[{i}] is empty; stop strings must have at least one character")
+        stops = check_stops(request.stop)
         prompt_ids = await self._prompt_ids(request, model)
         codec = model.codec
         detokenizer = codec.detokenizer(prompt_ids)
-        stopper = _StopMatcher(list(request.stop))
+        stopper = _StopMatcher(stops)
         m = self._metrics
         ttft = m.time_to_first_token.labels(model=model.name)
         itl = m.inter_token_latency.labels(model=model.name)
@@ -372,19 +387,21 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             return await self._context_ids(model, request.prompt, "prompt")
         if request.prompt:
             raise invalid("set prompt or prompt_token_ids, not both")
+        ids = self._within_prompt_limit(list(request.prompt_token_ids), "prompt_token_ids")
         vocab = model.codec.vocab_size
-        for i, token in enumerate(request.prompt_token_ids):
+        for i, token in enumerate(ids):
             if not 0 <= token < vocab:
                 raise invalid(
                     f"prompt_token_ids[{i}] is {token}, outside the vocabulary [0, {vocab})"
                 )
-        return self._within_prompt_limit(list(request.prompt_token_ids), "prompt_token_ids")
+        return ids
 
     # -- PredictNext and TypingSession -----------------------------------------------------
 
     async def _predict(self, request: pb.PredictNextRequest, call: _Call) -> pb.PredictNextResponse:
         if request.return_state_token:
             self._state_tokens("return_state_token")
+        self._limits.text(request.context, "context")
         if request.state_token:
             resumed = self._open_state_token(request.state_token)
             model = self._token_model(resumed, request.model, request.model_version, call)
@@ -393,9 +410,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             model = self._model(request.model, request.model_version, call)
             text = request.context
         _check_k(request.k, model, "k")
-        _check_partial_word(request.partial_word)
+        check_partial_word(request.partial_word)
         if request.continuous_cache:
             _require_cache(model)
+        if request.return_state_token:
+            self._limits.state_token_reply(text)
         ids = await self._context_ids(model, text, "context")
         logprobs = await model.engine.next_token_logprobs(ids, request.continuous_cache)
         response = pb.PredictNextResponse(
@@ -413,7 +432,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         model: LoadedModel | None = None
         text = ""
         try:
-            async for event in events:
+            async for event in self._until_drain(events):
+                self._limits.text(event.text, "text")
                 if event.return_state_token:
                     self._state_tokens("return_state_token")
                 if event.state_token:
@@ -425,9 +445,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                         self._metrics.active_streams.labels(model=model.name).inc()
                     elif (resumed.model, resumed.version) != model.key:
                         raise invalid(
-                            f"state_token is for model {resumed.model!r} version "
-                            f"{resumed.version!r}, but this session uses model {model.name!r} "
-                            f"version {model.version!r}"
+                            f"state_token is for model {quote(resumed.model)} version "
+                            f"{quote(resumed.version)}, but this session uses model "
+                            f"{model.name!r} version {model.version!r}"
                         )
                     text = await self._resumed_text(model, resumed) + event.text
                 else:
@@ -437,9 +457,11 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                     text = event.text if event.reset else text + event.text
                 k = event.k or DEFAULT_TYPING_K
                 _check_k(k, model, "k")
-                _check_partial_word(event.partial_word)
+                check_partial_word(event.partial_word)
                 if event.continuous_cache:
                     _require_cache(model)
+                if event.return_state_token:
+                    self._limits.state_token_reply(text)
                 ids = await self._context_ids(model, text, "the session's context")
                 logprobs = await model.engine.next_token_logprobs(ids, event.continuous_cache)
                 reply = pb.Suggestions(
@@ -448,12 +470,36 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 )
                 if event.return_state_token:
                     reply.state_token = self._seal(model, text, ids)
+                self._sendable(reply)
                 await context.write(reply)
                 if self._end_streams.is_set():
                     break
         finally:
             if model is not None:
                 self._metrics.active_streams.labels(model=model.name).dec()
+
+    async def _until_drain(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`events`, until the server starts draining: a session waiting for its next event
+        then ends with UNAVAILABLE, telling the client to resume elsewhere."""
+        iterator = aiter(events)
+        draining = self._drain_started()
+        following: asyncio.Future[T] | None = None
+        try:
+            while not draining.done():
+                following = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait((following, draining), return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    break
+                try:
+                    event = following.result()
+                except StopAsyncIteration:
+                    return
+                following = None
+                yield event
+        finally:
+            if following is not None:
+                following.cancel()
+        raise RpcError(Code.UNAVAILABLE, DRAINING_MESSAGE)
 
     # -- state tokens ----------------------------------------------------------------------
 
@@ -468,6 +514,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         return tokens
 
     def _open_state_token(self, token: bytes) -> SessionContext:
+        self._limits.state_token(token)
         try:
             return self._state_tokens("state_token").open(token)
         except StateTokenError as e:
@@ -479,13 +526,13 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         """The model version a token was made by; the request may name it but no other."""
         if (name and name != resumed.model) or (version and version != resumed.version):
             asked = " ".join(
-                f"{what} {value!r}"
+                f"{what} {quote(value)}"
                 for what, value in (("model", name), ("version", version))
                 if value
             )
             raise invalid(
-                f"state_token is for model {resumed.model!r} version {resumed.version!r}, but "
-                f"the request asks for {asked}"
+                f"state_token is for model {quote(resumed.model)} version "
+                f"{quote(resumed.version)}, but the request asks for {asked}"
             )
         try:
             return self._model(resumed.model, resumed.version, call)
@@ -494,6 +541,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     async def _resumed_text(self, model: LoadedModel, resumed: SessionContext) -> str:
         """A token's context, once checked against this model's tokenizer."""
+        self._limits.text(resumed.text, "state_token's context")
         count = len(await self._encode(model, resumed.text))
         if count != resumed.num_tokens:
             raise invalid(
@@ -511,11 +559,12 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     async def _texts_ids(self, model: LoadedModel, texts: list[str]) -> list[list[int]]:
         if not texts:
             raise invalid("texts is empty; give at least one text")
+        self._limits.texts(texts, "texts")
         all_ids = []
         for i, text in enumerate(texts):
             ids = await self._encode(model, text)
             if not ids:
-                raise invalid(f"texts[{i}] contains no tokens ({text!r})")
+                raise invalid(f"texts[{i}] contains no tokens ({quote(text)})")
             all_ids.append(ids)
         return all_ids
 
@@ -525,10 +574,16 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         if cached:
             _require_cache(model)
         all_ids = await self._texts_ids(model, list(request.texts))
+        texts = model.codec.token_texts
+        token_bytes = (
+            [len(texts[t].encode()) for ids in all_ids for t in ids]
+            if request.return_token_logprobs
+            else None
+        )
+        self._limits.scores_reply(len(all_ids), token_bytes)
         engine = model.engine
         scores = await _each(all_ids, lambda ids: engine.score(ids, cached), _in_flight(engine))
         response = pb.ScoreResponse(model_version=model.version)
-        texts = model.codec.token_texts
         for ids, logprobs in zip(all_ids, scores, strict=True):
             total = float(np.sum(logprobs, dtype=np.float64))
             result = response.results.add(
@@ -550,6 +605,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 f"pooling {request.pooling} is not one of "
                 + ", ".join(f"{pb.Pooling.Name(v)} ({v})" for v in _POOLINGS)
             )
+        self._limits.embeddings_reply(len(request.texts), model.bundle.hidden)
         all_ids = await self._texts_ids(model, list(request.texts))
         engine = model.engine
         vectors = await _each(all_ids, lambda ids: engine.embed(ids, pooling), _in_flight(engine))
@@ -565,6 +621,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         return pb.ListModelsResponse(models=[self._info(m) for m in self.repository.models])
 
     async def _get_model(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
+        check_name(request.name, "name")
+        check_name(request.version, "version")
         return self._info(self._model(request.name, request.version, call))
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
@@ -674,13 +732,6 @@ def _check_k(k: int, model: LoadedModel, field: str) -> None:
     vocab = model.codec.vocab_size
     if not 1 <= k <= vocab:
         raise invalid(f"{field} must be in [1, {vocab}] (the vocabulary size), not {k}")
-
-
-def _check_partial_word(partial_word: str) -> None:
-    if partial_word != partial_word.strip() or any(c.isspace() for c in partial_word):
-        raise invalid(
-            f"partial_word must be the letters of one word, without spaces, not {partial_word!r}"
-        )
 
 
 def _predictions(

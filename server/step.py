@@ -3,9 +3,10 @@
 The step asks every row for its pending work (a decode token, a prompt or document chunk),
 groups the work into as few onnxruntime runs as the padding rules allow, runs them, hands each
 row its outputs (`Request.absorb`), finishes the rows whose next-token logits are ready (their
-log-probs in one vectorised pass, their samples in one sampler call per block) and returns
+log-probs in one vectorised pass, every sampled row's token in one sampler call) and returns
 what happened: the batch with its new states, the replies to deliver, and the prefix states
-for the state cache. It changes no argument but the requests' own progress counters.
+for the state cache. It changes no argument but progress counters: the requests' own, and the
+sampled rows' random-stream positions (and seen tokens) in the batch's sampling rows.
 
 Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
 decode step, a document chunk before the last) runs only with work of exactly its length, so
@@ -19,8 +20,9 @@ same step (see `Request.work`); scoring goes through the score graph, embedding 
 prefill graph. A step runs every decode token but at most one run's worth of prompt and
 document tokens (`run_elements`, rows taking turns), so long documents cannot stall streams.
 Generations past their prompt (the hot path under load) lead the one-token run as a block:
-their tokens are gathered and their rows sampled in single vectorised calls straight from the
-run's output; the sampler treats rows independently, so blocks never change a token.
+their tokens are gathered and their rows sampled straight from the run's output; the sampler
+treats rows independently (each has its own counter-based random stream), so what shares a
+step never changes a token.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ from server.requests import (
     State,
     Work,
 )
+from server.row_sampler import RowSampler
 from server.runner import Runner
-from server.sampling import GeneratedToken, Sampler, log_softmax
+from server.sampling import log_softmax
 
 # The most float32 values a run may hold per [B, T, V] tensor (16 MiB): bigger groups are
 # split. Batching rows of long chunks gains little, and onnxruntime keeps the memory of its
@@ -107,7 +110,7 @@ class _Ran:
     block: tuple[list[int], np.ndarray] | None = None  # decoding rows and their logits
 
 
-def step(batch: Batch, runner: Runner, config: StepConfig, sampler: Sampler) -> StepResult:
+def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) -> StepResult:
     """Run one step of every row's pending work (resting rows excepted); see the docstring."""
     requests = batch.requests
     decoders, works = _plan(batch, config)
@@ -338,15 +341,15 @@ def _finish(
     batch: Batch,
     ready: list[int],
     blocks: list[tuple[list[int], np.ndarray] | None],
-    sampler: Sampler,
+    sampler: RowSampler,
     config: StepConfig,
 ) -> tuple[list[Reply], list[Prefix]]:
-    """Answer the rows whose next-token logits are ready: log-probs, or samples."""
+    """Answer the rows whose next-token logits are ready: log-probs, or samples (every
+    generating row of the step in one sampler call)."""
     requests = batch.requests
     replies: list[Reply] = []
     prefixes: list[Prefix] = []
     nexts = [row for row in ready if not requests[row].samples]
-    firsts = [row for row in ready if requests[row].samples]
     if nexts:
         logprobs = log_softmax(np.stack([requests[row].logits for row in nexts]))  # type: ignore[misc]
         for j, row in enumerate(nexts):
@@ -359,12 +362,15 @@ def _finish(
             r.logits = None
             r.done = True
             replies.append((r, lp))
-    every = [b for b in blocks if b is not None]
+    parts = [b for b in blocks if b is not None]
+    firsts = [row for row in ready if requests[row].samples]
     if firsts:
-        every.append((firsts, np.stack([requests[row].logits for row in firsts])))  # type: ignore[misc]
+        parts.append((firsts, np.stack([requests[row].logits for row in firsts])))  # type: ignore[misc]
         for row in firsts:
             requests[row].logits = None
-    for rows, logits in every:
+    if parts:
+        rows = [row for part, _ in parts for row in part]
+        logits = parts[0][1] if len(parts) == 1 else np.concatenate([lg for _, lg in parts])
         sampled = _sample(batch, rows, logits, sampler, config)
         replies += sampled[0]
         prefixes += sampled[1]
@@ -372,31 +378,30 @@ def _finish(
 
 
 def _sample(
-    batch: Batch, rows: list[int], logits: np.ndarray, sampler: Sampler, config: StepConfig
+    batch: Batch, rows: list[int], logits: np.ndarray, sampler: RowSampler, config: StepConfig
 ) -> tuple[list[Reply], list[Prefix]]:
-    """Sample each row's next token from its row of `logits` in one sampler call."""
+    """Sample each row's next token from its row of `logits` in one sampler call, and move
+    the rows' random streams on."""
     requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
-    uniforms = np.array([r.uniform() for r in requests])
-    samples = sampler.sample(
-        np.ascontiguousarray(logits),
-        [r.params for r in requests],
-        [r.history for r in requests],
-        uniforms,
-    )
-    tokens = samples.tokens.tolist()
-    logprobs = samples.logprobs.tolist()
+    every = len(rows) == len(batch) and all(i == row for i, row in enumerate(rows))
+    idx = np.asarray(rows, dtype=np.intp)
+    part = batch.sampling if every else batch.sampling.filter(idx)
+    samples = sampler.sample(logits, part, requests)
+    part.advance(samples.tokens)
+    if not every:  # the rows' positions and seen tokens, back into the batch's rows
+        batch.sampling.position[idx] = part.position
+        batch.sampling.seen[idx] = part.seen
     replies: list[Reply] = []
     prefixes: list[Prefix] = []
-    for j, r in enumerate(requests):
+    for j, (r, token) in enumerate(zip(requests, samples.generated(), strict=True)):
         if r.generated == 0 and len(r.feed) and config.caching:
             # The prompt's state, for a later request on the same prompt.
             prompt_lp = logits[j] - samples.lse[j]
             prompt_lp.setflags(write=False)
             prefixes.append(Prefix(r.prompt, batch.row_state(rows[j]), prompt_lp, r.key))
-        token = tokens[j]
-        replies.append((r, GeneratedToken(token, logprobs[j], samples.top[j])))
+        replies.append((r, token))
         r.stepped += 1
-        if r.emitted(token):
+        if r.emitted(token.token_id):
             r.done = True
             replies.append((r, END))
     return replies, prefixes

@@ -129,6 +129,7 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     assert set(r["engine"]["generate"]) == {"64", "256"}
     for figures in r["engine"]["generate"].values():
         assert figures["tokens_per_s"] > 0 and figures["cpu_us_per_token"] > 0
+        assert figures["bare_tokens_per_s"] > 0 and figures["bare_cpu_us_per_token"] > 0
     assert all(r["echo"][f] > 0 for f in LATENCY)
     on, off = r["server"]["batching_on"], r["server"]["batching_off"]
     assert all(on["predict_c1"][f] > 0 for f in LATENCY)

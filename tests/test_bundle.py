@@ -15,6 +15,7 @@ import onnx
 import pytest
 from tokenizers import Tokenizer, models
 
+import rnnlm.bundle as contract
 from server.bundle import BundleError, StateSpec, external_data, load_bundle, sha256_file
 
 Manifest = dict[str, Any]
@@ -79,9 +80,57 @@ def test_sessions_run_with_the_manifest_names(default_bundle: Path) -> None:
     assert (logprobs <= 0).all()
 
 
-def test_the_loader_does_not_import_torch() -> None:
-    code = "import sys, server.bundle; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+def imported_by(module: str) -> set[str]:
+    """The top-level packages a fresh interpreter has loaded after importing `module`."""
+    code = (
+        f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_the_loader_imports_neither_torch_nor_onnx() -> None:
+    assert not {"torch", "onnx"} & imported_by("server.bundle")
+
+
+def test_the_contract_needs_only_the_standard_library() -> None:
+    loaded = imported_by("rnnlm.bundle")
+    assert not {"torch", "onnx", "onnxruntime", "numpy", "tokenizers", "server"} & loaded
+
+
+def test_the_contract_makes_the_manifest_the_exporter_wrote(default_bundle: Path) -> None:
+    """Graph files, graph input/output names and state tensors follow from the architecture:
+    the contract's `make_manifest` gives the exported bundle's sections exactly."""
+    written = load_bundle(default_bundle).manifest
+    made = contract.with_file_hashes(
+        contract.make_manifest(
+            name=written["name"],
+            version=written["version"],
+            architecture=written["architecture"],
+            tokenizer_kind=written["tokenizer"]["kind"],
+            special_tokens=written["tokenizer"]["special_tokens"],
+            precision=written["precision"],
+            graphs=list(written["graphs"]),
+            provenance=written["provenance"],
+            parity=written["parity"],
+        ),
+        {f: (default_bundle / f).read_bytes() for f in written["files"]},
+    )
+    assert made == written
+    state = contract.state_specs("lstm", 2, 16)
+    assert contract.graph_io("score", state) == (
+        ["tokens", "targets", "h0", "c0"],
+        ["target_logprobs", "features", "hn", "cn"],
+    )
+    assert {g: s["file"] for g, s in written["graphs"].items()} == contract.GRAPH_FILES
+
+
+def test_the_contract_refuses_a_manifest_before_it_is_written(default_bundle: Path) -> None:
+    manifest = load_bundle(default_bundle).manifest
+    files = {f: (default_bundle / f).read_bytes() for f in manifest["files"]}
+    del files["tokenizer.json"]
+    with pytest.raises(BundleError, match=r"tokenizer\.file 'tokenizer\.json' has no sha256"):
+        contract.with_file_hashes({k: v for k, v in manifest.items() if k != "files"}, files)
 
 
 def test_missing_directory(tmp_path: Path) -> None:

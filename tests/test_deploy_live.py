@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from test_deploy import DOCS, _config_data, _docker_env, _serve_config
+from test_deploy import DOCS, ROOT, _config_data, _docker_env, _serve_config
 from test_server import LiveServer, copy_bundle
 
 from rnnlm.client import Client
@@ -30,6 +30,13 @@ from server.app import SERVICE_NAME
 def _container_environment(models: Path) -> dict[str, str]:
     """What the server container sees: the image's ENV, overridden by the ConfigMap's."""
     return {**_docker_env(), **_config_data(), "RNNLM_MODELS": str(models)}
+
+
+def _serve_as_the_container(models: Path) -> LiveServer:
+    """A real server with the container's settings and `models` where /models would be, on
+    loopback and free ports instead of the container's 0.0.0.0:50051 and :9464."""
+    config = _serve_config(_container_environment(models))
+    return LiveServer(dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=0))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +51,7 @@ def own_repository(
 
 @pytest.fixture(scope="module")
 def container(own_repository: Path) -> Iterator[LiveServer]:
-    config = _serve_config(_container_environment(own_repository))
-    # Loopback and free ports instead of the container's 0.0.0.0:50051 and :9464.
-    server = LiveServer(dataclasses.replace(config, host="127.0.0.1", port=0, metrics_port=0))
+    server = _serve_as_the_container(own_repository)
     yield server
     server.close()
 
@@ -59,6 +64,40 @@ def test_the_containers_settings_serve_any_model_repository(container: LiveServe
         reply = client.predict_next("the ca", k=2)  # names no model
     assert model.name == "tiny-gru-char"
     assert len(reply.predictions) == 2
+
+
+def _default_model(server: LiveServer) -> str:
+    with Client(server.target, timeout=30) as client:
+        (default,) = [m.name for m in client.list_models() if m.is_default]
+        assert client.predict_next("the", k=1).predictions  # a call that names no model
+    return default
+
+
+def test_the_image_serves_its_own_repository_with_its_declared_default() -> None:
+    """The image's /models is the repository's models/: two models, and a repository.json
+    naming the default, which now takes the place of the image's RNNLM_DEFAULT_MODEL."""
+    models = ROOT / "models"
+    declared = json.loads((models / "repository.json").read_text(encoding="utf-8"))
+    server = _serve_as_the_container(models)
+    try:
+        assert _default_model(server) == declared["default_model"]
+    finally:
+        server.close()
+
+
+def test_a_model_image_brings_its_own_default(
+    tiny_bundle_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The models-from-image component copies /bundles/. to /models: several models and the
+    repository.json beside them, served with the base's settings unchanged."""
+    for cell, tokenizer in (("gru", "char"), ("lstm", "word")):
+        copy_bundle(tiny_bundle_factory(cell, tokenizer), tmp_path / f"tiny-{cell}-{tokenizer}")
+    (tmp_path / "repository.json").write_text('{"default_model": "tiny-lstm-word"}\n')
+    server = _serve_as_the_container(tmp_path)
+    try:
+        assert _default_model(server) == "tiny-lstm-word"
+    finally:
+        server.close()
 
 
 def _documented_client() -> dict[str, Any]:

@@ -25,7 +25,8 @@ from server.bundle import Bundle, load_bundle
 from server.engine import Engine, EngineConfig, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
 from server.requests import EmbedRequest, NextRequest, Request, ScoreRequest
-from server.sampling import Sampler, log_softmax
+from server.row_sampler import NumpyRowSampler
+from server.sampling import log_softmax
 from server.step import StepConfig, step
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -337,7 +338,7 @@ class CountingSessions:
 def run_to_the_end(batch: Batch, sessions: CountingSessions, config: StepConfig) -> int:
     """Step the batch until every request finished, delivering as the engine does; the steps."""
     steps = 0
-    sampler = Sampler()
+    sampler = NumpyRowSampler()
     while len(batch):
         result = step(batch, sessions, config, sampler)
         for request, payload in result.replies:
@@ -356,7 +357,7 @@ def next_token_runs(
     sessions = CountingSessions(bundle)
     config = StepConfig(bundle.vocab_size, bundle.hidden, chunk=8, prefill_split=split)
     got: list[Any] = []
-    batch = Batch.of([NextRequest(ids, ids, zero, None, got.append)])
+    batch = Batch.of([NextRequest(ids, ids, zero, None, got.append)], bundle.vocab_size)
     steps = run_to_the_end(batch, sessions, config)
     return sessions.runs, steps, got[0]
 
@@ -387,7 +388,7 @@ def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
             requests.append(EmbedRequest(fed, zero, "mean", lstm.hidden, results[2 * i + 1].append))
         sessions = CountingSessions(lstm)
         config = StepConfig(lstm.vocab_size, lstm.hidden, chunk=8, run_elements=run_elements)
-        steps = run_to_the_end(Batch.of(requests), sessions, config)
+        steps = run_to_the_end(Batch.of(requests, lstm.vocab_size), sessions, config)
         return [r[0] for r in results], sessions, steps
 
     roomy, roomy_sessions, roomy_steps = finish(1 << 24)

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.export import ExportError, export_bundle
+from exporter.export import ExportError, export_bundle, write_bundle
 from rnnlm.cli import main
 from server.bundle import load_bundle
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -252,3 +252,25 @@ def test_checkpoint_config_and_bundle_agree(
         assert manifest["architecture"][key] == value
     specials = {k: v for k, v in config["tokenizer"]["special_tokens"].items() if v is not None}
     assert manifest["tokenizer"]["special_tokens"] == specials
+
+
+def test_write_bundle_is_how_other_writers_make_a_bundle(
+    default_bundle: Path, tmp_path: Path
+) -> None:
+    """An importer hands `write_bundle` its files and a manifest without hashes: the bundle
+    is validated by the server's loader and then appears whole; a bad one leaves nothing."""
+    manifest = load_bundle(default_bundle).manifest
+    files = {f: (default_bundle / f).read_bytes() for f in manifest.pop("files")}
+    target = tmp_path / "models" / "imported"
+    assert write_bundle(target, files, {**manifest, "name": "imported"}) == target
+    loaded = load_bundle(target)
+    assert (
+        loaded.name == "imported"
+        and loaded.manifest["files"] == load_bundle(default_bundle).manifest["files"]
+    )
+    with pytest.raises(ExportError, match="already exists"):
+        write_bundle(target, files, manifest)
+    broken = {**files, "model.onnx": files["score.onnx"]}  # a graph with the wrong inputs
+    with pytest.raises(ExportError, match=r"does not pass the server's loader: .*model\.onnx"):
+        write_bundle(tmp_path / "other", broken, manifest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

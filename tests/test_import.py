@@ -412,10 +412,34 @@ def test_examples_cli_imports_and_says_where_to(
     code, out, err = import_cli(capsys, *argv, "--version", "7")
     assert (code, err) == (0, "")
     assert out.startswith(f"imported pytorch-examples {path} -> {target}")
+    assert "note: the corpus has no <unk>: a word it never saw cannot be encoded" in out
     manifest = json.loads((target / "manifest.json").read_text())
     assert (manifest["name"], manifest["version"]) == ("lm", "7")
     code, _, err = import_cli(capsys, *argv)
     assert code == 2 and "already exists" in err
+
+
+def test_examples_elman_state_dict_needs_its_cell(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    vocab, ids = corpus_ids(data_dir)
+    torch.manual_seed(3)
+    model = RNNModel("RNN_RELU", len(vocab), 8, 8, 2).eval()
+    torch.save(model.state_dict(), tmp_path / "relu.pt")
+    argv = ["pytorch-examples", str(tmp_path / "relu.pt"), str(tmp_path / "b"),
+            "--data", str(data_dir)]  # fmt: skip
+    code, _, err = import_cli(capsys, *argv)
+    assert code == 2 and "pass --cell rnn_tanh or rnn_relu" in err
+    code, _, err = import_cli(capsys, *argv, "--cell", "gru")
+    assert code == 2 and "not a gru" in err
+    code, _, err = import_cli(capsys, *argv, "--cell", "rnn_relu")
+    assert (code, err) == (0, "")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["architecture"]["cell"] == "rnn_relu"
+    expected = examples_logprobs(model, ids["test"], vocab["<eos>"])
+    assert manifest["provenance"]["test_perplexity"] == pytest.approx(
+        math.exp(-expected.mean()), rel=1e-4
+    )
 
 
 def test_examples_data_that_is_not_the_training_corpus_is_refused(
@@ -437,20 +461,25 @@ def test_examples_data_that_is_not_the_training_corpus_is_refused(
 # -- ONNX (icefall layout) ------------------------------------------------------------------------
 
 
-def icefall_logprobs(work: Path, ids: list[int], eos: int) -> np.ndarray:
-    """`[len(ids) + 1, V]`: the source graph's log-probs after eos, then after each id, fed one
-    token per call as sherpa-onnx feeds it."""
+def icefall_run(work: Path, ids: list[int], eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source graph fed eos and then `ids` one token per call, as sherpa-onnx feeds it:
+    the log-probs `[len(ids) + 1, V]` after each and the last layer of `h` after each."""
     session = ort.InferenceSession(str(work / "lm.onnx"), providers=["CPUExecutionProvider"])
     h, c = np.zeros((2, 1, 16), np.float32), np.zeros((2, 1, 16), np.float32)
-    rows = []
+    rows, features = [], []
     for token in [eos, *ids]:
         x = np.array([[token]], dtype=np.int64)
         logprobs, h, c = session.run(None, {"x": x, "h0": h, "c0": c})
         rows.append(logprobs[0].astype(np.float64))
-    return np.array(rows)
+        features.append(h[-1, 0])
+    return np.array(rows), np.array(features)
 
 
-def test_onnx_lm_serves_predict_next_generate_and_score(
+def icefall_logprobs(work: Path, ids: list[int], eos: int) -> np.ndarray:
+    return icefall_run(work, ids, eos)[0]
+
+
+def test_onnx_lm_serves_predict_next_generate_embed_and_score(
     client: Client, repository: dict[str, Any]
 ) -> None:
     work, eos = repository["work"], repository["onnx_eos"]
@@ -472,6 +501,10 @@ def test_onnx_lm_serves_predict_next_generate_and_score(
         expected.append(int(np.argmax(icefall_logprobs(work, ids + expected, eos)[-1])))
     assert generated == expected
 
+    (embedding,) = client.embed(context, pooling="last", model="icefall").embeddings
+    np.testing.assert_allclose(embedding.values, icefall_run(work, ids, eos)[1][-1],
+                               rtol=1e-3, atol=1e-5)  # fmt: skip
+
     text = TEST_TEXT + " ".join(["the old man calls the small boat ."] * 30)
     score_ids = tok.encode(text).ids
     logprobs = icefall_logprobs(work, score_ids, eos)[np.arange(len(score_ids)), score_ids]
@@ -492,6 +525,11 @@ def test_onnx_cli_names_missing_inputs_and_keeps_the_source_names(
     code, _, err = import_cli(capsys, "onnx", *common, "--state", "h0:next_h0",
                               "--state", "c0:cn")  # fmt: skip
     assert code == 2 and "has no output 'cn'" in err
+    code, out, err = import_cli(capsys, "onnx", *common, "--state", "h0:next_h0",
+                                "--state", "c0:next_c0", "--name", "lm")  # fmt: skip
+    assert (code, err) == (0, "")
+    assert "note: no --test-text: parity ran on random tokens only" in out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["name"] == "lm"
     manifest = json.loads((repository["root"] / "icefall" / "manifest.json").read_text())
     source = manifest["provenance"]["source"]
     assert source["inputs"] == ["x", "h0", "c0"]
@@ -552,6 +590,9 @@ def test_flair_lm_scores_like_the_source(client: Client, repository: dict[str, A
         math.exp(-want.mean()), rel=1e-4
     )
     assert manifest["tokenizer"]["special_tokens"] == {"eos": eos, "unk": 0}
+    info = client.get_model("flair")
+    assert info.quality.test_perplexity == pytest.approx(manifest["provenance"]["test_perplexity"])
+    assert (info.architecture.cell, info.tokenizer_kind) == ("lstm", "char")
 
 
 def test_flair_backward_lm_and_foreign_classes_are_refused(

@@ -34,6 +34,7 @@ EXPECTED = {
     "rnnlm_recall_cache_bytes": ("gauge", {"model"}),
     "rnnlm_model_info": ("gauge", {"model", "version", "provider", "cell"}),
     "rnnlm_model_load_failures_total": ("counter", {"model"}),
+    "rnnlm_model_bundles_failing": ("gauge", set()),
 }
 
 

@@ -15,6 +15,7 @@ import pytest
 from test_sampling import reference
 
 from server.sampler import (
+    GRAPH_INPUTS,
     GRAPH_PATH,
     BatchSampler,
     ReferenceSampler,
@@ -102,7 +103,7 @@ def test_counter_uniforms_are_bit_identical_to_the_reference() -> None:
     rows = make_rows([SamplingParams()] * n, 8)
     rows.seed, rows.position = seeds, positions
     session = ort.InferenceSession(str(GRAPH_PATH), providers=["CPUExecutionProvider"])
-    feeds = {name: getattr(rows, name) for name in SamplingRows.__dataclass_fields__}
+    feeds = {name: getattr(rows, name) for name in GRAPH_INPUTS}
     feeds["logits"] = np.zeros((n, 8), dtype=np.float32)
     (graph,) = session.run(["uniforms"], feeds)
     expected = stream_uniforms(seeds, positions)
@@ -133,6 +134,22 @@ def test_greedy_and_top_k_1_are_exact(sampler: BatchSampler) -> None:
     np.testing.assert_array_equal(out.tokens, ReferenceSampler().sample(logits, rows).tokens)
     expected = log_softmax(logits)[np.arange(32), out.tokens]
     np.testing.assert_allclose(out.logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_ties_take_the_lowest_id_and_skip_banned_maxima(sampler: BatchSampler) -> None:
+    logits = np.random.default_rng(4).normal(0, 1, (4, 400)).astype(np.float32)
+    logits[0, [300, 5, 130]] = 9.0  # tied in three blocks
+    logits[1, [7, 9]] = 9.0  # tied in one block
+    logits[2, 3], logits[2, 250] = 50.0, 9.0  # the largest is banned
+    logits[3, 17], logits[3, 18] = 9.0, np.nextafter(np.float32(9.0), np.float32(10.0))
+    params = [SamplingParams(temperature=0)] * 4
+    params[2] = SamplingParams(temperature=0, banned_ids=frozenset({3}))
+    out = sampler.sample(logits, make_rows(params, 400))
+    assert out.tokens.tolist() == [5, 7, 250, 18]
+    # min-p is relative to the largest allowed token, not the banned one
+    min_p = SamplingParams(min_p=0.5, banned_ids=frozenset({3}))
+    freq = frequencies(sampler, logits[2].astype(np.float64), min_p, n=2000)
+    assert freq[250] == 1.0
 
 
 @pytest.mark.parametrize("position", [0, 1, 2, 3, 50, 1000])
@@ -302,6 +319,11 @@ def test_filter_and_concatenate_keep_rows_whole() -> None:
     assert np.flatnonzero(picked.banned[0]).tolist() == [3]
     joined = SamplingRows.concatenate([picked, rows.filter([0])])
     assert len(joined) == 3 and joined.top_k.tolist() == [4, 2, 1]
+    wider = make_rows([SamplingParams(banned_ids=frozenset({1, 4, 5}))], 6)
+    mixed = SamplingRows.concatenate([rows.filter([0]), wider, make_rows([SamplingParams()], 6)])
+    assert mixed.banned_ids.tolist() == [[0, -1, -1], [1, 4, 5], [-1, -1, -1]]
+    assert [np.flatnonzero(b).tolist() for b in mixed.banned] == [[0], [1, 4, 5], []]
+    assert SamplingRows.from_params([], [], 6).banned_ids.shape == (0, 0)
 
 
 def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
@@ -312,6 +334,9 @@ def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
     np.testing.assert_array_equal(out.tokens, logits.argmax(axis=1))
     with pytest.raises(ValueError, match="do not match 3 rows"):
         sampler.sample(logits[:2], rows)
+    rows.banned_ids = np.full((3, 1), 20)
+    with pytest.raises(ValueError, match="past the vocabulary of 20"):
+        sampler.sample(logits, rows)
 
 
 def test_the_server_side_imports_neither_onnx_nor_torch() -> None:

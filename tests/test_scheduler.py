@@ -91,3 +91,28 @@ def test_a_seeded_generation_is_the_same_alone_and_among_64(lstm: Bundle) -> Non
     count, total = runs(metrics, lstm)
     assert total / count > 16  # the runs really were shared
     assert run_engine(lstm, crowded, max_step_ms=1e-6) == first  # and in turns
+
+
+def test_the_sampler_graph_and_numpy_draw_the_same_tokens(lstm: Bundle) -> None:
+    """Both samplers read the same counter-based streams: a seed gives the same tokens on
+    either, whatever its parameters, in one batch of mixed rows."""
+    params = [
+        SamplingParams(seed=1, temperature=0),
+        SamplingParams(seed=2, temperature=1.0, top_k=5, top_logprobs=3),
+        SamplingParams(seed=3, temperature=0.8, top_p=0.9),
+        SamplingParams(seed=4, min_p=0.1, banned_ids=frozenset({5, 6})),
+        SamplingParams(seed=5, temperature=1.2, repetition_penalty=1.3),
+        SamplingParams(seed=6),
+    ]
+
+    async def body(engine: Engine) -> list[Any]:
+        calls = (collect(engine, [2, i], 25, p) for i, p in enumerate(params))
+        return list(await asyncio.gather(*calls))
+
+    graph = run_engine(lstm, body, sampler="graph")
+    numpy = run_engine(lstm, body, sampler="numpy")
+    for g, n in zip(graph, numpy, strict=True):
+        assert [t for t, _, _ in g] == [t for t, _, _ in n]
+        close([lp for _, lp, _ in g], [lp for _, lp, _ in n])
+        for (_, _, gt), (_, _, nt) in zip(g, n, strict=True):
+            assert [i for i, _ in gt] == [i for i, _ in nt]

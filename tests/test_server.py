@@ -737,16 +737,20 @@ def test_a_call_of_many_texts_is_not_refused_by_its_own_size(
 
 
 def test_shutdown_drains_then_ends_open_streams(default_bundle: Path) -> None:
-    """Health goes NOT_SERVING, new calls get UNAVAILABLE, open streams end after the grace."""
-    live = LiveServer(config(default_bundle, grace_seconds=1.0))
+    """Health goes NOT_SERVING, new calls get UNAVAILABLE, open streams end after the grace.
+
+    The gRPC port sends GOAWAY and stops listening as the drain starts, so health is asked on
+    --health-port, which serves until the end."""
+    live = LiveServer(config(default_bundle, grace_seconds=1.0, health_port=0))
+    probe = Client(f"127.0.0.1:{live.server.health_port}", timeout=10)
     try:
         with Client(live.target, timeout=30) as client:
             assert client.get_model().is_default  # the only model is the default
             stream = client.generate("the", max_tokens=MAX_TOKENS_CAP, seed=1)
             next(stream)
             stopping = asyncio.run_coroutine_threadsafe(live.server.stop(), live.loop)
-            wait_for(lambda: client.health() == "NOT_SERVING", timeout=5)
-            assert client.health("rnnlm.v1.LanguageModel") == "NOT_SERVING"
+            wait_for(lambda: probe.health() == "NOT_SERVING", timeout=5)
+            assert probe.health("rnnlm.v1.LanguageModel") == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as error:
                 client.predict_next("the", k=1)
             assert error.value.code() == Code.UNAVAILABLE
@@ -755,6 +759,7 @@ def test_shutdown_drains_then_ends_open_streams(default_bundle: Path) -> None:
             assert 0 < last.completion_tokens < MAX_TOKENS_CAP
             stopping.result(15)
     finally:
+        probe.close()
         live.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from test_train import grammar_text, read_metrics, tiny
 
 from training.console import EpochProgress
+from training.plot import plot_metrics
 from training.train import train
 
 torch.set_num_threads(1)
@@ -69,3 +71,17 @@ def test_the_loss_plot_is_titled_with_the_run(corpus: Path, tmp_path: Path) -> N
     title = "my-run: gru 1 x 16, char tokens"
     assert Image.open(out / "metrics.png").info["Title"] == title
     assert json.loads((out / "config.json").read_text())["train_args"]["cell"] == "gru"
+
+
+def test_a_diverging_run_still_gets_its_plot(tmp_path: Path) -> None:
+    """Perplexities past what a log axis can tick (1e269 and infinity) are left off the
+    perplexity panel instead of failing the checkpoint."""
+    records = [
+        {"kind": "train", "tokens_seen": 100 * i, "train_loss": loss, "train_perplexity": ppl}
+        for i, (loss, ppl) in enumerate([(620.4, 2.9e269), (800.0, math.inf), (7.9, 2774.1)])
+    ]
+    records.append(
+        {"kind": "epoch", "tokens_seen": 300, "valid_loss": 7.3, "valid_perplexity": 1459.4}
+    )
+    plot_metrics(records, tmp_path / "plot.png", "diverging")
+    assert Image.open(tmp_path / "plot.png").info["Title"] == "diverging"

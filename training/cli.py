@@ -221,7 +221,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="RHO",
         help="after every step, scale each Elman layer's recurrent matrix down to spectral norm "
-        "RHO, so the state stays bounded over streams of any length; 0: no cap (default: 0.95 "
+        "RHO, so the state stays bounded over streams of any length; 0: no cap (default: 0.6 "
         "for rnn_relu, none for the other cells)",
     )
     run_.add_argument(

@@ -73,7 +73,7 @@ class TrainOptions:
     min_lr: float | None = None  # the end of the cosine; None: lr x 0.1
     clip: float | str = 0.25  # gradient-norm clipping; 0 turns it off, "auto" from the norms
     # The largest singular value each Elman layer's recurrent matrix may have (0: no cap);
-    # None: the cell's default, 0.95 for rnn_relu (training/recurrent_norm.py), else none.
+    # None: the cell's default, 0.6 for rnn_relu (training/recurrent_norm.py), else none.
     recurrent_norm: float | None = None
     bf16: bool = False  # bfloat16 autocast for the training forward (evaluation stays fp32)
     # After training, tune a continuous cache on the validation text (training/cache.py).

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+# Perplexities above this are left off the (log-scale) perplexity panel: matplotlib's ticks
+# overflow near 1e300, which a diverging run reaches. The loss panel still shows them.
+PERPLEXITY_LIMIT = 1e12
+
 
 def plot_metrics(records: list[dict], path: Path, title: str) -> None:
     """Training loss per interval and validation loss per epoch, against tokens seen, under
@@ -23,8 +27,9 @@ def plot_metrics(records: list[dict], path: Path, title: str) -> None:
         (ax_loss, "loss", "cross-entropy (nats/token)"),
         (ax_ppl, "perplexity", "perplexity"),
     ):
-        ax.plot(*_finite(train, f"train_{key}"), label="train", linewidth=1)
-        ax.plot(*_finite(epochs, f"valid_{key}"), "o-", label="validation")
+        limit = PERPLEXITY_LIMIT if key == "perplexity" else math.inf
+        ax.plot(*_points(train, f"train_{key}", limit), label="train", linewidth=1)
+        ax.plot(*_points(epochs, f"valid_{key}", limit), "o-", label="validation")
         ax.set_xlabel("tokens seen")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -34,8 +39,9 @@ def plot_metrics(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _finite(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["tokens_seen"], r[key]) for r in records if math.isfinite(r[key])]
+def _points(records: list[dict], key: str, limit: float) -> tuple[list[float], list[float]]:
+    """(tokens seen, value) of the records whose value is finite and at most `limit`."""
+    points = [(r["tokens_seen"], r[key]) for r in records if r[key] <= limit and r[key] < math.inf]
     return [x for x, _ in points], [y for _, y in points]
 
 

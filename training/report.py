@@ -3,8 +3,10 @@
     python -m training.report runs/char-small runs/word-small ...
 
 One row per checkpoint directory, from its config.json: the preset, the split, the validation
-and test figures of the shipped weights (and the test perplexity with the continuous cache,
-when one was tuned), the steps and tokens, the training speed and the wall time. Losses are
+and test figures of the shipped weights in the evaluation streams (and the test perplexity with
+the continuous cache, when one was tuned), the steps and tokens, the training speed, the wall
+time, and the test perplexity of the test text read as one stream from eos, as `Score` reads it
+(the bundle manifest's figure; "-" for a run from before it was measured). Losses are
 nats per token (per character for a char tokenizer).
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 from training.checkpoint import CheckpointError, read_config
 
 COLUMNS = ("run", "preset", "split", "valid loss", "valid ppl", "test loss", "test ppl",
-           "test ppl, cache", "steps", "tokens", "tokens/s", "minutes", "weights from")  # fmt: skip
+           "test ppl, cache", "steps", "tokens", "tokens/s", "minutes", "weights from",
+           "test ppl, one stream")  # fmt: skip
 
 
 def row(directory: Path) -> list[str]:
@@ -46,6 +49,7 @@ def row(directory: Path) -> list[str]:
         num("train_tokens_per_s", 0),
         "-" if minutes is None else f"{minutes / 60:.1f}",
         str(p.get("weights_from", "-")),
+        num("test_document_perplexity", 2),
     ]
 
 
