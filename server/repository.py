@@ -285,6 +285,7 @@ class ModelRepository:
         bundles = await repository._open_all(paths, strict)
         if not bundles:
             repository._nothing_served()
+        resolve_default_model(root, {b.name for b, _ in bundles}, default_model)  # before warm-up
         loaded: list[LoadedModel] = []
         try:
             for bundle, stamp in bundles:

@@ -359,6 +359,7 @@ def test_a_start_up_error_is_said_once(default_bundle: Path, tmp_path: Path) -> 
     )
     assert stderr.count("'nope'") == 1
     assert "WARNING" not in stderr  # no streams were open: none is said to be ended
+    assert "loaded model" not in stderr  # refused before any model was loaded and warmed up
     assert stderr.splitlines()[-1].startswith("rnnlm serve: cannot start: --default-model 'nope'")
     assert "Traceback" not in stderr
 
