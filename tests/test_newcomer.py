@@ -176,7 +176,11 @@ def test_a_repository_file_naming_a_missing_model_stops_the_start_in_one_line(
         ["--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
         {},
     )
-    assert server.process.wait(120) == 2
+    try:
+        assert server.process.wait(120) == 2
+    except subprocess.TimeoutExpired:
+        server.stop()  # it served instead of refusing: leave no server behind
+        raise
     server.wait_for_line(r"default_model 'shakespeare-word' is not in .* \(models: alpha, beta\)")
 
 
