@@ -241,8 +241,9 @@ def _row_params(rows: SamplingRows, r: int) -> SamplingParams:
 class BatchSampler:
     """Samples a batch's `[B, V]` logits in one pass of the sampler graph.
 
-    `sample(logits, rows)`: `logits` float32 `[B, V]`, a numpy array or an
-    `onnxruntime.OrtValue` (fed to the graph where it is); returns a `SampledRows`. The Python
+    `sample(logits, rows)`: `logits` float32 `[B, V]` or `[B, 1, V]` (a step graph's output as
+    it is), a numpy array or an `onnxruntime.OrtValue` (fed to the graph where it is, on
+    whatever device); returns a `SampledRows`. The Python
     work per call is the same whatever B. One sampler may serve one thread at a time.
     """
 
@@ -265,13 +266,14 @@ class BatchSampler:
 
     def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:
         shape = tuple(logits.shape()) if isinstance(logits, ort.OrtValue) else logits.shape
-        if shape != rows.banned.shape:
+        rows_vocab = rows.banned.shape
+        if shape not in (rows_vocab, (rows_vocab[0], 1, rows_vocab[1])):
             raise ValueError(
                 f"logits of shape {shape} do not match {len(rows)} rows of a vocabulary "
-                f"of {rows.banned.shape[1]}"
+                f"of {rows_vocab[1]}"
             )
-        if rows.banned_ids.size and int(rows.banned_ids.max()) >= shape[1]:
-            raise ValueError(f"banned_ids reach past the vocabulary of {shape[1]}")
+        if rows.banned_ids.size and int(rows.banned_ids.max()) >= rows_vocab[1]:
+            raise ValueError(f"banned_ids reach past the vocabulary of {rows_vocab[1]}")
         feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in GRAPH_INPUTS}
         feeds["logits"] = logits
         tokens, logprobs, lse, top_ids, top_values = self._session.run(_OUTPUTS, feeds)

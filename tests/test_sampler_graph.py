@@ -335,8 +335,15 @@ def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
     out = sampler.sample(ort.OrtValue.ortvalue_from_numpy(logits), rows)
     assert isinstance(out, SampledRows)
     np.testing.assert_array_equal(out.tokens, logits.argmax(axis=1))
+    # A step graph's [B, 1, V] output as it is, on the host or as an OrtValue.
+    steps = logits[:, None, :]
+    np.testing.assert_array_equal(sampler.sample(steps, rows).tokens, out.tokens)
+    as_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(steps))
+    np.testing.assert_array_equal(sampler.sample(as_value, rows).tokens, out.tokens)
     with pytest.raises(ValueError, match="do not match 3 rows"):
         sampler.sample(logits[:2], rows)
+    with pytest.raises(ValueError, match="do not match 3 rows"):
+        sampler.sample(logits[:, None, :10], rows)
     rows.banned_ids = np.full((3, 1), 20)
     with pytest.raises(ValueError, match="past the vocabulary of 20"):
         sampler.sample(logits, rows)
