@@ -18,7 +18,6 @@ top-k. User words that match are boosted (see `WordSettings`).
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import functools
 import math
@@ -246,7 +245,8 @@ class SearchResult:
     steps: int
 
 
-NextLogprobs = Callable[[list[int]], Awaitable[np.ndarray]]
+# The next-token log-probs after each of many contexts (one batch of the engine).
+NextLogprobs = Callable[[list[list[int]]], Awaitable[list[np.ndarray]]]
 
 
 async def search(
@@ -271,7 +271,7 @@ async def search(
     found: dict[str, Word] = {}
     steps = 0
     for _ in range(settings.depth + 1):
-        rows = await asyncio.gather(*(next_logprobs([*context, *h.ids]) for h in live))
+        rows = await next_logprobs([[*context, *h.ids] for h in live])
         steps += len(live)
         grown: list[_Hypothesis] = []
         for h, logprobs in zip(live, rows, strict=True):
