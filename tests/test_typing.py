@@ -22,11 +22,12 @@ import pytest
 from test_server import LiveServer, config
 
 from rnnlm.bundle import add_blocklist, load_manifest
+from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig, SamplingParams
-from server.words import is_word
+from server.words import is_word, read_word_list
 
 CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
 MODELS = {CHAR: ("gru", "char"), BPE: ("rnn_tanh", "bpe"), WORD: ("lstm", "word")}
@@ -281,3 +282,35 @@ def test_many_contexts_at_once_equal_one_by_one(
     assert len(many) == len(contexts)
     for a, b in zip(many, one_by_one, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rnnlm_predict_shows_words_for_a_char_model(
+    live: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", CONTEXT, "--partial-word", "B", "-k", "3", "--model", CHAR]
+    assert main([*argv, "--target", live.target, "--block", "bird"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows and all(word.startswith("B") and len(word) > 1 for _, word in rows)
+    assert "Bird" not in [word for _, word in rows]
+    assert main([*argv, "--target", live.target, "--next-tokens", "--fold-case"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows and all(len(token) == 1 for _, token in rows)
+
+
+def test_export_writes_the_blocklist_into_the_bundle(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    words = tmp_path / "blocked.txt"
+    words.write_text("# offensive\nMoon\n\nriver  # a comment\n", encoding="utf-8")
+    checkpoint = str(tiny_checkpoint_factory("gru", "char"))
+    out = tmp_path / "bundle"
+    assert main(["export", checkpoint, str(out), "--blocklist", str(words)]) == 0
+    bundle = load_bundle(out)
+    assert read_word_list(bundle.blocklist) == {"moon", "river"}
+    assert load_manifest(out).files["blocklist.txt"]
+    words.write_bytes(b"\xff\xfe")
+    assert main(["export", checkpoint, str(tmp_path / "bad"), "--blocklist", str(words)]) == 2
+    err = capsys.readouterr().err
+    assert "--blocklist" in err and "UTF-8" in err and not (tmp_path / "bad").exists()
