@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -177,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
             token=args.token,
         ) as client:
             commands[args.command](client, args)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        return _reader_gone()
     except grpc.RpcError as e:
         print(f"rnnlm {args.command}: {_error_line(e, args.target)}", file=sys.stderr)
         return 1
@@ -186,6 +190,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (`rnnlm score ... | head`): stop quietly, as a command
+    killed by SIGPIPE would, with nothing left to flush into the closed pipe at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(error: grpc.RpcError, target: str) -> str:
