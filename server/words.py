@@ -378,7 +378,9 @@ def _boost(
 ) -> dict[str, tuple[float, tuple[int, ...]]]:
     """`probs` with the matching user words boosted (the same dict when none matches).
 
-    A user word is added when the model did not find it only once a letter was typed."""
+    Once a letter is typed, a matching user word's probability is first raised to the floor
+    (so a word the model does not know is added); before that, only the user words the model
+    predicted are boosted, by their own probability, so they do not fill every word start."""
     users = {
         match.shown(u)
         for u in filters.user_words
@@ -386,10 +388,11 @@ def _boost(
     }
     if not users:
         return probs
+    floor = settings.user_word_floor if match.partial else 0.0
     out = dict(probs)
     for u in users:
         p, ids = probs.get(u, (0.0, ()))
-        out[u] = (max(p, settings.user_word_floor) * settings.user_word_boost, ids)
+        out[u] = (max(p, floor) * settings.user_word_boost, ids)
     return out
 
 
@@ -421,10 +424,17 @@ def vocab_words(
         scores[np.isin(ids, codec.special_id_array) | np.isin(ids, blocked)] = -math.inf
         total = 0.0
     top = np.argpartition(-scores, extra - 1)[:extra] if extra < ids.size else np.arange(ids.size)
+    chosen = {int(ids[j]): float(scores[j]) for j in top.tolist()}
+    # The user words the model knows, with their own probability however unlikely.
+    index = _ids_by_folded_text(codec)
+    for word in filters.user_words:
+        for i in index.get(fold(word), ()):
+            if codec.token_texts[i].strip() == word and i not in codec.special_ids:
+                chosen.setdefault(i, -math.inf if i in blocked else float(logprobs[i]))
     words = [
-        Word(codec.token_texts[int(ids[j])], float(scores[j]), (int(ids[j]),))
-        for j in top.tolist()
-        if math.isfinite(scores[j])
+        Word(codec.token_texts[i], score, (i,))
+        for i, score in chosen.items()
+        if math.isfinite(score)
     ]
     return words, total
 
