@@ -8,8 +8,8 @@ N typists at once, each typing `KEYS_PER_SECOND`, for a bounded time per N: the 
 p99 per keystroke stays within `P99_LIMIT_MS`, searched by doubling then bisecting within a time
 budget. `rnnlm bench --typing` runs only this; docs/typing.md explains the figures.
 
-The keyboard the typist uses: a word is a run of `\\w` characters (as the word tokenizer splits
-text); every other character (space, punctuation, the line end) is a key. A tap inserts the word
+The keyboard the typist uses: a word is what the model's suggestions are made of (`WORD_KINDS`);
+every other character (space, punctuation, the line end) is a key. A tap inserts the word
 and, when the text goes on with a space, that space too (phone keyboards add one and take it back
 before punctuation), so the session's context is always a prefix of the text. Keys without
 suggestions are the text's characters.
@@ -162,7 +162,10 @@ def typist(
     """The keys a typist presses to type `text` after `context`; sent each key's suggestions.
 
     The first key opens the session (its suggestions are those at the start of `text`);
-    `words` matches what the typist takes for a word.
+    `words` matches what the typist takes for a word. Suggestions are matched exactly: the
+    models learned that verse lines start with a capital (capitalising them where a keyboard's
+    shift key turns on by itself was measured: it saved fewer keys, 0.422 against 0.426 on
+    shakespeare-word, by merging "And" and "and" into one slot).
     """
     tally.chars += len(text)
     shown = yield Key(context, "", OPEN)
