@@ -47,6 +47,10 @@ from server.bundle import Bundle, BundleError, load_bundle
 # (its tokenizer splits off everything else, apostrophes too); the server's word search over
 # character and BPE pieces also keeps apostrophes inside words (server/words.py).
 WORD = re.compile(r"\w+")
+# A word model also predicts punctuation, which a keyboard's suggestion strip leaves out: the
+# typist asks for this many more and is shown the first k words (character and BPE models'
+# suggestions are words only).
+EXTRA_ASKED = {"word": 5}
 WORD_KINDS = {"word": WORD, "char": re.compile(r"[\w'\u2019]+"), "bpe": re.compile(r"[\w'\u2019]+")}
 DEFAULT_K = 3
 # The held-out lines: the last 5% of the corpus's lines, the test lines of the trainer's 90/5/5
@@ -156,6 +160,11 @@ class Tally:
                 setattr(self, f"done_by_{n}", getattr(self, f"done_by_{n}") + done)
 
 
+def strip(suggestions: list[str], words: re.Pattern[str], k: int) -> list[str]:
+    """What the keyboard shows of the server's suggestions: the first k that are words."""
+    return [w for w in suggestions if words.fullmatch(w)][:k]
+
+
 def typist(
     context: str, text: str, k: int, tally: Tally, words: re.Pattern[str] = WORD
 ) -> Generator[Key, list[str], None]:
@@ -168,20 +177,20 @@ def typist(
     shakespeare-word, by merging "And" and "and" into one slot).
     """
     tally.chars += len(text)
-    shown = yield Key(context, "", OPEN)
+    shown = strip((yield Key(context, "", OPEN)), words, k)
     pending = ""  # letters typed in full, not yet in the session's context
     pos = 0
     for match in words.finditer(text):
         for ch in text[pos : match.start()]:
             tally.separators += 1
-            shown = yield Key(pending + ch, "", SEPARATOR)
+            shown = strip((yield Key(pending + ch, "", SEPARATOR)), words, k)
             pending = ""
         word, pos = match.group(), match.end()
         start_shown, typed = shown, 0
         while typed < len(word) and word not in shown[:k]:
             typed += 1
             tally.letters += 1
-            shown = yield Key("", word[:typed], LETTER)
+            shown = strip((yield Key("", word[:typed], LETTER)), words, k)
         if typed == len(word):
             tally.word(word, start_shown, None)
             pending = pending + word
@@ -192,11 +201,11 @@ def typist(
         space = text.startswith(" ", pos)
         tally.free_spaces += space
         pos += space
-        shown = yield Key(pending + word + " " * space, "", TAP)
+        shown = strip((yield Key(pending + word + " " * space, "", TAP)), words, k)
         pending = ""
     for ch in text[pos:]:
         tally.separators += 1
-        shown = yield Key(pending + ch, "", SEPARATOR)
+        yield Key(pending + ch, "", SEPARATOR)
         pending = ""
 
 
@@ -232,16 +241,18 @@ class HeldOut:
     before: str  # the text before them, for the first context
     first_line: int  # 1-based line number of the first held-out line
     words: re.Pattern[str]  # what the typist takes for a word
+    ask: int  # suggestions to ask for, of which the first k words are shown
 
     @classmethod
-    def of(cls, text: str, source: str, words: re.Pattern[str] = WORD) -> HeldOut:
+    def of(cls, text: str, source: str, kind: str, k: int) -> HeldOut:
         lines = text.removesuffix("\n").split("\n")
         n = max(1, round(len(lines) * HELD_OUT_FRACTION))
         held = lines[-n:]
-        if not any(words.search(line) for line in held):
+        if not any(WORD_KINDS.get(kind, WORD).search(line) for line in held):
             raise BenchError(f"{source}: its last {n} lines (the held-out text) have no words")
         before = "\n".join(lines[:-n]) + "\n" if len(lines) > n else ""
-        return cls(held, before, len(lines) - n + 1, words)
+        ask = k + EXTRA_ASKED.get(kind, 0)
+        return cls(held, before, len(lines) - n + 1, WORD_KINDS.get(kind, WORD), ask)
 
     def passage(self, start: int, count: int) -> tuple[str, str]:
         """The context before line `start` (wrapping) and `count` lines from it, joined."""
@@ -317,7 +328,7 @@ async def single(stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPla
     context, text = held.passage(0, min(plan.lines, len(held.lines)))
     tally = Tally()
     keys = typist(context, text, plan.k, tally, held.words)
-    await type_passage(stub, keys, tally, k=plan.k)
+    await type_passage(stub, keys, tally, k=held.ask)
     return tally
 
 
@@ -336,7 +347,7 @@ async def crowd(stub: pb_grpc.LanguageModelStub, held: HeldOut, n: int, plan: Ty
         await asyncio.sleep(pace * i / n)  # spread the typists over one key's time
         context, text = held.passage(i * stride, lines)
         keys = typist(context, text, plan.k, tally, held.words)
-        await type_passage(stub, keys, tally, k=plan.k, pace_s=pace, window=window)
+        await type_passage(stub, keys, tally, k=held.ask, pace_s=pace, window=window)
 
     outcomes = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
     failed = [o for o in outcomes if isinstance(o, BaseException)]
@@ -510,7 +521,7 @@ def run(
         raise BenchError(f"--bundle: {e}") from e
     content, source = corpus_text(bundle, text)
     kind = bundle.manifest.get("tokenizer", {}).get("kind")
-    held = HeldOut.of(content, source, WORD_KINDS.get(kind, WORD))
+    held = HeldOut.of(content, source, str(kind), plan.k)
     typed = min(plan.lines, len(held.lines))
     a = bundle.manifest.get("architecture", {})
     results: dict[str, Any] = {
@@ -526,6 +537,7 @@ def run(
             f"vocabulary {bundle.vocab_size}, {bundle.precision}",
         },
         "k": plan.k,
+        "k_asked": held.ask,
         "plan": asdict(plan),
         "text": {
             "source": source,
