@@ -29,6 +29,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "weights.bin"  # the weights the graphs share (ONNX external data)
 GRAPH_FILES = {"step": "model.onnx", "score": "score.onnx", "prefill": "prefill.onnx"}
+BLOCKLIST_FILE = "blocklist.txt"  # optional: words never suggested, one a line (UTF-8)
 GRAPH_KINDS = tuple(GRAPH_FILES)  # step is required; score and prefill are optional
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn_tanh": ("h",), "rnn_relu": ("h",)}
@@ -132,6 +133,7 @@ class Manifest:
     state: tuple[StateSpec, ...]
     graphs: dict[str, GraphSpec]
     files: dict[str, str]  # file name -> sha256
+    blocklist_file: str | None = None  # the optional `blocklist` section's file
 
     def expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
         return expected_io(graph, self.precision, self.state, self.hidden, self.vocab_size)
@@ -248,6 +250,10 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
     tokenizer_kind, tokenizer_file, special = _read_tokenizer(r, m, vocab_size, files)
     if "continuous_cache" in m:
         r.get(m, "continuous_cache", dict)  # its settings are the server's to read
+    blocklist_file = None
+    if "blocklist" in m:
+        blocklist = r.get(m, "blocklist", dict)
+        blocklist_file = r.file_name(blocklist, "file", "blocklist.", files)
     return Manifest(
         path=path,
         data=m,
@@ -265,7 +271,20 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
         state=state,
         graphs=graphs,
         files=files,
+        blocklist_file=blocklist_file,
     )
+
+
+def add_blocklist(bundle_dir: str | Path, words: str) -> None:
+    """Write `words` (one a line) as the bundle's blocklist and list it in the manifest."""
+    directory = Path(bundle_dir)
+    manifest = read_manifest(directory)
+    data = words.encode("utf-8")
+    files = {**manifest.get("files", {}), BLOCKLIST_FILE: sha256_bytes(data)}
+    complete = {**manifest, "blocklist": {"file": BLOCKLIST_FILE}, "files": files}
+    parse_manifest(complete, directory / MANIFEST_FILE)
+    (directory / BLOCKLIST_FILE).write_bytes(data)
+    (directory / MANIFEST_FILE).write_text(json.dumps(complete, indent=2) + "\n", "utf-8")
 
 
 class _Reader:

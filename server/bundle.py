@@ -123,6 +123,7 @@ class Bundle:
     # The step graph without its output layer (bundles exported before it have none).
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
+    blocklist: str = ""  # the bundle's blocklist file's text: words never suggested
     # The verified bytes the sessions are made from (never the files again).
     graph_bytes: GraphBytes = field(
         default_factory=lambda: GraphBytes({}, ()), repr=False, compare=False
@@ -220,9 +221,19 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         score_graph=paths.get("score"),
         prefill_graph=paths.get("prefill"),
         continuous_cache=continuous_cache,
+        blocklist=_blocklist(files.contents, m),
         spec=m,
         graph_bytes=GraphBytes(held, files.external),
     )
+
+
+def _blocklist(contents: dict[str, bytes], m: Manifest) -> str:
+    if m.blocklist_file is None:
+        return ""
+    try:
+        return contents[m.blocklist_file].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{m.path.parent / m.blocklist_file}: not UTF-8 text ({e})") from e
 
 
 def _load_tokenizer(path: Path, data: bytes, vocab_size: int) -> Tokenizer:
