@@ -642,7 +642,7 @@ def _typist_rows(t: dict[str, Any]) -> list[list[Any]]:
         ["characters typed (keys without suggestions)", t["chars"]],
         [
             "keys used (letters + separators + taps)",
-            f"{t['keys_used']} ({t['letters']} + {t['separators']} + {t['taps']})",
+            f"{t['keys_used']:,} ({t['letters']:,} + {t['separators']:,} + {t['taps']:,})",
         ],
         ["**keystroke savings**", report._f(t["keystroke_savings"])],
         ["words", t["words"]],
