@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from server.engine import CPU, PROVIDERS, EngineError, providers_for
 
 DEFAULT_BUNDLE = Path("models/shakespeare-word")
 DEFAULT_OUT = Path("benchmarks/results")
+# --quick's figures are rough: by default they go to scratch, never over the committed results.
+QUICK_OUT = Path(tempfile.gettempdir()) / "rnnlm-bench-quick"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=DEFAULT_OUT,
-        help=f"directory for results.md, results.json and plots (default: {DEFAULT_OUT})",
+        default=None,
+        help=f"directory for results.md, results.json and plots (default: {DEFAULT_OUT}, "
+        f"with --quick {QUICK_OUT})",
     )
     parser.add_argument(
         "--quick",
@@ -128,6 +132,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     out: Path = args.out
     try:
         out.mkdir(parents=True, exist_ok=True)  # before minutes of measuring, not after
@@ -231,6 +237,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
         "machine": report.machine(),
         "run": {
             "command": _command(args),
+            "quick": bool(args.quick),  # rough figures: the report and the plots say so
             "bundle": {
                 "path": str(args.bundle),
                 "name": bundle.name,

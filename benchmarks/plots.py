@@ -25,6 +25,8 @@ def write(results: dict[str, Any], out: Path) -> list[Path]:
     bare = results.get("bare") or {}
     large = results["run"]["plan"]["large_batch"]
     title = results["run"]["bundle"]["summary"]
+    if results["run"].get("quick"):
+        title = f"QUICK RUN, rough figures: {title}"
     written = []
 
     if on.get("generate"):

@@ -132,12 +132,19 @@ MEASURED_BY = {
 }
 
 
+QUICK_NOTE = (
+    "A quick run (--quick): small counts and short trials, rough figures for a smoke test, "
+    "not results to compare or publish"
+)
+
+
 def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     run, m = results["run"], results["machine"]
     large = f"b{run['plan']['large_batch']}"
     lines = [
-        "# rnnlm benchmark results",
+        "# rnnlm benchmark results" + (" (quick run)" if run.get("quick") else ""),
         "",
+        *([f"**{QUICK_NOTE}**", ""] if run.get("quick") else []),
         f"Command: `{run['command']}`",
         "",
         f"Bundle: `{run['bundle']['path']}`: {run['bundle']['summary']}. Document: "

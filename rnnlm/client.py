@@ -5,8 +5,10 @@
     with Client("localhost:50051") as client:
         for chunk in client.generate("the cat", max_tokens=20, seed=1):
             print(chunk.text, end="", flush=True)
-        print(client.predict_next("the", k=3).predictions)
-        print(client.score(["the cat sees the moon ."]).results[0].perplexity)
+        print()
+        for p in client.predict_next("the", k=3).predictions:
+            print(f"{p.probability:.3f} {p.token}")
+        print(client.score("the cat sees the moon .").results[0].perplexity)
 
 Methods return the API's protobuf messages (see proto/rnnlm/v1/language_model.proto); a failed
 call raises `grpc.RpcError`, whose `code()` and `details()` say what went wrong.

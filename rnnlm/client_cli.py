@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,24 @@ def _predict_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="mix in the model's continuous cache (a recall of the context's own words)",
     )
+    parser.add_argument(
+        "--fold-case",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="match --partial-word ignoring case and accents (default: the model's; on for "
+        "character and BPE models)",
+    )
+    parser.add_argument(
+        "--block", action="append", default=[], metavar="WORD", help="never suggest WORD"
+    )
+    parser.add_argument(
+        "--user-word", action="append", default=[], metavar="WORD", help="favour WORD"
+    )
+    parser.add_argument(
+        "--next-tokens",
+        action="store_true",
+        help="show a character or BPE model's next tokens instead of whole words",
+    )
 
 
 def _text_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -159,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
             token=args.token,
         ) as client:
             commands[args.command](client, args)
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        return _reader_gone()
     except grpc.RpcError as e:
         print(f"rnnlm {args.command}: {_error_line(e, args.target)}", file=sys.stderr)
         return 1
@@ -168,6 +190,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (`rnnlm score ... | head`): stop quietly, as a command
+    killed by SIGPIPE would, with nothing left to flush into the closed pipe at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _error_line(error: grpc.RpcError, target: str) -> str:
@@ -237,6 +268,10 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         k=args.k,
         partial_word=args.partial_word,
         continuous_cache=args.continuous_cache,
+        fold_case=args.fold_case,
+        blocked_words=args.block,
+        user_words=args.user_word,
+        next_tokens=args.next_tokens,
         model=args.model,
         model_version=args.model_version,
     )

@@ -120,14 +120,12 @@ class Bundle:
     step_graph: Path
     score_graph: Path | None
     spec: Manifest = field(repr=False, compare=False)  # the validated manifest
+    # The verified bytes the sessions are made from (never the files again).
+    graph_bytes: GraphBytes = field(repr=False, compare=False)
     # The step graph without its output layer (bundles exported before it have none).
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
     blocklist: str = ""  # the bundle's blocklist file's text: words never suggested
-    # The verified bytes the sessions are made from (never the files again).
-    graph_bytes: GraphBytes = field(
-        default_factory=lambda: GraphBytes({}, ()), repr=False, compare=False
-    )
 
     @property
     def score_features(self) -> bool:

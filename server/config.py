@@ -150,7 +150,11 @@ def _parse_bool(text: str) -> bool:
 # field -> (parser of the environment value, help); the order is the order of --help.
 _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "models": (Path, "model repository: a bundle, a directory of bundles, or NAME/VERSION/ dirs"),
-    "default_model": (str, "model answering requests that name none (default: the only one)"),
+    "default_model": (
+        str,
+        "model answering requests that name none (default: the repository's repository.json "
+        "default_model, else the only model)",
+    ),
     "host": (str, "address to listen on"),
     "port": (int, "gRPC port; 0 picks a free one (logged)"),
     "metrics_port": (int, "Prometheus /metrics port; 0 picks a free one (logged)"),

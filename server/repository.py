@@ -43,6 +43,7 @@ from server.bundle import (
     read_member,
 )
 from server.engine import Engine, EngineConfig, EngineError
+from server.limits import quote
 from server.metrics import Metrics
 from server.text import TextCodec
 
@@ -159,9 +160,9 @@ def resolve_default_model(root: Path, names: Iterable[str], configured: str = ""
     """
     loaded = sorted(set(names))
     if configured:
-        chosen, source = configured, f"--default-model {_quoted(configured)} (RNNLM_DEFAULT_MODEL)"
+        chosen, source = configured, f"--default-model {quote(configured)} (RNNLM_DEFAULT_MODEL)"
     elif (declared := read_repository_file(root)) is not None:
-        chosen, source = declared, f"{root / REPOSITORY_FILE}: default_model {_quoted(declared)}"
+        chosen, source = declared, f"{root / REPOSITORY_FILE}: default_model {quote(declared)}"
     elif len(loaded) == 1:
         return loaded[0]
     else:
@@ -191,17 +192,12 @@ def read_repository_file(root: Path) -> str | None:
     unknown = sorted(set(data) - {"default_model"})
     if unknown:
         raise RepositoryError(
-            f"{path}: unknown key {_quoted(unknown[0])} (the only key is default_model)"
+            f"{path}: unknown key {quote(unknown[0])} (the only key is default_model)"
         )
     name = data.get("default_model")
     if not isinstance(name, str) or not name:
         raise RepositoryError(f"{path}: default_model must be a non-empty model name")
     return name
-
-
-def _quoted(value: str, limit: int = 80) -> str:
-    """`value` quoted, cut to `limit` characters: an error never echoes an unbounded value."""
-    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def _subdirs(directory: Path) -> Iterable[Path]:
@@ -289,6 +285,7 @@ class ModelRepository:
         bundles = await repository._open_all(paths, strict)
         if not bundles:
             repository._nothing_served()
+        resolve_default_model(root, {b.name for b, _ in bundles}, default_model)  # before warm-up
         loaded: list[LoadedModel] = []
         try:
             for bundle, stamp in bundles:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,9 @@ HASH_START = 0x9E3779B9
 # below 2^31, so the graph's int64 products of 32-bit values stay below 2^63.
 HASH_MIX = (0x21F0AAAD, 0x735A2D97)
 HASH_SHIFTS = (16, 15, 15)
+
+
+_FROM_MASK: np.ndarray = np.empty((0, 0), dtype=np.int64)  # `SamplingRows.banned_ids` left out
 
 
 @dataclass
@@ -57,8 +60,12 @@ class SamplingRows:
     banned: np.ndarray  # [B, V] bool: never sampled (a mask of `banned_ids`)
     seen: np.ndarray  # [B, V] bool: tokens the repetition penalty applies to
     # [B, N] int64: each row's distinct banned ids, then -1s (what the samplers read: a mask
-    # costs the graph a full-width pass). Rows built by `from_params` hold both forms.
-    banned_ids: np.ndarray
+    # costs the graph a full-width pass). Left out, it is made from `banned`.
+    banned_ids: np.ndarray = field(default_factory=lambda: _FROM_MASK)
+
+    def __post_init__(self) -> None:
+        if self.banned_ids is _FROM_MASK:
+            self.banned_ids = _ids_of(self.banned)
 
     @classmethod
     def from_params(
@@ -72,17 +79,15 @@ class SamplingRows:
         Draws the random seed of each request without one: build a request's row once.
         """
         n = len(params)
+        banned_ids = np.full((n, max((len(p.banned_ids) for p in params), default=0)), -1)
         banned = np.zeros((n, vocab_size), dtype=np.bool_)
         seen = np.zeros((n, vocab_size), dtype=np.bool_)
         for r, (p, h) in enumerate(zip(params, histories, strict=True)):
-            if p.banned_ids:
-                banned[r, np.fromiter(p.banned_ids, dtype=np.int64)] = True
+            banned_ids[r, : len(p.banned_ids)] = sorted(p.banned_ids)
+            banned[r, banned_ids[r, : len(p.banned_ids)]] = True
             if h is not None and p.repetition_penalty != 1.0:
                 seen[r, np.asarray(h, dtype=np.int64)] = True
         seeds = [secrets.randbits(64) if p.seed is None else p.seed % 2**64 for p in params]
-        banned_ids = np.full((n, max((len(p.banned_ids) for p in params), default=0)), -1)
-        for r, p in enumerate(params):
-            banned_ids[r, : len(p.banned_ids)] = sorted(p.banned_ids)
         return cls(
             temperature=np.array([p.temperature for p in params], dtype=np.float32),
             top_k=np.array([p.top_k for p in params], dtype=np.int64),
@@ -132,6 +137,15 @@ class SamplingRows:
 
 
 _FIELDS = tuple(SamplingRows.__dataclass_fields__)
+
+
+def _ids_of(mask: np.ndarray) -> np.ndarray:
+    """`[B, N]` int64: each row's set columns of bool `mask` `[B, V]`, then -1s."""
+    rows, cols = np.nonzero(mask)
+    counts = np.bincount(rows, minlength=len(mask))
+    ids = np.full((len(mask), int(counts.max(initial=0))), -1, dtype=np.int64)
+    ids[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+    return ids
 
 
 @dataclass(frozen=True)
@@ -227,8 +241,9 @@ def _row_params(rows: SamplingRows, r: int) -> SamplingParams:
 class BatchSampler:
     """Samples a batch's `[B, V]` logits in one pass of the sampler graph.
 
-    `sample(logits, rows)`: `logits` float32 `[B, V]`, a numpy array or an
-    `onnxruntime.OrtValue` (fed to the graph where it is); returns a `SampledRows`. The Python
+    `sample(logits, rows)`: `logits` float32 `[B, V]` or `[B, 1, V]` (a step graph's output as
+    it is), a numpy array or an `onnxruntime.OrtValue` (fed to the graph where it is, on
+    whatever device); returns a `SampledRows`. The Python
     work per call is the same whatever B. One sampler may serve one thread at a time.
     """
 
@@ -251,13 +266,14 @@ class BatchSampler:
 
     def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:
         shape = tuple(logits.shape()) if isinstance(logits, ort.OrtValue) else logits.shape
-        if shape != rows.banned.shape:
+        rows_vocab = rows.banned.shape
+        if shape not in (rows_vocab, (rows_vocab[0], 1, rows_vocab[1])):
             raise ValueError(
                 f"logits of shape {shape} do not match {len(rows)} rows of a vocabulary "
-                f"of {rows.banned.shape[1]}"
+                f"of {rows_vocab[1]}"
             )
-        if rows.banned_ids.size and int(rows.banned_ids.max()) >= shape[1]:
-            raise ValueError(f"banned_ids reach past the vocabulary of {shape[1]}")
+        if rows.banned_ids.size and int(rows.banned_ids.max()) >= rows_vocab[1]:
+            raise ValueError(f"banned_ids reach past the vocabulary of {rows_vocab[1]}")
         feeds: dict[str, np.ndarray | ort.OrtValue] = {n: getattr(rows, n) for n in GRAPH_INPUTS}
         feeds["logits"] = logits
         tokens, logprobs, lse, top_ids, top_values = self._session.run(_OUTPUTS, feeds)

@@ -120,6 +120,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for in-flight calls to finish; True if they all did."""
+        if self._idle.is_set():  # wait_for(..., 0) times out even on a set event
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:

@@ -77,16 +77,16 @@ class Predicted:
 
 
 class _Counted:
-    """The engine's next-token call, counting the contexts it is asked for."""
+    """The engine's next-token calls (of many contexts at once), counting the contexts."""
 
     def __init__(self, engine: Engine, cached: bool) -> None:
         self._engine = engine
         self._cached = cached
         self.steps = 0
 
-    async def __call__(self, ids: list[int]) -> np.ndarray:
-        self.steps += 1
-        return await self._engine.next_token_logprobs(ids, self._cached)
+    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+        self.steps += len(contexts)
+        return await self._engine.next_token_logprobs_many(contexts, self._cached)
 
 
 async def predict_tokens(
@@ -103,7 +103,7 @@ async def predict_tokens(
     """A word model's suggestions: its next tokens (one model step unless `memory` has it)."""
     counted = _Counted(engine, cached)
     if memory.logprobs is None or not memory.same_context(context, cached):
-        memory.logprobs = await counted(list(context))
+        (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
     extra = k + len(filters.user_words)
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)

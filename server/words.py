@@ -18,7 +18,6 @@ top-k. User words that match are boosted (see `WordSettings`).
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import functools
 import math
@@ -246,7 +245,8 @@ class SearchResult:
     steps: int
 
 
-NextLogprobs = Callable[[list[int]], Awaitable[np.ndarray]]
+# The next-token log-probs after each of many contexts (one batch of the engine).
+NextLogprobs = Callable[[list[list[int]]], Awaitable[list[np.ndarray]]]
 
 
 async def search(
@@ -271,7 +271,7 @@ async def search(
     found: dict[str, Word] = {}
     steps = 0
     for _ in range(settings.depth + 1):
-        rows = await asyncio.gather(*(next_logprobs([*context, *h.ids]) for h in live))
+        rows = await next_logprobs([[*context, *h.ids] for h in live])
         steps += len(live)
         grown: list[_Hypothesis] = []
         for h, logprobs in zip(live, rows, strict=True):
@@ -298,8 +298,9 @@ def _grow(
     match: Matcher,
     width: int,
 ) -> list[_Hypothesis]:
-    """The `width` likeliest one-piece extensions of `h` that can still match."""
-    rest = match.key[len(match.norm(h.text)) :] if len(h.text) < len(match.partial) else ""
+    """The `width` likeliest one-piece extensions of `h` that can still match (its normalised
+    text is a beginning of the typed letters', or starts with them)."""
+    rest = match.key[len(match.norm(h.text)) :]
     ids = pieces.compatible(rest) if rest else pieces.ids
     if ids.size == 0:
         return []
@@ -308,15 +309,9 @@ def _grow(
     out = []
     for j in top.tolist():
         i, score = int(ids[j]), float(scores[j])
-        text = h.text + table.text[i]
-        if math.isfinite(score) and (not rest or _may_match(match, text)):
-            out.append(_Hypothesis(h.logprob + score, (*h.ids, i), text))
+        if math.isfinite(score):
+            out.append(_Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i]))
     return out
-
-
-def _may_match(match: Matcher, text: str) -> bool:
-    key = match.norm(text)
-    return key.startswith(match.key) or match.key.startswith(key)
 
 
 def _add(found: dict[str, Word], word: Word, merge: bool) -> None:
@@ -401,27 +396,30 @@ def _boost(
 # ---- word models -------------------------------------------------------------------------------
 
 
-def vocab_words(  # a model's next tokens: a word model's words, or any model's pieces
+def vocab_words(
     codec: TextCodec,
     logprobs: np.ndarray,
     match: Matcher,
     filters: Filters,
     extra: int,
 ) -> tuple[list[Word], float]:
-    """A word model's candidates for `choose` (at least the k + `extra` likeliest that match
-    and are not blocked), and the log of the mass of all matching tokens."""
-    row = logprobs.astype(np.float64)
+    """A model's next tokens as candidates for `choose` (a word model's words; the pieces of
+    others with `next_tokens`): the `extra` likeliest that match and are not blocked, and the
+    log of the mass of all matching tokens (0: no letter typed, the model's own mass)."""
     blocked = blocked_ids(codec, filters.blocked)
-    if blocked.size:
-        row[blocked] = -math.inf
-    if codec.special_id_array.size:
-        row[codec.special_id_array] = -math.inf
     if match.partial:
         ids = matching_ids(codec, match)
-        scores = row[ids]
+        scores = logprobs[ids].astype(np.float64)
+        if blocked.size:
+            scores[np.isin(ids, blocked)] = -math.inf
         total = _logsumexp(scores)
-    else:
-        ids, scores, total = np.arange(row.size), row, 0.0
+    else:  # the likeliest hold enough ordinary, unblocked ones: the row is not copied
+        vocab = logprobs.size
+        want = min(extra + codec.special_id_array.size + blocked.size, vocab)
+        ids = np.argpartition(logprobs, vocab - want)[vocab - want :]
+        scores = logprobs[ids].astype(np.float64)
+        scores[np.isin(ids, codec.special_id_array) | np.isin(ids, blocked)] = -math.inf
+        total = 0.0
     top = np.argpartition(-scores, extra - 1)[:extra] if extra < ids.size else np.arange(ids.size)
     words = [
         Word(codec.token_texts[int(ids[j])], float(scores[j]), (int(ids[j]),))

@@ -209,6 +209,33 @@ def test_embed(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path) 
     assert exited.value.code == 2 and "invalid choice: 'median'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["score", "the cat sees the moon .", "a dog likes a red house ."],
+        ["generate", "the cat", "--max-tokens", "5", "--seed", "1"],
+        ["models", "--json"],
+    ],
+)
+def test_a_closed_pipe_ends_the_command_quietly(target: str, argv: list[str]) -> None:
+    """`rnnlm score ... | head` when head has gone: no error, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the command's first write finds the pipe broken
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "rnnlm", *argv, "--target", target],
+            cwd=ROOT,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE
+    assert result.stderr == ""
+
+
 def test_errors_are_one_line_with_the_code(capsys: pytest.CaptureFixture[str], target: str) -> None:
     code, out, err = rnnlm(capsys, "predict", "the", "-k", "0", "--target", target)
     assert code == 1 and out == ""

@@ -66,6 +66,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rnnlm_recall_cache_bytes": ("gauge", ("model",)),
     "rnnlm_model_info": ("gauge", ("model", "version", "provider", "cell")),
     "rnnlm_model_load_failures_total": ("counter", ("model",)),
+    "rnnlm_model_bundles_failing": ("gauge", ()),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels Prometheus attaches to every scraped series (ServiceMonitor and kube-state-metrics).
@@ -587,6 +588,17 @@ def test_prestop_pause_then_drain_fit_in_the_termination_grace() -> None:
     pause = pre_stop["sleep"]["seconds"]
     assert 2 <= pause <= 15, f"preStop pause of {pause} s"
     assert _pod_spec()["terminationGracePeriodSeconds"] >= pause + grace + 5
+
+
+def test_connections_age_out_so_channels_reach_new_pods() -> None:
+    """A client's channel keeps its connections until they close: without a maximum age, pods
+    the HPA adds get no traffic from clients that connected before."""
+    config = _serve_config(_config_data())
+    behavior = _one("HorizontalPodAutoscaler")["spec"]["behavior"]
+    scale_down_window = behavior["scaleDown"]["stabilizationWindowSeconds"]
+    assert 0 < config.max_connection_age_seconds <= scale_down_window, "connections must age out"
+    # Open calls (typing sessions) are not cut when their connection ages out.
+    assert config.max_connection_age_grace_seconds == 0
 
 
 def test_resources_and_security_context() -> None:

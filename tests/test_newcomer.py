@@ -8,6 +8,8 @@ benchmark that leaves the committed results alone, and output that survives `| h
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -119,25 +121,49 @@ def test_the_shipped_repository_declares_its_default() -> None:
     assert resolve_default_model(models, names) == "shakespeare-word"
 
 
-def test_the_readme_serve_command_answers_the_readme_client_commands(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """README "Serving" on the shipped models, with no --default-model, then its clients."""
-    from rnnlm.cli import main
-
+@pytest.fixture(scope="module")
+def readme_server() -> Iterator[str]:
+    """README "Serving" on the shipped models, with no --default-model: its gRPC target."""
     server = ServeProcess(
         ["--models", "models", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], {}
     )
     try:
         port = server.wait_for_line(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
         server.wait_for_line(r"serving .*\(default model shakespeare-word\)", timeout=180)
-        target = f"127.0.0.1:{port}"
-        assert main(["predict", "I pray you , my", "--k", "5", "--target", target]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 5
-        assert main(["score", "To be , or not to be", "--json", "--target", target]) == 0
-        assert json.loads(capsys.readouterr().out)["results"][0]["num_tokens"] > 0
+        yield f"127.0.0.1:{port}"
     finally:
         assert server.stop() == 0
+
+
+def test_the_readme_serve_command_answers_the_readme_client_commands(
+    capsys: pytest.CaptureFixture[str], readme_server: str
+) -> None:
+    from rnnlm.cli import main
+
+    assert main(["predict", "I pray you , my", "--k", "5", "--target", readme_server]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert main(["score", "To be , or not to be", "--json", "--target", readme_server]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["num_tokens"] > 0
+
+
+def test_the_readme_python_snippet_prints_clean_lines(readme_server: str) -> None:
+    """README's client snippet, run as written (on this server's port): the text, then one
+    line per prediction and the perplexity, no protobuf text."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"localhost:50051"' in snippet
+    snippet = snippet.replace('"localhost:50051"', repr(readme_server))
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "ROMEO :" and len(lines) > 5  # the prompt, then its continuation
+    predictions = [line.split() for line in lines[-4:-1]]
+    assert [len(p) for p in predictions] == [2, 2, 2]
+    assert all(0 < float(p) <= 1 and word.startswith("l") for p, word in predictions)
+    assert re.fullmatch(r"perplexity \d+\.\d", lines[-1])
+    assert "token_id" not in result.stdout and "token:" not in result.stdout
 
 
 def test_a_repository_file_naming_a_missing_model_stops_the_start_in_one_line(
@@ -150,7 +176,11 @@ def test_a_repository_file_naming_a_missing_model_stops_the_start_in_one_line(
         ["--models", str(tmp_path), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
         {},
     )
-    assert server.process.wait(120) == 2
+    try:
+        assert server.process.wait(120) == 2
+    except subprocess.TimeoutExpired:
+        server.stop()  # it served instead of refusing: leave no server behind
+        raise
     server.wait_for_line(r"default_model 'shakespeare-word' is not in .* \(models: alpha, beta\)")
 
 
@@ -332,6 +362,8 @@ def test_a_start_up_error_is_said_once(default_bundle: Path, tmp_path: Path) -> 
         "--models", str(tmp_path), "--port", "0", "--metrics-port", "0", "--default-model", "nope"
     )
     assert stderr.count("'nope'") == 1
+    assert "WARNING" not in stderr  # no streams were open: none is said to be ended
+    assert "loaded model" not in stderr  # refused before any model was loaded and warmed up
     assert stderr.splitlines()[-1].startswith("rnnlm serve: cannot start: --default-model 'nope'")
     assert "Traceback" not in stderr
 
@@ -435,3 +467,49 @@ def test_reflection_v1_lists_and_describes_the_services(
     assert "rnnlm.v1.LanguageModel" in services(language_model)
     assert "grpc.reflection.v1.ServerReflection" in services(reflection)
     assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+# -- rnnlm bench --quick -----------------------------------------------------------------------
+
+
+def _tree(directory: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_quick_bench_goes_to_scratch_and_says_it_is_quick(
+    default_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.axes
+
+    from benchmarks import plots
+
+    committed = ROOT / "benchmarks" / "results"
+    before = _tree(committed)
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnlm", "bench", "--bundle", str(default_bundle), "--quick",
+         "--trials", "1", "--duration", "0.3"],
+        cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True,
+        timeout=280,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _tree(committed) == before  # the committed results are untouched
+    out = tmp_path / "rnnlm-bench-quick"
+    assert f"wrote {out / 'results.md'}" in result.stdout
+    assert (
+        (out / "results.md")
+        .read_text()
+        .startswith("# rnnlm benchmark results (quick run)\n\n**A quick run (--quick): ")
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["run"]["quick"] is True
+    titles: list[str] = []
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda self, text, **kw: titles.append(text)
+    )
+    assert plots.write(results, out)  # again, its titles seen
+    assert titles and all("QUICK RUN, rough figures: " in t for t in titles)

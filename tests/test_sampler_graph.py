@@ -324,6 +324,9 @@ def test_filter_and_concatenate_keep_rows_whole() -> None:
     assert mixed.banned_ids.tolist() == [[0, -1, -1], [1, 4, 5], [-1, -1, -1]]
     assert [np.flatnonzero(b).tolist() for b in mixed.banned] == [[0], [1, 4, 5], []]
     assert SamplingRows.from_params([], [], 6).banned_ids.shape == (0, 0)
+    fields = {n: getattr(mixed, n) for n in SamplingRows.__dataclass_fields__}
+    del fields["banned_ids"]  # left out: made from the mask
+    assert SamplingRows(**fields).banned_ids.tolist() == mixed.banned_ids.tolist()
 
 
 def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
@@ -332,8 +335,15 @@ def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
     out = sampler.sample(ort.OrtValue.ortvalue_from_numpy(logits), rows)
     assert isinstance(out, SampledRows)
     np.testing.assert_array_equal(out.tokens, logits.argmax(axis=1))
+    # A step graph's [B, 1, V] output as it is, on the host or as an OrtValue.
+    steps = logits[:, None, :]
+    np.testing.assert_array_equal(sampler.sample(steps, rows).tokens, out.tokens)
+    as_value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(steps))
+    np.testing.assert_array_equal(sampler.sample(as_value, rows).tokens, out.tokens)
     with pytest.raises(ValueError, match="do not match 3 rows"):
         sampler.sample(logits[:2], rows)
+    with pytest.raises(ValueError, match="do not match 3 rows"):
+        sampler.sample(logits[:, None, :10], rows)
     rows.banned_ids = np.full((3, 1), 20)
     with pytest.raises(ValueError, match="past the vocabulary of 20"):
         sampler.sample(logits, rows)

@@ -9,6 +9,7 @@ total) from the token-level PredictNext (`next_tokens`) plus Score's log-prob of
 
 from __future__ import annotations
 
+import asyncio
 import math
 import queue
 import shutil
@@ -16,13 +17,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from test_server import LiveServer, config
 
 from rnnlm.bundle import add_blocklist, load_manifest
+from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
-from server.words import is_word
+from server.bundle import load_bundle
+from server.engine import Engine, EngineConfig, SamplingParams
+from server.words import is_word, read_word_list
 
 CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
 MODELS = {CHAR: ("gru", "char"), BPE: ("rnn_tanh", "bpe"), WORD: ("lstm", "word")}
@@ -248,3 +253,64 @@ def test_the_bundle_lists_its_blocklist(live: LiveServer) -> None:
     manifest = load_manifest(Path(live.server.config.models) / CHAR)
     assert manifest.blocklist_file == "blocklist.txt"
     assert "blocklist.txt" in manifest.files
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_many_contexts_at_once_equal_one_by_one(
+    tiny_bundle_factory: Callable[..., Path], busy: bool
+) -> None:
+    """The engine's call for many contexts (the search's rounds) gives each context's own
+    next-token log-probs, run inline when idle or through the workers when busy."""
+    bundle = load_bundle(tiny_bundle_factory("gru", "char"))
+    rng = np.random.default_rng(0)
+    contexts = [[], [3], *(rng.integers(2, bundle.vocab_size, n).tolist() for n in (5, 6, 30))]
+
+    async def main() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        engine = Engine(bundle, EngineConfig(state_cache_bytes=0))
+        await engine.start()
+        try:
+            stream = engine.generate([3], 200, SamplingParams(temperature=1.0, seed=1))
+            if busy:
+                await anext(stream)  # a generation keeps the workers busy meanwhile
+            many = await engine.next_token_logprobs_many(contexts)
+            await stream.aclose()
+            return many, [await engine.next_token_logprobs(c) for c in contexts]
+        finally:
+            await engine.close()
+
+    many, one_by_one = asyncio.run(main())
+    assert len(many) == len(contexts)
+    for a, b in zip(many, one_by_one, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rnnlm_predict_shows_words_for_a_char_model(
+    live: LiveServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", CONTEXT, "--partial-word", "B", "-k", "3", "--model", CHAR]
+    assert main([*argv, "--target", live.target, "--block", "bird"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows and all(word.startswith("B") and len(word) > 1 for _, word in rows)
+    assert "Bird" not in [word for _, word in rows]
+    assert main([*argv, "--target", live.target, "--next-tokens", "--fold-case"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert rows and all(len(token) == 1 for _, token in rows)
+
+
+def test_export_writes_the_blocklist_into_the_bundle(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    words = tmp_path / "blocked.txt"
+    words.write_text("# offensive\nMoon\n\nriver  # a comment\n", encoding="utf-8")
+    checkpoint = str(tiny_checkpoint_factory("gru", "char"))
+    out = tmp_path / "bundle"
+    assert main(["export", checkpoint, str(out), "--blocklist", str(words)]) == 0
+    bundle = load_bundle(out)
+    assert read_word_list(bundle.blocklist) == {"moon", "river"}
+    assert load_manifest(out).files["blocklist.txt"]
+    words.write_bytes(b"\xff\xfe")
+    assert main(["export", checkpoint, str(tmp_path / "bad"), "--blocklist", str(words)]) == 2
+    err = capsys.readouterr().err
+    assert "--blocklist" in err and "UTF-8" in err and not (tmp_path / "bad").exists()
