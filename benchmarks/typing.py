@@ -87,6 +87,7 @@ class TypingPlan:
     first_n: int = 50
     max_n: int = 1600
     bisections: int = 3
+    tries: int = 2  # trials at one N before it counts as over the limit
 
     @classmethod
     def make(cls, quick: bool, k: int, lines: int | None) -> TypingPlan:
@@ -363,28 +364,37 @@ async def crowd(stub: pb_grpc.LanguageModelStub, held: HeldOut, n: int, plan: Ty
 async def search(
     stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPlan, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The largest N within P99_LIMIT_MS: doubling from `first_n`, then bisecting."""
+    """The largest N within P99_LIMIT_MS: doubling from `first_n`, then bisecting.
+
+    An N is over the limit when `plan.tries` trials in a row are: on a shared machine a burst
+    of other work can fail one trial alone.
+    """
     trials: list[dict[str, Any]] = []
     best, worst = 0, None  # the largest N within, the smallest N over
     end = time.monotonic() + plan.budget_s
     n: int | None = plan.first_n
-    first_over = 0  # trials before the first one over the limit
+    bisected = -1  # the N tried after the first one over the limit
     while n is not None and time.monotonic() + plan.warmup_s + plan.trial_s < end:
-        say(f"typing: {n} typists at {KEYS_PER_SECOND:g} keys/s for {plan.trial_s:g} s")
-        trial = await crowd(stub, held, n, plan)
-        trials.append(trial)
-        if trial["within"]:
+        within = False
+        for attempt in range(1, plan.tries + 1):
+            if attempt > 1 and time.monotonic() + plan.warmup_s + plan.trial_s >= end:
+                break
+            say(f"typing: {n} typists at {KEYS_PER_SECOND:g} keys/s for {plan.trial_s:g} s")
+            trials.append({**await crowd(stub, held, n, plan), "attempt": attempt})
+            if within := trials[-1]["within"]:
+                break
+        if within:
             best = max(best, n)
         else:
             worst = n if worst is None else min(worst, n)
-        if worst is None:
-            first_over = len(trials)
-        n = _next_n(best, worst, plan, len(trials) - first_over)
+        bisected += worst is not None
+        n = _next_n(best, worst, plan, bisected)
     edge = worst is not None and _close(best, worst)
     return {
         "keys_per_second_per_typist": KEYS_PER_SECOND,
         "warmup_seconds": plan.warmup_s,
         "trial_seconds": plan.trial_s,
+        "tries": plan.tries,
         "p99_limit_ms": P99_LIMIT_MS,
         "trials": trials,
         "largest_within": best,
@@ -614,15 +624,17 @@ def markdown(results: dict[str, Any]) -> str:
         "## Concurrent typists",
         "",
         f"Each typist types {c['keys_per_second_per_typist']:g} keys/s for "
-        f"{c['trial_seconds']:g} s; largest N with p99 within {c['p99_limit_ms']:g} ms: "
+        f"{c['trial_seconds']:g} s (an N is over the limit after {c['tries']} trials over it in "
+        f"a row); largest N with p99 within {c['p99_limit_ms']:g} ms: "
         f"**{c['largest_within']}** (smallest over: {c['smallest_over']}; the search ended "
         f"{c['search_ended']}). Under other load on the machine, this is a lower bound.",
         "",
         *report._table(
-            ["typists", "keystrokes", "p50 ms", "p99 ms", "failed typists", "within"],
+            ["typists", "trial", "keystrokes", "p50 ms", "p99 ms", "failed typists", "within"],
             [
                 [
                     r["typists"],
+                    r["attempt"],
                     r["keystrokes"],
                     report._f(r["p50_ms"]),
                     report._f(r["p99_ms"]),
