@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -125,6 +126,7 @@ class Tally:
     """What one typist did, keystroke by keystroke."""
 
     chars: int = 0  # keys without suggestions
+    events: int = 0  # events answered, timed or not (sessions opening included)
     letters: int = 0
     separators: int = 0
     taps: int = 0
@@ -311,6 +313,7 @@ async def type_passage(
             if reply is grpc.aio.EOF:
                 raise BenchError("the server ended a typing session early")
             end = time.perf_counter()
+            tally.events += 1
             if start >= timed_from:
                 tally.record(key.kind, end - start, _steps(reply))
             key = keys.send([p.token for p in reply.predictions])
@@ -333,9 +336,18 @@ async def single(stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPla
     return tally
 
 
-async def crowd(stub: pb_grpc.LanguageModelStub, held: HeldOut, n: int, plan: TypingPlan) -> dict:
-    """`n` typists at KEYS_PER_SECOND each for `plan.trial_s`: keystroke latency and errors."""
+async def crowd(
+    stub: pb_grpc.LanguageModelStub,
+    held: HeldOut,
+    n: int,
+    plan: TypingPlan,
+    server_cpu: Callable[[], float | None],
+) -> dict[str, Any]:
+    """`n` typists at KEYS_PER_SECOND each for `plan.trial_s`: keystroke latency and errors,
+    and the CPU time an event cost the server (`server_cpu`: its CPU seconds so far) and this
+    process (the load generator)."""
     tally = Tally()
+    cpu_before, own_before = server_cpu(), time.process_time()
     pace = 1.0 / KEYS_PER_SECOND
     lines = int((plan.warmup_s + plan.trial_s) * KEYS_PER_SECOND) + 4  # more than is typed
     stride = max(1, len(held.lines) // max(n, 1))
@@ -351,18 +363,27 @@ async def crowd(stub: pb_grpc.LanguageModelStub, held: HeldOut, n: int, plan: Ty
         await type_passage(stub, keys, tally, k=held.ask, pace_s=pace, window=window)
 
     outcomes = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    cpu_after, own = server_cpu(), time.process_time() - own_before
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     timed = [s for kind, v in tally.latency_s.items() if kind != OPEN for s in v]
     out: dict[str, Any] = {"typists": n, "keystrokes": len(timed), "failed_typists": len(failed)}
     if failed:
         out["first_error"] = _short(failed[0])
     out.update(_percentiles(timed))
+    events = max(tally.events, 1)
+    used = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    out["server_cpu_ms_per_event"] = None if used is None else used * 1e3 / events
+    out["client_cpu_ms_per_event"] = own * 1e3 / events
     out["within"] = not failed and bool(timed) and out["p99_ms"] <= P99_LIMIT_MS
     return out
 
 
 async def search(
-    stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPlan, say: Callable[[str], None]
+    stub: pb_grpc.LanguageModelStub,
+    held: HeldOut,
+    plan: TypingPlan,
+    server_cpu: Callable[[], float | None],
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     """The largest N within P99_LIMIT_MS: doubling from `first_n`, then bisecting.
 
@@ -380,7 +401,7 @@ async def search(
             if attempt > 1 and time.monotonic() + plan.warmup_s + plan.trial_s >= end:
                 break
             say(f"typing: {n} typists at {KEYS_PER_SECOND:g} keys/s for {plan.trial_s:g} s")
-            trials.append({**await crowd(stub, held, n, plan), "attempt": attempt})
+            trials.append({**await crowd(stub, held, n, plan, server_cpu), "attempt": attempt})
             if within := trials[-1]["within"]:
                 break
         if within:
@@ -400,6 +421,25 @@ async def search(
         "largest_within": best,
         "smallest_over": worst,
         "search_ended": "at the edge (within 1/8)" if edge else "on its time or count bound",
+        **_cpu_bound(trials),
+    }
+
+
+def _cpu_bound(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CPU an event cost (median over trials), and how many typists the usable cores
+    could serve at that cost: the server alone, and with the load generator beside it."""
+    server = [t["server_cpu_ms_per_event"] for t in trials if t["server_cpu_ms_per_event"]]
+    client = [t["client_cpu_ms_per_event"] for t in trials]
+    if not server or not client:
+        return {"server_cpu_ms_per_event": None}
+    s, c = float(np.median(server)), float(np.median(client))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    return {
+        "server_cpu_ms_per_event": s,
+        "client_cpu_ms_per_event": c,
+        "typists_cpu_allows_server_alone": int(cores * 1e3 / (s * KEYS_PER_SECOND)),
+        "typists_cpu_allows_with_client": int(cores * 1e3 / ((s + c) * KEYS_PER_SECOND)),
     }
 
 
@@ -440,7 +480,7 @@ async def measure(
             await wait_serving(ch, child)
             say(f"typing: one typist, {min(plan.lines, len(held.lines))} held-out lines")
             out["typist"] = summary(await single(stub, held, plan))
-            out["concurrency"] = await search(stub, held, plan, say)
+            out["concurrency"] = await search(stub, held, plan, child.cpu_seconds, say)
             child.check_alive()
     except grpc.aio.AioRpcError as e:
         raise BenchError(
@@ -629,6 +669,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"**{c['largest_within']}** (smallest over: {c['smallest_over']}; the search ended "
         f"{c['search_ended']}). Under other load on the machine, this is a lower bound.",
         "",
+        *_cpu_lines(c),
         *report._table(
             ["typists", "trial", "keystrokes", "p50 ms", "p99 ms", "failed typists", "within"],
             [
@@ -646,6 +687,19 @@ def markdown(results: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _cpu_lines(c: dict[str, Any]) -> list[str]:
+    if c.get("server_cpu_ms_per_event") is None:
+        return []
+    return [
+        f"CPU per event (median over trials): the server {c['server_cpu_ms_per_event']:.3g} ms, "
+        f"the load generator {c['client_cpu_ms_per_event']:.3g} ms. At that cost the usable "
+        f"cores could serve {c['typists_cpu_allows_server_alone']} typists with the server "
+        f"alone on them, {c['typists_cpu_allows_with_client']} with the load generator beside "
+        "it (a CPU bound, not a latency one).",
+        "",
+    ]
 
 
 def _typist_rows(t: dict[str, Any]) -> list[list[Any]]:
