@@ -264,16 +264,22 @@ class Engine:
                 await asyncio.gather(*(self.next_token_logprobs(c, True) for c in contexts))
             )
         results: list[np.ndarray | None] = [None] * len(contexts)
-        requests: list[tuple[int, Request]] = []
-        futures: list[asyncio.Future[Any]] = []
-        inline = self._idle_now()
-        loop = asyncio.get_running_loop()
+        starts: list[tuple[int, np.ndarray, _Start]] = []
         for i, context in enumerate(contexts):
             ids = self._tokens(context, "context_ids")
             start = self._start(ids)
             if start.length == len(ids):
                 results[i] = start.logprobs
-                continue
+            else:
+                starts.append((i, ids, start))
+        # As for one context: inline only while idle, and only short feeds.
+        inline = self._idle_now() and all(
+            len(ids) - s.length <= INLINE_TOKENS for _, ids, s in starts
+        )
+        requests: list[tuple[int, Request]] = []
+        futures: list[asyncio.Future[Any]] = []
+        loop = asyncio.get_running_loop()
+        for i, ids, start in starts:
             future: asyncio.Future[Any] = loop.create_future()
             deliver = _ignore if inline else functools.partial(settle, future)
             feed = ids[start.length :]

@@ -9,6 +9,7 @@ total) from the token-level PredictNext (`next_tokens`) plus Score's log-prob of
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import queue
@@ -25,7 +26,9 @@ from rnnlm.bundle import add_blocklist, load_manifest
 from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
+from server.app import RnnlmServer
 from server.bundle import load_bundle
+from server.config import ConfigError, add_arguments, config_from_args
 from server.engine import Engine, EngineConfig, SamplingParams
 from server.words import is_word, read_word_list
 
@@ -263,7 +266,8 @@ def test_many_contexts_at_once_equal_one_by_one(
     next-token log-probs, run inline when idle or through the workers when busy."""
     bundle = load_bundle(tiny_bundle_factory("gru", "char"))
     rng = np.random.default_rng(0)
-    contexts = [[], [3], *(rng.integers(2, bundle.vocab_size, n).tolist() for n in (5, 6, 30))]
+    lengths = (5, 6, 12, 30) if busy else (5, 6, 12)  # short feeds run inline when idle
+    contexts = [[], [3], *(rng.integers(2, bundle.vocab_size, n).tolist() for n in lengths)]
 
     async def main() -> tuple[list[np.ndarray], list[np.ndarray]]:
         engine = Engine(bundle, EngineConfig(state_cache_bytes=0))
@@ -314,3 +318,23 @@ def test_export_writes_the_blocklist_into_the_bundle(
     assert main(["export", checkpoint, str(tmp_path / "bad"), "--blocklist", str(words)]) == 2
     err = capsys.readouterr().err
     assert "--blocklist" in err and "UTF-8" in err and not (tmp_path / "bad").exists()
+
+
+def test_word_flags_are_checked(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for argv, named in (
+        (["--word-search-width", "0"], "--word-search-width"),
+        (["--word-search-ms", "0"], "--word-search-ms"),
+        (["--user-word-boost", "0.5"], "--user-word-boost"),
+        (["--user-word-floor", "2"], "--user-word-floor"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            config_from_args(parser.parse_args(["--models", str(tmp_path), *argv]), {})
+    missing = config(tmp_path, blocklist=tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match=r"--blocklist .*missing\.txt"):
+        RnnlmServer(missing)
+    env = {"RNNLM_WORD_SEARCH_DEPTH": "5"}
+    assert (
+        config_from_args(parser.parse_args(["--models", str(tmp_path)]), env).word_search_depth == 5
+    )
