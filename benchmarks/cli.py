@@ -141,6 +141,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"rnnlm bench: --out {out}: cannot create the directory ({e})", file=sys.stderr)
         return 2
     if args.typing:
+        unused = [f"--{o}" for o in ("checkpoint", "int8-bundle", "corpus") if _given(args, o)]
+        if unused:
+            print(
+                f"rnnlm bench: --typing runs only the typing benchmark, which does not use "
+                f"{', '.join(unused)}: leave {'them' if len(unused) > 1 else 'it'} out",
+                file=sys.stderr,
+            )
+            return 2
         return run_typing(args, required=True)
     try:
         results, found = measure(args)
@@ -164,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     if not written:
         print("(no plots: matplotlib is not installed; pip install matplotlib)")
     return run_typing(args, required=False)
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    return getattr(args, option.replace("-", "_")) is not None
 
 
 def run_typing(args: argparse.Namespace, required: bool) -> int:

@@ -148,7 +148,26 @@ def test_the_concurrency_search_is_consistent(typing_run: dict[str, Any]) -> Non
     assert len(statuses) == 3
 
 
-def test_typing_needs_text(default_bundle: Path, tmp_path: Path) -> None:
-    missing = tmp_path / "none.txt"
-    argv = ["bench", "--typing", "--bundle", str(default_bundle), "--text", str(missing)]
-    assert main([*argv, "--out", str(tmp_path)]) == 2
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--text", "none.txt"], "--text none.txt: no such file"),
+        (["--suggestions", "0"], "--suggestions 0: must be at least 1"),
+        (["--typing-lines", "0"], "--typing-lines 0: must be at least 1"),
+        (["--checkpoint", "runs/x"], "does not use --checkpoint: leave it out"),
+    ],
+)
+def test_bad_typing_options_are_refused(
+    default_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--typing", "--bundle", str(default_bundle), *extra, "--out", "out"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err) < 300
