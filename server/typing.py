@@ -4,7 +4,8 @@ Word models' suggestions are their next tokens; character and BPE models' are wh
 found by the word search (server/words.py). A typing session keeps what its last keystroke
 computed (`Memory`): a keystroke that only adds letters to the partial word, in the same
 context, filters the words found before instead of running the model again, and searches
-again only when fewer than k of them still match.
+again only when they may not hold the k likeliest words that match: when a hypothesis the
+search left (`Unsearched`) could still beat the k-th of them.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from server.words import (
     Filters,
     Matcher,
     PieceTable,
+    SearchResult,
     Suggestion,
-    Word,
     WordSettings,
     choose,
     piece_table,
@@ -59,7 +60,7 @@ class Memory:
     cached: bool = False  # the search's context), and with or without the continuous cache
     logprobs: np.ndarray | None = None  # word models: the next-token log-probs there
     match: Matcher | None = None  # searched models: what the last search matched
-    words: list[Word] = field(default_factory=list)  # ... and the words it found
+    found: SearchResult | None = None  # ... and what it found
     blocked: set[str] = field(default_factory=set)  # folded words the session blocked
     user_words: list[str] = field(default_factory=list)  # the session's user words
 
@@ -129,26 +130,17 @@ async def predict_words(
         earlier is not None
         and memory.same_context(context, cached)
         and match.extends(earlier)
-        and _enough(memory.words, k, match, filters)
+        and memory.found is not None
+        and memory.found.complete(k, match, filters)
     ):
-        return Predicted(choose(memory.words, k, match, filters, settings), True, 0)
+        return Predicted(choose(memory.found.words, k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
     table: PieceTable = piece_table(codec, match.folding)
     want = max(k, settings.keep)
     result = await search(counted, context, table, after_space, match, filters, settings, want)
     memory.context, memory.cached = tuple(context), cached
-    memory.match, memory.words = match, result.words
+    memory.match, memory.found = match, result
     return Predicted(choose(result.words, k, match, filters, settings), True, result.steps)
-
-
-def _enough(words: list[Word], k: int, match: Matcher, filters: Filters) -> bool:
-    count = 0
-    for w in words:
-        if match.matches(w.text) and filters.allows(w.text):
-            count += 1
-            if count >= k:
-                return True
-    return False
 
 
 def searched(codec: TextCodec) -> bool:

@@ -242,11 +242,51 @@ class _Hypothesis:
 
 
 @dataclass(frozen=True)
+class Unsearched:
+    """Words a search did not reach, bounded from above (extending a text only lowers its
+    probability): words that extend `key` (normalised) have at most `logprob`; with `row`,
+    `key` was searched with the pieces `kept`, and the words through any other piece `i` have
+    at most `logprob + row[i]`."""
+
+    key: str
+    logprob: float
+    row: np.ndarray | None = None
+    pieces: _Pieces | None = None
+    kept: frozenset[int] = frozenset()
+
+    def bound(self, key: str) -> float:
+        """The most log-probability a word that matches `key` (normalised) has here."""
+        if self.row is None or self.pieces is None:
+            compatible = self.key.startswith(key) or key.startswith(self.key)
+            return self.logprob if compatible else -math.inf
+        if self.key.startswith(key):
+            ids = self.pieces.ids
+        elif key.startswith(self.key):
+            ids = self.pieces.compatible(key[len(self.key) :])
+        else:
+            return -math.inf
+        scores = [float(self.row[i]) for i in ids.tolist() if i not in self.kept]
+        return self.logprob + max(scores, default=-math.inf)
+
+
+@dataclass(frozen=True)
 class SearchResult:
-    """The complete words a search found (each at most once), and the model steps it cost."""
+    """The complete words a search found (each at most once), what it left unsearched, and
+    the model steps it cost."""
 
     words: list[Word]
     steps: int
+    unsearched: list[Unsearched] = field(default_factory=list)
+
+    def complete(self, k: int, match: Matcher, filters: Filters) -> bool:
+        """Whether the k likeliest words that match (a keystroke may have added letters since
+        the search) are among `words`: no unsearched word that matches can beat the k-th."""
+        found = sorted(
+            (w.logprob for w in self.words if match.matches(w.text) and filters.allows(w.text)),
+            reverse=True,
+        )
+        bar = found[k - 1] if len(found) >= k else -math.inf
+        return all(u.bound(match.key) <= bar for u in self.unsearched)
 
 
 # The next-token log-probs after each of many contexts (one batch of the engine).
@@ -264,7 +304,7 @@ async def search(
     want: int,
 ) -> SearchResult:
     """The likeliest complete words after `context` that match and are not blocked (see the
-    module doc).
+    module doc), and bounds on the words it did not reach (`Unsearched`).
 
     Stops when no hypothesis is left, after `settings.depth` rounds, after the round that
     passes `settings.budget_ms`, or when `want` words were found that are all likelier than
@@ -273,6 +313,7 @@ async def search(
     deadline = time.perf_counter() + settings.budget_ms / 1000
     live = [_Hypothesis(0.0, (), "")]
     found: dict[str, Word] = {}
+    left: list[Unsearched] = []
     steps = 0
     for _ in range(settings.depth + 1):
         rows = await next_logprobs([[*context, *h.ids] for h in live])
@@ -284,14 +325,29 @@ async def search(
                 _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
             if len(h.ids) < settings.depth:
                 pieces = table.starts if after_space and not h.ids else table.inner
-                grown.extend(_grow(h, logprobs, pieces, table, match, settings.width))
-        live = sorted(grown, key=lambda h: -h.logprob)[: settings.width]
-        if len(found) >= want:
-            bar = sorted((w.logprob for w in found.values()), reverse=True)[want - 1]
-            live = [h for h in live if h.logprob > bar]
+                children = _grow(h, logprobs, pieces, table, match, settings.width)
+                grown.extend(children)
+                kept = frozenset(c.ids[-1] for c in children)
+                left.append(Unsearched(match.norm(h.text), h.logprob, logprobs, pieces, kept))
+        live, dropped = _prune(grown, found, settings.width, want)
+        left += [Unsearched(match.norm(h.text), h.logprob) for h in dropped]
         if not live or time.perf_counter() > deadline:
             break
-    return SearchResult(list(found.values()), steps)
+    left += [Unsearched(match.norm(h.text), h.logprob) for h in live]
+    return SearchResult(list(found.values()), steps, left)
+
+
+def _prune(
+    grown: list[_Hypothesis], found: dict[str, Word], width: int, want: int
+) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
+    """The hypotheses to extend next and those dropped: the `width` likeliest, less those that
+    cannot beat the `want` likeliest words found."""
+    grown = sorted(grown, key=lambda h: -h.logprob)
+    best = sorted((w.logprob for w in found.values()), reverse=True)
+    bar = best[want - 1] if len(best) >= want else -math.inf
+    live = [h for h in grown[:width] if h.logprob > bar]
+    dropped = [h for h in grown[:width] if h.logprob <= bar] + grown[width:]
+    return live, dropped
 
 
 def _grow(

@@ -39,6 +39,9 @@ BUNDLE_BLOCKED, SERVER_BLOCKED = "moon", "river"
 CONTEXT = "the cat sees the "
 
 
+WIDE = 512  # hypotheses a search keeps per round: more than the tiny models' pieces
+
+
 @pytest.fixture(scope="module")
 def live(
     tiny_bundle_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
@@ -49,9 +52,17 @@ def live(
         add_blocklist(root / name, f"# never suggested\n{BUNDLE_BLOCKED.upper()}\n")
     blocklist = root.parent / "server-blocklist.txt"
     blocklist.write_text(f"{SERVER_BLOCKED}\n", encoding="utf-8")
-    # A generous time budget: the width and depth bound the search, never the clock.
+    # A generous time budget: the width and depth bound the search, never the clock. A width
+    # above the tiny vocabularies: a search drops no piece, so the words it stores hold the k
+    # likeliest of every longer partial word among them (an extending keystroke filters them).
     server = LiveServer(
-        config(root, default_model=WORD, word_search_ms=60_000.0, blocklist=blocklist)
+        config(
+            root,
+            default_model=WORD,
+            word_search_ms=60_000.0,
+            word_search_width=WIDE,
+            blocklist=blocklist,
+        )
     )
     yield server
     server.close()
