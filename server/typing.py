@@ -126,18 +126,17 @@ async def predict_words(
     """A character or BPE model's suggestions: searched words, filtered from `memory`'s when
     the keystroke only extends the partial word and enough of them still match."""
     earlier = memory.match
-    if (
-        earlier is not None
-        and memory.same_context(context, cached)
-        and match.extends(earlier)
-        and memory.found is not None
-        and memory.found.complete(k, match, filters)
-    ):
-        return Predicted(choose(memory.found.words, k, match, filters, settings), True, 0)
+    resume = None
+    if earlier is not None and memory.same_context(context, cached) and match.extends(earlier):
+        resume = memory.found
+    if resume is not None and resume.complete(k, match, filters):
+        return Predicted(choose(resume.words, k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
     table: PieceTable = piece_table(codec, match.folding)
     want = max(k, settings.keep)
-    result = await search(counted, context, table, after_space, match, filters, settings, want)
+    result = await search(
+        counted, context, table, after_space, match, filters, settings, want, resume
+    )
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
     return Predicted(choose(result.words, k, match, filters, settings), True, result.steps)

@@ -244,29 +244,47 @@ class _Hypothesis:
 @dataclass(frozen=True)
 class Unsearched:
     """Words a search did not reach, bounded from above (extending a text only lowers its
-    probability): words that extend `key` (normalised) have at most `logprob`; with `row`,
-    `key` was searched with the pieces `kept`, and the words through any other piece `i` have
-    at most `logprob + row[i]`."""
+    probability): words that extend `key` (the hypothesis's text, normalised) have at most its
+    log-probability; with `row`, the hypothesis was extended by the pieces `kept`, and the
+    words through any other piece `i` have at most its log-probability plus `row[i]`."""
 
     key: str
-    logprob: float
+    hypothesis: _Hypothesis
     row: np.ndarray | None = None
     pieces: _Pieces | None = None
     kept: frozenset[int] = frozenset()
 
-    def bound(self, key: str) -> float:
-        """The most log-probability a word that matches `key` (normalised) has here."""
-        if self.row is None or self.pieces is None:
-            compatible = self.key.startswith(key) or key.startswith(self.key)
-            return self.logprob if compatible else -math.inf
+    def _dropped(self, key: str) -> np.ndarray:
+        """The ids of the pieces not kept that lead to words matching `key`."""
+        if self.pieces is None:
+            return np.zeros(0, dtype=np.int64)
         if self.key.startswith(key):
             ids = self.pieces.ids
         elif key.startswith(self.key):
             ids = self.pieces.compatible(key[len(self.key) :])
         else:
-            return -math.inf
-        scores = [float(self.row[i]) for i in ids.tolist() if i not in self.kept]
-        return self.logprob + max(scores, default=-math.inf)
+            return np.zeros(0, dtype=np.int64)
+        return np.array([i for i in ids.tolist() if i not in self.kept], dtype=np.int64)
+
+    def bound(self, key: str) -> float:
+        """The most log-probability a word that matches `key` (normalised) has here."""
+        if self.row is None:
+            compatible = self.key.startswith(key) or key.startswith(self.key)
+            return self.hypothesis.logprob if compatible else -math.inf
+        dropped = self._dropped(key)
+        best = float(self.row[dropped].max()) if dropped.size else -math.inf
+        return self.hypothesis.logprob + best
+
+    def reopen(self, key: str, table: PieceTable) -> list[_Hypothesis]:
+        """The hypotheses to search for words that match `key` (normalised)."""
+        if self.row is None:
+            return [self.hypothesis] if self.bound(key) > -math.inf else []
+        h = self.hypothesis
+        return [
+            _Hypothesis(h.logprob + float(self.row[i]), (*h.ids, i), h.text + table.text[i])
+            for i in self._dropped(key).tolist()
+            if math.isfinite(float(self.row[i]))
+        ]
 
 
 @dataclass(frozen=True)
@@ -302,20 +320,23 @@ async def search(
     filters: Filters,
     settings: WordSettings,
     want: int,
+    resume: SearchResult | None = None,
 ) -> SearchResult:
     """The likeliest complete words after `context` that match and are not blocked (see the
-    module doc), and bounds on the words it did not reach (`Unsearched`).
+    module doc), and bounds on the words it did not reach (`Unsearched`). With `resume` (an
+    earlier search of the same context, for fewer letters typed), it goes on from where that
+    one stopped: from its words that match and the hypotheses it left that can still match.
 
     Stops when no hypothesis is left, after `settings.depth` rounds, after the round that
     passes `settings.budget_ms`, or when `want` words were found that are all likelier than
     every live hypothesis (extending a hypothesis only makes it less likely).
     """
     deadline = time.perf_counter() + settings.budget_ms / 1000
-    live = [_Hypothesis(0.0, (), "")]
-    found: dict[str, Word] = {}
-    left: list[Unsearched] = []
+    live, found, left = _start(resume, table, match, filters, settings.width, want)
     steps = 0
     for _ in range(settings.depth + 1):
+        if not live:
+            break
         rows = await next_logprobs([[*context, *h.ids] for h in live])
         steps += len(live)
         grown: list[_Hypothesis] = []
@@ -328,13 +349,30 @@ async def search(
                 children = _grow(h, logprobs, pieces, table, match, settings.width)
                 grown.extend(children)
                 kept = frozenset(c.ids[-1] for c in children)
-                left.append(Unsearched(match.norm(h.text), h.logprob, logprobs, pieces, kept))
+                left.append(Unsearched(match.norm(h.text), h, logprobs, pieces, kept))
         live, dropped = _prune(grown, found, settings.width, want)
-        left += [Unsearched(match.norm(h.text), h.logprob) for h in dropped]
+        left += [Unsearched(match.norm(h.text), h) for h in dropped]
         if not live or time.perf_counter() > deadline:
             break
-    left += [Unsearched(match.norm(h.text), h.logprob) for h in live]
+    left += [Unsearched(match.norm(h.text), h) for h in live]
     return SearchResult(list(found.values()), steps, left)
+
+
+def _start(
+    resume: SearchResult | None,
+    table: PieceTable,
+    match: Matcher,
+    filters: Filters,
+    width: int,
+    want: int,
+) -> tuple[list[_Hypothesis], dict[str, Word], list[Unsearched]]:
+    """A search's first hypotheses, the words it starts with, and what it leaves unsearched."""
+    if resume is None:
+        return [_Hypothesis(0.0, (), "")], {}, []
+    found = {w.text: w for w in resume.words if match.matches(w.text) and filters.allows(w.text)}
+    reopened = [h for u in resume.unsearched for h in u.reopen(match.key, table)]
+    live, dropped = _prune(reopened, found, width, want)
+    return live, found, [Unsearched(match.norm(h.text), h) for h in dropped]
 
 
 def _prune(

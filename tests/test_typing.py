@@ -270,6 +270,26 @@ def test_filtered_keystrokes_equal_a_fresh_search(client: Client) -> None:
     assert [p.token for p in filtered.predictions] == [p.token for p in fresh.predictions]
 
 
+@pytest.mark.parametrize("model", [CHAR, BPE])
+def test_a_keystroke_the_stored_words_cannot_answer_resumes_the_search(
+    client: Client, model: str
+) -> None:
+    """Asked for more words than the last search kept, a keystroke searches on from where that
+    search stopped: fewer steps than a new search, and the same words and probabilities."""
+    session = _Session(client)
+    try:
+        session.send(model=model, text=CONTEXT, k=1)
+        (word,) = session.send(k=1, partial_word="b").predictions
+        resumed = session.send(k=6, partial_word=word.token[:1])
+    finally:
+        session.close()
+    fresh = client.predict_next(CONTEXT, k=6, partial_word=word.token[:1], model=model)
+    assert 0 < resumed.model_steps < fresh.model_steps
+    assert [p.token for p in resumed.predictions] == [p.token for p in fresh.predictions]
+    for a, b in zip(resumed.predictions, fresh.predictions, strict=True):
+        assert a.probability == pytest.approx(b.probability, rel=1e-5)
+
+
 def test_bad_word_lists_are_refused(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as e:
         client.predict_next(CONTEXT, k=2, model=CHAR, blocked_words=["two words"])
