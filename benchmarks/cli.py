@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import bare, echo, engine_inproc, plots, report, server_load, targets
+from benchmarks import typing as typing_bench
 from benchmarks.timing import BenchError
 from benchmarks.workload import Plan, build_workload
 from server.bundle import Bundle, BundleError, load_bundle
@@ -102,6 +103,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="an extra `rnnlm serve` flag, e.g. --server-arg=--max-queue-wait-ms=1 "
         "(repeatable; RNNLM_* variables are not passed to the server)",
     )
+    typing = parser.add_argument_group("the typing benchmark (docs/typing.md)")
+    typing.add_argument(
+        "--typing",
+        action="store_true",
+        help="run only the typing benchmark (simulated typists on TypingSession); "
+        "writes typing.md and typing.json",
+    )
+    typing.add_argument(
+        "--text",
+        type=Path,
+        default=None,
+        help="the corpus whose last 5%% of lines the typists type (default: the bundle's "
+        "training corpus, if readable here; without either, the full run skips typing)",
+    )
+    typing.add_argument(
+        "--suggestions",
+        type=int,
+        default=typing_bench.DEFAULT_K,
+        help=f"suggestions shown per keystroke (default: {typing_bench.DEFAULT_K})",
+    )
+    typing.add_argument(
+        "--typing-lines",
+        type=int,
+        default=None,
+        help="held-out lines the single typist types (default: 120, --quick 8)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +140,16 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"rnnlm bench: --out {out}: cannot create the directory ({e})", file=sys.stderr)
         return 2
+    if args.typing:
+        unused = [f"--{o}" for o in ("checkpoint", "int8-bundle", "corpus") if _given(args, o)]
+        if unused:
+            print(
+                f"rnnlm bench: --typing runs only the typing benchmark, which does not use "
+                f"{', '.join(unused)}: leave {'them' if len(unused) > 1 else 'it'} out",
+                file=sys.stderr,
+            )
+            return 2
+        return run_typing(args, required=True)
     try:
         results, found = measure(args)
     except (BenchError, BundleError) as e:
@@ -134,6 +171,45 @@ def run(args: argparse.Namespace) -> int:
     )
     if not written:
         print("(no plots: matplotlib is not installed; pip install matplotlib)")
+    return run_typing(args, required=False)
+
+
+def _given(args: argparse.Namespace, option: str) -> bool:
+    return getattr(args, option.replace("-", "_")) is not None
+
+
+def run_typing(args: argparse.Namespace, required: bool) -> int:
+    """The typing benchmark; without text to type, an error if `required`, else skipped."""
+    clock = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - clock:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    try:
+        plan = typing_bench.TypingPlan.make(args.quick, args.suggestions, args.typing_lines)
+        command = _command(args, typing=True)
+        results = typing_bench.run(
+            args.bundle, args.text, plan, (args.provider, *args.server_arg), command, say
+        )
+    except typing_bench.NoText as e:
+        if required:
+            print(f"rnnlm bench: {e}", file=sys.stderr)
+            return 2
+        print(f"typing benchmark skipped: {e}")
+        return 0
+    except BenchError as e:
+        print(f"rnnlm bench: {e}", file=sys.stderr)
+        return 2
+    try:
+        written = typing_bench.write(results, args.out)
+    except OSError as e:
+        print(f"rnnlm bench: --out {args.out}: cannot write the results ({e})", file=sys.stderr)
+        return 2
+    print()
+    for t in results["targets"]:
+        value = "—" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"{t['status']:>4}  {value:>8} {t['op']} {t['threshold']:<5g} {t['target']}")
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -217,10 +293,16 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
     return results, targets.compute(results)
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The `rnnlm bench` command line that repeats this run (every option given)."""
+def _command(args: argparse.Namespace, typing: bool = False) -> str:
+    """The `rnnlm bench` command line that repeats this run (every option given); with
+    `typing`, the one that repeats its typing benchmark alone."""
     words = ["rnnlm", "bench", "--bundle", str(args.bundle)]
-    for option in ("checkpoint", "int8_bundle", "corpus", "trials", "duration", "score_tokens"):
+    if typing:
+        words += ["--typing", "--suggestions", str(args.suggestions)]
+        options: tuple[str, ...] = ("text", "typing_lines")
+    else:
+        options = ("checkpoint", "int8_bundle", "corpus", "trials", "duration", "score_tokens")
+    for option in options:
         value = getattr(args, option)
         if value is not None:
             words += ["--" + option.replace("_", "-"), str(value)]

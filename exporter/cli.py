@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from exporter.export import QUANTIZATIONS, ExportError, export_bundle
+from rnnlm.bundle import add_blocklist
 from server.bundle import BundleError, read_manifest
 from training.checkpoint import CheckpointError
 
@@ -47,10 +48,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="int8 weights with a scale per output channel instead of per tensor (slower steps)",
     )
+    parser.add_argument(
+        "--blocklist",
+        metavar="FILE",
+        help="words the server never suggests (one a line, UTF-8; '#' starts a comment), "
+        "written into the bundle as blocklist.txt",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        blocklist = None if args.blocklist is None else _read_blocklist(args.blocklist)
         path = export_bundle(
             args.checkpoint_dir,
             args.bundle_dir,
@@ -63,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             max_perplexity_change=args.max_perplexity_change,
             per_channel=args.per_channel,
         )
+        if blocklist is not None:
+            add_blocklist(path, blocklist)
     except (ExportError, CheckpointError, BundleError) as e:
         # One line, whatever the underlying library put in its message.
         print(f"rnnlm export: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -72,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     if "quantization" in manifest:
         print(describe_quantization(manifest["quantization"]))
     return 0
+
+
+def _read_blocklist(file: str) -> str:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"--blocklist {file}: cannot be read as UTF-8 text ({e})") from e
 
 
 def describe_quantization(section: dict[str, Any]) -> str:

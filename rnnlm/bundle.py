@@ -29,6 +29,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "weights.bin"  # the weights the graphs share (ONNX external data)
 GRAPH_FILES = {"step": "model.onnx", "score": "score.onnx", "prefill": "prefill.onnx"}
+BLOCKLIST_FILE = "blocklist.txt"  # optional: words never suggested, one a line (UTF-8)
 GRAPH_KINDS = tuple(GRAPH_FILES)  # step is required; score and prefill are optional
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn_tanh": ("h",), "rnn_relu": ("h",)}
@@ -132,6 +133,7 @@ class Manifest:
     state: tuple[StateSpec, ...]
     graphs: dict[str, GraphSpec]
     files: dict[str, str]  # file name -> sha256
+    blocklist_file: str | None = None  # the optional `blocklist` section's file
 
     def expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
         return expected_io(graph, self.precision, self.state, self.hidden, self.vocab_size)
@@ -248,6 +250,10 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
     tokenizer_kind, tokenizer_file, special = _read_tokenizer(r, m, vocab_size, files)
     if "continuous_cache" in m:
         r.get(m, "continuous_cache", dict)  # its settings are the server's to read
+    blocklist_file = None
+    if "blocklist" in m:
+        blocklist = r.get(m, "blocklist", dict)
+        blocklist_file = r.file_name(blocklist, "file", "blocklist.", files)
     return Manifest(
         path=path,
         data=m,
@@ -265,7 +271,20 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
         state=state,
         graphs=graphs,
         files=files,
+        blocklist_file=blocklist_file,
     )
+
+
+def add_blocklist(bundle_dir: str | Path, words: str) -> None:
+    """Write `words` (one a line) as the bundle's blocklist and list it in the manifest."""
+    directory = Path(bundle_dir)
+    manifest = read_manifest(directory)
+    data = words.encode("utf-8")
+    files = {**manifest.get("files", {}), BLOCKLIST_FILE: sha256_bytes(data)}
+    complete = {**manifest, "blocklist": {"file": BLOCKLIST_FILE}, "files": files}
+    parse_manifest(complete, directory / MANIFEST_FILE)
+    (directory / BLOCKLIST_FILE).write_bytes(data)
+    (directory / MANIFEST_FILE).write_text(json.dumps(complete, indent=2) + "\n", "utf-8")
 
 
 class _Reader:
@@ -477,11 +496,14 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
-def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST_FILE}") -> Path:
-    """Where file `name` of a bundle really is, once known to be a regular file inside it.
+def member_path(
+    directory: Path, name: str, missing: str = f"listed in {MANIFEST_FILE}", kind: str = "bundle"
+) -> Path:
+    """Where file `name` of a bundle (or other `kind` of directory: a model repository) really
+    is, once known to be a regular file inside it.
 
     Refused, with one line and before anything is opened: a name that is not a plain file name
-    (an absolute path, `..`, a subdirectory), a symbolic link that leads out of the bundle, a
+    (an absolute path, `..`, a subdirectory), a symbolic link that leads out of the directory, a
     missing file, and anything but a regular file (a FIFO, a device, a directory).
     """
     problem = file_name_problem(name)
@@ -492,7 +514,7 @@ def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST
     path = directory / name
     real = Path(os.path.realpath(path))
     if not real.is_relative_to(os.path.realpath(directory)):
-        raise BundleError(f"{path}: a symbolic link out of the bundle; bundle files must be in it")
+        raise BundleError(f"{path}: a symbolic link out of the {kind}; {kind} files must be in it")
     try:
         mode = real.stat().st_mode
     except FileNotFoundError:
@@ -500,13 +522,14 @@ def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST
     except OSError as e:
         raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+        raise BundleError(f"{path}: not a regular file; {kind} files must be regular files")
     return real
 
 
-def read_member(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, read through one descriptor that follows no symbolic link:
-    exactly the size it had when opened, so a file that keeps growing is never read forever."""
+def read_member(path: Path, limit: int | None = None, kind: str = "bundle") -> bytes:
+    """The bytes of a regular file (of a bundle, or other `kind` of directory), read through one
+    descriptor that follows no symbolic link: exactly the size it had when opened, so a file
+    that keeps growing is never read forever, and never more than `limit` bytes."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
@@ -515,7 +538,7 @@ def read_member(path: Path, limit: int | None = None) -> bytes:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+            raise BundleError(f"{path}: not a regular file; {kind} files must be regular files")
         if limit is not None and info.st_size > limit:
             raise BundleError(f"{path}: {info.st_size} bytes, more than the {limit} allowed")
         data = f.read(info.st_size)

@@ -165,13 +165,19 @@ class Client:
         state_token: bytes = b"",
         return_state_token: bool = False,
         continuous_cache: bool = False,
+        fold_case: bool | None = None,
+        blocked_words: Sequence[str] = (),
+        user_words: Sequence[str] = (),
+        next_tokens: bool = False,
         timeout: float | None = None,
     ) -> pb.PredictNextResponse:
-        """The k most likely next tokens after `context`, most likely first.
+        """The k most likely next words after `context` (or tokens: `next_tokens`), most
+        likely first.
 
         With `state_token` (from an earlier reply), `context` continues the token's context;
         `return_state_token` asks for a token for this request's context; `continuous_cache`
-        mixes in the model's recall of the context's own words.
+        mixes in the model's recall of the context's own words. `fold_case`, `blocked_words`
+        and `user_words`: see PredictNextRequest.
         """
         request = pb.PredictNextRequest(
             model=model,
@@ -182,6 +188,10 @@ class Client:
             state_token=state_token,
             return_state_token=return_state_token,
             continuous_cache=continuous_cache,
+            fold_case=fold_case,
+            blocked_words=blocked_words,
+            user_words=user_words,
+            next_tokens=next_tokens,
         )
         return self._stub.PredictNext(request, **self._options(timeout))
 

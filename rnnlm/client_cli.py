@@ -94,6 +94,24 @@ def _predict_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="mix in the model's continuous cache (a recall of the context's own words)",
     )
+    parser.add_argument(
+        "--fold-case",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="match --partial-word ignoring case and accents (default: the model's; on for "
+        "character and BPE models)",
+    )
+    parser.add_argument(
+        "--block", action="append", default=[], metavar="WORD", help="never suggest WORD"
+    )
+    parser.add_argument(
+        "--user-word", action="append", default=[], metavar="WORD", help="favour WORD"
+    )
+    parser.add_argument(
+        "--next-tokens",
+        action="store_true",
+        help="show a character or BPE model's next tokens instead of whole words",
+    )
 
 
 def _text_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -250,6 +268,10 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         k=args.k,
         partial_word=args.partial_word,
         continuous_cache=args.continuous_cache,
+        fold_case=args.fold_case,
+        blocked_words=args.block,
+        user_words=args.user_word,
+        next_tokens=args.next_tokens,
         model=args.model,
         model_version=args.model_version,
     )

@@ -58,6 +58,12 @@ class ServerConfig:
     health_port: int | None = None
     auth_token_file: Path | None = None
     state_token_key_file: Path | None = None
+    word_search_width: int = 8
+    word_search_depth: int = 16
+    word_search_ms: float = 50.0
+    blocklist: Path | None = None
+    user_word_boost: float = 10.0
+    user_word_floor: float = 0.05
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -82,8 +88,13 @@ class ServerConfig:
             "max_prompt_tokens",
             "max_text_chars",
             "max_message_bytes",
+            "word_search_width",
+            "word_search_depth",
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.word_search_ms > 0, "word_search_ms", "must be more than 0")
+        check(self.user_word_boost >= 1, "user_word_boost", "must be at least 1")
+        check(0 < self.user_word_floor <= 1, "user_word_floor", "must be in (0, 1]")
         if self.max_batch_size is not None:
             check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
         check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
@@ -229,6 +240,29 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         Path,
         "enable portable state tokens, signed with the first key in this file (one per line; "
         "all of them verify); replicas that resume each other's tokens share it",
+    ),
+    "word_search_width": (
+        int,
+        "hypotheses the next-word search of character and BPE models keeps per round",
+    ),
+    "word_search_depth": (int, "the most pieces (characters, subwords) a searched word has"),
+    "word_search_ms": (
+        float,
+        "a next-word search stops after the round that passes this many milliseconds",
+    ),
+    "blocklist": (
+        Path,
+        "words never suggested by any model (one a line, UTF-8; '#' starts a comment), on top "
+        "of each bundle's own blocklist",
+    ),
+    "user_word_boost": (
+        float,
+        "a user word (PredictNext/TypingEvent user_words) that matches is suggested with its "
+        "probability multiplied by this",
+    ),
+    "user_word_floor": (
+        float,
+        "... after raising that probability to at least this (a word the model did not find)",
     ),
 }
 

@@ -19,7 +19,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -261,6 +261,55 @@ class Engine:
         if len(feed) <= INLINE_TOKENS and self._idle_now():
             return self._run_inline(make(_ignore))  # type: ignore[return-value]
         return await self._call(make)
+
+    async def next_token_logprobs_many(
+        self, contexts: Sequence[Sequence[int]], continuous_cache: bool = False
+    ) -> list[np.ndarray]:
+        """`next_token_logprobs` of each context, run together: in one step of the engine's
+        batch (on the event loop when the engine is idle), for a caller that has many contexts
+        at once, such as the word search's hypotheses (server/words.py)."""
+        if continuous_cache:
+            return list(
+                await asyncio.gather(*(self.next_token_logprobs(c, True) for c in contexts))
+            )
+        results: list[np.ndarray | None] = [None] * len(contexts)
+        starts: list[tuple[int, np.ndarray, _Start]] = []
+        for i, context in enumerate(contexts):
+            ids = self._tokens(context, "context_ids")
+            start = self._start(ids)
+            if start.length == len(ids):
+                results[i] = start.logprobs
+            else:
+                starts.append((i, ids, start))
+        # As for one context: inline only while idle, and only short feeds.
+        inline = self._idle_now() and all(
+            len(ids) - s.length <= INLINE_TOKENS for _, ids, s in starts
+        )
+        requests: list[tuple[int, Request]] = []
+        futures: list[asyncio.Future[Any]] = []
+        loop = asyncio.get_running_loop()
+        for i, ids, start in starts:
+            future: asyncio.Future[Any] = loop.create_future()
+            deliver = _ignore if inline else functools.partial(settle, future)
+            feed = ids[start.length :]
+            requests.append((i, NextRequest(ids, feed, start.state, start.key, deliver)))
+            futures.append(future)
+        if inline and requests:
+            assert self._scheduler is not None
+            payloads = self._scheduler.run_inline_many([r for _, r in requests])
+            for (i, _), payload in zip(requests, payloads, strict=True):
+                results[i] = cast(np.ndarray, payload)
+        elif requests:
+            try:
+                for _, request in requests:
+                    self._submit(request)
+                for (i, _), value in zip(requests, await asyncio.gather(*futures), strict=True):
+                    results[i] = value
+            except BaseException:
+                for _, request in requests:
+                    request.cancelled = True
+                raise
+        return cast(list[np.ndarray], results)  # every context's is set above
 
     async def _next_with_cache(self, ids: np.ndarray) -> np.ndarray:
         params = self.cache_params()

@@ -198,19 +198,25 @@ class Scheduler:
 
     def run_inline(self, request: Request) -> object:
         """Run a request to its answer here, through `step` (the engine must be idle)."""
+        return self.run_inline_many([request])[0]
+
+    def run_inline_many(self, requests: Sequence[Request]) -> list[object]:
+        """Run requests to their answers here, in one batch (the engine must be idle)."""
         if self.metrics is not None:
-            self.metrics.observe_queue_wait(0.0)
-        batch = Batch.of([request], self.step_config.vocab_size)
-        replies: list[Reply] = []
-        while not request.done:
+            for _ in requests:
+                self.metrics.observe_queue_wait(0.0)
+        batch = Batch.of(list(requests), self.step_config.vocab_size)
+        answers: dict[int, object] = {}
+        while not all(r.done for r in requests):
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
             self._store(result.prefixes)
-            replies += result.replies
+            answers.update((id(r), payload) for r, payload in result.replies)
             batch = result.batch
-        payload = replies[-1][1]
-        if isinstance(payload, Failure):
-            raise failure_error(payload)
-        return payload
+        payloads = [answers[id(r)] for r in requests]
+        for payload in payloads:
+            if isinstance(payload, Failure):
+                raise failure_error(payload)
+        return payloads
 
     def _store(self, prefixes: Sequence[Prefix]) -> None:
         """The one place the state cache is written: the prefix states steps reached."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -47,6 +48,16 @@ from server.limits import (
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.state_token import SessionContext, StateTokenError, StateTokens
+from server.typing import Memory, Predicted, predict_tokens, predict_words, searched
+from server.words import (
+    FOLD_DEFAULT,
+    Filters,
+    Matcher,
+    WordSettings,
+    fold,
+    read_word_list,
+    search_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,9 @@ Code = grpc.StatusCode
 
 DEFAULT_MAX_TOKENS = 64
 DEFAULT_TYPING_K = 5
-MAX_TOP_LOGPROBS = 20
+# The most words a request's (or a session's) blocked_words or user_words may hold, and the
+# longest such word.
+MAX_LIST_WORDS = 1024
 # Texts longer than this are tokenized off the event loop.
 _LONG_TEXT_CHARS = 20_000
 # What grpc.aio raises when a handler writes to a call that has already ended at the transport
@@ -93,6 +106,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self.repository: ModelRepository | None = None
         # None: state tokens are disabled (no --state-token-key-file).
         self.state_tokens: StateTokens | None = None
+        self.words = WordSettings()  # next-word search, blocklist and user words (server.app)
         self.accepting = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -342,33 +356,25 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             active.dec()
 
     def _sampling_params(self, request: pb.GenerateRequest, model: LoadedModel) -> SamplingParams:
-        temperature = request.temperature if request.HasField("temperature") else 1.0
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise invalid(f"temperature must be >= 0 (0 is greedy), not {temperature}")
-        if request.top_k < 0:
-            raise invalid(f"top_k must be >= 0 (0 is off), not {request.top_k}")
-        top_p = request.top_p if request.HasField("top_p") else 1.0
-        if not 0 < top_p <= 1:
-            raise invalid(f"top_p must be in (0, 1], not {top_p}")
-        if not 0 <= request.min_p < 1:
-            raise invalid(f"min_p must be in [0, 1), not {request.min_p}")
-        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
-        if not (math.isfinite(penalty) and penalty > 0):
-            raise invalid(f"repetition_penalty must be > 0 (1 is off), not {penalty}")
-        most = min(MAX_TOP_LOGPROBS, model.codec.vocab_size)
-        if not 0 <= request.top_logprobs <= most:
-            raise invalid(f"top_logprobs must be in [0, {most}], not {request.top_logprobs}")
+        """The request's sampling parameters; `SamplingParams` is the one place that checks them."""
         unk = model.codec.unk_id
-        return SamplingParams(
-            temperature=temperature,
-            top_k=request.top_k,
-            top_p=top_p,
-            min_p=request.min_p,
-            repetition_penalty=penalty,
-            seed=request.seed if request.HasField("seed") else None,
-            top_logprobs=request.top_logprobs,
-            banned_ids=frozenset() if unk is None else frozenset({unk}),
-        )
+        try:
+            params = SamplingParams(
+                temperature=request.temperature if request.HasField("temperature") else 1.0,
+                top_k=request.top_k,
+                top_p=request.top_p if request.HasField("top_p") else 1.0,
+                min_p=request.min_p,
+                repetition_penalty=(
+                    request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+                ),
+                seed=request.seed if request.HasField("seed") else None,
+                top_logprobs=request.top_logprobs,
+                banned_ids=frozenset() if unk is None else frozenset({unk}),
+            )
+            params.check_vocab(model.codec.vocab_size)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        return params
 
     def _max_tokens(self, request: pb.GenerateRequest) -> int:
         cap = self._limits.max_tokens
@@ -417,12 +423,18 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             _require_cache(model)
         if request.return_state_token:
             self._limits.state_token_reply(text)
+        blocked = _words(request.blocked_words, "blocked_words")
+        users = _words(request.user_words, "user_words")
         ids = await self._context_ids(model, text, "context")
-        logprobs = await model.engine.next_token_logprobs(ids, request.continuous_cache)
+        filters = self._filters(model, {fold(w) for w in blocked}, users)
+        cached = request.continuous_cache
+        predicted = await self._suggest(model, text, ids, request, filters, cached, Memory())
         response = pb.PredictNextResponse(
-            predictions=_predictions(model, logprobs, request.k, request.partial_word),
+            predictions=_suggested(predicted),
             model_version=model.version,
             context_tokens=len(ids),
+            words=predicted.words,
+            model_steps=predicted.steps,
         )
         if request.return_state_token:
             response.state_token = self._seal(model, text, ids)
@@ -433,6 +445,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     ) -> None:
         model: LoadedModel | None = None
         text = ""
+        memory = Memory()
         try:
             async for event in self._until_drain(events):
                 self._limits.text(event.text, "text")
@@ -464,11 +477,16 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                     _require_cache(model)
                 if event.return_state_token:
                     self._limits.state_token_reply(text)
+                _remember(memory, event)
                 ids = await self._context_ids(model, text, "the session's context")
-                logprobs = await model.engine.next_token_logprobs(ids, event.continuous_cache)
+                filters = self._filters(model, memory.blocked, memory.user_words)
+                cached = event.continuous_cache
+                predicted = await self._suggest(model, text, ids, event, filters, cached, memory)
                 reply = pb.Suggestions(
-                    predictions=_predictions(model, logprobs, k, event.partial_word),
+                    predictions=_suggested(predicted),
                     context_tokens=len(ids),
+                    words=predicted.words,
+                    model_steps=predicted.steps,
                 )
                 if event.return_state_token:
                     reply.state_token = self._seal(model, text, ids)
@@ -479,6 +497,44 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         finally:
             if model is not None:
                 self._metrics.active_streams.labels(model=model.name).dec()
+
+    def _filters(self, model: LoadedModel, blocked: set[str], users: list[str]) -> Filters:
+        """The server's, the bundle's and the caller's blocked words; the caller's user words."""
+        return Filters(
+            self.words.blocklist | _bundle_blocklist(model.bundle) | blocked, tuple(users)
+        )
+
+    async def _suggest(
+        self,
+        model: LoadedModel,
+        text: str,
+        ids: list[int],
+        request: pb.PredictNextRequest | pb.TypingEvent,
+        filters: Filters,
+        cached: bool,
+        memory: Memory,
+    ) -> Predicted:
+        """The suggestions after `text` (encoded as `ids`): tokens or searched words."""
+        codec = model.codec
+        tokens = not searched(codec) or getattr(request, "next_tokens", False)
+        folding = FOLD_DEFAULT[codec.kind] and not tokens
+        if request.HasField("fold_case"):
+            folding = request.fold_case
+        match = Matcher(request.partial_word, folding)
+        k = request.k or DEFAULT_TYPING_K
+        engine, settings = model.engine, self.words
+        if tokens:
+            return await predict_tokens(
+                engine, codec, ids, k, match, filters, settings, cached, memory
+            )
+        context, after_space = search_context(codec, text)
+        if context != text:
+            context_ids = self._within_prompt_limit(await self._encode(model, context), "context")
+        else:
+            context_ids = ids
+        return await predict_words(
+            engine, codec, context_ids, after_space, k, match, filters, settings, cached, memory
+        )
 
     async def _until_drain(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """`events`, until the server starts draining: a session waiting for its next event
@@ -736,39 +792,51 @@ def _check_k(k: int, model: LoadedModel, field: str) -> None:
         raise invalid(f"{field} must be in [1, {vocab}] (the vocabulary size), not {k}")
 
 
-def _predictions(
-    model: LoadedModel, logprobs: np.ndarray, k: int, partial_word: str
-) -> list[pb.Prediction]:
-    """The k most likely ordinary tokens; renormalised over those matching `partial_word`.
+def _words(values: Sequence[str], field: str) -> list[str]:
+    """A request's list of words, checked: bounded, one word each; empty entries dropped."""
+    if len(values) > MAX_LIST_WORDS:
+        raise invalid(f"{field} has {len(values)} words; at most {MAX_LIST_WORDS}")
+    for i, word in enumerate(values):
+        try:
+            check_partial_word(word)
+        except RpcError as e:
+            raise invalid(f"{field}[{i}]: {e.message.removeprefix('partial_word ')}") from e
+    return [w for w in values if w]
 
-    Only the k winners are sorted and exponentiated: this runs on every keystroke of a
-    typing client, over vocabularies of tens of thousands of tokens.
-    """
-    codec = model.codec
-    if partial_word:
-        ids = codec.ids_with_prefix(partial_word)
-        scores = logprobs[ids].astype(np.float64)
-        if scores.size:
-            top_score = scores.max()
-            scores -= top_score + np.log(np.exp(scores - top_score).sum())
-        top = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
-        candidates, values = ids[top].tolist(), scores[top].tolist()
-    else:
-        # The k + (number of special tokens) most likely hold the k most likely ordinary ones,
-        # so the row is neither copied nor masked.
-        vocab = logprobs.size
-        want = min(k + codec.special_id_array.size, vocab)
-        top = np.argpartition(logprobs, vocab - want)[vocab - want :]
-        candidates, values = top.tolist(), logprobs[top].tolist()
-    ranked = sorted(
-        (-value, i)
-        for i, value in zip(candidates, values, strict=True)
-        if i not in codec.special_ids and math.isfinite(value)
-    )
-    return [
-        pb.Prediction(token=codec.token_texts[i], token_id=i, probability=math.exp(-neg))
-        for neg, i in ranked[:k]
-    ]
+
+def _remember(memory: Memory, event: pb.TypingEvent) -> None:
+    """Add an event's blocked and user words to its session's lists (bounded)."""
+    blocked = _words(event.blocked_words, "blocked_words")
+    users = _words(event.user_words, "user_words")
+    memory.blocked |= {fold(w) for w in blocked}
+    memory.user_words.extend(w for w in users if w not in memory.user_words)
+    sizes = (("blocked_words", len(memory.blocked)), ("user_words", len(memory.user_words)))
+    for name, size in sizes:
+        if size > MAX_LIST_WORDS:
+            raise invalid(f"the session's {name} would hold {size} words; at most {MAX_LIST_WORDS}")
+
+
+def _bundle_blocklist(bundle: Bundle) -> frozenset[str]:
+    """The bundle's blocklist file, folded (once per distinct file)."""
+    return _word_list(bundle.blocklist)
+
+
+@functools.lru_cache(maxsize=64)
+def _word_list(text: str) -> frozenset[str]:
+    return read_word_list(text)
+
+
+def _suggested(predicted: Predicted) -> list[pb.Prediction]:
+    out = []
+    for s in predicted.suggestions:
+        token_id = s.ids[0] if len(s.ids) == 1 else -1
+        pieces = list(s.ids) if predicted.words else []
+        out.append(
+            pb.Prediction(
+                token=s.text, token_id=token_id, probability=s.probability, token_ids=pieces
+            )
+        )
+    return out
 
 
 def _perplexity(log_prob: float, num_tokens: int) -> float:

@@ -310,7 +310,7 @@ def test_predict_next_equals_pytorch_softmax(
     probs = np.exp(torch_logprobs(checkpoint, ids)[-1])
     special = set(checkpoint.special_tokens.values())
     k = 5
-    response = client.predict_next(context, k=k, model=name)
+    response = client.predict_next(context, k=k, model=name, next_tokens=True)
     assert response.context_tokens == len(ids)
     got = [(p.token_id, p.probability) for p in response.predictions]
     assert len(got) == k

@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             files = [targs.get(k) for k in ("train", "valid", "test")]
             if not all(files):
                 raise CorpusError(f"{args.checkpoint} records no corpus: give --corpus FILE")
-            corpus_path = Path(files[0])
-            corpus = load_corpus(None, *(Path(f) for f in files))
+            train_path, valid_path, test_path = (Path(str(f)) for f in files)
+            corpus_path = train_path
+            corpus = load_corpus(None, train_path, valid_path, test_path)
     except (ckpt.CheckpointError, CorpusError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class PredictNextRequest(_message.Message):
-    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token", "continuous_cache")
+    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words", "next_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,10 @@ class PredictNextRequest(_message.Message):
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    FOLD_CASE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_WORDS_FIELD_NUMBER: _ClassVar[int]
+    USER_WORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     context: str
@@ -111,29 +115,39 @@ class PredictNextRequest(_message.Message):
     state_token: bytes
     return_state_token: bool
     continuous_cache: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ...) -> None: ...
+    fold_case: bool
+    blocked_words: _containers.RepeatedScalarFieldContainer[str]
+    user_words: _containers.RepeatedScalarFieldContainer[str]
+    next_tokens: bool
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ..., next_tokens: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("token", "token_id", "probability")
+    __slots__ = ("token", "token_id", "probability", "token_ids")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token: str
     token_id: int
     probability: float
-    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., probability: _Optional[float] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[int] = ..., probability: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PredictNextResponse(_message.Message):
-    __slots__ = ("predictions", "model_version", "context_tokens", "state_token")
+    __slots__ = ("predictions", "model_version", "context_tokens", "state_token", "words", "model_steps")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STEPS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model_version: str
     context_tokens: int
     state_token: bytes
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., context_tokens: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
+    words: bool
+    model_steps: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., context_tokens: _Optional[int] = ..., state_token: _Optional[bytes] = ..., words: _Optional[bool] = ..., model_steps: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "model_version", "texts", "return_token_logprobs", "continuous_cache")
@@ -200,7 +214,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TypingEvent(_message.Message):
-    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token", "continuous_cache")
+    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +224,9 @@ class TypingEvent(_message.Message):
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CONTINUOUS_CACHE_FIELD_NUMBER: _ClassVar[int]
+    FOLD_CASE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_WORDS_FIELD_NUMBER: _ClassVar[int]
+    USER_WORDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     text: str
@@ -219,17 +236,24 @@ class TypingEvent(_message.Message):
     state_token: bytes
     return_state_token: bool
     continuous_cache: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ...) -> None: ...
+    fold_case: bool
+    blocked_words: _containers.RepeatedScalarFieldContainer[str]
+    user_words: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Suggestions(_message.Message):
-    __slots__ = ("predictions", "context_tokens", "state_token")
+    __slots__ = ("predictions", "context_tokens", "state_token", "words", "model_steps")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STEPS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     context_tokens: int
     state_token: bytes
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., context_tokens: _Optional[int] = ..., state_token: _Optional[bytes] = ...) -> None: ...
+    words: bool
+    model_steps: int
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., context_tokens: _Optional[int] = ..., state_token: _Optional[bytes] = ..., words: _Optional[bool] = ..., model_steps: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

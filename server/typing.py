@@ -1,0 +1,156 @@
+"""The suggestions of PredictNext and TypingSession, for every tokenizer kind.
+
+Word models' suggestions are their next tokens; character and BPE models' are whole words
+found by the word search (server/words.py). A typing session keeps what its last keystroke
+computed (`Memory`): a keystroke that only adds letters to the partial word, in the same
+context, filters the words found before instead of running the model again, and searches
+again only when fewer than k of them still match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.config import ConfigError, ServerConfig
+from server.engine import Engine
+from server.text import TextCodec
+from server.words import (
+    SEARCHED_KINDS,
+    Filters,
+    Matcher,
+    PieceTable,
+    Suggestion,
+    Word,
+    WordSettings,
+    choose,
+    piece_table,
+    read_word_list,
+    search,
+    vocab_words,
+)
+
+
+def word_settings(config: ServerConfig) -> WordSettings:
+    """The server's word-prediction settings, with its --blocklist file read."""
+    blocklist: frozenset[str] = frozenset()
+    if config.blocklist is not None:
+        try:
+            blocklist = read_word_list(config.blocklist.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--blocklist {config.blocklist}: cannot be read ({e})") from e
+    return WordSettings(
+        width=config.word_search_width,
+        depth=config.word_search_depth,
+        budget_ms=config.word_search_ms,
+        user_word_boost=config.user_word_boost,
+        user_word_floor=config.user_word_floor,
+        blocklist=blocklist,
+    )
+
+
+@dataclass
+class Memory:
+    """What a typing session keeps between its events."""
+
+    context: tuple[int, ...] | None = None  # the ids last predicted after (searched models:
+    cached: bool = False  # the search's context), and with or without the continuous cache
+    logprobs: np.ndarray | None = None  # word models: the next-token log-probs there
+    match: Matcher | None = None  # searched models: what the last search matched
+    words: list[Word] = field(default_factory=list)  # ... and the words it found
+    blocked: set[str] = field(default_factory=set)  # folded words the session blocked
+    user_words: list[str] = field(default_factory=list)  # the session's user words
+
+    def same_context(self, context: Sequence[int], cached: bool) -> bool:
+        return self.context == tuple(context) and self.cached == cached
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """One reply's suggestions; whether they were searched words; the model steps they cost."""
+
+    suggestions: list[Suggestion]
+    words: bool
+    steps: int
+
+
+class _Counted:
+    """The engine's next-token calls (of many contexts at once), counting the contexts."""
+
+    def __init__(self, engine: Engine, cached: bool) -> None:
+        self._engine = engine
+        self._cached = cached
+        self.steps = 0
+
+    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+        self.steps += len(contexts)
+        return await self._engine.next_token_logprobs_many(contexts, self._cached)
+
+
+async def predict_tokens(
+    engine: Engine,
+    codec: TextCodec,
+    context: Sequence[int],
+    k: int,
+    match: Matcher,
+    filters: Filters,
+    settings: WordSettings,
+    cached: bool,
+    memory: Memory,
+) -> Predicted:
+    """A word model's suggestions: its next tokens (one model step unless `memory` has it)."""
+    counted = _Counted(engine, cached)
+    if memory.logprobs is None or not memory.same_context(context, cached):
+        (memory.logprobs,) = await counted([list(context)])
+        memory.context, memory.cached = tuple(context), cached
+    # Twice k: words that differ only in case are one suggestion when matching ignores case.
+    words, total = vocab_words(codec, memory.logprobs, match, filters, 2 * k)
+    return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
+
+
+async def predict_words(
+    engine: Engine,
+    codec: TextCodec,
+    context: Sequence[int],
+    after_space: bool,
+    k: int,
+    match: Matcher,
+    filters: Filters,
+    settings: WordSettings,
+    cached: bool,
+    memory: Memory,
+) -> Predicted:
+    """A character or BPE model's suggestions: searched words, filtered from `memory`'s when
+    the keystroke only extends the partial word and enough of them still match."""
+    earlier = memory.match
+    if (
+        earlier is not None
+        and memory.same_context(context, cached)
+        and match.extends(earlier)
+        and _enough(memory.words, k, match, filters)
+    ):
+        return Predicted(choose(memory.words, k, match, filters, settings), True, 0)
+    counted = _Counted(engine, cached)
+    table: PieceTable = piece_table(codec, match.folding)
+    want = max(k, settings.keep)
+    result = await search(counted, context, table, after_space, match, filters, settings, want)
+    memory.context, memory.cached = tuple(context), cached
+    memory.match, memory.words = match, result.words
+    return Predicted(choose(result.words, k, match, filters, settings), True, result.steps)
+
+
+def _enough(words: list[Word], k: int, match: Matcher, filters: Filters) -> bool:
+    count = 0
+    for w in words:
+        if match.matches(w.text) and filters.allows(w.text):
+            count += 1
+            if count >= k:
+                return True
+    return False
+
+
+def searched(codec: TextCodec) -> bool:
+    """Whether `codec`'s model suggests searched words (character and BPE models)."""
+    return codec.kind in SEARCHED_KINDS

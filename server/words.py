@@ -1,0 +1,478 @@
+"""Next words for every tokenizer kind: matching, the blocklist, user words and the word search.
+
+Word models predict words directly (one token each). Character and BPE models predict pieces of
+words, so `search` extends the context with a batched beam search over pieces until each
+candidate reaches a word boundary: a word's log-probability is the sum of its pieces'
+log-probabilities plus the log of the probability that the word ends there (the total
+probability of the boundary tokens after it). Each round asks the engine for the next-token
+log-probs of every live hypothesis at once, so the engine runs them in one batch.
+
+A word is made of word characters: letters, digits and apostrophes. Everything else (spaces,
+punctuation, end of line) is a boundary. For BPE, a piece that starts with a space and then has
+word characters only begins a word; a piece of word characters only continues one.
+
+`partial_word` is matched exactly or ignoring case and accents (`fold`); a suggestion keeps the
+letters the user typed ("Lo" -> "Lord"). Blocked words are compared folded, and removed before
+top-k. User words that match are boosted (see `WordSettings`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.text import TextCodec
+
+# How `partial_word` is matched when the request does not say: word models keep their exact
+# (case-sensitive) matching; character and BPE models ignore case and accents.
+FOLD_DEFAULT = {"word": False, "char": True, "bpe": True}
+# Tokenizer kinds whose predictions come from the word search.
+SEARCHED_KINDS = frozenset({"char", "bpe"})
+_WORD_PUNCT = "'\u2019"
+# Highest code point: `prefix + _MAX_CHAR` sorts after every string that starts with `prefix`.
+_MAX_CHAR = "\U0010ffff"
+
+
+@dataclass(frozen=True)
+class WordSettings:
+    """The server's word-prediction settings (flags of `rnnlm serve`)."""
+
+    width: int = 8  # hypotheses kept per round of the search (--word-search-width)
+    depth: int = 16  # the most pieces a searched word has (--word-search-depth)
+    budget_ms: float = 50.0  # a search stops after its round that passes this (--word-search-ms)
+    # The fewest complete words (at least k) a search finds before it may stop. More leave more
+    # to filter on later keystrokes but cost more steps: on the shipped character model, 12
+    # instead of 3 asked for 47 % more contexts per keystroke and spared hardly any searches.
+    keep: int = 3
+    user_word_boost: float = 10.0  # a matching user word's probability is multiplied by this
+    user_word_floor: float = 0.05  # ... after raising it to at least this (--user-word-floor)
+    blocklist: frozenset[str] = frozenset()  # folded words never suggested (--blocklist)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"word search {name} must be >= 1, not {getattr(self, name)}")
+        if not self.budget_ms > 0:
+            raise ValueError(f"word search budget must be > 0 ms, not {self.budget_ms}")
+        if not (self.user_word_boost >= 1 and math.isfinite(self.user_word_boost)):
+            raise ValueError(f"user word boost must be >= 1, not {self.user_word_boost}")
+        if not 0 < self.user_word_floor <= 1:
+            raise ValueError(f"user word floor must be in (0, 1], not {self.user_word_floor}")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def fold(text: str) -> str:
+    """`text` without case and accents: "Été" -> "ete" (cached: the same words recur)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def is_word(text: str) -> bool:
+    """Whether `text` is made of word characters only (and is not empty)."""
+    return bool(text) and all(c.isalnum() or c in _WORD_PUNCT for c in text)
+
+
+def read_word_list(text: str) -> frozenset[str]:
+    """The folded words of a word list: one a line; blank lines and lines from '#' ignored."""
+    words = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return frozenset(fold(w) for w in words if w)
+
+
+@dataclass(frozen=True)
+class Word:
+    """A candidate next word as the model spells it, with its pieces' token ids."""
+
+    text: str
+    logprob: float
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A word as suggested: the text shown, its probability and its pieces."""
+
+    text: str
+    probability: float
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """Matching of words against the letters typed so far."""
+
+    partial: str
+    folding: bool
+
+    @functools.cached_property
+    def key(self) -> str:
+        return self.norm(self.partial)
+
+    def norm(self, text: str) -> str:
+        return fold(text) if self.folding else text
+
+    def matches(self, word: str) -> bool:
+        """Whether `word` (leading whitespace aside: a BPE token's) starts as typed."""
+        return self.norm(word.lstrip()).startswith(self.key)
+
+    def extends(self, earlier: Matcher) -> bool:
+        """Whether every word this matches, `earlier` matched too (a keystroke added letters)."""
+        return self.folding == earlier.folding and self.key.startswith(earlier.key)
+
+    def shown(self, word: str) -> str:
+        """`word` with the letters the user typed, in the case they were typed."""
+        n = len(self.partial)
+        if not n or self.norm(word[:n]) != self.key:
+            return word
+        rest = word[n:]
+        if n > 1 and self.partial.isupper():
+            rest = rest.upper()
+        return self.partial + rest
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a reply leaves out (blocked, folded) and favours (user words, as typed)."""
+
+    blocked: frozenset[str] = frozenset()
+    user_words: tuple[str, ...] = ()
+
+    def allows(self, word: str) -> bool:
+        return fold(word.strip()) not in self.blocked
+
+
+# ---- the vocabulary's pieces -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """Pieces of one kind (word starts or continuations), indexed by their normalised text."""
+
+    ids: np.ndarray
+    texts: list[str]  # each id's text as it adds to a word (a BPE word start's space dropped)
+    sorted_keys: list[str] = field(repr=False)
+    sorted_ids: np.ndarray = field(repr=False)
+
+    @staticmethod
+    def of(items: list[tuple[int, str]], norm: Callable[[str], str]) -> _Pieces:
+        keyed = sorted((norm(text), i) for i, text in items)
+        return _Pieces(
+            np.array([i for i, _ in items], dtype=np.int64),
+            [text for _, text in items],
+            [k for k, _ in keyed],
+            np.array([i for _, i in keyed], dtype=np.int64),
+        )
+
+    def compatible(self, rest: str) -> np.ndarray:
+        """Ids whose normalised text starts with `rest` or is a proper beginning of it."""
+        lo = bisect.bisect_left(self.sorted_keys, rest)
+        hi = bisect.bisect_left(self.sorted_keys, rest + _MAX_CHAR)
+        found = [self.sorted_ids[lo:hi]]
+        for n in range(1, len(rest)):
+            at = bisect.bisect_left(self.sorted_keys, rest[:n])
+            while at < len(self.sorted_keys) and self.sorted_keys[at] == rest[:n]:
+                found.append(self.sorted_ids[at : at + 1])
+                at += 1
+        return np.concatenate(found)
+
+
+@dataclass(frozen=True)
+class PieceTable:
+    """A char or BPE vocabulary split into word starts, continuations and boundaries."""
+
+    starts: _Pieces  # pieces that begin a word after a space (BPE: " the"); char: letters
+    inner: _Pieces  # pieces that continue a word (or begin one with no space before it)
+    boundary: np.ndarray  # ids that end a word: spaces, punctuation, eos
+    text: dict[int, str]  # each start or inner id's text as it adds to a word
+
+
+@functools.lru_cache(maxsize=32)
+def piece_table(codec: TextCodec, folding: bool) -> PieceTable:
+    """`codec`'s pieces, normalised for matching with or without folding (cached)."""
+    norm = fold if folding else _same
+    starts: list[tuple[int, str]] = []
+    inner: list[tuple[int, str]] = []
+    boundary: list[int] = []
+    for i, text in enumerate(codec.token_texts):
+        if i in codec.special_ids and i != codec.eos_id:
+            continue
+        if is_word(text):
+            inner.append((i, text))
+        elif codec.kind == "bpe" and text[:1] == " " and is_word(text[1:]):
+            starts.append((i, text[1:]))
+        else:
+            boundary.append(i)
+    if codec.kind != "bpe":
+        starts = inner
+    return PieceTable(
+        _Pieces.of(starts, norm),
+        _Pieces.of(inner, norm),
+        np.array(boundary, dtype=np.int64),
+        dict(starts) | dict(inner),
+    )
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def search_context(codec: TextCodec, text: str) -> tuple[str, bool]:
+    """The context a search extends, and whether its first piece must begin a word after a
+    space: a BPE model spells a word's space with the word (" the"), so one trailing space
+    moves from the context into the search."""
+    if codec.kind == "bpe" and text.endswith(" "):
+        return text[:-1], True
+    return text, False
+
+
+# ---- the search --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Hypothesis:
+    logprob: float
+    ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The complete words a search found (each at most once), and the model steps it cost."""
+
+    words: list[Word]
+    steps: int
+
+
+# The next-token log-probs after each of many contexts (one batch of the engine).
+NextLogprobs = Callable[[list[list[int]]], Awaitable[list[np.ndarray]]]
+
+
+async def search(
+    next_logprobs: NextLogprobs,
+    context: Sequence[int],
+    table: PieceTable,
+    after_space: bool,
+    match: Matcher,
+    filters: Filters,
+    settings: WordSettings,
+    want: int,
+) -> SearchResult:
+    """The likeliest complete words after `context` that match and are not blocked (see the
+    module doc).
+
+    Stops when no hypothesis is left, after `settings.depth` rounds, after the round that
+    passes `settings.budget_ms`, or when `want` words were found that are all likelier than
+    every live hypothesis (extending a hypothesis only makes it less likely).
+    """
+    deadline = time.perf_counter() + settings.budget_ms / 1000
+    live = [_Hypothesis(0.0, (), "")]
+    found: dict[str, Word] = {}
+    steps = 0
+    for _ in range(settings.depth + 1):
+        rows = await next_logprobs([[*context, *h.ids] for h in live])
+        steps += len(live)
+        grown: list[_Hypothesis] = []
+        for h, logprobs in zip(live, rows, strict=True):
+            if h.text and match.matches(h.text) and filters.allows(h.text):
+                end = _logsumexp(logprobs[table.boundary])
+                _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
+            if len(h.ids) < settings.depth:
+                pieces = table.starts if after_space and not h.ids else table.inner
+                grown.extend(_grow(h, logprobs, pieces, table, match, settings.width))
+        live = sorted(grown, key=lambda h: -h.logprob)[: settings.width]
+        if len(found) >= want:
+            bar = sorted((w.logprob for w in found.values()), reverse=True)[want - 1]
+            live = [h for h in live if h.logprob > bar]
+        if not live or time.perf_counter() > deadline:
+            break
+    return SearchResult(list(found.values()), steps)
+
+
+def _grow(
+    h: _Hypothesis,
+    logprobs: np.ndarray,
+    pieces: _Pieces,
+    table: PieceTable,
+    match: Matcher,
+    width: int,
+) -> list[_Hypothesis]:
+    """The `width` likeliest one-piece extensions of `h` that can still match (its normalised
+    text is a beginning of the typed letters', or starts with them)."""
+    rest = match.key[len(match.norm(h.text)) :]
+    ids = pieces.compatible(rest) if rest else pieces.ids
+    if ids.size == 0:
+        return []
+    scores = logprobs[ids]
+    top = np.argpartition(-scores, width - 1)[:width] if width < ids.size else np.arange(ids.size)
+    out = []
+    for j in top.tolist():
+        i, score = int(ids[j]), float(scores[j])
+        if math.isfinite(score):
+            out.append(_Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i]))
+    return out
+
+
+def _add(found: dict[str, Word], word: Word, merge: bool) -> None:
+    """Add `word`; a word already there is kept, the likelier of the two (`merge`: one word
+    with both's probability, as for "Lord" and "lord" both shown "Lord")."""
+    old = found.get(word.text)
+    if old is None:
+        found[word.text] = word
+    elif merge:
+        best = old if old.logprob >= word.logprob else word
+        found[word.text] = Word(word.text, float(np.logaddexp(old.logprob, word.logprob)), best.ids)
+    elif word.logprob > old.logprob:
+        found[word.text] = word
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    if values.size == 0:
+        return -math.inf
+    top = float(values.max())
+    if not math.isfinite(top):
+        return top
+    return top + math.log(float(np.exp(values.astype(np.float64) - top).sum()))
+
+
+# ---- choosing the suggestions ------------------------------------------------------------------
+
+
+def choose(
+    words: Iterable[Word],
+    k: int,
+    match: Matcher,
+    filters: Filters,
+    settings: WordSettings,
+    total: float | None = None,
+) -> list[Suggestion]:
+    """The k likeliest of `words` that match and are not blocked, shown as typed.
+
+    With `total` (a word model: the log of the mass of all its matching tokens), probabilities
+    are the model's over that mass. Without (searched words), they are renormalised over the
+    k returned. Matching user words are boosted (see `WordSettings`) over the matching mass
+    first, and the k returned then renormalised. Words shown the same ("Lord" and "lord"
+    after "Lo") are one suggestion with both's probability.
+    """
+    merged: dict[str, Word] = {}
+    for w in words:
+        if match.matches(w.text) and filters.allows(w.text):
+            _add(merged, Word(match.shown(w.text), w.logprob, w.ids), merge=True)
+    logprobs = np.array([w.logprob for w in merged.values()], dtype=np.float64)
+    mass = _logsumexp(logprobs) if total is None else total
+    probs = {t: (math.exp(w.logprob - mass), w.ids) for t, w in merged.items()}
+    boosted = _boost(probs, match, filters, settings)
+    ranked = sorted(boosted.items(), key=lambda item: (-item[1][0], item[0]))[:k]
+    scale = 1.0
+    if total is None or boosted is not probs:
+        scale = 1.0 / (sum(p for _, (p, _) in ranked) or 1.0)
+    return [Suggestion(t, p * scale, ids) for t, (p, ids) in ranked if p > 0]
+
+
+def _boost(
+    probs: dict[str, tuple[float, tuple[int, ...]]],
+    match: Matcher,
+    filters: Filters,
+    settings: WordSettings,
+) -> dict[str, tuple[float, tuple[int, ...]]]:
+    """`probs` with the matching user words boosted (the same dict when none matches).
+
+    Once a letter is typed, a matching user word's probability is first raised to the floor
+    (so a word the model does not know is added); before that, only the user words the model
+    predicted are boosted, by their own probability, so they do not fill every word start."""
+    users = {
+        match.shown(u)
+        for u in filters.user_words
+        if match.matches(u) and filters.allows(u) and (match.partial or match.shown(u) in probs)
+    }
+    if not users:
+        return probs
+    floor = settings.user_word_floor if match.partial else 0.0
+    out = dict(probs)
+    for u in users:
+        p, ids = probs.get(u, (0.0, ()))
+        out[u] = (max(p, floor) * settings.user_word_boost, ids)
+    return out
+
+
+# ---- word models -------------------------------------------------------------------------------
+
+
+def vocab_words(
+    codec: TextCodec,
+    logprobs: np.ndarray,
+    match: Matcher,
+    filters: Filters,
+    extra: int,
+) -> tuple[list[Word], float]:
+    """A model's next tokens as candidates for `choose` (a word model's words; the pieces of
+    others with `next_tokens`): the `extra` likeliest that match and are not blocked, and the
+    log of the mass of all matching tokens (0: no letter typed, the model's own mass)."""
+    blocked = blocked_ids(codec, filters.blocked)
+    if match.partial:
+        ids = matching_ids(codec, match)
+        scores = logprobs[ids].astype(np.float64)
+        if blocked.size:
+            scores[np.isin(ids, blocked)] = -math.inf
+        total = _logsumexp(scores)
+    else:  # the likeliest hold enough ordinary, unblocked ones: the row is not copied
+        vocab = logprobs.size
+        want = min(extra + codec.special_id_array.size + blocked.size, vocab)
+        ids = np.argpartition(logprobs, vocab - want)[vocab - want :]
+        scores = logprobs[ids].astype(np.float64)
+        scores[np.isin(ids, codec.special_id_array) | np.isin(ids, blocked)] = -math.inf
+        total = 0.0
+    top = np.argpartition(-scores, extra - 1)[:extra] if extra < ids.size else np.arange(ids.size)
+    chosen = {int(ids[j]): float(scores[j]) for j in top.tolist()}
+    # The user words the model knows, with their own probability however unlikely.
+    index = _ids_by_folded_text(codec)
+    for word in filters.user_words:
+        for i in index.get(fold(word), ()):
+            if codec.token_texts[i].strip() == word and i not in codec.special_ids:
+                chosen.setdefault(i, -math.inf if i in blocked else float(logprobs[i]))
+    words = [
+        Word(codec.token_texts[i], score, (i,))
+        for i, score in chosen.items()
+        if math.isfinite(score)
+    ]
+    return words, total
+
+
+def matching_ids(codec: TextCodec, match: Matcher) -> np.ndarray:
+    """Ids of the ordinary tokens whose text (leading space aside) matches."""
+    if not match.folding:
+        return codec.ids_with_prefix(match.partial)
+    keys, ids = _folded_index(codec)
+    lo = bisect.bisect_left(keys, match.key)
+    hi = bisect.bisect_left(keys, match.key + _MAX_CHAR)
+    return ids[lo:hi]
+
+
+@functools.lru_cache(maxsize=32)
+def _folded_index(codec: TextCodec) -> tuple[list[str], np.ndarray]:
+    keyed = sorted(
+        (fold(text.lstrip()), i)
+        for i, text in enumerate(codec.token_texts)
+        if i not in codec.special_ids and text.strip()
+    )
+    return [k for k, _ in keyed], np.array([i for _, i in keyed], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=32)
+def _ids_by_folded_text(codec: TextCodec) -> dict[str, tuple[int, ...]]:
+    out: dict[str, list[int]] = {}
+    for i, text in enumerate(codec.token_texts):
+        out.setdefault(fold(text.strip()), []).append(i)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def blocked_ids(codec: TextCodec, blocked: frozenset[str]) -> np.ndarray:
+    """The ids of a word model's tokens that spell a blocked word."""
+    index = _ids_by_folded_text(codec)
+    ids = [i for word in blocked for i in index.get(word, ())]
+    return np.array(sorted(ids), dtype=np.int64)
