@@ -261,7 +261,12 @@ class HeldOut:
         """The context before line `start` (wrapping) and `count` lines from it, joined."""
         start %= len(self.lines)
         typed = [self.lines[(start + i) % len(self.lines)] for i in range(count)]
-        before = self.before + "".join(line + "\n" for line in self.lines[:start])
+        before, i = "", start
+        while i > 0 and len(before) <= CONTEXT_CHARS:  # enough held-out lines before it
+            i -= 1
+            before = self.lines[i] + "\n" + before
+        if len(before) <= CONTEXT_CHARS:
+            before = self.before[-CONTEXT_CHARS - 1 :] + before
         return _context(before), "\n".join(typed) + "\n"
 
 

@@ -11,7 +11,18 @@ from typing import Any
 
 import pytest
 
-from benchmarks.typing import LETTER, OPEN, SEPARATOR, TAP, Key, Tally, summary, typist
+from benchmarks.typing import (
+    CONTEXT_CHARS,
+    LETTER,
+    OPEN,
+    SEPARATOR,
+    TAP,
+    HeldOut,
+    Key,
+    Tally,
+    summary,
+    typist,
+)
 from rnnlm.cli import main
 from rnnlm.v1 import language_model_pb2 as pb
 from tests.conftest import tiny_text
@@ -171,3 +182,17 @@ def test_bad_typing_options_are_refused(
     err = capsys.readouterr().err
     assert message in err
     assert len(err) < 300
+
+
+def test_the_held_out_lines_and_their_contexts() -> None:
+    text = "".join(f"line {i} of the text\n" for i in range(100))
+    held = HeldOut.of(text, "test", "word", 3)
+    assert held.lines == [f"line {i} of the text" for i in range(95, 100)]
+    assert held.first_line == 96
+    context, typed = held.passage(1, 6)  # wraps around the held-out lines
+    assert typed == "".join(f"line {i} of the text\n" for i in (96, 97, 98, 99, 95, 96))
+    # The context is the text just before, from a line start, at most CONTEXT_CHARS long.
+    assert text[: text.index("line 96 ")].endswith(context)
+    assert context.startswith("line ") and len(context) <= CONTEXT_CHARS
+    assert held.ask == 3 + 5  # a word model also predicts punctuation
+    assert HeldOut.of(text, "test", "char", 3).ask == 3
