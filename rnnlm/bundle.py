@@ -496,11 +496,14 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
-def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST_FILE}") -> Path:
-    """Where file `name` of a bundle really is, once known to be a regular file inside it.
+def member_path(
+    directory: Path, name: str, missing: str = f"listed in {MANIFEST_FILE}", kind: str = "bundle"
+) -> Path:
+    """Where file `name` of a bundle (or other `kind` of directory: a model repository) really
+    is, once known to be a regular file inside it.
 
     Refused, with one line and before anything is opened: a name that is not a plain file name
-    (an absolute path, `..`, a subdirectory), a symbolic link that leads out of the bundle, a
+    (an absolute path, `..`, a subdirectory), a symbolic link that leads out of the directory, a
     missing file, and anything but a regular file (a FIFO, a device, a directory).
     """
     problem = file_name_problem(name)
@@ -511,7 +514,7 @@ def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST
     path = directory / name
     real = Path(os.path.realpath(path))
     if not real.is_relative_to(os.path.realpath(directory)):
-        raise BundleError(f"{path}: a symbolic link out of the bundle; bundle files must be in it")
+        raise BundleError(f"{path}: a symbolic link out of the {kind}; {kind} files must be in it")
     try:
         mode = real.stat().st_mode
     except FileNotFoundError:
@@ -519,13 +522,14 @@ def member_path(directory: Path, name: str, missing: str = f"listed in {MANIFEST
     except OSError as e:
         raise BundleError(f"{path}: cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+        raise BundleError(f"{path}: not a regular file; {kind} files must be regular files")
     return real
 
 
-def read_member(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of a regular file, read through one descriptor that follows no symbolic link:
-    exactly the size it had when opened, so a file that keeps growing is never read forever."""
+def read_member(path: Path, limit: int | None = None, kind: str = "bundle") -> bytes:
+    """The bytes of a regular file (of a bundle, or other `kind` of directory), read through one
+    descriptor that follows no symbolic link: exactly the size it had when opened, so a file
+    that keeps growing is never read forever, and never more than `limit` bytes."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
@@ -534,7 +538,7 @@ def read_member(path: Path, limit: int | None = None) -> bytes:
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"{path}: not a regular file; a bundle holds only regular files")
+            raise BundleError(f"{path}: not a regular file; {kind} files must be regular files")
         if limit is not None and info.st_size > limit:
             raise BundleError(f"{path}: {info.st_size} bytes, more than the {limit} allowed")
         data = f.read(info.st_size)

@@ -9,8 +9,11 @@ format.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,13 @@ class GraphBytes:
     into memory it owns, so a bundle edited, truncated or removed under a live server changes
     no answer (onnxruntime maps an external data file it loads from a path, and a truncated
     mapped file kills the process with SIGBUS). `release` drops the bytes once every session
-    is made.
+    is made, and hands the heap that loading used back to the system.
+
+    Each session keeps only what it derived from the weights (prepacked matrices, folded
+    constants), which no session can share; the raw copies it made while loading are freed.
+    Handing the sessions one shared copy instead (`SessionOptions.add_initializer`) was
+    measured to cost more, not less: the caller's copy must then outlive the sessions, and each
+    session still makes its own derived copies (docs/bundle.md, "Shared weights").
     """
 
     def __init__(self, files: dict[str, bytes], external: tuple[str, ...]) -> None:
@@ -95,8 +104,30 @@ class GraphBytes:
         return self._files[graph.name]
 
     def release(self) -> None:
-        """Drop the bytes (the sessions made from them keep their own copies)."""
+        """Drop the bytes (the sessions made from them keep their own copies), then return the
+        freed heap to the system: onnxruntime's transient copies of the weights would
+        otherwise stay resident in the C allocator's free lists."""
         self._files = None
+        trim_heap()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free memory back to the system (glibc `malloc_trim`): whether any was
+    given back (never, where the C library has no such call: musl, macOS)."""
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    call: Callable[[int], int] = trim
+    return call
 
 
 @dataclass(frozen=True)

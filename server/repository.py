@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from server.text import TextCodec
 log = logging.getLogger(__name__)
 
 REPOSITORY_FILE = "repository.json"  # optional, in the repository root: {"default_model": NAME}
+MAX_REPOSITORY_BYTES = 64 * 1024  # far more than {"default_model": NAME} needs
 
 
 class RepositoryError(Exception):
@@ -181,11 +183,19 @@ def resolve_default_model(root: Path, names: Iterable[str], configured: str = ""
 def read_repository_file(root: Path) -> str | None:
     """The default model that `root/repository.json` declares; None when there is no file."""
     path = root / REPOSITORY_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
+    try:  # read as bundle files are: confined to the root, a regular file, bounded in size
+        content = read_member(
+            member_path(root, REPOSITORY_FILE, "a link to nothing", kind="repository"),
+            MAX_REPOSITORY_BYTES,
+            kind="repository",
+        )
+    except BundleError as e:
+        raise RepositoryError(str(e)) from e
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
+        data = json.loads(content)
+    except ValueError as e:
         raise RepositoryError(f"{path}: cannot read it as JSON ({e})") from e
     if not isinstance(data, dict):
         raise RepositoryError(f'{path}: must be a JSON object like {{"default_model": "NAME"}}')

@@ -66,6 +66,9 @@ class Request:
     """
 
     samples: ClassVar[bool] = False  # READY rows are sampled (else their log-probs answer)
+    # Answers (or starts answering) with the next token after its feed: a caller waits on it
+    # (see `Pace.lane` in server/scheduler.py).
+    answers_next: ClassVar[bool] = True
 
     def __init__(self, feed: np.ndarray, state: State, deliver: Callable[[object], None]) -> None:
         self.feed = feed  # tokens to feed, starting from `state`
@@ -244,6 +247,8 @@ class ScoreRequest(Request):
     cache recalls by the features, so a bundle whose score graph has none runs it on the step
     graph (`graph`)."""
 
+    answers_next = False
+
     def __init__(
         self,
         feed: np.ndarray,
@@ -291,6 +296,8 @@ class ScoreRequest(Request):
 
 class EmbedRequest(Request):
     """A pooled encoding of the last layer's features. Answers float32 [hidden]."""
+
+    answers_next = False
 
     def __init__(
         self,

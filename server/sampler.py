@@ -163,6 +163,9 @@ class SampledRows:
 
     def generated(self) -> list[GeneratedToken]:
         """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
+        if not self.top_counts.any():  # no row asked for alternatives: the common case
+            pairs = zip(self.tokens.tolist(), self.logprobs.tolist(), strict=True)
+            return [GeneratedToken(t, lp, ()) for t, lp in pairs]
         ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
         return [
             GeneratedToken(t, lp, tuple(zip(ids[r][:k], lps[r][:k], strict=True)))

@@ -9,9 +9,11 @@ release the GIL, so one worker's run overlaps another's sampling and the event l
 serving while steps run.
 
 No request waits behind another. Next-token work (a prompt, a next-token call, a score or
-embed chunk) runs in the next step, always. Generations past their prompt advance together
-while the step stays under `max_step_ms` (and `max_batch_size`, the old slot pool's flag,
-when set); beyond that they take turns, those that advanced least first. Admission control
+embed chunk) runs in the next step, always; when the generations of that step would keep a
+next-token call or a new stream's first token waiting 2 ms or more, those run first, in a step
+of their own (`Pace.lane`). Generations past their prompt advance together while the step
+stays under `max_step_ms` (and `max_batch_size`, the old slot pool's flag, when set); beyond
+that they take turns, those that advanced least first. Admission control
 counts waiting work (requests not yet in a batch, generations sitting a step out, chunks held
 for a later step), not running rows.
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # Weight of the newest step in the running estimate of a generation's share of step time.
 PACE_WEIGHT = 0.2
+# Generations' estimated share of a step from which next-token work runs in a step of its
+# own, before theirs (see `Pace.lane`).
+LANE_S = 0.002
 
 
 class Pace:
@@ -78,6 +83,21 @@ class Pace:
             sample = seconds / rows
             old = self.row_s
             self.row_s = sample if old is None else old + PACE_WEIGHT * (sample - old)
+
+    def lane(self, batch: Batch, chunk: int) -> frozenset[int]:
+        """The rows to step on their own before the rest: next-token work that answers in one
+        step (a next-token call, a new stream's prompt and first token), when the
+        generations advancing this step would keep it waiting at least `LANE_S`. Then it
+        waits for no generation's run; the extra run costs well under that."""
+        requests, resting = batch.requests, batch.resting
+        decoding = sum(1 for row, r in enumerate(requests) if r.decoding and row not in resting)
+        if self.row_s is None or self.row_s * decoding < LANE_S:
+            return frozenset()
+        return frozenset(
+            row
+            for row, r in enumerate(requests)
+            if r.answers_next and not r.decoding and len(r.feed) - r.fed <= chunk
+        )
 
     def rest(self, batch: Batch) -> Batch:
         """`batch` with the generations beyond this step's limit resting, the ones that
@@ -220,6 +240,10 @@ class Scheduler:
                 batch = batch.concatenate([Batch.of(admitted, vocab)])
             batch = pace.rest(batch.live())
             self.sizes[index] = len(batch)
+            urgent = pace.lane(batch, self.step_config.chunk)
+            if urgent:  # next-token work first, in a run of its own
+                lane = batch.rest(frozenset(range(len(batch))) - urgent)
+                batch = pace.rest(self._deliver(self._step(lane, sampler)))
             if not len(batch):
                 continue
             start = pace.clock()
@@ -227,13 +251,17 @@ class Scheduler:
             pace.observe(pace.clock() - start, len(batch) - len(batch.resting))
             last_size, last_end = len(batch), time.perf_counter()
             self._waiting[index] = len(batch.resting) + result.held
-            # Cached before the results go out, so a caller's next request can hit them.
-            self._store(result.prefixes)
-            if result.replies:
-                self._post(result.replies)
-            batch = result.batch.live()
+            batch = self._deliver(result)
             self.sizes[index] = len(batch)
         self._shut_down(index, batch)
+
+    def _deliver(self, result: StepResult) -> Batch:
+        """Cache a step's prefix states, post its replies; the batch's live rows after it."""
+        # Cached before the results go out, so a caller's next request can hit them.
+        self._store(result.prefixes)
+        if result.replies:
+            self._post(result.replies)
+        return result.batch.live()
 
     def _step(self, batch: Batch, sampler: RowSampler) -> StepResult:
         try:

@@ -90,7 +90,6 @@ class StepResult:
     replies: list[Reply]  # payloads to deliver, in order
     prefixes: list[Prefix]  # for the state cache, before the replies go out
     held: int = 0  # rows whose chunk the step's token budget held back for a later step
-    decoded: int = 0  # generations advanced by one decode token
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +138,7 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
         if works[row] is None and r.logits is not None and row not in batch.resting
     ]  # logits known before the step (a generation from a cached prompt)
     finished = _finish(after, sorted(set(ready)), [ran.block for ran in outcomes], sampler, config)
-    return StepResult(after, replies + finished[0], finished[1], held, len(decoders))
+    return StepResult(after, replies + finished[0], finished[1], held)
 
 
 def _plan(batch: Batch, config: StepConfig) -> tuple[list[int], list[Work | None]]:

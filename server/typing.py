@@ -105,8 +105,8 @@ async def predict_tokens(
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
-    extra = k + len(filters.user_words)
-    words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
+    # Twice k: words that differ only in case are one suggestion when matching ignores case.
+    words, total = vocab_words(codec, memory.logprobs, match, filters, 2 * k)
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
 
 

@@ -24,7 +24,12 @@ from rnnlm.client import Client
 from server.app import SERVICE_NAME
 from server.bundle import BundleError, load_bundle
 from server.config import add_arguments, config_from_args
-from server.repository import RepositoryError
+from server.repository import (
+    MAX_REPOSITORY_BYTES,
+    REPOSITORY_FILE,
+    RepositoryError,
+    read_repository_file,
+)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -130,6 +135,56 @@ def test_a_listed_extra_file_is_checked_like_the_others(
     rehash(bundle, "README")
     assert json.loads((bundle / "manifest.json").read_text())["files"]["README"]
     load_bundle(bundle)
+
+
+# -- the repository's own file -----------------------------------------------------------------
+
+
+def place_repository_file(root: Path, kind: str) -> str:
+    """A `repository.json` of `kind` in `root`, and the refusal expected for it."""
+    path = root / REPOSITORY_FILE
+    if kind == "fifo":  # reading a FIFO with no writer would block start-up for ever
+        os.mkfifo(path)
+        return "repository.json: not a regular file; repository files must be regular files"
+    if kind == "device":
+        path.symlink_to("/dev/zero")  # endless
+        return "repository.json: a symbolic link out of the repository"
+    if kind == "directory":
+        path.mkdir()
+        return "repository.json: not a regular file"
+    if kind == "link out":
+        outside = root.parent / "elsewhere.json"
+        outside.write_text('{"default_model": "alpha"}')
+        path.symlink_to(outside)
+        return "repository.json: a symbolic link out of the repository"
+    if kind == "dangling":
+        path.symlink_to("nowhere.json")
+        return r"repository.json: missing \(a link to nothing\)"
+    assert kind == "huge"
+    with path.open("wb") as f:
+        f.truncate(2**40)  # sparse: a terabyte to read whole
+    return f"repository.json: {2**40} bytes, more than the {MAX_REPOSITORY_BYTES} allowed"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "link out", "dangling", "huge"])
+def test_a_repository_file_is_read_like_a_bundle_file(tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    expected = place_repository_file(root, kind)
+    with pytest.raises(RepositoryError, match=expected) as error:
+        read_repository_file(root)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_a_repository_file_linked_inside_the_repository_is_read(tmp_path: Path) -> None:
+    """As a Kubernetes ConfigMap mounts it: a link to a file in a folder beside it."""
+    (tmp_path / "..data").mkdir()
+    (tmp_path / "..data" / REPOSITORY_FILE).write_text('{"default_model": "alpha"}')
+    (tmp_path / REPOSITORY_FILE).symlink_to(Path("..data") / REPOSITORY_FILE)
+    assert read_repository_file(tmp_path) == "alpha"
+    (tmp_path / "empty").mkdir()
+    assert read_repository_file(tmp_path / "empty") is None
 
 
 # -- a live server and its bundles' files ------------------------------------------------------

@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine import Direct, close, collect, run_engine, runs, wait_until
+from test_engine import (
+    Direct,
+    assert_same,
+    close,
+    collect,
+    mixed_workload,
+    run_engine,
+    runs,
+    wait_until,
+)
 
+from server import scheduler
 from server.bundle import Bundle, load_bundle
 from server.engine import Engine, SamplingParams
 from server.metrics import Metrics
@@ -124,3 +134,37 @@ def test_the_sampler_graph_and_numpy_draw_the_same_tokens(lstm: Bundle) -> None:
         close([lp for _, lp, _ in g], [lp for _, lp, _ in n])
         for (_, _, gt), (_, _, nt) in zip(g, n, strict=True):
             assert [i for i, _ in gt] == [i for i, _ in nt]
+
+
+def test_next_token_work_runs_before_the_generations_run(
+    lstm: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the lane's threshold at zero, next-token work beside running generations gets a
+    run of its own before theirs (one-row runs while eight streams decode), and every RPC
+    gives the numbers it gives alone."""
+    monkeypatch.setattr(scheduler, "LANE_S", 0.0)
+    calls = mixed_workload(lstm.vocab_size)
+    metrics = Metrics()
+    single_runs = "rnnlm_batch_size_bucket"
+
+    def one_row_runs() -> float:
+        labels = {"model": lstm.name, "le": "1.0"}
+        return metrics.registry.get_sample_value(single_runs, labels) or 0.0
+
+    async def body(engine: Engine) -> tuple[list[Any], float, float]:
+        streams = [engine.generate([1, i], 10**6, SamplingParams(seed=i)) for i in range(8)]
+        for stream in streams:
+            await anext(stream)
+        before = one_row_runs()
+        logprobs = await engine.next_token_logprobs([3, 4, 5, 6])
+        after = one_row_runs()
+        together = list(await asyncio.gather(*(call(engine) for call in calls)))
+        for stream in streams:
+            await stream.aclose()
+        return [logprobs, *together], before, after
+
+    results, before, after = run_engine(lstm, body, metrics, prefill_chunk=8)
+    assert after > before  # the call ran alone while the eight decoded
+    alone = run_engine(lstm, lambda e: asyncio.gather(*(c(e) for c in calls)), prefill_chunk=8)
+    close(results[0], Direct(lstm).logprobs([3, 4, 5, 6])[-1])
+    assert_same(results[1:], list(alone))

@@ -184,6 +184,24 @@ def test_user_words_appear_when_they_fit(client: Client, model: str) -> None:
     assert boosted.predictions[ranks.index(last)].probability > plain.predictions[-1].probability
 
 
+def test_a_rare_user_word_of_a_word_model_is_suggested(client: Client) -> None:
+    every = client.predict_next(CONTEXT, k=_vocab(client, WORD), partial_word="f", model=WORD)
+    rare = every.predictions[-1]
+    assert len(every.predictions) > 2
+    reply = client.predict_next(CONTEXT, k=2, partial_word="f", model=WORD, user_words=[rare.token])
+    (mine,) = [p for p in reply.predictions if p.token == rare.token]
+    assert mine.token_id == rare.token_id and mine.probability > rare.probability
+    # With no letter typed, a user word is boosted by its own probability only.
+    start = client.predict_next(CONTEXT, k=_vocab(client, WORD), model=WORD)
+    (plain,) = [p for p in start.predictions if p.token == rare.token]
+    boosted = client.predict_next(
+        CONTEXT, k=_vocab(client, WORD), model=WORD, user_words=[rare.token]
+    )
+    (mine,) = [p for p in boosted.predictions if p.token == rare.token]
+    mass = sum(p.probability for p in start.predictions) + 9 * plain.probability
+    assert mine.probability == pytest.approx(10 * plain.probability / mass, rel=1e-4)
+
+
 class _Session:
     """A typing session driven one event at a time, each reply read before the next event."""
 
