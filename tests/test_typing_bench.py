@@ -196,3 +196,20 @@ def test_the_held_out_lines_and_their_contexts() -> None:
     assert context.startswith("line ") and len(context) <= CONTEXT_CHARS
     assert held.ask == 3 + 5  # a word model also predicts punctuation
     assert HeldOut.of(text, "test", "char", 3).ask == 3
+
+
+def test_a_long_text_opens_the_session_again_at_a_line_end() -> None:
+    text = "".join(f"the cat sees line {i}\n" for i in range(400))  # 8,690 characters
+    sent, tally = scripted(text, k=3)
+    opens = [i for i, key in enumerate(sent) if key.kind == OPEN]
+    assert len(opens) == 3  # at the start, then past 4,000 characters, twice
+    typed = ""
+    for i, key in enumerate(sent[1:], start=1):
+        if key.kind == OPEN:
+            # It opens on the text typed so far, from a line start, at most CONTEXT_CHARS.
+            assert typed.endswith(key.text) and key.text.startswith("the cat")
+            assert len(key.text) <= CONTEXT_CHARS and sent[i - 1].text.endswith("\n")
+        else:
+            typed += key.text
+    assert typed == text
+    assert tally.chars == len(text)
