@@ -154,6 +154,7 @@ class Engine:
             batching=config.batching,
             prefill_split=self.prefill_split,
             caching=self.cache.capacity > 0,
+            device_logits=self._device_logits(),
         )
         self._scheduler = Scheduler(
             sessions,
@@ -167,6 +168,14 @@ class Engine:
             f"{bundle.name}-{bundle.version}",
             cpu_bound=self.provider == CPU and config.intra_op_threads == 1,
         )
+
+    def _device_logits(self) -> bool:
+        """`EngineConfig.device_logits`, or by default: on CUDA with the sampler graph."""
+        config = self.config
+        if config.device_logits is not None:
+            return config.device_logits
+        graph = config.sampler == "graph" or config.sampler == "auto"
+        return self.provider == CUDA and graph
 
     async def _open_sessions(self) -> Sessions:
         providers = providers_for(self.config.provider)

@@ -40,6 +40,9 @@ class EngineConfig:
     # "numpy", or "auto" (the graph on CUDA, numpy on a CPU, where it costs less). Both give
     # the same tokens for the same seed.
     sampler: str = "auto"
+    # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
+    # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.
+    device_logits: bool | None = None
     # Tokens before a request's last from which they are fed on the prefill graph in a run of
     # their own (see server/runner.py, choose_prefill_split); None: measured at start.
     prefill_split: int | None = None

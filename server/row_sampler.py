@@ -14,7 +14,7 @@ seeded request gets the same tokens whatever shares its batch and whichever samp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import onnxruntime as ort
@@ -28,11 +28,23 @@ from server.sampling import Sampler
 SCRATCH_ROWS = 64
 
 
+# `[B, V]` logits on the host, or `[B, 1, V]` left on the device by `Runner.decode`.
+Logits: TypeAlias = np.ndarray | ort.OrtValue
+
+
+def host_logits(logits: Logits) -> np.ndarray:
+    """`[B, V]` logits on the host (copied from the device if they are there)."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    values = logits.numpy()
+    return values.reshape(values.shape[0], values.shape[-1])
+
+
 class RowSampler(Protocol):
     """Samples rows of logits; `requests[r]` owns `rows` row r."""
 
     def sample(
-        self, logits: np.ndarray, rows: SamplingRows, requests: Sequence[GenerateRequest]
+        self, logits: Logits, rows: SamplingRows, requests: Sequence[GenerateRequest]
     ) -> SampledRows: ...
 
 
@@ -43,7 +55,7 @@ class GraphRowSampler:
         self._sampler = BatchSampler(providers, options)
 
     def sample(
-        self, logits: np.ndarray, rows: SamplingRows, requests: Sequence[GenerateRequest]
+        self, logits: Logits, rows: SamplingRows, requests: Sequence[GenerateRequest]
     ) -> SampledRows:
         return self._sampler.sample(logits, rows)
 
@@ -55,8 +67,9 @@ class NumpyRowSampler:
         self._sampler = Sampler()
 
     def sample(
-        self, logits: np.ndarray, rows: SamplingRows, requests: Sequence[GenerateRequest]
+        self, logits: Logits, rows: SamplingRows, requests: Sequence[GenerateRequest]
     ) -> SampledRows:
+        logits = host_logits(logits)
         penalised = rows.repetition_penalty != 1.0
         history = [np.flatnonzero(rows.seen[r]) if penalised[r] else None for r in range(len(rows))]
         uniforms = stream_uniforms(rows.seed, rows.position)

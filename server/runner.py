@@ -52,6 +52,13 @@ class Runner(Protocol):
         """tokens [B, T] -> features [B, T, H], final states (no logits)."""
         ...
 
+    def decode(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """tokens [B, 1] -> logits [B, 1, V] left on the device, final states (used only
+        with `StepConfig.device_logits`)."""
+        ...
+
 
 class Sessions:
     """`Runner` over onnxruntime sessions; a bundle's missing graphs run on the step graph."""
@@ -68,6 +75,9 @@ class Sessions:
         self._score = score
         self._prefill = prefill
         self._state_inputs = [s.input for s in bundle.state]
+        self._state_outputs = [s.output for s in bundle.state]
+        # Where `decode` leaves the logits: the device the step session computes on.
+        self._device = "cuda" if step.get_providers()[0] == CUDA else "cpu"
         self.metrics = metrics
 
     def _feeds(self, tokens: np.ndarray, states: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -85,6 +95,25 @@ class Sessions:
         logits, features, *new = self._step.run(None, self._feeds(tokens, states))
         self._observe(len(tokens))
         return logits, features, new
+
+    def decode(
+        self, tokens: np.ndarray, states: Sequence[np.ndarray]
+    ) -> tuple[ort.OrtValue, list[np.ndarray]]:
+        """A one-token step whose logits `[B, 1, V]` stay on the session's device (I/O
+        binding: on CUDA only the new states come back to the host, the sampler graph takes
+        the logits where they are); the features are not fetched."""
+        binding = self._step.io_binding()
+        binding.bind_cpu_input("tokens", tokens)
+        for name, state in zip(self._state_inputs, states, strict=True):
+            binding.bind_cpu_input(name, np.ascontiguousarray(state))
+        binding.bind_output("logits", self._device)
+        binding.bind_output("features", self._device)
+        for name in self._state_outputs:
+            binding.bind_output(name, "cpu")
+        self._step.run_with_iobinding(binding)
+        logits, _, *new = binding.get_outputs()
+        self._observe(len(tokens))
+        return logits, [s.numpy() for s in new]
 
     def score(
         self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]

@@ -246,9 +246,14 @@ class Scheduler:
                 batch = pace.rest(self._deliver(self._step(lane, sampler)))
             if not len(batch):
                 continue
+            # Only steps of decoding rows alone measure what a generation adds to a step (a
+            # prompt chunk or a shape's first run would make rows look dearer for a while).
+            resting = batch.resting
+            decode_only = all(r.decoding for i, r in enumerate(batch.requests) if i not in resting)
             start = pace.clock()
             result = self._step(batch, sampler)
-            pace.observe(pace.clock() - start, len(batch) - len(batch.resting))
+            if decode_only:
+                pace.observe(pace.clock() - start, len(batch) - len(resting))
             last_size, last_end = len(batch), time.perf_counter()
             self._waiting[index] = len(batch.resting) + result.held
             batch = self._deliver(result)

@@ -70,7 +70,6 @@ DEFAULT_TYPING_K = 5
 # The most words a request's (or a session's) blocked_words or user_words may hold, and the
 # longest such word.
 MAX_LIST_WORDS = 1024
-MAX_TOP_LOGPROBS = 20
 # Texts longer than this are tokenized off the event loop.
 _LONG_TEXT_CHARS = 20_000
 # What grpc.aio raises when a handler writes to a call that has already ended at the transport
@@ -357,33 +356,25 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             active.dec()
 
     def _sampling_params(self, request: pb.GenerateRequest, model: LoadedModel) -> SamplingParams:
-        temperature = request.temperature if request.HasField("temperature") else 1.0
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise invalid(f"temperature must be >= 0 (0 is greedy), not {temperature}")
-        if request.top_k < 0:
-            raise invalid(f"top_k must be >= 0 (0 is off), not {request.top_k}")
-        top_p = request.top_p if request.HasField("top_p") else 1.0
-        if not 0 < top_p <= 1:
-            raise invalid(f"top_p must be in (0, 1], not {top_p}")
-        if not 0 <= request.min_p < 1:
-            raise invalid(f"min_p must be in [0, 1), not {request.min_p}")
-        penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
-        if not (math.isfinite(penalty) and penalty > 0):
-            raise invalid(f"repetition_penalty must be > 0 (1 is off), not {penalty}")
-        most = min(MAX_TOP_LOGPROBS, model.codec.vocab_size)
-        if not 0 <= request.top_logprobs <= most:
-            raise invalid(f"top_logprobs must be in [0, {most}], not {request.top_logprobs}")
+        """The request's sampling parameters; `SamplingParams` is the one place that checks them."""
         unk = model.codec.unk_id
-        return SamplingParams(
-            temperature=temperature,
-            top_k=request.top_k,
-            top_p=top_p,
-            min_p=request.min_p,
-            repetition_penalty=penalty,
-            seed=request.seed if request.HasField("seed") else None,
-            top_logprobs=request.top_logprobs,
-            banned_ids=frozenset() if unk is None else frozenset({unk}),
-        )
+        try:
+            params = SamplingParams(
+                temperature=request.temperature if request.HasField("temperature") else 1.0,
+                top_k=request.top_k,
+                top_p=request.top_p if request.HasField("top_p") else 1.0,
+                min_p=request.min_p,
+                repetition_penalty=(
+                    request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+                ),
+                seed=request.seed if request.HasField("seed") else None,
+                top_logprobs=request.top_logprobs,
+                banned_ids=frozenset() if unk is None else frozenset({unk}),
+            )
+            params.check_vocab(model.codec.vocab_size)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        return params
 
     def _max_tokens(self, request: pb.GenerateRequest) -> int:
         cap = self._limits.max_tokens

@@ -47,7 +47,7 @@ from server.requests import (
     State,
     Work,
 )
-from server.row_sampler import RowSampler
+from server.row_sampler import Logits, RowSampler, host_logits
 from server.runner import Runner
 from server.sampling import log_softmax
 
@@ -70,6 +70,9 @@ class StepConfig:
     prefill_split: int | None = None  # see `Request.work`
     run_elements: int = RUN_ELEMENTS
     caching: bool = True  # return the prefix states reached, for the state cache
+    # Runs of decoding rows only leave their logits on the device (`Runner.decode`), for the
+    # sampler graph to take where they are; on for CUDA with the sampler graph.
+    device_logits: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class _Ran:
 
     replies: list[Reply] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)  # rows whose next-token logits are ready
-    block: tuple[list[int], np.ndarray] | None = None  # decoding rows and their logits
+    block: tuple[list[int], Logits] | None = None  # decoding rows and their logits
 
 
 def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) -> StepResult:
@@ -123,11 +126,12 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
     early = [w if w is not None and w.graph != STEP else None for w in works]
     if any(w is not None for w in early):
         for run in _groups(early, [], config):
-            states, ran = _run(runner, states, batch.states, run, early, requests)
+            states, ran = _run(runner, states, batch.states, run, early, requests, False)
             outcomes.append(ran)
         works = _after_early(works, early, requests, config)
     for run in _groups(works, decoders, config):
-        states, ran = _run(runner, states, batch.states, run, works, requests)
+        device = config.device_logits and run.lead == len(run.rows)
+        states, ran = _run(runner, states, batch.states, run, works, requests, device)
         outcomes.append(ran)
     after = batch.stepped(states)
     replies = [reply for ran in outcomes for reply in ran.replies]
@@ -241,8 +245,10 @@ def _run(
     run: _Run,
     works: list[Work | None],
     requests: Sequence[Request],
+    device: bool,
 ) -> tuple[list[np.ndarray], _Ran]:
-    """One onnxruntime run of `run.rows`: the states after it, and what it gave the rows."""
+    """One onnxruntime run of `run.rows`: the states after it, and what it gave the rows.
+    With `device` (decoding rows only), the logits stay on the device, as an `OrtValue`."""
     rows, lead = run.rows, run.lead
     tokens, targets = _inputs(run, works, requests)
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
@@ -251,8 +257,11 @@ def _run(
     inputs = states if full else [s[:, idx, :] for s in states]
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
+    features: np.ndarray | None = None
     try:
-        if targets is not None:
+        if device:
+            on_device, new = runner.decode(tokens, inputs)
+        elif targets is not None:
             logprobs, features, new = runner.score(tokens, targets, inputs)
         elif run.graph == PREFILL:
             features, new = runner.prefill(tokens, inputs)
@@ -265,6 +274,9 @@ def _run(
         return states, _Ran(replies=[(requests[row], failure) for row in rows])
     states = list(new) if full else _scatter(states, original, idx, new)
     ran = _Ran()
+    if device:
+        ran.block = (rows, on_device)
+        return states, ran
     if lead:
         assert logits is not None
         ran.block = (rows[:lead], logits[:lead, 0, :])
@@ -339,7 +351,7 @@ def _scatter(
 def _finish(
     batch: Batch,
     ready: list[int],
-    blocks: list[tuple[list[int], np.ndarray] | None],
+    blocks: list[tuple[list[int], Logits] | None],
     sampler: RowSampler,
     config: StepConfig,
 ) -> tuple[list[Reply], list[Prefix]]:
@@ -369,7 +381,10 @@ def _finish(
             requests[row].logits = None
     if parts:
         rows = [row for part, _ in parts for row in part]
-        logits = parts[0][1] if len(parts) == 1 else np.concatenate([lg for _, lg in parts])
+        if len(parts) == 1:
+            logits = parts[0][1]
+        else:
+            logits = np.concatenate([host_logits(lg) for _, lg in parts])
         sampled = _sample(batch, rows, logits, sampler, config)
         replies += sampled[0]
         prefixes += sampled[1]
@@ -377,7 +392,7 @@ def _finish(
 
 
 def _sample(
-    batch: Batch, rows: list[int], logits: np.ndarray, sampler: RowSampler, config: StepConfig
+    batch: Batch, rows: list[int], logits: Logits, sampler: RowSampler, config: StepConfig
 ) -> tuple[list[Reply], list[Prefix]]:
     """Sample each row's next token from its row of `logits` in one sampler call, and move
     the rows' random streams on."""
@@ -394,7 +409,9 @@ def _sample(
     prefixes: list[Prefix] = []
     for j, (r, token) in enumerate(zip(requests, samples.generated(), strict=True)):
         if r.generated == 0 and len(r.feed) and config.caching:
-            # The prompt's state, for a later request on the same prompt.
+            # The prompt's state, for a later request on the same prompt (first tokens come
+            # from host logits: only decoding rows leave theirs on the device).
+            assert isinstance(logits, np.ndarray)
             prompt_lp = logits[j] - samples.lse[j]
             prompt_lp.setflags(write=False)
             prefixes.append(Prefix(r.prompt, batch.row_state(rows[j]), prompt_lp, r.key))

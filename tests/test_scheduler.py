@@ -75,8 +75,8 @@ def test_generations_take_turns_beyond_the_step_time(lstm: Bundle) -> None:
     turns = run_engine(lstm, together, metrics, max_step_ms=1e-6)
     count, total = runs(metrics, lstm)
     assert run_engine(lstm, alone) == turns
-    # One generation a step past the first token: about one run per token of each stream.
-    assert count >= 5 * 11 and total < 2 * count
+    # One generation a step once a step of them alone was timed: about a run per token.
+    assert count >= 4 * 11 and total < 2 * count  # together they would take about 12 runs
 
 
 @pytest.mark.parametrize("crowd", [63, 129])
@@ -168,3 +168,20 @@ def test_next_token_work_runs_before_the_generations_run(
     alone = run_engine(lstm, lambda e: asyncio.gather(*(c(e) for c in calls)), prefill_chunk=8)
     close(results[0], Direct(lstm).logprobs([3, 4, 5, 6])[-1])
     assert_same(results[1:], list(alone))
+
+
+def test_logits_left_on_the_device_give_the_same_results(lstm: Bundle) -> None:
+    """Decode runs through I/O binding, their logits handed to the sampler graph as an
+    `OrtValue` (on the CPU here: on CUDA they stay on the GPU), give what host logits give."""
+    calls = mixed_workload(lstm.vocab_size)
+
+    async def together(engine: Engine) -> list[Any]:
+        return list(await asyncio.gather(*(call(engine) for call in calls)))
+
+    metrics = Metrics()
+    bound = run_engine(
+        lstm, together, metrics, prefill_chunk=8, sampler="graph", device_logits=True
+    )
+    plain = run_engine(lstm, together, prefill_chunk=8, sampler="graph", device_logits=False)
+    assert_same(bound, plain)
+    assert runs(metrics, lstm)[0] > 0
