@@ -46,6 +46,9 @@ class EngineConfig:
     # Tokens before a request's last from which they are fed on the prefill graph in a run of
     # their own (see server/runner.py, choose_prefill_split); None: measured at start.
     prefill_split: int | None = None
+    # Run the engine core (scheduler, steps, onnxruntime) in a process of its own, so gRPC's
+    # writes in the server process never hold the GIL the steps need (server/remote_engine.py).
+    process: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
