@@ -60,8 +60,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
 class Outbox:
     """Messages of one event-loop turn, written as one frame at the end of the turn.
 
-    `add` and `touch` are for the event loop's thread; `touch_threadsafe` for other threads
-    (a worker's metric events, which ride on the next frame).
+    For the event loop's thread only.
     """
 
     def __init__(self, writer: asyncio.StreamWriter, frame: Any) -> None:
@@ -79,11 +78,6 @@ class Outbox:
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
-
-    def touch_threadsafe(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         self._scheduled = False

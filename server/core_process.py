@@ -38,18 +38,15 @@ class _Recorder:
     """Stands in for an `EngineMetrics` (or one of its cache recorders): each call becomes an
     event that the next frame carries to the front end's real one."""
 
-    def __init__(
-        self, events: deque[tuple[str, str, tuple[Any, ...]]], path: str, wake: Any
-    ) -> None:
-        self._events, self._path, self._wake = events, path, wake
+    def __init__(self, events: deque[tuple[str, str, tuple[Any, ...]]], path: str) -> None:
+        self._events, self._path = events, path
 
     def __getattr__(self, method: str) -> Callable[..., None]:
         if method.startswith("_"):
             raise AttributeError(method)
 
         def record(*args: Any) -> None:
-            self._events.append((self._path, method, args))
-            self._wake()
+            self._events.append((self._path, method, args))  # sent with the next frame
 
         return record
 
@@ -78,8 +75,13 @@ class _Generation:
 class Core:
     """Runs the front end's messages on `engine`; replies go out through `outbox`."""
 
-    def __init__(self, engine: Engine, outbox: channel.Outbox) -> None:
-        self.engine, self.outbox = engine, outbox
+    def __init__(
+        self,
+        engine: Engine,
+        outbox: channel.Outbox,
+        events: deque[tuple[str, str, tuple[Any, ...]]],
+    ) -> None:
+        self.engine, self.outbox, self.events = engine, outbox, events
         self.calls: dict[int, asyncio.Task[Any]] = {}
         self.generations: dict[int, GenerateRequest] = {}
         self.reported = 0  # the engine's active count the last frame carried
@@ -129,12 +131,13 @@ class Core:
         self.outbox.add((rid, channel.ERROR, (type(error).__name__, str(error))))
 
     async def watch(self) -> None:
-        """While the engine has work, send a frame when its count of requests changed with
-        no reply to carry it (a cancelled request leaving): the front end's `active`."""
+        """Send a frame when no reply carried a change of the engine's count of requests (a
+        cancelled request leaving: the front end's `active`) or the workers' metric events
+        (which do not wake the event loop each: that cost a quarter of the core's samples)."""
         while True:
             busy = self.engine.active or self.reported
             await asyncio.sleep(WATCH_SECONDS if busy else 20 * WATCH_SECONDS)
-            if self.engine.active != self.reported:
+            if self.engine.active != self.reported or self.events:
                 self.outbox.touch()
 
     def close(self) -> None:
@@ -147,12 +150,6 @@ async def serve(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     path, name, version, config, with_metrics = await channel.read_frame(reader)
     events: deque[tuple[str, str, tuple[Any, ...]]] = deque()
-    outboxes: list[channel.Outbox] = []  # the one outbox, once the engine is ready
-
-    def wake() -> None:
-        if outboxes:
-            outboxes[0].touch_threadsafe()
-
     try:
         bundle = load_bundle(path)
         if (bundle.name, bundle.version) != (name, version):  # changed on disk since
@@ -163,7 +160,7 @@ async def serve(sock: socket.socket) -> None:
         engine = Engine(
             bundle,
             dataclasses.replace(config, process=False),
-            _metrics(events, wake) if with_metrics else None,
+            _metrics(events) if with_metrics else None,
         )
         await engine.start()
     except Exception as e:
@@ -178,9 +175,8 @@ async def serve(sock: socket.socket) -> None:
         core.reported = engine.active
         return (core.reported, items, sent)
 
-    outboxes.append(channel.Outbox(writer, frame))
-    core = Core(engine, outboxes[0])
-    outboxes[0].touch()  # the metric events of the start
+    core = Core(engine, channel.Outbox(writer, frame), events)
+    core.outbox.touch()  # the metric events of the start
     watch = asyncio.create_task(core.watch())
     try:
         while True:
@@ -195,11 +191,11 @@ async def serve(sock: socket.socket) -> None:
         writer.close()
 
 
-def _metrics(events: deque[tuple[str, str, tuple[Any, ...]]], wake: Any) -> EngineMetrics:
+def _metrics(events: deque[tuple[str, str, tuple[Any, ...]]]) -> EngineMetrics:
     """A stand-in for the front end's `EngineMetrics` whose calls become `events`."""
-    recorder = _Recorder(events, "", wake)
-    recorder.state_cache = _Recorder(events, "state_cache", wake)  # type: ignore[attr-defined]
-    recorder.recall_cache = _Recorder(events, "recall_cache", wake)  # type: ignore[attr-defined]
+    recorder = _Recorder(events, "")
+    recorder.state_cache = _Recorder(events, "state_cache")  # type: ignore[attr-defined]
+    recorder.recall_cache = _Recorder(events, "recall_cache")  # type: ignore[attr-defined]
     return cast(EngineMetrics, recorder)
 
 
