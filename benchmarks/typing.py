@@ -64,6 +64,8 @@ KEYS_PER_SECOND = 5.0
 P99_LIMIT_MS = 10.0
 SAVINGS_TARGET = 0.45
 TYPISTS_TARGET = 200
+# A session that has grown past this many characters opens again at the next line end.
+MAX_SESSION_CHARS = 4000
 # A deadline on the single typist's session: its line count bounds it, this only ends a hang.
 SESSION_DEADLINE_S = 600.0
 # Suggestions' field with the model steps an event cost (the server's, when it has one).
@@ -173,7 +175,10 @@ def typist(
 ) -> Generator[Key, list[str], None]:
     """The keys a typist presses to type `text` after `context`; sent each key's suggestions.
 
-    The first key opens the session (its suggestions are those at the start of `text`);
+    The first key opens the session (its suggestions are those at the start of `text`), and
+    at a line end after MAX_SESSION_CHARS a key opens it again on the text's last lines, as a
+    keyboard sends the text before the cursor (a context of a long text would pass the
+    server's token limit);
     `words` matches what the typist takes for a word. Suggestions are matched exactly: the
     models learned that verse lines start with a capital (capitalising them where a keyboard's
     shift key turns on by itself was measured: it saved fewer keys, 0.422 against 0.426 on
@@ -183,11 +188,16 @@ def typist(
     shown = strip((yield Key(context, "", OPEN)), words, k)
     pending = ""  # letters typed in full, not yet in the session's context
     pos = 0
+    opened_at, opened_len = 0, len(context)  # where in `text` the session last opened
     for match in words.finditer(text):
-        for ch in text[pos : match.start()]:
+        for i in range(pos, match.start()):
             tally.separators += 1
-            shown = strip((yield Key(pending + ch, "", SEPARATOR)), words, k)
+            shown = strip((yield Key(pending + text[i], "", SEPARATOR)), words, k)
             pending = ""
+            if text[i] == "\n" and opened_len + i + 1 - opened_at > MAX_SESSION_CHARS:
+                again = _context(context + text[: i + 1])
+                shown = strip((yield Key(again, "", OPEN)), words, k)
+                opened_at, opened_len = i + 1, len(again)
         word, pos = match.group(), match.end()
         start_shown, typed = shown, 0
         while typed < len(word) and word not in shown[:k]:
@@ -261,7 +271,12 @@ class HeldOut:
         """The context before line `start` (wrapping) and `count` lines from it, joined."""
         start %= len(self.lines)
         typed = [self.lines[(start + i) % len(self.lines)] for i in range(count)]
-        before = self.before + "".join(line + "\n" for line in self.lines[:start])
+        before, i = "", start
+        while i > 0 and len(before) <= CONTEXT_CHARS:  # enough held-out lines before it
+            i -= 1
+            before = self.lines[i] + "\n" + before
+        if len(before) <= CONTEXT_CHARS:
+            before = self.before[-CONTEXT_CHARS - 1 :] + before
         return _context(before), "\n".join(typed) + "\n"
 
 

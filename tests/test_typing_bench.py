@@ -11,7 +11,18 @@ from typing import Any
 
 import pytest
 
-from benchmarks.typing import LETTER, OPEN, SEPARATOR, TAP, Key, Tally, summary, typist
+from benchmarks.typing import (
+    CONTEXT_CHARS,
+    LETTER,
+    OPEN,
+    SEPARATOR,
+    TAP,
+    HeldOut,
+    Key,
+    Tally,
+    summary,
+    typist,
+)
 from rnnlm.cli import main
 from rnnlm.v1 import language_model_pb2 as pb
 from tests.conftest import tiny_text
@@ -171,3 +182,34 @@ def test_bad_typing_options_are_refused(
     err = capsys.readouterr().err
     assert message in err
     assert len(err) < 300
+
+
+def test_the_held_out_lines_and_their_contexts() -> None:
+    text = "".join(f"line {i} of the text\n" for i in range(100))
+    held = HeldOut.of(text, "test", "word", 3)
+    assert held.lines == [f"line {i} of the text" for i in range(95, 100)]
+    assert held.first_line == 96
+    context, typed = held.passage(1, 6)  # wraps around the held-out lines
+    assert typed == "".join(f"line {i} of the text\n" for i in (96, 97, 98, 99, 95, 96))
+    # The context is the text just before, from a line start, at most CONTEXT_CHARS long.
+    assert text[: text.index("line 96 ")].endswith(context)
+    assert context.startswith("line ") and len(context) <= CONTEXT_CHARS
+    assert held.ask == 3 + 5  # a word model also predicts punctuation
+    assert HeldOut.of(text, "test", "char", 3).ask == 3
+
+
+def test_a_long_text_opens_the_session_again_at_a_line_end() -> None:
+    text = "".join(f"the cat sees line {i}\n" for i in range(400))  # 8,690 characters
+    sent, tally = scripted(text, k=3)
+    opens = [i for i, key in enumerate(sent) if key.kind == OPEN]
+    assert len(opens) == 3  # at the start, then past 4,000 characters, twice
+    typed = ""
+    for i, key in enumerate(sent[1:], start=1):
+        if key.kind == OPEN:
+            # It opens on the text typed so far, from a line start, at most CONTEXT_CHARS.
+            assert typed.endswith(key.text) and key.text.startswith("the cat")
+            assert len(key.text) <= CONTEXT_CHARS and sent[i - 1].text.endswith("\n")
+        else:
+            typed += key.text
+    assert typed == text
+    assert tally.chars == len(text)
