@@ -158,9 +158,7 @@ class Engine:
         )
         sessions.metrics = self.metrics
         providers, options = providers_for(config.provider), session_options(config)
-        sampler = functools.partial(
-            row_sampler.choose, config.sampler, self.provider, providers, options
-        )
+        sampler = functools.partial(row_sampler.choose, config.sampler, providers, options)
         step_config = StepConfig(
             bundle.vocab_size,
             bundle.hidden,
@@ -188,8 +186,7 @@ class Engine:
         config = self.config
         if config.device_logits is not None:
             return config.device_logits
-        graph = config.sampler == "graph" or config.sampler == "auto"
-        return self.provider == CUDA and graph
+        return self.provider == CUDA and config.sampler != "numpy"
 
     async def _open_sessions(self) -> Sessions:
         providers = providers_for(self.config.provider)

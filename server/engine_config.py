@@ -37,8 +37,8 @@ class EngineConfig:
     # server/delivery.py, TokenStream); 1: always one at a time.
     stream_tokens: int = 4
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
-    # "numpy", or "auto" (the graph on CUDA, numpy on a CPU, where it costs less). Both give
-    # the same tokens for the same seed.
+    # "numpy", or "auto" (the graph, on every provider). Both give the same tokens for the
+    # same seed.
     sampler: str = "auto"
     # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
     # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.
