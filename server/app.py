@@ -56,6 +56,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         max_step_ms=config.max_step_ms,
         max_batch_size=config.max_batch_size,
         batch_threads=config.batch_threads,
+        process=config.engine_process,
         max_queue_wait_ms=config.max_queue_wait_ms,
         max_queued=config.max_queued,
         stream_tokens=config.stream_tokens,

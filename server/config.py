@@ -38,6 +38,7 @@ class ServerConfig:
     max_step_ms: float = 20.0
     max_batch_size: int | None = None
     batch_threads: int = 1
+    engine_process: bool = False
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
     stream_tokens: int = 4
@@ -179,6 +180,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         "threads per model, each stepping its own batch, so that one's onnxruntime run "
         "overlaps another's sampling (1: one batch)",
     ),
+    "engine_process": (
+        _parse_bool,
+        "run each model's engine core (scheduler, steps, onnxruntime) in a process of its own, "
+        "beside this gRPC process (docs/performance.md, the engine core in its own process)",
+    ),
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
     "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),
@@ -278,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else (f" (default: {default})")
         )
         text = f"{help_}{shown}; env {env_name(name)}"
-        if name in ("batching", "strict_models"):
+        if name in ("batching", "strict_models", "engine_process"):
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from server.engine_errors import failure_error
-from server.requests import Failure, GenerateRequest, Request
+from server.requests import Failure, Request
 from server.sampling import GeneratedToken
 
 # Requests in the engine from which a generation's tokens are handed over a few at a time
@@ -26,6 +26,12 @@ class Busy(Protocol):
 
     @property
     def active(self) -> int: ...
+
+
+class Cancellable(Protocol):
+    """A queued generation: setting `cancelled` takes it out of the batch at the next step."""
+
+    cancelled: bool
 
 
 class TokenStream:
@@ -44,11 +50,11 @@ class TokenStream:
     """
 
     def __init__(
-        self, engine: Busy, start: Callable[[TokenStream], GenerateRequest], stream_tokens: int
+        self, engine: Busy, start: Callable[[TokenStream], Cancellable], stream_tokens: int
     ) -> None:
         self._engine = engine
-        self._start: Callable[[TokenStream], GenerateRequest] | None = start
-        self._request: GenerateRequest | None = None
+        self._start: Callable[[TokenStream], Cancellable] | None = start
+        self._request: Cancellable | None = None
         self._items: deque[object] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -76,6 +82,8 @@ class TokenStream:
         self._close()
         if isinstance(item, Failure):
             raise failure_error(item)
+        if isinstance(item, Exception):  # an error the engine core process sent back
+            raise item
         raise StopAsyncIteration  # END
 
     def _ready(self) -> bool:

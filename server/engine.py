@@ -105,6 +105,20 @@ class Engine:
     cache). All methods must be called from the event loop that ran `start`.
     """
 
+    def __new__(
+        cls,
+        bundle: Bundle,
+        config: EngineConfig | None = None,
+        metrics: EngineMetrics | None = None,
+    ) -> Engine:
+        """With `config.process`, the engine core runs in a process of its own and this is
+        its front end (server/remote_engine.py), with the same API and results."""
+        if cls is Engine and config is not None and config.process:
+            from server.remote_engine import RemoteEngine  # it builds on this module
+
+            return object.__new__(RemoteEngine)
+        return object.__new__(cls)
+
     def __init__(
         self,
         bundle: Bundle,
@@ -144,9 +158,7 @@ class Engine:
         )
         sessions.metrics = self.metrics
         providers, options = providers_for(config.provider), session_options(config)
-        sampler = functools.partial(
-            row_sampler.choose, config.sampler, self.provider, providers, options
-        )
+        sampler = functools.partial(row_sampler.choose, config.sampler, providers, options)
         step_config = StepConfig(
             bundle.vocab_size,
             bundle.hidden,
@@ -174,8 +186,7 @@ class Engine:
         config = self.config
         if config.device_logits is not None:
             return config.device_logits
-        graph = config.sampler == "graph" or config.sampler == "auto"
-        return self.provider == CUDA and graph
+        return self.provider == CUDA and config.sampler != "numpy"
 
     async def _open_sessions(self) -> Sessions:
         providers = providers_for(self.config.provider)
@@ -363,6 +374,18 @@ class Engine:
         Arguments are checked here; the request is queued (and Overloaded raised) on the first
         iteration. Under load, tokens arrive a few at a time: see `TokenStream`.
         """
+        ids, stops = self._check_generation(prompt_ids, max_tokens, params, stop_ids)
+        begin = functools.partial(self._begin, ids, max_tokens, params, stops)
+        return TokenStream(self, begin, self.config.stream_tokens)
+
+    def _check_generation(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stop_ids: frozenset[int],
+    ) -> tuple[np.ndarray, frozenset[int]]:
+        """`generate`'s arguments checked (ValueError naming the problem): (prompt, stops)."""
         ids = self._tokens(prompt_ids, "prompt_ids")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, not {max_tokens}")
@@ -373,8 +396,7 @@ class Engine:
             raise ValueError(
                 f"stop_ids {outside[:5]} are outside the vocabulary (size {self.bundle.vocab_size})"
             )
-        begin = functools.partial(self._begin, ids, max_tokens, params, stops)
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return ids, stops
 
     async def score(self, token_ids: Sequence[int], continuous_cache: bool = False) -> np.ndarray:
         """float32 [n]: the log-prob of each token given eos and the tokens before it.
@@ -497,6 +519,18 @@ class Engine:
         stream: TokenStream,
     ) -> GenerateRequest:
         """Queue a generation whose payloads go to `stream` (its first iteration)."""
+        return self.submit_generation(ids, max_tokens, params, stops, stream.put)
+
+    def submit_generation(
+        self,
+        ids: np.ndarray,
+        max_tokens: int,
+        params: SamplingParams,
+        stops: frozenset[int],
+        deliver: Callable[[object], None],
+    ) -> GenerateRequest:
+        """Queue a checked generation (see `generate`) whose payloads go to `deliver`; setting
+        the request's `cancelled` takes it out at the next step. Overloaded when refused."""
         start = self._start(ids)
         exact = start.length == len(ids)
         request = GenerateRequest(
@@ -508,7 +542,7 @@ class Engine:
             max_tokens,
             stops,
             start.key,
-            stream.put,
+            deliver,
         )
         self._submit(request)
         return request

@@ -37,8 +37,8 @@ class EngineConfig:
     # server/delivery.py, TokenStream); 1: always one at a time.
     stream_tokens: int = 4
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
-    # "numpy", or "auto" (the graph on CUDA, numpy on a CPU, where it costs less). Both give
-    # the same tokens for the same seed.
+    # "numpy", or "auto" (the graph, on every provider). Both give the same tokens for the
+    # same seed.
     sampler: str = "auto"
     # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
     # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.
@@ -46,6 +46,9 @@ class EngineConfig:
     # Tokens before a request's last from which they are fed on the prefill graph in a run of
     # their own (see server/runner.py, choose_prefill_split); None: measured at start.
     prefill_split: int | None = None
+    # Run the engine core (scheduler, steps, onnxruntime) in a process of its own, so gRPC's
+    # writes in the server process never hold the GIL the steps need (server/remote_engine.py).
+    process: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
