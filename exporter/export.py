@@ -57,7 +57,7 @@ from rnnlm.bundle import (
 from rnnlm.bundle import graph_io as contract_graph_io
 from server.bundle import BundleError, load_bundle
 from training.checkpoint import Checkpoint, load_checkpoint
-from training.model import RNNLM
+from training.model import RNNLM, ModelConfig
 
 OPSET = 17
 QUANTIZATIONS = ("int8",)
@@ -418,6 +418,18 @@ def _check_target(target: Path, force: bool) -> None:
         raise ExportError(f"{target}: already exists; pass --force to replace it")
 
 
+def core_architecture(c: ModelConfig) -> dict[str, Any]:
+    """The manifest's architecture keys every bundle records, exported or imported."""
+    return {
+        "cell": c.cell,
+        "layers": c.layers,
+        "hidden": c.hidden,
+        "embedding": c.embedding,
+        "vocab_size": c.vocab_size,
+        "tied": c.tied,
+    }
+
+
 def build_manifest(
     ckpt: Checkpoint,
     blobs: dict[str, bytes],
@@ -440,12 +452,7 @@ def build_manifest(
         name=name,
         version=version,
         architecture={
-            "cell": c.cell,
-            "layers": c.layers,
-            "hidden": c.hidden,
-            "embedding": c.embedding,
-            "vocab_size": c.vocab_size,
-            "tied": c.tied,
+            **core_architecture(c),
             "residual": c.residual,
             "dropout": c.dropout,
             "adaptive_cutoffs": list(c.adaptive_cutoffs),

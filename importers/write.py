@@ -20,7 +20,14 @@ import onnxruntime as ort
 import torch
 from tokenizers import Tokenizer
 
-from exporter.export import OPSET, ExportError, _check_target, bundle_files, write_bundle
+from exporter.export import (
+    OPSET,
+    ExportError,
+    _check_target,
+    bundle_files,
+    core_architecture,
+    write_bundle,
+)
 from exporter.parity import ParityReport
 from importers.errors import ImportFailure
 from importers.parity import Reference, check_source_parity, stream_perplexity
@@ -106,15 +113,7 @@ def write_imported(
     manifest = make_manifest(
         name=name or target.resolve().name,
         version=version,
-        architecture={
-            "cell": c.cell,
-            "layers": c.layers,
-            "hidden": c.hidden,
-            "embedding": c.embedding,
-            "vocab_size": c.vocab_size,
-            "tied": c.tied,
-            **imported.architecture,
-        },
+        architecture={**core_architecture(c), **imported.architecture},
         tokenizer_kind=imported.tokenizer_kind,
         special_tokens=imported.special_tokens,
         precision="fp32",
