@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_text
 from test_server import LiveServer, config
+from test_train import tiny
 
 from exporter.export import export_bundle
 from rnnlm.client import Client
@@ -31,21 +32,18 @@ REPEATS = 30  # the long stream: the test text this many times over, about 4,000
 
 def _options(corpus: Path, out: Path, cell: str) -> TrainOptions:
     """A few seconds of training with the cell's default recipe (learning rate, clipping and,
-    for rnn_relu, the recurrent-norm cap)."""
-    return TrainOptions(
-        corpus=corpus,
-        out=out,
+    for rnn_relu, the recurrent-norm cap): `lr=None` is the cell's own."""
+    return tiny(
+        corpus,
+        out,
         cell=cell,
         layers=2,
-        hidden=16,
-        embedding=16,
         dropout=0.0,
         bptt=16,
         batch_size=8,
         epochs=3,
         seed=7,
-        threads=1,
-        quiet=True,
+        lr=None,
     )
 
 
