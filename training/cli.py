@@ -52,60 +52,76 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # Flags left out stay out of the namespace, so presets and resumed runs can tell what was
     # given.
     parser.argument_default = argparse.SUPPRESS
-    d = DEFAULTS
-    on_off = argparse.BooleanOptionalAction
     parser.add_argument(
         "--preset",
         choices=list(PRESETS),
         help="start from a named recipe (docs/training.md); flags given explicitly override it",
     )
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    _data_flags(parser.add_argument_group("data"))
+    _model_flags(parser.add_argument_group("model"))
+    _regularization_flags(
+        parser.add_argument_group("regularization (training only; the exported model has none)")
+    )
+    training = parser.add_argument_group("training")
+    _length_flags(training)
+    _optimization_flags(training)
+    _execution_flags(parser.add_argument_group("execution"))
+
+
+def _data_flags(group: argparse._ArgumentGroup) -> None:
+    """The corpus or split files, the checkpoint directory and the tokenizer."""
+    d = DEFAULTS
+    group.add_argument(
         "--corpus", type=Path, metavar="FILE", help="one text file, split as --split says"
     )
-    data.add_argument(
+    group.add_argument(
         "--split",
         choices=SPLITS,
         help="how --corpus is split: lines (90%% train, 5%% valid, 5%% test, by lines) or "
         "nanogpt (the first 90%% of the characters train, the rest validates; no test split, "
         f"the test figures are the validation ones) (default {d.split})",
     )
-    data.add_argument(
+    group.add_argument(
         "--train", type=Path, metavar="FILE", help="training text (with --valid, --test)"
     )
-    data.add_argument("--valid", type=Path, metavar="FILE", help="validation text")
-    data.add_argument("--test", type=Path, metavar="FILE", help="test text")
-    data.add_argument(
+    group.add_argument("--valid", type=Path, metavar="FILE", help="validation text")
+    group.add_argument("--test", type=Path, metavar="FILE", help="test text")
+    group.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
         help="checkpoint directory to create (with --resume: default that directory)",
     )
-    data.add_argument("--tokenizer", choices=KINDS, help=f"tokenizer kind (default {d.tokenizer})")
-    data.add_argument(
+    group.add_argument("--tokenizer", choices=KINDS, help=f"tokenizer kind (default {d.tokenizer})")
+    group.add_argument(
         "--vocab-size",
         type=int,
         metavar="N",
         help="vocabulary cap (default: word 10000, char all characters, bpe 4096)",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--cell", choices=CELLS, help=f"recurrent cell (default {d.cell})")
-    model.add_argument(
+
+
+def _model_flags(group: argparse._ArgumentGroup) -> None:
+    """The architecture: cell, sizes, tying, residual, adaptive softmax."""
+    d = DEFAULTS
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--cell", choices=CELLS, help=f"recurrent cell (default {d.cell})")
+    group.add_argument(
         "--layers", type=int, metavar="N", help=f"stacked layers (default {d.layers})"
     )
-    model.add_argument("--hidden", type=int, metavar="N", help=f"hidden size (default {d.hidden})")
-    model.add_argument(
+    group.add_argument("--hidden", type=int, metavar="N", help=f"hidden size (default {d.hidden})")
+    group.add_argument(
         "--embedding", type=int, metavar="N", help=f"embedding size (default {d.embedding})"
     )
-    model.add_argument(
+    group.add_argument(
         "--tied",
         action=on_off,
         help="tie the decoder to the embedding (projected if sizes differ) (default off)",
     )
-    model.add_argument(
+    group.add_argument(
         "--residual", action=on_off, help="skip connections between stacked layers (default off)"
     )
-    model.add_argument(
+    group.add_argument(
         "--adaptive-softmax",
         type=cutoffs_value,
         metavar="CUTOFFS",
@@ -113,44 +129,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "a full-width output, rarer ones narrower ones; much faster with a large vocabulary; "
         "none: a full softmax (default none)",
     )
-    model.add_argument(
+    group.add_argument(
         "--adaptive-div",
         type=int,
         metavar="N",
         help=f"each adaptive tail cluster is this many times narrower than the one before "
         f"(default {d.adaptive_div})",
     )
-    reg = parser.add_argument_group("regularization (training only; the exported model has none)")
-    reg.add_argument(
+
+
+def _regularization_flags(group: argparse._ArgumentGroup) -> None:
+    """Dropouts, DropConnect and unk replacement."""
+    d = DEFAULTS
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument(
         "--dropout",
         type=float,
         metavar="P",
         help=f"dropout between layers and before the decoder (default {d.dropout})",
     )
-    reg.add_argument(
+    group.add_argument(
         "--input-dropout",
         type=float,
         metavar="P",
         help="dropout on the embedding output (default: --dropout)",
     )
-    reg.add_argument(
+    group.add_argument(
         "--embed-dropout",
         type=float,
         metavar="P",
         help=f"drop whole vocabulary entries of the embedding (default {d.embed_dropout})",
     )
-    reg.add_argument(
+    group.add_argument(
         "--locked-dropout",
         action=on_off,
         help="variational dropout: one mask per sequence, the same at every step (default off)",
     )
-    reg.add_argument(
+    group.add_argument(
         "--weight-drop",
         type=float,
         metavar="P",
         help=f"DropConnect on the hidden-to-hidden weights (default {d.weight_drop})",
     )
-    reg.add_argument(
+    group.add_argument(
         "--unk-replace",
         type=float,
         metavar="P",
@@ -158,65 +179,75 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "the model learns how often unseen words come (word and char tokenizers) "
         f"(default {d.unk_replace})",
     )
-    run_ = parser.add_argument_group("training")
-    run_.add_argument("--bptt", type=int, metavar="T", help=f"BPTT window (default {d.bptt})")
-    run_.add_argument(
+
+
+def _length_flags(group: argparse._ArgumentGroup) -> None:
+    """The training group's windows, batches and how long the run lasts."""
+    d = DEFAULTS
+    group.add_argument("--bptt", type=int, metavar="T", help=f"BPTT window (default {d.bptt})")
+    group.add_argument(
         "--batch-size",
         type=int,
         metavar="B",
         help=f"parallel streams per process (default {d.batch_size})",
     )
-    run_.add_argument(
+    group.add_argument(
         "--eval-batch-size",
         type=int,
         metavar="B",
         help="contiguous streams the validation and test text is cut into, each scored with "
         f"its state carried; 1 scores it as one stream (default {d.eval_batch_size})",
     )
-    run_.add_argument(
+    group.add_argument(
         "--epochs", type=int, metavar="N", help="epochs (default 10, or the resumed run's)"
     )
-    run_.add_argument(
+    group.add_argument(
         "--max-minutes",
         type=float,
         metavar="M",
         help="stop and save when the run's wall time (over all its invocations) reaches M",
     )
-    run_.add_argument(
+    group.add_argument(
         "--max-steps", type=int, metavar="N", help="stop and save after N optimizer steps in all"
     )
-    run_.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
-    run_.add_argument("--lr", type=float, help="learning rate (default: adamw 2e-3, sgd 20)")
-    run_.add_argument(
+
+
+def _optimization_flags(group: argparse._ArgumentGroup) -> None:
+    """The training group's optimizer, schedule, clipping, norm cap, bf16, cache, seed, resume."""
+    d = DEFAULTS
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
+    group.add_argument("--lr", type=float, help="learning rate (default: adamw 2e-3, sgd 20)")
+    group.add_argument(
         "--weight-decay",
         type=float,
         metavar="W",
         help="weight decay (default: adamw 0.01, decoupled; sgd 0)",
     )
-    run_.add_argument(
+    group.add_argument(
         "--schedule",
         choices=SCHEDULES,
         help="plateau: lr / 4 after a validation that does not improve; cosine: down to "
         "--min-lr over the run (steps or --max-minutes, whichever ends first); constant "
         f"(default {d.schedule})",
     )
-    run_.add_argument(
+    group.add_argument(
         "--warmup-steps",
         type=int,
         metavar="N",
         help=f"linear learning-rate warm-up over the first N steps (default {d.warmup_steps})",
     )
-    run_.add_argument(
+    group.add_argument(
         "--min-lr", type=float, metavar="LR", help="where the cosine ends (default lr x 0.1)"
     )
-    run_.add_argument(
+    group.add_argument(
         "--clip",
         type=clip_value,
         metavar="NORM",
         help="gradient-norm clipping: a threshold, 0 for none, or auto (2 x the median of the "
         f"last 200 norms) (default {d.clip})",
     )
-    run_.add_argument(
+    group.add_argument(
         "--recurrent-norm",
         type=float,
         metavar="RHO",
@@ -224,36 +255,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "RHO, so the state stays bounded over streams of any length; 0: no cap (default: 0.6 "
         "for rnn_relu, none for the other cells)",
     )
-    run_.add_argument(
+    group.add_argument(
         "--bf16",
         action=on_off,
         help="bfloat16 autocast in the training forward; evaluation stays fp32 (default off)",
     )
-    run_.add_argument(
+    group.add_argument(
         "--continuous-cache",
         action=on_off,
         help="after training, tune a continuous cache (a recall of the text's recent words) on "
         "the validation text; the bundle ships it for Score (default off)",
     )
-    run_.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    run_.add_argument(
+    group.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    group.add_argument(
         "--resume",
         type=Path,
         metavar="DIR",
         help="continue the run saved in DIR exactly where it stopped",
     )
-    speed = parser.add_argument_group("execution")
-    speed.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
-    speed.add_argument(
+
+
+def _execution_flags(group: argparse._ArgumentGroup) -> None:
+    """Threads, kernels, device, progress output and processes."""
+    d = DEFAULTS
+    on_off = argparse.BooleanOptionalAction
+    group.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    group.add_argument(
         "--mkldnn",
         action=on_off,
         help="oneDNN (MKLDNN) CPU kernels on or off (default: torch's, on)",
     )
-    speed.add_argument("--device", choices=("cpu", "cuda"), help=f"(default {d.device})")
-    speed.add_argument(
+    group.add_argument("--device", choices=("cpu", "cuda"), help=f"(default {d.device})")
+    group.add_argument(
         "--quiet", action="store_true", help="no progress bar and no per-epoch lines"
     )
-    speed.add_argument(
+    group.add_argument(
         "--nproc",
         type=int,
         metavar="N",
