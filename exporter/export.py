@@ -430,6 +430,17 @@ def core_architecture(c: ModelConfig) -> dict[str, Any]:
     }
 
 
+def toolchain(exporter: str | None = None) -> dict[str, str]:
+    """The provenance's record of how the graphs were made (by default `torch.onnx`, as
+    `rnnlm export` makes them) and the versions of torch, onnx and onnxruntime."""
+    return {
+        "exporter": exporter or f"torch.onnx TorchScript, opset {OPSET}",
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+    }
+
+
 def build_manifest(
     ckpt: Checkpoint,
     blobs: dict[str, bytes],
@@ -474,10 +485,7 @@ def build_manifest(
             "valid_perplexity_in_streams": prov.get("valid_perplexity"),
             "test_perplexity_in_streams": prov.get("test_perplexity"),
             "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "exporter": f"torch.onnx TorchScript, opset {OPSET}",
-            "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__,
-            "onnxruntime_version": ort.__version__,
+            **toolchain(),
             "train_args": ckpt.train_args,
         },
         parity=parity,

@@ -15,17 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import onnx
-import onnxruntime as ort
-import torch
 from tokenizers import Tokenizer
 
 from exporter.export import (
-    OPSET,
     ExportError,
     _check_target,
     bundle_files,
     core_architecture,
+    toolchain,
     write_bundle,
 )
 from exporter.parity import ParityReport
@@ -177,10 +174,7 @@ def _provenance(
         "source": imported.source,
         "imported_by": f"rnnlm import {imported.source['format']}",
         "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "exporter": imported.exporter or f"torch.onnx TorchScript, opset {OPSET}",
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": ort.__version__,
+        **toolchain(imported.exporter),
     }
     if imported.test_ids:
         eos = imported.special_tokens["eos"]
