@@ -316,9 +316,6 @@ def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, d
     data = load_data(o, saved_config, group, device)
     epochs = o.epochs or DEFAULT_EPOCHS
     lr = o.lr if o.lr is not None else DEFAULT_LR[o.optimizer]
-    weight_decay = (
-        o.weight_decay if o.weight_decay is not None else DEFAULT_WEIGHT_DECAY[o.optimizer]
-    )
     if o.recurrent_norm is None:
         o = replace(o, recurrent_norm=default_limit(o.cell))
 
@@ -337,23 +334,7 @@ def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, d
     cap_recurrent_norm(model, o.recurrent_norm or 0.0)  # a ReLU RNN: from rho x identity
     best.load_state_dict(model.state_dict())
     net = ddp.wrap(model, group, device)  # every rank now holds rank 0's initial weights
-    optimizer: torch.optim.Optimizer
-    if o.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_windows = num_windows(data.train, o.bptt)
-    total_steps = epochs * n_windows
-    if o.max_steps is not None:
-        total_steps = min(total_steps, o.max_steps)
-    schedule = Schedule(
-        kind=o.schedule,
-        lr=lr,
-        min_lr=o.min_lr if o.min_lr is not None else lr * MIN_LR_RATIO,
-        warmup_steps=o.warmup_steps,
-        total_steps=total_steps,
-        budget_s=None if o.max_minutes is None else o.max_minutes * 60,
-    )
     run = Run(
         o=o,
         out=Path(o.out),  # type: ignore[arg-type]
@@ -364,13 +345,36 @@ def setup(o: TrainOptions, saved_config: dict, group: ddp.Group) -> tuple[Run, d
         model=model,
         best=best,
         net=net,
-        optimizer=optimizer,
-        schedule=schedule,
+        optimizer=make_optimizer(model, o, lr),
+        schedule=make_schedule(o, lr, epochs * n_windows),
         clipper=make_clipper(o.clip),
         n_windows=n_windows,
         train_args=train_args(replace(o, epochs=epochs, lr=lr, out=None, resume=None)),
     )
     return run, resume_state
+
+
+def make_optimizer(model: RNNLM, o: TrainOptions, lr: float) -> torch.optim.Optimizer:
+    """AdamW or SGD over `model` at `lr`, with --weight-decay or the optimizer's default."""
+    weight_decay = (
+        o.weight_decay if o.weight_decay is not None else DEFAULT_WEIGHT_DECAY[o.optimizer]
+    )
+    kind = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.SGD
+    return kind(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def make_schedule(o: TrainOptions, lr: float, total_steps: int) -> Schedule:
+    """The learning-rate schedule over `total_steps` (capped by --max-steps) or --max-minutes."""
+    if o.max_steps is not None:
+        total_steps = min(total_steps, o.max_steps)
+    return Schedule(
+        kind=o.schedule,
+        lr=lr,
+        min_lr=o.min_lr if o.min_lr is not None else lr * MIN_LR_RATIO,
+        warmup_steps=o.warmup_steps,
+        total_steps=total_steps,
+        budget_s=None if o.max_minutes is None else o.max_minutes * 60,
+    )
 
 
 # -- where the run stands ------------------------------------------------------------------
