@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from exporter.export import QUANTIZATIONS, ExportError, export_bundle
-from rnnlm.bundle import add_blocklist
 from server.bundle import BundleError, read_manifest
 from training.checkpoint import CheckpointError
 
@@ -70,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
             calibration_text=args.calibration_text,
             max_perplexity_change=args.max_perplexity_change,
             per_channel=args.per_channel,
+            blocklist=blocklist,
         )
-        if blocklist is not None:
-            add_blocklist(path, blocklist)
     except (ExportError, CheckpointError, BundleError) as e:
         # One line, whatever the underlying library put in its message.
         print(f"rnnlm export: error: {' '.join(str(e).split())}", file=sys.stderr)

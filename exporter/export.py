@@ -45,6 +45,7 @@ from exporter.quantize import (
     worst_change,
 )
 from rnnlm.bundle import (
+    BLOCKLIST_FILE,
     GRAPH_FILES,
     MANIFEST_FILE,
     STATE_NAMES,
@@ -310,6 +311,7 @@ def export_bundle(
     calibration_text: str | Path | None = None,
     max_perplexity_change: float = 1.0,
     per_channel: bool = False,
+    blocklist: str | None = None,
 ) -> Path:
     """Export a checkpoint to a bundle directory and return its path.
 
@@ -317,6 +319,8 @@ def export_bundle(
     (`calibration_text`, else the checkpoint's validation split) and refused when any graph's
     perplexity moves more than `max_perplexity_change` percent. `per_channel` quantizes weights
     with a scale per output channel instead of per tensor (see `exporter.quantize`).
+    `blocklist` (words never suggested, one a line) is written as the bundle's `blocklist.txt`,
+    with the other files, hashed and validated with them.
 
     Raises `ExportError` (or the checkpoint's `CheckpointError`) with nothing written when the
     target exists and `force` is false, the checkpoint is bad, parity fails, or the int8 bundle
@@ -365,8 +369,11 @@ def export_bundle(
         name=name or target.resolve().name,
         version=version,
         quantization=quantization,
+        blocklist=blocklist is not None,
     )
     files = {**bundle_files(blobs), TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()}
+    if blocklist is not None:
+        files[BLOCKLIST_FILE] = blocklist.encode("utf-8")
     return write_bundle(target, files, manifest, force=force)
 
 
@@ -449,8 +456,10 @@ def build_manifest(
     name: str,
     version: str,
     quantization: dict[str, Any] | None = None,
+    blocklist: bool = False,
 ) -> dict[str, Any]:
-    """The manifest of docs/bundle.md, without the `files` hashes (added when written)."""
+    """The manifest of docs/bundle.md, without the `files` hashes (added when written);
+    `blocklist`: the bundle has a `blocklist.txt`."""
     c = ckpt.config
     prov = ckpt.provenance
     parity = report.to_dict()
@@ -494,6 +503,7 @@ def build_manifest(
             for key, value in (
                 ("continuous_cache", ckpt.continuous_cache),
                 ("quantization", quantization),
+                ("blocklist", {"file": BLOCKLIST_FILE} if blocklist else None),
             )
             if value is not None
         },
