@@ -338,7 +338,7 @@ def export_bundle(
         raise ExportError(
             f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
         )
-    _check_target(target, force)
+    check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
     model = ckpt.model.eval()
     held_out = None
@@ -418,7 +418,8 @@ def _quantize(
     return int8, section
 
 
-def _check_target(target: Path, force: bool) -> None:
+def check_target(target: Path, force: bool) -> None:
+    """`ExportError` unless `target` can be written: absent, or a directory and `force`."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"{target}: exists and is not a directory")
     if target.exists() and not force:
@@ -525,7 +526,7 @@ def write_bundle(
         manifest = with_file_hashes(manifest, files)
     except BundleError as e:
         raise ExportError(f"the manifest does not follow the bundle contract: {e}") from e
-    _check_target(target, force)
+    check_target(target, force)
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -541,7 +542,7 @@ def write_bundle(
                 bundle.open_session(graph)
         except BundleError as e:
             raise ExportError(f"the written bundle does not pass the server's loader: {e}") from e
-        _check_target(target, force)
+        check_target(target, force)
         if target.exists():
             old = Path(
                 tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 
 from exporter.export import (
     ExportError,
-    _check_target,
     bundle_files,
+    check_target,
     core_architecture,
     toolchain,
     write_bundle,
@@ -100,7 +100,7 @@ def write_imported(
     if not version:
         raise ImportFailure("the version must not be empty")
     try:
-        _check_target(target, force)
+        check_target(target, force)
     except ExportError as e:
         raise ImportFailure(str(e)) from e
     c = imported.config
