@@ -14,6 +14,7 @@ from pathlib import Path
 from importers.errors import ImportFailure
 from importers.write import Imported, write_imported
 from training.model import CELLS
+from training.tokenizer import KINDS as TOKENIZER_KINDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="the end-of-sentence id (default: eos_id metadata)")  # fmt: skip
     onnx.add_argument("--cell", choices=CELLS,
                       help="the cell (default: lstm for two states)")  # fmt: skip
-    onnx.add_argument("--tokenizer-kind", choices=("word", "char", "bpe"),
+    onnx.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS,
                       help="default: WordLevel: word, BPE: bpe")  # fmt: skip
     onnx.add_argument("--test-text", type=Path, metavar="FILE",
                       help="text to score for the manifest's test perplexity")  # fmt: skip
