@@ -377,6 +377,7 @@ def test_word_flags_are_checked(tmp_path: Path) -> None:
         (["--word-search-width", "0"], "--word-search-width"),
         (["--word-search-ms", "0"], "--word-search-ms"),
         (["--user-word-boost", "0.5"], "--user-word-boost"),
+        (["--user-word-boost", "inf"], "--user-word-boost"),  # WordSettings' rule too
         (["--user-word-floor", "2"], "--user-word-floor"),
     ):
         with pytest.raises(ConfigError, match=named):
