@@ -103,6 +103,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="an extra `rnnlm serve` flag, e.g. --server-arg=--max-queue-wait-ms=1 "
         "(repeatable; RNNLM_* variables are not passed to the server)",
     )
+    _add_typing_arguments(parser)
+
+
+def _add_typing_arguments(parser: argparse.ArgumentParser) -> None:
     typing = parser.add_argument_group("the typing benchmark (docs/typing.md)")
     typing.add_argument(
         "--typing",

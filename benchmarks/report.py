@@ -155,8 +155,20 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         "",
     ]
     lines += _table(["", ""], [[k.replace("_", " "), v] for k, v in m.items()])
+    lines += _targets_section(results, targets)
+    bare = results.get("bare") or {}
+    lines += _bare_section(bare)
+    lines += _echo_section(results.get("echo") or {})
+    lines += _engine_section((results.get("engine") or {}).get("generate") or {})
+    lines += _torch_section(results.get("torch"), large)
+    lines += _server_section(results.get("server") or {}, bare, large)
+    lines += _int8_section(results.get("int8"), large)
+    return "\n".join(lines)
 
-    lines += ["## Targets", ""]
+
+def _targets_section(results: dict[str, Any], targets: list[Target]) -> list[str]:
+    run = results["run"]
+    lines = ["## Targets", ""]
     lines += [f"Every target is reproduced by the command above (`{run['command']}`).", ""]
     lines += _table(
         ["target", "measured", "threshold", "status", "how", "measured by"],
@@ -183,9 +195,11 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         ["ratio", "measured", "how"],
         [[d["what"], d["value"], d["detail"]] for d in results.get("diagnostics") or []],
     )
+    return lines
 
-    bare = results.get("bare") or {}
-    lines += ["## Bare onnxruntime, in-process", ""]
+
+def _bare_section(bare: dict[str, Any]) -> list[str]:
+    lines = ["## Bare onnxruntime, in-process", ""]
     lines += [f"Session options as the server's engine: {_settings(bare.get('session'))}.", ""]
     rows = [
         _latency_row("step, batch 1", bare.get("step_b1")),
@@ -202,11 +216,12 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         rows.append(_latency_row(f"{what}, step graph (logits too)", chunk["step"]))
         rows.append(_latency_row(f"{what}, prefill graph", chunk["prefill"]))
     lines += _table(LATENCY_HEADER, rows)
-    lines += _score_table({"bare onnxruntime": bare.get("score")})
+    return lines + _score_table({"bare onnxruntime": bare.get("score")})
 
-    echo = results.get("echo") or {}
-    lines += ["## gRPC echo round trip on loopback (the transport floor)", ""]
-    lines += _table(
+
+def _echo_section(echo: dict[str, Any]) -> list[str]:
+    lines = ["## gRPC echo round trip on loopback (the transport floor)", ""]
+    return lines + _table(
         ["measurement", "p50 ms", "p90 ms", "p99 ms"],
         [
             [
@@ -218,15 +233,16 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
         ],
     )
 
-    engine = (results.get("engine") or {}).get("generate") or {}
-    lines += ["## The engine in-process (no gRPC)", ""]
+
+def _engine_section(engine: dict[str, Any]) -> list[str]:
+    lines = ["## The engine in-process (no gRPC)", ""]
     lines += [
         "`server.engine.Engine` configured as the servers' engine, driven like the server's "
         "Generate rows; CPU is this process's. Each trial follows a bare step trial at the same "
         "batch (the bare columns), so their ratio compares like machine conditions.",
         "",
     ]
-    lines += _table(
+    return lines + _table(
         ["streams", "tokens/s", "CPU %", "CPU us/token", "bare tokens/s", "bare CPU us/token"],
         [
             [
@@ -240,10 +256,6 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
             for n, e in engine.items()
         ],
     )
-    lines += _torch_section(results.get("torch"), large)
-    lines += _server_section(results.get("server") or {}, bare, large)
-    lines += _int8_section(results.get("int8"), large)
-    return "\n".join(lines)
 
 
 def _settings(settings: dict[str, Any] | None) -> str:
@@ -307,9 +319,28 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
             f"({model.get('precision')}) on {model.get('provider')}"
         ]
     lines += [""]
+    lines += _predict_next_sections(on)
+    lines += ["### Score", ""]
+    scores = {"server Score": on.get("score")}
+    if on.get("score_cached"):
+        scores["server Score, continuous cache"] = on.get("score_cached")
+    lines += _score_table({**scores, "bare onnxruntime": bare.get("score")})
+    lines += _generate_section(on, off, bare, large)
+    lines += ["### Resident memory of the server process (VmRSS, MiB)", ""]
+    lines += _table(
+        ["server", "after load", "after the load test"],
+        [
+            [name, s.get("rss_mb_after_load"), s.get("rss_mb_after_load_test")]
+            for name, s in (("batching on", on), ("batching off", off))
+            if s
+        ],
+    )
+    return lines
 
+
+def _predict_next_sections(on: dict[str, Any]) -> list[str]:
     c1 = on.get("predict_c1") or {}
-    lines += ["### PredictNext at concurrency 1", ""]
+    lines = ["### PredictNext at concurrency 1", ""]
     lines += [
         f"The typing pattern: sentences grown one token per call ({c1.get('context_tokens')} "
         f"tokens of context), each call extending the previous one; "
@@ -346,14 +377,13 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
                 _latency_row("first token of one stream more", under.get("first_token"))[:4],
             ],
         )
+    return lines
 
-    lines += ["### Score", ""]
-    scores = {"server Score": on.get("score")}
-    if on.get("score_cached"):
-        scores["server Score, continuous cache"] = on.get("score_cached")
-    lines += _score_table({**scores, "bare onnxruntime": bare.get("score")})
 
-    lines += ["### Generate: aggregate tokens/s", ""]
+def _generate_section(
+    on: dict[str, Any], off: dict[str, Any], bare: dict[str, Any], large: str
+) -> list[str]:
+    lines = ["### Generate: aggregate tokens/s", ""]
     b64 = (bare.get(f"step_{large}") or {}).get("tokens_per_s")
     b1 = (bare.get("step_b1") or {}).get("tokens_per_s")
     lines += [
@@ -377,7 +407,7 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
                 o.get("server_cpu_percent"),
             ]
         )
-    lines += _table(
+    return lines + _table(
         [
             "streams",
             "batching on",
@@ -390,17 +420,6 @@ def _server_section(server: dict[str, Any], bare: dict[str, Any], large: str) ->
         ],
         rows,
     )
-
-    lines += ["### Resident memory of the server process (VmRSS, MiB)", ""]
-    lines += _table(
-        ["server", "after load", "after the load test"],
-        [
-            [name, s.get("rss_mb_after_load"), s.get("rss_mb_after_load_test")]
-            for name, s in (("batching on", on), ("batching off", off))
-            if s
-        ],
-    )
-    return lines
 
 
 def _int8_section(int8: dict[str, Any] | None, large: str) -> list[str]:

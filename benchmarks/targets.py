@@ -7,6 +7,7 @@ A target is n/a when the run did not measure what it needs (no `--checkpoint`, n
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,14 +80,16 @@ def compute(results: dict[str, Any]) -> list[Target]:
     """Every target from a run's results (the structure `benchmarks.cli` writes to JSON)."""
 
     get = functools.partial(_get, results)
+    return [
+        *_cpu_targets(get),
+        *_latency_targets(get),
+        *_server_ratio_targets(get),
+        *_int8_and_memory_targets(get),
+    ]
 
+
+def _cpu_targets(get: Callable[..., Any]) -> list[Target]:
     on = ("server", "batching_on")
-    idle, echo = get("bare", "step_b1_after_idle", "p50_ms"), get("echo", "p50_ms")
-    floor = None if idle is None or echo is None else idle + echo
-    gen64 = get(*on, "generate", "64", "tokens_per_s")
-    score = get(*on, "score", "tokens_per_s")
-    change = get("int8", "perplexity_change_percent")
-    rss = [v for v in (get(*on, "rss_mb_after_load"), get(*on, "rss_mb_after_load_test")) if v]
     engine = [
         _ratio(
             f"engine_vs_bare_{n}",
@@ -101,8 +104,6 @@ def compute(results: dict[str, Any]) -> list[Target]:
         )
         for n in (64, 256)
     ]
-    under = ("under_load", "predict", "p99_ms"), ("under_load", "first_token", "p99_ms")
-    predict_load, first_load = (get(*on, *path) for path in under)
     return [
         _ratio(
             "server_cpu_per_token",
@@ -116,6 +117,16 @@ def compute(results: dict[str, Any]) -> list[Target]:
             "needs /proc and 64 streams",
         ),
         *engine,
+    ]
+
+
+def _latency_targets(get: Callable[..., Any]) -> list[Target]:
+    on = ("server", "batching_on")
+    idle, echo = get("bare", "step_b1_after_idle", "p50_ms"), get("echo", "p50_ms")
+    floor = None if idle is None or echo is None else idle + echo
+    under = ("under_load", "predict", "p99_ms"), ("under_load", "first_token", "p99_ms")
+    predict_load, first_load = (get(*on, *path) for path in under)
+    return [
         _ratio(
             "predict_next_latency",
             "PredictNext p50 at concurrency 1 <= 1.2 x (bare batch-1 step after a 1 ms idle "
@@ -147,12 +158,19 @@ def compute(results: dict[str, Any]) -> list[Target]:
             if first_load is not None
             else "not measured: needs the server under load",
         ),
+    ]
+
+
+def _server_ratio_targets(get: Callable[..., Any]) -> list[Target]:
+    on = ("server", "batching_on")
+    score = get(*on, "score", "tokens_per_s")
+    return [
         _ratio(
             "generate_vs_no_batching",
             "Generate at 64 streams >= 3 x the same server with batching off",
             ">=",
             3.0,
-            gen64,
+            get(*on, "generate", "64", "tokens_per_s"),
             get("server", "batching_off", "generate", "64", "tokens_per_s"),
             "batching on tokens/s / batching off tokens/s",
             "needs 64 streams with batching on and off",
@@ -187,6 +205,14 @@ def compute(results: dict[str, Any]) -> list[Target]:
             "p50 ms at 1000 tokens / p50 ms at 10 tokens",
             "needs context lengths 10 and 1000",
         ),
+    ]
+
+
+def _int8_and_memory_targets(get: Callable[..., Any]) -> list[Target]:
+    on = ("server", "batching_on")
+    change = get("int8", "perplexity_change_percent")
+    rss = [v for v in (get(*on, "rss_mb_after_load"), get(*on, "rss_mb_after_load_test")) if v]
+    return [
         _ratio(
             "int8_speedup",
             "int8 batch-1 step >= 2.5 x faster than fp32",

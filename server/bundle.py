@@ -132,31 +132,69 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A validated bundle: the manifest's facts, the loaded tokenizer and the graph files."""
+    """A validated bundle: the manifest's facts (`spec`, read through the properties below), the
+    loaded tokenizer and the graph files."""
 
     path: Path
-    manifest: dict[str, Any]
-    name: str
-    version: str
-    cell: str
-    layers: int
-    hidden: int
-    vocab_size: int
-    precision: str
+    spec: Manifest = field(repr=False, compare=False)  # the validated manifest
     tokenizer: Tokenizer
-    tokenizer_kind: str
-    special_tokens: dict[str, int]
-    eos_id: int
-    state: tuple[StateSpec, ...]
     step_graph: Path
     score_graph: Path | None
-    spec: Manifest = field(repr=False, compare=False)  # the validated manifest
     # The verified bytes the sessions are made from (never the files again).
     graph_bytes: GraphBytes = field(repr=False, compare=False)
     # The step graph without its output layer (bundles exported before it have none).
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
     blocklist: str = ""  # the bundle's blocklist file's text: words never suggested
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest's raw JSON, for its informative sections (provenance, parity, ...)."""
+        return self.spec.data
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> str:
+        return self.spec.version
+
+    @property
+    def cell(self) -> str:
+        return self.spec.cell
+
+    @property
+    def layers(self) -> int:
+        return self.spec.layers
+
+    @property
+    def hidden(self) -> int:
+        return self.spec.hidden
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return self.spec.tokenizer_kind
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return self.spec.special_tokens
+
+    @property
+    def eos_id(self) -> int:
+        return self.spec.eos_id
+
+    @property
+    def state(self) -> tuple[StateSpec, ...]:
+        return self.spec.state
 
     @property
     def score_features(self) -> bool:
@@ -175,8 +213,8 @@ class Bundle:
     def graph_io(self, graph: str) -> tuple[list[str], list[str]]:
         """The input and output names of a graph, as the manifest lists them."""
         self.graph_file(graph)
-        spec = self.manifest["graphs"][graph]
-        return list(spec["inputs"]), list(spec["outputs"])
+        spec = self.spec.graphs[graph]
+        return list(spec.inputs), list(spec.outputs)
 
     def zero_state(self, batch: int) -> tuple[np.ndarray, ...]:
         """The state that starts a stream: a float32 `[layers, batch, hidden]` array per tensor."""
@@ -233,25 +271,13 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     paths = {kind: directory / spec.file for kind, spec in m.graphs.items()}
     return Bundle(
         path=directory,
-        manifest=m.data,
-        name=m.name,
-        version=m.version,
-        cell=m.cell,
-        layers=m.layers,
-        hidden=m.hidden,
-        vocab_size=m.vocab_size,
-        precision=m.precision,
+        spec=m,
         tokenizer=tokenizer,
-        tokenizer_kind=m.tokenizer_kind,
-        special_tokens=dict(m.special_tokens),
-        eos_id=m.eos_id,
-        state=m.state,
         step_graph=paths["step"],
         score_graph=paths.get("score"),
         prefill_graph=paths.get("prefill"),
         continuous_cache=continuous_cache,
         blocklist=_blocklist(files.contents, m),
-        spec=m,
         graph_bytes=GraphBytes(held, files.external),
     )
 

@@ -65,7 +65,7 @@ class Outbox:
 
     def __init__(self, writer: asyncio.StreamWriter, frame: Any) -> None:
         self._writer = writer
-        self._frame = frame  # () -> the frame to send, from what was added
+        self._frame = frame  # (the items added this turn) -> the frame to send
         self._loop = asyncio.get_running_loop()
         self._scheduled = False
         self.items: list[Any] = []

@@ -8,6 +8,7 @@ people). Every bad value is reported with the flag or variable it came from.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -94,7 +95,8 @@ class ServerConfig:
         ):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.word_search_ms > 0, "word_search_ms", "must be more than 0")
-        check(self.user_word_boost >= 1, "user_word_boost", "must be at least 1")
+        boost = self.user_word_boost
+        check(boost >= 1 and math.isfinite(boost), "user_word_boost", "must be finite, at least 1")
         check(0 < self.user_word_floor <= 1, "user_word_floor", "must be in (0, 1]")
         if self.max_batch_size is not None:
             check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")

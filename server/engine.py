@@ -65,6 +65,7 @@ __all__ = [
     "Overloaded",
     "SamplingParams",
     "TokenStream",
+    "open_engine",
     "providers_for",
     "session_options",
 ]
@@ -98,6 +99,18 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def open_engine(
+    bundle: Bundle, config: EngineConfig | None = None, metrics: EngineMetrics | None = None
+) -> Engine:
+    """The engine `config` asks for: with `config.process`, a front end whose core runs in a
+    process of its own (server/remote_engine.py), with the same API and results."""
+    if config is not None and config.process:
+        from server.remote_engine import RemoteEngine  # it builds on this module
+
+        return RemoteEngine(bundle, config, metrics)
+    return Engine(bundle, config, metrics)
+
+
 class Engine:
     """Runs one model version's requests in continuous batches (see the module docstring).
 
@@ -105,30 +118,13 @@ class Engine:
     cache). All methods must be called from the event loop that ran `start`.
     """
 
-    def __new__(
-        cls,
-        bundle: Bundle,
-        config: EngineConfig | None = None,
-        metrics: EngineMetrics | None = None,
-    ) -> Engine:
-        """With `config.process`, the engine core runs in a process of its own and this is
-        its front end (server/remote_engine.py), with the same API and results."""
-        if cls is Engine and config is not None and config.process:
-            from server.remote_engine import RemoteEngine  # it builds on this module
-
-            return object.__new__(RemoteEngine)
-        return object.__new__(cls)
-
     def __init__(
         self,
         bundle: Bundle,
         config: EngineConfig | None = None,
         metrics: EngineMetrics | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.config = config if config is not None else EngineConfig()
-        self.metrics = metrics
-        self.provider = ""  # the execution provider in use, known after start()
+        self._init_api(bundle, config if config is not None else EngineConfig(), metrics)
         # With a continuous cache, a quarter of the bytes hold the recall cache: prefixes that
         # cached next-token calls saw, with the features the recall needs (up to `window` + 1
         # rows each), so a typing session's next call feeds only its new tokens.
@@ -139,10 +135,19 @@ class Engine:
         self._score_lacks_features = bundle.score_graph is not None and not bundle.score_features
         self._scheduler: Scheduler | None = None
         self._root: _Start | None = None
-        self._closing = False
+
+    def _init_api(
+        self, bundle: Bundle, config: EngineConfig, metrics: EngineMetrics | None
+    ) -> None:
+        """The fields the API's checks and callers read: all a front end (RemoteEngine) keeps."""
+        self.bundle = bundle
+        self.config = config
+        self.metrics = metrics
+        self.provider = ""  # the execution provider in use, known after start()
         # Feed the tokens before a request's last on the prefill graph when there are at least
         # this many (None: never; the step graph takes them all in one run). Known after start.
         self.prefill_split: int | None = None
+        self._closing = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 

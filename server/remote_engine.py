@@ -76,12 +76,9 @@ class RemoteEngine(Engine):
         config: EngineConfig | None = None,
         metrics: EngineMetrics | None = None,
     ) -> None:
-        self.bundle = bundle
-        self.config = config if config is not None else EngineConfig(process=True)
-        self.metrics = metrics
-        self.provider = ""
-        self.prefill_split: int | None = None
-        self._closing = False
+        self._init_api(
+            bundle, config if config is not None else EngineConfig(process=True), metrics
+        )
         self._process: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._outbox: channel.Outbox | None = None

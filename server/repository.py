@@ -43,7 +43,7 @@ from server.bundle import (
     read_manifest,
     read_member,
 )
-from server.engine import Engine, EngineConfig, EngineError
+from server.engine import Engine, EngineConfig, EngineError, open_engine
 from server.limits import quote
 from server.metrics import Metrics
 from server.text import TextCodec
@@ -505,7 +505,9 @@ class ModelRepository:
     async def _start(self, bundle: Bundle, stamp: str) -> LoadedModel:
         assert self._metrics is not None
         name, version = bundle.name, bundle.version
-        engine = Engine(bundle, self._engine_config, self._metrics.engine_metrics(name, version))
+        engine = open_engine(
+            bundle, self._engine_config, self._metrics.engine_metrics(name, version)
+        )
         try:
             await engine.start()
         except BaseException:

@@ -85,18 +85,7 @@ class NumpyRowSampler:
             )
             for i in range(0, n, SCRATCH_ROWS)
         ]
-        tops = [top for s in parts for top in s.top]
-        width = int(rows.top_logprobs.max(initial=0))
-        top_ids = np.zeros((n, width), dtype=np.int64)
-        top_lps = np.zeros((n, width), dtype=np.float32)
-        for r, top in enumerate(tops):
-            if top:
-                top_ids[r, : len(top)] = [t for t, _ in top]
-                top_lps[r, : len(top)] = [lp for _, lp in top]
-        tokens, logprobs, lse = (
-            np.concatenate([getattr(s, f) for s in parts]) for f in ("tokens", "logprobs", "lse")
-        )
-        return SampledRows(tokens, logprobs, lse, top_ids, top_lps, rows.top_logprobs)
+        return SampledRows.from_samples(parts, rows.top_logprobs)
 
 
 def choose(setting: str, providers: Sequence[str], options: ort.SessionOptions) -> RowSampler:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.sampling import GeneratedToken, Sampler, SamplingParams
+from server.sampling import GeneratedToken, Sampler, Samples, SamplingParams
 
 GRAPH_PATH = Path(__file__).with_name("sampler.onnx")  # built by exporter/sampler_graph.py
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -161,6 +161,22 @@ class SampledRows:
     top_logprobs: np.ndarray  # [B, K] float32: their log-probs (unmodified distribution)
     top_counts: np.ndarray  # [B] int64
 
+    @staticmethod
+    def from_samples(parts: Sequence[Samples], top_counts: np.ndarray) -> SampledRows:
+        """The numpy `Sampler`'s results for consecutive blocks of rows, in this form."""
+        tops = [top for s in parts for top in s.top]
+        width = int(top_counts.max(initial=0))
+        top_ids = np.zeros((len(tops), width), dtype=np.int64)
+        top_lps = np.zeros((len(tops), width), dtype=np.float32)
+        for r, top in enumerate(tops):
+            if top:
+                top_ids[r, : len(top)] = [t for t, _ in top]
+                top_lps[r, : len(top)] = [lp for _, lp in top]
+        tokens, logprobs, lse = (
+            np.concatenate([getattr(s, f) for s in parts]) for f in ("tokens", "logprobs", "lse")
+        )
+        return SampledRows(tokens, logprobs, lse, top_ids, top_lps, top_counts)
+
     def generated(self) -> list[GeneratedToken]:
         """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
         if not self.top_counts.any():  # no row asked for alternatives: the common case
@@ -219,14 +235,7 @@ class ReferenceSampler:
         params = [_row_params(rows, r) for r in range(len(rows))]
         history = [np.flatnonzero(rows.seen[r]) for r in range(len(rows))]
         s = self._sampler.sample(logits, params, history, np.asarray(u, dtype=np.float64))
-        width = int(rows.top_logprobs.max(initial=0))
-        top_ids = np.zeros((len(rows), width), dtype=np.int64)
-        top_lps = np.zeros((len(rows), width), dtype=np.float32)
-        for r, top in enumerate(s.top):
-            if top:
-                top_ids[r, : len(top)] = [t for t, _ in top]
-                top_lps[r, : len(top)] = [lp for _, lp in top]
-        return SampledRows(s.tokens, s.logprobs, s.lse, top_ids, top_lps, rows.top_logprobs)
+        return SampledRows.from_samples([s], rows.top_logprobs)
 
 
 def _row_params(rows: SamplingRows, r: int) -> SamplingParams:

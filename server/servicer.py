@@ -500,9 +500,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     def _filters(self, model: LoadedModel, blocked: set[str], users: list[str]) -> Filters:
         """The server's, the bundle's and the caller's blocked words; the caller's user words."""
-        return Filters(
-            self.words.blocklist | _bundle_blocklist(model.bundle) | blocked, tuple(users)
-        )
+        base = _blocklists(self.words.blocklist, model.bundle.blocklist)
+        return Filters(base | blocked if blocked else base, tuple(users))
 
     async def _suggest(
         self,
@@ -816,14 +815,11 @@ def _remember(memory: Memory, event: pb.TypingEvent) -> None:
             raise invalid(f"the session's {name} would hold {size} words; at most {MAX_LIST_WORDS}")
 
 
-def _bundle_blocklist(bundle: Bundle) -> frozenset[str]:
-    """The bundle's blocklist file, folded (once per distinct file)."""
-    return _word_list(bundle.blocklist)
-
-
 @functools.lru_cache(maxsize=64)
-def _word_list(text: str) -> frozenset[str]:
-    return read_word_list(text)
+def _blocklists(server: frozenset[str], bundle_text: str) -> frozenset[str]:
+    """The server's blocked words and the bundle's blocklist file, folded: made once per
+    model and server list, not on every request and keystroke."""
+    return server | read_word_list(bundle_text)
 
 
 def _suggested(predicted: Predicted) -> list[pb.Prediction]:

@@ -195,9 +195,12 @@ CHAR = "shakespeare-char"
 
 
 def answers(client: Client) -> tuple[object, ...]:
-    """Answers that depend on every weight: next-word probabilities, scores, greedy text."""
+    """Answers that depend on every weight: next-token probabilities, scores, greedy text.
+
+    Next tokens, not words: a char model's word search stops at `--word-search-ms`, so on a
+    loaded machine two identical calls can return different words."""
     return (
-        client.predict_next("the cat", k=5),
+        client.predict_next("the cat", k=5, next_tokens=True),
         client.score(["the cat sees the moon .", "a dog likes a red house ."]),
         client.generate_text("the", max_tokens=12, top_k=1),
     )

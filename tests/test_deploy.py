@@ -244,6 +244,14 @@ def _rule_groups() -> list[dict[str, Any]]:
     return rule["spec"]["groups"]
 
 
+def _write_rule_file(directory: Path) -> Path:
+    """rules.yaml's spec.groups as a plain rule file, rules.yml in `directory`, for promtool
+    (which does not read a PrometheusRule)."""
+    path = directory / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": _rule_groups()}), encoding="utf-8")
+    return path
+
+
 def _rules() -> Iterator[dict[str, Any]]:
     for group in _rule_groups():
         yield from group["rules"]
@@ -1047,8 +1055,7 @@ def test_dockerfile_copies_what_the_wheel_and_the_image_need() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
     """promtool checks what the parser above cannot: rule semantics, durations, templates."""
-    rules = tmp_path / "rules.yml"
-    rules.write_text(yaml.safe_dump({"groups": list(_rule_groups())}), encoding="utf-8")
+    rules = _write_rule_file(tmp_path)
     result = subprocess.run(
         ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60
     )

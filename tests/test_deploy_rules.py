@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_deploy import ROOT, _rule_groups, _rules
+from test_deploy import ROOT, _rules, _write_rule_file
 
 RULES_TEST = ROOT / "tests" / "data" / "deploy" / "rules-test.yaml"
 
@@ -40,9 +40,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
 
 
 def _promtool_test(directory: Path) -> subprocess.CompletedProcess[str]:
-    (directory / "rules.yml").write_text(
-        yaml.safe_dump({"groups": _rule_groups()}), encoding="utf-8"
-    )
+    _write_rule_file(directory)
     shutil.copy(RULES_TEST, directory / RULES_TEST.name)
     return subprocess.run(
         ["promtool", "test", "rules", RULES_TEST.name],

@@ -60,7 +60,7 @@ from test_scheduler import (  # likewise the scheduler's
 from test_server import *  # noqa: F403 (the server's tests and fixtures, run with the flag)
 
 from server.bundle import Bundle, load_bundle
-from server.engine import Engine, EngineConfig, SamplingParams
+from server.engine import Engine, EngineConfig, SamplingParams, open_engine
 from server.engine_errors import EngineClosed
 from server.metrics import Metrics
 from server.remote_engine import RemoteEngine
@@ -105,7 +105,7 @@ class _Engine:
     dispatch on the instance, which is the front end `RemoteEngine`."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Engine:  # type: ignore[misc]
-        return Engine(*args, **kwargs)
+        return open_engine(*args, **kwargs)
 
     @staticmethod
     def next_token_logprobs(engine: Engine, *args: Any, **kwargs: Any) -> Awaitable[Any]:
@@ -155,7 +155,7 @@ def test_the_flag_makes_a_front_end_with_the_same_results(lstm: Bundle) -> None:
 
 def test_close_ends_the_core_process(lstm: Bundle) -> None:
     async def main() -> int:
-        engine = Engine(lstm, EngineConfig(process=True))
+        engine = open_engine(lstm, EngineConfig(process=True))
         await engine.start()
         assert isinstance(engine, RemoteEngine) and engine._process is not None
         stream = engine.generate([1], 10**9, SamplingParams(seed=4))
@@ -208,10 +208,10 @@ def test_callers_get_engine_closed_when_the_core_dies(lstm: Bundle) -> None:
 PARENT = """
 import asyncio, sys
 from server.bundle import load_bundle
-from server.engine import Engine, EngineConfig
+from server.engine import EngineConfig, open_engine
 
 async def main():
-    engine = Engine(load_bundle(sys.argv[1]), EngineConfig(process=True))
+    engine = open_engine(load_bundle(sys.argv[1]), EngineConfig(process=True))
     await engine.start()
     print(engine._process.pid, flush=True)
     await asyncio.sleep(600)

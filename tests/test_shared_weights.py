@@ -50,8 +50,7 @@ def test_sessions_answer_alike_once_the_loaders_bytes_and_files_are_gone(
     options.intra_op_num_threads = 1
     sessions = {g: bundle.open_session(g, options) for g in ("step", "score", "prefill")}
     before = outputs(bundle, sessions)
-    bundle.graph_bytes.release()
-    trim_heap()
+    bundle.graph_bytes.release()  # and trims the heap
     for file in bundle.path.iterdir():
         file.unlink()
     after = outputs(bundle, sessions)

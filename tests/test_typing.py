@@ -256,16 +256,24 @@ def test_an_extending_keystroke_costs_no_model_step(client: Client, model: str) 
         session.close()
 
 
-def test_filtered_keystrokes_equal_a_fresh_search(client: Client) -> None:
-    """A session's filtered answer is the word a new search of the same context ranks first."""
+def _keystroke_and_fresh_search(
+    client: Client, model: str, k: int, letters: int
+) -> tuple[pb.Suggestions, pb.PredictNextResponse]:
+    """In a session on CONTEXT, the word suggested after "b"; then the session's answer (`k`
+    words) to that word's first `letters` letters, and a new search's answer to the same."""
     session = _Session(client)
     try:
-        session.send(model=CHAR, text=CONTEXT, k=1)
+        session.send(model=model, text=CONTEXT, k=1)
         (word,) = session.send(k=1, partial_word="b").predictions
-        filtered = session.send(k=1, partial_word=word.token[:2])
+        typed = session.send(k=k, partial_word=word.token[:letters])
     finally:
         session.close()
-    fresh = client.predict_next(CONTEXT, k=1, partial_word=word.token[:2], model=CHAR)
+    return typed, client.predict_next(CONTEXT, k=k, partial_word=word.token[:letters], model=model)
+
+
+def test_filtered_keystrokes_equal_a_fresh_search(client: Client) -> None:
+    """A session's filtered answer is the word a new search of the same context ranks first."""
+    filtered, fresh = _keystroke_and_fresh_search(client, CHAR, k=1, letters=2)
     assert filtered.model_steps == 0 and fresh.model_steps > 0
     assert [p.token for p in filtered.predictions] == [p.token for p in fresh.predictions]
 
@@ -276,14 +284,7 @@ def test_a_keystroke_the_stored_words_cannot_answer_resumes_the_search(
 ) -> None:
     """Asked for more words than the last search kept, a keystroke searches on from where that
     search stopped: fewer steps than a new search, and the same words and probabilities."""
-    session = _Session(client)
-    try:
-        session.send(model=model, text=CONTEXT, k=1)
-        (word,) = session.send(k=1, partial_word="b").predictions
-        resumed = session.send(k=6, partial_word=word.token[:1])
-    finally:
-        session.close()
-    fresh = client.predict_next(CONTEXT, k=6, partial_word=word.token[:1], model=model)
+    resumed, fresh = _keystroke_and_fresh_search(client, model, k=6, letters=1)
     assert 0 < resumed.model_steps < fresh.model_steps
     assert [p.token for p in resumed.predictions] == [p.token for p in fresh.predictions]
     for a, b in zip(resumed.predictions, fresh.predictions, strict=True):
@@ -376,6 +377,7 @@ def test_word_flags_are_checked(tmp_path: Path) -> None:
         (["--word-search-width", "0"], "--word-search-width"),
         (["--word-search-ms", "0"], "--word-search-ms"),
         (["--user-word-boost", "0.5"], "--user-word-boost"),
+        (["--user-word-boost", "inf"], "--user-word-boost"),  # WordSettings' rule too
         (["--user-word-floor", "2"], "--user-word-floor"),
     ):
         with pytest.raises(ConfigError, match=named):
