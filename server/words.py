@@ -328,7 +328,8 @@ async def search(
     one stopped: from its words that match and the hypotheses it left that can still match.
 
     Stops when no hypothesis is left, after `settings.depth` rounds, after the round that
-    passes `settings.budget_ms`, or when `want` words were found that are all likelier than
+    passes `settings.budget_ms` once it has a word to show (a late answer beats an empty one;
+    the depth still bounds it), or when `want` words were found that are all likelier than
     every live hypothesis (extending a hypothesis only makes it less likely).
     """
     deadline = time.perf_counter() + settings.budget_ms / 1000
@@ -352,7 +353,7 @@ async def search(
                 left.append(Unsearched(match.norm(h.text), h, logprobs, pieces, kept))
         live, dropped = _prune(grown, found, settings.width, want)
         left += [Unsearched(match.norm(h.text), h) for h in dropped]
-        if not live or time.perf_counter() > deadline:
+        if not live or (found and time.perf_counter() > deadline):
             break
     left += [Unsearched(match.norm(h.text), h) for h in live]
     return SearchResult(list(found.values()), steps, left)
