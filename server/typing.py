@@ -10,6 +10,8 @@ search left (`Unsearched`) could still beat the k-th of them.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -87,7 +89,64 @@ class _Counted:
 
     async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
         self.steps += len(contexts)
-        return await self._engine.next_token_logprobs_many(contexts, self._cached)
+        if self._cached:  # the continuous cache's calls run one context at a time anyway
+            return await self._engine.next_token_logprobs_many(contexts, True)
+        return await _joint(self._engine)(contexts)
+
+
+class _Joint:
+    """The next-token calls that sessions make in one turn of the event loop, run as one
+    call of the engine (one batch): sessions woken together by their keystrokes share a step
+    instead of running one step of one row each (the engine runs an idle step on the event
+    loop, so it never batches them by itself)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._waiting: list[tuple[list[list[int]], asyncio.Future[list[np.ndarray]]]] = []
+        self._runs: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        if not self._waiting:  # the run starts on the next turn, with every call made by then
+            run = loop.create_task(self._run())
+            self._runs.add(run)
+            run.add_done_callback(self._runs.discard)
+        self._waiting.append((contexts, future))
+        return await future
+
+    async def _run(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        try:
+            rows = await self._engine.next_token_logprobs_many(
+                [c for contexts, _ in waiting for c in contexts]
+            )
+        except BaseException as e:  # each session gets the error (or the cancellation)
+            for _, future in waiting:
+                if future.done():
+                    continue
+                if isinstance(e, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        at = 0
+        for contexts, future in waiting:
+            if not future.done():  # not cancelled: its session is still there
+                future.set_result(rows[at : at + len(contexts)])
+            at += len(contexts)
+
+
+_JOINTS: weakref.WeakKeyDictionary[Engine, _Joint] = weakref.WeakKeyDictionary()
+
+
+def _joint(engine: Engine) -> _Joint:
+    joint = _JOINTS.get(engine)
+    if joint is None:
+        joint = _JOINTS[engine] = _Joint(engine)
+    return joint
 
 
 async def predict_tokens(

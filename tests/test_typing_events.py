@@ -1,0 +1,94 @@
+"""What a typing event costs the server, pinned on results and counts (never on time): the
+word model's top tokens without a full sort, and the model steps of sessions woken together
+joined into one batch of the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.bundle import load_bundle
+from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.text import TextCodec
+from server.typing import Memory, Predicted, predict_tokens
+from server.words import Filters, Matcher, WordSettings, likeliest
+
+
+@pytest.mark.parametrize("size", [1, 5, 63, 64, 65, 1000, 10_000])
+@pytest.mark.parametrize("n", [1, 3, 18, 200])
+def test_likeliest_are_the_n_largest(size: int, n: int) -> None:
+    rng = np.random.default_rng(size * 1000 + n)
+    row = rng.standard_normal(size).astype(np.float32)
+    row[rng.integers(0, size, size // 10)] = -np.inf  # tokens a model never predicts
+    row[rng.integers(0, size, size // 10)] = row[0]  # ties
+    ids = likeliest(row, n)
+    assert ids.size == min(n, size) and np.unique(ids).size == ids.size
+    np.testing.assert_array_equal(np.sort(row[ids]), np.sort(row)[size - ids.size :])
+
+
+def test_likeliest_of_a_row_with_few_finite_values() -> None:
+    row = np.full(4096, -np.inf, dtype=np.float32)
+    row[[7, 4000]] = [-1.0, -2.0]
+    ids = likeliest(row, 10)
+    assert ids.size == 10 and {7, 4000} <= set(ids.tolist())
+
+
+def _batch_runs(metrics: Metrics, model: str) -> tuple[float, float]:
+    """(onnxruntime runs, rows summed over them) the engine recorded so far."""
+    labels = {"model": model}
+    count = metrics.registry.get_sample_value("rnnlm_batch_size_count", labels) or 0.0
+    total = metrics.registry.get_sample_value("rnnlm_batch_size_sum", labels) or 0.0
+    return count, total
+
+
+def test_sessions_woken_together_share_one_model_step(
+    tiny_bundle_factory: Callable[..., Path],
+) -> None:
+    """Word-model keystrokes of three sessions in one turn of the event loop (each adding a
+    word to a context the engine has cached) run as one batch of the engine, each answered
+    as if alone and each counting its own step."""
+    bundle = load_bundle(tiny_bundle_factory("lstm", "word"))
+    codec = TextCodec(bundle)
+    prefix = codec.encode("the cat sees the ")
+    contexts = [prefix + codec.encode(word) for word in ("sun", "moon", "cat")]
+    match, filters, settings = Matcher("", False), Filters(), WordSettings()
+
+    async def one(engine: Engine, ids: list[int]) -> Predicted:
+        return await predict_tokens(
+            engine, codec, ids, 5, match, filters, settings, False, Memory()
+        )
+
+    async def run(together: bool) -> tuple[list[Predicted], tuple[float, float]]:
+        metrics = Metrics()
+        engine = Engine(bundle, EngineConfig(), metrics.engine_metrics(bundle.name, "v"))
+        await engine.start()
+        try:
+            await one(engine, prefix)  # the sessions' common context, cached
+            before = _batch_runs(metrics, bundle.name)
+            if together:
+                predicted = list(await asyncio.gather(*(one(engine, c) for c in contexts)))
+            else:
+                predicted = [await one(engine, c) for c in contexts]
+            after = _batch_runs(metrics, bundle.name)
+        finally:
+            await engine.close()
+        return predicted, (after[0] - before[0], after[1] - before[1])
+
+    alone, alone_runs = asyncio.run(run(together=False))
+    together, together_runs = asyncio.run(run(together=True))
+    assert alone_runs == (len(contexts), len(contexts))
+    assert together_runs == (1, len(contexts))
+    for a, b in zip(alone, together, strict=True):
+        assert a.steps == b.steps == 1
+        assert [s.text for s in a.suggestions] == [s.text for s in b.suggestions]
+        np.testing.assert_allclose(
+            [s.probability for s in a.suggestions],
+            [s.probability for s in b.suggestions],
+            rtol=1e-5,
+        )
