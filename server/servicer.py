@@ -445,6 +445,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     ) -> None:
         model: LoadedModel | None = None
         text = ""
+        ids: list[int] | None = None  # `text`'s tokens, kept while events only add letters
         memory = Memory()
         try:
             async for event in self._until_drain(events):
@@ -478,7 +479,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 if event.return_state_token:
                     self._limits.state_token_reply(text)
                 _remember(memory, event)
-                ids = await self._context_ids(model, text, "the session's context")
+                if ids is None or event.text or event.reset or event.state_token:
+                    ids = await self._context_ids(model, text, "the session's context")
                 filters = self._filters(model, memory.blocked, memory.user_words)
                 cached = event.continuous_cache
                 predicted = await self._suggest(model, text, ids, event, filters, cached, memory)
@@ -805,6 +807,8 @@ def _words(values: Sequence[str], field: str) -> list[str]:
 
 def _remember(memory: Memory, event: pb.TypingEvent) -> None:
     """Add an event's blocked and user words to its session's lists (bounded)."""
+    if not event.blocked_words and not event.user_words:
+        return  # most keystrokes add none
     blocked = _words(event.blocked_words, "blocked_words")
     users = _words(event.user_words, "user_words")
     memory.blocked |= {fold(w) for w in blocked}
