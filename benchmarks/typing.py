@@ -64,6 +64,10 @@ KEYS_PER_SECOND = 5.0
 P99_LIMIT_MS = 10.0
 SAVINGS_TARGET = 0.45
 TYPISTS_TARGET = 200
+# Held-out lines between the starts of two concurrent typists: more than one types in a
+# trial. Each trial's typists start after the last trial's (wrapping at the text's end), so a
+# trial does not retype what the one before typed and find it in the server's state cache.
+TYPIST_SPACING = 3
 # A session that has grown past this many characters opens again at the next line end.
 MAX_SESSION_CHARS = 4000
 # A deadline on the single typist's session: its line count bounds it, this only ends a hang.
@@ -357,15 +361,16 @@ async def crowd(
     n: int,
     plan: TypingPlan,
     server_cpu: Callable[[], float | None],
+    first_line: int = 0,
 ) -> dict[str, Any]:
     """`n` typists at KEYS_PER_SECOND each for `plan.trial_s`: keystroke latency and errors,
     and the CPU time an event cost the server (`server_cpu`: its CPU seconds so far) and this
-    process (the load generator)."""
+    process (the load generator). Typist i starts at held-out line `first_line` + i *
+    TYPIST_SPACING."""
     tally = Tally()
     cpu_before, own_before = server_cpu(), time.process_time()
     pace = 1.0 / KEYS_PER_SECOND
     lines = int((plan.warmup_s + plan.trial_s) * KEYS_PER_SECOND) + 4  # more than is typed
-    stride = max(1, len(held.lines) // max(n, 1))
     # Sessions open (untimed) within the first key's time, then type; keys are timed after
     # the warm-up.
     timed_from = time.perf_counter() + plan.warmup_s
@@ -373,7 +378,7 @@ async def crowd(
 
     async def one(i: int) -> None:
         await asyncio.sleep(pace * i / n)  # spread the typists over one key's time
-        context, text = held.passage(i * stride, lines)
+        context, text = held.passage(first_line + i * TYPIST_SPACING, lines)
         keys = typist(context, text, plan.k, tally, held.words)
         await type_passage(stub, keys, tally, k=held.ask, pace_s=pace, window=window)
 
@@ -406,6 +411,7 @@ async def search(
     of other work can fail one trial alone.
     """
     trials: list[dict[str, Any]] = []
+    first_line = 0  # where the next trial's typists start in the held-out text
     best, worst = 0, None  # the largest N within, the smallest N over
     end = time.monotonic() + plan.budget_s
     n: int | None = plan.first_n
@@ -416,7 +422,9 @@ async def search(
             if attempt > 1 and time.monotonic() + plan.warmup_s + plan.trial_s >= end:
                 break
             say(f"typing: {n} typists at {KEYS_PER_SECOND:g} keys/s for {plan.trial_s:g} s")
-            trials.append({**await crowd(stub, held, n, plan, server_cpu), "attempt": attempt})
+            trial = await crowd(stub, held, n, plan, server_cpu, first_line)
+            trials.append({**trial, "attempt": attempt, "first_line": first_line})
+            first_line = (first_line + n * TYPIST_SPACING) % len(held.lines)
             if within := trials[-1]["within"]:
                 break
         if within:

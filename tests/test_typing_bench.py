@@ -4,6 +4,7 @@ bundles through a real server. Timings are never checked; counts and their consi
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from benchmarks.typing import (
     OPEN,
     SEPARATOR,
     TAP,
+    TYPIST_SPACING,
     HeldOut,
     Key,
     Tally,
@@ -154,6 +156,12 @@ def test_the_concurrency_search_is_consistent(typing_run: dict[str, Any]) -> Non
     for trial in c["trials"]:
         assert trial["failed_typists"] == 0
         assert trial["keystrokes"] > 0
+    # Each trial's typists start where the last trial's ended: none retypes an earlier text.
+    held = typing_run["text"]["held_out_lines"]
+    assert c["trials"][0]["first_line"] == 0
+    for before, after in itertools.pairwise(c["trials"]):
+        step = before["typists"] * TYPIST_SPACING
+        assert after["first_line"] == (before["first_line"] + step) % held
     statuses = {r["target"]: r["status"] for r in typing_run["targets"]}
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
     assert len(statuses) == 3
