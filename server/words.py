@@ -455,9 +455,11 @@ def choose(
     after "Lo") are one suggestion with both's probability.
     """
     merged: dict[str, Word] = {}
+    blocking = bool(filters.blocked)
     for w in words:
-        if match.matches(w.text) and filters.allows(w.text):
-            _add(merged, Word(match.shown(w.text), w.logprob, w.ids), merge=True)
+        if match.matches(w.text) and (not blocking or filters.allows(w.text)):
+            shown = match.shown(w.text)
+            _add(merged, w if shown == w.text else Word(shown, w.logprob, w.ids), merge=True)
     logprobs = np.array([w.logprob for w in merged.values()], dtype=np.float64)
     mass = _logsumexp(logprobs) if total is None else total
     probs = {t: (math.exp(w.logprob - mass), w.ids) for t, w in merged.items()}
