@@ -114,6 +114,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self._end_streams = asyncio.Event()
         # Done when the drain starts; made in the event loop at first use.
         self._draining: asyncio.Future[None] | None = None
+        # The typing sessions waiting for their next event, which the drain interrupts.
+        self._reading: set[asyncio.Task[Any]] = set()
+        self._interrupted: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle (driven by server.app) -------------------------------------------------
 
@@ -133,6 +136,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         draining = self._drain_started()
         if not draining.done():
             draining.set_result(None)
+        for task in self._reading - self._interrupted:
+            self._interrupted.add(task)
+            task.cancel()
 
     def _drain_started(self) -> asyncio.Future[None]:
         if self._draining is None:
@@ -539,25 +545,27 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     async def _until_drain(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """`events`, until the server starts draining: a session waiting for its next event
-        then ends with UNAVAILABLE, telling the client to resume elsewhere."""
+        then ends with UNAVAILABLE, telling the client to resume elsewhere. `start_drain`
+        interrupts the wait (a race of each wait against the drain cost the event loop three
+        times the work per event)."""
         iterator = aiter(events)
-        draining = self._drain_started()
-        following: asyncio.Future[T] | None = None
-        try:
-            while not draining.done():
-                following = asyncio.ensure_future(anext(iterator))
-                await asyncio.wait((following, draining), return_when=asyncio.FIRST_COMPLETED)
-                if not following.done():
-                    break
-                try:
-                    event = following.result()
-                except StopAsyncIteration:
-                    return
-                following = None
-                yield event
-        finally:
-            if following is not None:
-                following.cancel()
+        task = asyncio.current_task()
+        assert task is not None  # a handler runs in a task
+        while not self._drain_started().done():
+            self._reading.add(task)
+            try:
+                event = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if task not in self._interrupted:
+                    raise  # the call ended: the client went away or its deadline passed
+                task.uncancel()
+                break
+            finally:
+                self._reading.discard(task)
+                self._interrupted.discard(task)
+            yield event
         raise RpcError(Code.UNAVAILABLE, DRAINING_MESSAGE)
 
     # -- state tokens ----------------------------------------------------------------------
