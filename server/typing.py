@@ -165,8 +165,9 @@ async def predict_tokens(
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
-    # Twice k: words that differ only in case are one suggestion when matching ignores case.
-    words, total = vocab_words(codec, memory.logprobs, match, filters, 2 * k)
+    # Twice k when words shown the same are one suggestion, so that k remain.
+    extra = 2 * k if match.merges else k
+    words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
 
 

@@ -131,9 +131,20 @@ class Matcher:
         if not n or self.norm(word[:n]) != self.key:
             return word
         rest = word[n:]
-        if n > 1 and self.partial.isupper():
+        if self._shouting:
             rest = rest.upper()
         return self.partial + rest
+
+    @property
+    def _shouting(self) -> bool:
+        """Typed in capitals (two letters at least): the rest of a word is shown so too."""
+        return len(self.partial) > 1 and self.partial.isupper()
+
+    @property
+    def merges(self) -> bool:
+        """Whether two different words that match can be shown the same ("Lord" and "lord"
+        after "lo" when folding; "THee" and "THEE" after "TH")."""
+        return self.folding or self._shouting
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.text import TextCodec
 from server.typing import Memory, Predicted, predict_tokens
-from server.words import Filters, Matcher, WordSettings, likeliest
+from server.words import Filters, Matcher, WordSettings, choose, likeliest, vocab_words
 
 
 @pytest.mark.parametrize("size", [1, 5, 63, 64, 65, 1000, 10_000])
@@ -91,4 +91,49 @@ def test_sessions_woken_together_share_one_model_step(
             [s.probability for s in a.suggestions],
             [s.probability for s in b.suggestions],
             rtol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("folding", [False, True])
+def test_a_word_models_suggestions_are_the_k_likeliest_of_all(
+    tiny_bundle_factory: Callable[..., Path], folding: bool
+) -> None:
+    """The few candidates a keystroke takes from the row give what choosing among every
+    token would (blocked words and user words included)."""
+    bundle = load_bundle(tiny_bundle_factory("lstm", "word"))
+    codec = TextCodec(bundle)
+    ids = codec.encode("the cat sees the ")
+    filters = Filters(frozenset({"sun"}), ("moon", "Zelda"))
+    settings = WordSettings()
+
+    async def main() -> tuple[np.ndarray, list[tuple[str, int, Predicted]]]:
+        engine = Engine(bundle, EngineConfig())
+        await engine.start()
+        try:
+            logprobs = await engine.next_token_logprobs(ids)
+            out = []
+            for partial in ("", "s", "m", "Mo", "MO", "t", "th", "Z"):
+                for k in (1, 3, 8):
+                    match = Matcher(partial, folding)
+                    memory = Memory()
+                    predicted = await predict_tokens(
+                        engine, codec, ids, k, match, filters, settings, False, memory
+                    )
+                    out.append((partial, k, predicted))
+            return logprobs, out
+        finally:
+            await engine.close()
+
+    logprobs, predictions = asyncio.run(main())
+    for partial, k, predicted in predictions:
+        match = Matcher(partial, folding)
+        every, total = vocab_words(codec, logprobs, match, filters, codec.vocab_size)
+        expected = choose(every, k, match, filters, settings, total)
+        assert [(s.text, s.ids) for s in predicted.suggestions] == [
+            (s.text, s.ids) for s in expected
+        ], (partial, k)
+        np.testing.assert_allclose(
+            [s.probability for s in predicted.suggestions],
+            [s.probability for s in expected],
+            rtol=1e-9,
         )
