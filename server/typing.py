@@ -5,7 +5,8 @@ found by the word search (server/words.py). A typing session keeps what its last
 computed (`Memory`): a keystroke that only adds letters to the partial word, in the same
 context, filters the words found before instead of running the model again, and searches
 again only when they may not hold the k likeliest words that match: when a hypothesis the
-search left (`Unsearched`) could still beat the k-th of them.
+search left (`Unsearched`) could still beat the k-th of them. The model steps that sessions
+ask for in one turn of the event loop run as one batch of the engine (`_Joint`).
 """
 
 from __future__ import annotations
