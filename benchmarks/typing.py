@@ -694,7 +694,16 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *_cpu_lines(c),
         *report._table(
-            ["typists", "trial", "keystrokes", "p50 ms", "p99 ms", "failed typists", "within"],
+            [
+                "typists",
+                "trial",
+                "keystrokes",
+                "p50 ms",
+                "p99 ms",
+                "failed typists",
+                "within",
+                "CPU ms per event: server / load generator",
+            ],
             [
                 [
                     r["typists"],
@@ -704,6 +713,8 @@ def markdown(results: dict[str, Any]) -> str:
                     report._f(r["p99_ms"]),
                     r["failed_typists"],
                     "yes" if r["within"] else "no",
+                    f"{report._f(r['server_cpu_ms_per_event'])} / "
+                    f"{report._f(r['client_cpu_ms_per_event'])}",
                 ]
                 for r in c["trials"]
             ],
@@ -720,7 +731,8 @@ def _cpu_lines(c: dict[str, Any]) -> list[str]:
         f"the load generator {c['client_cpu_ms_per_event']:.3g} ms. At that cost the usable "
         f"cores could serve {c['typists_cpu_allows_server_alone']} typists with the server "
         f"alone on them, {c['typists_cpu_allows_with_client']} with the load generator beside "
-        "it (a CPU bound, not a latency one).",
+        "it (a CPU bound, not a latency one). Each trial's figures are in the table: an event "
+        "costs more with fewer typists, whose events share less of the event loop's work.",
         "",
     ]
 
