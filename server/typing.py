@@ -132,7 +132,7 @@ async def predict_words(
     if resume is not None and resume.complete(k, match, filters):
         return Predicted(choose(resume.words, k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
-    table: PieceTable = piece_table(codec, match.folding)
+    table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
         counted, context, table, after_space, match, filters, settings, want, resume

@@ -182,6 +182,45 @@ class _Pieces:
         return np.concatenate(found)
 
 
+class Lexicon:
+    """The words a search may suggest (a bundle's `lexicon.txt`: the words of its training
+    text), as typed there. A search restricted to them extends a hypothesis only by the pieces
+    that keep it a beginning of one of them, and finds only them: fragments such as "th" are
+    never stored words, and a bound on what a hypothesis left covers only the words it can
+    still reach."""
+
+    def __init__(self, words: Iterable[str]) -> None:
+        self.words = frozenset(w for w in words if is_word(w))
+        self.prefixes = frozenset(w[:n] for w in self.words for n in range(1, len(w) + 1))
+        self._next: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def allowed(self, pieces: _Pieces, text: str) -> np.ndarray:
+        """A mask over `pieces.ids`: the pieces after `text` that begin a word here (cached)."""
+        key = (id(pieces), text)
+        mask = self._next.get(key)
+        if mask is None:
+            if len(self._next) >= _LEXICON_CACHE:
+                self._next.clear()
+            mask = np.array([text + t in self.prefixes for t in pieces.texts], dtype=bool)
+            self._next[key] = mask
+        return mask
+
+
+_LEXICON_CACHE = 1 << 17  # (pieces, text) masks a lexicon keeps
+
+
+@functools.lru_cache(maxsize=8)
+def read_lexicon(text: str) -> Lexicon | None:
+    """A bundle's lexicon file (one word a line, as typed; '#' starts a comment); None when
+    it lists no word (cached: one per served bundle)."""
+    words = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    lexicon = Lexicon(w for w in words if w)
+    return lexicon if len(lexicon) else None
+
+
 @dataclass(frozen=True)
 class PieceTable:
     """A char or BPE vocabulary split into word starts, continuations and boundaries."""
@@ -190,11 +229,23 @@ class PieceTable:
     inner: _Pieces  # pieces that continue a word (or begin one with no space before it)
     boundary: np.ndarray  # ids that end a word: spaces, punctuation, eos
     text: dict[int, str]  # each start or inner id's text as it adds to a word
+    lexicon: Lexicon | None = None  # the words a search may find (None: any word)
+
+    def allowed_ids(self, pieces: _Pieces, text: str) -> np.ndarray:
+        """The ids of `pieces` that may follow `text` (all of them without a lexicon)."""
+        if self.lexicon is None:
+            return pieces.ids
+        return pieces.ids[self.lexicon.allowed(pieces, text)]
+
+    def is_word(self, text: str) -> bool:
+        """Whether a search may find `text` as a word."""
+        return bool(text) and (self.lexicon is None or text in self.lexicon.words)
 
 
 @functools.lru_cache(maxsize=32)
-def piece_table(codec: TextCodec, folding: bool) -> PieceTable:
-    """`codec`'s pieces, normalised for matching with or without folding (cached)."""
+def piece_table(codec: TextCodec, folding: bool, lexicon: str = "") -> PieceTable:
+    """`codec`'s pieces, normalised for matching with or without folding, and the words of
+    `lexicon` (a bundle's lexicon file's text; "": any word) (cached)."""
     norm = fold if folding else _same
     starts: list[tuple[int, str]] = []
     inner: list[tuple[int, str]] = []
@@ -215,6 +266,7 @@ def piece_table(codec: TextCodec, folding: bool) -> PieceTable:
         _Pieces.of(inner, norm),
         np.array(boundary, dtype=np.int64),
         dict(starts) | dict(inner),
+        read_lexicon(lexicon) if lexicon else None,
     )
 
 
@@ -253,6 +305,7 @@ class Unsearched:
     row: np.ndarray | None = None
     pieces: _Pieces | None = None
     kept: frozenset[int] = frozenset()
+    allowed: np.ndarray | None = None  # the ids of `pieces` a lexicon allows here (None: all)
 
     def _dropped(self, key: str) -> np.ndarray:
         """The ids of the pieces not kept that lead to words matching `key`."""
@@ -264,6 +317,8 @@ class Unsearched:
             ids = self.pieces.compatible(key[len(self.key) :])
         else:
             return np.zeros(0, dtype=np.int64)
+        if self.allowed is not None:
+            ids = ids[np.isin(ids, self.allowed)]
         return np.array([i for i in ids.tolist() if i not in self.kept], dtype=np.int64)
 
     def bound(self, key: str) -> float:
@@ -342,7 +397,7 @@ async def search(
         steps += len(live)
         grown: list[_Hypothesis] = []
         for h, logprobs in zip(live, rows, strict=True):
-            if h.text and match.matches(h.text) and filters.allows(h.text):
+            if table.is_word(h.text) and match.matches(h.text) and filters.allows(h.text):
                 end = _logsumexp(logprobs[table.boundary])
                 _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
             if len(h.ids) < settings.depth:
@@ -350,7 +405,8 @@ async def search(
                 children = _grow(h, logprobs, pieces, table, match, settings.width)
                 grown.extend(children)
                 kept = frozenset(c.ids[-1] for c in children)
-                left.append(Unsearched(match.norm(h.text), h, logprobs, pieces, kept))
+                allowed = None if table.lexicon is None else table.allowed_ids(pieces, h.text)
+                left.append(Unsearched(match.norm(h.text), h, logprobs, pieces, kept, allowed))
         live, dropped = _prune(grown, found, settings.width, want)
         left += [Unsearched(match.norm(h.text), h) for h in dropped]
         if not live or (found and time.perf_counter() > deadline):
@@ -401,6 +457,9 @@ def _grow(
     text is a beginning of the typed letters', or starts with them)."""
     rest = match.key[len(match.norm(h.text)) :]
     ids = pieces.compatible(rest) if rest else pieces.ids
+    if table.lexicon is not None:
+        allowed = table.allowed_ids(pieces, h.text)
+        ids = ids[np.isin(ids, allowed)] if rest else allowed
     if ids.size == 0:
         return []
     scores = logprobs[ids]
