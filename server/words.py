@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -210,6 +211,16 @@ class Lexicon:
 
 
 _LEXICON_CACHE = 1 << 17  # (pieces, text) masks a lexicon keeps
+
+
+def lexicon_of(text: str) -> str:
+    """A lexicon file's text from any text (a training corpus, a word list): its distinct
+    words (runs of word characters), sorted, one a line."""
+    words = {w for w in _NOT_WORD.split(text) if is_word(w)}
+    return "".join(f"{w}\n" for w in sorted(words))
+
+
+_NOT_WORD = re.compile(r"[^\w'\u2019]|_")
 
 
 @functools.lru_cache(maxsize=8)

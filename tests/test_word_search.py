@@ -21,11 +21,20 @@ import numpy as np
 import pytest
 
 from rnnlm.bundle import LEXICON_FILE, BundleError, add_lexicon, load_manifest
+from rnnlm.cli import main
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
 from server.typing import Memory, predict_words
-from server.words import Filters, Matcher, WordSettings, piece_table, read_lexicon, search
+from server.words import (
+    Filters,
+    Matcher,
+    WordSettings,
+    lexicon_of,
+    piece_table,
+    read_lexicon,
+    search,
+)
 
 CONTEXT = "the cat sees the "
 # Words of the tiny corpus and two it never has; "the", "moon" and "man" are left out.
@@ -143,3 +152,21 @@ def test_a_keystroke_answered_from_stored_words_equals_a_fresh_search(engine: En
             (s.text, round(s.probability, 6)) for s in fresh.suggestions
         ]
     assert filtered >= 1  # a lexicon leaves few words per letter: later keystrokes filter
+
+
+def test_export_writes_the_words_of_a_text_as_the_lexicon(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tiny_corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    checkpoint = str(tiny_checkpoint_factory("gru", "char"))
+    out = tmp_path / "bundle"
+    assert main(["export", checkpoint, str(out), "--lexicon", str(tiny_corpus)]) == 0
+    text = load_bundle(out).lexicon
+    assert text == lexicon_of(tiny_corpus.read_text(encoding="utf-8"))
+    assert text.splitlines()[:3] == ["a", "ball", "bird"]  # sorted, punctuation left out
+    assert lexicon_of("O'er the hill_top, 'tis Été.") == "'tis\nO'er\nhill\nthe\ntop\nÉté\n"
+    missing = tmp_path / "missing.txt"
+    assert main(["export", checkpoint, str(tmp_path / "bad"), "--lexicon", str(missing)]) == 2
+    assert "--lexicon" in capsys.readouterr().err and not (tmp_path / "bad").exists()
