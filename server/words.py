@@ -308,19 +308,36 @@ class _Hypothesis:
 class Unsearched:
     """Words a search did not reach, bounded from above (extending a text only lowers its
     probability): words that extend `key` (the hypothesis's text, normalised) have at most its
-    log-probability; with `row`, the hypothesis was extended by the pieces `kept`, and the
-    words through any other piece `i` have at most its log-probability plus `row[i]`."""
+    log-probability; with `row`, the hypothesis was extended by some of `pieces`, and the
+    words through any piece `i` it was not have at most its log-probability plus `row[i]`
+    (-inf for the pieces it was extended by, and those a lexicon rules out there)."""
 
     key: str
     hypothesis: _Hypothesis
     row: np.ndarray | None = None
     pieces: _Pieces | None = None
-    kept: frozenset[int] = frozenset()
-    allowed: np.ndarray | None = None  # the ids of `pieces` a lexicon allows here (None: all)
+    best: float = -math.inf  # the most of `row` over `pieces`
+
+    @staticmethod
+    def expanded(
+        key: str,
+        h: _Hypothesis,
+        logprobs: np.ndarray,
+        ids: np.ndarray,
+        kept: np.ndarray,
+        pieces: _Pieces,
+    ) -> Unsearched:
+        """What `h` leaves after it was extended by the pieces `kept` of `ids` (the pieces
+        of `pieces` it may be extended by)."""
+        row = np.full(logprobs.shape, -np.inf, dtype=logprobs.dtype)
+        row[ids] = logprobs[ids]
+        row[kept] = -np.inf
+        best = float(row[ids].max()) if ids.size else -math.inf
+        return Unsearched(key, h, row, pieces, best)
 
     def _dropped(self, key: str) -> np.ndarray:
         """The ids of the pieces not kept that lead to words matching `key`."""
-        if self.pieces is None:
+        if self.pieces is None or self.row is None:
             return np.zeros(0, dtype=np.int64)
         if self.key.startswith(key):
             ids = self.pieces.ids
@@ -328,28 +345,30 @@ class Unsearched:
             ids = self.pieces.compatible(key[len(self.key) :])
         else:
             return np.zeros(0, dtype=np.int64)
-        if self.allowed is not None:
-            ids = ids[np.isin(ids, self.allowed)]
-        return np.array([i for i in ids.tolist() if i not in self.kept], dtype=np.int64)
+        return ids[np.isfinite(self.row[ids])]
 
     def bound(self, key: str) -> float:
         """The most log-probability a word that matches `key` (normalised) has here."""
-        if self.row is None:
+        if self.row is None or self.pieces is None:
             compatible = self.key.startswith(key) or key.startswith(self.key)
             return self.hypothesis.logprob if compatible else -math.inf
-        dropped = self._dropped(key)
-        best = float(self.row[dropped].max()) if dropped.size else -math.inf
-        return self.hypothesis.logprob + best
+        if self.key.startswith(key):
+            return self.hypothesis.logprob + self.best
+        if not key.startswith(self.key):
+            return -math.inf
+        ids = self.pieces.compatible(key[len(self.key) :])
+        return self.hypothesis.logprob + (float(self.row[ids].max()) if ids.size else -math.inf)
 
     def reopen(self, key: str, table: PieceTable) -> list[_Hypothesis]:
         """The hypotheses to search for words that match `key` (normalised)."""
         if self.row is None:
             return [self.hypothesis] if self.bound(key) > -math.inf else []
         h = self.hypothesis
+        ids = self._dropped(key)
+        scores = self.row[ids].tolist()
         return [
-            _Hypothesis(h.logprob + float(self.row[i]), (*h.ids, i), h.text + table.text[i])
-            for i in self._dropped(key).tolist()
-            if math.isfinite(float(self.row[i]))
+            _Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i])
+            for i, score in zip(ids.tolist(), scores, strict=True)
         ]
 
 
@@ -413,11 +432,9 @@ async def search(
                 _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
             if len(h.ids) < settings.depth:
                 pieces = table.starts if after_space and not h.ids else table.inner
-                children = _grow(h, logprobs, pieces, table, match, settings.width)
+                children, rest = _expand(h, logprobs, pieces, table, match, settings.width)
                 grown.extend(children)
-                kept = frozenset(c.ids[-1] for c in children)
-                allowed = None if table.lexicon is None else table.allowed_ids(pieces, h.text)
-                left.append(Unsearched(match.norm(h.text), h, logprobs, pieces, kept, allowed))
+                left.append(rest)
         live, dropped = _prune(grown, found, settings.width, want)
         left += [Unsearched(match.norm(h.text), h) for h in dropped]
         if not live or (found and time.perf_counter() > deadline):
@@ -456,31 +473,34 @@ def _prune(
     return live, dropped
 
 
-def _grow(
+def _expand(
     h: _Hypothesis,
     logprobs: np.ndarray,
     pieces: _Pieces,
     table: PieceTable,
     match: Matcher,
     width: int,
-) -> list[_Hypothesis]:
+) -> tuple[list[_Hypothesis], Unsearched]:
     """The `width` likeliest one-piece extensions of `h` that can still match (its normalised
-    text is a beginning of the typed letters', or starts with them)."""
-    rest = match.key[len(match.norm(h.text)) :]
-    ids = pieces.compatible(rest) if rest else pieces.ids
-    if table.lexicon is not None:
-        allowed = table.allowed_ids(pieces, h.text)
-        ids = ids[np.isin(ids, allowed)] if rest else allowed
-    if ids.size == 0:
-        return []
+    text is a beginning of the typed letters', or starts with them) and are allowed by the
+    lexicon, and what `h` leaves unsearched through its other pieces."""
+    key = match.norm(h.text)
+    allowed = table.allowed_ids(pieces, h.text)
+    rest = match.key[len(key) :]
+    ids = allowed
+    if rest:
+        ids = pieces.compatible(rest)
+        if table.lexicon is not None:
+            ids = ids[np.isin(ids, allowed)]
     scores = logprobs[ids]
     top = np.argpartition(-scores, width - 1)[:width] if width < ids.size else np.arange(ids.size)
-    out = []
-    for j in top.tolist():
-        i, score = int(ids[j]), float(scores[j])
-        if math.isfinite(score):
-            out.append(_Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i]))
-    return out
+    top = top[np.isfinite(scores[top])]
+    kept = ids[top]
+    children = [
+        _Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i])
+        for i, score in zip(kept.tolist(), scores[top].tolist(), strict=True)
+    ]
+    return children, Unsearched.expanded(key, h, logprobs, allowed, kept, pieces)
 
 
 def _add(found: dict[str, Word], word: Word, merge: bool) -> None:
