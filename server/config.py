@@ -60,7 +60,7 @@ class ServerConfig:
     health_port: int | None = None
     auth_token_file: Path | None = None
     state_token_key_file: Path | None = None
-    word_search_width: int = 8
+    word_search_width: int = 6
     word_search_depth: int = 16
     word_search_ms: float = 50.0
     blocklist: Path | None = None

@@ -45,7 +45,10 @@ _MAX_CHAR = "\U0010ffff"
 class WordSettings:
     """The server's word-prediction settings (flags of `rnnlm serve`)."""
 
-    width: int = 8  # hypotheses kept per round of the search (--word-search-width)
+    # Hypotheses kept per round of the search (--word-search-width). On the shipped character
+    # model with its lexicon (250 held-out lines): 6 saved as many keys as 8 (0.401 and 0.400)
+    # for 18 % fewer steps; 4 saved fewer (0.393 against 0.397 on 120 lines).
+    width: int = 6
     depth: int = 16  # the most pieces a searched word has (--word-search-depth)
     budget_ms: float = 50.0  # a search stops after its round that passes this (--word-search-ms)
     # The fewest complete words (at least k) a search finds before it may stop. More leave more
