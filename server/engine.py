@@ -257,7 +257,7 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------
 
     async def next_token_logprobs(
-        self, context_ids: Sequence[int], continuous_cache: bool = False
+        self, context_ids: Sequence[int] | np.ndarray, continuous_cache: bool = False
     ) -> np.ndarray:
         """Log-softmax [V] of the next token after eos + context (cached prefixes reused).
 
@@ -279,7 +279,7 @@ class Engine:
         return await self._call(make)
 
     async def next_token_logprobs_many(
-        self, contexts: Sequence[Sequence[int]], continuous_cache: bool = False
+        self, contexts: Sequence[Sequence[int] | np.ndarray], continuous_cache: bool = False
     ) -> list[np.ndarray]:
         """`next_token_logprobs` of each context, run together: in one step of the engine's
         batch (on the event loop when the engine is idle), for a caller that has many contexts
@@ -448,7 +448,7 @@ class Engine:
 
     # ---- submission (event loop side) ------------------------------------------------------
 
-    def _tokens(self, ids: Sequence[int], field: str) -> np.ndarray:
+    def _tokens(self, ids: Sequence[int] | np.ndarray, field: str) -> np.ndarray:
         try:
             arr = np.array(ids, dtype=np.int64)
         except (TypeError, ValueError, OverflowError) as e:

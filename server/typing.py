@@ -85,7 +85,7 @@ class _Counted:
         self._cached = cached
         self.steps = 0
 
-    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+    async def __call__(self, contexts: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
         self.steps += len(contexts)
         return await self._engine.next_token_logprobs_many(contexts, self._cached)
 
