@@ -34,6 +34,7 @@ from server.words import (
     piece_table,
     read_lexicon,
     search,
+    search_context,
 )
 
 CONTEXT = "the cat sees the "
@@ -170,3 +171,40 @@ def test_export_writes_the_words_of_a_text_as_the_lexicon(
     missing = tmp_path / "missing.txt"
     assert main(["export", checkpoint, str(tmp_path / "bad"), "--lexicon", str(missing)]) == 2
     assert "--lexicon" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_bpe_search_finds_only_lexicon_words(
+    tiny_bundle_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """BPE pieces span several letters and a word start carries its space: the lexicon is
+    checked on the word they spell."""
+    out = tmp_path / "bpe"
+    shutil.copytree(tiny_bundle_factory("rnn_tanh", "bpe"), out)
+    add_lexicon(out, "tree\nthee\nsmall\nsees\n")
+
+    async def main() -> list[str]:
+        engine = Engine(load_bundle(out), EngineConfig(state_cache_bytes=0))
+        await engine.start()
+        try:
+            codec = TextCodec(engine.bundle)
+            context, after_space = search_context(codec, CONTEXT)
+            assert after_space
+            settings = WordSettings(width=512, budget_ms=60_000.0)
+            got = await predict_words(
+                engine,
+                codec,
+                codec.encode(context),
+                after_space,
+                3,
+                Matcher("", True),
+                Filters(),
+                settings,
+                False,
+                Memory(),
+            )
+            return [s.text for s in got.suggestions]
+        finally:
+            await engine.close()
+
+    words = asyncio.run(main())
+    assert words and set(words) <= {"tree", "thee", "small", "sees"}
