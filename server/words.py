@@ -206,14 +206,16 @@ class Lexicon:
         key = (id(pieces), text)
         mask = self._next.get(key)
         if mask is None:
-            if len(self._next) >= _LEXICON_CACHE:
+            if len(self._next) * len(pieces.texts) >= _LEXICON_CACHE_BYTES:
                 self._next.clear()
             mask = np.array([text + t in self.prefixes for t in pieces.texts], dtype=bool)
             self._next[key] = mask
         return mask
 
 
-_LEXICON_CACHE = 1 << 17  # (pieces, text) masks a lexicon keeps
+# The bytes of (pieces, text) masks a lexicon keeps: about 500,000 texts of a character
+# vocabulary, 4,000 of a BPE vocabulary of 8,000 pieces.
+_LEXICON_CACHE_BYTES = 32 << 20
 
 
 def lexicon_of(text: str) -> str:
