@@ -323,23 +323,6 @@ class Unsearched:
     pieces: _Pieces | None = None
     best: float = -math.inf  # the most of `row` over `pieces`
 
-    @staticmethod
-    def expanded(
-        key: str,
-        h: _Hypothesis,
-        logprobs: np.ndarray,
-        ids: np.ndarray,
-        kept: np.ndarray,
-        pieces: _Pieces,
-    ) -> Unsearched:
-        """What `h` leaves after it was extended by the pieces `kept` of `ids` (the pieces
-        of `pieces` it may be extended by)."""
-        row = np.full(logprobs.shape, -np.inf, dtype=logprobs.dtype)
-        row[ids] = logprobs[ids]
-        row[kept] = -np.inf
-        best = float(row[ids].max()) if ids.size else -math.inf
-        return Unsearched(key, h, row, pieces, best)
-
     def _dropped(self, key: str) -> np.ndarray:
         """The ids of the pieces not kept that lead to words matching `key`."""
         if self.pieces is None or self.row is None:
@@ -433,18 +416,16 @@ async def search(
             break
         rows = await next_logprobs([np.append(base, np.array(h.ids, np.int64)) for h in live])
         steps += len(live)
-        grown: list[_Hypothesis] = []
-        for h, logprobs in zip(live, rows, strict=True):
+        grid = np.stack(rows)
+        for h, logprobs in zip(live, grid, strict=True):
             if table.is_word(h.text) and match.matches(h.text) and filters.allows(h.text):
                 end = _logsumexp(logprobs[table.boundary])
                 _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
-            if len(h.ids) < settings.depth:
-                pieces = table.starts if after_space and not h.ids else table.inner
-                children, rest = _expand(h, logprobs, pieces, table, match, settings.width)
-                grown.extend(children)
-                left.append(rest)
-        live, dropped = _prune(grown, found, settings.width, want)
-        left += [Unsearched(match.norm(h.text), h) for h in dropped]
+        best = sorted((w.logprob for w in found.values()), reverse=True)
+        bar = best[want - 1] if len(best) >= want else -math.inf
+        expand = _Round(live, grid, table, after_space, match, settings.depth)
+        live, rest = expand.grow(settings.width, bar)
+        left += rest
         if not live or (found and time.perf_counter() > deadline):
             break
     left += [Unsearched(match.norm(h.text), h) for h in live]
@@ -481,34 +462,62 @@ def _prune(
     return live, dropped
 
 
-def _expand(
-    h: _Hypothesis,
-    logprobs: np.ndarray,
-    pieces: _Pieces,
-    table: PieceTable,
-    match: Matcher,
-    width: int,
-) -> tuple[list[_Hypothesis], Unsearched]:
-    """The `width` likeliest one-piece extensions of `h` that can still match (its normalised
-    text is a beginning of the typed letters', or starts with them) and are allowed by the
-    lexicon, and what `h` leaves unsearched through its other pieces."""
-    key = match.norm(h.text)
-    allowed = table.allowed_ids(pieces, h.text)
-    rest = match.key[len(key) :]
-    ids = allowed
-    if rest:
-        ids = pieces.compatible(rest)
-        if table.lexicon is not None:
-            ids = ids[np.isin(ids, allowed)]
-    scores = logprobs[ids]
-    top = np.argpartition(-scores, width - 1)[:width] if width < ids.size else np.arange(ids.size)
-    top = top[np.isfinite(scores[top])]
-    kept = ids[top]
-    children = [
-        _Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i])
-        for i, score in zip(kept.tolist(), scores[top].tolist(), strict=True)
-    ]
-    return children, Unsearched.expanded(key, h, logprobs, allowed, kept, pieces)
+class _Round:
+    """One round's hypotheses and their next-piece log-probs, as arrays: each row masked to
+    the pieces the hypothesis may be extended by (those the lexicon allows; with depth left)."""
+
+    def __init__(
+        self,
+        live: list[_Hypothesis],
+        grid: np.ndarray,
+        table: PieceTable,
+        after_space: bool,
+        match: Matcher,
+        depth: int,
+    ) -> None:
+        self.live, self.grid, self.table, self.match = live, grid, table, match
+        self.allowed = np.zeros(grid.shape, dtype=bool)  # pieces each may be extended by
+        self.matching = np.zeros(grid.shape, dtype=bool)  # ... that can still match
+        self.pieces: list[_Pieces | None] = []
+        for j, h in enumerate(live):
+            if len(h.ids) >= depth:
+                self.pieces.append(None)
+                continue
+            pieces = table.starts if after_space and not h.ids else table.inner
+            self.pieces.append(pieces)
+            self.allowed[j, table.allowed_ids(pieces, h.text)] = True
+            rest = match.key[len(match.norm(h.text)) :]
+            if rest:
+                self.matching[j, pieces.compatible(rest)] = True
+                self.matching[j] &= self.allowed[j]
+            else:
+                self.matching[j] = self.allowed[j]
+
+    def grow(self, width: int, bar: float) -> tuple[list[_Hypothesis], list[Unsearched]]:
+        """The `width` likeliest one-piece extensions that can still match and beat `bar`
+        (the `want`-th word found), likeliest first; and what each expanded hypothesis leaves
+        unsearched through its other pieces."""
+        live, table = self.live, self.table
+        logprobs = np.array([h.logprob for h in live])
+        scores = np.where(self.matching, self.grid + logprobs[:, None], -np.inf).ravel()
+        top = np.argpartition(-scores, width - 1)[:width] if width < scores.size else None
+        top = np.arange(scores.size) if top is None else top
+        top = top[scores[top] > bar]  # -inf never is
+        top = top[np.argsort(-scores[top], kind="stable")]
+        rows, ids = np.divmod(top, self.grid.shape[1])
+        children = [
+            _Hypothesis(score, (*live[j].ids, i), live[j].text + table.text[i])
+            for j, i, score in zip(rows.tolist(), ids.tolist(), scores[top].tolist(), strict=True)
+        ]
+        left = np.where(self.allowed, self.grid, -np.inf)
+        left[rows, ids] = -np.inf
+        most = left.max(axis=1).tolist()
+        rest = [
+            Unsearched(self.match.norm(h.text), h, left[j], pieces, most[j])
+            for j, (h, pieces) in enumerate(zip(live, self.pieces, strict=True))
+            if pieces is not None
+        ]
+        return children, rest
 
 
 def _add(found: dict[str, Word], word: Word, merge: bool) -> None:
