@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=200)
     parser.add_argument("--weights", default="off,0.05,0.1,0.2")
     parser.add_argument("--decays", default="1")
+    parser.add_argument("--bigrams", default="0")
     parser.add_argument("--held-out", action="store_true", help="type the held-out lines")
     parser.add_argument("--flags", default="", help="more `rnnlm serve` flags")
     args = parser.parse_args()
@@ -68,14 +69,16 @@ def main() -> None:
     held = HeldOut.of(text, str(args.text), kind, plan.k)
     extra = args.flags.split()
     for weight in args.weights.split(","):
-        for decay in args.decays.split(",") if weight != "off" else ["1"]:
+        settings = [(d, b) for d in args.decays.split(",") for b in args.bigrams.split(",")]
+        for decay, bigram in settings if weight != "off" else [("1", "0")]:
             flags = ["--no-word-cache"] if weight == "off" else ["--word-cache-weight", weight]
-            flags += ["--word-cache-decay", decay, *extra]
+            flags += ["--word-cache-decay", decay, "--word-cache-bigram", bigram, *extra]
             t = asyncio.run(one(args.bundle.resolve(), held, plan, flags))
             steps = t["model_steps"] or {}
             figures = {
                 "weight": weight,
                 "decay": decay,
+                "bigram": bigram,
                 "savings": round(t["keystroke_savings"], 4),
                 "top1": round(t["next_word_top1"], 3),
                 "top3": round(t["next_word_top3"], 3),

@@ -69,6 +69,7 @@ class ServerConfig:
     word_cache: bool = True
     word_cache_weight: float = 0.1
     word_cache_decay: float = 1.0
+    word_cache_bigram: float = 0.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -103,6 +104,7 @@ class ServerConfig:
         check(0 < self.user_word_floor <= 1, "user_word_floor", "must be in (0, 1]")
         check(0 < self.word_cache_weight < 1, "word_cache_weight", "must be in (0, 1)")
         check(0 < self.word_cache_decay <= 1, "word_cache_decay", "must be in (0, 1]")
+        check(0 <= self.word_cache_bigram < 1, "word_cache_bigram", "must be in [0, 1)")
         if self.max_batch_size is not None:
             check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
         check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
@@ -286,6 +288,10 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "word_cache_decay": (
         float,
         "a word in the text counts this power of the number of words after it in the cache",
+    ),
+    "word_cache_bigram": (
+        float,
+        "the word cache's share given to the words that followed the text's last word before",
     ),
 }
 

@@ -56,7 +56,12 @@ def word_settings(config: ServerConfig) -> WordSettings:
 
 def word_cache_settings(config: ServerConfig) -> WordCacheSettings:
     """The server's word-cache settings."""
-    return WordCacheSettings(config.word_cache, config.word_cache_weight, config.word_cache_decay)
+    return WordCacheSettings(
+        config.word_cache,
+        config.word_cache_weight,
+        config.word_cache_decay,
+        config.word_cache_bigram,
+    )
 
 
 @dataclass

@@ -38,6 +38,9 @@ _WORDS = {
     "bpe": re.compile(r"(?:[^\W_]|['\u2019])+"),
 }
 _MAX_CHAR = "\U0010ffff"
+# The cache holds the words of the context's last this many characters (a longer context costs
+# no more; at the tuned decay, a word this far back counts for nothing).
+CACHE_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,15 @@ class WordCacheSettings:
     default: bool = True  # mixed in when a request does not say (--word-cache)
     weight: float = 0.1  # the cache's share of the mixture (--word-cache-weight)
     decay: float = 1.0  # an occurrence counts decay**(words after it) (--word-cache-decay)
+    bigram: float = 0.0  # the share of the words that followed the last word (--word-cache-bigram)
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
             raise ValueError(f"word cache weight must be in (0, 1), not {self.weight}")
         if not 0 < self.decay <= 1:
             raise ValueError(f"word cache decay must be in (0, 1], not {self.decay}")
+        if not 0 <= self.bigram < 1:
+            raise ValueError(f"word cache bigram share must be in [0, 1), not {self.bigram}")
 
     def mixer(
         self, asked: bool | None, previous: WordCache | None, text: str, kind: str
@@ -64,7 +70,7 @@ class WordCacheSettings:
             return None
         if previous is not None and previous.text == text:
             return Mixer(previous, self.weight)
-        return Mixer(WordCache.of(text, kind, self.decay), self.weight)
+        return Mixer(WordCache.of(text, kind, self.decay, self.bigram), self.weight)
 
 
 @dataclass(frozen=True)
@@ -76,17 +82,35 @@ class WordCache:
     total: float
 
     @staticmethod
-    def of(text: str, kind: str, decay: float) -> WordCache:
-        """The cache of `text`'s complete words (one still being typed at its end is left out)."""
-        found = [m for m in _WORDS.get(kind, _WORDS["word"]).finditer(text)]
-        if found and found[-1].end() == len(text):
-            found.pop()
+    def of(text: str, kind: str, decay: float, bigram: float = 0.0) -> WordCache:
+        """The cache of `text`'s complete words (one still being typed at its end is left out).
+
+        With `bigram`, a word's weight is (1 - bigram) times its share of the words plus
+        `bigram` times its share of the words that followed the text's last word before."""
+        found = _WORDS.get(kind, _WORDS["word"]).findall(text[-CACHE_CHARS:])
+        if found and text.endswith(found[-1]):
+            found.pop()  # still being typed
+        if len(text) > CACHE_CHARS and found:
+            found.pop(0)  # perhaps cut
         weights: dict[str, float] = {}
-        n = len(found)
-        for i, m in enumerate(found):
-            w = m.group()
-            weights[w] = weights.get(w, 0.0) + decay ** (n - 1 - i)
-        return WordCache(text, weights, sum(weights.values()))
+        after: dict[str, float] = {}  # the words that followed the last one, weighted
+        weight = 1.0
+        last = found[-1] if found else ""
+        for i in range(len(found) - 1, -1, -1):  # the newest first, its weight 1
+            w = found[i]
+            weights[w] = weights.get(w, 0.0) + weight
+            if bigram and i and found[i - 1] == last and i < len(found) - 1:
+                after[w] = after.get(w, 0.0) + weight
+            weight *= decay
+        total = sum(weights.values())
+        if not after:
+            return WordCache(text, weights, total)
+        follow = sum(after.values())
+        mixed = {
+            w: (1 - bigram) * c / total + bigram * after.get(w, 0.0) / follow
+            for w, c in weights.items()
+        }
+        return WordCache(text, mixed, 1.0)
 
     @functools.cached_property
     def by_weight(self) -> list[tuple[str, float]]:
@@ -174,17 +198,25 @@ class Mixer:
                 mixed[w.text] = Word(w.text, _mixed(w.logprob, keep, lam * c / n), w.ids)
         # A word the model did not propose has at most the 2k-th proposal's probability (a
         # word model's proposals are its top 2k; a search's words are all it found).
-        floor = _bar(words, 2 * k) + keep if total is not None else -math.inf
-        bar = _bar(mixed.values(), 2 * k)
+        floor = math.exp(_bar(words, 2 * k) + keep) if total is not None else 0.0
+        top = heapq.nlargest(2 * k, (w.logprob for w in mixed.values()))
+        heapq.heapify(top)  # the 2k highest log-probabilities, the lowest first
+        bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
+        share = lam / n
         entries = self.cache.matching(match)
         for text, c in entries:
-            if math.log(lam * c / n + math.exp(floor)) < bar:
+            if share * c + floor < bar:
                 break  # lighter words rank lower still
             if text in mixed or not filters.allows(text):
                 continue
             model = known(text)
-            mixed[text] = Word(text, _mixed(model.logprob, keep, lam * c / n), model.ids)
-            bar = _bar(mixed.values(), 2 * k)
+            word = Word(text, _mixed(model.logprob, keep, share * c), model.ids)
+            mixed[text] = word
+            if len(top) < 2 * k:
+                heapq.heappush(top, word.logprob)
+            else:
+                heapq.heappushpop(top, word.logprob)
+            bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
         if total is not None:
             total = _mixed(total, keep, lam * self.cache.mass(entries, match, filters) / n)
         return list(mixed.values()), total
