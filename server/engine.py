@@ -288,6 +288,8 @@ class Engine:
             return list(
                 await asyncio.gather(*(self.next_token_logprobs(c, True) for c in contexts))
             )
+        if len(contexts) == 1:  # a typing keystroke's one context: no batch to gather
+            return [await self.next_token_logprobs(contexts[0])]
         results: list[np.ndarray | None] = [None] * len(contexts)
         starts: list[tuple[int, np.ndarray, _Start]] = []
         for i, context in enumerate(contexts):
@@ -456,14 +458,13 @@ class Engine:
         if arr.ndim != 1:
             raise ValueError(f"{field} must be a flat list of token ids, not shape {arr.shape}")
         vocab = self.bundle.vocab_size
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-            bad = (arr < 0) | (arr >= vocab)
-            if bad.any():
-                i = int(bad.argmax())
-                raise ValueError(
-                    f"{field}[{i}] = {arr[i]} is not a token id of {self.bundle.name} "
-                    f"(vocabulary size {vocab})"
-                )
+        # One pass: a negative id seen as unsigned is above any vocabulary.
+        if arr.size and arr.view(np.uint64).max() >= vocab:
+            i = int((arr.view(np.uint64) >= vocab).argmax())
+            raise ValueError(
+                f"{field}[{i}] = {arr[i]} is not a token id of {self.bundle.name} "
+                f"(vocabulary size {vocab})"
+            )
         return _frozen(arr)
 
     def _root_start(self) -> _Start:

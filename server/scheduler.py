@@ -205,12 +205,13 @@ class Scheduler:
         if self.metrics is not None:
             for _ in requests:
                 self.metrics.observe_queue_wait(0.0)
-        batch = Batch.of(list(requests), self.step_config.vocab_size)
+        batch = Batch.of(requests, self.step_config.vocab_size)
         answers: dict[int, object] = {}
-        while not all(r.done for r in requests):
+        while len(answers) < len(requests):
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
             self._store(result.prefixes)
-            answers.update((id(r), payload) for r, payload in result.replies)
+            for r, payload in result.replies:  # each request answers once, when done
+                answers[id(r)] = payload
             batch = result.batch
         payloads = [answers[id(r)] for r in requests]
         for payload in payloads:
