@@ -384,7 +384,7 @@ class Engine:
         """
         ids, stops = self._check_generation(prompt_ids, max_tokens, params, stop_ids)
         begin = functools.partial(self._begin, ids, max_tokens, params, stops)
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return TokenStream(self, begin, self.config.stream_tokens, self.config.stream_ms)
 
     def _check_generation(
         self,
