@@ -204,7 +204,7 @@ class RemoteEngine(Engine):
             self._streams[rid] = stream
             return _Generation(self, rid)
 
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return TokenStream(self, begin, self.config.stream_tokens, self.config.stream_ms)
 
     # ---- the channel -----------------------------------------------------------------------
 

@@ -625,6 +625,9 @@ def _boost(
 
 # ---- word models -------------------------------------------------------------------------------
 
+# Every how many of a row's values `_top_ids` samples for its threshold.
+_TOP_STRIDE = 16
+
 
 def vocab_words(
     codec: TextCodec,
@@ -644,11 +647,13 @@ def vocab_words(
             scores[np.isin(ids, blocked)] = -math.inf
         total = _logsumexp(scores)
     else:  # the likeliest hold enough ordinary, unblocked ones: the row is not copied
-        vocab = logprobs.size
-        want = min(extra + codec.special_id_array.size + blocked.size, vocab)
-        ids = np.argpartition(logprobs, vocab - want)[vocab - want :]
+        want = extra + codec.special_id_array.size + blocked.size
+        ids = _top_ids(logprobs, want)
         scores = logprobs[ids].astype(np.float64)
-        scores[np.isin(ids, codec.special_id_array) | np.isin(ids, blocked)] = -math.inf
+        excluded = (ids[:, None] == codec.special_id_array).any(axis=1)  # a few specials
+        if blocked.size:
+            excluded |= np.isin(ids, blocked)
+        scores[excluded] = -math.inf
         total = 0.0
     top = np.argpartition(-scores, extra - 1)[:extra] if extra < ids.size else np.arange(ids.size)
     chosen = {int(ids[j]): float(scores[j]) for j in top.tolist()}
@@ -664,6 +669,25 @@ def vocab_words(
         if math.isfinite(score)
     ]
     return words, total
+
+
+def _top_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the `k` largest of 1-D `values` (all when k >= size), in no order.
+
+    An argpartition of a whole 10,000-token row costs 100 to 190 us here; so the k-th
+    largest of every 16th value, which at least k values reach, picks about 16 k candidates
+    in one vectorised pass, and only those are partitioned (about 20 us)."""
+    n = values.size
+    if k >= n:
+        return np.arange(n)
+    sample = values[::_TOP_STRIDE]
+    if sample.size > k:
+        floor = np.partition(sample, sample.size - k)[sample.size - k]
+        candidates = np.flatnonzero(values >= floor)
+        if candidates.size >= k:  # always, unless the row holds NaN
+            top = np.argpartition(values[candidates], candidates.size - k)
+            return candidates[top[candidates.size - k :]]
+    return np.argpartition(values, n - k)[n - k :]
 
 
 def matching_ids(codec: TextCodec, match: Matcher) -> np.ndarray:
