@@ -478,9 +478,11 @@ def sha256_file(path: Path) -> str:
 
 
 def quote(value: object, limit: int = QUOTE_CHARS) -> str:
-    """A value from a bundle, quoted for an error message: a bounded prefix only."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} characters)"
+    """`value` quoted for an error message: `repr` of at most `limit` characters (or bytes) of
+    it, the rest summarised. The one rule for quoting what a bundle or a request holds."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}..."
 
