@@ -51,6 +51,7 @@ from server.sampling import GeneratedToken
 from server.state_token import SessionContext, StateTokenError, StateTokens
 from server.text import Detokenizer
 from server.typing import Memory, Predicted, predict_tokens, predict_words, searched
+from server.word_cache import WordCacheSettings
 from server.words import (
     FOLD_DEFAULT,
     Filters,
@@ -109,6 +110,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         # None: state tokens are disabled (no --state-token-key-file).
         self.state_tokens: StateTokens | None = None
         self.words = WordSettings()  # next-word search, blocklist and user words (server.app)
+        self.word_cache = WordCacheSettings()  # the word cache's default and settings (server.app)
         self.accepting = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -516,9 +518,14 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         match = Matcher(request.partial_word, folding)
         k = request.k or DEFAULT_TYPING_K
         engine, settings = model.engine, self.words
+        mixer = None
+        if not getattr(request, "next_tokens", False):
+            asked = request.word_cache if request.HasField("word_cache") else None
+            mixer = self.word_cache.mixer(asked, memory.word_cache, text, codec.kind)
+            memory.word_cache = mixer.cache if mixer is not None else None
         if tokens:
             return await predict_tokens(
-                engine, codec, ids, k, match, filters, settings, cached, memory
+                engine, codec, ids, k, match, filters, settings, cached, memory, mixer
             )
         context, after_space = search_context(codec, text)
         if context != text:
@@ -526,7 +533,17 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         else:
             context_ids = ids
         return await predict_words(
-            engine, codec, context_ids, after_space, k, match, filters, settings, cached, memory
+            engine,
+            codec,
+            context_ids,
+            after_space,
+            k,
+            match,
+            filters,
+            settings,
+            cached,
+            memory,
+            mixer,
         )
 
     async def _until_drain(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
