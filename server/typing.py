@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ import numpy as np
 from server.config import ConfigError, ServerConfig
 from server.engine import Engine
 from server.text import TextCodec
+from server.word_cache import Mixer, WordCache, WordCacheSettings, piece_known, vocab_known
 from server.words import (
     SEARCHED_KINDS,
     Filters,
@@ -28,6 +29,7 @@ from server.words import (
     PieceTable,
     SearchResult,
     Suggestion,
+    Word,
     WordSettings,
     choose,
     piece_table,
@@ -55,6 +57,16 @@ def word_settings(config: ServerConfig) -> WordSettings:
     )
 
 
+def word_cache_settings(config: ServerConfig) -> WordCacheSettings:
+    """The server's word-cache settings."""
+    return WordCacheSettings(
+        config.word_cache,
+        config.word_cache_weight,
+        config.word_cache_decay,
+        config.word_cache_bigram,
+    )
+
+
 @dataclass
 class Memory:
     """What a typing session keeps between its events."""
@@ -66,6 +78,7 @@ class Memory:
     found: SearchResult | None = None  # ... and what it found
     blocked: set[str] = field(default_factory=set)  # folded words the session blocked
     user_words: list[str] = field(default_factory=list)  # the session's user words
+    word_cache: WordCache | None = None  # the words of the session's text (server/word_cache.py)
 
     def same_context(self, context: Sequence[int], cached: bool) -> bool:
         return self.context == tuple(context) and self.cached == cached
@@ -80,6 +93,9 @@ class Predicted:
     steps: int
 
 
+Contexts = Sequence[Sequence[int] | np.ndarray]
+
+
 class _Counted:
     """The engine's next-token calls (of many contexts at once), counting the contexts."""
 
@@ -88,7 +104,7 @@ class _Counted:
         self._cached = cached
         self.steps = 0
 
-    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+    async def __call__(self, contexts: Contexts) -> list[np.ndarray]:
         self.steps += len(contexts)
         if self._cached:  # the continuous cache's calls run one context at a time anyway
             return await self._engine.next_token_logprobs_many(contexts, True)
@@ -103,10 +119,10 @@ class _Joint:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._waiting: list[tuple[list[list[int]], asyncio.Future[list[np.ndarray]]]] = []
+        self._waiting: list[tuple[Contexts, asyncio.Future[list[np.ndarray]]]] = []
         self._runs: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+    async def __call__(self, contexts: Contexts) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[np.ndarray]] = loop.create_future()
         if not self._waiting:  # the run starts on the next turn, with every call made by then
@@ -160,15 +176,22 @@ async def predict_tokens(
     settings: WordSettings,
     cached: bool,
     memory: Memory,
+    mixer: Mixer | None = None,
 ) -> Predicted:
-    """A word model's suggestions: its next tokens (one model step unless `memory` has it)."""
+    """A word model's suggestions: its next tokens (one model step unless `memory` has it),
+    with the word cache's words mixed in (`mixer`)."""
     counted = _Counted(engine, cached)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
-    # Twice k when words shown the same are one suggestion, so that k remain.
-    extra = 2 * k if match.merges else k
+    # Twice k when words shown the same are one suggestion, so that k remain, and when the
+    # word cache may raise a word past the model's k-th.
+    extra = 2 * k if match.merges or mixer is not None else k
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
+    if mixer is not None:
+        known = vocab_known(codec, memory.logprobs)
+        words, mixed = mixer.mix(words, total, match, filters, k, known)
+        total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
 
 
@@ -183,24 +206,44 @@ async def predict_words(
     settings: WordSettings,
     cached: bool,
     memory: Memory,
+    mixer: Mixer | None = None,
 ) -> Predicted:
     """A character or BPE model's suggestions: searched words, filtered from `memory`'s when
-    the keystroke only extends the partial word and enough of them still match."""
+    the keystroke only extends the partial word and enough of them still match, with the word
+    cache's words mixed in (`mixer`)."""
+    mixed = _mixing(mixer, codec, after_space, k, match, filters)
     earlier = memory.match
     resume = None
     if earlier is not None and memory.same_context(context, cached) and match.extends(earlier):
         resume = memory.found
     if resume is not None and resume.complete(k, match, filters):
-        return Predicted(choose(resume.words, k, match, filters, settings), True, 0)
+        return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
-    table: PieceTable = piece_table(codec, match.folding)
+    table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
         counted, context, table, after_space, match, filters, settings, want, resume
     )
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
-    return Predicted(choose(result.words, k, match, filters, settings), True, result.steps)
+    return Predicted(choose(mixed(result.words), k, match, filters, settings), True, result.steps)
+
+
+def _mixing(
+    mixer: Mixer | None,
+    codec: TextCodec,
+    after_space: bool,
+    k: int,
+    match: Matcher,
+    filters: Filters,
+) -> Callable[[list[Word]], list[Word]]:
+    """Searched words with the word cache mixed in (unchanged without `mixer`). The search's
+    stopping rule stays sound: a word it did not reach gains only its cache share, and every
+    cached word that matches is added."""
+    if mixer is None:
+        return lambda words: words
+    known = piece_known(codec, after_space)
+    return lambda words: mixer.mix(words, None, match, filters, k, known)[0]
 
 
 def searched(codec: TextCodec) -> bool:
