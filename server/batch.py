@@ -55,6 +55,10 @@ class Batch:
                 [None if g is None else g.prompt for g in gens],
                 vocab_size,
             )
+            for row, g in enumerate(gens):
+                if g is not None and g.sampling is not None:
+                    _carry(sampling, row, g.sampling)
+                    g.sampling = None
         else:  # no row samples (a next-token call, a score): neutral rows, made once
             sampling = _neutral_rows(vocab_size, len(requests))
         return Batch(tuple(requests), states, sampling)
@@ -120,6 +124,15 @@ def _stacked(requests: Sequence[Request]) -> tuple[np.ndarray, ...]:
     for r in requests:
         r.state = None
     return states
+
+
+def _carry(rows: SamplingRows, row: int, own: SamplingRows) -> None:
+    """Row `row` of `rows` (built from the same parameters) goes on with the random stream of
+    `own`, the request's one row from the batch it started in: its seed (drawn there when the
+    request had none), stream position and seen tokens."""
+    rows.seed[row] = own.seed[0]
+    rows.position[row] = own.position[0]
+    rows.seen[row] = own.seen[0]
 
 
 @functools.lru_cache(maxsize=16)
