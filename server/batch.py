@@ -24,6 +24,10 @@ from server.sampler import SamplingRows
 from server.sampling import SamplingParams
 
 NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
+# Batches of up to this many requests that do not generate share their neutral sampling rows
+# (a typing keystroke's lone call, a word search's few contexts); the shared rows' [n, V]
+# masks stay small.
+SHARED_NEUTRAL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +63,11 @@ class Batch:
                 if g is not None and g.sampling is not None:
                     _carry(sampling, row, g.sampling)
                     g.sampling = None
-        else:  # no row samples (a next-token call, a score): neutral rows, made once
+        elif len(requests) <= SHARED_NEUTRAL:  # no row samples (next-token calls, scores)
             sampling = _neutral_rows(vocab_size, len(requests))
+        else:
+            one = _neutral_rows(vocab_size, 1)
+            sampling = one.filter(np.zeros(len(requests), dtype=np.intp))
         return Batch(tuple(requests), states, sampling)
 
     def __len__(self) -> int:
