@@ -169,6 +169,7 @@ class Client:
         blocked_words: Sequence[str] = (),
         user_words: Sequence[str] = (),
         next_tokens: bool = False,
+        word_cache: bool | None = None,
         timeout: float | None = None,
     ) -> pb.PredictNextResponse:
         """The k most likely next words after `context` (or tokens: `next_tokens`), most
@@ -176,8 +177,8 @@ class Client:
 
         With `state_token` (from an earlier reply), `context` continues the token's context;
         `return_state_token` asks for a token for this request's context; `continuous_cache`
-        mixes in the model's recall of the context's own words. `fold_case`, `blocked_words`
-        and `user_words`: see PredictNextRequest.
+        mixes in the model's recall of the context's own words. `fold_case`, `blocked_words`,
+        `user_words` and `word_cache` (None: the server's default): see PredictNextRequest.
         """
         request = pb.PredictNextRequest(
             model=model,
@@ -192,6 +193,7 @@ class Client:
             blocked_words=blocked_words,
             user_words=user_words,
             next_tokens=next_tokens,
+            word_cache=word_cache,
         )
         return self._stub.PredictNext(request, **self._options(timeout))
 

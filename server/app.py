@@ -38,7 +38,7 @@ from server.repository import ModelRepository, ReloadResult
 from server.security import BearerAuthInterceptor, BearerTokens, TlsFiles
 from server.servicer import LanguageModelServicer
 from server.state_token import StateTokens
-from server.typing import word_settings
+from server.typing import word_cache_settings, word_settings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         max_queue_wait_ms=config.max_queue_wait_ms,
         max_queued=config.max_queued,
         stream_tokens=config.stream_tokens,
+        stream_ms=config.stream_ms,
         state_cache_bytes=config.state_cache_bytes,
     )
 
@@ -107,6 +108,7 @@ class RnnlmServer:
         self.repository: ModelRepository | None = None
         self._servicer = LanguageModelServicer(self.metrics, limits(config))
         self._servicer.words = word_settings(config)
+        self._servicer.word_cache = word_cache_settings(config)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None

@@ -42,7 +42,8 @@ class ServerConfig:
     engine_process: bool = False
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
-    stream_tokens: int = 4
+    stream_tokens: int = 16
+    stream_ms: float = 100.0
     state_cache_mb: float = 64.0
     max_tokens: int = 1024
     max_prompt_tokens: int = 8192
@@ -60,12 +61,16 @@ class ServerConfig:
     health_port: int | None = None
     auth_token_file: Path | None = None
     state_token_key_file: Path | None = None
-    word_search_width: int = 8
+    word_search_width: int = 6
     word_search_depth: int = 16
     word_search_ms: float = 50.0
     blocklist: Path | None = None
     user_word_boost: float = 10.0
     user_word_floor: float = 0.05
+    word_cache: bool = True
+    word_cache_weight: float = 0.1
+    word_cache_decay: float = 1.0
+    word_cache_bigram: float = 0.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -98,11 +103,15 @@ class ServerConfig:
         boost = self.user_word_boost
         check(boost >= 1 and math.isfinite(boost), "user_word_boost", "must be finite, at least 1")
         check(0 < self.user_word_floor <= 1, "user_word_floor", "must be in (0, 1]")
+        check(0 < self.word_cache_weight < 1, "word_cache_weight", "must be in (0, 1)")
+        check(0 < self.word_cache_decay <= 1, "word_cache_decay", "must be in (0, 1]")
+        check(0 <= self.word_cache_bigram < 1, "word_cache_bigram", "must be in [0, 1)")
         if self.max_batch_size is not None:
             check(self.max_batch_size >= 1, "max_batch_size", "must be at least 1")
         check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
         for name in (
             "max_queue_wait_ms",
+            "stream_ms",
             "state_cache_mb",
             "grace_seconds",
             "reload_seconds",
@@ -190,6 +199,10 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
     "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),
+    "stream_ms": (
+        float,
+        "under load, the longest a Generate token waits for others to share its message, in ms",
+    ),
     "state_cache_mb": (
         float,
         "state cache size per model, in MiB (a quarter of it holds the continuous cache's "
@@ -272,6 +285,20 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         float,
         "... after raising that probability to at least this (a word the model did not find)",
     ),
+    "word_cache": (
+        _parse_bool,
+        "mix the word cache (the words of the text before the cursor, docs/typing.md) into "
+        "PredictNext and TypingSession suggestions when a request does not say (word_cache)",
+    ),
+    "word_cache_weight": (float, "the word cache's share of a suggestion's probability"),
+    "word_cache_decay": (
+        float,
+        "a word in the text counts this power of the number of words after it in the cache",
+    ),
+    "word_cache_bigram": (
+        float,
+        "the word cache's share given to the words that followed the text's last word before",
+    ),
 }
 
 
@@ -286,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else (f" (default: {default})")
         )
         text = f"{help_}{shown}; env {env_name(name)}"
-        if name in ("batching", "strict_models", "engine_process"):
+        if name in ("batching", "strict_models", "engine_process", "word_cache"):
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )

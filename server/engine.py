@@ -258,7 +258,7 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------
 
     async def next_token_logprobs(
-        self, context_ids: Sequence[int], continuous_cache: bool = False
+        self, context_ids: Sequence[int] | np.ndarray, continuous_cache: bool = False
     ) -> np.ndarray:
         """Log-softmax [V] of the next token after eos + context (cached prefixes reused).
 
@@ -280,7 +280,7 @@ class Engine:
         return await self._call(make)
 
     async def next_token_logprobs_many(
-        self, contexts: Sequence[Sequence[int]], continuous_cache: bool = False
+        self, contexts: Sequence[Sequence[int] | np.ndarray], continuous_cache: bool = False
     ) -> list[np.ndarray]:
         """`next_token_logprobs` of each context, run together: in one step of the engine's
         batch (on the event loop when `_inline_now`), for a caller that has many contexts
@@ -384,7 +384,7 @@ class Engine:
         """
         ids, stops = self._check_generation(prompt_ids, max_tokens, params, stop_ids)
         begin = functools.partial(self._begin, ids, max_tokens, params, stops)
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return TokenStream(self, begin, self.config.stream_tokens, self.config.stream_ms)
 
     def _check_generation(
         self,
@@ -451,7 +451,7 @@ class Engine:
 
     # ---- submission (event loop side) ------------------------------------------------------
 
-    def _tokens(self, ids: Sequence[int], field: str) -> np.ndarray:
+    def _tokens(self, ids: Sequence[int] | np.ndarray, field: str) -> np.ndarray:
         try:
             arr = np.array(ids, dtype=np.int64)
         except (TypeError, ValueError, OverflowError) as e:

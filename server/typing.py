@@ -10,7 +10,7 @@ search left (`Unsearched`) could still beat the k-th of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from server.config import ConfigError, ServerConfig
 from server.engine import Engine
 from server.text import TextCodec
+from server.word_cache import Mixer, WordCache, WordCacheSettings, piece_known, vocab_known
 from server.words import (
     SEARCHED_KINDS,
     Filters,
@@ -25,6 +26,7 @@ from server.words import (
     PieceTable,
     SearchResult,
     Suggestion,
+    Word,
     WordSettings,
     choose,
     piece_table,
@@ -52,6 +54,16 @@ def word_settings(config: ServerConfig) -> WordSettings:
     )
 
 
+def word_cache_settings(config: ServerConfig) -> WordCacheSettings:
+    """The server's word-cache settings."""
+    return WordCacheSettings(
+        config.word_cache,
+        config.word_cache_weight,
+        config.word_cache_decay,
+        config.word_cache_bigram,
+    )
+
+
 @dataclass
 class Memory:
     """What a typing session keeps between its events."""
@@ -63,6 +75,7 @@ class Memory:
     found: SearchResult | None = None  # ... and what it found
     blocked: set[str] = field(default_factory=set)  # folded words the session blocked
     user_words: list[str] = field(default_factory=list)  # the session's user words
+    word_cache: WordCache | None = None  # the words of the session's text (server/word_cache.py)
 
     def same_context(self, context: Sequence[int], cached: bool) -> bool:
         return self.context == tuple(context) and self.cached == cached
@@ -85,7 +98,7 @@ class _Counted:
         self._cached = cached
         self.steps = 0
 
-    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+    async def __call__(self, contexts: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
         self.steps += len(contexts)
         return await self._engine.next_token_logprobs_many(contexts, self._cached)
 
@@ -100,14 +113,20 @@ async def predict_tokens(
     settings: WordSettings,
     cached: bool,
     memory: Memory,
+    mixer: Mixer | None = None,
 ) -> Predicted:
-    """A word model's suggestions: its next tokens (one model step unless `memory` has it)."""
+    """A word model's suggestions: its next tokens (one model step unless `memory` has it),
+    with the word cache's words mixed in (`mixer`)."""
     counted = _Counted(engine, cached)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
     # Twice k: words that differ only in case are one suggestion when matching ignores case.
     words, total = vocab_words(codec, memory.logprobs, match, filters, 2 * k)
+    if mixer is not None:
+        known = vocab_known(codec, memory.logprobs)
+        words, mixed = mixer.mix(words, total, match, filters, k, known)
+        total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
 
 
@@ -122,24 +141,44 @@ async def predict_words(
     settings: WordSettings,
     cached: bool,
     memory: Memory,
+    mixer: Mixer | None = None,
 ) -> Predicted:
     """A character or BPE model's suggestions: searched words, filtered from `memory`'s when
-    the keystroke only extends the partial word and enough of them still match."""
+    the keystroke only extends the partial word and enough of them still match, with the word
+    cache's words mixed in (`mixer`)."""
+    mixed = _mixing(mixer, codec, after_space, k, match, filters)
     earlier = memory.match
     resume = None
     if earlier is not None and memory.same_context(context, cached) and match.extends(earlier):
         resume = memory.found
     if resume is not None and resume.complete(k, match, filters):
-        return Predicted(choose(resume.words, k, match, filters, settings), True, 0)
+        return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
-    table: PieceTable = piece_table(codec, match.folding)
+    table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
         counted, context, table, after_space, match, filters, settings, want, resume
     )
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
-    return Predicted(choose(result.words, k, match, filters, settings), True, result.steps)
+    return Predicted(choose(mixed(result.words), k, match, filters, settings), True, result.steps)
+
+
+def _mixing(
+    mixer: Mixer | None,
+    codec: TextCodec,
+    after_space: bool,
+    k: int,
+    match: Matcher,
+    filters: Filters,
+) -> Callable[[list[Word]], list[Word]]:
+    """Searched words with the word cache mixed in (unchanged without `mixer`). The search's
+    stopping rule stays sound: a word it did not reach gains only its cache share, and every
+    cached word that matches is added."""
+    if mixer is None:
+        return lambda words: words
+    known = piece_known(codec, after_space)
+    return lambda words: mixer.mix(words, None, match, filters, k, known)[0]
 
 
 def searched(codec: TextCodec) -> bool:

@@ -1,0 +1,138 @@
+"""The word cache (server/word_cache.py) on a real server with tiny models of every tokenizer
+kind: a word typed earlier in the context is suggested after its first letter, also a word the
+model lacks; the mixture is the documented one; turning it off gives the model's suggestions
+exactly."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from test_server import LiveServer, config
+
+from rnnlm.client import Client
+from rnnlm.v1 import language_model_pb2 as pb
+from server.word_cache import WordCache, WordCacheSettings
+
+CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
+MODELS = {CHAR: ("gru", "char"), BPE: ("rnn_tanh", "bpe"), WORD: ("lstm", "word")}
+WEIGHT = 0.2
+# "sandwich" is not in the tiny corpus (tests/conftest.py), but its letters are: the word models
+# lack it, and the char and BPE models' search does not find it after "s".
+NEW = "sandwich"
+CONTEXT = f"the cat sees a {NEW} .\nthe dog likes the "
+
+
+@pytest.fixture(scope="module")
+def servers(
+    tiny_bundle_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, LiveServer]]:
+    root = tmp_path_factory.mktemp("word-cache-models")
+    for name, (cell, tokenizer) in MODELS.items():
+        shutil.copytree(tiny_bundle_factory(cell, tokenizer), root / name)
+    # A wide search with no time bound: the suggestions do not depend on the machine's load.
+    common = dict(default_model=WORD, word_search_ms=60_000.0, word_search_width=512)
+    on = LiveServer(config(root, word_cache_weight=WEIGHT, word_cache_decay=1.0, **common))
+    off = LiveServer(config(root, word_cache=False, **common))
+    yield {"on": on, "off": off}
+    on.close()
+    off.close()
+
+
+@pytest.fixture(scope="module")
+def clients(servers: dict[str, LiveServer]) -> Iterator[dict[str, Client]]:
+    with Client(servers["on"].target, timeout=60) as on, Client(servers["off"].target) as off:
+        yield {"on": on, "off": off}
+
+
+def _tokens(reply: pb.PredictNextResponse | pb.Suggestions) -> list[str]:
+    return [p.token for p in reply.predictions]
+
+
+def _replies(reply: pb.PredictNextResponse) -> list[tuple[str, int, float, list[int]]]:
+    return [(p.token, p.token_id, p.probability, list(p.token_ids)) for p in reply.predictions]
+
+
+def test_the_cache_counts_the_texts_complete_words() -> None:
+    cache = WordCache.of("to be, or not to be: to", "char", 0.5)
+    # "to" at the end is still being typed; every other word counts 0.5 ** (words after it).
+    assert set(cache.weights) == {"to", "be", "or", "not"}
+    assert cache.weights["be"] == pytest.approx(0.5**0 + 0.5**4)
+    assert cache.weights["to"] == pytest.approx(0.5**1 + 0.5**5)
+    assert cache.total == pytest.approx(sum(0.5**i for i in range(6)))
+    assert WordCache.of("it's Jack's", "char", 1.0).weights == {"it's": 1.0}
+    assert WordCache.of("it's Jack's ", "word", 1.0).weights == {"it": 1, "s": 2, "Jack": 1}
+
+
+@pytest.mark.parametrize("bad", [dict(weight=0.0), dict(weight=1.0), dict(decay=0.0)])
+def test_settings_out_of_range_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="word cache"):
+        WordCacheSettings(**bad)
+
+
+@pytest.mark.parametrize("model", [CHAR, BPE, WORD])
+def test_a_word_typed_earlier_is_suggested_after_its_first_letter(
+    clients: dict[str, Client], model: str
+) -> None:
+    on = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model)
+    assert NEW in _tokens(on), on
+    off = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model, word_cache=False)
+    assert NEW not in _tokens(off)
+    if model == WORD:  # a word the model lacks: no token id
+        (new,) = [p for p in on.predictions if p.token == NEW]
+        assert new.token_id == -1 and not new.token_ids
+
+
+@pytest.mark.parametrize("model", [CHAR, BPE, WORD])
+@pytest.mark.parametrize("partial", ["", "s"])
+def test_turning_it_off_gives_the_models_suggestions_exactly(
+    clients: dict[str, Client], model: str, partial: str
+) -> None:
+    asked = dict(k=5, partial_word=partial, model=model)
+    off_here = clients["on"].predict_next(CONTEXT, word_cache=False, **asked)
+    off_server = clients["off"].predict_next(CONTEXT, **asked)
+    on_asked = clients["off"].predict_next(CONTEXT, word_cache=True, **asked)
+    assert _replies(off_here) == _replies(off_server)
+    assert _tokens(on_asked) != _tokens(off_server)
+
+
+def test_a_word_models_mixture_is_the_documented_one(clients: dict[str, Client]) -> None:
+    """p = (1 - weight) p_model + weight * count / words, over the whole vocabulary."""
+    client = clients["on"]
+    vocab = client.get_model(WORD).vocab_size
+    model = {
+        p.token: p.probability
+        for p in client.predict_next(CONTEXT, k=vocab, word_cache=False).predictions
+    }
+    words = CONTEXT.split()
+    counts = {w: words.count(w) for w in words if w.isalnum()}
+    n = sum(counts.values())
+    mixed = client.predict_next(CONTEXT, k=8).predictions
+    for p in mixed:
+        expected = (1 - WEIGHT) * model.get(p.token, 0.0) + WEIGHT * counts.get(p.token, 0) / n
+        assert p.probability == pytest.approx(expected, rel=1e-4), p.token
+    ranked = sorted(
+        set(model) | set(counts),
+        key=lambda w: -((1 - WEIGHT) * model.get(w, 0.0) + WEIGHT * counts.get(w, 0) / n),
+    )
+    assert [p.token for p in mixed] == ranked[:8]
+
+
+@pytest.mark.parametrize("model", [CHAR, WORD])
+def test_a_session_learns_a_word_as_it_is_typed(clients: dict[str, Client], model: str) -> None:
+    events = [
+        pb.TypingEvent(model=model, reset=True, text="the cat sees a ", k=3),
+        pb.TypingEvent(text=f"{NEW} .\nthe dog likes the ", k=3),
+        pb.TypingEvent(partial_word="s", k=3),
+        pb.TypingEvent(partial_word="sa", k=3),
+        pb.TypingEvent(partial_word="sa", k=3, word_cache=False),
+    ]
+    replies = list(clients["on"].typing_session(events))
+    assert NEW in _tokens(replies[2]) and NEW in _tokens(replies[3])
+    assert NEW not in _tokens(replies[4])
+    if model == WORD:  # a letter keystroke still runs no model step
+        assert [r.model_steps for r in replies[2:]] == [0, 0, 0]
+    assert math.isclose(sum(p.probability for p in replies[3].predictions), 1.0, rel_tol=1e-5)
