@@ -48,9 +48,10 @@ class WordCacheSettings:
     """The server's word-cache settings (flags of `rnnlm serve`)."""
 
     default: bool = True  # mixed in when a request does not say (--word-cache)
+    # Tuned on the validation lines of Tiny Shakespeare (docs/typing.md#the-word-cache).
     weight: float = 0.1  # the cache's share of the mixture (--word-cache-weight)
-    decay: float = 1.0  # an occurrence counts decay**(words after it) (--word-cache-decay)
-    bigram: float = 0.0  # the share of the words that followed the last word (--word-cache-bigram)
+    decay: float = 0.98  # an occurrence counts decay**(words after it) (--word-cache-decay)
+    bigram: float = 0.3  # the share of the words that followed the last word (--word-cache-bigram)
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:
