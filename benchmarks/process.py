@@ -96,9 +96,14 @@ class ChildServer:
         """User + system CPU seconds used so far by the server and the processes it started
         (an engine core process, `--engine-process`); None where /proc is not available."""
         try:
-            total = sum(_cpu_ticks(pid) for pid in (self.pid, *_descendants(self.pid)))
+            total = _cpu_ticks(self.pid)
         except OSError:
             return None
+        for child in _descendants(self.pid):
+            try:
+                total += _cpu_ticks(child)
+            except (OSError, IndexError):
+                continue  # it ended meanwhile: its time is in its parent's reaped children's
         return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
@@ -118,8 +123,8 @@ def _stat(pid: int | str) -> list[str]:
 
 
 def _cpu_ticks(pid: int) -> int:
-    fields = _stat(pid)
-    return int(fields[11]) + int(fields[12])
+    """utime + stime of `pid` and of the children it has waited for (cutime + cstime)."""
+    return sum(int(f) for f in _stat(pid)[11:15])
 
 
 def _descendants(pid: int) -> list[int]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from exporter.export import QUANTIZATIONS, ExportError, export_bundle
 from server.bundle import BundleError, read_manifest
+from server.words import lexicon_of
 from training.checkpoint import CheckpointError
 
 
@@ -53,11 +54,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="words the server never suggests (one a line, UTF-8; '#' starts a comment), "
         "written into the bundle as blocklist.txt",
     )
+    parser.add_argument(
+        "--lexicon",
+        metavar="FILE",
+        help="a text (the training corpus, or a word list) whose words (letters, digits, "
+        "apostrophes) are the only words a character or BPE model suggests, written into the "
+        "bundle as lexicon.txt",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        blocklist = None if args.blocklist is None else _read_blocklist(args.blocklist)
+        blocklist = None if args.blocklist is None else _read_text(args.blocklist, "--blocklist")
+        lexicon = (
+            None if args.lexicon is None else lexicon_of(_read_text(args.lexicon, "--lexicon"))
+        )
         path = export_bundle(
             args.checkpoint_dir,
             args.bundle_dir,
@@ -70,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
             max_perplexity_change=args.max_perplexity_change,
             per_channel=args.per_channel,
             blocklist=blocklist,
+            lexicon=lexicon,
         )
     except (ExportError, CheckpointError, BundleError) as e:
         # One line, whatever the underlying library put in its message.
@@ -82,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_blocklist(file: str) -> str:
+def _read_text(file: str, option: str) -> str:
     try:
         with open(file, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise ExportError(f"--blocklist {file}: cannot be read as UTF-8 text ({e})") from e
+        raise ExportError(f"{option} {file}: cannot be read as UTF-8 text ({e})") from e
 
 
 def describe_quantization(section: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ from exporter.quantize import (
 from rnnlm.bundle import (
     BLOCKLIST_FILE,
     GRAPH_FILES,
+    LEXICON_FILE,
     MANIFEST_FILE,
     STATE_NAMES,
     TOKENIZER_FILE,
@@ -312,6 +313,7 @@ def export_bundle(
     max_perplexity_change: float = 1.0,
     per_channel: bool = False,
     blocklist: str | None = None,
+    lexicon: str | None = None,
 ) -> Path:
     """Export a checkpoint to a bundle directory and return its path.
 
@@ -320,7 +322,8 @@ def export_bundle(
     perplexity moves more than `max_perplexity_change` percent. `per_channel` quantizes weights
     with a scale per output channel instead of per tensor (see `exporter.quantize`).
     `blocklist` (words never suggested, one a line) is written as the bundle's `blocklist.txt`,
-    with the other files, hashed and validated with them.
+    with the other files, hashed and validated with them; `lexicon` (the words a character or
+    BPE model's searched suggestions are drawn from, one a line) likewise as `lexicon.txt`.
 
     Raises `ExportError` (or the checkpoint's `CheckpointError`) with nothing written when the
     target exists and `force` is false, the checkpoint is bad, parity fails, or the int8 bundle
@@ -370,10 +373,13 @@ def export_bundle(
         version=version,
         quantization=quantization,
         blocklist=blocklist is not None,
+        lexicon=lexicon is not None,
     )
     files = {**bundle_files(blobs), TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()}
     if blocklist is not None:
         files[BLOCKLIST_FILE] = blocklist.encode("utf-8")
+    if lexicon is not None:
+        files[LEXICON_FILE] = lexicon.encode("utf-8")
     return write_bundle(target, files, manifest, force=force)
 
 
@@ -458,9 +464,10 @@ def build_manifest(
     version: str,
     quantization: dict[str, Any] | None = None,
     blocklist: bool = False,
+    lexicon: bool = False,
 ) -> dict[str, Any]:
     """The manifest of docs/bundle.md, without the `files` hashes (added when written);
-    `blocklist`: the bundle has a `blocklist.txt`."""
+    `blocklist`, `lexicon`: the bundle has a `blocklist.txt`, a `lexicon.txt`."""
     c = ckpt.config
     prov = ckpt.provenance
     parity = report.to_dict()
@@ -505,6 +512,7 @@ def build_manifest(
                 ("continuous_cache", ckpt.continuous_cache),
                 ("quantization", quantization),
                 ("blocklist", {"file": BLOCKLIST_FILE} if blocklist else None),
+                ("lexicon", {"file": LEXICON_FILE} if lexicon else None),
             )
             if value is not None
         },

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from importers.errors import ImportFailure
-from importers.write import Imported, write_imported
+from importers.write import Imported, check_destination, write_imported
 from training.model import CELLS
 from training.tokenizer import KINDS as TOKENIZER_KINDS
 
@@ -84,6 +84,7 @@ def _read(args: argparse.Namespace) -> Imported:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_destination(Path(args.bundle_dir), args.version, args.force)  # before the loading
         imported = _read(args)
         written = write_imported(
             imported, args.bundle_dir, name=args.name, version=args.version, force=args.force

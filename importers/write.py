@@ -85,6 +85,16 @@ def read_text(path: Path) -> str:
         raise ImportFailure(f"{path}: cannot be read as UTF-8 text ({e})") from e
 
 
+def check_destination(target: Path, version: str, force: bool) -> None:
+    """Refuse a bundle that cannot be written, before any slow loading or proving."""
+    if not version:
+        raise ImportFailure("the version must not be empty")
+    try:
+        check_target(target, force)
+    except ExportError as e:
+        raise ImportFailure(str(e)) from e
+
+
 def write_imported(
     imported: Imported,
     bundle_dir: str | Path,
@@ -97,12 +107,7 @@ def write_imported(
 ) -> Written:
     """Prove parity, score the test text, and write the bundle: its path and the notes."""
     target = Path(bundle_dir)
-    if not version:
-        raise ImportFailure("the version must not be empty")
-    try:
-        check_target(target, force)
-    except ExportError as e:
-        raise ImportFailure(str(e)) from e
+    check_destination(target, version, force)
     c = imported.config
     shapes = [(c.layers, c.hidden)] * len(c.state_names)
     report, blobs, dropped = _prove(imported, shapes, rtol, atol)

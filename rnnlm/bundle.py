@@ -30,6 +30,7 @@ TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "weights.bin"  # the weights the graphs share (ONNX external data)
 GRAPH_FILES = {"step": "model.onnx", "score": "score.onnx", "prefill": "prefill.onnx"}
 BLOCKLIST_FILE = "blocklist.txt"  # optional: words never suggested, one a line (UTF-8)
+LEXICON_FILE = "lexicon.txt"  # optional: the words char/BPE suggestions are drawn from
 GRAPH_KINDS = tuple(GRAPH_FILES)  # step is required; score and prefill are optional
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn_tanh": ("h",), "rnn_relu": ("h",)}
@@ -134,6 +135,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     files: dict[str, str]  # file name -> sha256
     blocklist_file: str | None = None  # the optional `blocklist` section's file
+    lexicon_file: str | None = None  # the optional `lexicon` section's file
 
     def expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
         return expected_io(graph, self.precision, self.state, self.hidden, self.vocab_size)
@@ -254,6 +256,9 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
     if "blocklist" in m:
         blocklist = r.get(m, "blocklist", dict)
         blocklist_file = r.file_name(blocklist, "file", "blocklist.", files)
+    lexicon_file = None
+    if "lexicon" in m:
+        lexicon_file = r.file_name(r.get(m, "lexicon", dict), "file", "lexicon.", files)
     return Manifest(
         path=path,
         data=m,
@@ -272,18 +277,27 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
         graphs=graphs,
         files=files,
         blocklist_file=blocklist_file,
+        lexicon_file=lexicon_file,
     )
 
 
 def add_blocklist(bundle_dir: str | Path, words: str) -> None:
     """Write `words` (one a line) as the bundle's blocklist and list it in the manifest."""
-    directory = Path(bundle_dir)
+    _add_word_file(Path(bundle_dir), "blocklist", BLOCKLIST_FILE, words)
+
+
+def add_lexicon(bundle_dir: str | Path, words: str) -> None:
+    """Write `words` (one a line) as the bundle's lexicon and list it in the manifest."""
+    _add_word_file(Path(bundle_dir), "lexicon", LEXICON_FILE, words)
+
+
+def _add_word_file(directory: Path, section: str, name: str, words: str) -> None:
     manifest = read_manifest(directory)
     data = words.encode("utf-8")
-    files = {**manifest.get("files", {}), BLOCKLIST_FILE: sha256_bytes(data)}
-    complete = {**manifest, "blocklist": {"file": BLOCKLIST_FILE}, "files": files}
+    files = {**manifest.get("files", {}), name: sha256_bytes(data)}
+    complete = {**manifest, section: {"file": name}, "files": files}
     parse_manifest(complete, directory / MANIFEST_FILE)
-    (directory / BLOCKLIST_FILE).write_bytes(data)
+    (directory / name).write_bytes(data)
     (directory / MANIFEST_FILE).write_text(json.dumps(complete, indent=2) + "\n", "utf-8")
 
 
@@ -478,9 +492,11 @@ def sha256_file(path: Path) -> str:
 
 
 def quote(value: object, limit: int = QUOTE_CHARS) -> str:
-    """A value from a bundle, quoted for an error message: a bounded prefix only."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} characters)"
+    """`value` quoted for an error message: `repr` of at most `limit` characters (or bytes) of
+    it, the rest summarised. The one rule for quoting what a bundle or a request holds."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}..."
 

@@ -60,6 +60,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
         max_queue_wait_ms=config.max_queue_wait_ms,
         max_queued=config.max_queued,
         stream_tokens=config.stream_tokens,
+        stream_ms=config.stream_ms,
         state_cache_bytes=config.state_cache_bytes,
     )
 

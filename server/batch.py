@@ -47,13 +47,7 @@ class Batch:
         one's sampling row is built here, once (a request without a seed draws one)."""
         if not requests:
             raise ValueError("a batch of no requests has no state shapes: use Batch.empty")
-        first = requests[0].state
-        assert first is not None, "the request already belongs to a batch"
-        states = []
-        for j in range(len(first)):
-            states.append(np.stack([r.state[j] for r in requests], axis=1))  # type: ignore[index]
-        for r in requests:
-            r.state = None
+        states = _stacked(requests)
         gens = [r if isinstance(r, GenerateRequest) else None for r in requests]
         if any(g is not None for g in gens):
             sampling = SamplingRows.from_params(
@@ -62,8 +56,8 @@ class Batch:
                 vocab_size,
             )
         else:  # no row samples (a next-token call, a score): neutral rows, made once
-            sampling = _neutral_row(vocab_size).filter(np.zeros(len(requests), dtype=np.intp))
-        return Batch(tuple(requests), tuple(states), sampling)
+            sampling = _neutral_rows(vocab_size, len(requests))
+        return Batch(tuple(requests), states, sampling)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -110,8 +104,30 @@ class Batch:
         return state
 
 
-@functools.cache
-def _neutral_row(vocab_size: int) -> SamplingRows:
-    """One sampling row of neutral parameters (never sampled: a request that does not
-    generate), for a vocabulary of `vocab_size`."""
-    return SamplingRows.from_params([NEUTRAL], [None], vocab_size)
+def _stacked(requests: Sequence[Request]) -> tuple[np.ndarray, ...]:
+    """The requests' states stacked on the batch axis, taken over from the requests. A lone
+    request's are views of its own (read-only) arrays: a step never writes a batch's
+    states, it returns new ones."""
+    first = requests[0].state
+    assert first is not None, "the request already belongs to a batch"
+    if len(requests) == 1:
+        states = tuple(s[:, None, :] for s in first)
+    else:
+        states = tuple(
+            np.stack([r.state[j] for r in requests], axis=1)  # type: ignore[index]
+            for j in range(len(first))
+        )
+    for r in requests:
+        r.state = None
+    return states
+
+
+@functools.lru_cache(maxsize=16)
+def _neutral_rows(vocab_size: int, n: int) -> SamplingRows:
+    """`n` sampling rows of neutral parameters (never sampled: requests that do not
+    generate), for a vocabulary of `vocab_size`. Shared by every such batch, so read-only: a
+    batch gains sampled rows only by `concatenate`, which makes new arrays."""
+    rows = SamplingRows.from_params([NEUTRAL] * n, [None] * n, vocab_size)
+    for name in SamplingRows.__dataclass_fields__:
+        getattr(rows, name).setflags(write=False)
+    return rows

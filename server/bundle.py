@@ -146,6 +146,7 @@ class Bundle:
     prefill_graph: Path | None = None
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
     blocklist: str = ""  # the bundle's blocklist file's text: words never suggested
+    lexicon: str = ""  # the bundle's lexicon file's text: the words searches may suggest
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -277,18 +278,20 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         score_graph=paths.get("score"),
         prefill_graph=paths.get("prefill"),
         continuous_cache=continuous_cache,
-        blocklist=_blocklist(files.contents, m),
+        blocklist=_word_file(files.contents, m, m.blocklist_file),
+        lexicon=_word_file(files.contents, m, m.lexicon_file),
         graph_bytes=GraphBytes(held, files.external),
     )
 
 
-def _blocklist(contents: dict[str, bytes], m: Manifest) -> str:
-    if m.blocklist_file is None:
+def _word_file(contents: dict[str, bytes], m: Manifest, name: str | None) -> str:
+    """The text of the bundle's word list `name` (a blocklist, a lexicon); "" when none."""
+    if name is None:
         return ""
     try:
-        return contents[m.blocklist_file].decode("utf-8")
+        return contents[name].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BundleError(f"{m.path.parent / m.blocklist_file}: not UTF-8 text ({e})") from e
+        raise BundleError(f"{m.path.parent / name}: not UTF-8 text ({e})") from e
 
 
 def _load_tokenizer(path: Path, data: bytes, vocab_size: int) -> Tokenizer:

@@ -42,7 +42,8 @@ class ServerConfig:
     engine_process: bool = False
     max_queue_wait_ms: float = 2.0
     max_queued: int = 1024
-    stream_tokens: int = 4
+    stream_tokens: int = 16
+    stream_ms: float = 100.0
     state_cache_mb: float = 64.0
     max_tokens: int = 1024
     max_prompt_tokens: int = 8192
@@ -60,7 +61,7 @@ class ServerConfig:
     health_port: int | None = None
     auth_token_file: Path | None = None
     state_token_key_file: Path | None = None
-    word_search_width: int = 8
+    word_search_width: int = 6
     word_search_depth: int = 16
     word_search_ms: float = 50.0
     blocklist: Path | None = None
@@ -110,6 +111,7 @@ class ServerConfig:
         check(self.max_step_ms > 0, "max_step_ms", "must be more than 0")
         for name in (
             "max_queue_wait_ms",
+            "stream_ms",
             "state_cache_mb",
             "grace_seconds",
             "reload_seconds",
@@ -197,6 +199,10 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_queue_wait_ms": (float, "how long a step may wait to fill a batch, in ms"),
     "max_queued": (int, "queued requests per model beyond which calls get RESOURCE_EXHAUSTED"),
     "stream_tokens": (int, "under load, Generate tokens sent per response message (1: one each)"),
+    "stream_ms": (
+        float,
+        "under load, the longest a Generate token waits for others to share its message, in ms",
+    ),
     "state_cache_mb": (
         float,
         "state cache size per model, in MiB (a quarter of it holds the continuous cache's "

@@ -5,7 +5,8 @@ each request starts (the longest cached prefix, server/state_cache.py), makes th
 (server/requests.py) and hands it to the scheduler (server/scheduler.py), whose workers step
 batches (server/batch.py, server/step.py) over the onnxruntime sessions (server/runner.py);
 results come back on the event loop (server/delivery.py). A short next-token request arriving
-while the engine is idle runs at once through the same step on the event loop.
+while the engine is idle, or busy with generations that would keep it waiting, runs at once
+through the same step on the event loop.
 
 Every text is conditioned on the bundle's eos token: the engine feeds eos to the zero state
 once at start (the "root") and every request starts from that state, or from a longer prefix
@@ -257,7 +258,7 @@ class Engine:
     # ---- the API ---------------------------------------------------------------------------
 
     async def next_token_logprobs(
-        self, context_ids: Sequence[int], continuous_cache: bool = False
+        self, context_ids: Sequence[int] | np.ndarray, continuous_cache: bool = False
     ) -> np.ndarray:
         """Log-softmax [V] of the next token after eos + context (cached prefixes reused).
 
@@ -274,20 +275,22 @@ class Engine:
             return start.logprobs
         feed = ids[start.length :]
         make = functools.partial(NextRequest, ids, feed, start.state, start.key)
-        if len(feed) <= INLINE_TOKENS and self._idle_now():
+        if len(feed) <= INLINE_TOKENS and self._inline_now():
             return self._run_inline(make(_ignore))  # type: ignore[return-value]
         return await self._call(make)
 
     async def next_token_logprobs_many(
-        self, contexts: Sequence[Sequence[int]], continuous_cache: bool = False
+        self, contexts: Sequence[Sequence[int] | np.ndarray], continuous_cache: bool = False
     ) -> list[np.ndarray]:
         """`next_token_logprobs` of each context, run together: in one step of the engine's
-        batch (on the event loop when the engine is idle), for a caller that has many contexts
+        batch (on the event loop when `_inline_now`), for a caller that has many contexts
         at once, such as the word search's hypotheses (server/words.py)."""
         if continuous_cache:
             return list(
                 await asyncio.gather(*(self.next_token_logprobs(c, True) for c in contexts))
             )
+        if len(contexts) == 1:  # a typing keystroke's one context: no batch to gather
+            return [await self.next_token_logprobs(contexts[0])]
         results: list[np.ndarray | None] = [None] * len(contexts)
         starts: list[tuple[int, np.ndarray, _Start]] = []
         for i, context in enumerate(contexts):
@@ -297,8 +300,8 @@ class Engine:
                 results[i] = start.logprobs
             else:
                 starts.append((i, ids, start))
-        # As for one context: inline only while idle, and only short feeds.
-        inline = self._idle_now() and all(
+        # As for one context: inline only when `_inline_now`, and only short feeds.
+        inline = self._inline_now() and all(
             len(ids) - s.length <= INLINE_TOKENS for _, ids, s in starts
         )
         requests: list[tuple[int, Request]] = []
@@ -347,7 +350,7 @@ class Engine:
             features = root.features if start.length == 0 else None
         make = functools.partial(RecallNextRequest, ids, ids[length:], state, features, params)
         recalled: Recalled
-        if len(ids) - length <= INLINE_TOKENS and self._idle_now():
+        if len(ids) - length <= INLINE_TOKENS and self._inline_now():
             recalled = self._run_inline(make(_ignore))  # type: ignore[assignment]
         else:
             recalled = await self._call(make)
@@ -381,7 +384,7 @@ class Engine:
         """
         ids, stops = self._check_generation(prompt_ids, max_tokens, params, stop_ids)
         begin = functools.partial(self._begin, ids, max_tokens, params, stops)
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return TokenStream(self, begin, self.config.stream_tokens, self.config.stream_ms)
 
     def _check_generation(
         self,
@@ -448,7 +451,7 @@ class Engine:
 
     # ---- submission (event loop side) ------------------------------------------------------
 
-    def _tokens(self, ids: Sequence[int], field: str) -> np.ndarray:
+    def _tokens(self, ids: Sequence[int] | np.ndarray, field: str) -> np.ndarray:
         try:
             arr = np.array(ids, dtype=np.int64)
         except (TypeError, ValueError, OverflowError) as e:
@@ -456,14 +459,13 @@ class Engine:
         if arr.ndim != 1:
             raise ValueError(f"{field} must be a flat list of token ids, not shape {arr.shape}")
         vocab = self.bundle.vocab_size
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-            bad = (arr < 0) | (arr >= vocab)
-            if bad.any():
-                i = int(bad.argmax())
-                raise ValueError(
-                    f"{field}[{i}] = {arr[i]} is not a token id of {self.bundle.name} "
-                    f"(vocabulary size {vocab})"
-                )
+        # One pass: a negative id seen as unsigned is above any vocabulary.
+        if arr.size and arr.view(np.uint64).max() >= vocab:
+            i = int((arr.view(np.uint64) >= vocab).argmax())
+            raise ValueError(
+                f"{field}[{i}] = {arr[i]} is not a token id of {self.bundle.name} "
+                f"(vocabulary size {vocab})"
+            )
         return _frozen(arr)
 
     def _root_start(self) -> _Start:
@@ -487,10 +489,17 @@ class Engine:
         """True when the engine has nothing to do (see `Scheduler.idle_now`)."""
         return self._scheduler is not None and self._scheduler.idle_now()
 
+    def _inline_now(self) -> bool:
+        """True when a short next-token request runs here at once (see
+        `Scheduler.inline_now`): the engine is idle, or busy with generations that would keep
+        it waiting for a run of its own."""
+        return self._scheduler is not None and self._scheduler.inline_now()
+
     def _run_inline(self, request: Request) -> object:
-        """A lone next-token request, run here on the event loop while the engine is idle:
-        handing it to a worker and the result back costs two thread wake-ups, which on a busy
-        machine take longer than the step itself; nothing could share its run anyway."""
+        """A short next-token request, run here on the event loop when `_inline_now`: handing
+        it to a worker and the result back costs two thread wake-ups, which on a busy machine
+        take longer than the step itself, and while generations run it would wait for the
+        step under way; nothing could share its run anyway."""
         assert self._scheduler is not None
         return self._scheduler.run_inline(request)
 

@@ -33,9 +33,10 @@ class EngineConfig:
     # held for a later step) beyond which a new request is refused with Overloaded.
     max_queued: int = 1024
     state_cache_bytes: int = 64 * 2**20
-    # Under load, a generation's tokens reach its consumer this many at a time (see
-    # server/delivery.py, TokenStream); 1: always one at a time.
-    stream_tokens: int = 4
+    # Under load, a generation's tokens reach its consumer this many at a time, or when the
+    # oldest has waited `stream_ms` (see server/delivery.py, TokenStream); 1: one at a time.
+    stream_tokens: int = 16
+    stream_ms: float = 100.0
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
     # "numpy", or "auto" (the graph, on every provider). Both give the same tokens for the
     # same seed.
@@ -64,6 +65,7 @@ class EngineConfig:
         size = self.max_batch_size
         check(size is None or size >= 1, "max_batch_size", "None (step time decides) or >= 1")
         check(self.max_step_ms > 0, "max_step_ms", "> 0")
+        check(self.stream_ms >= 0, "stream_ms", ">= 0")
         check(self.max_queue_wait_ms >= 0, "max_queue_wait_ms", ">= 0")
         check(self.state_cache_bytes >= 0, "state_cache_bytes", ">= 0")
         split = self.prefill_split

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from rnnlm import bundle
+
 Code = grpc.StatusCode
 
 # Characters of a value an error message quotes; the rest is summarised by its length.
@@ -48,11 +50,8 @@ def invalid(message: str) -> RpcError:
 
 
 def quote(value: str | bytes, limit: int = QUOTE_CHARS) -> str:
-    """`repr(value)` of at most `limit` characters (or bytes) of it, the rest summarised."""
-    if len(value) <= limit:
-        return repr(value)
-    unit = "characters" if isinstance(value, str) else "bytes"
-    return f"{value[:limit]!r}... ({len(value)} {unit})"
+    """A request's field quoted for an error message (`rnnlm.bundle.quote`, a shorter bound)."""
+    return bundle.quote(value, limit)
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ class RemoteEngine(Engine):
     # ---- the API ---------------------------------------------------------------------------
 
     async def next_token_logprobs(
-        self, context_ids: Sequence[int], continuous_cache: bool = False
+        self, context_ids: Sequence[int] | np.ndarray, continuous_cache: bool = False
     ) -> np.ndarray:
         ids = self._tokens(context_ids, "context_ids")
         if continuous_cache:
@@ -168,7 +168,7 @@ class RemoteEngine(Engine):
         return result
 
     async def next_token_logprobs_many(
-        self, contexts: Sequence[Sequence[int]], continuous_cache: bool = False
+        self, contexts: Sequence[Sequence[int] | np.ndarray], continuous_cache: bool = False
     ) -> list[np.ndarray]:
         all_ids = [self._tokens(c, "context_ids") for c in contexts]
         if continuous_cache:
@@ -204,7 +204,7 @@ class RemoteEngine(Engine):
             self._streams[rid] = stream
             return _Generation(self, rid)
 
-        return TokenStream(self, begin, self.config.stream_tokens)
+        return TokenStream(self, begin, self.config.stream_tokens, self.config.stream_ms)
 
     # ---- the channel -----------------------------------------------------------------------
 

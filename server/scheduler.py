@@ -17,8 +17,10 @@ that they take turns, those that advanced least first. Admission control
 counts waiting work (requests not yet in a batch, generations sitting a step out, chunks held
 for a later step), not running rows.
 
-`run_inline` is the fast path: a lone next-token request on an idle engine runs through the
-same `step` on the caller's thread at once (two thread wake-ups cost more than its step).
+`run_inline` is the fast path: a short next-token request on an idle engine runs through the
+same `step` on the caller's thread at once (two thread wake-ups cost more than its step), and
+so does one arriving while generations would keep it waiting for a run of its own: it then
+runs beside the step under way instead of after it (`inline_now`).
 """
 
 from __future__ import annotations
@@ -84,15 +86,21 @@ class Pace:
             old = self.row_s
             self.row_s = sample if old is None else old + PACE_WEIGHT * (sample - old)
 
+    def keeps_waiting(self, batch: Batch) -> bool:
+        """Whether the generations advancing in `batch`'s next step would keep next-token
+        work waiting at least `LANE_S` (their estimated share of the step)."""
+        requests, resting = batch.requests, batch.resting
+        decoding = sum(1 for row, r in enumerate(requests) if r.decoding and row not in resting)
+        return self.row_s is not None and self.row_s * decoding >= LANE_S
+
     def lane(self, batch: Batch, chunk: int) -> frozenset[int]:
         """The rows to step on their own before the rest: next-token work that answers in one
         step (a next-token call, a new stream's prompt and first token), when the
         generations advancing this step would keep it waiting at least `LANE_S`. Then it
         waits for no generation's run; the extra run costs well under that."""
-        requests, resting = batch.requests, batch.resting
-        decoding = sum(1 for row, r in enumerate(requests) if r.decoding and row not in resting)
-        if self.row_s is None or self.row_s * decoding < LANE_S:
+        if not self.keeps_waiting(batch):
             return frozenset()
+        requests = batch.requests
         return frozenset(
             row
             for row, r in enumerate(requests)
@@ -144,6 +152,8 @@ class Scheduler:
         threads = config.batch_threads
         self.sizes = [0] * threads  # rows in each worker's batch
         self._waiting = [0] * threads  # each worker's rows that sat out its last step
+        # Whether each worker's generations keep next-token work waiting (`Pace.keeps_waiting`)
+        self._slow = [False] * threads
         self._inline_sampler = make_sampler()
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"engine-{name}-{i}", daemon=True)
@@ -196,21 +206,34 @@ class Scheduler:
             idle = self._idle_threads == len(self._threads)
             return idle and not self._queue and not self._closing
 
+    def inline_now(self) -> bool:
+        """True when a short next-token request should run on the caller's thread at once
+        (`run_inline`): the engine is idle, or nothing is queued and a worker's generations
+        would keep it waiting `LANE_S` or more. It would then get a run of its own anyway
+        (`Pace.lane`), but only after the step under way; on the caller's thread it runs now,
+        beside the worker's run (onnxruntime's `run` is thread-safe and releases the GIL)."""
+        with self._cond:
+            if self._queue or self._closing:
+                return False
+            return self._idle_threads == len(self._threads) or any(self._slow)
+
     def run_inline(self, request: Request) -> object:
-        """Run a request to its answer here, through `step` (the engine must be idle)."""
+        """Run a request to its answer here, through `step` (see `inline_now`)."""
         return self.run_inline_many([request])[0]
 
     def run_inline_many(self, requests: Sequence[Request]) -> list[object]:
-        """Run requests to their answers here, in one batch (the engine must be idle)."""
+        """Run requests to their answers here, in one batch of their own (see `inline_now`):
+        it shares only the sessions and the state cache (locked) with the workers' batches."""
         if self.metrics is not None:
             for _ in requests:
                 self.metrics.observe_queue_wait(0.0)
-        batch = Batch.of(list(requests), self.step_config.vocab_size)
+        batch = Batch.of(requests, self.step_config.vocab_size)
         answers: dict[int, object] = {}
-        while not all(r.done for r in requests):
+        while len(answers) < len(requests):
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
             self._store(result.prefixes)
-            answers.update((id(r), payload) for r, payload in result.replies)
+            for r, payload in result.replies:  # each request answers once, when done
+                answers[id(r)] = payload
             batch = result.batch
         payloads = [answers[id(r)] for r in requests]
         for payload in payloads:
@@ -240,6 +263,7 @@ class Scheduler:
                 batch = batch.concatenate([Batch.of(admitted, vocab)])
             batch = pace.rest(batch.live())
             self.sizes[index] = len(batch)
+            self._slow[index] = pace.keeps_waiting(batch)
             urgent = pace.lane(batch, self.step_config.chunk)
             if urgent:  # next-token work first, in a run of its own
                 lane = batch.rest(frozenset(range(len(batch))) - urgent)

@@ -47,7 +47,9 @@ from server.limits import (
 )
 from server.metrics import Metrics
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
+from server.sampling import GeneratedToken
 from server.state_token import SessionContext, StateTokenError, StateTokens
+from server.text import Detokenizer
 from server.typing import Memory, Predicted, predict_tokens, predict_words, searched
 from server.word_cache import WordCacheSettings
 from server.words import (
@@ -308,22 +310,14 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                     now = time.perf_counter()
                     (itl if count else ttft).observe(now - last)
                     last = now
-                    pieces: list[str] = []
-                    ids: list[int] = []
-                    stopped = False
-                    for token in tokens:
-                        text, stopped = stopper.push(detokenizer.push(token.token_id))
-                        pieces.append(text)
-                        ids.append(token.token_id)
-                        if stopped:
-                            break
+                    text, ids, stopped = _detokenize(tokens, detokenizer, stopper)
                     kept = tokens[: len(ids)]
                     for _ in kept[1:]:
                         itl.observe(0.0)
                     count += len(ids)
                     generated.inc(len(ids))
                     response = pb.GenerateResponse(
-                        text="".join(pieces), token_ids=ids, logprobs=[t.logprob for t in kept]
+                        text=text, token_ids=ids, logprobs=[t.logprob for t in kept]
                     )
                     if params.top_logprobs:
                         for token in kept:
@@ -859,23 +853,43 @@ def _perplexity(log_prob: float, num_tokens: int) -> float:
         return math.inf
 
 
+def _detokenize(
+    tokens: list[GeneratedToken], detokenizer: Detokenizer, stopper: _StopMatcher
+) -> tuple[str, list[int], bool]:
+    """One response's text and token ids, and whether a stop string ended it (then the
+    tokens after the one that completed it are dropped). Without stop strings the tokens
+    are decoded together."""
+    if not stopper.stops:
+        ids = [t.token_id for t in tokens]
+        return detokenizer.push_many(ids), ids, False
+    pieces: list[str] = []
+    ids = []
+    for token in tokens:
+        text, stopped = stopper.push(detokenizer.push(token.token_id))
+        pieces.append(text)
+        ids.append(token.token_id)
+        if stopped:
+            return "".join(pieces), ids, True
+    return "".join(pieces), ids, False
+
+
 class _StopMatcher:
     """Finds stop strings in streamed text, holding back text that may begin one."""
 
     def __init__(self, stops: list[str]) -> None:
-        self._stops = stops
+        self.stops = stops
         self._pending = ""
 
     def push(self, piece: str) -> tuple[str, bool]:
         """The text that is safe to emit now, and whether a stop string was reached."""
-        if not self._stops:
+        if not self.stops:
             return piece, False
         text = self._pending + piece
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self._pending = ""
             return text[: min(hits)], True
-        keep = max(_overlap(text, s) for s in self._stops)
+        keep = max(_overlap(text, s) for s in self.stops)
         self._pending = text[len(text) - keep :]
         return text[: len(text) - keep], False
 

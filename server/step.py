@@ -362,11 +362,9 @@ def _finish(
     prefixes: list[Prefix] = []
     nexts = [row for row in ready if not requests[row].samples]
     if nexts:
-        logprobs = log_softmax(np.stack([requests[row].logits for row in nexts]))  # type: ignore[misc]
-        for j, row in enumerate(nexts):
+        rows_logits = [requests[row].logits for row in nexts]
+        for row, lp in zip(nexts, _logprobs(rows_logits), strict=True):  # type: ignore[arg-type]
             r = requests[row]
-            lp = logprobs[j].copy()
-            lp.setflags(write=False)
             if config.caching:
                 context, key = r.context, r.key  # type: ignore[attr-defined]
                 prefixes.append(Prefix(context, batch.row_state(row), lp, key))
@@ -389,6 +387,18 @@ def _finish(
         replies += sampled[0]
         prefixes += sampled[1]
     return replies, prefixes
+
+
+def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
+    """Each row's read-only next-token log-probs (arrays of their own, for the state cache),
+    in one vectorised pass when there are several."""
+    if len(logits) == 1:
+        out = [log_softmax(logits[0])]
+    else:
+        out = [row.copy() for row in log_softmax(np.stack(logits))]
+    for lp in out:
+        lp.setflags(write=False)
+    return out
 
 
 def _sample(

@@ -94,6 +94,26 @@ class Detokenizer:
         self._prefix = 0
         return text[len(done) :]
 
+    def push_many(self, token_ids: list[int]) -> str:
+        """The new text `token_ids` complete, decoded together: the text `push` gives them one
+        by one, for two decodes instead of two a token (a generation's tokens arrive several
+        to a message under load). Where they end inside a character, they go one by one, so
+        the complete characters before it are not held back."""
+        if len(token_ids) == 1:
+            return self.push(token_ids[0])
+        mark = len(self._ids)
+        self._ids.extend(token_ids)
+        done = self._codec.decode(self._ids[self._prefix : self._read])
+        text = self._codec.decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd"):
+            del self._ids[mark:]
+            return "".join([self.push(i) for i in token_ids])
+        if len(text) <= len(done):
+            return ""
+        del self._ids[: self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        return text[len(done) :]
+
     def flush(self) -> str:
         """Whatever is still held back, incomplete characters decoded as U+FFFD."""
         done = self._codec.decode(self._ids[self._prefix : self._read])

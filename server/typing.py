@@ -98,7 +98,7 @@ class _Counted:
         self._cached = cached
         self.steps = 0
 
-    async def __call__(self, contexts: list[list[int]]) -> list[np.ndarray]:
+    async def __call__(self, contexts: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
         self.steps += len(contexts)
         return await self._engine.next_token_logprobs_many(contexts, self._cached)
 
@@ -154,7 +154,7 @@ async def predict_words(
     if resume is not None and resume.complete(k, match, filters):
         return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
     counted = _Counted(engine, cached)
-    table: PieceTable = piece_table(codec, match.folding)
+    table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
         counted, context, table, after_space, match, filters, settings, want, resume

@@ -9,6 +9,7 @@ each one is there, that the targets are computed, and that every scorer scored t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -257,3 +258,22 @@ def test_a_bad_server_arg_is_refused_before_measuring(
     err = capsys.readouterr().err
     assert err.startswith("rnnlm bench: --server-arg: ") and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_time_counts_the_children_a_process_has_reaped() -> None:
+    """The server's CPU time includes what its ended children (an engine core) spent: a reading
+    taken after a child ends must not lose it, nor fail because it ended mid-read."""
+    from benchmarks.process import _cpu_ticks
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys, time\n"
+         f"subprocess.run([sys.executable, '-c', {burn!r}])\nprint(flush=True)\ntime.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "\n"  # child reaped
+        assert _cpu_ticks(parent.pid) / os.sysconf("SC_CLK_TCK") >= 0.25
+    finally:
+        parent.kill()
+        parent.wait()

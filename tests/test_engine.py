@@ -689,6 +689,7 @@ def test_engine_must_be_started(lstm: Bundle) -> None:
         ("batch_threads", 0),
         ("prefill_chunk", 0),
         ("max_queue_wait_ms", -1),
+        ("stream_ms", -1),
         ("prefill_split", 0),
     ],
 )

@@ -417,6 +417,10 @@ def test_examples_cli_imports_and_says_where_to(
     assert (manifest["name"], manifest["version"]) == ("lm", "7")
     code, _, err = import_cli(capsys, *argv)
     assert code == 2 and "already exists" in err
+    # The target is checked before the checkpoint is read (which can take minutes for a big one).
+    missing = ["pytorch-examples", str(tmp_path / "none.pt"), str(target), "--data", str(data_dir)]
+    code, _, err = import_cli(capsys, *missing)
+    assert code == 2 and "already exists" in err
 
 
 def test_examples_elman_state_dict_needs_its_cell(

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import grammar_text, run_cli, same_weights, tiny
+from test_train import corpus, run_cli, same_weights, tiny
 
 from training.model import RNNLM, ModelConfig
 from training.recurrent_norm import DEFAULT_LIMIT, cap_recurrent_norm, spectral_norms
 from training.train import TrainOptions, train
+
+__all__ = ["corpus"]  # the corpus fixture of test_train, used here
 
 torch.set_num_threads(1)
 
@@ -63,9 +65,7 @@ def test_a_capped_relu_state_stays_within_its_bound_over_a_long_stream() -> None
     assert float(uncapped[0, -1].norm()) > 10 * float(norms.max())
 
 
-def test_a_capped_run_resumes_exactly(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(grammar_text())
+def test_a_capped_run_resumes_exactly(corpus: Path, tmp_path: Path) -> None:
     options = tiny(corpus, tmp_path / "straight", cell="rnn_relu", epochs=2, dropout=0.0)
     straight = train(options)
     config = json.loads((straight / "config.json").read_text())
@@ -79,9 +79,7 @@ def test_a_capped_run_resumes_exactly(tmp_path: Path) -> None:
     assert same_weights(straight / "model.safetensors", final / "model.safetensors")
 
 
-def test_no_cap_for_the_other_cells_unless_asked(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(grammar_text())
+def test_no_cap_for_the_other_cells_unless_asked(corpus: Path, tmp_path: Path) -> None:
     out = train(tiny(corpus, tmp_path / "tanh", cell="rnn_tanh", epochs=1))
     assert json.loads((out / "config.json").read_text())["train_args"]["recurrent_norm"] == 0.0
     capped = train(tiny(corpus, tmp_path / "capped", cell="rnn_tanh", epochs=1, recurrent_norm=0.5))
@@ -97,10 +95,8 @@ def test_no_cap_for_the_other_cells_unless_asked(tmp_path: Path) -> None:
     ],
 )
 def test_bad_recurrent_norm_is_one_line(
-    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    flags: list[str], message: str, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(grammar_text())
     code, err = run_cli(["--corpus", str(corpus), "--out", str(tmp_path / "o"), *flags], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "o").exists()

@@ -21,6 +21,7 @@ from test_engine import (
     wait_until,
 )
 
+from server import engine as engine_module
 from server import scheduler
 from server.bundle import Bundle, load_bundle
 from server.engine import Engine, SamplingParams
@@ -141,8 +142,10 @@ def test_next_token_work_runs_before_the_generations_run(
 ) -> None:
     """With the lane's threshold at zero, next-token work beside running generations gets a
     run of its own before theirs (one-row runs while eight streams decode), and every RPC
-    gives the numbers it gives alone."""
+    gives the numbers it gives alone. (No call runs inline here, so all go through the
+    scheduler's lane.)"""
     monkeypatch.setattr(scheduler, "LANE_S", 0.0)
+    monkeypatch.setattr(engine_module, "INLINE_TOKENS", 0)
     calls = mixed_workload(lstm.vocab_size)
     metrics = Metrics()
     single_runs = "rnnlm_batch_size_bucket"
@@ -168,6 +171,43 @@ def test_next_token_work_runs_before_the_generations_run(
     alone = run_engine(lstm, lambda e: asyncio.gather(*(c(e) for c in calls)), prefill_chunk=8)
     close(results[0], Direct(lstm).logprobs([3, 4, 5, 6])[-1])
     assert_same(results[1:], list(alone))
+
+
+def test_next_token_work_runs_at_once_beside_generations_that_would_keep_it_waiting(
+    lstm: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head of line: once the generations' share of a step would keep a next-token call
+    waiting for a run of its own (the lane's threshold at zero here), a short call runs at
+    once on the event loop, beside the step under way: it finishes without ever suspending
+    while every stream still runs, with the numbers it gives alone; one with more tokens
+    than the inline limit still goes through the scheduler."""
+    monkeypatch.setattr(scheduler, "LANE_S", 0.0)
+    long_context = [7 - i % 5 for i in range(engine_module.INLINE_TOKENS + 4)]  # none cached
+
+    async def body(engine: Engine) -> tuple[Any, Any, list[bool]]:
+        streams = [engine.generate([2, i], 10**6, SamplingParams(seed=i)) for i in range(8)]
+        for stream in streams:
+            await anext(stream)
+        await wait_until(engine._inline_now)  # once a step of theirs was timed
+        assert not engine._idle_now()
+        coroutine = engine.next_token_logprobs([3, 4, 5, 6])
+        with pytest.raises(StopIteration) as done:  # finished without ever suspending
+            coroutine.send(None)
+        queued = engine.next_token_logprobs(long_context)
+        waited = asyncio.ensure_future(queued)
+        await asyncio.sleep(0)
+        assert not waited.done()  # handed to the worker: it waits for a step
+        running = [not stream._request.done for stream in streams]  # type: ignore[union-attr]
+        result = await waited
+        for stream in streams:
+            await stream.aclose()
+        return done.value.value, result, running
+
+    inline, queued, running = run_engine(lstm, body)
+    assert all(running)
+    direct = Direct(lstm)
+    close(inline, direct.logprobs([3, 4, 5, 6])[-1])
+    close(queued, direct.logprobs(long_context)[-1])
 
 
 def test_logits_left_on_the_device_give_the_same_results(lstm: Bundle) -> None:

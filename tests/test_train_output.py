@@ -11,20 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train import grammar_text, read_metrics, tiny
+from test_train import corpus, read_metrics, tiny
 
 from training.console import EpochProgress
 from training.plot import plot_metrics
 from training.train import train
 
+__all__ = ["corpus"]  # the corpus fixture of test_train, used here
+
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    path = tmp_path / "corpus.txt"
-    path.write_text(grammar_text())
-    return path
 
 
 def test_a_log_gets_a_plain_line_per_tenth_of_an_epoch(

@@ -1,0 +1,210 @@
+"""The word search of character models restricted to a bundle's lexicon, on a real engine.
+
+A lexicon (the bundle's `lexicon.txt`) limits a search to its words: it extends a hypothesis
+only by pieces that keep it a beginning of one, and stores only whole words, so a keystroke's
+stored words hold no fragment. The words it returns keep their exact probability under the
+model, recomputed here one context at a time, and a keystroke answered from stored words
+(no model step) returns what a fresh, unpruned search would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from rnnlm.bundle import LEXICON_FILE, BundleError, add_lexicon, load_manifest
+from rnnlm.cli import main
+from server.bundle import load_bundle
+from server.engine import Engine, EngineConfig
+from server.text import TextCodec
+from server.typing import Memory, predict_words
+from server.words import (
+    Filters,
+    Matcher,
+    WordSettings,
+    lexicon_of,
+    piece_table,
+    read_lexicon,
+    search,
+    search_context,
+)
+
+CONTEXT = "the cat sees the "
+# Words of the tiny corpus and two it never has; "the", "moon" and "man" are left out.
+T = TypeVar("T")
+LEXICON = "# test lexicon\nball\nboat\nbird\ntree\nriver\nred\nsmall\nthee\nthen\nmy\na\n"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(
+    tiny_bundle_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("lexicon") / "char"
+    shutil.copytree(tiny_bundle_factory("gru", "char"), out)
+    add_lexicon(out, LEXICON)
+    return out
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None  # the engine fixture's event loop
+
+
+@pytest.fixture(scope="module")
+def engine(bundle_dir: Path) -> Iterator[Engine]:
+    global _LOOP
+    _LOOP = asyncio.new_event_loop()
+    engine = Engine(load_bundle(bundle_dir), EngineConfig(state_cache_bytes=0))
+    _LOOP.run_until_complete(engine.start())
+    yield engine
+    _LOOP.run_until_complete(engine.close())
+    _LOOP.close()
+    _LOOP = None
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    assert _LOOP is not None
+    return _LOOP.run_until_complete(coroutine)
+
+
+def _exact(engine: Engine, codec: TextCodec, word: str) -> float:
+    """A word's log-probability after CONTEXT, one context at a time: its characters', then
+    the boundary tokens' total."""
+    table = piece_table(codec, True)
+    ids = codec.encode(CONTEXT)
+    total = 0.0
+    for ch in word:
+        row = _run(engine.next_token_logprobs(ids))
+        (i,) = codec.encode(ch)
+        total += float(row[i])
+        ids = [*ids, i]
+    row = _run(engine.next_token_logprobs(ids))
+    end = np.logaddexp.reduce(row[table.boundary].astype(np.float64))
+    return total + float(end)
+
+
+def test_the_bundle_carries_its_lexicon(bundle_dir: Path, tmp_path: Path) -> None:
+    assert load_manifest(bundle_dir).lexicon_file == LEXICON_FILE
+    lexicon = read_lexicon(load_bundle(bundle_dir).lexicon)
+    assert lexicon is not None and "thee" in lexicon.words and "the" not in lexicon.words
+    assert read_lexicon("# only a comment\n\n") is None
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_dir, broken)
+    manifest = json.loads((broken / "manifest.json").read_text(encoding="utf-8"))
+    del manifest["files"][LEXICON_FILE]
+    (broken / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(BundleError, match="lexicon"):
+        load_manifest(broken)
+
+
+@pytest.mark.parametrize("partial", ["", "t", "b", "r"])
+def test_a_lexicon_search_returns_the_likeliest_lexicon_words_exactly(
+    engine: Engine, partial: str
+) -> None:
+    """With a width above the vocabulary the search is exact: its k words are the k likeliest
+    lexicon words that match, each with its model probability."""
+    codec = TextCodec(engine.bundle)
+    table = piece_table(codec, True, engine.bundle.lexicon)
+    lexicon = read_lexicon(engine.bundle.lexicon)
+    assert table.lexicon is lexicon is not None
+    settings = WordSettings(width=512, budget_ms=60_000.0)
+    match = Matcher(partial, True)
+    ids = codec.encode(CONTEXT)
+    result = _run(
+        search(engine.next_token_logprobs_many, ids, table, False, match, Filters(), settings, 3),
+    )
+    found = {w.text: w.logprob for w in result.words}
+    assert found and set(found) <= lexicon.words
+    exact = {w: _exact(engine, codec, w) for w in lexicon.words if w.startswith(partial)}
+    for word, logprob in found.items():
+        assert math.isclose(logprob, exact[word], rel_tol=1e-4, abs_tol=1e-4), word
+    top = sorted(exact, key=lambda w: -exact[w])[:3]
+    assert sorted(found, key=lambda w: -found[w])[: len(top)] == top
+
+
+def test_a_keystroke_answered_from_stored_words_equals_a_fresh_search(engine: Engine) -> None:
+    """A narrow search leaves hypotheses behind; a keystroke that filters the stored words
+    (no model step) must return what an unpruned search returns for the same letters."""
+    codec = TextCodec(engine.bundle)
+    ids = codec.encode(CONTEXT)
+    narrow = WordSettings(width=2, budget_ms=60_000.0)
+    wide = WordSettings(width=512, budget_ms=60_000.0)
+    memory = Memory()
+    filtered = 0
+    for typed in ("t", "th", "the", "thee"):
+        match = Matcher(typed, True)
+        got = _run(
+            predict_words(engine, codec, ids, False, 2, match, Filters(), narrow, False, memory),
+        )
+        assert {s.text for s in got.suggestions} <= {"thee", "then", "tree"}
+        if got.steps:
+            continue
+        filtered += 1
+        fresh = _run(
+            predict_words(engine, codec, ids, False, 2, match, Filters(), wide, False, Memory()),
+        )
+        assert [(s.text, round(s.probability, 6)) for s in got.suggestions] == [
+            (s.text, round(s.probability, 6)) for s in fresh.suggestions
+        ]
+    assert filtered >= 1  # a lexicon leaves few words per letter: later keystrokes filter
+
+
+def test_export_writes_the_words_of_a_text_as_the_lexicon(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tiny_corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    checkpoint = str(tiny_checkpoint_factory("gru", "char"))
+    out = tmp_path / "bundle"
+    assert main(["export", checkpoint, str(out), "--lexicon", str(tiny_corpus)]) == 0
+    text = load_bundle(out).lexicon
+    assert text == lexicon_of(tiny_corpus.read_text(encoding="utf-8"))
+    assert text.splitlines()[:3] == ["a", "ball", "bird"]  # sorted, punctuation left out
+    assert lexicon_of("O'er the hill_top, 'tis Été.") == "'tis\nO'er\nhill\nthe\ntop\nÉté\n"
+    missing = tmp_path / "missing.txt"
+    assert main(["export", checkpoint, str(tmp_path / "bad"), "--lexicon", str(missing)]) == 2
+    assert "--lexicon" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_bpe_search_finds_only_lexicon_words(
+    tiny_bundle_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """BPE pieces span several letters and a word start carries its space: the lexicon is
+    checked on the word they spell."""
+    out = tmp_path / "bpe"
+    shutil.copytree(tiny_bundle_factory("rnn_tanh", "bpe"), out)
+    add_lexicon(out, "tree\nthee\nsmall\nsees\n")
+
+    async def main() -> list[str]:
+        engine = Engine(load_bundle(out), EngineConfig(state_cache_bytes=0))
+        await engine.start()
+        try:
+            codec = TextCodec(engine.bundle)
+            context, after_space = search_context(codec, CONTEXT)
+            assert after_space
+            settings = WordSettings(width=512, budget_ms=60_000.0)
+            got = await predict_words(
+                engine,
+                codec,
+                codec.encode(context),
+                after_space,
+                3,
+                Matcher("", True),
+                Filters(),
+                settings,
+                False,
+                Memory(),
+            )
+            return [s.text for s in got.suggestions]
+        finally:
+            await engine.close()
+
+    words = asyncio.run(main())
+    assert words and set(words) <= {"tree", "thee", "small", "sees"}
