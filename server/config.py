@@ -288,7 +288,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "word_cache": (
         _parse_bool,
         "mix the word cache (the words of the text before the cursor, docs/typing.md) into "
-        "PredictNext and TypingSession suggestions when a request does not say (word_cache)",
+        "TypingSession suggestions when an event does not say (word_cache); a PredictNext "
+        "gets it only when it asks",
     ),
     "word_cache_weight": (float, "the word cache's share of a suggestion's probability"),
     "word_cache_decay": (

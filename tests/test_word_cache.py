@@ -97,7 +97,7 @@ def test_settings_out_of_range_are_refused(bad: dict[str, float]) -> None:
 def test_a_word_typed_earlier_is_suggested_after_its_first_letter(
     clients: dict[str, Client], model: str
 ) -> None:
-    on = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model)
+    on = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model, word_cache=True)
     assert NEW in _tokens(on), on
     off = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model, word_cache=False)
     assert NEW not in _tokens(off)
@@ -117,6 +117,13 @@ def test_turning_it_off_gives_the_models_suggestions_exactly(
     on_asked = clients["off"].predict_next(CONTEXT, word_cache=True, **asked)
     assert _replies(off_here) == _replies(off_server)
     assert _tokens(on_asked) != _tokens(off_server)
+    # Unset, a PredictNext keeps the model's probabilities whatever the server's default
+    # (as before the field existed); a typing session's event gets the server's default.
+    assert _replies(clients["on"].predict_next(CONTEXT, **asked)) == _replies(off_server)
+    (typed,) = clients["on"].typing_session(
+        [pb.TypingEvent(model=model, reset=True, text=CONTEXT, k=5, partial_word=partial)]
+    )
+    assert _tokens(typed) != _tokens(off_server)
 
 
 def test_a_word_models_mixture_is_the_documented_one(clients: dict[str, Client]) -> None:
@@ -130,7 +137,7 @@ def test_a_word_models_mixture_is_the_documented_one(clients: dict[str, Client])
     words = CONTEXT.split()
     counts = {w: words.count(w) for w in words if w.isalnum()}
     n = sum(counts.values())
-    mixed = client.predict_next(CONTEXT, k=8).predictions
+    mixed = client.predict_next(CONTEXT, k=8, word_cache=True).predictions
     for p in mixed:
         expected = (1 - WEIGHT) * model.get(p.token, 0.0) + WEIGHT * counts.get(p.token, 0) / n
         assert p.probability == pytest.approx(expected, rel=1e-4), p.token
