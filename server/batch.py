@@ -24,6 +24,10 @@ from server.sampler import SamplingRows
 from server.sampling import SamplingParams
 
 NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
+# Batches of up to this many requests that do not generate share their neutral sampling rows
+# (a typing keystroke's lone call, a word search's few contexts); the shared rows' [n, V]
+# masks stay small.
+SHARED_NEUTRAL = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +59,15 @@ class Batch:
                 [None if g is None else g.prompt for g in gens],
                 vocab_size,
             )
-        else:  # no row samples (a next-token call, a score): neutral rows, made once
+            for row, g in enumerate(gens):
+                if g is not None and g.sampling is not None:
+                    _carry(sampling, row, g.sampling)
+                    g.sampling = None
+        elif len(requests) <= SHARED_NEUTRAL:  # no row samples (next-token calls, scores)
             sampling = _neutral_rows(vocab_size, len(requests))
+        else:
+            one = _neutral_rows(vocab_size, 1)
+            sampling = one.filter(np.zeros(len(requests), dtype=np.intp))
         return Batch(tuple(requests), states, sampling)
 
     def __len__(self) -> int:
@@ -120,6 +131,15 @@ def _stacked(requests: Sequence[Request]) -> tuple[np.ndarray, ...]:
     for r in requests:
         r.state = None
     return states
+
+
+def _carry(rows: SamplingRows, row: int, own: SamplingRows) -> None:
+    """Row `row` of `rows` (built from the same parameters) goes on with the random stream of
+    `own`, the request's one row from the batch it started in: its seed (drawn there when the
+    request had none), stream position and seen tokens."""
+    rows.seed[row] = own.seed[0]
+    rows.position[row] = own.position[0]
+    rows.seen[row] = own.seen[0]
 
 
 @functools.lru_cache(maxsize=16)

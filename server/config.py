@@ -69,8 +69,8 @@ class ServerConfig:
     user_word_floor: float = 0.05
     word_cache: bool = True
     word_cache_weight: float = 0.1
-    word_cache_decay: float = 1.0
-    word_cache_bigram: float = 0.0
+    word_cache_decay: float = 0.98
+    word_cache_bigram: float = 0.3
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -288,7 +288,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "word_cache": (
         _parse_bool,
         "mix the word cache (the words of the text before the cursor, docs/typing.md) into "
-        "PredictNext and TypingSession suggestions when a request does not say (word_cache)",
+        "TypingSession suggestions when an event does not say (word_cache); a PredictNext "
+        "gets it only when it asks",
     ),
     "word_cache_weight": (float, "the word cache's share of a suggestion's probability"),
     "word_cache_decay": (

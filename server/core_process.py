@@ -125,7 +125,8 @@ class Core:
         except Exception as e:
             self._error(rid, e)
             return
-        self.generations[rid] = request
+        if not request.done:  # it may have ended at once, with its first token
+            self.generations[rid] = request
 
     def _error(self, rid: int, error: BaseException) -> None:
         self.outbox.add((rid, channel.ERROR, (type(error).__name__, str(error))))

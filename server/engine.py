@@ -544,7 +544,10 @@ class Engine:
         deliver: Callable[[object], None],
     ) -> GenerateRequest:
         """Queue a checked generation (see `generate`) whose payloads go to `deliver`; setting
-        the request's `cancelled` takes it out at the next step. Overloaded when refused."""
+        the request's `cancelled` takes it out at the next step. Overloaded when refused.
+
+        A short prompt gets its first token here at once, delivered before this returns, when
+        `_inline_now` (a new stream beside running ones waits for no step of theirs)."""
         start = self._start(ids)
         exact = start.length == len(ids)
         request = GenerateRequest(
@@ -558,5 +561,9 @@ class Engine:
             start.key,
             deliver,
         )
-        self._submit(request)
+        if len(request.feed) <= INLINE_TOKENS and self._inline_now():
+            assert self._scheduler is not None
+            self._scheduler.start_inline(request, self.bundle.name)  # its first token now
+        else:
+            self._submit(request)
         return request

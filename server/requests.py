@@ -12,12 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from server.continuous_cache import CacheParams, ContinuousCache, mix, next_logprobs
 from server.sampling import SamplingParams, log_softmax
+
+if TYPE_CHECKING:
+    from server.sampler import SamplingRows
 
 State = tuple[np.ndarray, ...]  # one [layers, hidden] float32 array per state tensor
 
@@ -217,8 +220,10 @@ class GenerateRequest(Request):
         # Next-token logits already known (from the state cache): sample without a run.
         self.logits = head
         # Its sampling row (parameters, random stream, seen tokens) is built from these when
-        # it joins a batch (server/batch.py).
+        # it joins a batch (server/batch.py), or carried over from the batch it started in
+        # (`resume`).
         self.params = params
+        self.sampling: SamplingRows | None = None
         self.max_tokens = max_tokens
         self.stop_ids = stop_ids
         self.generated = 0
@@ -231,6 +236,12 @@ class GenerateRequest(Request):
         if self.fed < len(self.feed):
             return super().work(chunk, split)
         return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
+
+    def resume(self, state: State, sampling: SamplingRows) -> None:
+        """Take the request out of the batch it started in, to join another: its state and
+        its one sampling row (random stream position and seen tokens) go with it."""
+        self.state = state
+        self.sampling = sampling
 
     def emitted(self, token: int) -> bool:
         """Record a sampled token; True when it ends the generation."""

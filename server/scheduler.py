@@ -39,7 +39,7 @@ from server.delivery import dispatch
 from server.engine_config import EngineConfig
 from server.engine_errors import EngineClosed, Overloaded, failure_error
 from server.metrics import EngineMetrics
-from server.requests import Failure, Request
+from server.requests import Failure, GenerateRequest, Request
 from server.row_sampler import RowSampler
 from server.runner import Runner
 from server.state_cache import StateCache
@@ -186,16 +186,36 @@ class Scheduler:
     def submit(self, request: Request, model: str) -> None:
         """Queue a request for the next step; Overloaded when too much work is waiting."""
         with self._cond:
-            if self._closing:
-                raise EngineClosed("the engine is shutting down")
-            waiting = self.waiting
-            if waiting >= self.config.max_queued:
-                raise Overloaded(
-                    f"{waiting} requests are already waiting for {model} "
-                    f"(max_queued {self.config.max_queued}); try again later"
-                )
+            self._admissible(model)
             self._queue.append(request)
             self._cond.notify()
+
+    def _admissible(self, model: str) -> None:
+        """EngineClosed or Overloaded unless a new request may be queued (lock held)."""
+        if self._closing:
+            raise EngineClosed("the engine is shutting down")
+        waiting = self.waiting
+        if waiting >= self.config.max_queued:
+            raise Overloaded(
+                f"{waiting} requests are already waiting for {model} "
+                f"(max_queued {self.config.max_queued}); try again later"
+            )
+
+    def start_inline(self, request: GenerateRequest, model: str) -> None:
+        """A generation's (short) prompt and first token, run here at once (see
+        `inline_now`) and delivered (the caller is on the event loop); then the generation
+        is queued for the workers with its state and random stream where they are."""
+        with self._cond:
+            self._admissible(model)
+        batch = Batch.of([request], self.step_config.vocab_size)
+        while not (request.done or request.generated):
+            result = step(batch, self.runner, self.step_config, self._inline_sampler)
+            self._store(result.prefixes)
+            dispatch(result.replies)
+            batch = result.batch
+        if not request.done:
+            request.resume(batch.row_state(0), batch.sampling)
+            self.submit(request, model)
 
     def idle_now(self) -> bool:
         """True when every worker waits with an empty batch and the queue is empty.

@@ -519,7 +519,13 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         engine, settings = model.engine, self.words
         mixer = None
         if not getattr(request, "next_tokens", False):
-            asked = request.word_cache if request.HasField("word_cache") else None
+            # Unset: the server's default for typing sessions; a PredictNext keeps the model's
+            # own probabilities, as it gave before the field existed (rnnlm.v1 compatibility).
+            asked: bool | None = (
+                request.word_cache
+                if request.HasField("word_cache")
+                else (None if isinstance(request, pb.TypingEvent) else False)
+            )
             mixer = self.word_cache.mixer(asked, memory.word_cache, text, codec.kind)
             memory.word_cache = mixer.cache if mixer is not None else None
         if tokens:

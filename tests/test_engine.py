@@ -253,8 +253,11 @@ def test_batching_threads_share_the_requests_evenly(lstm: Bundle) -> None:
         streams = [engine.generate([1], 10**9, SamplingParams(seed=i)) for i in range(13)]
         for stream in streams:
             await anext(stream)
-        assert engine._scheduler is not None
-        sizes = sorted(engine._scheduler.sizes)
+        scheduler = engine._scheduler
+        assert scheduler is not None
+        # A first token can come before its stream joins a batch (started on the event loop).
+        await wait_until(lambda: sum(scheduler.sizes) == 13)
+        sizes = sorted(scheduler.sizes)
         for stream in streams:
             await stream.aclose()
         return sizes

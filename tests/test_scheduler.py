@@ -210,6 +210,41 @@ def test_next_token_work_runs_at_once_beside_generations_that_would_keep_it_wait
     close(queued, direct.logprobs(long_context)[-1])
 
 
+def test_a_new_stream_gets_its_first_token_at_once_beside_running_ones(
+    lstm: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head of line: while eight streams' share of a step would keep it waiting (the lane's
+    threshold at zero), a new stream with a short prompt gets its first token at once, on
+    the event loop (its first `__anext__` never suspends), then joins their steps with its
+    random stream where it was: its tokens are those it gets through the workers alone."""
+    monkeypatch.setattr(scheduler, "LANE_S", 0.0)
+    params = SamplingParams(seed=77, temperature=1.1, repetition_penalty=1.2)
+
+    async def crowded(engine: Engine) -> tuple[list[Any], bool]:
+        streams = [engine.generate([2, i], 10**6, SamplingParams(seed=i)) for i in range(8)]
+        for stream in streams:
+            await anext(stream)
+        await wait_until(engine._inline_now)  # once a step of theirs was timed
+        new = engine.generate([5, 6], 30, params)
+        with pytest.raises(StopIteration) as done:  # the first token without suspending
+            new.__anext__().send(None)
+        tokens = [done.value.value, *[t async for t in new]]
+        running = all(not stream._request.done for stream in streams)  # type: ignore[union-attr]
+        for stream in streams:
+            await stream.aclose()
+        return tokens, running
+
+    async def alone(engine: Engine) -> list[Any]:
+        return [t async for t in engine.generate([5, 6], 30, params)]
+
+    tokens, running = run_engine(lstm, crowded)
+    assert running and len(tokens) == 30
+    monkeypatch.setattr(engine_module, "INLINE_TOKENS", -1)  # no inline start at all
+    through_workers = run_engine(lstm, alone)
+    assert [t.token_id for t in tokens] == [t.token_id for t in through_workers]
+    close([t.logprob for t in tokens], [t.logprob for t in through_workers])
+
+
 def test_logits_left_on_the_device_give_the_same_results(lstm: Bundle) -> None:
     """Decode runs through I/O binding, their logits handed to the sampler graph as an
     `OrtValue` (on the CPU here: on CUDA they stay on the GPU), give what host logits give."""

@@ -35,7 +35,16 @@ def servers(
         shutil.copytree(tiny_bundle_factory(cell, tokenizer), root / name)
     # A wide search with no time bound: the suggestions do not depend on the machine's load.
     common = dict(default_model=WORD, word_search_ms=60_000.0, word_search_width=512)
-    on = LiveServer(config(root, word_cache_weight=WEIGHT, word_cache_decay=1.0, **common))
+    # Plain counts (no decay, no bigram share): the mixture is checked against them below.
+    on = LiveServer(
+        config(
+            root,
+            word_cache_weight=WEIGHT,
+            word_cache_decay=1.0,
+            word_cache_bigram=0.0,
+            **common,
+        )
+    )
     off = LiveServer(config(root, word_cache=False, **common))
     yield {"on": on, "off": off}
     on.close()
@@ -67,6 +76,17 @@ def test_the_cache_counts_the_texts_complete_words() -> None:
     assert WordCache.of("it's Jack's ", "word", 1.0).weights == {"it": 1, "s": 2, "Jack": 1}
 
 
+def test_the_bigram_share_goes_to_the_words_that_followed_the_last_word() -> None:
+    cache = WordCache.of("my lord is here. my lord, the king. my ", "word", 1.0, 0.5)
+    # "my" is the last word; "lord" followed it twice before. 9 words, "lord" 2 of them.
+    assert cache.total == 1.0
+    assert cache.weights["lord"] == pytest.approx(0.5 * 2 / 9 + 0.5 * 2 / 2)
+    assert cache.weights["king"] == pytest.approx(0.5 * 1 / 9)
+    assert sum(cache.weights.values()) == pytest.approx(1.0)
+    # No word followed the last one before: the shares of the words alone.
+    assert WordCache.of("a b c ", "word", 1.0, 0.5).weights == {"a": 1, "b": 1, "c": 1}
+
+
 @pytest.mark.parametrize("bad", [dict(weight=0.0), dict(weight=1.0), dict(decay=0.0)])
 def test_settings_out_of_range_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="word cache"):
@@ -77,7 +97,7 @@ def test_settings_out_of_range_are_refused(bad: dict[str, float]) -> None:
 def test_a_word_typed_earlier_is_suggested_after_its_first_letter(
     clients: dict[str, Client], model: str
 ) -> None:
-    on = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model)
+    on = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model, word_cache=True)
     assert NEW in _tokens(on), on
     off = clients["on"].predict_next(CONTEXT, k=3, partial_word="s", model=model, word_cache=False)
     assert NEW not in _tokens(off)
@@ -97,6 +117,13 @@ def test_turning_it_off_gives_the_models_suggestions_exactly(
     on_asked = clients["off"].predict_next(CONTEXT, word_cache=True, **asked)
     assert _replies(off_here) == _replies(off_server)
     assert _tokens(on_asked) != _tokens(off_server)
+    # Unset, a PredictNext keeps the model's probabilities whatever the server's default
+    # (as before the field existed); a typing session's event gets the server's default.
+    assert _replies(clients["on"].predict_next(CONTEXT, **asked)) == _replies(off_server)
+    (typed,) = clients["on"].typing_session(
+        [pb.TypingEvent(model=model, reset=True, text=CONTEXT, k=5, partial_word=partial)]
+    )
+    assert _tokens(typed) != _tokens(off_server)
 
 
 def test_a_word_models_mixture_is_the_documented_one(clients: dict[str, Client]) -> None:
@@ -110,7 +137,7 @@ def test_a_word_models_mixture_is_the_documented_one(clients: dict[str, Client])
     words = CONTEXT.split()
     counts = {w: words.count(w) for w in words if w.isalnum()}
     n = sum(counts.values())
-    mixed = client.predict_next(CONTEXT, k=8).predictions
+    mixed = client.predict_next(CONTEXT, k=8, word_cache=True).predictions
     for p in mixed:
         expected = (1 - WEIGHT) * model.get(p.token, 0.0) + WEIGHT * counts.get(p.token, 0) / n
         assert p.probability == pytest.approx(expected, rel=1e-4), p.token
