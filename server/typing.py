@@ -118,7 +118,9 @@ class _Joint:
     loop, so it never batches them by itself)."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+        # Weakly: `_JOINTS` is keyed by the engine, and a strong reference here would keep
+        # every engine a reload replaced alive.
+        self._engine = weakref.ref(engine)
         self._waiting: list[tuple[Contexts, asyncio.Future[list[np.ndarray]]]] = []
         self._runs: set[asyncio.Task[None]] = set()
 
@@ -135,7 +137,10 @@ class _Joint:
     async def _run(self) -> None:
         waiting, self._waiting = self._waiting, []
         try:
-            rows = await self._engine.next_token_logprobs_many(
+            engine = self._engine()
+            if engine is None:  # unreachable while a session awaits it; said, not assumed
+                raise RuntimeError("the model's engine was closed")
+            rows = await engine.next_token_logprobs_many(
                 [c for contexts, _ in waiting for c in contexts]
             )
         except BaseException as e:  # each session gets the error (or the cancellation)

@@ -502,7 +502,8 @@ def test_typing_session_follows_the_context(client: Client) -> None:
     contexts = [("the cat ", "", 3), ("the cat sees ", "", 3), ("the cat sees ", "t", 3),
                 ("a dog ", "", 5)]  # fmt: skip
     for reply, (context, partial, k) in zip(replies, contexts, strict=True):
-        expected = client.predict_next(context, k=k, partial_word=partial)
+        # A session's events get the word cache by default; a PredictNext asks for it.
+        expected = client.predict_next(context, k=k, partial_word=partial, word_cache=True)
         assert reply.context_tokens == expected.context_tokens
         assert [p.token_id for p in reply.predictions] == [p.token_id for p in expected.predictions]
         np.testing.assert_allclose(

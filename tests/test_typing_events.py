@@ -137,3 +137,31 @@ def test_a_word_models_suggestions_are_the_k_likeliest_of_all(
             [s.probability for s in expected],
             rtol=1e-9,
         )
+
+
+def test_an_engine_a_session_used_is_freed_when_closed(
+    tiny_bundle_factory: Callable[..., Path],
+) -> None:
+    """The sessions' shared runs are kept per engine without keeping the engine: a reload
+    that replaces a model's engine must not leave the old one (its sessions, its caches) alive."""
+    import gc
+    import weakref
+
+    bundle = load_bundle(tiny_bundle_factory("lstm", "word"))
+    codec = TextCodec(bundle)
+
+    async def use_and_close() -> weakref.ref[Engine]:
+        engine = Engine(bundle, EngineConfig())
+        await engine.start()
+        try:
+            await predict_tokens(
+                engine, codec, codec.encode("the cat "), 3, Matcher("", False), Filters(),
+                WordSettings(), False, Memory(),
+            )  # fmt: skip
+        finally:
+            await engine.close()
+        return weakref.ref(engine)
+
+    gone = asyncio.run(use_and_close())
+    gc.collect()
+    assert gone() is None
