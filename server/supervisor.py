@@ -154,7 +154,12 @@ class Supervisor:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-            port = server.add_insecure_port(f"{c.host}:{c.health_port}")
+            try:
+                port = server.add_insecure_port(f"{c.host}:{c.health_port}")
+            except RuntimeError as e:
+                raise OSError(
+                    f"--health-port: cannot listen on {c.host}:{c.health_port} ({e})"
+                ) from e
             await server.start()
             self._health_server = server
             log.info("health (all workers SERVING) on %s:%d (plaintext)", c.host, port)
