@@ -224,3 +224,21 @@ def test_merge_sums_counters_histograms_and_gauges_but_not_info() -> None:
     )
     assert merged[("rnnlm_model_info", info)] == 1
     assert merged[("rnnlm_model_bundles_failing", ())] == 1
+
+
+def test_workers_that_cannot_start_fail_the_start(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-repository"
+    process = subprocess.run(
+        [sys.executable, "-m", "rnnlm", "serve", "--models", str(missing), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--processes", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert process.returncode == 2
+    lines = [line for line in process.stderr.splitlines() if line.startswith("rnnlm serve:")]
+    assert any("cannot start" in line and str(missing) in line for line in lines), lines
+    [supervisor] = [line for line in lines if "exited before it served" in line]
+    assert re.fullmatch(
+        r"rnnlm serve: worker [01] \(pid \d+\) exited before it served: exit code 2; "
+        r"stopped the other workers",
+        supervisor,
+    )
