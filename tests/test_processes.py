@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -85,6 +86,16 @@ class Pod:
 
     def worker_pids(self) -> list[int]:
         return sorted(int(dict(k[1])["pid"]) for k in self.metrics() if k[0] == "rnnlm_worker_up")
+
+    def logged(self, *parts: str) -> bool:
+        return any(all(part in line for part in parts) for line in self.log)
+
+    def wait_for(self, seen: Callable[[], set[str]], count: int = 2) -> bool:
+        """Whether `seen()` reaches `count` members within START_SECONDS (polled)."""
+        deadline = time.monotonic() + START_SECONDS
+        while len(seen()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(seen()) >= count
 
     def wait(self) -> int:
         """The supervisor's exit code, once it and its log have ended."""
@@ -158,8 +169,12 @@ def test_two_workers_share_one_port_and_sum_their_metrics(pod: Pod) -> None:
     with pytest.raises(OSError, match=r"--port: cannot listen on 127\.0\.0\.1"):
         asyncio.run(alone.start())
 
+    pod.process.send_signal(signal.SIGHUP)  # passed on: each worker reloads
+    assert pod.wait_for(lambda: {w for w in "01" if pod.logged(f"worker {w} ", "reload requested")})
+
     assert pod.stop() == 0  # SIGTERM: both drained
     assert not any(_alive(pid) for pid in pids)
+    assert pod.logged("worker 0 server.app: stopped") and pod.logged("worker 1 server.app: stopped")
     assert "rnnlm.supervisor: stopped" in pod.log[-1]
 
 
