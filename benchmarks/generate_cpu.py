@@ -8,7 +8,9 @@ defaults) and, trial after trial, measures bare batch-64 steps (this process's C
 token, the engine's session options) and then each server under `--streams` Generate streams
 (the server process's CPU time from /proc over the tokens the client received), so the ratio
 of each trial compares figures taken a few seconds apart. It prints every trial's ratio, the
-medians and the load average.
+medians and the load average, and per trial how the server's CPU a token splits between its
+threads (from /proc/PID/task, over the trial and its warm-up): the event loop (gRPC,
+servicer, delivery) and the busiest others, the engine's step thread first.
 """
 
 from __future__ import annotations
@@ -57,13 +59,18 @@ async def compare(
         for t in range(plan.trials):
             figures = {"bare": _bare_us(bare, bundle, workload.ids, plan)}
             order = list(enumerate(children))[:: 1 if t % 2 == 0 else -1]
+            splits = []
             for i, child in order:
                 stub = pb_grpc.LanguageModelStub(channels[i])
+                before = thread_seconds(child.pid)
                 g = await generate(stub, child, replace(plan, trials=1), streams)
-                figures[f"server{i}"] = g.get("server_cpu_us_per_token", float("nan"))
+                us = g.get("server_cpu_us_per_token", float("nan"))
+                figures[f"server{i}"] = us
                 figures[f"rate{i}"] = g["tokens_per_s"]
+                split = _split(before, thread_seconds(child.pid), child.pid, us)
+                splits.append(f"    [{i}] us a token by thread: {split}")
             trials.append(figures)
-            print(_trial_line(t, figures, len(children)), flush=True)
+            print(_trial_line(t, figures, len(children)), *sorted(splits), sep="\n", flush=True)
         return trials
     finally:
         for channel in channels:
@@ -75,6 +82,35 @@ async def compare(
 def _bare_us(bare: ort.InferenceSession, bundle: Bundle, ids: np.ndarray, plan: Plan) -> float:
     out = step_trial(bare, bundle, ids, BARE_BATCH, plan.large_step_calls, plan.budget_s)
     return float(out["cpu_us_per_token"])
+
+
+def thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each live thread of process `pid` has used; empty where
+    /proc is not available."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _split(before: dict[int, float], after: dict[int, float], pid: int, us: float) -> str:
+    """`us` (the server's CPU a token) shared out by each thread's part of the CPU used."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    total = sum(used.values())
+    if total <= 0:
+        return "n/a"
+    busiest = sorted(used, key=lambda tid: -used[tid])[:4]
+    named = ["event loop" if tid == pid else f"thread {tid}" for tid in busiest]
+    return ", ".join(f"{n} {us * used[t] / total:.1f}" for n, t in zip(named, busiest, strict=True))
 
 
 def _trial_line(t: int, figures: dict[str, float], count: int) -> str:

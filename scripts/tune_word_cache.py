@@ -17,12 +17,14 @@ import asyncio
 import json
 import resource
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from benchmarks.process import ChildServer
 from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args, wait_serving
 from benchmarks.typing import HELD_OUT_FRACTION, HeldOut, TypingPlan, read_text, single, summary
+from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import load_bundle
 
@@ -34,14 +36,44 @@ def validation_text(text: str) -> str:
     return "\n".join(lines[:-n]) + "\n"
 
 
-async def one(bundle: Path, held: HeldOut, plan: TypingPlan, flags: list[str]) -> dict:
+class _Call:
+    """A TypingSession call whose events all ask for the model's continuous cache."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def write(self, event: pb.TypingEvent) -> None:
+        event.continuous_cache = True
+        await self._call.write(event)
+
+    async def read(self) -> Any:
+        return await self._call.read()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class _ContinuousCache:
+    """A stub whose typing sessions ask for the continuous cache on every event."""
+
+    def __init__(self, stub: pb_grpc.LanguageModelStub) -> None:
+        self._stub = stub
+
+    def TypingSession(self, **kwargs: Any) -> _Call:
+        return _Call(self._stub.TypingSession(**kwargs))
+
+
+async def one(
+    bundle: Path, held: HeldOut, plan: TypingPlan, flags: list[str], continuous: bool
+) -> dict:
     args = serve_args(bundle, True, tuple(flags))
     child = ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}") as channel:
             await wait_serving(channel, child)
             cpu = child.cpu_seconds()
-            out = summary(await single(pb_grpc.LanguageModelStub(channel), held, plan))
+            stub: Any = pb_grpc.LanguageModelStub(channel)
+            out = summary(await single(_ContinuousCache(stub) if continuous else stub, held, plan))
             after = child.cpu_seconds()
             if cpu is not None and after is not None:
                 out["server_cpu_s"] = after - cpu
@@ -59,6 +91,9 @@ def main() -> None:
     parser.add_argument("--decays", default="1")
     parser.add_argument("--bigrams", default="0")
     parser.add_argument("--held-out", action="store_true", help="type the held-out lines")
+    parser.add_argument(
+        "--continuous-cache", action="store_true", help="every event asks for continuous_cache"
+    )
     parser.add_argument("--flags", default="", help="more `rnnlm serve` flags")
     args = parser.parse_args()
     text = read_text(args.text, "--text")
@@ -73,12 +108,13 @@ def main() -> None:
         for decay, bigram in settings if weight != "off" else [("1", "0")]:
             flags = ["--no-word-cache"] if weight == "off" else ["--word-cache-weight", weight]
             flags += ["--word-cache-decay", decay, "--word-cache-bigram", bigram, *extra]
-            t = asyncio.run(one(args.bundle.resolve(), held, plan, flags))
+            t = asyncio.run(one(args.bundle.resolve(), held, plan, flags, args.continuous_cache))
             steps = t["model_steps"] or {}
             figures = {
                 "weight": weight,
                 "decay": decay,
                 "bigram": bigram,
+                "continuous_cache": args.continuous_cache,
                 "savings": round(t["keystroke_savings"], 4),
                 "top1": round(t["next_word_top1"], 3),
                 "top3": round(t["next_word_top3"], 3),

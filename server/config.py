@@ -71,8 +71,8 @@ class ServerConfig:
     user_word_floor: float = 0.05
     word_cache: bool = True
     word_cache_weight: float = 0.1
-    word_cache_decay: float = 1.0
-    word_cache_bigram: float = 0.0
+    word_cache_decay: float = 0.98
+    word_cache_bigram: float = 0.3
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:

@@ -1,17 +1,19 @@
 """The word cache: suggestions adapt to the words already in the user's text.
 
 A keyboard learns the words its user types. Here the text is the context the keyboard sends
-(the text before the cursor): its words, counted with a recency decay, make a unigram "cache
-language model" (Kuhn & De Mori, 1990), and a suggestion's probability is the mixture
+(the text before the cursor, its last CACHE_CHARS characters): its words, counted with a
+recency decay, make a "cache language model" (Kuhn & De Mori, 1990), and a suggestion's
+probability is the mixture
 
     p(w) = (1 - weight) * p_model(w | context) + weight * p_cache(w)
 
-with p_cache(w) = (decayed count of w) / (decayed count of every word), conditioned on the
-partial word by keeping the words that match it (the server renormalises over them). Cached
-words the model did not propose join the candidates: for a character or BPE model the words
-its search did not reach, for a word model the vocabulary words below its top k and the words
-it lacks (names the user typed, out of its vocabulary). `--word-cache-weight 0` or
-`word_cache: false` on a request turns it off, and the suggestions are the model's alone.
+with p_cache(w) = (1 - bigram) * (decayed count of w) / (decayed count of every word)
+                  + bigram * (decayed count of w after the last word) / (... of any word there),
+conditioned on the partial word by keeping the words that match it (the server renormalises
+over them). Cached words the model did not propose join the candidates: for a character or BPE
+model the words its search did not reach, for a word model the vocabulary words below its top
+candidates and the words it lacks (names the user typed, out of its vocabulary). The server's
+`--no-word-cache`, or `word_cache: false` on a request, leaves the suggestions the model's.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class WordCacheSettings:
     """The server's word-cache settings (flags of `rnnlm serve`)."""
 
     default: bool = True  # mixed in when a request does not say (--word-cache)
+    # Tuned on the validation lines of Tiny Shakespeare (docs/typing.md, the word cache, measured).
     weight: float = 0.1  # the cache's share of the mixture (--word-cache-weight)
-    decay: float = 1.0  # an occurrence counts decay**(words after it) (--word-cache-decay)
-    bigram: float = 0.0  # the share of the words that followed the last word (--word-cache-bigram)
+    decay: float = 0.98  # an occurrence counts decay**(words after it) (--word-cache-decay)
+    bigram: float = 0.3  # the share of the words that followed the last word (--word-cache-bigram)
 
     def __post_init__(self) -> None:
         if not 0 < self.weight < 1:

@@ -196,26 +196,37 @@ class Lexicon:
     def __init__(self, words: Iterable[str]) -> None:
         self.words = frozenset(w for w in words if is_word(w))
         self.prefixes = frozenset(w[:n] for w in self.words for n in range(1, len(w) + 1))
-        self._next: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.words)
 
     def allowed(self, pieces: _Pieces, text: str) -> np.ndarray:
-        """A mask over `pieces.ids`: the pieces after `text` that begin a word here (cached)."""
-        key = (id(pieces), text)
-        mask = self._next.get(key)
-        if mask is None:
-            if len(self._next) * len(pieces.texts) >= _LEXICON_CACHE_BYTES:
-                self._next.clear()
-            mask = np.array([text + t in self.prefixes for t in pieces.texts], dtype=bool)
-            self._next[key] = mask
-        return mask
+        """The ids of `pieces` that keep `text` a beginning of a word."""
+        mask = np.array([text + t in self.prefixes for t in pieces.texts], dtype=bool)
+        return pieces.ids[mask]
 
 
-# The bytes of (pieces, text) masks a lexicon keeps: about 500,000 texts of a character
-# vocabulary, 4,000 of a BPE vocabulary of 8,000 pieces.
-_LEXICON_CACHE_BYTES = 32 << 20
+class _IdCache:
+    """Id arrays by key, up to a total size in bytes (then it starts again empty)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self._limit = limit_bytes
+        self._bytes = 0
+        self._ids: dict[tuple[bool, str], np.ndarray] = {}
+
+    def get(self, key: tuple[bool, str]) -> np.ndarray | None:
+        return self._ids.get(key)
+
+    def put(self, key: tuple[bool, str], ids: np.ndarray) -> None:
+        if self._bytes + ids.nbytes > self._limit:
+            self._ids.clear()
+            self._bytes = 0
+        self._ids[key] = ids
+        self._bytes += ids.nbytes
+
+
+# The bytes of the lexicon-allowed piece ids a piece table keeps (per text a search reached).
+_ALLOWED_CACHE_BYTES = 16 << 20
 
 
 def lexicon_of(text: str) -> str:
@@ -246,12 +257,22 @@ class PieceTable:
     boundary: np.ndarray  # ids that end a word: spaces, punctuation, eos
     text: dict[int, str]  # each start or inner id's text as it adds to a word
     lexicon: Lexicon | None = None  # the words a search may find (None: any word)
+    # (whether `starts`, text) -> the ids `allowed_ids` gave (a search asks again and again).
+    _allowed: _IdCache = field(
+        default_factory=lambda: _IdCache(_ALLOWED_CACHE_BYTES), repr=False, compare=False
+    )
 
     def allowed_ids(self, pieces: _Pieces, text: str) -> np.ndarray:
-        """The ids of `pieces` that may follow `text` (all of them without a lexicon)."""
+        """The ids of `pieces` (`starts` or `inner`) that may follow `text` (all of them
+        without a lexicon)."""
         if self.lexicon is None:
             return pieces.ids
-        return pieces.ids[self.lexicon.allowed(pieces, text)]
+        key = (pieces is self.starts, text)
+        ids = self._allowed.get(key)
+        if ids is None:
+            ids = self.lexicon.allowed(pieces, text)
+            self._allowed.put(key, ids)
+        return ids
 
     def is_word(self, text: str) -> bool:
         """Whether a search may find `text` as a word."""

@@ -527,20 +527,26 @@ def test_a_closed_stream_leaves_at_the_next_step(lstm: Bundle) -> None:
 
 
 def test_cancelling_a_call_removes_its_request(lstm: Bundle) -> None:
-    async def body(engine: Engine) -> None:
+    metrics = Metrics()
+
+    async def body(engine: Engine) -> float:
         companion = engine.generate([3], 10**9, SamplingParams(seed=2))
         await anext(companion)
-        # 20000 one-token steps would take seconds; cancelled, it must leave at once.
+        # 20000 one-token steps; cancelled, it must leave at once, not after all of them.
         task = asyncio.create_task(engine.score([4] * 20000))
         await wait_until(lambda: engine.active == 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await wait_until(lambda: engine.active == 1, seconds=1.0)
+        await wait_until(lambda: engine.active == 1)
+        score_rows = runs(metrics, lstm)[1]
         await companion.aclose()
-        await wait_until(lambda: engine.active == 0, seconds=1.0)
+        await wait_until(lambda: engine.active == 0)
+        return score_rows
 
-    run_engine(lstm, body, prefill_chunk=1)
+    # The rows the steps ran up to the cancellation: the score's and the companion's, each
+    # well under the 20000 the score alone would have taken had it not left (counts, not time).
+    assert run_engine(lstm, body, metrics, prefill_chunk=1) < 10_000
 
 
 def test_overloaded_counts_waiting_work_not_running_rows(lstm: Bundle) -> None:

@@ -531,9 +531,19 @@ def assert_generation_stopped(
         )
     )
     wait_for(lambda: metric(live.scrape(), "rnnlm_active_streams", model=DEFAULT) == 0)
-    generated = metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT)
+    # A step already running when the call ended may still count its tokens (on a loaded
+    # machine it can end after the stream has closed): wait for the count to settle, then
+    # show that it stays put.
+    generated = [metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT)]
+
+    def settled() -> bool:
+        time.sleep(0.2)
+        generated.append(metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT))
+        return generated[-1] == generated[-2]
+
+    wait_for(settled)
     time.sleep(0.3)
-    assert metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT) == generated
+    assert metric(live.scrape(), "rnnlm_generated_tokens_total", model=DEFAULT) == generated[-1]
     assert_healthy(client)
 
 

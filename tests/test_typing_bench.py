@@ -123,7 +123,8 @@ def test_the_typist_types_the_held_out_lines(typing_run: dict[str, Any]) -> None
     assert t["keystroke_savings"] == pytest.approx(1 - t["keys_used"] / t["chars"])
     assert t["taps"] <= t["words"]
     assert 0 <= t["next_word_top1"] <= t["next_word_top3"] <= 1
-    assert 0 <= t["completion_after_1"] <= t["completion_after_2"] <= 1
+    # Each over its own words (longer than 1, longer than 2 letters): no order between them.
+    assert 0 <= t["completion_after_1"] <= 1 and 0 <= t["completion_after_2"] <= 1
     # One latency per keystroke, split into the keys that only extend the word and the rest.
     lat = t["latency_ms"]
     assert lat["extending"]["n"] == t["letters"]

@@ -35,7 +35,16 @@ def servers(
         shutil.copytree(tiny_bundle_factory(cell, tokenizer), root / name)
     # A wide search with no time bound: the suggestions do not depend on the machine's load.
     common = dict(default_model=WORD, word_search_ms=60_000.0, word_search_width=512)
-    on = LiveServer(config(root, word_cache_weight=WEIGHT, word_cache_decay=1.0, **common))
+    # Plain counts (no decay, no bigram share): the mixture is checked against them below.
+    on = LiveServer(
+        config(
+            root,
+            word_cache_weight=WEIGHT,
+            word_cache_decay=1.0,
+            word_cache_bigram=0.0,
+            **common,
+        )
+    )
     off = LiveServer(config(root, word_cache=False, **common))
     yield {"on": on, "off": off}
     on.close()
@@ -65,6 +74,17 @@ def test_the_cache_counts_the_texts_complete_words() -> None:
     assert cache.total == pytest.approx(sum(0.5**i for i in range(6)))
     assert WordCache.of("it's Jack's", "char", 1.0).weights == {"it's": 1.0}
     assert WordCache.of("it's Jack's ", "word", 1.0).weights == {"it": 1, "s": 2, "Jack": 1}
+
+
+def test_the_bigram_share_goes_to_the_words_that_followed_the_last_word() -> None:
+    cache = WordCache.of("my lord is here. my lord, the king. my ", "word", 1.0, 0.5)
+    # "my" is the last word; "lord" followed it twice before. 9 words, "lord" 2 of them.
+    assert cache.total == 1.0
+    assert cache.weights["lord"] == pytest.approx(0.5 * 2 / 9 + 0.5 * 2 / 2)
+    assert cache.weights["king"] == pytest.approx(0.5 * 1 / 9)
+    assert sum(cache.weights.values()) == pytest.approx(1.0)
+    # No word followed the last one before: the shares of the words alone.
+    assert WordCache.of("a b c ", "word", 1.0, 0.5).weights == {"a": 1, "b": 1, "c": 1}
 
 
 @pytest.mark.parametrize("bad", [dict(weight=0.0), dict(weight=1.0), dict(decay=0.0)])

@@ -208,3 +208,44 @@ def test_a_bpe_search_finds_only_lexicon_words(
 
     words = asyncio.run(main())
     assert words and set(words) <= {"tree", "thee", "small", "sees"}
+
+
+@pytest.mark.parametrize("lexicon", [False, True])
+def test_every_keystroke_answered_from_stored_words_is_exact(
+    tiny_bundle_factory: Callable[..., Path], tmp_path: Path, lexicon: bool
+) -> None:
+    """Typing words letter by letter after several contexts, with a narrow search: whenever a
+    keystroke costs no model step, its suggestions are those of an unpruned search."""
+    out = tmp_path / "char"
+    shutil.copytree(tiny_bundle_factory("gru", "char"), out)
+    if lexicon:
+        add_lexicon(out, LEXICON)
+    cases = [("the cat sees the ", "tree"), ("a dog ", "follows"), ("my friend hears ", "the")]
+
+    async def main() -> tuple[int, int]:
+        engine = Engine(load_bundle(out), EngineConfig(state_cache_bytes=0))
+        await engine.start()
+        narrow = WordSettings(width=2, budget_ms=60_000.0)
+        wide = WordSettings(width=512, budget_ms=60_000.0)
+        filtered = compared = 0
+        try:
+            codec = TextCodec(engine.bundle)
+            for context, word in cases:
+                ids, memory = codec.encode(context), Memory()
+                for n in range(len(word) + 1):
+                    args = (False, 3, Matcher(word[:n], True), Filters())
+                    got = await predict_words(engine, codec, ids, *args, narrow, False, memory)
+                    if got.steps:
+                        continue
+                    filtered += 1
+                    fresh = await predict_words(engine, codec, ids, *args, wide, False, Memory())
+                    shown = [(s.text, round(s.probability, 6)) for s in got.suggestions]
+                    compared += shown == [
+                        (s.text, round(s.probability, 6)) for s in fresh.suggestions
+                    ]
+        finally:
+            await engine.close()
+        return filtered, compared
+
+    filtered, compared = asyncio.run(main())
+    assert filtered >= 1 and compared == filtered
