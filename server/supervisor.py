@@ -57,6 +57,8 @@ class WorkerExited(Exception):
 
 @dataclass
 class Worker:
+    """One worker process: `metrics_port` and `serving` from its status line."""
+
     index: int
     process: asyncio.subprocess.Process
     metrics_port: int = 0
@@ -103,6 +105,8 @@ def reserved_port(config: ServerConfig) -> Iterator[int]:
 
 
 class Supervisor:
+    """The workers of one `rnnlm serve --processes N`, their /metrics and health, their signals."""
+
     def __init__(self, config: ServerConfig, port: int) -> None:
         self.config = config
         self.port = port
