@@ -18,6 +18,7 @@ suggestions are the text's characters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -61,6 +62,10 @@ HELD_OUT_FRACTION = 0.05
 # The session opens with this much of the text before the typed part as its context.
 CONTEXT_CHARS = 300
 KEYS_PER_SECOND = 5.0
+# The concurrent typists share this many client connections (typist i on connection i mod it):
+# keyboards are separate clients, and a server of several processes (`--processes`) spreads
+# connections, not calls, over its processes.
+CONNECTIONS = 16
 P99_LIMIT_MS = 10.0
 SAVINGS_TARGET = 0.45
 TYPISTS_TARGET = 200
@@ -356,7 +361,7 @@ async def single(stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPla
 
 
 async def crowd(
-    stub: pb_grpc.LanguageModelStub,
+    stubs: Sequence[pb_grpc.LanguageModelStub],
     held: HeldOut,
     n: int,
     plan: TypingPlan,
@@ -380,6 +385,7 @@ async def crowd(
         await asyncio.sleep(pace * i / n)  # spread the typists over one key's time
         context, text = held.passage(first_line + i * TYPIST_SPACING, lines)
         keys = typist(context, text, plan.k, tally, held.words)
+        stub = stubs[i % len(stubs)]
         await type_passage(stub, keys, tally, k=held.ask, pace_s=pace, window=window)
 
     outcomes = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
@@ -399,7 +405,7 @@ async def crowd(
 
 
 async def search(
-    stub: pb_grpc.LanguageModelStub,
+    stubs: Sequence[pb_grpc.LanguageModelStub],
     held: HeldOut,
     plan: TypingPlan,
     server_cpu: Callable[[], float | None],
@@ -422,7 +428,7 @@ async def search(
             if attempt > 1 and time.monotonic() + plan.warmup_s + plan.trial_s >= end:
                 break
             say(f"typing: {n} typists at {KEYS_PER_SECOND:g} keys/s for {plan.trial_s:g} s")
-            trial = await crowd(stub, held, n, plan, server_cpu, first_line)
+            trial = await crowd(stubs, held, n, plan, server_cpu, first_line)
             trials.append({**trial, "attempt": attempt, "first_line": first_line})
             first_line = (first_line + n * TYPIST_SPACING) % len(held.lines)
             if within := trials[-1]["within"]:
@@ -436,6 +442,7 @@ async def search(
     edge = worst is not None and _close(best, worst)
     return {
         "keys_per_second_per_typist": KEYS_PER_SECOND,
+        "connections": len(stubs),
         "warmup_seconds": plan.warmup_s,
         "trial_seconds": plan.trial_s,
         "tries": plan.tries,
@@ -496,14 +503,21 @@ async def measure(
     args = serve_args(bundle_dir, True, server[1:], server[0])
     child = ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS)
     out: dict[str, Any] = {"server_command": "rnnlm " + " ".join(args)}
-    options = [("grpc.use_local_subchannel_pool", 1)]
+    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options) as ch:
-            stub = pb_grpc.LanguageModelStub(ch)
-            await wait_serving(ch, child)
+        async with contextlib.AsyncExitStack() as stack:
+            channels = [
+                await stack.enter_async_context(
+                    grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options)
+                )
+                for _ in range(CONNECTIONS)
+            ]
+            for channel in channels:  # each connection's server process serves
+                await wait_serving(channel, child)
+            stubs = [pb_grpc.LanguageModelStub(channel) for channel in channels]
             say(f"typing: one typist, {min(plan.lines, len(held.lines))} held-out lines")
-            out["typist"] = summary(await single(stub, held, plan))
-            out["concurrency"] = await search(stub, held, plan, child.cpu_seconds, say)
+            out["typist"] = summary(await single(stubs[0], held, plan))
+            out["concurrency"] = await search(stubs, held, plan, child.cpu_seconds, say)
             child.check_alive()
     except grpc.aio.AioRpcError as e:
         raise BenchError(
@@ -686,7 +700,8 @@ def markdown(results: dict[str, Any]) -> str:
         *report._table(["figure", "value"], _typist_rows(t)),
         "## Concurrent typists",
         "",
-        f"Each typist types {c['keys_per_second_per_typist']:g} keys/s for "
+        f"Each typist types {c['keys_per_second_per_typist']:g} keys/s "
+        f"(the typists over {c.get('connections', 1)} client connections) for "
         f"{c['trial_seconds']:g} s (an N is over the limit after {c['tries']} trials over it in "
         f"a row); largest N with p99 within {c['p99_limit_ms']:g} ms: "
         f"**{c['largest_within']}** (smallest over: {c['smallest_over']}; the search ended "

@@ -74,12 +74,16 @@ def limits(config: ServerConfig) -> Limits:
     )
 
 
-def transport_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """The gRPC server's channel arguments: message sizes and the connections' maximum age."""
+def transport_options(config: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes and the connections' maximum age.
+
+    SO_REUSEPORT is off unless `reuse_port` (the workers of `--processes N`, server/supervisor.py,
+    share one port): a second server on a taken port must fail, not split its connections.
+    """
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if config.max_connection_age_seconds > 0:
         options.append(("grpc.max_connection_age_ms", _ms(config.max_connection_age_seconds)))
@@ -98,10 +102,18 @@ def _address(host: str, port: int) -> str:
 
 
 class RnnlmServer:
-    """One server process's worth of serving. `port` and `metrics_port` are the bound ports."""
+    """One server process's worth of serving. `port` and `metrics_port` are the bound ports.
 
-    def __init__(self, config: ServerConfig) -> None:
+    A worker of `--processes N` passes `reuse_port` (its gRPC port is shared with the other
+    workers) and `metrics_host` (its /metrics is read by the supervisor alone, on loopback).
+    """
+
+    def __init__(
+        self, config: ServerConfig, *, reuse_port: bool = False, metrics_host: str | None = None
+    ) -> None:
         self.config = config
+        self._reuse_port = reuse_port
+        self._metrics_host = config.host if metrics_host is None else metrics_host
         self.metrics = Metrics()
         self.port = 0
         self.metrics_port = 0
@@ -254,7 +266,8 @@ class RnnlmServer:
         if self._auth is not None:
             interceptors.append(BearerAuthInterceptor(self._auth, self._refused))
         interceptors.append(DecodeGuard(self._refused))
-        server = grpc.aio.server(interceptors=interceptors, options=transport_options(c))
+        options = transport_options(c, self._reuse_port)
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_LanguageModelServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", SERVICE_NAME):
@@ -279,14 +292,15 @@ class RnnlmServer:
         log.info("gRPC listening on %s (%s)", _address(c.host, self.port), transport)
         if c.health_port is not None:
             await self._open_health_port(c.health_port)
+        host = self._metrics_host
         try:
-            self._metrics_server = MetricsServer(self.metrics, c.host, c.metrics_port)
+            self._metrics_server = MetricsServer(self.metrics, host, c.metrics_port)
         except OSError as e:
             raise OSError(
-                f"--metrics-port: cannot listen on {_address(c.host, c.metrics_port)} ({e})"
+                f"--metrics-port: cannot listen on {_address(host, c.metrics_port)} ({e})"
             ) from e
         self.metrics_port = self._metrics_server.port
-        log.info("metrics on http://%s/metrics", _address(c.host, self.metrics_port))
+        log.info("metrics on http://%s/metrics", _address(host, self.metrics_port))
 
     async def _open_health_port(self, port: int) -> None:
         """grpc.health.v1 alone, in plaintext: what a TLS-unaware probe needs and no more."""

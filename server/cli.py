@@ -3,6 +3,8 @@
 SIGHUP reloads without a restart: the model repository (new, changed and removed bundles) and
 the TLS, bearer-token and state-token key files.
 
+`--processes N` (N > 1) runs N such servers on one port under a supervisor (server/supervisor.py).
+
 Exit codes: 0 after a clean shutdown; 2 when the server cannot start (a bad flag or environment
 value, a bad model repository or bundle, an execution provider that is not available, a port in
 use), with one line on stderr saying why.
@@ -18,6 +20,8 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from server.app import RnnlmServer
 from server.bundle import BundleError
@@ -44,9 +48,20 @@ def run(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.processes > 1:
+        from server.supervisor import supervise  # only for --processes N; it imports this
+
+        return supervise(config)
+    return started(lambda: serve(config), check=config)
+
+
+def started(main: Callable[[], Coroutine[Any, Any, object]], check: ServerConfig | None) -> int:
+    """Run `main` (after checking `check`'s ports): 0 when it ends, 2 when it cannot start, with
+    one line on stderr saying why."""
     try:
-        check_ports(config)
-        asyncio.run(serve(config))
+        if check is not None:
+            check_ports(check)
+        asyncio.run(main())
     except _STARTUP_ERRORS as e:
         print(f"rnnlm serve: cannot start: {e}", file=sys.stderr)  # once, and only here
         return 2
@@ -90,12 +105,17 @@ def _probe(flag: str, host: str, port: int) -> None:
             raise OSError(f"{flag} {port}: cannot listen on {host} ({e.strerror or e})") from e
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(
+    config: ServerConfig,
+    make: Callable[[ServerConfig], RnnlmServer] = RnnlmServer,
+    ready: Callable[[RnnlmServer], None] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then drain for --grace-seconds and stop; SIGHUP reloads.
 
-    A stop signal while the models are still loading abandons the start.
+    A stop signal while the models are still loading abandons the start. `make` builds the
+    server and `ready` hears when it serves (a worker of --processes N, server/worker.py).
     """
-    server = RnnlmServer(config)
+    server = make(config)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +130,8 @@ async def serve(config: ServerConfig) -> None:
         except BaseException:
             signalled.cancel()
             raise
+        if ready is not None:
+            ready(server)
         await signalled
     else:
         starting.cancel()

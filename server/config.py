@@ -8,6 +8,7 @@ people). Every bad value is reported with the flag or variable it came from.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9464
+    processes: int = 1
     provider: str = "cpu"
     intra_op_threads: int = 1
     batching: bool = True
@@ -87,6 +89,7 @@ class ServerConfig:
         check(self.provider in PROVIDERS, "provider", f"must be one of {', '.join(PROVIDERS)}")
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         for name in (
+            "processes",
             "intra_op_threads",
             "batch_threads",
             "max_queued",
@@ -170,6 +173,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "host": (str, "address to listen on"),
     "port": (int, "gRPC port; 0 picks a free one (logged)"),
     "metrics_port": (int, "Prometheus /metrics port; 0 picks a free one (logged)"),
+    "processes": (
+        int,
+        "server processes sharing the gRPC port (SO_REUSEPORT), each loading the models, "
+        "under a supervisor that serves their summed /metrics (docs/deployment.md); one a core",
+    ),
     "provider": (
         str.lower,
         "onnxruntime execution provider: cpu, cuda (fail without a GPU) or auto",
@@ -324,6 +332,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = _OPTIONS[name][0]
             parser.add_argument(_flag(name), type=kind, default=None, help=text)
+
+
+def config_to_json(config: ServerConfig) -> str:
+    """The configuration as JSON, which `config_from_json` reads back (a worker's settings)."""
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+
+
+def config_from_json(text: str) -> ServerConfig:
+    values: dict[str, Any] = json.loads(text)
+    for name, value in values.items():
+        if isinstance(value, str) and _OPTIONS[name][0] is Path:
+            values[name] = Path(value)
+    return ServerConfig(**values)
 
 
 def config_from_args(

@@ -264,10 +264,11 @@ class CacheRecorder:
 class MetricsServer:
     """The /metrics HTTP endpoint, served from a daemon thread; port 0 picks a free port."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics | CollectorRegistry, host: str, port: int) -> None:
+        registry = metrics if isinstance(metrics, CollectorRegistry) else metrics.registry
         self._httpd: WSGIServer
         self._thread: threading.Thread
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:
