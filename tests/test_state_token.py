@@ -86,9 +86,12 @@ def test_a_session_moves_to_another_server(servers: dict[str, Client]) -> None:
     for expected, got in zip(on_a[2:], on_b, strict=True):
         _same(expected, got)
     assert on_b[0].context_tokens == 4
-    # PredictNext resumes the same token: the context continues the token's.
-    _same(b.predict_next("the ", k=4, state_token=token), on_a[2])
-    _same(b.predict_next("the ", k=4, partial_word="m", state_token=token), on_a[3])
+    # PredictNext resumes the same token: the context continues the token's (with the word
+    # cache, which a session's events get by default and a PredictNext asks for).
+    _same(b.predict_next("the ", k=4, state_token=token, word_cache=True), on_a[2])
+    _same(
+        b.predict_next("the ", k=4, partial_word="m", state_token=token, word_cache=True), on_a[3]
+    )
 
 
 def test_predict_next_hands_out_tokens_that_chain(servers: dict[str, Client]) -> None:
