@@ -178,7 +178,8 @@ class Client:
         With `state_token` (from an earlier reply), `context` continues the token's context;
         `return_state_token` asks for a token for this request's context; `continuous_cache`
         mixes in the model's recall of the context's own words. `fold_case`, `blocked_words`,
-        `user_words` and `word_cache` (None: the server's default): see PredictNextRequest.
+        `user_words` and `word_cache` (None or False: the model's own probabilities): see
+        PredictNextRequest.
         """
         request = pb.PredictNextRequest(
             model=model,

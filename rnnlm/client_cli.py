@@ -112,6 +112,11 @@ def _predict_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show a character or BPE model's next tokens instead of whole words",
     )
+    parser.add_argument(
+        "--word-cache",
+        action="store_true",
+        help="make the words already in the context likelier (the word cache, docs/typing.md)",
+    )
 
 
 def _text_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -272,6 +277,7 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         blocked_words=args.block,
         user_words=args.user_word,
         next_tokens=args.next_tokens,
+        word_cache=args.word_cache,
         model=args.model,
         model_version=args.model_version,
     )

@@ -157,6 +157,19 @@ def test_predict(capsys: pytest.CaptureFixture[str], target: str) -> None:
     assert sum(float(p) for p, _ in rows) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_predict_with_the_word_cache(capsys: pytest.CaptureFixture[str], target: str) -> None:
+    context = "the old man calls the moon . the old man calls the"
+    code, out, _ = rnnlm(capsys, "predict", context, "-k", "5", "--word-cache", "--target", target)
+    assert code == 0
+    shown = [(word, float(p)) for p, word in (line.split() for line in out.strip().splitlines())]
+    with Client(target) as client:
+        mixed = client.predict_next(context, k=5, word_cache=True).predictions
+        plain = client.predict_next(context, k=5).predictions
+    assert [w for w, _ in shown] == [p.token for p in mixed]
+    assert [p for _, p in shown] == pytest.approx([p.probability for p in mixed], abs=1e-3)
+    assert [p.probability for p in mixed] != [p.probability for p in plain]
+
+
 def test_score(capsys: pytest.CaptureFixture[str], target: str, tmp_path: Path) -> None:
     document = tmp_path / "doc.txt"
     document.write_text("the cat sees the moon .\na dog likes a red house .\n")
