@@ -107,6 +107,17 @@ def tiny_bundle_factory(
 
 
 @pytest.fixture(scope="session")
+def int8_bundle(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny word-level LSTM exported with int8 weights (read only: copy it to change it)."""
+    from exporter.export import export_bundle
+
+    target = tmp_path_factory.mktemp("int8") / "tiny-lstm-int8"
+    return export_bundle(tiny_checkpoint_factory("lstm"), target, quantize="int8")
+
+
+@pytest.fixture(scope="session")
 def default_bundle(tiny_bundle_factory: Callable[..., Path]) -> Path:
     """A tiny word-level LSTM bundle (name `tiny-lstm-word`, version "1")."""
     return tiny_bundle_factory("lstm", "word")

@@ -20,14 +20,6 @@ from server.bundle import Bundle, external_data, load_bundle
 from training.data import load_corpus
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(
-    tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    target = tmp_path_factory.mktemp("int8") / "tiny-lstm-int8"
-    return export_bundle(tiny_checkpoint_factory("lstm"), target, quantize="int8")
-
-
 def op_types(graph: Path) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node)
 

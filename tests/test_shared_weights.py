@@ -8,7 +8,6 @@ sessions must not depend on it (nor on the files), for the fp32 and the int8 bun
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,7 @@ import onnxruntime as ort
 import pytest
 from test_bundle import copy_bundle
 
-from exporter.export import export_bundle
 from server.bundle import Bundle, BundleError, load_bundle, trim_heap
-
-
-@pytest.fixture(scope="module")
-def int8_bundle(
-    tiny_checkpoint_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    target = tmp_path_factory.mktemp("int8") / "tiny-lstm-int8"
-    return export_bundle(tiny_checkpoint_factory("lstm"), target, quantize="int8")
 
 
 def outputs(bundle: Bundle, sessions: dict[str, ort.InferenceSession]) -> list[np.ndarray]:
