@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from server.bundle import Bundle, load_bundle
+
 _SUBJECTS = ("the cat", "a dog", "the bird", "my friend", "the old man", "a child")
 _VERBS = ("sees", "likes", "follows", "finds", "hears", "calls")
 _OBJECTS = ("the ball", "a tree", "the river", "the moon", "a red house", "the small boat")
@@ -121,3 +123,19 @@ def int8_bundle(
 def default_bundle(tiny_bundle_factory: Callable[..., Path]) -> Path:
     """A tiny word-level LSTM bundle (name `tiny-lstm-word`, version "1")."""
     return tiny_bundle_factory("lstm", "word")
+
+
+# The cells of the engine's tests (tests/test_engine.py and the files that run them again).
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+
+
+@pytest.fixture(scope="module", params=CELLS)
+def bundle(request: pytest.FixtureRequest, tiny_bundle_factory: Callable[..., Path]) -> Bundle:
+    """A tiny word-level bundle of each cell, loaded as the server loads it."""
+    return load_bundle(tiny_bundle_factory(request.param, "word"))
+
+
+@pytest.fixture(scope="module")
+def lstm(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
+    """The tiny word-level LSTM bundle, loaded as the server loads it."""
+    return load_bundle(tiny_bundle_factory("lstm", "word"))

@@ -29,7 +29,6 @@ from server.row_sampler import NumpyRowSampler
 from server.sampling import log_softmax
 from server.step import StepConfig, step
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 # Always feed the tokens before a request's last on the prefill graph, or never: the measured
 # choice of a tiny model could be either.
 SPLITS = (1, 10**6)
@@ -38,16 +37,6 @@ SPLITS = (1, 10**6)
 def close(actual: Any, expected: Any) -> None:
     """Equal within float tolerance (batching and chunking may reorder float arithmetic)."""
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module", params=CELLS)
-def bundle(request: pytest.FixtureRequest, tiny_bundle_factory: Callable[..., Path]) -> Bundle:
-    return load_bundle(tiny_bundle_factory(request.param, "word"))
-
-
-@pytest.fixture(scope="module")
-def lstm(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
-    return load_bundle(tiny_bundle_factory("lstm", "word"))
 
 
 class Direct:

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import pytest
 import test_engine
 import test_server
 from test_engine import (  # the engine's tests that read no internals, run here again
-    CELLS,
     Direct,
     close,
     run_engine,
@@ -59,7 +58,7 @@ from test_scheduler import (  # likewise the scheduler's
 )
 from test_server import *  # noqa: F403 (the server's tests and fixtures, run with the flag)
 
-from server.bundle import Bundle, load_bundle
+from server.bundle import Bundle
 from server.engine import Engine, EngineConfig, SamplingParams, open_engine
 from server.engine_errors import EngineClosed
 from server.metrics import Metrics
@@ -88,16 +87,6 @@ __all__ = [  # the imported tests, collected here (with the flag on)
     "test_the_sampler_graph_and_numpy_draw_the_same_tokens",
     "test_under_load_tokens_arrive_a_few_at_a_time",
 ]
-
-
-@pytest.fixture(scope="module", params=CELLS)
-def bundle(request: pytest.FixtureRequest, tiny_bundle_factory: Callable[..., Path]) -> Bundle:
-    return load_bundle(tiny_bundle_factory(request.param, "word"))
-
-
-@pytest.fixture(scope="module")
-def lstm(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
-    return load_bundle(tiny_bundle_factory("lstm", "word"))
 
 
 class _Engine:

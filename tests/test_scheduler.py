@@ -5,8 +5,6 @@ accounting, never on wall time)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,14 +21,9 @@ from test_engine import (
 
 from server import engine as engine_module
 from server import scheduler
-from server.bundle import Bundle, load_bundle
+from server.bundle import Bundle
 from server.engine import Engine, SamplingParams
 from server.metrics import Metrics
-
-
-@pytest.fixture(scope="module")
-def lstm(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
-    return load_bundle(tiny_bundle_factory("lstm", "word"))
 
 
 def test_next_token_work_never_waits_behind_generations(lstm: Bundle) -> None:
