@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_sampling import reference
+from test_sampling import DISTRIBUTION_CASES, LOGITS, reference
 
 from server.sampler import (
     GRAPH_INPUTS,
@@ -180,26 +180,10 @@ def test_wide_nuclei_give_the_reference_ids(sampler: BatchSampler, top_p: float)
     np.testing.assert_array_equal(graph.tokens, ref.tokens)
 
 
-LOGITS = np.log(np.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2]))
-
-
+# The filters' shared cases; top-k 1 is drawn exactly (above); a banned id added.
 @pytest.mark.parametrize(
     "params",
-    [
-        SamplingParams(),
-        SamplingParams(temperature=0.5),
-        SamplingParams(temperature=2.0),
-        SamplingParams(top_k=2),  # the 2nd value is tied: ties are kept
-        SamplingParams(top_k=4),
-        SamplingParams(top_p=0.25),
-        SamplingParams(top_p=0.45),
-        SamplingParams(top_p=0.75),
-        SamplingParams(top_k=4, top_p=0.7),  # top-p over the top-k renormalised mass
-        SamplingParams(min_p=0.6),
-        SamplingParams(min_p=0.4, temperature=0.7),
-        SamplingParams(temperature=0.5, top_p=0.7, min_p=0.1),
-        SamplingParams(banned_ids=frozenset({2})),
-    ],
+    [p for p in DISTRIBUTION_CASES if p.top_k != 1] + [SamplingParams(banned_ids=frozenset({2}))],
 )
 def test_sampled_distribution_matches_the_reference(
     sampler: BatchSampler, params: SamplingParams

@@ -41,26 +41,25 @@ def reference(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
 
 
 LOGITS = np.log(np.array([0.1, 0.2, 0.3, 0.15, 0.05, 0.2]))
+# The filters' cases on LOGITS, each against `reference` (here and in test_sampler_graph).
+DISTRIBUTION_CASES = [
+    SamplingParams(),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=2.0),
+    SamplingParams(top_k=1),
+    SamplingParams(top_k=2),  # the 2nd value is tied: ties are kept
+    SamplingParams(top_k=4),
+    SamplingParams(top_p=0.25),
+    SamplingParams(top_p=0.45),
+    SamplingParams(top_p=0.75),
+    SamplingParams(top_k=4, top_p=0.7),  # top-p over the top-k renormalised mass
+    SamplingParams(min_p=0.6),
+    SamplingParams(min_p=0.4, temperature=0.7),
+    SamplingParams(temperature=0.5, top_p=0.7, min_p=0.1),
+]
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(),
-        SamplingParams(temperature=0.5),
-        SamplingParams(temperature=2.0),
-        SamplingParams(top_k=1),
-        SamplingParams(top_k=2),  # the 2nd value is tied: ties are kept
-        SamplingParams(top_k=4),
-        SamplingParams(top_p=0.25),
-        SamplingParams(top_p=0.45),
-        SamplingParams(top_p=0.75),
-        SamplingParams(top_k=4, top_p=0.7),  # top-p over the top-k renormalised mass
-        SamplingParams(min_p=0.6),
-        SamplingParams(min_p=0.4, temperature=0.7),
-        SamplingParams(temperature=0.5, top_p=0.7, min_p=0.1),
-    ],
-)
+@pytest.mark.parametrize("params", DISTRIBUTION_CASES)
 def test_filters_give_the_reference_distribution(params: SamplingParams) -> None:
     freq = grid_frequencies(LOGITS, params)
     np.testing.assert_allclose(freq, reference(LOGITS, params), atol=2e-4)
