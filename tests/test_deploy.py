@@ -299,8 +299,8 @@ def _adapter_query(rule: dict[str, Any]) -> str:
         "<<.GroupBy>>": "pod",
     }
     query = rule["metricsQuery"]
-    for placeholder, value in values.items():
-        query = query.replace(placeholder, value)
+    for template_field, value in values.items():
+        query = query.replace(template_field, value)
     assert "<<" not in query, f"adapter-rules.yaml: unknown template in {rule['metricsQuery']!r}"
     return query
 
