@@ -330,29 +330,12 @@ def export_bundle(
     cannot be measured or is refused.
     """
     target = Path(bundle_dir)
-    if not version:
-        raise ExportError("the version must not be empty")
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
-    if quantize is None and (calibration_text is not None or per_channel):
-        option = "--calibration-text" if calibration_text is not None else "--per-channel"
-        raise ExportError(f"{option} is only used with --quantize int8")
-    if not max_perplexity_change >= 0:  # NaN fails too
-        raise ExportError(
-            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
-        )
+    _check_options(version, quantize, calibration_text, per_channel, max_perplexity_change)
     check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
     model = ckpt.model.eval()
-    held_out = None
-    if quantize is not None:
-        eos = ckpt.special_tokens.get("eos")
-        if eos is None:
-            raise ExportError(f"{ckpt.path / 'config.json'}: the tokenizer has no eos token id")
-        try:  # before any graph is made: a missing text is the quickest failure
-            held_out = evaluation_text(ckpt, calibration_text, eos)
-        except QuantizationError as e:
-            raise ExportError(f"{e}; nothing was written") from e
+    # Before any graph is made: a missing text is the quickest failure.
+    held_out = _held_out_text(ckpt, calibration_text) if quantize is not None else None
     graphs = ["step", "prefill", "score"] if score_graph else ["step", "prefill"]
     blobs = {graph: export_graph(model, graph) for graph in graphs}
     align_transposed_weights(blobs)
@@ -381,6 +364,38 @@ def export_bundle(
     if lexicon is not None:
         files[LEXICON_FILE] = lexicon.encode("utf-8")
     return write_bundle(target, files, manifest, force=force)
+
+
+def _check_options(
+    version: str,
+    quantize: str | None,
+    calibration_text: str | Path | None,
+    per_channel: bool,
+    max_perplexity_change: float,
+) -> None:
+    """Refuse export options that cannot be honoured, before anything is loaded."""
+    if not version:
+        raise ExportError("the version must not be empty")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
+    if quantize is None and (calibration_text is not None or per_channel):
+        option = "--calibration-text" if calibration_text is not None else "--per-channel"
+        raise ExportError(f"{option} is only used with --quantize int8")
+    if not max_perplexity_change >= 0:  # NaN fails too
+        raise ExportError(
+            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
+        )
+
+
+def _held_out_text(ckpt: Checkpoint, calibration_text: str | Path | None) -> EvaluationText:
+    """The text an int8 bundle is measured on (`evaluation_text`), its errors as ExportError."""
+    eos = ckpt.special_tokens.get("eos")
+    if eos is None:
+        raise ExportError(f"{ckpt.path / 'config.json'}: the tokenizer has no eos token id")
+    try:
+        return evaluation_text(ckpt, calibration_text, eos)
+    except QuantizationError as e:
+        raise ExportError(f"{e}; nothing was written") from e
 
 
 def _quantize(
