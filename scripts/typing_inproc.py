@@ -26,7 +26,7 @@ from benchmarks.typing import OPEN, HeldOut, Tally, read_text, typist
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
-from server.typing import Memory, predict_words
+from server.typing import Ask, Memory, predict_words
 from server.words import Filters, Matcher, WordSettings, search_context
 
 
@@ -54,18 +54,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             text = key.text if key.kind == OPEN else text + key.text
             start = _cpu_seconds()
             searched, after_space = search_context(codec, text)
-            predicted = await predict_words(
-                engine,
-                codec,
-                codec.encode(searched),
-                after_space,
-                args.k,
-                Matcher(key.partial, True),
-                Filters(),
-                settings,
-                False,
-                memory,
-            )
+            ask = Ask(codec, args.k, Matcher(key.partial, True), Filters(), settings, memory)
+            predicted = await predict_words(engine, codec.encode(searched), after_space, ask)
             cpu[key.kind] = cpu.get(key.kind, 0.0) + _cpu_seconds() - start
             steps.setdefault(key.kind, []).append(predicted.steps)
             key = keys.send([s.text for s in predicted.suggestions])

@@ -50,7 +50,7 @@ from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDef
 from server.sampling import GeneratedToken
 from server.state_token import SessionContext, StateTokenError, StateTokens
 from server.text import Detokenizer
-from server.typing import Memory, Predicted, predict_tokens, predict_words, searched
+from server.typing import Ask, Memory, Predicted, predict_tokens, predict_words, searched
 from server.word_cache import WordCacheSettings
 from server.words import (
     FOLD_DEFAULT,
@@ -528,28 +528,15 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             )
             mixer = self.word_cache.mixer(asked, memory.word_cache, text, codec.kind)
             memory.word_cache = mixer.cache if mixer is not None else None
+        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer)
         if tokens:
-            return await predict_tokens(
-                engine, codec, ids, k, match, filters, settings, cached, memory, mixer
-            )
+            return await predict_tokens(engine, ids, ask)
         context, after_space = search_context(codec, text)
         if context != text:
             context_ids = self._within_prompt_limit(await self._encode(model, context), "context")
         else:
             context_ids = ids
-        return await predict_words(
-            engine,
-            codec,
-            context_ids,
-            after_space,
-            k,
-            match,
-            filters,
-            settings,
-            cached,
-            memory,
-            mixer,
-        )
+        return await predict_words(engine, context_ids, after_space, ask)
 
     async def _until_drain(self, events: AsyncIterator[T]) -> AsyncIterator[T]:
         """`events`, until the server starts draining: a session waiting for its next event

@@ -85,6 +85,22 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Ask:
+    """One suggestion request apart from its context: the model's codec, how many suggestions,
+    matching which partial word, filtered by what, the search's settings, with or without the
+    continuous cache, the session's memory (read and updated) and the word cache to mix in."""
+
+    codec: TextCodec
+    k: int
+    match: Matcher
+    filters: Filters
+    settings: WordSettings
+    memory: Memory
+    cached: bool = False
+    mixer: Mixer | None = None
+
+
+@dataclass(frozen=True)
 class Predicted:
     """One reply's suggestions; whether they were searched words; the model steps they cost."""
 
@@ -171,20 +187,11 @@ def _joint(engine: Engine) -> _Joint:
     return joint
 
 
-async def predict_tokens(
-    engine: Engine,
-    codec: TextCodec,
-    context: Sequence[int],
-    k: int,
-    match: Matcher,
-    filters: Filters,
-    settings: WordSettings,
-    cached: bool,
-    memory: Memory,
-    mixer: Mixer | None = None,
-) -> Predicted:
-    """A word model's suggestions: its next tokens (one model step unless `memory` has it),
-    with the word cache's words mixed in (`mixer`)."""
+async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Predicted:
+    """A word model's suggestions: its next tokens (one model step unless `ask.memory` has
+    them), with the word cache's words mixed in (`ask.mixer`)."""
+    codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
+    cached, memory, mixer = ask.cached, ask.memory, ask.mixer
     counted = _Counted(engine, cached)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
@@ -201,21 +208,13 @@ async def predict_tokens(
 
 
 async def predict_words(
-    engine: Engine,
-    codec: TextCodec,
-    context: Sequence[int],
-    after_space: bool,
-    k: int,
-    match: Matcher,
-    filters: Filters,
-    settings: WordSettings,
-    cached: bool,
-    memory: Memory,
-    mixer: Mixer | None = None,
+    engine: Engine, context: Sequence[int], after_space: bool, ask: Ask
 ) -> Predicted:
-    """A character or BPE model's suggestions: searched words, filtered from `memory`'s when
-    the keystroke only extends the partial word and enough of them still match, with the word
-    cache's words mixed in (`mixer`)."""
+    """A character or BPE model's suggestions: searched words, filtered from `ask.memory`'s
+    when the keystroke only extends the partial word and enough of them still match, with the
+    word cache's words mixed in (`ask.mixer`)."""
+    codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
+    cached, memory, mixer = ask.cached, ask.memory, ask.mixer
     mixed = _mixing(mixer, codec, after_space, k, match, filters)
     earlier = memory.match
     resume = None

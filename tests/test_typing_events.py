@@ -16,7 +16,7 @@ from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.text import TextCodec
-from server.typing import Memory, Predicted, predict_tokens
+from server.typing import Ask, Memory, Predicted, predict_tokens
 from server.words import Filters, Matcher, WordSettings, _top_ids, choose, vocab_words
 
 
@@ -60,9 +60,7 @@ def test_sessions_woken_together_share_one_model_step(
     match, filters, settings = Matcher("", False), Filters(), WordSettings()
 
     async def one(engine: Engine, ids: list[int]) -> Predicted:
-        return await predict_tokens(
-            engine, codec, ids, 5, match, filters, settings, False, Memory()
-        )
+        return await predict_tokens(engine, ids, Ask(codec, 5, match, filters, settings, Memory()))
 
     async def run(together: bool) -> tuple[list[Predicted], tuple[float, float]]:
         metrics = Metrics()
@@ -116,9 +114,8 @@ def test_a_word_models_suggestions_are_the_k_likeliest_of_all(
                 for k in (1, 3, 8):
                     match = Matcher(partial, folding)
                     memory = Memory()
-                    predicted = await predict_tokens(
-                        engine, codec, ids, k, match, filters, settings, False, memory
-                    )
+                    ask = Ask(codec, k, match, filters, settings, memory)
+                    predicted = await predict_tokens(engine, ids, ask)
                     out.append((partial, k, predicted))
             return logprobs, out
         finally:
@@ -154,10 +151,8 @@ def test_an_engine_a_session_used_is_freed_when_closed(
         engine = Engine(bundle, EngineConfig())
         await engine.start()
         try:
-            await predict_tokens(
-                engine, codec, codec.encode("the cat "), 3, Matcher("", False), Filters(),
-                WordSettings(), False, Memory(),
-            )  # fmt: skip
+            ask = Ask(codec, 3, Matcher("", False), Filters(), WordSettings(), Memory())
+            await predict_tokens(engine, codec.encode("the cat "), ask)
         finally:
             await engine.close()
         return weakref.ref(engine)

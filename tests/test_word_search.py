@@ -25,7 +25,7 @@ from rnnlm.cli import main
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
-from server.typing import Memory, predict_words
+from server.typing import Ask, Memory, predict_words
 from server.words import (
     Filters,
     Matcher,
@@ -140,14 +140,14 @@ def test_a_keystroke_answered_from_stored_words_equals_a_fresh_search(engine: En
     for typed in ("t", "th", "the", "thee"):
         match = Matcher(typed, True)
         got = _run(
-            predict_words(engine, codec, ids, False, 2, match, Filters(), narrow, False, memory),
+            predict_words(engine, ids, False, Ask(codec, 2, match, Filters(), narrow, memory)),
         )
         assert {s.text for s in got.suggestions} <= {"thee", "then", "tree"}
         if got.steps:
             continue
         filtered += 1
         fresh = _run(
-            predict_words(engine, codec, ids, False, 2, match, Filters(), wide, False, Memory()),
+            predict_words(engine, ids, False, Ask(codec, 2, match, Filters(), wide, Memory())),
         )
         assert [(s.text, round(s.probability, 6)) for s in got.suggestions] == [
             (s.text, round(s.probability, 6)) for s in fresh.suggestions
@@ -190,18 +190,8 @@ def test_a_bpe_search_finds_only_lexicon_words(
             context, after_space = search_context(codec, CONTEXT)
             assert after_space
             settings = WordSettings(width=512, budget_ms=60_000.0)
-            got = await predict_words(
-                engine,
-                codec,
-                codec.encode(context),
-                after_space,
-                3,
-                Matcher("", True),
-                Filters(),
-                settings,
-                False,
-                Memory(),
-            )
+            ask = Ask(codec, 3, Matcher("", True), Filters(), settings, Memory())
+            got = await predict_words(engine, codec.encode(context), after_space, ask)
             return [s.text for s in got.suggestions]
         finally:
             await engine.close()
@@ -233,12 +223,12 @@ def test_every_keystroke_answered_from_stored_words_is_exact(
             for context, word in cases:
                 ids, memory = codec.encode(context), Memory()
                 for n in range(len(word) + 1):
-                    args = (False, 3, Matcher(word[:n], True), Filters())
-                    got = await predict_words(engine, codec, ids, *args, narrow, False, memory)
+                    args = (codec, 3, Matcher(word[:n], True), Filters())
+                    got = await predict_words(engine, ids, False, Ask(*args, narrow, memory))
                     if got.steps:
                         continue
                     filtered += 1
-                    fresh = await predict_words(engine, codec, ids, *args, wide, False, Memory())
+                    fresh = await predict_words(engine, ids, False, Ask(*args, wide, Memory()))
                     shown = [(s.text, round(s.probability, 6)) for s in got.suggestions]
                     compared += shown == [
                         (s.text, round(s.probability, 6)) for s in fresh.suggestions
