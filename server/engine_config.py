@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server import native_sampler
+
 PROVIDERS = ("cpu", "cuda", "auto")
-SAMPLERS = ("auto", "graph", "numpy")
+SAMPLERS = ("auto", "graph", "numpy", "native")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,9 @@ class EngineConfig:
     stream_tokens: int = 16
     stream_ms: float = 100.0
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
-    # "numpy", or "auto" (the graph, on every provider). Both give the same tokens for the
-    # same seed.
+    # "numpy", "native" (plain rows in C, server/_fastsample.c; the rest on the graph), or
+    # "auto" (native on the CPU where it was built, else the graph). All give the same tokens
+    # for the same seed (but where rounding puts a draw on a boundary).
     sampler: str = "auto"
     # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
     # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.
@@ -58,6 +61,11 @@ class EngineConfig:
 
         check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
         check(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}")
+        check(
+            self.sampler != "native" or native_sampler.available(),
+            "sampler",
+            "built to be 'native' (setup.py compiles server/_fastsample.c at install)",
+        )
         check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
         check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
         for name in ("batch_threads", "prefill_chunk", "max_queued", "stream_tokens"):
