@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server import native_sampler
-
 PROVIDERS = ("cpu", "cuda", "auto")
-SAMPLERS = ("auto", "graph", "numpy", "native")
+SAMPLERS = ("auto", "native", "graph", "numpy")
 
 
 @dataclass(frozen=True)
@@ -61,11 +59,6 @@ class EngineConfig:
 
         check(self.provider in PROVIDERS, "provider", f"one of {', '.join(PROVIDERS)}")
         check(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}")
-        check(
-            self.sampler != "native" or native_sampler.available(),
-            "sampler",
-            "built to be 'native' (setup.py compiles server/_fastsample.c at install)",
-        )
         check(self.intra_op_threads >= 0, "intra_op_threads", ">= 0 (0: onnxruntime decides)")
         check(self.inter_op_threads >= 0, "inter_op_threads", ">= 0 (0: onnxruntime decides)")
         for name in ("batch_threads", "prefill_chunk", "max_queued", "stream_tokens"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from server.engine_errors import EngineError
 from server.sampler import BatchSampler, SampledRows, SamplingRows, stream_uniforms
 
 try:
@@ -45,7 +46,10 @@ class NativeSampler:
 
     def __init__(self, graph: BatchSampler) -> None:
         if _fastsample is None:
-            raise RuntimeError("the native sampler was not built (no C compiler at install)")
+            raise EngineError(
+                "the native sampler was not built (setup.py compiles server/_fastsample.c at "
+                "install, where a C compiler is found): use sampler auto or graph"
+            )
         self._graph = graph
 
     def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:

@@ -107,13 +107,21 @@ class NumpyRowSampler:
 
 
 def choose(setting: str, providers: Sequence[str], options: ort.SessionOptions) -> RowSampler:
-    """The sampler for `EngineConfig.sampler`: "graph", "numpy", "native", or "auto" (native
-    on the CPU where it was built, else the graph)."""
-    if setting == "numpy":
+    """The sampler for `EngineConfig.sampler` (see `resolve`)."""
+    kind = resolve(setting, providers)
+    if kind == "numpy":
         return NumpyRowSampler()
-    if setting == "native" or (setting == "auto" and native_default(providers)):
+    if kind == "native":
         return NativeRowSampler(providers, options)
     return GraphRowSampler(providers, options)
+
+
+def resolve(setting: str, providers: Sequence[str]) -> str:
+    """Which sampler a setting means: "numpy", "native", "graph", or for "auto" native on the
+    CPU where it was built, else the graph."""
+    if setting == "auto":
+        return "native" if native_default(providers) else "graph"
+    return setting
 
 
 def native_default(providers: Sequence[str]) -> bool:
