@@ -1,6 +1,6 @@
 /* The plain-row sampler: one native pass per row of a step's logits.
 
-   `sample(logits, temperature, uniforms, banned_ids, top_counts, tokens, logprobs, lse,
+   `sample(logits, temperature, seed, position, banned_ids, top_counts, tokens, logprobs, lse,
    top_ids, top_logprobs, lost)` samples every row of float32 `logits` [B, V] that needs only a
    temperature and bans (no top-k, top-p, min-p or repetition penalty: server/native_sampler.py
    sends only those here) and writes each row's results into the output buffers. It releases
@@ -11,8 +11,9 @@
    us of a 64-row step's CPU per token. Here each row is read twice while it sits in the L1/L2
    cache: once for its maximum, once for the exponentials, their block sums and the log-sum-exp.
 
-   The draw is the numpy `Sampler`'s (server/sampling.py), so both give the same ids from the
-   same uniforms except where rounding puts the uniform on a boundary:
+   The draw is the numpy `Sampler`'s (server/sampling.py) from each row's uniform of its
+   counter-based stream (the same bits as server/sampler.py's stream_uniforms), so both give the
+   same ids except where rounding puts the uniform on a boundary:
 
      weights  w_i = exp((l_i - max) / T), 0 for banned ids      (T = 0: argmax, no draw)
      blocks   of BLOCK ids:  s_b = sum of the block's w_i (float32), cum_b = running sum (double)
@@ -150,6 +151,14 @@ static int64_t best_allowed(const float *x, int64_t n, const int64_t *banned, in
     return best;
 }
 
+/* Greedy: the first id holding the row's maximum `m`, unless it is banned. */
+static int64_t greedy(const float *x, int64_t n, float m, const int64_t *banned, int64_t n_banned) {
+    int64_t i = 0;
+    while (i < n && x[i] != m) i++;
+    if (i < n && !is_banned(banned, n_banned, i)) return i;
+    return best_allowed(x, n, banned, n_banned);
+}
+
 /* The k largest logits, most likely first, ties by the lower id (k <= n). */
 static void top_k(const float *x, int64_t n, int64_t k, int64_t *ids, float *vals) {
     int64_t have = 0;
@@ -198,6 +207,45 @@ static int64_t draw(const float *x, int64_t n, float m, float scale, double u,
     return best_allowed(x, n, banned, n_banned); /* rounding stepped past the weighted ids */
 }
 
+/* The counter-based stream (server/sampler.py, stream_uniforms): row r's uniform is a hash of
+   its seed's two 32-bit halves and its position. The constants come from Python once
+   (set_stream_hash), so they are defined in one place. */
+static uint32_t hash_start, hash_mix[2], hash_shift[3];
+static int hash_set = 0;
+
+static uint32_t hash32(uint32_t h) {
+    h ^= h >> hash_shift[0];
+    h *= hash_mix[0];
+    h ^= h >> hash_shift[1];
+    h *= hash_mix[1];
+    return h ^ (h >> hash_shift[2]);
+}
+
+static double uniform(int64_t seed, int64_t position) {
+    uint64_t s = (uint64_t)seed, p = (uint64_t)position;
+    uint32_t h = hash_start;
+    h = hash32(h ^ (uint32_t)s);
+    h = hash32(h ^ (uint32_t)(s >> 32));
+    h = hash32(h ^ (uint32_t)p);
+    h = hash32(h ^ hash_start);
+    return (double)h * (1.0 / 4294967296.0);
+}
+
+static PyObject *set_stream_hash(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned int start, m0, m1, s0, s1, s2;
+    if (!PyArg_ParseTuple(args, "IIIIII", &start, &m0, &m1, &s0, &s1, &s2)) return NULL;
+    if (s0 > 31 || s1 > 31 || s2 > 31) {
+        PyErr_SetString(PyExc_ValueError, "hash shifts must be in [0, 31]");
+        return NULL;
+    }
+    hash_start = start, hash_mix[0] = m0, hash_mix[1] = m1;
+    hash_shift[0] = s0, hash_shift[1] = s1, hash_shift[2] = s2;
+    hash_set = 1;
+    Py_RETURN_NONE;
+}
+
+
 typedef struct {
     Py_buffer buf;
     const char *name;
@@ -223,52 +271,60 @@ static int get(PyObject *obj, Arg *arg, const char *name, const char *format, Py
     return 0;
 }
 
+/* The rows and the widths of [rows, N] arguments, from their shapes; -1 on a bad shape. */
+static Py_ssize_t shape_of(PyObject *obj, Py_ssize_t rows, Py_ssize_t *width) {
+    Py_buffer p;
+    if (PyObject_GetBuffer(obj, &p, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) return -2;
+    Py_ssize_t got = p.ndim == 2 && (rows < 0 || p.shape[0] == rows) ? p.shape[0] : -1;
+    *width = p.ndim == 2 ? p.shape[1] : -1;
+    PyBuffer_Release(&p);
+    return got;
+}
+
+enum { LOGITS, TEMPERATURE, SEED, POSITION, BANNED, TOP_COUNTS, TOKENS, LOGPROBS, LSE, TOP_IDS,
+       TOP_LPS, LOST, N_ARGS };
+
 static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "sample takes 11 arrays");
+    if (nargs != N_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "sample takes 12 arrays");
         return NULL;
     }
-    Arg a[11];
-    memset(a, 0, sizeof a);
-    PyObject *result = NULL;
-    Py_buffer probe;
-    if (PyObject_GetBuffer(args[0], &probe, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) return NULL;
-    int two_d = probe.ndim == 2;
-    Py_ssize_t rows = two_d ? probe.shape[0] : 0, vocab = two_d ? probe.shape[1] : 0;
-    PyBuffer_Release(&probe);
-    Py_ssize_t n_banned = 0, k_max = 0;
-    if (!two_d || vocab < 1 || (vocab + BLOCK - 1) / BLOCK > MAX_BLOCKS) {
+    if (!hash_set) {
+        PyErr_SetString(PyExc_RuntimeError, "set_stream_hash was not called");
+        return NULL;
+    }
+    Py_ssize_t vocab = 0, n_banned = 0, k_max = 0;
+    Py_ssize_t rows = shape_of(args[LOGITS], -1, &vocab);
+    if (rows == -2) return NULL;
+    if (rows < 0 || vocab < 1 || (vocab + BLOCK - 1) / BLOCK > MAX_BLOCKS) {
         PyErr_SetString(PyExc_ValueError, "logits must be [rows, vocab] with 1 <= vocab <= 8M");
         return NULL;
     }
-    {
-        Py_buffer p;
-        if (PyObject_GetBuffer(args[3], &p, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) return NULL;
-        n_banned = p.ndim == 2 && p.shape[0] == rows ? p.shape[1] : -1;
-        PyBuffer_Release(&p);
-        if (PyObject_GetBuffer(args[8], &p, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) return NULL;
-        k_max = p.ndim == 2 && p.shape[0] == rows ? p.shape[1] : -1;
-        PyBuffer_Release(&p);
-        if (n_banned < 0 || k_max < 0) {
-            PyErr_SetString(PyExc_ValueError, "banned_ids and top_ids must be [rows, N]");
-            return NULL;
-        }
+    Py_ssize_t b1 = shape_of(args[BANNED], rows, &n_banned), b2 = shape_of(args[TOP_IDS], rows, &k_max);
+    if (b1 == -2 || b2 == -2) return NULL;
+    if (b1 < 0 || b2 < 0) {
+        PyErr_SetString(PyExc_ValueError, "banned_ids and top_ids must be [rows, N]");
+        return NULL;
     }
-    static const char *names[11] = {"logits", "temperature", "uniforms", "banned_ids", "top_counts",
-                                    "tokens", "logprobs", "lse", "top_ids", "top_logprobs", "lost"};
-    static const char *formats[11] = {"f", "f", "d", "q", "q", "q", "f", "f", "q", "f", "?"};
-    Py_ssize_t counts[11] = {rows * vocab, rows, rows, rows * n_banned, rows, rows, rows, rows,
-                             rows * k_max, rows * k_max, rows};
-    for (int i = 0; i < 11; i++)
-        if (get(args[i], &a[i], names[i], formats[i], counts[i], i >= 5) < 0) goto done;
+    static const char *names[N_ARGS] = {"logits", "temperature", "seed", "position",
+                                        "banned_ids", "top_counts", "tokens", "logprobs",
+                                        "lse", "top_ids", "top_logprobs", "lost"};
+    static const char *formats[N_ARGS] = {"f", "f", "q", "q", "q", "q", "q", "f", "f", "q", "f", "?"};
+    Py_ssize_t counts[N_ARGS] = {rows * vocab, rows, rows, rows, rows * n_banned, rows, rows,
+                                 rows, rows, rows * k_max, rows * k_max, rows};
+    Arg a[N_ARGS];
+    memset(a, 0, sizeof a);
+    PyObject *result = NULL;
+    for (int i = 0; i < N_ARGS; i++)
+        if (get(args[i], &a[i], names[i], formats[i], counts[i], i >= TOKENS) < 0) goto done;
 
-    const float *logits = a[0].buf.buf, *temperature = a[1].buf.buf;
-    const double *uniforms = a[2].buf.buf;
-    const int64_t *banned = a[3].buf.buf, *top_counts = a[4].buf.buf;
-    int64_t *tokens = a[5].buf.buf, *top_ids = a[8].buf.buf;
-    float *logprobs = a[6].buf.buf, *lse = a[7].buf.buf, *top_lps = a[9].buf.buf;
-    char *lost = a[10].buf.buf;
+    const float *logits = a[LOGITS].buf.buf, *temperature = a[TEMPERATURE].buf.buf;
+    const int64_t *seed = a[SEED].buf.buf, *position = a[POSITION].buf.buf;
+    const int64_t *banned = a[BANNED].buf.buf, *top_counts = a[TOP_COUNTS].buf.buf;
+    int64_t *tokens = a[TOKENS].buf.buf, *top_ids = a[TOP_IDS].buf.buf;
+    float *logprobs = a[LOGPROBS].buf.buf, *lse = a[LSE].buf.buf, *top_lps = a[TOP_LPS].buf.buf;
+    char *lost = a[LOST].buf.buf;
     for (Py_ssize_t r = 0; r < rows; r++)
         if (top_counts[r] < 0 || top_counts[r] > k_max || top_counts[r] > vocab) {
             PyErr_SetString(PyExc_ValueError, "top_counts out of range");
@@ -290,9 +346,9 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         float m = row_max(x, vocab);
         float row_lse = m + (float)log(block_sums(x, vocab, m, 1.0f, sums));
         float temp = temperature[r];
-        int64_t token = temp > 0.0f ? draw(x, vocab, m, (float)(1.0 / (double)temp), uniforms[r],
-                                           ban, n_banned, sums, cum)
-                                    : best_allowed(x, vocab, ban, n_banned);
+        int64_t token = temp > 0.0f ? draw(x, vocab, m, (float)(1.0 / (double)temp),
+                                           uniform(seed[r], position[r]), ban, n_banned, sums, cum)
+                                    : greedy(x, vocab, m, ban, n_banned);
         lost[r] = token < 0;
         tokens[r] = token < 0 ? 0 : token;
         lse[r] = row_lse;
@@ -308,15 +364,44 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyMem_RawFree(cum);
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 11; i++)
+    for (int i = 0; i < N_ARGS; i++)
+        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    return result;
+}
+
+/* uniforms(seed, position, out): out[r] = row r's uniform (for the tests of the stream). */
+static PyObject *uniforms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3 || !hash_set) {
+        PyErr_SetString(PyExc_TypeError, "uniforms takes seed, position and out, after set_stream_hash");
+        return NULL;
+    }
+    Arg a[3];
+    memset(a, 0, sizeof a);
+    PyObject *result = NULL;
+    Py_ssize_t n = PyObject_Length(args[0]);
+    if (n < 0) return NULL;
+    static const char *names[3] = {"seed", "position", "out"}, *formats[3] = {"q", "q", "d"};
+    for (int i = 0; i < 3; i++)
+        if (get(args[i], &a[i], names[i], formats[i], n, i == 2) < 0) goto done;
+    const int64_t *seed = a[0].buf.buf, *position = a[1].buf.buf;
+    double *out = a[2].buf.buf;
+    for (Py_ssize_t r = 0; r < n; r++) out[r] = uniform(seed[r], position[r]);
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < 3; i++)
         if (a[i].held) PyBuffer_Release(&a[i].buf);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
-     "sample(logits, temperature, uniforms, banned_ids, top_counts, tokens, logprobs, lse, "
-     "top_ids, top_logprobs, lost): sample plain rows into the output arrays (see the source)."},
+     "sample(logits, temperature, seed, position, banned_ids, top_counts, tokens, logprobs, "
+     "lse, top_ids, top_logprobs, lost): sample plain rows into the output arrays."},
+    {"uniforms", (PyCFunction)(void (*)(void))uniforms, METH_FASTCALL,
+     "uniforms(seed, position, out): each row's uniform of its counter-based stream."},
+    {"set_stream_hash", set_stream_hash, METH_VARARGS,
+     "set_stream_hash(start, mix0, mix1, shift0, shift1, shift2): the stream's hash constants."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,12 +18,21 @@ import numpy as np
 import onnxruntime as ort
 
 from server.engine_errors import EngineError
-from server.sampler import BatchSampler, SampledRows, SamplingRows, stream_uniforms
+from server.sampler import (
+    HASH_MIX,
+    HASH_SHIFTS,
+    HASH_START,
+    BatchSampler,
+    SampledRows,
+    SamplingRows,
+)
 
 try:
     from server import _fastsample  # type: ignore[attr-defined]
 except ImportError:  # built without a C compiler: see available()
     _fastsample = None
+else:
+    _fastsample.set_stream_hash(HASH_START, *HASH_MIX, *HASH_SHIFTS)
 
 
 def available() -> bool:
@@ -84,7 +93,8 @@ class NativeSampler:
         _fastsample.sample(
             logits,
             np.ascontiguousarray(rows.temperature, dtype=np.float32),
-            stream_uniforms(rows.seed, rows.position),
+            np.ascontiguousarray(rows.seed, dtype=np.int64),
+            np.ascontiguousarray(rows.position, dtype=np.int64),
             np.ascontiguousarray(rows.banned_ids, dtype=np.int64),
             np.ascontiguousarray(rows.top_logprobs, dtype=np.int64),
             tokens,

@@ -13,7 +13,7 @@ import pytest
 
 from server import native_sampler, row_sampler
 from server.native_sampler import NativeSampler, plain_rows
-from server.sampler import BatchSampler, ReferenceSampler, SamplingRows
+from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
 from server.sampling import SamplingParams, log_softmax
 
 
@@ -108,6 +108,17 @@ def test_rows_it_cannot_draw_fall_back_to_the_graph(sampler: NativeSampler) -> N
     np.testing.assert_allclose(got.logprobs[0], -1000.0, rtol=1e-5)
 
 
+def test_its_stream_is_bit_identical_to_the_reference() -> None:
+    from server import _fastsample  # type: ignore[attr-defined]
+
+    rng = np.random.default_rng(3)
+    seed = rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)
+    position = rng.integers(0, 2**40, 5000, dtype=np.int64)
+    out = np.empty(5000)
+    _fastsample.uniforms(seed, position, out)
+    np.testing.assert_array_equal(out, stream_uniforms(seed, position))
+
+
 def test_bad_buffers_get_short_errors() -> None:
     from server import _fastsample  # type: ignore[attr-defined]
 
@@ -117,7 +128,8 @@ def test_bad_buffers_get_short_errors() -> None:
         base = {
             "logits": np.zeros((n, v), np.float32),
             "temperature": np.ones(n, np.float32),
-            "uniforms": np.zeros(n, np.float64),
+            "seed": np.zeros(n, np.int64),
+            "position": np.zeros(n, np.int64),
             "banned_ids": np.zeros((n, 0), np.int64),
             "top_counts": np.zeros(n, np.int64),
             "tokens": np.zeros(n, np.int64),
@@ -132,7 +144,8 @@ def test_bad_buffers_get_short_errors() -> None:
     _fastsample.sample(*arrays())
     for change, words in [
         ({"logits": np.zeros((n, v), np.float64)}, "logits"),
-        ({"uniforms": np.zeros(n + 1, np.float64)}, "uniforms"),
+        ({"position": np.zeros(n + 1, np.int64)}, "position"),
+        ({"seed": np.zeros(n, np.float64)}, "seed"),
         ({"tokens": np.zeros(n, np.int32)}, "tokens"),
         ({"logits": np.zeros(n * v, np.float32)}, r"logits must be \[rows, vocab\]"),
         ({"top_counts": np.full(n, 3, np.int64)}, "top_counts out of range"),
@@ -145,7 +158,7 @@ def test_bad_buffers_get_short_errors() -> None:
         out = np.zeros(n, np.int64)
         out.flags.writeable = False
         _fastsample.sample(*arrays(tokens=out))
-    with pytest.raises(TypeError, match="11 arrays"):
+    with pytest.raises(TypeError, match="12 arrays"):
         _fastsample.sample(*arrays()[:5])
     with pytest.raises((ValueError, BufferError)):  # not contiguous
         _fastsample.sample(*arrays(logits=np.zeros((n, 2 * v), np.float32)[:, ::2]))
