@@ -108,6 +108,15 @@ def test_rows_it_cannot_draw_fall_back_to_the_graph(sampler: NativeSampler) -> N
     np.testing.assert_allclose(got.logprobs[0], -1000.0, rtol=1e-5)
 
 
+def test_its_exponential_is_as_accurate_as_float32(sampler: NativeSampler) -> None:
+    # The log-sum-exp of a row [0, x] is log(1 + e^x): every x from 0 down to the underflow.
+    x = -np.linspace(0, 87, 100_001).astype(np.float32)
+    logits = np.stack([np.zeros_like(x), x], axis=1)
+    rows = rows_for([SamplingParams(temperature=0)] * len(x), 2)
+    got = sampler.sample(logits, rows).lse.astype(np.float64)
+    np.testing.assert_allclose(got, np.log1p(np.exp(x.astype(np.float64))), rtol=0, atol=2e-7)
+
+
 def test_its_stream_is_bit_identical_to_the_reference() -> None:
     from server import _fastsample  # type: ignore[attr-defined]
 
