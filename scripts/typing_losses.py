@@ -108,13 +108,17 @@ async def measure(bundle_dir: Path, held: HeldOut, plan: TypingPlan, flags: list
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}") as channel:
             await wait_serving(channel, child)
+            cpu = child.cpu_seconds()
             context, text = held.passage(0, min(plan.lines, len(held.lines)))
             tally = Recording()
             keys = typist(context, text, plan.k, tally, held.words)
             await type_passage(pb_grpc.LanguageModelStub(channel), keys, tally, k=held.ask)
+            after = child.cpu_seconds()
     finally:
         child.stop()
-    out = {"savings": round(summary(tally)["keystroke_savings"], 4)}
+    out: dict[str, Any] = {"savings": round(summary(tally)["keystroke_savings"], 4)}
+    if cpu is not None and after is not None:
+        out["server_cpu_ms_per_event"] = round(1000 * (after - cpu) / tally.events, 3)
     starts = [m.start() for m in held.words.finditer(text)]
     words = [[at, w, typed] for at, (w, typed) in zip(starts, tally.taken, strict=True)]
     return out | breakdown(text, tally.taken, held.words, known_words(bundle)) | {"words": words}

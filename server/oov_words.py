@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -33,36 +34,64 @@ _MAX_CHAR = "\U0010ffff"
 
 @dataclass(frozen=True)
 class _Index:
-    """The words' positions (in `UnknownWords` order) sorted by their normalised text."""
+    """The words' positions (in `UnknownWords` order: falling counts) sorted by their
+    normalised text, with the running sum of their shares in that order."""
 
     keys: list[str]
     positions: np.ndarray
+    running: np.ndarray  # running[i]: the shares of the first i words in key order
 
     @staticmethod
-    def of(words: tuple[str, ...], folding: bool) -> _Index:
+    def of(words: tuple[str, ...], shares: np.ndarray, folding: bool) -> _Index:
         keyed = sorted((fold(w) if folding else w, i) for i, w in enumerate(words))
-        return _Index([k for k, _ in keyed], np.array([i for _, i in keyed], dtype=np.int64))
+        positions = np.array([i for _, i in keyed], dtype=np.int64)
+        running = np.concatenate([[0.0], np.cumsum(shares[positions])])
+        return _Index([k for k, _ in keyed], positions, running)
 
-    def matching(self, key: str) -> np.ndarray:
+    def span(self, key: str) -> tuple[int, int]:
+        """Where the words that start with `key` lie in key order."""
         lo = bisect.bisect_left(self.keys, key)
-        hi = bisect.bisect_left(self.keys, key + _MAX_CHAR)
-        return self.positions[lo:hi]
+        return lo, bisect.bisect_left(self.keys, key + _MAX_CHAR)
 
 
 @dataclass(frozen=True)
 class UnknownWords:
-    """A bundle's unknown words, the most frequent first, with log(count / unk_tokens)."""
+    """A bundle's unknown words, the most frequent first, with their shares of `<unk>`."""
 
     words: tuple[str, ...]
     shares: np.ndarray  # count / unk_tokens, in the same order
     exact: _Index
     folded: _Index
 
+    def _span(self, match: Matcher) -> tuple[_Index, int, int]:
+        index = self.folded if match.folding else self.exact
+        return (index, *index.span(match.key))
+
     def positions(self, match: Matcher) -> np.ndarray:
-        """The positions of the words that match, in no order."""
+        """The positions of the words that match, the most frequent first."""
         if not match.partial:
             return np.arange(len(self.words))
-        return (self.folded if match.folding else self.exact).matching(match.key)
+        index, lo, hi = self._span(match)
+        return np.sort(index.positions[lo:hi])
+
+    def best(self, match: Matcher) -> float:
+        """The log of the largest share among the words that match (-inf when none does)."""
+        if not match.partial:
+            return math.log(float(self.shares[0]))
+        index, lo, hi = self._span(match)
+        return math.log(float(self.shares[index.positions[lo:hi].min()])) if hi > lo else -math.inf
+
+    def mass(self, match: Matcher, filters: Filters) -> float:
+        """The log of the shares of the words that match and are not blocked."""
+        index, lo, hi = self._span(match)
+        total = float(index.running[hi] - index.running[lo])
+        if filters.blocked and len(filters.blocked) < hi - lo:  # blocked words are folded
+            listed = (w for b in filters.blocked for w in self._folded_to.get(b, ()))
+            total -= sum(self.share(w) for w in listed if match.matches(w))
+        elif filters.blocked:
+            listed = (self.words[i] for i in index.positions[lo:hi].tolist())
+            total -= sum(self.share(w) for w in listed if not filters.allows(w))
+        return math.log(total) if total > 0 else -math.inf
 
     def share(self, word: str) -> float:
         """`word`'s share of `<unk>` (0 for a word not listed)."""
@@ -72,6 +101,13 @@ class UnknownWords:
     @functools.cached_property
     def _position(self) -> dict[str, int]:
         return {w: i for i, w in enumerate(self.words)}
+
+    @functools.cached_property
+    def _folded_to(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for w in self.words:
+            out.setdefault(fold(w), []).append(w)
+        return out
 
 
 def of_bundle(bundle: Bundle, codec: TextCodec) -> UnknownWords | None:
@@ -90,39 +126,25 @@ def read_unknown_words(text: str, unk_tokens: int) -> UnknownWords | None:
     counts.sort(key=lambda item: (-item[1], item[0]))
     words = tuple(w for w, _ in counts)
     shares = np.array([c / unk_tokens for _, c in counts], dtype=np.float64)
-    return UnknownWords(words, shares, _Index.of(words, False), _Index.of(words, True))
+    return UnknownWords(
+        words, shares, _Index.of(words, shares, False), _Index.of(words, shares, True)
+    )
 
 
 def unknown_candidates(
-    unknown: UnknownWords,
-    unk_logprob: float,
-    match: Matcher,
-    filters: Filters,
-    extra: int,
-) -> tuple[list[Word], float]:
+    unknown: UnknownWords, unk_logprob: float, match: Matcher, filters: Filters, extra: int
+) -> list[Word]:
     """The `extra` likeliest unknown words that match and are not blocked, with their
-    log-probabilities after a context where `<unk>` has `unk_logprob`; and the log of the
-    mass of all that match once a letter is typed (-inf when none does; before, 0: that mass
-    is part of `<unk>`'s)."""
-    if not math.isfinite(unk_logprob):
-        return [], -math.inf if match.partial else 0.0
-    if match.partial:
-        at = np.sort(unknown.positions(match))  # the list is in falling counts
-        if filters.blocked:
-            at = at[[filters.allows(unknown.words[i]) for i in at.tolist()]]
-        mass = unk_logprob + math.log(float(unknown.shares[at].sum())) if at.size else -math.inf
-        top = at[:extra].tolist()
-    else:
-        top, mass = [], 0.0
-        for i, w in enumerate(unknown.words):
-            if len(top) == extra:
-                break
-            if filters.allows(w):
-                top.append(i)
-    words = [
+    log-probabilities after a context where `<unk>` has `unk_logprob`."""
+    top: list[int] = []
+    for i in unknown.positions(match).tolist():
+        if len(top) == extra:
+            break
+        if filters.allows(unknown.words[i]):
+            top.append(i)
+    return [
         Word(unknown.words[i], unk_logprob + math.log(float(unknown.shares[i])), ()) for i in top
     ]
-    return words, mass
 
 
 def with_unknown(
@@ -134,21 +156,30 @@ def with_unknown(
     filters: Filters,
     extra: int,
 ) -> tuple[list[Word], float]:
-    """A word model's candidates (`words`, and `total`, the log of the mass of its matching
-    tokens, 0 when no letter is typed) with the unknown words that match added, and their
-    mass added to `total` once a letter is typed (before, it is part of `<unk>`'s, already in
-    the model's whole mass)."""
-    if unknown is None:
+    """A word model's `extra` candidates (`words`, and `total`, the log of the mass of its
+    matching tokens, 0 when no letter is typed) with the unknown words: each candidate's share
+    of `<unk>` added to it (a vocabulary word seen once in training), the unknown words that
+    could rank among the `extra` added, and once a letter is typed the mass of those that match
+    added to `total` (before, it is part of `<unk>`'s, already in the model's whole mass)."""
+    if unknown is None or not math.isfinite(unk_logprob):
         return words, total
-    found, mass = unknown_candidates(unknown, unk_logprob, match, filters, extra)
     if match.partial:
-        total = float(np.logaddexp(total, mass))
-    merged = {w.text: w for w in words}
-    for w in found:  # a vocabulary word seen once in training is also some of <unk>'s mass
-        old = merged.get(w.text)
-        logprob = w.logprob if old is None else float(np.logaddexp(old.logprob, w.logprob))
-        merged[w.text] = Word(w.text, logprob, old.ids if old is not None else ())
+        total = float(np.logaddexp(total, unk_logprob + unknown.mass(match, filters)))
+    merged = {w.text: _plus_share(w, unknown, unk_logprob) for w in words}
+    bar = heapq.nlargest(extra, (w.logprob for w in merged.values()))
+    if len(bar) < extra or unk_logprob + unknown.best(match) > bar[-1]:
+        for w in unknown_candidates(unknown, unk_logprob, match, filters, extra):
+            merged.setdefault(w.text, w)
     return list(merged.values()), total
+
+
+def _plus_share(word: Word, unknown: UnknownWords, unk_logprob: float) -> Word:
+    """`word` with its share of `<unk>` added (unchanged for a word not listed)."""
+    share = unknown.share(word.text)
+    if share <= 0:
+        return word
+    logprob = float(np.logaddexp(word.logprob, unk_logprob + math.log(share)))
+    return Word(word.text, logprob, word.ids)
 
 
 def unknown_known(known: KnownWord, unknown: UnknownWords | None, unk_logprob: float) -> KnownWord:
@@ -158,11 +189,6 @@ def unknown_known(known: KnownWord, unknown: UnknownWords | None, unk_logprob: f
         return known
 
     def lookup(text: str) -> Word:
-        word = known(text)
-        share = unknown.share(text)
-        if share <= 0:
-            return word
-        logprob = float(np.logaddexp(word.logprob, unk_logprob + math.log(share)))
-        return Word(text, logprob, word.ids)
+        return _plus_share(known(text), unknown, unk_logprob)
 
     return lookup

@@ -27,6 +27,7 @@ from rnnlm.v1 import language_model_pb2 as pb
 from server.bundle import BundleError, load_bundle
 
 WITH, WITHOUT = "tiny-with-unknown", "tiny-without-unknown"
+SINGLETONS = "tiny-with-singletons"  # its unknown words list "tree", a vocabulary word, too
 CONTEXT = "the cat sees "
 # The tiny corpus's words, with three it lacks: "zebra" twice, "zeppelin" and "tiger" once.
 TRAINING = "the cat sees the zebra .\na dog likes the zebra .\nthe zeppelin sees a tiger .\n"
@@ -40,11 +41,12 @@ def models(
 ) -> Path:
     """The tiny word model twice: with the unknown words of TRAINING, and without."""
     root = tmp_path_factory.mktemp("oov-models")
-    for name in (WITH, WITHOUT):
+    for name in (WITH, WITHOUT, SINGLETONS):
         shutil.copytree(tiny_bundle_factory("lstm", "word"), root / name)
         manifest = json.loads((root / name / "manifest.json").read_text())
         (root / name / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
     assert add_to_bundle(root / WITH, TRAINING) == len(COUNTS)
+    add_unknown_words(root / SINGLETONS, "tree\t3.5\nzebra\t0.5\n", UNK_TOKENS)
     return root
 
 
@@ -61,9 +63,10 @@ def client(live: LiveServer) -> Iterator[Client]:
         yield c
 
 
-def _logprob(client: Client, word: str) -> float:
+def _logprob(client: Client, word: str, model: str = WITH) -> float:
     """The model's log-prob of `word`'s token after CONTEXT (`<unk>`'s for a word it lacks)."""
-    (scored,) = client.score([CONTEXT + word + "\n"], return_token_logprobs=True).results
+    request = [CONTEXT + word + "\n"]
+    (scored,) = client.score(request, return_token_logprobs=True, model=model).results
     return scored.token_logprobs[-2].logprob
 
 
@@ -102,6 +105,19 @@ def test_they_share_the_matching_mass_with_the_vocabulary(client: Client) -> Non
     assert "tiger" not in {p.token for p in plain.predictions}
 
 
+def test_a_vocabulary_word_seen_once_adds_its_share_of_unk(client: Client) -> None:
+    """ "tree" is the vocabulary's and, in this bundle, was <unk> 3.5 times in training."""
+    reply = client.predict_next(CONTEXT, k=20, partial_word="t", model=SINGLETONS)
+    got = {p.token: p for p in reply.predictions}
+    unk = math.exp(_logprob(client, "zebra", SINGLETONS))
+    probs = {w: math.exp(_logprob(client, w, SINGLETONS)) for w in got}
+    probs["tree"] += unk * 3.5 / UNK_TOKENS  # about 6 % more than its token's own
+    total = sum(probs.values())
+    assert got["tree"].token_id != -1  # still the vocabulary's token
+    for word, p in probs.items():
+        assert got[word].probability == pytest.approx(p / total, rel=1e-3)
+
+
 def test_without_the_file_nothing_changes(client: Client) -> None:
     assert not client.predict_next(CONTEXT, k=5, partial_word="z", model=WITHOUT).predictions
     with_file = client.predict_next(CONTEXT, k=5, model=WITH)
@@ -114,6 +130,7 @@ def test_without_the_file_nothing_changes(client: Client) -> None:
 def test_blocked_user_and_folded_unknown_words(client: Client) -> None:
     blocked = client.predict_next(CONTEXT, k=5, partial_word="z", blocked_words=["ZEBRA"])
     assert [p.token for p in blocked.predictions] == ["zeppelin"]
+    assert blocked.predictions[0].probability == pytest.approx(1.0)  # the only one left
     boosted = client.predict_next(CONTEXT, k=5, partial_word="z", user_words=["zeppelin"])
     assert [p.token for p in boosted.predictions] == ["zeppelin", "zebra"]
     folded = client.predict_next(CONTEXT, k=5, partial_word="Ze", fold_case=True)
