@@ -21,7 +21,9 @@ from tokenizers import Tokenizer
 
 from exporter.export import ExportError, export_bundle
 from exporter.unknown_words import UnknownWordsError, add_to_bundle, unknown_words_of
+from exporter.unknown_words import main as unknown_words_main
 from rnnlm.bundle import add_unknown_words
+from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
 from server.bundle import BundleError, load_bundle
@@ -219,3 +221,36 @@ def test_a_bad_unknown_words_file_is_refused_in_one_line(
     with pytest.raises(BundleError, match=problem) as caught:
         load_bundle(bundle)
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_the_cli_takes_the_training_text(
+    tiny_checkpoint_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text(TRAINING, encoding="utf-8")
+    target = tmp_path / "word"
+    args = [str(tiny_checkpoint_factory("lstm")), str(target), "--unknown-words", str(text)]
+    assert main(["export", *args]) == 0
+    assert load_bundle(target).unk_tokens == UNK_TOKENS
+    missing = [str(tiny_checkpoint_factory("lstm")), str(tmp_path / "other")]
+    assert main(["export", *missing, "--unknown-words", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rnnlm export: error: --unknown-words ") and "\n" not in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_adding_them_to_a_written_bundle_is_for_word_models(
+    tiny_bundle_factory: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text = tmp_path / "train.txt"
+    text.write_text(TRAINING, encoding="utf-8")
+    char = tmp_path / "char"
+    shutil.copytree(tiny_bundle_factory("gru", "char"), char)
+    assert unknown_words_main([str(char), str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"unknown words: error: {char}: unknown words are for word models only"
+    assert not (char / "unknown_words.txt").exists()
