@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_server import LiveServer, config
 from tokenizers import Tokenizer
@@ -26,7 +27,11 @@ from rnnlm.bundle import add_unknown_words
 from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
+from server import oov_words
 from server.bundle import BundleError, load_bundle
+from server.text import TextCodec
+from server.word_cache import vocab_known
+from server.words import Word
 
 WITH, WITHOUT = "tiny-with-unknown", "tiny-without-unknown"
 SINGLETONS = "tiny-with-singletons"  # its unknown words list "tree", a vocabulary word, too
@@ -254,3 +259,19 @@ def test_adding_them_to_a_written_bundle_is_for_word_models(
     err = capsys.readouterr().err.strip()
     assert err == f"unknown words: error: {char}: unknown words are for word models only"
     assert not (char / "unknown_words.txt").exists()
+
+
+def test_the_word_cache_finds_unknown_words_with_their_share(models: Path) -> None:
+    """A cached word that is not among the candidates is looked up with its share of <unk>."""
+    bundle = load_bundle(models / SINGLETONS)
+    codec = TextCodec(bundle)
+    unknown = oov_words.of_bundle(bundle, codec)
+    logprobs = np.log(np.full(codec.vocab_size, 1 / codec.vocab_size, dtype=np.float32))
+    unk = math.log(0.01)
+    known = oov_words.unknown_known(vocab_known(codec, logprobs), unknown, unk)
+    assert known("zebra") == Word("zebra", pytest.approx(unk + math.log(0.5 / UNK_TOKENS)), ())
+    tree = codec.tokenizer.token_to_id("tree")
+    both = math.log(1 / codec.vocab_size + 0.01 * 3.5 / UNK_TOKENS)
+    assert known("tree") == Word("tree", pytest.approx(both), (tree,))
+    assert known("moon").logprob == pytest.approx(math.log(1 / codec.vocab_size))
+    assert known("tiger").logprob == -math.inf  # not this bundle's
