@@ -19,6 +19,7 @@ import bisect
 import functools
 import heapq
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,13 +112,19 @@ class UnknownWords:
 
 
 def of_bundle(bundle: Bundle, codec: TextCodec) -> UnknownWords | None:
-    """The unknown words of a word model's bundle (None for other kinds, or without them)."""
+    """The unknown words of a word model's bundle (None for other kinds, or without them),
+    read once per bundle, for as long as it is loaded."""
     if codec.kind != "word" or codec.unk_id is None or not bundle.unknown_words:
         return None
-    return read_unknown_words(bundle.unknown_words, bundle.unk_tokens)
+    if bundle not in _READ:
+        _READ[bundle] = read_unknown_words(bundle.unknown_words, bundle.unk_tokens)
+    return _READ[bundle]
 
 
-@functools.lru_cache(maxsize=8)
+# Each loaded bundle's unknown words (weakly: a reload's replaced bundle goes with its words).
+_READ: weakref.WeakKeyDictionary[Bundle, UnknownWords | None] = weakref.WeakKeyDictionary()
+
+
 def read_unknown_words(text: str, unk_tokens: int) -> UnknownWords | None:
     """A bundle's unknown-words file (None when it lists none; cached: one per bundle)."""
     counts = unknown_word_counts(text, unk_tokens, "unknown_words.txt")
