@@ -94,6 +94,16 @@ class UnknownWords:
             total -= sum(self.share(w) for w in listed if not filters.allows(w))
         return math.log(total) if total > 0 else -math.inf
 
+    def candidates(self, match: Matcher, filters: Filters, extra: int) -> list[str]:
+        """The `extra` most frequent words that match and are not blocked."""
+        found: list[str] = []
+        for i in self.positions(match).tolist():
+            if len(found) == extra:
+                break
+            if filters.allows(self.words[i]):
+                found.append(self.words[i])
+        return found
+
     def share(self, word: str) -> float:
         """`word`'s share of `<unk>` (0 for a word not listed)."""
         at = self._position.get(word)
@@ -126,7 +136,7 @@ _READ: weakref.WeakKeyDictionary[Bundle, UnknownWords | None] = weakref.WeakKeyD
 
 
 def read_unknown_words(text: str, unk_tokens: int) -> UnknownWords | None:
-    """A bundle's unknown-words file (None when it lists none; cached: one per bundle)."""
+    """A bundle's unknown-words file (None when it lists none)."""
     counts = unknown_word_counts(text, unk_tokens, "unknown_words.txt")
     if not counts:
         return None
@@ -138,64 +148,62 @@ def read_unknown_words(text: str, unk_tokens: int) -> UnknownWords | None:
     )
 
 
-def unknown_candidates(
-    unknown: UnknownWords, unk_logprob: float, match: Matcher, filters: Filters, extra: int
-) -> list[Word]:
-    """The `extra` likeliest unknown words that match and are not blocked, with their
-    log-probabilities after a context where `<unk>` has `unk_logprob`."""
-    top: list[int] = []
-    for i in unknown.positions(match).tolist():
-        if len(top) == extra:
-            break
-        if filters.allows(unknown.words[i]):
-            top.append(i)
-    return [
-        Word(unknown.words[i], unk_logprob + math.log(float(unknown.shares[i])), ()) for i in top
-    ]
+@dataclass(frozen=True)
+class UnkAfter:
+    """A bundle's unknown words after one context, where `<unk>` has `logprob`."""
+
+    unknown: UnknownWords
+    logprob: float
+
+    def lookup(self, known: KnownWord) -> KnownWord:
+        """A word model's words by their text (`known`: its tokens' log-probs, -inf for a word
+        outside its vocabulary), each with its share of `<unk>` added."""
+
+        def lookup(text: str) -> Word:
+            return self._plus_share(known(text))
+
+        return lookup
+
+    def add(
+        self,
+        words: list[Word],
+        total: float,
+        known: KnownWord,
+        match: Matcher,
+        filters: Filters,
+        extra: int,
+    ) -> tuple[list[Word], float]:
+        """A word model's `extra` candidates (`words`; `total`, the log of the mass of its
+        matching tokens, 0 when no letter is typed) with the unknown words: each candidate's
+        share of `<unk>` added to it (a vocabulary word seen once in training), the unknown
+        words that could rank among the `extra` added (looked up with `known`, this lookup),
+        and once a letter is typed the mass of those that match added to `total` (before, it
+        is part of `<unk>`'s, already in the model's whole mass)."""
+        if match.partial:
+            mass = self.unknown.mass(match, filters)
+            total = float(np.logaddexp(total, self.logprob + mass))
+        merged = {w.text: self._plus_share(w) for w in words}
+        bar = heapq.nlargest(extra, (w.logprob for w in merged.values()))
+        if len(bar) < extra or self.logprob + self.unknown.best(match) > bar[-1]:
+            for text in self.unknown.candidates(match, filters, extra):
+                if text not in merged:
+                    merged[text] = known(text)
+        return list(merged.values()), total
+
+    def _plus_share(self, word: Word) -> Word:
+        """`word` with its share of `<unk>` added (unchanged for a word not listed)."""
+        share = self.unknown.share(word.text)
+        if share <= 0:
+            return word
+        logprob = float(np.logaddexp(word.logprob, self.logprob + math.log(share)))
+        return Word(word.text, logprob, word.ids)
 
 
-def with_unknown(
-    words: list[Word],
-    total: float,
-    unknown: UnknownWords | None,
-    unk_logprob: float,
-    match: Matcher,
-    filters: Filters,
-    extra: int,
-) -> tuple[list[Word], float]:
-    """A word model's `extra` candidates (`words`, and `total`, the log of the mass of its
-    matching tokens, 0 when no letter is typed) with the unknown words: each candidate's share
-    of `<unk>` added to it (a vocabulary word seen once in training), the unknown words that
-    could rank among the `extra` added, and once a letter is typed the mass of those that match
-    added to `total` (before, it is part of `<unk>`'s, already in the model's whole mass)."""
-    if unknown is None or not math.isfinite(unk_logprob):
-        return words, total
-    if match.partial:
-        total = float(np.logaddexp(total, unk_logprob + unknown.mass(match, filters)))
-    merged = {w.text: _plus_share(w, unknown, unk_logprob) for w in words}
-    bar = heapq.nlargest(extra, (w.logprob for w in merged.values()))
-    if len(bar) < extra or unk_logprob + unknown.best(match) > bar[-1]:
-        for w in unknown_candidates(unknown, unk_logprob, match, filters, extra):
-            merged.setdefault(w.text, w)
-    return list(merged.values()), total
-
-
-def _plus_share(word: Word, unknown: UnknownWords, unk_logprob: float) -> Word:
-    """`word` with its share of `<unk>` added (unchanged for a word not listed)."""
-    share = unknown.share(word.text)
-    if share <= 0:
-        return word
-    logprob = float(np.logaddexp(word.logprob, unk_logprob + math.log(share)))
-    return Word(word.text, logprob, word.ids)
-
-
-def unknown_known(known: KnownWord, unknown: UnknownWords | None, unk_logprob: float) -> KnownWord:
-    """The word cache's lookup of a word model's words (`known`: -inf for a word outside the
-    vocabulary), with the unknown words' probabilities through `<unk>`."""
-    if unknown is None:
-        return known
-
-    def lookup(text: str) -> Word:
-        return _plus_share(known(text), unknown, unk_logprob)
-
-    return lookup
+def after(bundle: Bundle, codec: TextCodec, logprobs: np.ndarray) -> UnkAfter | None:
+    """A word model's unknown words after a context whose next-token log-probs are `logprobs`
+    (None for other kinds, or without them, or where `<unk>` has no probability)."""
+    unknown = of_bundle(bundle, codec)
+    if unknown is None or codec.unk_id is None:
+        return None
+    logprob = float(logprobs[codec.unk_id])
+    return UnkAfter(unknown, logprob) if math.isfinite(logprob) else None

@@ -201,12 +201,12 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     # word cache may raise a word past the model's k-th.
     extra = 2 * k if match.merges or mixer is not None else k
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
-    # Words outside a word model's vocabulary, through its <unk> (server/oov_words.py).
-    unknown = oov_words.of_bundle(engine.bundle, codec)
-    unk = float(memory.logprobs[codec.unk_id]) if unknown and codec.unk_id is not None else 0.0
-    words, total = oov_words.with_unknown(words, total, unknown, unk, match, filters, extra)
+    known = vocab_known(codec, memory.logprobs)
+    unknown = oov_words.after(engine.bundle, codec, memory.logprobs)
+    if unknown is not None:  # words outside the vocabulary, through <unk> (server/oov_words.py)
+        known = unknown.lookup(known)
+        words, total = unknown.add(words, total, known, match, filters, extra)
     if mixer is not None:
-        known = oov_words.unknown_known(vocab_known(codec, memory.logprobs), unknown, unk)
         words, mixed = mixer.mix(words, total, match, filters, k, known)
         total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)

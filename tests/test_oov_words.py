@@ -31,7 +31,7 @@ from server import oov_words
 from server.bundle import BundleError, load_bundle
 from server.text import TextCodec
 from server.word_cache import vocab_known
-from server.words import Word
+from server.words import Filters, Matcher, Word
 
 WITH, WITHOUT = "tiny-with-unknown", "tiny-without-unknown"
 SINGLETONS = "tiny-with-singletons"  # its unknown words list "tree", a vocabulary word, too
@@ -265,13 +265,32 @@ def test_the_word_cache_finds_unknown_words_with_their_share(models: Path) -> No
     """A cached word that is not among the candidates is looked up with its share of <unk>."""
     bundle = load_bundle(models / SINGLETONS)
     codec = TextCodec(bundle)
-    unknown = oov_words.of_bundle(bundle, codec)
-    logprobs = np.log(np.full(codec.vocab_size, 1 / codec.vocab_size, dtype=np.float32))
+    logprobs = np.full(codec.vocab_size, math.log(1 / codec.vocab_size), dtype=np.float32)
     unk = math.log(0.01)
-    known = oov_words.unknown_known(vocab_known(codec, logprobs), unknown, unk)
+    logprobs[codec.unk_id] = unk
+    unknown = oov_words.after(bundle, codec, logprobs)
+    assert unknown is not None
+    known = unknown.lookup(vocab_known(codec, logprobs))
     assert known("zebra") == Word("zebra", pytest.approx(unk + math.log(0.5 / UNK_TOKENS)), ())
     tree = codec.tokenizer.token_to_id("tree")
     both = math.log(1 / codec.vocab_size + 0.01 * 3.5 / UNK_TOKENS)
     assert known("tree") == Word("tree", pytest.approx(both), (tree,))
     assert known("moon").logprob == pytest.approx(math.log(1 / codec.vocab_size))
     assert known("tiger").logprob == -math.inf  # not this bundle's
+
+
+def test_a_vocabulary_word_found_among_the_unknown_keeps_its_token(models: Path) -> None:
+    """ "tree" is not among the model's candidates here but ranks through its share of
+    <unk>: it joins with its token and its token's probability as well."""
+    bundle = load_bundle(models / SINGLETONS)
+    codec = TextCodec(bundle)
+    logprobs = np.full(codec.vocab_size, math.log(0.001), dtype=np.float32)
+    logprobs[codec.unk_id] = math.log(0.5)
+    unknown = oov_words.after(bundle, codec, logprobs)
+    assert unknown is not None
+    known = unknown.lookup(vocab_known(codec, logprobs))
+    the = Word("the", math.log(0.1), (codec.tokenizer.token_to_id("the"),))
+    words, total = unknown.add([the], math.log(0.1), known, Matcher("t", False), Filters(), 1)
+    tree = codec.tokenizer.token_to_id("tree")
+    assert words == [the, Word("tree", pytest.approx(math.log(0.001 + 0.5 * 3.5 / 4)), (tree,))]
+    assert total == pytest.approx(math.log(0.1 + 0.5 * 3.5 / 4))
