@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import oov_words
 from server.config import ConfigError, ServerConfig
 from server.engine import Engine
 from server.text import TextCodec
@@ -200,8 +201,12 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     # word cache may raise a word past the model's k-th.
     extra = 2 * k if match.merges or mixer is not None else k
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
+    known = vocab_known(codec, memory.logprobs)
+    unknown = oov_words.after(engine.bundle, codec, memory.logprobs)
+    if unknown is not None:  # words outside the vocabulary, through <unk> (server/oov_words.py)
+        known = unknown.lookup(known)
+        words, total = unknown.add(words, total, known, match, filters, extra)
     if mixer is not None:
-        known = vocab_known(codec, memory.logprobs)
         words, mixed = mixer.mix(words, total, match, filters, k, known)
         total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
