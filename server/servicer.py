@@ -242,11 +242,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self._limits.reply(message.ByteSize())
 
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
-        m = self._metrics
-        m.requests.labels(method=call.method, model=call.model, code=code.name).inc()
-        m.request_duration.labels(method=call.method, model=call.model).observe(
-            time.perf_counter() - call.start
-        )
+        seconds = time.perf_counter() - call.start
+        self._metrics.record_request(call.method, call.model, code.name, seconds)
 
     def _model(self, name: str, version: str, call: _Call) -> LoadedModel:
         """The model a call names, held by the call until it ends."""
