@@ -493,6 +493,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     def _filters(self, model: LoadedModel, blocked: set[str], users: list[str]) -> Filters:
         """The server's, the bundle's and the caller's blocked words; the caller's user words."""
         base = _blocklists(self.words.blocklist, model.bundle.blocklist)
+        if not blocked and not users:
+            return _unfiltered(base)
         return Filters(base | blocked if blocked else base, tuple(users))
 
     async def _suggest(
@@ -795,6 +797,8 @@ def _check_k(k: int, model: LoadedModel, field: str) -> None:
 
 def _words(values: Sequence[str], field: str) -> list[str]:
     """A request's list of words, checked: bounded, one word each; empty entries dropped."""
+    if not values:
+        return []
     if len(values) > MAX_LIST_WORDS:
         raise invalid(f"{field} has {len(values)} words; at most {MAX_LIST_WORDS}")
     for i, word in enumerate(values):
@@ -824,6 +828,13 @@ def _blocklists(server: frozenset[str], bundle_text: str) -> frozenset[str]:
     """The server's blocked words and the bundle's blocklist file, folded: made once per
     model and server list, not on every request and keystroke."""
     return server | read_word_list(bundle_text)
+
+
+@functools.lru_cache(maxsize=64)
+def _unfiltered(base: frozenset[str]) -> Filters:
+    """The filters of a call that adds no blocked words and no user words to `base`: made
+    once per blocklist, not on every call (they are immutable)."""
+    return Filters(base)
 
 
 def _suggested(kind: type[R], predicted: Predicted, context_tokens: int) -> R:
