@@ -221,6 +221,8 @@ class Metrics:
             if known is None:
                 known = self._parts[(gauge, model)] = (gauge.labels(model=model), {})
             child, parts = known
+            if parts.get(version) == value:
+                return  # unchanged (a full cache's insert evicts as many bytes as it adds)
             parts[version] = value
             child.set(sum(parts.values()))
 
