@@ -527,7 +527,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             )
             mixer = self.word_cache.mixer(asked, memory.word_cache, text, codec.kind)
             memory.word_cache = mixer.cache if mixer is not None else None
-        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer)
+        # A lone call (the only one this server is answering) has no other call's steps to
+        # join: it skips the engine run shared per turn of the event loop (`_Joint`).
+        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, self._in_flight > 1)
         if tokens:
             return await predict_tokens(engine, ids, ask)
         context, after_space = search_context(codec, text)
