@@ -17,6 +17,7 @@ from server.metrics import Metrics
 from server.text import TextCodec
 from server.typing import Ask, Memory, Predicted, predict_tokens
 from server.words import Filters, Matcher, WordSettings
+from tests.test_engine import wait_until
 
 
 def _batch_runs(metrics: Metrics, model: str) -> tuple[float, float]:
@@ -49,6 +50,9 @@ def test_calls_that_do_not_join_run_alone_and_answer_the_same(
 
         try:
             await one(prefix)  # the calls' common context, cached
+            # The worker waiting with nothing to do: each call then runs on the event loop at
+            # once (while its thread is still starting, calls are queued and it batches them).
+            await wait_until(engine._idle_now)
             before = _batch_runs(metrics, bundle.name)
             predicted = list(await asyncio.gather(*(one(c) for c in contexts)))
             after = _batch_runs(metrics, bundle.name)
