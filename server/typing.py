@@ -89,7 +89,9 @@ class Memory:
 class Ask:
     """One suggestion request apart from its context: the model's codec, how many suggestions,
     matching which partial word, filtered by what, the search's settings, with or without the
-    continuous cache, the session's memory (read and updated) and the word cache to mix in."""
+    continuous cache, the session's memory (read and updated) and the word cache to mix in.
+    `join`: whether its model steps may join other calls' in one engine run (`_Joint`); a
+    caller that knows no other call is under way sets it False and skips the wait for them."""
 
     codec: TextCodec
     k: int
@@ -99,6 +101,7 @@ class Ask:
     memory: Memory
     cached: bool = False
     mixer: Mixer | None = None
+    join: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,15 +119,18 @@ Contexts = Sequence[Sequence[int] | np.ndarray]
 class _Counted:
     """The engine's next-token calls (of many contexts at once), counting the contexts."""
 
-    def __init__(self, engine: Engine, cached: bool) -> None:
+    def __init__(self, engine: Engine, cached: bool, join: bool = True) -> None:
         self._engine = engine
         self._cached = cached
+        self._join = join
         self.steps = 0
 
     async def __call__(self, contexts: Contexts) -> list[np.ndarray]:
         self.steps += len(contexts)
         if self._cached:  # the continuous cache's calls run one context at a time anyway
             return await self._engine.next_token_logprobs_many(contexts, True)
+        if not self._join:  # nothing to wait for: a task and a turn of the loop saved
+            return await self._engine.next_token_logprobs_many(contexts)
         return await _joint(self._engine)(contexts)
 
 
@@ -193,7 +199,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     them), with the word cache's words mixed in (`ask.mixer`)."""
     codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
     cached, memory, mixer = ask.cached, ask.memory, ask.mixer
-    counted = _Counted(engine, cached)
+    counted = _Counted(engine, cached, ask.join)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
@@ -227,7 +233,7 @@ async def predict_words(
         resume = memory.found
     if resume is not None and resume.complete(k, match, filters):
         return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
-    counted = _Counted(engine, cached)
+    counted = _Counted(engine, cached, ask.join)
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
