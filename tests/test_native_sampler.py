@@ -14,7 +14,7 @@ import pytest
 from server import native_sampler, row_sampler
 from server.native_sampler import NativeSampler, native_rows
 from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
-from server.sampling import SamplingParams, log_softmax
+from server.sampling import SamplingParams, log_softmax, numpy_log_softmax
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,19 @@ def test_its_exponential_is_as_accurate_as_float32(sampler: NativeSampler) -> No
     rows = rows_for([SamplingParams(temperature=0)] * len(x), 2)
     got = sampler.sample(logits, rows).lse.astype(np.float64)
     np.testing.assert_allclose(got, np.log1p(np.exp(x.astype(np.float64))), rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 10_000), (2, 4, 129)])
+def test_log_softmax_agrees_with_numpy(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    x = (rng.standard_normal(shape) * 8).astype(np.float32)
+    x.reshape(-1)[1::5] = -np.inf  # masked ids stay -inf
+    got, want = log_softmax(x), numpy_log_softmax(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=2e-6)
+    np.testing.assert_allclose(np.exp(got.astype(np.float64)).sum(axis=-1), 1.0, rtol=1e-5)
 
 
 def test_its_stream_is_bit_identical_to_the_reference() -> None:
