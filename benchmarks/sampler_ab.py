@@ -1,9 +1,10 @@
-"""The engine's two samplers side by side: CPU per generated token and tokens/s in-process.
+"""The engine's samplers side by side: CPU per generated token and tokens/s in-process.
 
     python -m benchmarks.sampler_ab [--bundle models/shakespeare-word] [--trials 3]
+        [--samplers native,graph,numpy]
 
-64 streams of 64-token generations (the load of `benchmarks.engine_inproc`), trials of the
-numpy sampler and the sampler graph alternating so both see like machine conditions. CPU time
+64 streams of 64-token generations (the load of `benchmarks.engine_inproc`), trials of each
+sampler (`EngineConfig.sampler`) alternating so all see like machine conditions. CPU time
 is the process's, which a shared machine distorts least; medians are printed.
 """
 
@@ -37,7 +38,7 @@ async def _trial(bundle: Bundle, sampler: str, streams: int, seconds: float) -> 
 
 async def _main(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle)
-    results: dict[str, list[tuple[float, float]]] = {"numpy": [], "graph": []}
+    results: dict[str, list[tuple[float, float]]] = {s: [] for s in args.samplers.split(",")}
     for _ in range(args.trials):
         for sampler, trials in results.items():
             trials.append(await _trial(bundle, sampler, args.streams, args.seconds))
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--samplers", default="native,graph,numpy", help="comma-separated")
     asyncio.run(_main(parser.parse_args()))
 
 

@@ -1,9 +1,9 @@
-"""Time the batch sampler graph against the numpy `Sampler`, in process (short; medians).
+"""Time the batch sampler graph, the native sampler and the numpy `Sampler`, in process.
 
     PYTHONPATH=$PWD python scripts/bench_sampler.py [--model models/shakespeare-word]
 
 Logits are the model's own next-token logits after an 8-token random prompt, so top-p sees a
-real distribution. Trials of the two samplers alternate; each figure is the median over
+real distribution (short; medians). Trials of the samplers alternate; each figure is the median over
 trials of the mean time per call. "python" is the graph sampler's own time with
 `session.run` answered at once (feeding, shape check, result): it must not grow with B.
 """
@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 
+from server.native_sampler import NativeSampler
 from server.sampler import BatchSampler, SamplingRows
 from server.sampling import Sampler, SamplingParams
 
@@ -52,10 +53,11 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
 
 
 def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, float]:
-    """Median seconds per call: numpy, graph, and the graph sampler's Python share."""
+    """Median seconds per call: numpy, graph, native, and the graph sampler's Python share."""
     logits = model_logits(model, b)
     rows = SamplingRows.from_params([params] * b, [None] * b, logits.shape[1])
     graph, numpy_sampler = BatchSampler(), Sampler()
+    native = NativeSampler(graph)
     plist, history = [params] * b, [None] * b
     uniforms = np.random.default_rng(1).random(b)
     graph.sample(logits, rows)
@@ -73,6 +75,7 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
     runs = {
         "numpy": lambda: numpy_sampler.sample(logits, plist, history, uniforms),
         "graph": lambda: graph.sample(logits, rows),
+        "native": lambda: native.sample(logits, rows),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     times["python"] = []
@@ -85,13 +88,15 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
 
 
 def bench(model: Path, sizes: list[int], trials: int) -> None:
-    print(f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9} {'python us':>10}")
+    print(
+        f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9} {'native ms':>10} {'python us':>10}"
+    )
     for name, params in CASES.items():
         for b in sizes:
             med = case(model, params, b, trials)
             print(
                 f"{name:7} {b:>4} {med['numpy'] * 1e3:9.3f} {med['graph'] * 1e3:9.3f} "
-                f"{med['python'] * 1e6:10.1f}"
+                f"{med['native'] * 1e3:10.3f} {med['python'] * 1e6:10.1f}"
             )
 
 

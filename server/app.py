@@ -52,6 +52,7 @@ def engine_config(config: ServerConfig) -> EngineConfig:
     return EngineConfig(
         provider=config.provider,
         intra_op_threads=config.intra_op_threads,
+        sampler=config.sampler,
         batching=config.batching,
         max_step_ms=config.max_step_ms,
         max_batch_size=config.max_batch_size,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from server.engine_config import SAMPLERS
+
 PROVIDERS = ("cpu", "cuda", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "RNNLM_"
@@ -37,6 +39,7 @@ class ServerConfig:
     processes: int = 1
     provider: str = "cpu"
     intra_op_threads: int = 1
+    sampler: str = "auto"
     batching: bool = True
     max_step_ms: float = 20.0
     max_batch_size: int | None = None
@@ -87,6 +90,7 @@ class ServerConfig:
         if self.health_port is not None:
             check(0 <= self.health_port <= 65535, "health_port", "must be a port in [0, 65535]")
         check(self.provider in PROVIDERS, "provider", f"must be one of {', '.join(PROVIDERS)}")
+        check(self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}")
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         for name in (
             "processes",
@@ -183,6 +187,11 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         "onnxruntime execution provider: cpu, cuda (fail without a GPU) or auto",
     ),
     "intra_op_threads": (int, "onnxruntime threads per session"),
+    "sampler": (
+        str.lower,
+        "what draws Generate's tokens: native (plain rows in C, others on the sampler graph), "
+        "graph (onnxruntime), numpy, or auto (native on the CPU where it was built, else graph)",
+    ),
     "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
     "max_step_ms": (
         float,
@@ -326,8 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        elif name in ("provider", "log_level"):
-            choices = PROVIDERS if name == "provider" else LOG_LEVELS
+        elif name in ("provider", "log_level", "sampler"):
+            choices = {"provider": PROVIDERS, "log_level": LOG_LEVELS, "sampler": SAMPLERS}[name]
             parser.add_argument(_flag(name), choices=choices, default=None, help=text)
         else:
             kind = _OPTIONS[name][0]

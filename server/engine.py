@@ -228,7 +228,14 @@ class Engine:
                 f"{CUDA} for {self.bundle.step_graph} (it fell back to {self.provider}); "
                 "check the CUDA and cuDNN libraries"
             )
-        log.info("%s version %s runs on %s", self.bundle.name, self.bundle.version, self.provider)
+        sampler = row_sampler.resolve(self.config.sampler, providers_for(self.config.provider))
+        log.info(
+            "%s version %s runs on %s, sampling with the %s sampler",
+            self.bundle.name,
+            self.bundle.version,
+            self.provider,
+            sampler,
+        )
         return Sessions(step, score, prefill, self.bundle, None)
 
     def _warm_up(self, sessions: Sessions) -> _Start:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROVIDERS = ("cpu", "cuda", "auto")
-SAMPLERS = ("auto", "graph", "numpy")
+SAMPLERS = ("auto", "native", "graph", "numpy")
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ class EngineConfig:
     stream_tokens: int = 16
     stream_ms: float = 100.0
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
-    # "numpy", or "auto" (the graph, on every provider). Both give the same tokens for the
-    # same seed.
+    # "numpy", "native" (plain rows in C, server/_fastsample.c; the rest on the graph), or
+    # "auto" (native on the CPU where it was built, else the graph). All give the same tokens
+    # for the same seed (but where rounding puts a draw on a boundary).
     sampler: str = "auto"
     # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
     # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.

@@ -54,7 +54,7 @@ from test_scheduler import (  # likewise the scheduler's
     test_a_seeded_generation_is_the_same_alone_and_among_64_or_more,
     test_generations_take_turns_beyond_the_step_time,
     test_logits_left_on_the_device_give_the_same_results,
-    test_the_sampler_graph_and_numpy_draw_the_same_tokens,
+    test_the_graph_native_and_numpy_samplers_draw_the_same_tokens,
 )
 from test_server import *  # noqa: F403 (the server's tests and fixtures, run with the flag)
 
@@ -84,7 +84,7 @@ __all__ = [  # the imported tests, collected here (with the flag on)
     "test_seeded_generation_ignores_its_companions",
     "test_step_budget_and_run_splits_never_change_results",
     "test_stop_ids_end_generation_after_the_stop_token",
-    "test_the_sampler_graph_and_numpy_draw_the_same_tokens",
+    "test_the_graph_native_and_numpy_samplers_draw_the_same_tokens",
     "test_under_load_tokens_arrive_a_few_at_a_time",
 ]
 

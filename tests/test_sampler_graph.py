@@ -1,4 +1,7 @@
-"""The batch sampler graph against the numpy reference: same ids, same stream, same filters.
+"""The batch samplers against the numpy reference: same ids, same stream, same filters.
+
+Every test that takes the `sampler` fixture runs on the sampler graph and on the native
+sampler (plain rows in C, server/_fastsample.c, the others through the graph).
 
 Statistical checks draw with a fixed counter stream (one seed, positions 0..N-1), so they are
 deterministic; their tolerances are a few binomial standard deviations.
@@ -14,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from test_sampling import DISTRIBUTION_CASES, LOGITS, reference
 
+from server.native_sampler import NativeSampler
 from server.sampler import (
     GRAPH_INPUTS,
     GRAPH_PATH,
@@ -25,10 +29,14 @@ from server.sampler import (
 )
 from server.sampling import SamplingParams, log_softmax
 
+AnySampler = BatchSampler | NativeSampler
 
-@pytest.fixture(scope="module")
-def sampler() -> BatchSampler:
-    return BatchSampler()
+
+@pytest.fixture(scope="module", params=["graph", "native"])
+def sampler(request: pytest.FixtureRequest) -> AnySampler:
+    if request.param == "graph":
+        return BatchSampler()
+    return NativeSampler(BatchSampler())
 
 
 def make_rows(
@@ -43,7 +51,7 @@ def make_rows(
 
 
 def frequencies(
-    sampler: BatchSampler,
+    sampler: AnySampler,
     logits: np.ndarray,
     params: SamplingParams,
     n: int = 40000,
@@ -121,7 +129,7 @@ def test_the_stream_is_uniform_and_uncorrelated() -> None:
     assert abs(np.corrcoef(u, other)[0, 1]) < 0.01
 
 
-def test_greedy_and_top_k_1_are_exact(sampler: BatchSampler) -> None:
+def test_greedy_and_top_k_1_are_exact(sampler: AnySampler) -> None:
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, (32, 1000)).astype(np.float32)
     params = [SamplingParams(temperature=0)] * 16 + [SamplingParams(top_k=1, temperature=0.7)] * 16
@@ -136,7 +144,7 @@ def test_greedy_and_top_k_1_are_exact(sampler: BatchSampler) -> None:
     np.testing.assert_allclose(out.logprobs, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_ties_take_the_lowest_id_and_skip_banned_maxima(sampler: BatchSampler) -> None:
+def test_greedy_ties_take_the_lowest_id_and_skip_banned_maxima(sampler: AnySampler) -> None:
     logits = np.random.default_rng(4).normal(0, 1, (4, 400)).astype(np.float32)
     logits[0, [300, 5, 130]] = 9.0  # tied in three blocks
     logits[1, [7, 9]] = 9.0  # tied in one block
@@ -154,7 +162,7 @@ def test_greedy_ties_take_the_lowest_id_and_skip_banned_maxima(sampler: BatchSam
 
 @pytest.mark.parametrize("position", [0, 1, 2, 3, 50, 1000])
 def test_same_ids_as_the_reference_given_the_same_uniforms(
-    sampler: BatchSampler, position: int
+    sampler: AnySampler, position: int
 ) -> None:
     rng = np.random.default_rng(position)
     logits = rng.normal(0, 3, (len(MIXED), 1000)).astype(np.float32)
@@ -171,7 +179,7 @@ def test_same_ids_as_the_reference_given_the_same_uniforms(
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
-def test_wide_nuclei_give_the_reference_ids(sampler: BatchSampler, top_p: float) -> None:
+def test_wide_nuclei_give_the_reference_ids(sampler: AnySampler, top_p: float) -> None:
     # Flat-ish rows of 2000: nuclei of hundreds to thousands of tokens, past the candidates.
     logits = np.random.default_rng(7).normal(0, 1, (48, 2000)).astype(np.float32)
     logits[:8] = np.round(logits[:8], 1)  # many ties at every threshold
@@ -186,7 +194,7 @@ def test_wide_nuclei_give_the_reference_ids(sampler: BatchSampler, top_p: float)
     [p for p in DISTRIBUTION_CASES if p.top_k != 1] + [SamplingParams(banned_ids=frozenset({2}))],
 )
 def test_sampled_distribution_matches_the_reference(
-    sampler: BatchSampler, params: SamplingParams
+    sampler: AnySampler, params: SamplingParams
 ) -> None:
     expected = reference(LOGITS, params)
     if params.banned_ids:
@@ -197,7 +205,7 @@ def test_sampled_distribution_matches_the_reference(
     assert (np.abs(freq - expected) <= binomial_tolerance(expected, 40000)).all()
 
 
-def test_a_nucleus_wider_than_the_sorted_candidates(sampler: BatchSampler) -> None:
+def test_a_nucleus_wider_than_the_sorted_candidates(sampler: AnySampler) -> None:
     # 300 nearly flat logits: the 0.9 nucleus holds ~270 tokens, past the 256 candidates.
     logits = np.random.default_rng(0).normal(0, 0.2, 300)
     params = SamplingParams(top_p=0.9)
@@ -208,7 +216,7 @@ def test_a_nucleus_wider_than_the_sorted_candidates(sampler: BatchSampler) -> No
     assert (np.abs(freq - expected) <= binomial_tolerance(expected, 60000)).all()
 
 
-def test_a_row_does_not_depend_on_what_shares_its_batch(sampler: BatchSampler) -> None:
+def test_a_row_does_not_depend_on_what_shares_its_batch(sampler: AnySampler) -> None:
     rng = np.random.default_rng(5)
     logits = rng.normal(0, 2, (len(MIXED), 300)).astype(np.float32)
     rows = mixed_rows(300, position=9)
@@ -228,7 +236,7 @@ def test_a_row_does_not_depend_on_what_shares_its_batch(sampler: BatchSampler) -
     np.testing.assert_array_equal(mixed.logprobs[2:], together.logprobs[order])
 
 
-def test_banned_ids_are_never_chosen(sampler: BatchSampler) -> None:
+def test_banned_ids_are_never_chosen(sampler: AnySampler) -> None:
     # Token 1 dwarfs the rest: at a low temperature the others underflow next to it.
     logits = np.array([0.5, 200.0, -0.5, 1.0, 0.0])
     banned = frozenset({1})
@@ -251,7 +259,7 @@ def test_banned_ids_are_never_chosen(sampler: BatchSampler) -> None:
     np.testing.assert_allclose(out.logprobs, log_softmax(logits.astype(np.float32))[3], rtol=1e-5)
 
 
-def test_repetition_penalty_is_applied_to_seen_tokens(sampler: BatchSampler) -> None:
+def test_repetition_penalty_is_applied_to_seen_tokens(sampler: AnySampler) -> None:
     logits = np.array([2.0, -1.0, 1.0, 0.5, -0.5])
     params = SamplingParams(repetition_penalty=2.0)
     freq = frequencies(sampler, logits, params, history=np.array([0, 1, 1, 1]))
@@ -267,7 +275,7 @@ def test_advance_moves_the_stream_and_marks_penalised_rows_tokens() -> None:
     assert not rows.seen[1].any()
 
 
-def test_top_logprobs_most_likely_first_ties_by_lower_id(sampler: BatchSampler) -> None:
+def test_top_logprobs_most_likely_first_ties_by_lower_id(sampler: AnySampler) -> None:
     logits = np.log(np.array([[0.1, 0.3, 0.05, 0.3, 0.25]] * 2, dtype=np.float32))
     rows = make_rows([SamplingParams(top_logprobs=3), SamplingParams()], 5)
     out = sampler.sample(logits, rows)
@@ -313,7 +321,7 @@ def test_filter_and_concatenate_keep_rows_whole() -> None:
     assert SamplingRows(**fields).banned_ids.tolist() == mixed.banned_ids.tolist()
 
 
-def test_ortvalue_logits_and_shape_errors(sampler: BatchSampler) -> None:
+def test_ortvalue_logits_and_shape_errors(sampler: AnySampler) -> None:
     logits = np.random.default_rng(3).normal(size=(3, 20)).astype(np.float32)
     rows = make_rows([SamplingParams(temperature=0)] * 3, 20)
     out = sampler.sample(ort.OrtValue.ortvalue_from_numpy(logits), rows)

@@ -105,9 +105,9 @@ def test_a_seeded_generation_is_the_same_alone_and_among_64_or_more(
     assert run_engine(lstm, crowded, max_step_ms=1e-6) == first  # and in turns
 
 
-def test_the_sampler_graph_and_numpy_draw_the_same_tokens(lstm: Bundle) -> None:
-    """Both samplers read the same counter-based streams: a seed gives the same tokens on
-    either, whatever its parameters, in one batch of mixed rows."""
+def test_the_graph_native_and_numpy_samplers_draw_the_same_tokens(lstm: Bundle) -> None:
+    """The samplers read the same counter-based streams: a seed gives the same tokens on
+    each, whatever its parameters, in one batch of mixed rows."""
     params = [
         SamplingParams(seed=1, temperature=0),
         SamplingParams(seed=2, temperature=1.0, top_k=5, top_logprobs=3),
@@ -123,7 +123,8 @@ def test_the_sampler_graph_and_numpy_draw_the_same_tokens(lstm: Bundle) -> None:
 
     graph = run_engine(lstm, body, sampler="graph")
     numpy = run_engine(lstm, body, sampler="numpy")
-    for g, n in zip(graph, numpy, strict=True):
+    native = run_engine(lstm, body, sampler="native")
+    for g, n in [*zip(graph, numpy, strict=True), *zip(native, numpy, strict=True)]:
         assert [t for t, _, _ in g] == [t for t, _, _ in n]
         close([lp for _, lp, _ in g], [lp for _, lp, _ in n])
         for (_, _, gt), (_, _, nt) in zip(g, n, strict=True):

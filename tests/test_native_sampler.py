@@ -1,0 +1,173 @@
+"""The native plain-row sampler (server/_fastsample.c) on its own.
+
+The sampler tests of test_sampler_graph.py run on it too (their `sampler` fixture); these cover
+what is its own: that it is built, the vocabulary sizes its blocks and lanes must handle, the
+rows it hands back to the graph, and the errors its buffers get.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from server import native_sampler, row_sampler
+from server.native_sampler import NativeSampler, plain_rows
+from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
+from server.sampling import SamplingParams, log_softmax
+
+
+@pytest.fixture(scope="module")
+def sampler() -> NativeSampler:
+    return NativeSampler(BatchSampler())
+
+
+def rows_for(params: list[SamplingParams], vocab: int) -> SamplingRows:
+    rows = SamplingRows.from_params(params, [None] * len(params), vocab)
+    rows.seed[:] = np.arange(len(params)) * 7919 + 3
+    return rows
+
+
+def test_the_extension_is_built_and_auto_takes_it_on_the_cpu() -> None:
+    assert native_sampler.available()
+    options = ort.SessionOptions()
+    cpu = row_sampler.choose("auto", ["CPUExecutionProvider"], options)
+    assert isinstance(cpu, row_sampler.NativeRowSampler)
+    assert row_sampler.native_default(["CPUExecutionProvider"])
+    # Logits left on a GPU go to the graph where they are: no copy to the host.
+    assert not row_sampler.native_default(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert isinstance(
+        row_sampler.choose("graph", ["CPUExecutionProvider"], options), row_sampler.GraphRowSampler
+    )
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 127, 128, 129, 1000, 4099])
+def test_every_vocabulary_size_gives_the_reference_ids(sampler: NativeSampler, vocab: int) -> None:
+    rng = np.random.default_rng(vocab)
+    temperatures = [1.0, 0.0, 0.3, 0.7, 2.5, 1.0] * 8
+    params = [
+        SamplingParams(
+            temperature=t,
+            top_logprobs=min(i % 4, vocab),
+            banned_ids=frozenset({i % vocab}) if i % 3 == 0 and vocab > 1 else frozenset(),
+        )
+        for i, t in enumerate(temperatures)
+    ]
+    rows = rows_for(params, vocab)
+    logits = (rng.standard_normal((len(params), vocab)) * 4).astype(np.float32)
+    got, want = sampler.sample(logits, rows), ReferenceSampler().sample(logits, rows)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.lse, log_softmax_lse(logits), rtol=1e-6, atol=1e-6)
+    for r, k in enumerate(rows.top_logprobs.tolist()):
+        np.testing.assert_array_equal(got.top_ids[r, :k], want.top_ids[r, :k])
+        np.testing.assert_allclose(
+            got.top_logprobs[r, :k], want.top_logprobs[r, :k], rtol=1e-5, atol=1e-6
+        )
+
+
+def log_softmax_lse(logits: np.ndarray) -> np.ndarray:
+    return (logits - log_softmax(logits))[:, 0]
+
+
+def test_filtered_rows_go_to_the_graph_and_plain_ones_stay(sampler: NativeSampler) -> None:
+    params = [
+        SamplingParams(),
+        SamplingParams(top_k=2),
+        SamplingParams(temperature=0.5),
+        SamplingParams(top_p=0.5),
+        SamplingParams(min_p=0.1),
+        SamplingParams(repetition_penalty=1.2),
+    ]
+    rows = rows_for(params, 50)
+    assert plain_rows(rows).tolist() == [True, False, True, False, False, False]
+    logits = np.random.default_rng(1).standard_normal((6, 50)).astype(np.float32)
+    got, graph = sampler.sample(logits, rows), BatchSampler().sample(logits, rows)
+    np.testing.assert_array_equal(got.tokens, graph.tokens)
+    np.testing.assert_allclose(got.logprobs, graph.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_it_cannot_draw_fall_back_to_the_graph(sampler: NativeSampler) -> None:
+    # Row 0: the banned id holds all the mass, so every allowed weight underflows; row 1: NaNs.
+    logits = np.zeros((3, 8), dtype=np.float32)
+    logits[0, 2] = 1000.0
+    logits[1, :] = np.nan
+    logits[2, 5] = 3.0
+    rows = rows_for(
+        [
+            SamplingParams(banned_ids=frozenset({2})),
+            SamplingParams(),
+            SamplingParams(temperature=0),
+        ],
+        8,
+    )
+    got = sampler.sample(logits, rows)
+    assert got.tokens[0] != 2 and 0 <= got.tokens[0] < 8
+    assert 0 <= got.tokens[1] < 8
+    assert got.tokens[2] == 5
+    np.testing.assert_allclose(got.logprobs[0], -1000.0, rtol=1e-5)
+
+
+def test_its_exponential_is_as_accurate_as_float32(sampler: NativeSampler) -> None:
+    # The log-sum-exp of a row [0, x] is log(1 + e^x): every x from 0 down to the underflow.
+    x = -np.linspace(0, 87, 100_001).astype(np.float32)
+    logits = np.stack([np.zeros_like(x), x], axis=1)
+    rows = rows_for([SamplingParams(temperature=0)] * len(x), 2)
+    got = sampler.sample(logits, rows).lse.astype(np.float64)
+    np.testing.assert_allclose(got, np.log1p(np.exp(x.astype(np.float64))), rtol=0, atol=2e-7)
+
+
+def test_its_stream_is_bit_identical_to_the_reference() -> None:
+    from server import _fastsample  # type: ignore[attr-defined]
+
+    rng = np.random.default_rng(3)
+    seed = rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)
+    position = rng.integers(0, 2**40, 5000, dtype=np.int64)
+    out = np.empty(5000)
+    _fastsample.uniforms(seed, position, out)
+    np.testing.assert_array_equal(out, stream_uniforms(seed, position))
+
+
+def test_bad_buffers_get_short_errors() -> None:
+    from server import _fastsample  # type: ignore[attr-defined]
+
+    n, v = 2, 10
+
+    def arrays(**change: np.ndarray) -> list[np.ndarray]:
+        base = {
+            "logits": np.zeros((n, v), np.float32),
+            "temperature": np.ones(n, np.float32),
+            "seed": np.zeros(n, np.int64),
+            "position": np.zeros(n, np.int64),
+            "banned_ids": np.zeros((n, 0), np.int64),
+            "top_counts": np.zeros(n, np.int64),
+            "tokens": np.zeros(n, np.int64),
+            "logprobs": np.zeros(n, np.float32),
+            "lse": np.zeros(n, np.float32),
+            "top_ids": np.zeros((n, 0), np.int64),
+            "top_logprobs": np.zeros((n, 0), np.float32),
+            "lost": np.zeros(n, np.bool_),
+        }
+        return list({**base, **change}.values())
+
+    _fastsample.sample(*arrays())
+    for change, words in [
+        ({"logits": np.zeros((n, v), np.float64)}, "logits"),
+        ({"position": np.zeros(n + 1, np.int64)}, "position"),
+        ({"seed": np.zeros(n, np.float64)}, "seed"),
+        ({"tokens": np.zeros(n, np.int32)}, "tokens"),
+        ({"logits": np.zeros(n * v, np.float32)}, r"logits must be \[rows, vocab\]"),
+        ({"top_counts": np.full(n, 3, np.int64)}, "top_counts out of range"),
+        ({"banned_ids": np.zeros((n + 1, 1), np.int64)}, "banned_ids"),
+    ]:
+        with pytest.raises(ValueError, match=words) as err:
+            _fastsample.sample(*arrays(**change))
+        assert len(str(err.value)) < 200
+    with pytest.raises(ValueError):  # read-only output
+        out = np.zeros(n, np.int64)
+        out.flags.writeable = False
+        _fastsample.sample(*arrays(tokens=out))
+    with pytest.raises(TypeError, match="12 arrays"):
+        _fastsample.sample(*arrays()[:5])
+    with pytest.raises((ValueError, BufferError)):  # not contiguous
+        _fastsample.sample(*arrays(logits=np.zeros((n, 2 * v), np.float32)[:, ::2]))
