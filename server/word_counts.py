@@ -48,7 +48,7 @@ class WordCounts:
         self.kind, self.decay = kind, decay
         self._pattern = WORDS.get(kind, WORDS["word"])
         self.text = ""
-        self._runs: deque[tuple[int, int]] = deque()  # complete words in the window: (end, index)
+        self._ends: deque[int] = deque()  # where the complete words in the window end
         self._scan = 0  # where the next scan starts: a word still being typed, else the end
         self._next = 0  # the index the next complete word gets
         self._words: deque[str] = deque()  # the counted words, the oldest first
@@ -60,10 +60,12 @@ class WordCounts:
         self.newest: dict[str, int] = {}  # each word's newest index
         self.pairs: dict[str, dict[str, float]] = {}  # previous word -> word -> scaled weight
         self._pair_count: dict[tuple[str, str], int] = {}
-        self._ranked: list[tuple[float, int, str]] = []  # (-scaled, -newest, word), sorted
-        self.exact: list[str] = []  # the counted words, sorted
-        self.folded: list[tuple[str, str]] = []  # (folded, word), sorted
-        self.by_fold: dict[str, set[str]] = {}
+        # Indexes of the counted words, each made when first read (a PredictNext reads one,
+        # a session most), then kept as words come and go:
+        self._ranked: list[tuple[float, int, str]] | None = None  # (-scaled, -newest, word)
+        self._exact: list[str] | None = None  # the words, sorted
+        self._folded: list[tuple[str, str]] | None = None  # (folded, word), sorted
+        self._by_fold: dict[str, set[str]] | None = None  # folded -> words
 
     @staticmethod
     def of(text: str, kind: str, decay: float) -> WordCounts:
@@ -114,7 +116,32 @@ class WordCounts:
     def ranked(self) -> Iterator[tuple[float, int, str]]:
         """(-scaled weight, -newest index, word) of every counted word, the heaviest first
         (of equal weights, the one seen last first)."""
+        if self._ranked is None:
+            self._ranked = sorted((-c, -self.newest[w], w) for w, c in self.scaled.items())
         return iter(self._ranked)
+
+    @property
+    def exact(self) -> list[str]:
+        """The counted words, sorted."""
+        if self._exact is None:
+            self._exact = sorted(self.scaled)
+        return self._exact
+
+    @property
+    def folded(self) -> list[tuple[str, str]]:
+        """(folded, word) of every counted word, sorted."""
+        if self._folded is None:
+            self._folded = sorted((fold(w), w) for w in self.scaled)
+        return self._folded
+
+    @property
+    def by_fold(self) -> dict[str, set[str]]:
+        """The counted words by their folded text."""
+        if self._by_fold is None:
+            self._by_fold = {}
+            for w in self.scaled:
+                self._by_fold.setdefault(fold(w), set()).add(w)
+        return self._by_fold
 
     # ---- counting --------------------------------------------------------------------------
 
@@ -132,29 +159,26 @@ class WordCounts:
     def _scan_words(self, text: str) -> list[str]:
         """The complete words `text` has after where the last scan stopped (`text` extends
         the text scanned), their runs noted; `text` becomes the counted text."""
-        scan, self.text = self._scan, text
-        self._scan = len(text)
-        new: list[str] = []
-        for m in self._pattern.finditer(text, scan):
-            if m.end() == len(text):  # still being typed
-                self._scan = m.start()
-                break
-            self._runs.append((m.end(), self._next))
-            self._next += 1
-            new.append(m.group())
-        return new
+        matches = list(self._pattern.finditer(text, self._scan))
+        self.text, self._scan = text, len(text)
+        if matches and matches[-1].end() == len(text):  # still being typed
+            self._scan = matches.pop().start()
+        self._ends.extend([m.end() for m in matches])
+        self._next += len(matches)
+        return [m.group() for m in matches]
 
     def _window_start(self) -> int:
         """The index of the oldest word to count: the runs that left the window forgotten,
         and the window's first one left out once the text is longer (perhaps cut)."""
         start = len(self.text) - CACHE_CHARS
-        while self._runs and self._runs[0][0] <= start:
-            self._runs.popleft()
-        return self._runs[0][1] + (start > 0) if self._runs else self._next
+        ends = self._ends
+        while ends and ends[0] <= start:
+            ends.popleft()
+        return self._next - len(ends) + (start > 0) if ends else self._next
 
     def _count_all(self, words: list[str]) -> None:
         """Count `words` (the counted words, none counted yet), the newest first, each weight
-        `decay` times the next's, then rank and index them."""
+        `decay` times the next's."""
         self._words = deque(words)
         self._base = self._first + len(words) - 1
         units = [1.0] * len(words)
@@ -170,11 +194,6 @@ class WordCounts:
             followers = self.pairs.setdefault(before, {})
             followers[word] = followers.get(word, 0.0) + unit
         self.total = sum(self.scaled.values())
-        self._ranked = sorted((-c, -self.newest[w], w) for w, c in self.scaled.items())
-        self.exact = sorted(self.scaled)
-        self.folded = sorted((fold(w), w) for w in self.scaled)
-        for w in self.scaled:
-            self.by_fold.setdefault(fold(w), set()).add(w)
 
     def _rescaled_at(self, index: int) -> float:
         return (index - self._base) * -math.log(self.decay) if self.decay < 1 else 0.0
@@ -238,24 +257,32 @@ class WordCounts:
         self.scaled = {w: c * factor for w, c in self.scaled.items()}
         self.pairs = {b: {w: c * factor for w, c in f.items()} for b, f in self.pairs.items()}
         self.total = sum(self.scaled.values())
-        self._ranked = sorted((-c, -self.newest[w], w) for w, c in self.scaled.items())
+        self._ranked = None  # ranked again when read
 
     def _rank(self, word: str) -> None:
-        bisect.insort(self._ranked, (-self.scaled[word], -self.newest[word], word))
+        if self._ranked is not None:
+            bisect.insort(self._ranked, (-self.scaled[word], -self.newest[word], word))
 
     def _unrank(self, word: str) -> None:
-        key = (-self.scaled[word], -self.newest[word], word)
-        del self._ranked[bisect.bisect_left(self._ranked, key)]
+        if self._ranked is not None:
+            key = (-self.scaled[word], -self.newest[word], word)
+            del self._ranked[bisect.bisect_left(self._ranked, key)]
 
     def _index_word(self, word: str) -> None:
-        bisect.insort(self.exact, word)
-        bisect.insort(self.folded, (fold(word), word))
-        self.by_fold.setdefault(fold(word), set()).add(word)
+        if self._exact is not None:
+            bisect.insort(self._exact, word)
+        if self._folded is not None:
+            bisect.insort(self._folded, (fold(word), word))
+        if self._by_fold is not None:
+            self._by_fold.setdefault(fold(word), set()).add(word)
 
     def _unindex_word(self, word: str) -> None:
-        del self.exact[bisect.bisect_left(self.exact, word)]
-        del self.folded[bisect.bisect_left(self.folded, (fold(word), word))]
-        same = self.by_fold[fold(word)]
-        same.discard(word)
-        if not same:
-            del self.by_fold[fold(word)]
+        if self._exact is not None:
+            del self._exact[bisect.bisect_left(self._exact, word)]
+        if self._folded is not None:
+            del self._folded[bisect.bisect_left(self._folded, (fold(word), word))]
+        if self._by_fold is not None:
+            same = self._by_fold[fold(word)]
+            same.discard(word)
+            if not same:
+                del self._by_fold[fold(word)]
