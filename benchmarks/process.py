@@ -27,7 +27,8 @@ class ChildServer:
     """`python -m MODULE ARGS...`, whose stderr announces its port in a line matching `port_re`.
 
     Environment variables starting with `strip_env` are removed, so a configuration left in the
-    shell cannot silently change what is measured.
+    shell cannot silently change what is measured; `env` adds or replaces variables (e.g. a
+    PYTHONPATH that runs another checkout of the server).
     """
 
     def __init__(
@@ -38,9 +39,10 @@ class ChildServer:
         *,
         strip_env: str = "RNNLM_",
         start_seconds: float = 120.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.command = [sys.executable, "-m", module, *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(strip_env)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(strip_env)} | (env or {})
         self.process = subprocess.Popen(
             self.command,
             cwd=ROOT,

@@ -61,6 +61,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "apostrophes) are the only words a character or BPE model suggests, written into the "
         "bundle as lexicon.txt",
     )
+    parser.add_argument(
+        "--unknown-words",
+        metavar="FILE",
+        help="a word model's training text: the words it learned as <unk> (outside its "
+        "vocabulary, or seen once with --unk-replace) and their counts, written into the bundle "
+        "as unknown_words.txt; the server suggests them through <unk>'s probability",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         blocklist = None if args.blocklist is None else _read_text(args.blocklist, "--blocklist")
         lexicon = (
             None if args.lexicon is None else lexicon_of(_read_text(args.lexicon, "--lexicon"))
+        )
+        unknown_words = (
+            None
+            if args.unknown_words is None
+            else _read_text(args.unknown_words, "--unknown-words")
         )
         path = export_bundle(
             args.checkpoint_dir,
@@ -82,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             per_channel=args.per_channel,
             blocklist=blocklist,
             lexicon=lexicon,
+            unknown_words=unknown_words,
         )
     except (ExportError, CheckpointError, BundleError) as e:
         # One line, whatever the underlying library put in its message.

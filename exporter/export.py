@@ -32,6 +32,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from exporter.parity import ParityReport, check_parity
@@ -44,6 +45,7 @@ from exporter.quantize import (
     quantize_graph,
     worst_change,
 )
+from exporter.unknown_words import UnknownWordsError, unknown_words_of
 from rnnlm.bundle import (
     BLOCKLIST_FILE,
     GRAPH_FILES,
@@ -51,6 +53,7 @@ from rnnlm.bundle import (
     MANIFEST_FILE,
     STATE_NAMES,
     TOKENIZER_FILE,
+    UNKNOWN_WORDS_FILE,
     WEIGHTS_FILE,
     make_manifest,
     state_specs,
@@ -314,6 +317,7 @@ def export_bundle(
     per_channel: bool = False,
     blocklist: str | None = None,
     lexicon: str | None = None,
+    unknown_words: str | None = None,
 ) -> Path:
     """Export a checkpoint to a bundle directory and return its path.
 
@@ -323,7 +327,9 @@ def export_bundle(
     with a scale per output channel instead of per tensor (see `exporter.quantize`).
     `blocklist` (words never suggested, one a line) is written as the bundle's `blocklist.txt`,
     with the other files, hashed and validated with them; `lexicon` (the words a character or
-    BPE model's searched suggestions are drawn from, one a line) likewise as `lexicon.txt`.
+    BPE model's searched suggestions are drawn from, one a line) likewise as `lexicon.txt`;
+    `unknown_words` (a word model's training text) as `unknown_words.txt`, the words the model
+    learned as `<unk>` with their counts (exporter/unknown_words.py).
 
     Raises `ExportError` (or the checkpoint's `CheckpointError`) with nothing written when the
     target exists and `force` is false, the checkpoint is bad, parity fails, or the int8 bundle
@@ -336,6 +342,7 @@ def export_bundle(
     model = ckpt.model.eval()
     # Before any graph is made: a missing text is the quickest failure.
     held_out = _held_out_text(ckpt, calibration_text) if quantize is not None else None
+    unknown = None if unknown_words is None else _unknown_words(ckpt, unknown_words)
     graphs = ["step", "prefill", "score"] if score_graph else ["step", "prefill"]
     blobs = {graph: export_graph(model, graph) for graph in graphs}
     align_transposed_weights(blobs)
@@ -357,8 +364,11 @@ def export_bundle(
         quantization=quantization,
         blocklist=blocklist is not None,
         lexicon=lexicon is not None,
+        unk_tokens=None if unknown is None else unknown[1],
     )
     files = {**bundle_files(blobs), TOKENIZER_FILE: ckpt.tokenizer_path.read_bytes()}
+    if unknown is not None:
+        files[UNKNOWN_WORDS_FILE] = unknown[0].encode("utf-8")
     if blocklist is not None:
         files[BLOCKLIST_FILE] = blocklist.encode("utf-8")
     if lexicon is not None:
@@ -385,6 +395,22 @@ def _check_options(
         raise ExportError(
             f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
         )
+
+
+def _unknown_words(ckpt: Checkpoint, text: str) -> tuple[str, int]:
+    """The unknown-words file of a word model's training text, and its `<unk>` tokens."""
+    if ckpt.tokenizer_kind != "word":
+        raise ExportError(
+            f"--unknown-words is for word models; this checkpoint's tokenizer is "
+            f"{ckpt.tokenizer_kind!r}; nothing was written"
+        )
+    specials = {k: v for k, v in ckpt.special_tokens.items() if v is not None}
+    unk_replace = float(ckpt.train_args.get("unk_replace") or 0.0)
+    tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_path))
+    try:
+        return unknown_words_of(tokenizer, specials, text, unk_replace)
+    except UnknownWordsError as e:
+        raise ExportError(f"--unknown-words: {e}; nothing was written") from e
 
 
 def _held_out_text(ckpt: Checkpoint, calibration_text: str | Path | None) -> EvaluationText:
@@ -480,9 +506,11 @@ def build_manifest(
     quantization: dict[str, Any] | None = None,
     blocklist: bool = False,
     lexicon: bool = False,
+    unk_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The manifest of docs/bundle.md, without the `files` hashes (added when written);
-    `blocklist`, `lexicon`: the bundle has a `blocklist.txt`, a `lexicon.txt`."""
+    `blocklist`, `lexicon`: the bundle has a `blocklist.txt`, a `lexicon.txt`; `unk_tokens`:
+    it has an `unknown_words.txt` of that many `<unk>` tokens."""
     c = ckpt.config
     prov = ckpt.provenance
     parity = report.to_dict()
@@ -528,6 +556,12 @@ def build_manifest(
                 ("quantization", quantization),
                 ("blocklist", {"file": BLOCKLIST_FILE} if blocklist else None),
                 ("lexicon", {"file": LEXICON_FILE} if lexicon else None),
+                (
+                    "unknown_words",
+                    None
+                    if unk_tokens is None
+                    else {"file": UNKNOWN_WORDS_FILE, "unk_tokens": unk_tokens},
+                ),
             )
             if value is not None
         },

@@ -31,6 +31,8 @@ WEIGHTS_FILE = "weights.bin"  # the weights the graphs share (ONNX external data
 GRAPH_FILES = {"step": "model.onnx", "score": "score.onnx", "prefill": "prefill.onnx"}
 BLOCKLIST_FILE = "blocklist.txt"  # optional: words never suggested, one a line (UTF-8)
 LEXICON_FILE = "lexicon.txt"  # optional: the words char/BPE suggestions are drawn from
+# Optional: a word model's words outside its vocabulary, with their counts (word<TAB>count).
+UNKNOWN_WORDS_FILE = "unknown_words.txt"
 GRAPH_KINDS = tuple(GRAPH_FILES)  # step is required; score and prefill are optional
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",), "rnn_tanh": ("h",), "rnn_relu": ("h",)}
@@ -136,6 +138,10 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     blocklist_file: str | None = None  # the optional `blocklist` section's file
     lexicon_file: str | None = None  # the optional `lexicon` section's file
+    # The optional `unknown_words` section: its file, and how many <unk> tokens the model
+    # learned from (the counts' denominator).
+    unknown_words_file: str | None = None
+    unk_tokens: int = 0
 
     def expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
         return expected_io(graph, self.precision, self.state, self.hidden, self.vocab_size)
@@ -259,6 +265,11 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
     lexicon_file = None
     if "lexicon" in m:
         lexicon_file = r.file_name(r.get(m, "lexicon", dict), "file", "lexicon.", files)
+    unknown_words_file, unk_tokens = None, 0
+    if "unknown_words" in m:
+        unknown = r.get(m, "unknown_words", dict)
+        unknown_words_file = r.file_name(unknown, "file", "unknown_words.", files)
+        unk_tokens = r.positive(unknown, "unk_tokens", "unknown_words.")
     return Manifest(
         path=path,
         data=m,
@@ -278,6 +289,8 @@ def parse_manifest(m: dict[str, Any], path: Path) -> Manifest:
         files=files,
         blocklist_file=blocklist_file,
         lexicon_file=lexicon_file,
+        unknown_words_file=unknown_words_file,
+        unk_tokens=unk_tokens,
     )
 
 
@@ -291,11 +304,20 @@ def add_lexicon(bundle_dir: str | Path, words: str) -> None:
     _add_word_file(Path(bundle_dir), "lexicon", LEXICON_FILE, words)
 
 
-def _add_word_file(directory: Path, section: str, name: str, words: str) -> None:
+def add_unknown_words(bundle_dir: str | Path, words: str, unk_tokens: int) -> None:
+    """Write `words` (word<TAB>count a line) as the bundle's unknown words, `unk_tokens` the
+    <unk> tokens its model learned from, and list them in the manifest."""
+    extra = {"unk_tokens": unk_tokens}
+    _add_word_file(Path(bundle_dir), "unknown_words", UNKNOWN_WORDS_FILE, words, extra)
+
+
+def _add_word_file(
+    directory: Path, section: str, name: str, words: str, extra: dict[str, Any] | None = None
+) -> None:
     manifest = read_manifest(directory)
     data = words.encode("utf-8")
     files = {**manifest.get("files", {}), name: sha256_bytes(data)}
-    complete = {**manifest, section: {"file": name}, "files": files}
+    complete = {**manifest, section: {"file": name, **(extra or {})}, "files": files}
     parse_manifest(complete, directory / MANIFEST_FILE)
     (directory / name).write_bytes(data)
     (directory / MANIFEST_FILE).write_text(json.dumps(complete, indent=2) + "\n", "utf-8")

@@ -1,21 +1,25 @@
-/* The plain-row sampler: one native pass per row of a step's logits.
+/* The native sampler: each row of a step's logits in a few passes while it sits in cache.
 
-   `sample(logits, temperature, seed, position, banned_ids, top_counts, tokens, logprobs, lse,
-   top_ids, top_logprobs, lost)` samples every row of float32 `logits` [B, V] that needs only a
-   temperature and bans (no top-k, top-p, min-p or repetition penalty: server/native_sampler.py
-   sends only those here) and writes each row's results into the output buffers. It releases
-   the GIL while it runs.
+   `sample(logits, temperature, top_k, top_p, min_p, seed, position, banned_ids, top_counts,
+   tokens, logprobs, lse, top_ids, top_logprobs, lost)` samples every row of float32 `logits`
+   [B, V] (rows with a repetition penalty excepted: server/native_sampler.py sends those to the
+   sampler graph) and writes each row's results into the output buffers. It releases the GIL
+   while it runs.
 
    Why native: onnxruntime's and numpy's ops each make one memory pass over [B, V], and the
    sampler graph made about ten of them (pad, ban scatter, softmax, block sums, ...), 18 to 21
-   us of a 64-row step's CPU per token. Here each row is read twice while it sits in the L1/L2
-   cache: once for its maximum, once for the exponentials, their block sums and the log-sum-exp.
+   us of a 64-row step's CPU per token. Here a plain row (a temperature and bans) is read twice
+   while it sits in the L1/L2 cache: once for its maximum, once for the exponentials, their
+   block sums and the log-sum-exp. A filtered row (top-k, top-p, min-p) also finds its floor,
+   the highest of its filters' thresholds (see "top-k, top-p and min-p" below), and draws from
+   the weights above it, relative to its best allowed logit, as numpy's general path does.
 
    The draw is the numpy `Sampler`'s (server/sampling.py) from each row's uniform of its
    counter-based stream (the same bits as server/sampler.py's stream_uniforms), so both give the
    same ids except where rounding puts the uniform on a boundary:
 
-     weights  w_i = exp((l_i - max) / T), 0 for banned ids      (T = 0: argmax, no draw)
+     weights  w_i = exp((l_i - max) / T), 0 for banned ids and   (T = 0: argmax, no draw)
+              those below the floor
      blocks   of BLOCK ids:  s_b = sum of the block's w_i (float32), cum_b = running sum (double)
      target   t = u * cum_last;  block b = number of cum_b <= t (clamped to the last block)
      index    first i of block b with cum_{b-1} + w_start + ... + w_i > t
@@ -33,6 +37,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -83,6 +88,8 @@ static inline __attribute__((always_inline)) vf vexp(vf x) {
     return (vf)(bits & ~under);
 }
 
+ROW_KERNEL static float exp_one(float x) { return vexp(splat(x))[0]; } /* x <= 0 */
+
 static inline __attribute__((always_inline)) float hsum(vf v) {
     vf8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -114,25 +121,36 @@ ROW_KERNEL static float row_max(const float *x, int64_t n) {
     return m;
 }
 
-/* Block sums of exp((x - m) * scale) into sums[], and their total in double. */
-ROW_KERNEL static double block_sums(const float *x, int64_t n, float m, float scale, float *sums) {
+/* Block sums of exp((x - m) * scale) into sums[], and their total in double; only ids with
+   x >= floor count (floor = -inf: all). */
+ROW_KERNEL static double block_sums(const float *x, int64_t n, float m, float scale, float floor,
+                                    float *sums) {
     double total = 0.0;
     for (int64_t b = 0, start = 0; start < n; b++, start += BLOCK) {
         int64_t end = start + BLOCK < n ? start + BLOCK : n;
         vf acc = {0};
-        for (int64_t i = start; i < end; i += LANES) acc += vexp((load(x, i, end) - m) * scale);
+        if (floor == -INFINITY) {
+            for (int64_t i = start; i < end; i += LANES) acc += vexp((load(x, i, end) - m) * scale);
+        } else {
+            for (int64_t i = start; i < end; i += LANES) {
+                vf v = load(x, i, end);
+                acc += (vf)((vi)vexp((v - m) * scale) & (v >= floor));
+            }
+        }
         sums[b] = hsum(acc);
         total += sums[b];
     }
     return total;
 }
 
-/* w[i - start] = exp((x[i] - m) * scale) for the ids of one block, 0 for banned ones. */
-static void block_weights(const float *x, int64_t start, int64_t end, float m, float scale,
-                          const int64_t *banned, int64_t n_banned, float *w) {
+/* w[i - start] = exp((x[i] - m) * scale) for the ids of one block, 0 for banned ones and
+   those below `floor`. */
+ROW_KERNEL static void block_weights(const float *x, int64_t start, int64_t end, float m, float scale,
+                          float floor, const int64_t *banned, int64_t n_banned, float *w) {
     for (int64_t i = start; i < end; i += LANES) {
-        vf v = vexp((load(x, i, end) - m) * scale);
-        for (int64_t k = 0; k < LANES && i + k < end; k++) w[i + k - start] = v[k];
+        vf v = load(x, i, end);
+        vf e = (vf)((vi)vexp((v - m) * scale) & (v >= floor));
+        for (int64_t k = 0; k < LANES && i + k < end; k++) w[i + k - start] = e[k];
     }
     for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++)
         if (banned[j] >= start && banned[j] < end) w[banned[j] - start] = 0.0f;
@@ -182,19 +200,36 @@ static void top_k(const float *x, int64_t n, int64_t k, int64_t *ids, float *val
     }
 }
 
-/* The drawn id of one row (-1: its allowed weights underflowed; see the top). `sums` holds
-   the row's block sums of exp(x - m) over all ids; they become the weights' block sums. */
-static int64_t draw(const float *x, int64_t n, float m, float scale, double u,
-                    const int64_t *banned, int64_t n_banned, float *sums, double *cum) {
-    if (scale != 1.0f) block_sums(x, n, m, scale, sums);
+/* The weights a row draws from: w_i = exp((x_i - m) * scale) for allowed ids with
+   x_i >= floor, 0 for the others. */
+typedef struct {
+    float m, scale, floor;
+} Weights;
+
+/* The weights' block sums with banned ids taken out, and their total. `sums` holds the block
+   sums of exp(x - sums_m) over all ids (the log-sum-exp's): reused when the weights are
+   those, else recomputed. */
+static double allowed_sums(const float *x, int64_t n, Weights wt, float sums_m,
+                           const int64_t *banned, int64_t n_banned, float *sums) {
+    if (wt.scale != 1.0f || wt.floor != -INFINITY || wt.m != sums_m)
+        block_sums(x, n, wt.m, wt.scale, wt.floor, sums);
     float w[BLOCK];
     for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++) { /* banned ids weigh nothing */
         int64_t b = banned[j] / BLOCK, start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
-        block_weights(x, start, end, m, scale, banned, n_banned, w);
+        block_weights(x, start, end, wt.m, wt.scale, wt.floor, banned, n_banned, w);
         float s = 0.0f;
         for (int64_t i = 0; i < end - start; i++) s += w[i];
         sums[b] = s;
     }
+    double total = 0.0;
+    for (int64_t b = 0; b < (n + BLOCK - 1) / BLOCK; b++) total += sums[b];
+    return total;
+}
+
+/* The drawn id of one row (-1: its allowed weights underflowed; see the top), from the
+   weights' block sums in `sums` (see `allowed_sums`). */
+static int64_t draw(const float *x, int64_t n, Weights wt, double u, const int64_t *banned,
+                    int64_t n_banned, const float *sums, double *cum) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
     double c = 0.0;
     for (int64_t b = 0; b < blocks; b++) cum[b] = c += sums[b];
@@ -203,7 +238,8 @@ static int64_t draw(const float *x, int64_t n, float m, float scale, double u,
     int64_t b = 0;
     while (b < blocks - 1 && cum[b] <= t) b++;
     int64_t start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n, i = 0;
-    block_weights(x, start, end, m, scale, banned, n_banned, w);
+    float w[BLOCK];
+    block_weights(x, start, end, wt.m, wt.scale, wt.floor, banned, n_banned, w);
     double running = b ? cum[b - 1] : 0.0;
     for (; i < end - start; i++) {
         running += w[i];
@@ -211,6 +247,250 @@ static int64_t draw(const float *x, int64_t n, float m, float scale, double u,
     }
     if (i < end - start && w[i] > 0.0f) return start + i;
     return best_allowed(x, n, banned, n_banned); /* rounding stepped past the weighted ids */
+}
+
+/* ---- top-k, top-p and min-p ------------------------------------------------------------
+   The filters of server/sampling.py (vLLM's): top-k, then top-p over the top-k-renormalised
+   distribution, then min-p, each a threshold on the row's logits (bans at -inf), ties at a
+   threshold kept. Top-k and top-p read the row's W largest logits, sorted (W = top_k, at
+   least HEAD when top_p < 1); a nucleus wider than them is found again from the whole row. */
+
+#define HEAD 256
+
+static int desc(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* Moves the `w` largest of buf[0..n) to buf[n-w..n) (any order): quickselect, and a sort
+   after 64 rounds (no adversarial row takes quadratic time). */
+static void largest(float *buf, int64_t n, int64_t w) {
+    int64_t lo = 0, hi = n - 1, kth = n - w;
+    for (int round = 0; lo < hi; round++) {
+        if (round == 64) {
+            qsort(buf + lo, hi - lo + 1, sizeof(float), desc);
+            for (int64_t i = lo, j = hi; i < j; i++, j--) { /* ascending */
+                float t = buf[i];
+                buf[i] = buf[j];
+                buf[j] = t;
+            }
+            return;
+        }
+        int64_t mid = lo + (hi - lo) / 2;
+        float a = buf[lo], b = buf[mid], c = buf[hi];
+        float pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (buf[i] < pivot) i++;
+            while (buf[j] > pivot) j--;
+            if (i <= j) {
+                float t = buf[i];
+                buf[i++] = buf[j];
+                buf[j--] = t;
+            }
+        }
+        if (kth <= j) hi = j;
+        else if (kth >= i) lo = i;
+        else return;
+    }
+}
+
+static inline uint32_t order_key(float f) { /* unsigned keys in the floats' order */
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b ^ ((uint32_t)((int32_t)b >> 31) | 0x80000000u);
+}
+
+/* The w largest of buf[0..n) (w <= n), largest first, into vals; buf is reordered. Radix
+   select on the keys' bits, 11 at a time: a histogram finds the bucket holding the w-th
+   largest, what is above it is taken, the bucket's items are kept for the next digit;
+   `largest` finishes what two digits leave (ties of one value, or few items). */
+static void top_values(float *buf, int64_t n, int64_t w, float *vals) {
+    int64_t taken = 0, left = n;
+    for (int shift = 21; shift >= 10 && left > 2 * (w - taken) && w > taken; shift -= 11) {
+        uint32_t hist[2048] = {0};
+        for (int64_t i = 0; i < left; i++) hist[(order_key(buf[i]) >> shift) & 2047]++;
+        int64_t need = w - taken, above = 0;
+        int b = 2047;
+        while (above + hist[b] < need) above += hist[b--];
+        int64_t kept = 0;
+        for (int64_t i = 0; i < left; i++) {
+            uint32_t d = (order_key(buf[i]) >> shift) & 2047;
+            if (d > (uint32_t)b) vals[taken++] = buf[i];
+            else if (d == (uint32_t)b) buf[kept++] = buf[i];
+        }
+        left = kept;
+    }
+    int64_t need = w - taken;
+    if (need > 0) {
+        largest(buf, left, need);
+        memcpy(vals + taken, buf + left - need, sizeof(float) * need);
+    }
+    qsort(vals, w, sizeof(float), desc);
+}
+
+/* The first index j of q[0..w) whose running sum reaches `target`, summed as numpy's
+   `_locate` does (float32 sums of blocks, their running sum in double); w if none. */
+static int64_t reach(const float *q, int64_t w, double target) {
+    double before = 0.0;
+    for (int64_t start = 0; start < w; start += BLOCK) {
+        int64_t end = start + BLOCK < w ? start + BLOCK : w;
+        float s = 0.0f;
+        for (int64_t i = start; i < end; i++) s += q[i];
+        if (before + s < target && end < w) {
+            before += s;
+            continue;
+        }
+        double running = before;
+        for (int64_t i = start; i < end; i++) {
+            running += q[i];
+            if (!(running < target)) return i;
+        }
+        return w;
+    }
+    return w;
+}
+
+typedef struct {
+    int64_t top_k;
+    double top_p;
+    float min_p;
+} Filters;
+
+/* The row's threshold from top-k and top-p over `vals`, its `w` largest logits sorted
+   (largest first); `mass`: the total weight of the row, for top-p without top-k. Returns NAN
+   when the nucleus reaches past the w candidates (the caller tries again with them all). */
+ROW_KERNEL static float head_threshold(const float *vals, int64_t w, Filters f, float scale, double mass,
+                            float *q) {
+    float tau = f.top_k > 0 ? vals[f.top_k - 1] : -INFINITY;
+    if (f.top_p >= 1.0) return tau;
+    for (int64_t i = 0; i < w; i += LANES) {
+        vf v = load(vals, i, w);
+        vf e = (vf)((vi)vexp((v - vals[0]) * scale) & (v >= tau));
+        for (int64_t k = 0; k < LANES && i + k < w; k++) q[i + k] = e[k];
+    }
+    double total = mass;
+    if (f.top_k > 0) {
+        total = 0.0;
+        for (int64_t start = 0; start < w; start += BLOCK) {
+            float s = 0.0f;
+            for (int64_t i = start; i < start + BLOCK && i < w; i++) s += q[i];
+            total += s;
+        }
+    }
+    int64_t j = reach(q, w, f.top_p * total);
+    if (j < w) return vals[j] > tau ? vals[j] : tau;
+    return NAN;
+}
+
+/* The weight of the ids with x >= v (q: each id's weight, 0 for banned ones), and how many
+   ids have x >= v. */
+ROW_KERNEL static double mass_from(const float *x, const float *q, int64_t n, float v,
+                                   int64_t *at_least) {
+    double mass = 0.0; /* float sums of blocks, added in double, as numpy's search does */
+    vi count = {0};
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+        vf acc = {0};
+        for (int64_t i = start; i < end; i += LANES) {
+            vi ge = load(x, i, end) >= v;
+            acc += (vf)((vi)load(q, i, end) & ge);
+            count -= ge; /* -1 per lane where x >= v */
+        }
+        mass += hsum(acc);
+    }
+    int64_t c = 0;
+    for (int k = 0; k < LANES; k++) c += count[k];
+    *at_least = c;
+    return mass;
+}
+
+/* Top-p's threshold when the nucleus is wider than the HEAD candidates (without top-k): the
+   largest logit v whose ids with x >= v weigh `target`. Bisection on v over the weights (a
+   vectorised pass a round) until at most HEAD ids are left between the bounds, then those
+   are sorted and added up in order. `hi`: the last candidate's logit (the answer when its
+   ties beyond the candidates reach `target`). */
+static float wide_threshold(const float *x, int64_t n, const int64_t *banned, int64_t n_banned,
+                            Weights wt, double target, float hi, float *q, float *buf) {
+    for (int64_t b = 0; b * BLOCK < n; b++) {
+        int64_t start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
+        block_weights(x, start, end, wt.m, wt.scale, -INFINITY, banned, n_banned, q + start);
+    }
+    int64_t n_hi, n_lo, n_mid;
+    double running = mass_from(x, q, n, hi, &n_hi);
+    if (running >= target) return hi; /* ties past the candidates reach it */
+    /* Below this every weight underflows to 0: the ids from it weigh the whole mass. */
+    float lo = wt.m - 88.0f / wt.scale;
+    mass_from(x, q, n, lo, &n_lo);
+    for (int round = 0; round < 48 && n_lo - n_hi > HEAD; round++) {
+        float mid = lo / 2 + hi / 2;
+        if (!(mid > lo && mid < hi)) break;
+        double m = mass_from(x, q, n, mid, &n_mid);
+        if (m >= target) {
+            lo = mid, n_lo = n_mid;
+        } else {
+            hi = mid, n_hi = n_mid, running = m;
+        }
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] >= lo && x[i] < hi && q[i] > 0.0f) buf[k++] = x[i];
+    qsort(buf, k, sizeof(float), desc);
+    for (int64_t i = 0; i < k; i++) {
+        running += exp_one((buf[i] - wt.m) * wt.scale);
+        if (running >= target) return buf[i];
+    }
+    return -INFINITY; /* only rounding stops short of top_p: keep the row */
+}
+
+/* The floor of a filtered row's weights: its top-k, top-p and min-p thresholds, the highest. */
+static float filter_floor(const float *x, int64_t n, const int64_t *banned, int64_t n_banned,
+                          Filters f, Weights wt, double mass, float *buf, float *vals, float *q) {
+    float tau = f.min_p > 0.0f ? wt.m + logf(f.min_p) / wt.scale : -INFINITY;
+    if (f.top_k <= 0 && f.top_p >= 1.0) return tau;
+    int64_t w = f.top_k > n ? n : f.top_k;
+    if (f.top_p < 1.0 && w < HEAD) w = HEAD < n ? HEAD : n;
+    for (;;) {
+        for (int64_t i = 0; i < n; i++) buf[i] = x[i] == x[i] ? x[i] : -INFINITY;
+        for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++) buf[banned[j]] = -INFINITY;
+        top_values(buf, n, w, vals);
+        Filters g = f;
+        g.top_k = f.top_k > n ? n : f.top_k;
+        float head = head_threshold(vals, w, g, wt.scale, mass, q);
+        if (head != head && g.top_k <= 0 && w < n)
+            head = wide_threshold(x, n, banned, n_banned, wt, f.top_p * mass, vals[w - 1], q, buf);
+        if (w == n && head != head) /* every id a candidate: only rounding stops short */
+            head = g.top_k > 0 ? vals[g.top_k - 1] : -INFINITY;
+        if (head == head) return head > tau ? head : tau;
+        w = n;
+    }
+}
+
+typedef struct {
+    float *sums, *buf, *vals, *q;
+    double *cum;
+} Scratch;
+
+/* One row's token (-1: the allowed weights underflowed or no id is allowed). `m`: the row's
+   maximum, whose exponentials' block sums `s->sums` holds. Plain rows draw from weights
+   relative to `m` (as numpy's short path does); filtered rows from weights relative to the
+   best allowed logit, above their filters' floor. */
+static int64_t row_token(const float *x, int64_t n, float m, float temp, Filters f, double u,
+                         const int64_t *banned, int64_t n_banned, Scratch *s) {
+    if (!(temp > 0.0f)) return greedy(x, n, m, banned, n_banned);
+    float scale = (float)(1.0 / (double)temp);
+    Weights wt = {m, scale, -INFINITY};
+    if (f.top_k <= 0 && f.top_p >= 1.0 && f.min_p <= 0.0f) {
+        allowed_sums(x, n, wt, m, banned, n_banned, s->sums);
+        return draw(x, n, wt, u, banned, n_banned, s->sums, s->cum);
+    }
+    int64_t best = greedy(x, n, m, banned, n_banned);
+    if (best < 0) return -1;
+    wt.m = x[best];
+    double mass = allowed_sums(x, n, wt, m, banned, n_banned, s->sums);
+    wt.floor = filter_floor(x, n, banned, n_banned, f, wt, mass, s->buf, s->vals, s->q);
+    if (wt.floor != -INFINITY) allowed_sums(x, n, wt, NAN, banned, n_banned, s->sums);
+    return draw(x, n, wt, u, banned, n_banned, s->sums, s->cum);
 }
 
 /* The counter-based stream (server/sampler.py, stream_uniforms): row r's uniform is a hash of
@@ -287,13 +567,13 @@ static Py_ssize_t shape_of(PyObject *obj, Py_ssize_t rows, Py_ssize_t *width) {
     return got;
 }
 
-enum { LOGITS, TEMPERATURE, SEED, POSITION, BANNED, TOP_COUNTS, TOKENS, LOGPROBS, LSE, TOP_IDS,
-       TOP_LPS, LOST, N_ARGS };
+enum { LOGITS, TEMPERATURE, TOP_K, TOP_P, MIN_P, SEED, POSITION, BANNED, TOP_COUNTS, TOKENS,
+       LOGPROBS, LSE, TOP_IDS, TOP_LPS, LOST, N_ARGS };
 
 static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != N_ARGS) {
-        PyErr_SetString(PyExc_TypeError, "sample takes 12 arrays");
+        PyErr_SetString(PyExc_TypeError, "sample takes 15 arrays");
         return NULL;
     }
     if (!hash_set) {
@@ -313,12 +593,15 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "banned_ids and top_ids must be [rows, N]");
         return NULL;
     }
-    static const char *names[N_ARGS] = {"logits", "temperature", "seed", "position",
-                                        "banned_ids", "top_counts", "tokens", "logprobs",
-                                        "lse", "top_ids", "top_logprobs", "lost"};
-    static const char *formats[N_ARGS] = {"f", "f", "q", "q", "q", "q", "q", "f", "f", "q", "f", "?"};
-    Py_ssize_t counts[N_ARGS] = {rows * vocab, rows, rows, rows, rows * n_banned, rows, rows,
-                                 rows, rows, rows * k_max, rows * k_max, rows};
+    static const char *names[N_ARGS] = {
+        "logits",     "temperature", "top_k",  "top_p",    "min_p",
+        "seed",       "position",    "banned_ids", "top_counts", "tokens",
+        "logprobs",   "lse",         "top_ids",    "top_logprobs", "lost"};
+    static const char *formats[N_ARGS] = {"f", "f", "q", "f", "f", "q", "q", "q",
+                                          "q", "q", "f", "f", "q", "f", "?"};
+    Py_ssize_t counts[N_ARGS] = {rows * vocab, rows, rows, rows, rows, rows, rows,
+                                 rows * n_banned, rows, rows, rows, rows, rows * k_max,
+                                 rows * k_max, rows};
     Arg a[N_ARGS];
     memset(a, 0, sizeof a);
     PyObject *result = NULL;
@@ -326,6 +609,8 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (get(args[i], &a[i], names[i], formats[i], counts[i], i >= TOKENS) < 0) goto done;
 
     const float *logits = a[LOGITS].buf.buf, *temperature = a[TEMPERATURE].buf.buf;
+    const int64_t *top_k_of = a[TOP_K].buf.buf;
+    const float *top_p = a[TOP_P].buf.buf, *min_p = a[MIN_P].buf.buf;
     const int64_t *seed = a[SEED].buf.buf, *position = a[POSITION].buf.buf;
     const int64_t *banned = a[BANNED].buf.buf, *top_counts = a[TOP_COUNTS].buf.buf;
     int64_t *tokens = a[TOKENS].buf.buf, *top_ids = a[TOP_IDS].buf.buf;
@@ -337,24 +622,26 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
 
-    float *sums = PyMem_RawMalloc(sizeof(float) * ((vocab + BLOCK - 1) / BLOCK));
-    double *cum = PyMem_RawMalloc(sizeof(double) * ((vocab + BLOCK - 1) / BLOCK));
-    if (!sums || !cum) {
-        PyMem_RawFree(sums);
+    int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
+    float *floats = PyMem_RawMalloc(sizeof(float) * (blocks + 3 * vocab));
+    double *cum = PyMem_RawMalloc(sizeof(double) * blocks);
+    if (!floats || !cum) {
+        PyMem_RawFree(floats);
         PyMem_RawFree(cum);
         PyErr_NoMemory();
         goto done;
     }
+    Scratch scratch = {floats, floats + blocks, floats + blocks + vocab,
+                       floats + blocks + 2 * vocab, cum};
     Py_BEGIN_ALLOW_THREADS;
     for (Py_ssize_t r = 0; r < rows; r++) {
         const float *x = logits + r * vocab;
         const int64_t *ban = banned + r * n_banned;
         float m = row_max(x, vocab);
-        float row_lse = m + (float)log(block_sums(x, vocab, m, 1.0f, sums));
-        float temp = temperature[r];
-        int64_t token = temp > 0.0f ? draw(x, vocab, m, (float)(1.0 / (double)temp),
-                                           uniform(seed[r], position[r]), ban, n_banned, sums, cum)
-                                    : greedy(x, vocab, m, ban, n_banned);
+        float row_lse = m + (float)log(block_sums(x, vocab, m, 1.0f, -INFINITY, scratch.sums));
+        Filters f = {top_k_of[r], (double)top_p[r], min_p[r]};
+        int64_t token = row_token(x, vocab, m, temperature[r], f, uniform(seed[r], position[r]),
+                                  ban, n_banned, &scratch);
         lost[r] = token < 0;
         tokens[r] = token < 0 ? 0 : token;
         lse[r] = row_lse;
@@ -366,7 +653,7 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     Py_END_ALLOW_THREADS;
-    PyMem_RawFree(sums);
+    PyMem_RawFree(floats);
     PyMem_RawFree(cum);
     result = Py_NewRef(Py_None);
 done:
@@ -402,8 +689,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
-     "sample(logits, temperature, seed, position, banned_ids, top_counts, tokens, logprobs, "
-     "lse, top_ids, top_logprobs, lost): sample plain rows into the output arrays."},
+     "sample(logits, temperature, top_k, top_p, min_p, seed, position, banned_ids, top_counts, "
+     "tokens, logprobs, lse, top_ids, top_logprobs, lost): sample rows into the outputs."},
     {"uniforms", (PyCFunction)(void (*)(void))uniforms, METH_FASTCALL,
      "uniforms(seed, position, out): each row's uniform of its counter-based stream."},
     {"set_stream_hash", set_stream_hash, METH_VARARGS,

@@ -147,6 +147,10 @@ class Bundle:
     continuous_cache: CacheParams | None = None  # what Score mixes in on request
     blocklist: str = ""  # the bundle's blocklist file's text: words never suggested
     lexicon: str = ""  # the bundle's lexicon file's text: the words searches may suggest
+    # A word model's words outside its vocabulary with their counts (file text, "" when none),
+    # and the <unk> tokens its model learned from (server/oov_words.py).
+    unknown_words: str = ""
+    unk_tokens: int = 0
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -280,18 +284,67 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         continuous_cache=continuous_cache,
         blocklist=_word_file(files.contents, m, m.blocklist_file),
         lexicon=_word_file(files.contents, m, m.lexicon_file),
+        unknown_words=_unknown_words(files.contents, m),
+        unk_tokens=m.unk_tokens,
         graph_bytes=GraphBytes(held, files.external),
     )
 
 
 def _word_file(contents: dict[str, bytes], m: Manifest, name: str | None) -> str:
-    """The text of the bundle's word list `name` (a blocklist, a lexicon); "" when none."""
+    """The text of the bundle's word list `name` (a blocklist, a lexicon, the unknown words);
+    "" when none."""
     if name is None:
         return ""
     try:
         return contents[name].decode("utf-8")
     except UnicodeDecodeError as e:
         raise BundleError(f"{m.path.parent / name}: not UTF-8 text ({e})") from e
+
+
+def _unknown_words(contents: dict[str, bytes], m: Manifest) -> str:
+    """The text of the bundle's unknown-words file, checked (`unknown_word_counts`)."""
+    text = _word_file(contents, m, m.unknown_words_file)
+    if text:
+        where = str(m.path.parent / (m.unknown_words_file or ""))
+        unknown_word_counts(text, m.unk_tokens, where)
+    return text
+
+
+def unknown_word_counts(text: str, unk_tokens: int, where: str) -> list[tuple[str, float]]:
+    """The words and counts of an unknown-words file: `word<TAB>count` a line (blank lines
+    ignored), each word once, each count a positive number (a fraction for a word replaced
+    by <unk> only some of the times it was seen), together at most `unk_tokens` (the <unk>
+    tokens the model learned from, of which these words were some)."""
+    counts: dict[str, float] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        word, tab, count = line.partition("\t")
+        value = _positive(count)
+        if not tab or not word or word != word.strip() or value is None:
+            raise BundleError(
+                f"{where}: line {number} must be a word, a tab and a positive count, "
+                f"not {quote(line, 60)}"
+            )
+        if word in counts:
+            raise BundleError(f"{where}: line {number}: {quote(word, 60)} is listed twice")
+        counts[word] = value
+    total = sum(counts.values())
+    if total > unk_tokens:
+        raise BundleError(
+            f"{where}: its counts add up to {total:g}, more than the manifest's "
+            f"unknown_words.unk_tokens ({unk_tokens})"
+        )
+    return list(counts.items())
+
+
+def _positive(text: str) -> float | None:
+    """`text` as a finite positive number, or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < float("inf") else None
 
 
 def _load_tokenizer(path: Path, data: bytes, vocab_size: int) -> Tokenizer:

@@ -189,8 +189,9 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "intra_op_threads": (int, "onnxruntime threads per session"),
     "sampler": (
         str.lower,
-        "what draws Generate's tokens: native (plain rows in C, others on the sampler graph), "
-        "graph (onnxruntime), numpy, or auto (native on the CPU where it was built, else graph)",
+        "what draws Generate's tokens: native (in C; rows with a repetition penalty on the "
+        "sampler graph), graph (onnxruntime), numpy, or auto (native on the CPU where it was "
+        "built, else graph)",
     ),
     "batching": (_parse_bool, "gather concurrent requests into one onnxruntime run per step"),
     "max_step_ms": (

@@ -38,7 +38,7 @@ class EngineConfig:
     stream_tokens: int = 16
     stream_ms: float = 100.0
     # Which sampler draws the tokens (server/row_sampler.py): "graph" (the ONNX sampler graph),
-    # "numpy", "native" (plain rows in C, server/_fastsample.c; the rest on the graph), or
+    # "numpy", "native" (in C, server/_fastsample.c; penalised rows on the graph), or
     # "auto" (native on the CPU where it was built, else the graph). All give the same tokens
     # for the same seed (but where rounding puts a draw on a boundary).
     sampler: str = "auto"

@@ -177,8 +177,13 @@ class Metrics:
             registry=r,
         )
         self._lock = threading.Lock()
-        # (gauge, model) -> {version: value}: the per-version parts of a summed gauge.
-        self._parts: dict[tuple[Gauge, str], dict[str, float]] = {}
+        # (gauge, model) -> the gauge's child for the model and {version: value}, the
+        # per-version parts it shows the sum of.
+        self._parts: dict[tuple[Gauge, str], tuple[Gauge, dict[str, float]]] = {}
+        # (method, model, code) -> the children `record_request` updates: `labels()` costs a
+        # lock, a sort and a dictionary lookup on every call (bounded: methods, loaded models'
+        # names and status codes).
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     def engine_metrics(self, model: str, version: str) -> EngineMetrics:
         """The recorder an engine for `model` `version` reports its batching and cache to."""
@@ -187,20 +192,39 @@ class Metrics:
     def set_model_info(self, model: str, version: str, provider: str, cell: str) -> None:
         self.model_info.labels(model=model, version=version, provider=provider, cell=cell).set(1)
 
+    def record_request(self, method: str, model: str, code: str, seconds: float) -> None:
+        """Count one answered RPC by method, model and status code, and observe how long it
+        took (`rnnlm_requests_total`, `rnnlm_request_duration_seconds`)."""
+        key = (method, model, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(method=method, model=model, code=code),
+                self.request_duration.labels(method=method, model=model),
+            )
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
     def remove_model_info(self, model: str, version: str, provider: str, cell: str) -> None:
         """Forget an unloaded model version: its info series and its shares of the gauges."""
         self.model_info.remove(model, version, provider, cell)
         with self._lock:
-            for (gauge, name), parts in self._parts.items():
+            for (_, name), (child, parts) in self._parts.items():
                 if name == model and parts.pop(version, None) is not None:
-                    gauge.labels(model=model).set(sum(parts.values()))
+                    child.set(sum(parts.values()))
 
     def set_version_part(self, gauge: Gauge, model: str, version: str, value: float) -> None:
         """Set one version's share of a per-model gauge; the gauge shows the sum of the shares."""
         with self._lock:
-            parts = self._parts.setdefault((gauge, model), {})
+            known = self._parts.get((gauge, model))
+            if known is None:
+                known = self._parts[(gauge, model)] = (gauge.labels(model=model), {})
+            child, parts = known
+            if parts.get(version) == value:
+                return  # unchanged (a full cache's insert evicts as many bytes as it adds)
             parts[version] = value
-            gauge.labels(model=model).set(sum(parts.values()))
+            child.set(sum(parts.values()))
 
 
 class EngineMetrics:

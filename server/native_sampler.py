@@ -1,12 +1,13 @@
-"""The native sampler for plain rows: `NativeSampler.sample(logits, rows)`.
+"""The native sampler: `NativeSampler.sample(logits, rows)`.
 
-A plain row asks only for a temperature (0: greedy) and bans: no top-k, top-p, min-p or
-repetition penalty. That is what Generate streams ask for by default, so it is the hot path
-under load. `server/_fastsample.c` samples such rows in one native pass each (the draw of the
-numpy `Sampler`, the same counter-based uniforms), with the GIL released; every other row, and
-a plain row whose allowed weights underflow, goes to the sampler graph. Which sampler takes a
-row depends on its own parameters only, so a seeded row draws the same tokens whatever shares
-its batch.
+`server/_fastsample.c` samples every row without a repetition penalty natively, with the GIL
+released: a temperature (0: greedy), bans, top-k, top-p and min-p, with the numpy `Sampler`'s
+semantics and draw and the same counter-based uniforms. Plain rows (a temperature and bans:
+what Generate streams ask for by default, the hot path under load) take two passes over their
+logits; filtered ones a selection of their largest logits besides. Rows with a repetition
+penalty, and plain rows whose allowed weights underflow, go to the sampler graph. Which
+sampler takes a row depends on its own parameters only, so a seeded row draws the same tokens
+whatever shares its batch.
 
 The extension is built at install (setup.py) where a C compiler is found; `available()` says
 whether it was, and without it the engine samples every row with the graph.
@@ -40,18 +41,14 @@ def available() -> bool:
     return _fastsample is not None
 
 
-def plain_rows(rows: SamplingRows) -> np.ndarray:
+def native_rows(rows: SamplingRows) -> np.ndarray:
     """[B] bool: the rows the native kernel samples (see the module docstring)."""
-    return (
-        (rows.top_k == 0)
-        & (rows.top_p >= 1.0)
-        & (rows.min_p == 0.0)
-        & (rows.repetition_penalty == 1.0)
-    )
+    return rows.repetition_penalty == 1.0
 
 
 class NativeSampler:
-    """Plain rows natively, the rest through `graph` (a `BatchSampler`); one thread at a time."""
+    """Rows natively, those with a penalty through `graph` (a `BatchSampler`); one thread at a
+    time."""
 
     def __init__(self, graph: BatchSampler) -> None:
         if _fastsample is None:
@@ -65,7 +62,7 @@ class NativeSampler:
         """Sample float32 `logits` `[B, V]` (or `[B, 1, V]`; an `OrtValue` is copied to the
         host)."""
         logits = _rows_of(logits.numpy() if isinstance(logits, ort.OrtValue) else logits, rows)
-        plain = plain_rows(rows)
+        plain = native_rows(rows)
         if plain.all():
             drawn, lost = self._native(logits, rows)
             if not lost.any():
@@ -93,6 +90,9 @@ class NativeSampler:
         _fastsample.sample(
             logits,
             np.ascontiguousarray(rows.temperature, dtype=np.float32),
+            np.ascontiguousarray(rows.top_k, dtype=np.int64),
+            np.ascontiguousarray(rows.top_p, dtype=np.float32),
+            np.ascontiguousarray(rows.min_p, dtype=np.float32),
             np.ascontiguousarray(rows.seed, dtype=np.int64),
             np.ascontiguousarray(rows.position, dtype=np.int64),
             np.ascontiguousarray(rows.banned_ids, dtype=np.int64),

@@ -24,6 +24,7 @@ finishes its calls and streams before its engine is closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -131,6 +132,12 @@ def newest_version(versions: Iterable[str]) -> str:
         return ordered[-1]
     highest = version_key(numbered[-1])[1]
     return next(v for v in numbered if version_key(v)[1] == highest)
+
+
+@functools.lru_cache(maxsize=256)
+def _newest(versions: tuple[str, ...]) -> str:
+    """`newest_version`, worked out once per set of loaded versions, not on every call."""
+    return newest_version(versions)
 
 
 def find_bundles(root: Path) -> list[Path]:
@@ -377,7 +384,7 @@ class ModelRepository:
                 f"model {name!r} is not loaded (models: {', '.join(self._by_name)})"
             )
         if not version:
-            return versions[newest_version(versions)]
+            return versions[_newest(tuple(versions))]
         if version not in versions:
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r} (versions: "

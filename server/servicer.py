@@ -242,11 +242,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         self._limits.reply(message.ByteSize())
 
     def _record(self, call: _Call, code: grpc.StatusCode) -> None:
-        m = self._metrics
-        m.requests.labels(method=call.method, model=call.model, code=code.name).inc()
-        m.request_duration.labels(method=call.method, model=call.model).observe(
-            time.perf_counter() - call.start
-        )
+        seconds = time.perf_counter() - call.start
+        self._metrics.record_request(call.method, call.model, code.name, seconds)
 
     def _model(self, name: str, version: str, call: _Call) -> LoadedModel:
         """The model a call names, held by the call until it ends."""
@@ -496,6 +493,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     def _filters(self, model: LoadedModel, blocked: set[str], users: list[str]) -> Filters:
         """The server's, the bundle's and the caller's blocked words; the caller's user words."""
         base = _blocklists(self.words.blocklist, model.bundle.blocklist)
+        if not blocked and not users:
+            return _unfiltered(base)
         return Filters(base | blocked if blocked else base, tuple(users))
 
     async def _suggest(
@@ -528,7 +527,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             )
             mixer = self.word_cache.mixer(asked, memory.word_cache, text, codec.kind)
             memory.word_cache = mixer.cache if mixer is not None else None
-        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer)
+        # A lone call (the only one this server is answering) has no other call's steps to
+        # join: it skips the engine run shared per turn of the event loop (`_Joint`).
+        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, self._in_flight > 1)
         if tokens:
             return await predict_tokens(engine, ids, ask)
         context, after_space = search_context(codec, text)
@@ -798,6 +799,8 @@ def _check_k(k: int, model: LoadedModel, field: str) -> None:
 
 def _words(values: Sequence[str], field: str) -> list[str]:
     """A request's list of words, checked: bounded, one word each; empty entries dropped."""
+    if not values:
+        return []
     if len(values) > MAX_LIST_WORDS:
         raise invalid(f"{field} has {len(values)} words; at most {MAX_LIST_WORDS}")
     for i, word in enumerate(values):
@@ -827,6 +830,13 @@ def _blocklists(server: frozenset[str], bundle_text: str) -> frozenset[str]:
     """The server's blocked words and the bundle's blocklist file, folded: made once per
     model and server list, not on every request and keystroke."""
     return server | read_word_list(bundle_text)
+
+
+@functools.lru_cache(maxsize=64)
+def _unfiltered(base: frozenset[str]) -> Filters:
+    """The filters of a call that adds no blocked words and no user words to `base`: made
+    once per blocklist, not on every call (they are immutable)."""
+    return Filters(base)
 
 
 def _suggested(kind: type[R], predicted: Predicted, context_tokens: int) -> R:

@@ -26,6 +26,7 @@ import numpy as np
 
 # An odd 64-bit multiplier (from splitmix64) for the prefix hash.
 _BASE = np.uint64(0x9E3779B97F4A7C15)
+_ONE = np.uint64(1)
 # Python object overhead charged per entry on top of its arrays, so many tiny entries still
 # count against the byte bound.
 ENTRY_OVERHEAD = 512
@@ -172,13 +173,14 @@ class StateCache:
         if self._length_array is None:
             self._length_array = np.array(self._lengths, dtype=np.int64)
         lengths = self._length_array
-        end = int(np.searchsorted(lengths, len(tokens), side="right"))
+        end = int(lengths.searchsorted(len(tokens), side="right"))
         for part in (lengths[max(0, end - 4) : end], lengths[: max(0, end - 4)]):
             if not part.size:
                 continue
             for length, h in zip(part[::-1].tolist(), hashes[part[::-1] - 1].tolist(), strict=True):
                 entry = self._entries.get((length, h))
-                if entry is not None and np.array_equal(entry.tokens, tokens[:length]):
+                # The key holds the length, so the lengths match: equal elements are enough.
+                if entry is not None and (entry.tokens == tokens[:length]).all():
                     return entry
         return None
 
@@ -204,8 +206,11 @@ class StateCache:
             powers[1:] = _BASE
             powers = np.cumprod(powers, dtype=np.uint64)
             self._powers = powers
-        values = np.asarray(tokens, dtype=np.int64).astype(np.uint64) + np.uint64(1)
-        return np.cumsum(values * powers[:n], dtype=np.uint64)
+        # The int64 ids' bits as uint64 (what a cast gives), one temporary, and the methods
+        # rather than numpy's module functions (each a few Python calls on every lookup).
+        values = np.asarray(tokens, dtype=np.int64).view(np.uint64) + _ONE
+        values *= powers[:n]
+        return values.cumsum(dtype=np.uint64)
 
 
 def _read_only(a: np.ndarray, dtype: type) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from server import oov_words
 from server.config import ConfigError, ServerConfig
 from server.engine import Engine
 from server.requests import Extension, State
@@ -90,7 +91,9 @@ class Memory:
 class Ask:
     """One suggestion request apart from its context: the model's codec, how many suggestions,
     matching which partial word, filtered by what, the search's settings, with or without the
-    continuous cache, the session's memory (read and updated) and the word cache to mix in."""
+    continuous cache, the session's memory (read and updated) and the word cache to mix in.
+    `join`: whether its model steps may join other calls' in one engine run (`_Joint`); a
+    caller that knows no other call is under way sets it False and skips the wait for them."""
 
     codec: TextCodec
     k: int
@@ -100,6 +103,7 @@ class Ask:
     memory: Memory
     cached: bool = False
     mixer: Mixer | None = None
+    join: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,15 +124,18 @@ Stepped = tuple[np.ndarray, State | None]
 class _Counted:
     """The engine's next-token calls (of many contexts at once), counting the contexts."""
 
-    def __init__(self, engine: Engine, cached: bool) -> None:
+    def __init__(self, engine: Engine, cached: bool, join: bool = True) -> None:
         self._engine = engine
         self._cached = cached
+        self._join = join
         self.steps = 0
 
     async def __call__(self, contexts: Contexts) -> list[np.ndarray]:
         self.steps += len(contexts)
         if self._cached:  # the continuous cache's calls run one context at a time anyway
             return await self._engine.next_token_logprobs_many(contexts, True)
+        if not self._join:  # nothing to wait for: a task and a turn of the loop saved
+            return await self._engine.next_token_logprobs_many(contexts)
         return await _joint(self._engine, False)(contexts)
 
     async def stepped(self, items: Items) -> list[Stepped]:
@@ -141,7 +148,11 @@ class _Counted:
                 raise ValueError("an extension of a state the engine did not give")
             return [(row, None) for row in await self(contexts)]
         self.steps += len(items)
-        stepped: list[Stepped] = await _joint(self._engine, True)(items)
+        stepped: list[Stepped]
+        if not self._join:
+            stepped = list(await self._engine.next_token_states_many(items))
+        else:
+            stepped = await _joint(self._engine, True)(items)
         return stepped
 
 
@@ -216,7 +227,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     them), with the word cache's words mixed in (`ask.mixer`)."""
     codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
     cached, memory, mixer = ask.cached, ask.memory, ask.mixer
-    counted = _Counted(engine, cached)
+    counted = _Counted(engine, cached, ask.join)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
         memory.context, memory.cached = tuple(context), cached
@@ -224,8 +235,12 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     # word cache may raise a word past the model's k-th.
     extra = 2 * k if match.merges or mixer is not None else k
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
+    known = vocab_known(codec, memory.logprobs)
+    unknown = oov_words.after(engine.bundle, codec, memory.logprobs)
+    if unknown is not None:  # words outside the vocabulary, through <unk> (server/oov_words.py)
+        known = unknown.lookup(known)
+        words, total = unknown.add(words, total, known, match, filters, extra)
     if mixer is not None:
-        known = vocab_known(codec, memory.logprobs)
         words, mixed = mixer.mix(words, total, match, filters, k, known)
         total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
@@ -246,7 +261,7 @@ async def predict_words(
         resume = memory.found
     if resume is not None and resume.complete(k, match, filters):
         return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
-    counted = _Counted(engine, cached)
+    counted = _Counted(engine, cached, ask.join)
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(

@@ -117,6 +117,36 @@ def test_engine_gauges_sum_over_versions_of_a_model() -> None:
     assert metrics.registry.get_sample_value("rnnlm_state_cache_hits_total", {"model": "m"}) == 2
 
 
+def test_a_version_part_set_again_or_removed_keeps_the_sum() -> None:
+    """A part set to the value it holds changes nothing; a removed version leaves the rest."""
+    metrics = Metrics()
+    v1, v2 = metrics.engine_metrics("m", "1"), metrics.engine_metrics("m", "2")
+    v1.state_cache.set_cache_bytes(100)
+    v2.state_cache.set_cache_bytes(50)
+    v1.state_cache.set_cache_bytes(100)
+    assert metrics.registry.get_sample_value("rnnlm_state_cache_bytes", {"model": "m"}) == 150
+    metrics.remove_model_info("m", "1", "CPUExecutionProvider", "lstm")
+    assert metrics.registry.get_sample_value("rnnlm_state_cache_bytes", {"model": "m"}) == 50
+    v2.state_cache.set_cache_bytes(50)
+    assert metrics.registry.get_sample_value("rnnlm_state_cache_bytes", {"model": "m"}) == 50
+
+
+def test_record_request_counts_each_label_set_apart() -> None:
+    metrics = Metrics()
+    metrics.record_request("PredictNext", "m", "OK", 0.002)
+    metrics.record_request("PredictNext", "m", "OK", 0.003)
+    metrics.record_request("PredictNext", "m", "INVALID_ARGUMENT", 0.001)
+    metrics.requests.labels(method="PredictNext", model="m", code="OK").inc()  # the same child
+    sample = metrics.registry.get_sample_value
+    ok = {"method": "PredictNext", "model": "m", "code": "OK"}
+    assert sample("rnnlm_requests_total", ok) == 3
+    assert sample("rnnlm_requests_total", {**ok, "code": "INVALID_ARGUMENT"}) == 1
+    labels = {"method": "PredictNext", "model": "m"}
+    assert sample("rnnlm_request_duration_seconds_count", labels) == 3
+    assert sample("rnnlm_request_duration_seconds_sum", labels) == pytest.approx(0.006)
+    assert sample("rnnlm_request_duration_seconds_bucket", {**labels, "le": "0.001"}) == 1
+
+
 def test_a_loaded_engine_reports_its_load_gauges_at_zero() -> None:
     """Before any request: alerts and dashboards see 0, not a missing series."""
     metrics = Metrics()

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from server import native_sampler, row_sampler
-from server.native_sampler import NativeSampler, plain_rows
+from server.native_sampler import NativeSampler, native_rows
 from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
 from server.sampling import SamplingParams, log_softmax
 
@@ -66,11 +66,41 @@ def test_every_vocabulary_size_gives_the_reference_ids(sampler: NativeSampler, v
         )
 
 
+FILTERS = [
+    SamplingParams(top_k=1),
+    SamplingParams(top_k=5, temperature=0.7),
+    SamplingParams(top_k=100_000),  # past the vocabulary: every id
+    SamplingParams(top_p=0.5),
+    SamplingParams(top_p=0.999, temperature=1.3),  # a nucleus past the sorted candidates
+    SamplingParams(top_k=300, top_p=0.9),
+    SamplingParams(min_p=0.05),
+    SamplingParams(min_p=0.3, top_k=7, top_p=0.8, temperature=0.4),
+    SamplingParams(top_p=0.9, banned_ids=frozenset({0, 3})),
+    SamplingParams(top_k=3, temperature=0),  # greedy: filters do not matter
+]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 129, 300, 1000, 4099])
+@pytest.mark.parametrize("ties", [False, True])
+def test_filtered_rows_give_the_reference_ids(
+    sampler: NativeSampler, vocab: int, ties: bool
+) -> None:
+    rng = np.random.default_rng(vocab + ties)
+    params = [p for p in FILTERS if not p.banned_ids or vocab > 3] * 6
+    rows = rows_for(params, vocab)
+    logits = rng.standard_normal((len(params), vocab)).astype(np.float32) * 3
+    if ties:  # many equal logits: thresholds fall on ties, which are kept
+        logits = np.round(logits)
+    got, want = sampler.sample(logits, rows), ReferenceSampler().sample(logits, rows)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+
+
 def log_softmax_lse(logits: np.ndarray) -> np.ndarray:
     return (logits - log_softmax(logits))[:, 0]
 
 
-def test_filtered_rows_go_to_the_graph_and_plain_ones_stay(sampler: NativeSampler) -> None:
+def test_penalised_rows_go_to_the_graph_and_the_others_stay(sampler: NativeSampler) -> None:
     params = [
         SamplingParams(),
         SamplingParams(top_k=2),
@@ -80,7 +110,7 @@ def test_filtered_rows_go_to_the_graph_and_plain_ones_stay(sampler: NativeSample
         SamplingParams(repetition_penalty=1.2),
     ]
     rows = rows_for(params, 50)
-    assert plain_rows(rows).tolist() == [True, False, True, False, False, False]
+    assert native_rows(rows).tolist() == [True, True, True, True, True, False]
     logits = np.random.default_rng(1).standard_normal((6, 50)).astype(np.float32)
     got, graph = sampler.sample(logits, rows), BatchSampler().sample(logits, rows)
     np.testing.assert_array_equal(got.tokens, graph.tokens)
@@ -137,6 +167,9 @@ def test_bad_buffers_get_short_errors() -> None:
         base = {
             "logits": np.zeros((n, v), np.float32),
             "temperature": np.ones(n, np.float32),
+            "top_k": np.zeros(n, np.int64),
+            "top_p": np.ones(n, np.float32),
+            "min_p": np.zeros(n, np.float32),
             "seed": np.zeros(n, np.int64),
             "position": np.zeros(n, np.int64),
             "banned_ids": np.zeros((n, 0), np.int64),
@@ -167,7 +200,7 @@ def test_bad_buffers_get_short_errors() -> None:
         out = np.zeros(n, np.int64)
         out.flags.writeable = False
         _fastsample.sample(*arrays(tokens=out))
-    with pytest.raises(TypeError, match="12 arrays"):
+    with pytest.raises(TypeError, match="15 arrays"):
         _fastsample.sample(*arrays()[:5])
     with pytest.raises((ValueError, BufferError)):  # not contiguous
         _fastsample.sample(*arrays(logits=np.zeros((n, 2 * v), np.float32)[:, ::2]))
