@@ -27,6 +27,7 @@ from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
 from server.typing import Ask, Memory, predict_words
+from server.word_cache import WordCacheSettings
 from server.words import Filters, Matcher, WordSettings, search_context
 
 
@@ -54,7 +55,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             text = key.text if key.kind == OPEN else text + key.text
             start = _cpu_seconds()
             searched, after_space = search_context(codec, text)
-            ask = Ask(codec, args.k, Matcher(key.partial, True), Filters(), settings, memory)
+            mixer = WordCacheSettings().mixer(args.word_cache, memory.word_cache, text, codec.kind)
+            memory.word_cache = mixer.cache if mixer is not None else None
+            match = Matcher(key.partial, True)
+            ask = Ask(codec, args.k, match, Filters(), settings, memory, mixer=mixer)
             predicted = await predict_words(engine, codec.encode(searched), after_space, ask)
             cpu[key.kind] = cpu.get(key.kind, 0.0) + _cpu_seconds() - start
             steps.setdefault(key.kind, []).append(predicted.steps)
@@ -99,6 +103,9 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=3, help="suggestions shown")
     parser.add_argument("--width", type=int, default=WordSettings.width)
     parser.add_argument("--keep", type=int, default=WordSettings.keep)
+    parser.add_argument(
+        "--word-cache", action="store_true", help="mix in the word cache (the server's default)"
+    )
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
 

@@ -20,7 +20,7 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +37,7 @@ from server.requests import (
     SCORE,
     STEP,
     EmbedRequest,
+    Extension,
     GenerateRequest,
     NextRequest,
     Recalled,
@@ -44,6 +45,7 @@ from server.requests import (
     Request,
     ScoreRequest,
     State,
+    StateNextRequest,
     recall_logprobs,
 )
 from server.runner import CPU, CUDA, Sessions, choose_prefill_split, providers_for, session_options
@@ -91,6 +93,10 @@ class _Start:
     features: np.ndarray | None = None  # the last layer's output there (kept for the root)
 
 
+# The context of an `Extension`'s request: none, so that its result is not cached.
+_NO_CONTEXT = np.zeros(0, dtype=np.int64)
+
+
 def _ignore(payload: object) -> None:
     """The delivery of a request the engine runs inline and reads back itself."""
 
@@ -118,6 +124,9 @@ class Engine:
     Results are read-only numpy arrays (next-token log-probs may be shared with the state
     cache). All methods must be called from the event loop that ran `start`.
     """
+
+    # Whether `next_token_states_many` can be called: its states are in this process.
+    holds_states: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -307,35 +316,93 @@ class Engine:
                 results[i] = start.logprobs
             else:
                 starts.append((i, ids, start))
-        # As for one context: inline only when `_inline_now`, and only short feeds.
-        inline = self._inline_now() and all(
-            len(ids) - s.length <= INLINE_TOKENS for _, ids, s in starts
-        )
-        requests: list[tuple[int, Request]] = []
-        futures: list[asyncio.Future[Any]] = []
-        loop = asyncio.get_running_loop()
-        for i, ids, start in starts:
-            future: asyncio.Future[Any] = loop.create_future()
-            deliver = _ignore if inline else functools.partial(settle, future)
-            feed = ids[start.length :]
-            requests.append((i, NextRequest(ids, feed, start.state, start.key, deliver)))
-            futures.append(future)
-        if inline and requests:
-            assert self._scheduler is not None
-            payloads = self._scheduler.run_inline_many([r for _, r in requests])
-            for (i, _), payload in zip(requests, payloads, strict=True):
-                results[i] = cast(np.ndarray, payload)
-        elif requests:
-            try:
-                for _, request in requests:
-                    self._submit(request)
-                for (i, _), value in zip(requests, await asyncio.gather(*futures), strict=True):
-                    results[i] = value
-            except BaseException:
-                for _, request in requests:
-                    request.cancelled = True
-                raise
+        requests = [
+            NextRequest(ids, ids[s.length :], s.state, s.key, _ignore) for _, ids, s in starts
+        ]
+        payloads = await self._run_many(requests)
+        for (i, _, _), payload in zip(starts, payloads, strict=True):
+            results[i] = cast(np.ndarray, payload)
         return cast(list[np.ndarray], results)  # every context's is set above
+
+    async def _run_many(self, requests: Sequence[Request]) -> list[object]:
+        """The answers of next-token requests run together: in one step of the engine's batch
+        on the event loop when `_inline_now` and every feed is short (as for one context),
+        else queued for the workers (their `deliver` set here)."""
+        if not requests:
+            return []
+        if self._inline_now() and all(len(r.feed) <= INLINE_TOKENS for r in requests):
+            assert self._scheduler is not None
+            return self._scheduler.run_inline_many(requests)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for request in requests:
+            futures.append(loop.create_future())
+            request.deliver = functools.partial(settle, futures[-1])
+        try:
+            for request in requests:
+                self._submit(request)
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for request in requests:
+                request.cancelled = True
+            raise
+
+    async def next_token_states_many(
+        self, items: Sequence[np.ndarray | Extension]
+    ) -> list[tuple[np.ndarray, State]]:
+        """The next-token log-probs and the state after each item, run together as
+        `next_token_logprobs_many` runs its contexts: a context (eos + it; cached prefixes
+        reused, the result cached) or an `Extension` (a state this call gave, and one token
+        more: stepped from that state, neither looked up nor cached, so a caller that extends
+        its contexts token by token, the word search, spares their lookup and conversion)."""
+        results: list[tuple[np.ndarray, State] | None] = [None] * len(items)
+        made: list[tuple[int, StateNextRequest]] = []
+        vocab = self.bundle.vocab_size
+        extensions = [(i, e) for i, e in enumerate(items) if isinstance(e, Extension)]
+        for _, e in extensions:
+            if not 0 <= e.token < vocab:
+                raise ValueError(f"token {e.token} is outside the vocabulary ({vocab})")
+        if extensions and self._inline_now():
+            stepped = self._step_extensions([e for _, e in extensions])
+            for (i, _), result in zip(extensions, stepped, strict=True):
+                results[i] = result
+        else:
+            for i, e in extensions:
+                feed = np.array([e.token], dtype=np.int64)
+                made.append((i, StateNextRequest(_NO_CONTEXT, feed, e.state, None, _ignore)))
+        for i, item in enumerate(items):
+            if isinstance(item, Extension):
+                continue
+            ids = self._tokens(item, "context_ids")
+            start = self._start(ids)
+            if start.length == len(ids):
+                results[i] = (start.logprobs, start.state)
+            else:
+                feed = ids[start.length :]
+                made.append((i, StateNextRequest(ids, feed, start.state, start.key, _ignore)))
+        payloads = await self._run_many([r for _, r in made])
+        for (i, request), payload in zip(made, payloads, strict=True):
+            assert request.final is not None  # answered, so its state was kept
+            results[i] = (cast(np.ndarray, payload), request.final)
+        return cast(list[tuple[np.ndarray, State]], results)  # every item's is set above
+
+    def _step_extensions(self, extensions: Sequence[Extension]) -> list[tuple[np.ndarray, State]]:
+        """Extensions stepped here at once (when `_inline_now`), in one run of the step graph:
+        the same run as their requests' in a batch of their own, without the requests, the
+        batch and the state cache's entries (their per-row work cost as much as the run)."""
+        assert self._scheduler is not None
+        tokens = np.array([[e.token] for e in extensions], dtype=np.int64)
+        width = len(extensions[0].state)
+        states = [np.stack([e.state[j] for e in extensions], axis=1) for j in range(width)]
+        try:
+            logits, _, new = self._scheduler.runner.step(tokens, states)
+        except Exception as e:  # onnxruntime raises several types
+            raise EngineError(f"onnxruntime run failed: {e}") from e
+        logprobs = _frozen(log_softmax(logits[:, -1, :]))
+        return [
+            (logprobs[i], tuple(_frozen(s[:, i, :].copy()) for s in new))
+            for i in range(len(extensions))
+        ]
 
     async def _next_with_cache(self, ids: np.ndarray) -> np.ndarray:
         params = self.cache_params()

@@ -70,6 +70,8 @@ class _Generation:
 class RemoteEngine(Engine):
     """`Engine`'s API over a core process (see the module docstring)."""
 
+    holds_states = False  # the states are the core process's (the word search sends contexts)
+
     def __init__(
         self,
         bundle: Bundle,

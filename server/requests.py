@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -129,6 +129,37 @@ class NextRequest(Request):
         super().__init__(feed, state, deliver)
         self.context = context  # the whole context, the state cache's key ...
         self.key = key  # ... and its hash, when the engine looked it up
+
+
+class Extension(NamedTuple):
+    """A context given as the state after its beginning (one a `StateNextRequest` answered)
+    and its last token: it is stepped from there, neither looked up nor cached."""
+
+    state: State
+    token: int
+
+
+class StateNextRequest(NextRequest):
+    """A `NextRequest` that also keeps the state after its context (`final`), for a caller
+    that extends it token by token (the word search's hypotheses, server/words.py). With an
+    empty `context`, its result is not cached."""
+
+    def __init__(
+        self,
+        context: np.ndarray,
+        feed: np.ndarray,
+        state: State,
+        key: int | None,
+        deliver: Callable[[object], None],
+    ) -> None:
+        super().__init__(context, feed, state, key, deliver)
+        self.final: State | None = None
+
+    def absorb(self, out: RowOutput) -> object | None:
+        answer = super().absorb(out)
+        if answer is READY:
+            self.final = out.state()
+        return answer
 
 
 @dataclass(frozen=True, slots=True)

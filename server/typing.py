@@ -15,12 +15,14 @@ import asyncio
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from server import oov_words
 from server.config import ConfigError, ServerConfig
 from server.engine import Engine
+from server.requests import Extension, State
 from server.text import TextCodec
 from server.word_cache import Mixer, WordCache, WordCacheSettings, piece_known, vocab_known
 from server.words import (
@@ -114,6 +116,9 @@ class Predicted:
 
 
 Contexts = Sequence[Sequence[int] | np.ndarray]
+# A word search's contexts: whole, or as an extension of a state the engine gave.
+Items = Sequence[np.ndarray | Extension]
+Stepped = tuple[np.ndarray, State | None]
 
 
 class _Counted:
@@ -131,25 +136,44 @@ class _Counted:
             return await self._engine.next_token_logprobs_many(contexts, True)
         if not self._join:  # nothing to wait for: a task and a turn of the loop saved
             return await self._engine.next_token_logprobs_many(contexts)
-        return await _joint(self._engine)(contexts)
+        return await _joint(self._engine, False)(contexts)
+
+    async def stepped(self, items: Items) -> list[Stepped]:
+        """The word search's calls: each item's next-token log-probs, and the model's state
+        after it when the engine keeps its states in this process (else None, and every item
+        is a whole context)."""
+        if self._cached or not self._engine.holds_states:
+            contexts = [item for item in items if not isinstance(item, Extension)]
+            if len(contexts) != len(items):  # no state was given, so none is extended
+                raise ValueError("an extension of a state the engine did not give")
+            return [(row, None) for row in await self(contexts)]
+        self.steps += len(items)
+        stepped: list[Stepped]
+        if not self._join:
+            stepped = list(await self._engine.next_token_states_many(items))
+        else:
+            stepped = await _joint(self._engine, True)(items)
+        return stepped
 
 
 class _Joint:
     """The next-token calls that sessions make in one turn of the event loop, run as one
     call of the engine (one batch): sessions woken together by their keystrokes share a step
     instead of running one step of one row each (the engine runs an idle step on the event
-    loop, so it never batches them by itself)."""
+    loop, so it never batches them by itself). With `states`, the word search's calls (each
+    answered with the model's state too, `Engine.next_token_states_many`)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, states: bool) -> None:
         # Weakly: `_JOINTS` is keyed by the engine, and a strong reference here would keep
         # every engine a reload replaced alive.
         self._engine = weakref.ref(engine)
-        self._waiting: list[tuple[Contexts, asyncio.Future[list[np.ndarray]]]] = []
+        self._states = states
+        self._waiting: list[tuple[Sequence[Any], asyncio.Future[list[Any]]]] = []
         self._runs: set[asyncio.Task[None]] = set()
 
-    async def __call__(self, contexts: Contexts) -> list[np.ndarray]:
+    async def __call__(self, contexts: Sequence[Any]) -> list[Any]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        future: asyncio.Future[list[Any]] = loop.create_future()
         if not self._waiting:  # the run starts on the next turn, with every call made by then
             run = loop.create_task(self._run())
             self._runs.add(run)
@@ -163,9 +187,12 @@ class _Joint:
             engine = self._engine()
             if engine is None:  # unreachable while a session awaits it; said, not assumed
                 raise RuntimeError("the model's engine was closed")
-            rows = await engine.next_token_logprobs_many(
-                [c for contexts, _ in waiting for c in contexts]
-            )
+            every = [c for contexts, _ in waiting for c in contexts]
+            rows: list[Any]
+            if self._states:
+                rows = await engine.next_token_states_many(every)
+            else:
+                rows = await engine.next_token_logprobs_many(every)
         except BaseException as e:  # each session gets the error (or the cancellation)
             for _, future in waiting:
                 if future.done():
@@ -184,13 +211,14 @@ class _Joint:
             at += len(contexts)
 
 
-_JOINTS: weakref.WeakKeyDictionary[Engine, _Joint] = weakref.WeakKeyDictionary()
+_JOINTS: weakref.WeakKeyDictionary[Engine, dict[bool, _Joint]] = weakref.WeakKeyDictionary()
 
 
-def _joint(engine: Engine) -> _Joint:
-    joint = _JOINTS.get(engine)
+def _joint(engine: Engine, states: bool) -> _Joint:
+    joints = _JOINTS.setdefault(engine, {})
+    joint = joints.get(states)
     if joint is None:
-        joint = _JOINTS[engine] = _Joint(engine)
+        joint = joints[states] = _Joint(engine, states)
     return joint
 
 
@@ -237,7 +265,7 @@ async def predict_words(
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(k, settings.keep)
     result = await search(
-        counted, context, table, after_space, match, filters, settings, want, resume
+        counted.stepped, context, table, after_space, match, filters, settings, want, resume
     )
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result

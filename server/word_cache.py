@@ -14,6 +14,9 @@ over them). Cached words the model did not propose join the candidates: for a ch
 model the words its search did not reach, for a word model the vocabulary words below its top
 candidates and the words it lacks (names the user typed, out of its vocabulary). The server's
 `--no-word-cache`, or `word_cache: false` on a request, leaves the suggestions the model's.
+
+A typing session keeps its text's counts (server/word_counts.py) and updates them with the
+words an event appends, instead of counting the whole window again at every separator.
 """
 
 from __future__ import annotations
@@ -22,27 +25,18 @@ import bisect
 import functools
 import heapq
 import math
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from server.text import TextCodec
-from server.words import Filters, Matcher, Word, fold
+from server.word_counts import CACHE_CHARS, WordCounts
+from server.words import Filters, Matcher, Word
 
-# A word in the text, as the suggestions are made of: a word model's tokenizer splits off every
-# character but letters, digits and underscores; the word search of character and BPE models
-# keeps apostrophes inside words (server/words.py `is_word`).
-_WORDS = {
-    "word": re.compile(r"\w+"),
-    "char": re.compile(r"(?:[^\W_]|['\u2019])+"),
-    "bpe": re.compile(r"(?:[^\W_]|['\u2019])+"),
-}
+__all__ = ["CACHE_CHARS", "Mixer", "WordCache", "WordCacheSettings", "piece_known", "vocab_known"]
+
 _MAX_CHAR = "\U0010ffff"
-# The cache holds the words of the context's last this many characters (a longer context costs
-# no more; at the tuned decay, a word this far back counts for nothing).
-CACHE_CHARS = 8192
 
 
 @dataclass(frozen=True)
@@ -67,22 +61,38 @@ class WordCacheSettings:
         self, asked: bool | None, previous: WordCache | None, text: str, kind: str
     ) -> Mixer | None:
         """The word cache of `text` to mix in, or None when off (`asked`: the request's
-        word_cache, None when unset). `previous` is reused when it is of the same text (a
-        keystroke that only extends the partial word)."""
+        word_cache, None when unset). `previous` (the session's cache for its last text) is
+        reused when it is of the same text (a keystroke that only extends the partial word),
+        and updated with the words appended when `text` extends it (a separator, a tap)."""
         if not (self.default if asked is None else asked):
             return None
         if previous is not None and previous.text == text:
             return Mixer(previous, self.weight)
-        return Mixer(WordCache.of(text, kind, self.decay, self.bigram), self.weight)
+        counts = None
+        if previous is not None and (previous.counts.kind, previous.counts.decay) == (
+            kind,
+            self.decay,
+        ):
+            counts = previous.counts.follow(text)  # updated in place: `previous` is replaced
+        if counts is None:
+            counts = WordCounts.of(text, kind, self.decay)
+        return Mixer(WordCache.of_counts(counts, self.bigram), self.weight)
 
 
 @dataclass(frozen=True)
 class WordCache:
-    """The words of one text with their decayed counts (`weights`, summing to `total`)."""
+    """The word cache of one text: each counted word's weight (see the module doc), summing to
+    `total` (1 with a bigram share).
+
+    A view of the text's `WordCounts` at that text, valid until they follow a longer one: a
+    word's weight is its scaled count times `scale`, plus its share of the words that
+    followed the last word (`follows`)."""
 
     text: str
-    weights: dict[str, float]
+    counts: WordCounts
     total: float
+    scale: float
+    follows: dict[str, float]
 
     @staticmethod
     def of(text: str, kind: str, decay: float, bigram: float = 0.0) -> WordCache:
@@ -90,76 +100,70 @@ class WordCache:
 
         With `bigram`, a word's weight is (1 - bigram) times its share of the words plus
         `bigram` times its share of the words that followed the text's last word before."""
-        found = _WORDS.get(kind, _WORDS["word"]).findall(text[-CACHE_CHARS:])
-        if found and text.endswith(found[-1]):
-            found.pop()  # still being typed
-        if len(text) > CACHE_CHARS and found:
-            found.pop(0)  # perhaps cut
-        weights: dict[str, float] = {}
-        after: dict[str, float] = {}  # the words that followed the last one, weighted
-        weight = 1.0
-        last = found[-1] if found else ""
-        for i in range(len(found) - 1, -1, -1):  # the newest first, its weight 1
-            w = found[i]
-            weights[w] = weights.get(w, 0.0) + weight
-            if bigram and i and found[i - 1] == last and i < len(found) - 1:
-                after[w] = after.get(w, 0.0) + weight
-            weight *= decay
-        total = sum(weights.values())
+        return WordCache.of_counts(WordCounts.of(text, kind, decay), bigram)
+
+    @staticmethod
+    def of_counts(counts: WordCounts, bigram: float) -> WordCache:
+        after = counts.after_last() if bigram else {}
         if not after:
-            return WordCache(text, weights, total)
+            scale = counts.scale
+            return WordCache(counts.text, counts, counts.total * scale, scale, {})
         follow = sum(after.values())
-        mixed = {
-            w: (1 - bigram) * c / total + bigram * after.get(w, 0.0) / follow
-            for w, c in weights.items()
-        }
-        return WordCache(text, mixed, 1.0)
+        follows = {w: bigram * c / follow for w, c in after.items()}
+        return WordCache(counts.text, counts, 1.0, (1 - bigram) / counts.total, follows)
 
-    @functools.cached_property
-    def by_weight(self) -> list[tuple[str, float]]:
-        return sorted(self.weights.items(), key=lambda item: -item[1])
+    def weight(self, word: str) -> float:
+        """`word`'s weight (0 when it is not counted)."""
+        scaled = self.counts.scaled.get(word)
+        if scaled is None:
+            return 0.0
+        bonus = self.follows.get(word)
+        return scaled * self.scale if bonus is None else scaled * self.scale + bonus
 
-    def _index(self, folding: bool) -> tuple[list[str], list[str]]:
-        norm = fold if folding else _same
-        keyed = sorted((norm(w), w) for w in self.weights)
-        return [k for k, _ in keyed], [w for _, w in keyed]
+    @property
+    def weights(self) -> dict[str, float]:
+        """Every counted word's weight."""
+        return {w: self.weight(w) for w in self.counts.scaled}
 
-    @functools.cached_property
-    def _exact(self) -> tuple[list[str], list[str]]:
-        return self._index(False)
+    def by_weight(self) -> Iterator[tuple[str, float]]:
+        """Every counted word and its weight, the heaviest first (of equal weights, the one
+        seen last first), computed as they are read."""
+        scale, follows = self.scale, self.follows
+        plain = (
+            (c * scale, newest, w) for c, newest, w in self.counts.ranked() if w not in follows
+        )
+        if not follows:
+            return ((w, -c) for c, _, w in plain)
+        newest = self.counts.newest
+        boosted = sorted((-self.weight(w), -newest[w], w) for w in follows)
+        return ((w, -c) for c, _, w in heapq.merge(plain, boosted))
 
-    @functools.cached_property
-    def _folded(self) -> tuple[list[str], list[str]]:
-        return self._index(True)
-
-    @functools.cached_property
-    def _folded_weights(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for w, c in self.weights.items():
-            out[fold(w)] = out.get(fold(w), 0.0) + c
-        return out
-
-    def mass(self, entries: list[tuple[str, float]], match: Matcher, filters: Filters) -> float:
-        """The weight of `entries` (this cache's words that match) less the blocked ones."""
+    def mass(self, match: Matcher, filters: Filters) -> float:
+        """The weight of this cache's words that match, less the blocked ones."""
         if match.partial:
-            return sum(c for w, c in entries if filters.allows(w))
-        folded = self._folded_weights
-        if len(filters.blocked) < len(folded):
-            return self.total - sum(folded.get(b, 0.0) for b in filters.blocked)
-        return self.total - sum(c for w, c in folded.items() if w in filters.blocked)
+            return sum(c for w, c in self.matching(match) if filters.allows(w))
+        by_fold = self.counts.by_fold
+        if len(filters.blocked) < len(by_fold):
+            keys: Iterable[str] = filters.blocked
+        else:
+            keys = [k for k in by_fold if k in filters.blocked]
+        blocked = sum(self.weight(w) for k in keys for w in by_fold.get(k, ()))
+        return self.total - blocked
 
-    def matching(self, match: Matcher) -> list[tuple[str, float]]:
+    def matching(self, match: Matcher) -> Iterable[tuple[str, float]]:
         """The cached words that match the partial word, the heaviest first."""
         if not match.partial:
-            return self.by_weight
-        keys, words = self._folded if match.folding else self._exact
-        lo = bisect.bisect_left(keys, match.key)
-        hi = bisect.bisect_left(keys, match.key + _MAX_CHAR)
-        return sorted(((w, self.weights[w]) for w in words[lo:hi]), key=lambda item: -item[1])
-
-
-def _same(text: str) -> str:
-    return text
+            return self.by_weight()
+        counts = self.counts
+        if match.folding:
+            lo = bisect.bisect_left(counts.folded, (match.key,))
+            hi = bisect.bisect_left(counts.folded, (match.key + _MAX_CHAR,))
+            words = [w for _, w in counts.folded[lo:hi]]
+        else:
+            lo = bisect.bisect_left(counts.exact, match.key)
+            hi = bisect.bisect_left(counts.exact, match.key + _MAX_CHAR)
+            words = counts.exact[lo:hi]
+        return sorted(((w, self.weight(w)) for w in words), key=lambda item: -item[1])
 
 
 # A cached word the model did not propose, with its log-probability under the model (a word
@@ -197,7 +201,7 @@ class Mixer:
         keep, mixed = math.log1p(-lam), {}
         for w in words:
             if match.matches(w.text) and filters.allows(w.text):
-                c = self.cache.weights.get(w.text, 0.0)
+                c = self.cache.weight(w.text)
                 mixed[w.text] = Word(w.text, _mixed(w.logprob, keep, lam * c / n), w.ids)
         # A word the model did not propose has at most the 2k-th proposal's probability (a
         # word model's proposals are its top 2k; a search's words are all it found).
@@ -221,7 +225,7 @@ class Mixer:
                 heapq.heappushpop(top, word.logprob)
             bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
         if total is not None:
-            total = _mixed(total, keep, lam * self.cache.mass(entries, match, filters) / n)
+            total = _mixed(total, keep, lam * self.cache.mass(match, filters) / n)
         return list(mixed.values()), total
 
 

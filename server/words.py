@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.requests import Extension, State
 from server.text import TextCodec
 
 # How `partial_word` is matched when the request does not say: word models keep their exact
@@ -339,6 +340,15 @@ class _Hypothesis:
     logprob: float
     ids: tuple[int, ...]
     text: str
+    # The model's state before the last piece, as the engine gave it (None: not known, the
+    # whole context is stepped): the hypothesis is stepped from there by that piece alone.
+    parent: State | None = None
+
+    def item(self, base: np.ndarray) -> np.ndarray | Extension:
+        """What the engine steps for this hypothesis after the context `base`."""
+        if self.parent is not None and self.ids:
+            return Extension(self.parent, self.ids[-1])
+        return np.append(base, np.array(self.ids, np.int64))
 
 
 @dataclass(frozen=True)
@@ -354,6 +364,7 @@ class Unsearched:
     row: np.ndarray | None = None
     pieces: _Pieces | None = None
     best: float = -math.inf  # the most of `row` over `pieces`
+    state: State | None = None  # the model's state after the hypothesis, with `row`
 
     def _dropped(self, key: str) -> np.ndarray:
         """The ids of the pieces not kept that lead to words matching `key`."""
@@ -387,7 +398,7 @@ class Unsearched:
         ids = self._dropped(key)
         scores = self.row[ids].tolist()
         return [
-            _Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i])
+            _Hypothesis(h.logprob + score, (*h.ids, i), h.text + table.text[i], self.state)
             for i, score in zip(ids.tolist(), scores, strict=True)
         ]
 
@@ -412,10 +423,13 @@ class SearchResult:
         return all(u.bound(match.key) <= bar for u in self.unsearched)
 
 
-# The next-token log-probs after each of many contexts (one batch of the engine).
-# Contexts go as arrays: a session's context grows to thousands of tokens, and the engine turns
-# a list into an array for every hypothesis (15 % of the server's CPU on the typing benchmark).
-NextLogprobs = Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]
+# The next-token log-probs after each of many contexts (one batch of the engine), with the
+# model's state there when the engine keeps it in this process (else None). A hypothesis goes
+# as an `Extension` of its parent's state when that is known, else as its whole context, an
+# array (the engine would turn a list into one for every hypothesis).
+NextLogprobs = Callable[
+    [list[np.ndarray | Extension]], Awaitable[list[tuple[np.ndarray, State | None]]]
+]
 
 
 async def search(
@@ -446,16 +460,17 @@ async def search(
     for _ in range(settings.depth + 1):
         if not live:
             break
-        rows = await next_logprobs([np.append(base, np.array(h.ids, np.int64)) for h in live])
+        stepped = await next_logprobs([h.item(base) for h in live])
         steps += len(live)
-        grid = np.stack(rows)
+        grid = np.stack([row for row, _ in stepped])
         for h, logprobs in zip(live, grid, strict=True):
             if table.is_word(h.text) and match.matches(h.text) and filters.allows(h.text):
                 end = _logsumexp(logprobs[table.boundary])
                 _add(found, Word(h.text, h.logprob + end, h.ids), merge=False)
         best = sorted((w.logprob for w in found.values()), reverse=True)
         bar = best[want - 1] if len(best) >= want else -math.inf
-        expand = _Round(live, grid, table, after_space, match, settings.depth)
+        states = [state for _, state in stepped]
+        expand = _Round(live, grid, states, table, after_space, match, settings.depth)
         live, rest = expand.grow(settings.width, bar)
         left += rest
         if not live or (found and time.perf_counter() > deadline):
@@ -502,12 +517,14 @@ class _Round:
         self,
         live: list[_Hypothesis],
         grid: np.ndarray,
+        states: list[State | None],
         table: PieceTable,
         after_space: bool,
         match: Matcher,
         depth: int,
     ) -> None:
         self.live, self.grid, self.table, self.match = live, grid, table, match
+        self.states = states  # the model's state after each (None: not known)
         self.allowed = np.zeros(grid.shape, dtype=bool)  # pieces each may be extended by
         self.matching = np.zeros(grid.shape, dtype=bool)  # ... that can still match
         self.pieces: list[_Pieces | None] = []
@@ -537,15 +554,16 @@ class _Round:
         top = top[scores[top] > bar]  # -inf never is
         top = top[np.argsort(-scores[top], kind="stable")]
         rows, ids = np.divmod(top, self.grid.shape[1])
+        states = self.states
         children = [
-            _Hypothesis(score, (*live[j].ids, i), live[j].text + table.text[i])
+            _Hypothesis(score, (*live[j].ids, i), live[j].text + table.text[i], states[j])
             for j, i, score in zip(rows.tolist(), ids.tolist(), scores[top].tolist(), strict=True)
         ]
         left = np.where(self.allowed, self.grid, -np.inf)
         left[rows, ids] = -np.inf
         most = left.max(axis=1).tolist()
         rest = [
-            Unsearched(self.match.norm(h.text), h, left[j], pieces, most[j])
+            Unsearched(self.match.norm(h.text), h, left[j], pieces, most[j], states[j])
             for j, (h, pieces) in enumerate(zip(live, self.pieces, strict=True))
             if pieces is not None
         ]

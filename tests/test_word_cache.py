@@ -6,6 +6,7 @@ exactly."""
 from __future__ import annotations
 
 import math
+import random
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,10 @@ from test_server import LiveServer, config
 
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
+from server import word_counts
 from server.word_cache import WordCache, WordCacheSettings
+from server.word_counts import WORDS
+from server.words import Filters, Matcher
 
 CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
 MODELS = {CHAR: ("gru", "char"), BPE: ("rnn_tanh", "bpe"), WORD: ("lstm", "word")}
@@ -163,3 +167,95 @@ def test_a_session_learns_a_word_as_it_is_typed(clients: dict[str, Client], mode
     if model == WORD:  # a letter keystroke still runs no model step
         assert [r.model_steps for r in replies[2:]] == [0, 0, 0]
     assert math.isclose(sum(p.probability for p in replies[3].predictions), 1.0, rel_tol=1e-5)
+
+
+def _recount(text: str, kind: str, decay: float, bigram: float, window: int) -> dict[str, float]:
+    """The word cache's weights counted from scratch, as they are defined (the module doc)."""
+    found = WORDS[kind].findall(text[-window:])
+    if found and text.endswith(found[-1]):
+        found.pop()
+    if len(text) > window and found:
+        found.pop(0)
+    weights: dict[str, float] = {}
+    after: dict[str, float] = {}
+    for age, i in enumerate(range(len(found) - 1, -1, -1)):
+        weights[found[i]] = weights.get(found[i], 0.0) + decay**age
+        if bigram and 0 < i < len(found) - 1 and found[i - 1] == found[-1]:
+            after[found[i]] = after.get(found[i], 0.0) + decay**age
+    total = sum(weights.values())
+    if not after:
+        return weights
+    follow = sum(after.values())
+    return {
+        w: (1 - bigram) * c / total + bigram * after.get(w, 0.0) / follow
+        for w, c in weights.items()
+    }
+
+
+def _typed(seed: int) -> Iterator[str]:
+    """A session's texts: words and separators appended, now and then a reset or a run of
+    separators as long as the window (the words before it leave)."""
+    rng = random.Random(seed)
+    words = [
+        "to",
+        "be",
+        "or",
+        "not",
+        "that",
+        "is",
+        "the",
+        "question",
+        "Lord",
+        "lord",
+        "it's",
+        "o'",
+        "thee",
+    ]
+    text = ""
+    for i in range(400):
+        if rng.random() < 0.02:
+            text = " ".join(rng.choices(words, k=rng.randrange(0, 30)))
+        elif rng.random() < 0.03 or i in (200, 201):
+            text += "-" * 110
+        else:
+            text += rng.choice(words)[: rng.randrange(1, 9)] + rng.choice(
+                [" ", " ", ", ", ".\n", ""]
+            )
+        yield text
+
+
+@pytest.mark.parametrize(
+    ("kind", "decay", "bigram"), [("char", 1.0, 0.0), ("char", 0.9, 0.3), ("word", 0.5, 0.6)]
+)
+def test_a_session_s_cache_updated_word_by_word_equals_one_counted_anew(
+    monkeypatch: pytest.MonkeyPatch, kind: str, decay: float, bigram: float
+) -> None:
+    """The counts a session updates as its text grows (a small window, so that words leave
+    it; frequent rescaling) give the weights, order and masses of a count from scratch."""
+    window = 120
+    monkeypatch.setattr(word_counts, "CACHE_CHARS", window)
+    monkeypatch.setattr(word_counts, "_RESCALE_LOG", 3.0)
+    settings = WordCacheSettings(weight=0.1, decay=decay, bigram=bigram)
+    cache = None
+    for text in _typed(seed=len(kind) + int(10 * decay)):
+        mixer = settings.mixer(True, cache, text, kind)
+        assert mixer is not None
+        cache = mixer.cache
+        expected = _recount(text, kind, decay, bigram, window)
+        assert cache.weights == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert cache.total == pytest.approx(sum(expected.values()), rel=1e-9)
+        ranked = list(cache.by_weight())
+        assert [c for _, c in ranked] == sorted((c for _, c in ranked), reverse=True)
+        assert {w for w, _ in ranked} == set(expected)
+        if decay == 1.0:  # integer counts: equal weights, the word seen last first
+            assert [w for w, _ in ranked] == [w for w, _ in sorted_by_weight(expected)]
+        for match in (Matcher("t", True), Matcher("L", False), Matcher("", True)):
+            matched = {w: c for w, c in expected.items() if match.matches(w)}
+            assert dict(cache.matching(match)) == pytest.approx(matched, rel=1e-9, abs=1e-12)
+            blocked = Filters(frozenset({"lord", "thee"}))
+            mass = sum(c for w, c in matched.items() if blocked.allows(w))
+            assert cache.mass(match, blocked) == pytest.approx(mass, rel=1e-9, abs=1e-12)
+
+
+def sorted_by_weight(weights: dict[str, float]) -> list[tuple[str, float]]:
+    return sorted(weights.items(), key=lambda item: -item[1])

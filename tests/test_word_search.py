@@ -24,11 +24,13 @@ from rnnlm.bundle import LEXICON_FILE, BundleError, add_lexicon, load_manifest
 from rnnlm.cli import main
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
+from server.requests import Extension, State
 from server.text import TextCodec
 from server.typing import Ask, Memory, predict_words
 from server.words import (
     Filters,
     Matcher,
+    NextLogprobs,
     WordSettings,
     lexicon_of,
     piece_table,
@@ -103,12 +105,26 @@ def test_the_bundle_carries_its_lexicon(bundle_dir: Path, tmp_path: Path) -> Non
         load_manifest(broken)
 
 
+def _whole_contexts(engine: Engine) -> NextLogprobs:
+    """The search's engine calls as an engine in another process makes them: every
+    hypothesis a whole context, no state kept."""
+
+    async def call(items: list[np.ndarray | Extension]) -> list[tuple[np.ndarray, State | None]]:
+        contexts = [item for item in items if not isinstance(item, Extension)]
+        assert len(contexts) == len(items)
+        return [(row, None) for row in await engine.next_token_logprobs_many(contexts)]
+
+    return call
+
+
+@pytest.mark.parametrize("states", [True, False], ids=["states", "contexts"])
 @pytest.mark.parametrize("partial", ["", "t", "b", "r"])
 def test_a_lexicon_search_returns_the_likeliest_lexicon_words_exactly(
-    engine: Engine, partial: str
+    engine: Engine, partial: str, states: bool
 ) -> None:
     """With a width above the vocabulary the search is exact: its k words are the k likeliest
-    lexicon words that match, each with its model probability."""
+    lexicon words that match, each with its model probability; whether it steps its
+    hypotheses from their parents' states or sends their whole contexts."""
     codec = TextCodec(engine.bundle)
     table = piece_table(codec, True, engine.bundle.lexicon)
     lexicon = read_lexicon(engine.bundle.lexicon)
@@ -116,9 +132,8 @@ def test_a_lexicon_search_returns_the_likeliest_lexicon_words_exactly(
     settings = WordSettings(width=512, budget_ms=60_000.0)
     match = Matcher(partial, True)
     ids = codec.encode(CONTEXT)
-    result = _run(
-        search(engine.next_token_logprobs_many, ids, table, False, match, Filters(), settings, 3),
-    )
+    step = engine.next_token_states_many if states else _whole_contexts(engine)
+    result = _run(search(step, ids, table, False, match, Filters(), settings, 3))
     found = {w.text: w.logprob for w in result.words}
     assert found and set(found) <= lexicon.words
     exact = {w: _exact(engine, codec, w) for w in lexicon.words if w.startswith(partial)}
@@ -239,3 +254,41 @@ def test_every_keystroke_answered_from_stored_words_is_exact(
 
     filtered, compared = asyncio.run(main())
     assert filtered >= 1 and compared == filtered
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "workers"])
+def test_a_state_extended_by_a_token_equals_the_whole_context(
+    bundle_dir: Path, inline: bool
+) -> None:
+    """`next_token_states_many`: a context's log-probs and state, then extensions of that
+    state by one token each, equal the whole contexts' log-probs, whether run at once on the
+    event loop (an idle engine) or queued for the workers (a busy one); extensions are not
+    cached, and a token outside the vocabulary is refused."""
+    bundle = load_bundle(bundle_dir)
+    context = TextCodec(bundle).encode(CONTEXT)
+
+    async def main() -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
+        engine = Engine(bundle, EngineConfig())
+        await engine.start()
+        try:
+            if not inline:  # as when other work is queued: every request goes to the workers
+                engine._inline_now = lambda: False  # type: ignore[method-assign]
+            ((row, state),) = await engine.next_token_states_many([np.array(context)])
+            cached = len(engine.cache)
+            items = [Extension(state, t) for t in (3, 4, 5)]
+            stepped = await engine.next_token_states_many([*items, np.array(context)])
+            grand = await engine.next_token_states_many([Extension(stepped[0][1], 6)])
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                await engine.next_token_states_many([Extension(state, bundle.vocab_size)])
+            after = len(engine.cache)
+            whole = [[*context, t] for t in (3, 4, 5)] + [context, [*context, 3, 6]]
+            expected = [await engine.next_token_logprobs(c) for c in whole]
+            assert np.array_equal(stepped[3][0], row)  # the context itself: from the cache
+            return [r for r, _ in stepped] + [grand[0][0]], expected, cached, after
+        finally:
+            await engine.close()
+
+    got, expected, cached, after = asyncio.run(main())
+    assert after == cached  # the extensions added no entry to the state cache
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
