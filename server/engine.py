@@ -358,20 +358,12 @@ class Engine:
         results: list[tuple[np.ndarray, State] | None] = [None] * len(items)
         made: list[tuple[int, StateNextRequest]] = []
         vocab = self.bundle.vocab_size
-        extensions = [(i, e) for i, e in enumerate(items) if isinstance(e, Extension)]
-        for _, e in extensions:
-            if not 0 <= e.token < vocab:
-                raise ValueError(f"token {e.token} is outside the vocabulary ({vocab})")
-        if extensions and self._inline_now():
-            stepped = self._step_extensions([e for _, e in extensions])
-            for (i, _), result in zip(extensions, stepped, strict=True):
-                results[i] = result
-        else:
-            for i, e in extensions:
-                feed = np.array([e.token], dtype=np.int64)
-                made.append((i, StateNextRequest(_NO_CONTEXT, feed, e.state, None, _ignore)))
         for i, item in enumerate(items):
             if isinstance(item, Extension):
+                if not 0 <= item.token < vocab:
+                    raise ValueError(f"token {item.token} is outside the vocabulary ({vocab})")
+                feed = np.array([item.token], dtype=np.int64)
+                made.append((i, StateNextRequest(_NO_CONTEXT, feed, item.state, None, _ignore)))
                 continue
             ids = self._tokens(item, "context_ids")
             start = self._start(ids)
@@ -385,24 +377,6 @@ class Engine:
             assert request.final is not None  # answered, so its state was kept
             results[i] = (cast(np.ndarray, payload), request.final)
         return cast(list[tuple[np.ndarray, State]], results)  # every item's is set above
-
-    def _step_extensions(self, extensions: Sequence[Extension]) -> list[tuple[np.ndarray, State]]:
-        """Extensions stepped here at once (when `_inline_now`), in one run of the step graph:
-        the same run as their requests' in a batch of their own, without the requests, the
-        batch and the state cache's entries (their per-row work cost as much as the run)."""
-        assert self._scheduler is not None
-        tokens = np.array([[e.token] for e in extensions], dtype=np.int64)
-        width = len(extensions[0].state)
-        states = [np.stack([e.state[j] for e in extensions], axis=1) for j in range(width)]
-        try:
-            logits, _, new = self._scheduler.runner.step(tokens, states)
-        except Exception as e:  # onnxruntime raises several types
-            raise EngineError(f"onnxruntime run failed: {e}") from e
-        logprobs = _frozen(log_softmax(logits[:, -1, :]))
-        return [
-            (logprobs[i], tuple(_frozen(s[:, i, :].copy()) for s in new))
-            for i in range(len(extensions))
-        ]
 
     async def _next_with_cache(self, ids: np.ndarray) -> np.ndarray:
         params = self.cache_params()

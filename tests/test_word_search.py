@@ -25,6 +25,7 @@ from rnnlm.cli import main
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.requests import Extension, State
+from server.sampling import SamplingParams
 from server.text import TextCodec
 from server.typing import Ask, Memory, predict_words
 from server.words import (
@@ -256,35 +257,38 @@ def test_every_keystroke_answered_from_stored_words_is_exact(
     assert filtered >= 1 and compared == filtered
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "workers"])
-def test_a_state_extended_by_a_token_equals_the_whole_context(
-    bundle_dir: Path, inline: bool
-) -> None:
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_state_extended_by_a_token_equals_the_whole_context(bundle_dir: Path, busy: bool) -> None:
     """`next_token_states_many`: a context's log-probs and state, then extensions of that
-    state by one token each, equal the whole contexts' log-probs, whether run at once on the
-    event loop (an idle engine) or queued for the workers (a busy one); extensions are not
-    cached, and a token outside the vocabulary is refused."""
+    state by one token each (run inline when idle; through the workers with a long feed
+    beside them while a generation runs), equal the whole contexts' log-probs; extensions are
+    not cached, and a token outside the vocabulary is refused."""
     bundle = load_bundle(bundle_dir)
     context = TextCodec(bundle).encode(CONTEXT)
+    long = [*context, *TextCodec(bundle).encode(" the dog likes the red ball")] if busy else []
 
     async def main() -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
         engine = Engine(bundle, EngineConfig())
         await engine.start()
         try:
-            if not inline:  # as when other work is queued: every request goes to the workers
-                engine._inline_now = lambda: False  # type: ignore[method-assign]
+            stream = engine.generate([3], 200, SamplingParams(temperature=1.0, seed=1))
+            if busy:
+                await anext(stream)  # a generation keeps the workers busy meanwhile
             ((row, state),) = await engine.next_token_states_many([np.array(context)])
             cached = len(engine.cache)
             items = [Extension(state, t) for t in (3, 4, 5)]
-            stepped = await engine.next_token_states_many([*items, np.array(context)])
+            beside = [np.array(long)] if long else []
+            stepped = await engine.next_token_states_many([*items, np.array(context), *beside])
             grand = await engine.next_token_states_many([Extension(stepped[0][1], 6)])
             with pytest.raises(ValueError, match="outside the vocabulary"):
                 await engine.next_token_states_many([Extension(state, bundle.vocab_size)])
-            after = len(engine.cache)
+            after = len(engine.cache) - len(beside)  # the long context was cached
+            await stream.aclose()
             whole = [[*context, t] for t in (3, 4, 5)] + [context, [*context, 3, 6]]
             expected = [await engine.next_token_logprobs(c) for c in whole]
+            got = [r for r, _ in stepped[:4]] + [grand[0][0]]
             assert np.array_equal(stepped[3][0], row)  # the context itself: from the cache
-            return [r for r, _ in stepped] + [grand[0][0]], expected, cached, after
+            return got, expected, cached, after
         finally:
             await engine.close()
 
