@@ -38,11 +38,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from server.sampler import GRAPH_PATH, HASH_MIX, HASH_SHIFTS, HASH_START
+from server.sampling import BLOCK
 
 OPSET = 18  # BitwiseXor and BitwiseAnd
 _HEAD = 256  # sorted candidates for top-p before falling back to the whole row
 _BISECT = 12  # bisection steps of a nucleus wider than the candidates, before its sort
-_BLOCK = 128  # tokens per block of the inverse CDF's two-level search
+_BLOCK = BLOCK  # tokens per block of the inverse CDF's two-level search (server.sampling)
 _LOGITS = "logits_2d"  # the logits input, viewed as [B, V]
 _F, _D, _I, _B = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 

@@ -143,6 +143,23 @@ ROW_KERNEL static double block_sums(const float *x, int64_t n, float m, float sc
     return total;
 }
 
+/* A row's banned ids are sorted and in the vocabulary (`sample` checks them); `n_banned` is
+   how many there are. The first index of banned[] holding an id >= `id`: */
+static int64_t first_ban_from(const int64_t *banned, int64_t n_banned, int64_t id) {
+    int64_t lo = 0, hi = n_banned;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (banned[mid] < id) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static int is_banned(const int64_t *banned, int64_t n_banned, int64_t id) {
+    int64_t j = first_ban_from(banned, n_banned, id);
+    return j < n_banned && banned[j] == id;
+}
+
 /* w[i - start] = exp((x[i] - m) * scale) for the ids of one block, 0 for banned ones and
    those below `floor`. */
 ROW_KERNEL static void block_weights(const float *x, int64_t start, int64_t end, float m, float scale,
@@ -152,14 +169,8 @@ ROW_KERNEL static void block_weights(const float *x, int64_t start, int64_t end,
         vf e = (vf)((vi)vexp((v - m) * scale) & (v >= floor));
         for (int64_t k = 0; k < LANES && i + k < end; k++) w[i + k - start] = e[k];
     }
-    for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++)
-        if (banned[j] >= start && banned[j] < end) w[banned[j] - start] = 0.0f;
-}
-
-static int is_banned(const int64_t *banned, int64_t n_banned, int64_t id) {
-    for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++)
-        if (banned[j] == id) return 1;
-    return 0;
+    for (int64_t j = first_ban_from(banned, n_banned, start); j < n_banned && banned[j] < end; j++)
+        w[banned[j] - start] = 0.0f;
 }
 
 /* The allowed id with the largest logit, lowest id on ties; -1 if none. */
@@ -183,8 +194,9 @@ static int64_t greedy(const float *x, int64_t n, float m, const int64_t *banned,
     return best_allowed(x, n, banned, n_banned);
 }
 
-/* The k largest logits, most likely first, ties by the lower id (k <= n). */
-static void top_k(const float *x, int64_t n, int64_t k, int64_t *ids, float *vals) {
+/* The k largest logits, most likely first, ties by the lower id (k <= n): a row's reported
+   alternatives (`top_logprobs`), not the top-k filter. */
+static void top_alternatives(const float *x, int64_t n, int64_t k, int64_t *ids, float *vals) {
     int64_t have = 0;
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
@@ -214,8 +226,10 @@ static double allowed_sums(const float *x, int64_t n, Weights wt, float sums_m,
     if (wt.scale != 1.0f || wt.floor != -INFINITY || wt.m != sums_m)
         block_sums(x, n, wt.m, wt.scale, wt.floor, sums);
     float w[BLOCK];
-    for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++) { /* banned ids weigh nothing */
+    for (int64_t j = 0, last = -1; j < n_banned; j++) { /* banned ids weigh nothing */
         int64_t b = banned[j] / BLOCK, start = b * BLOCK, end = start + BLOCK < n ? start + BLOCK : n;
+        if (b == last) continue; /* the block is summed again once, whatever its bans */
+        last = b;
         block_weights(x, start, end, wt.m, wt.scale, wt.floor, banned, n_banned, w);
         float s = 0.0f;
         for (int64_t i = 0; i < end - start; i++) s += w[i];
@@ -452,7 +466,7 @@ static float filter_floor(const float *x, int64_t n, const int64_t *banned, int6
     if (f.top_p < 1.0 && w < HEAD) w = HEAD < n ? HEAD : n;
     for (;;) {
         for (int64_t i = 0; i < n; i++) buf[i] = x[i] == x[i] ? x[i] : -INFINITY;
-        for (int64_t j = 0; j < n_banned && banned[j] >= 0; j++) buf[banned[j]] = -INFINITY;
+        for (int64_t j = 0; j < n_banned; j++) buf[banned[j]] = -INFINITY;
         top_values(buf, n, w, vals);
         Filters g = f;
         g.top_k = f.top_k > n ? n : f.top_k;
@@ -567,8 +581,102 @@ static Py_ssize_t shape_of(PyObject *obj, Py_ssize_t rows, Py_ssize_t *width) {
     return got;
 }
 
+/* One call's rows and where their results go (see `sample`). */
+typedef struct {
+    const float *logits, *temperature, *top_p, *min_p;
+    const int64_t *top_k, *seed, *position, *banned, *top_counts;
+    int64_t *tokens, *top_ids;
+    float *logprobs, *lse, *top_lps;
+    char *lost;
+    int64_t rows, vocab, n_banned, k_max;
+} Job;
+
+/* What is wrong with a job's rows (NULL: nothing): reported ids must fit, and each row's
+   banned ids must be ids of the vocabulary in increasing order, then -1s. */
+static const char *check_job(const Job *job) {
+    for (int64_t r = 0; r < job->rows; r++) {
+        int64_t k = job->top_counts[r];
+        if (k < 0 || k > job->k_max || k > job->vocab) return "top_counts out of range";
+        const int64_t *ban = job->banned + r * job->n_banned;
+        for (int64_t j = 0, prev = -1, ended = 0; j < job->n_banned; j++) {
+            if (ban[j] == -1) ended = 1;
+            else if (ended || ban[j] <= prev || ban[j] >= job->vocab)
+                return "banned_ids must be increasing ids of the vocabulary, then -1s";
+            else prev = ban[j];
+        }
+    }
+    return NULL;
+}
+
+/* Row r of the job: its token (or `lost`), log-prob, log-sum-exp and alternatives. */
+static void sample_row(const Job *job, int64_t r, Scratch *scratch) {
+    int64_t vocab = job->vocab;
+    const float *x = job->logits + r * vocab;
+    const int64_t *ban = job->banned + r * job->n_banned;
+    int64_t n_ban = 0;
+    while (n_ban < job->n_banned && ban[n_ban] >= 0) n_ban++;
+    float m = row_max(x, vocab);
+    float row_lse = m + (float)log(block_sums(x, vocab, m, 1.0f, -INFINITY, scratch->sums));
+    int64_t token = -1; /* a row with NaN or infinite logits: lost, left to the graph */
+    if (isfinite(row_lse)) {
+        Filters f = {job->top_k[r], (double)job->top_p[r], job->min_p[r]};
+        double u = uniform(job->seed[r], job->position[r]);
+        token = row_token(x, vocab, m, job->temperature[r], f, u, ban, n_ban, scratch);
+    }
+    job->lost[r] = token < 0;
+    job->tokens[r] = token < 0 ? 0 : token;
+    job->lse[r] = row_lse;
+    job->logprobs[r] = token < 0 ? 0.0f : x[token] - row_lse;
+    int64_t k = job->top_counts[r];
+    if (k > 0) {
+        float *lps = job->top_lps + r * job->k_max;
+        top_alternatives(x, vocab, k, job->top_ids + r * job->k_max, lps);
+        for (int64_t j = 0; j < k; j++) lps[j] -= row_lse;
+    }
+}
+
 enum { LOGITS, TEMPERATURE, TOP_K, TOP_P, MIN_P, SEED, POSITION, BANNED, TOP_COUNTS, TOKENS,
        LOGPROBS, LSE, TOP_IDS, TOP_LPS, LOST, N_ARGS };
+
+/* The job of `sample`'s arguments, their buffers held in a[] (released by the caller);
+   -1 with an exception set when one is not what it must be. */
+static int job_of(PyObject *const *args, Arg *a, Job *job) {
+    Py_ssize_t vocab = 0, n_banned = 0, k_max = 0;
+    Py_ssize_t rows = shape_of(args[LOGITS], -1, &vocab);
+    if (rows == -2) return -1;
+    if (rows < 0 || vocab < 1 || (vocab + BLOCK - 1) / BLOCK > MAX_BLOCKS) {
+        PyErr_SetString(PyExc_ValueError, "logits must be [rows, vocab] with 1 <= vocab <= 8M");
+        return -1;
+    }
+    Py_ssize_t b1 = shape_of(args[BANNED], rows, &n_banned), b2 = shape_of(args[TOP_IDS], rows, &k_max);
+    if (b1 == -2 || b2 == -2) return -1;
+    if (b1 < 0 || b2 < 0) {
+        PyErr_SetString(PyExc_ValueError, "banned_ids and top_ids must be [rows, N]");
+        return -1;
+    }
+    static const char *names[N_ARGS] = {
+        "logits",     "temperature", "top_k",      "top_p",      "min_p",
+        "seed",       "position",    "banned_ids", "top_counts", "tokens",
+        "logprobs",   "lse",         "top_ids",    "top_logprobs", "lost"};
+    static const char *formats[N_ARGS] = {"f", "f", "q", "f", "f", "q", "q", "q",
+                                          "q", "q", "f", "f", "q", "f", "?"};
+    Py_ssize_t counts[N_ARGS] = {rows * vocab, rows, rows, rows, rows, rows, rows,
+                                 rows * n_banned, rows, rows, rows, rows, rows * k_max,
+                                 rows * k_max, rows};
+    for (int i = 0; i < N_ARGS; i++)
+        if (get(args[i], &a[i], names[i], formats[i], counts[i], i >= TOKENS) < 0) return -1;
+    *job = (Job){a[LOGITS].buf.buf, a[TEMPERATURE].buf.buf, a[TOP_P].buf.buf, a[MIN_P].buf.buf,
+                 a[TOP_K].buf.buf, a[SEED].buf.buf, a[POSITION].buf.buf, a[BANNED].buf.buf,
+                 a[TOP_COUNTS].buf.buf, a[TOKENS].buf.buf, a[TOP_IDS].buf.buf,
+                 a[LOGPROBS].buf.buf, a[LSE].buf.buf, a[TOP_LPS].buf.buf, a[LOST].buf.buf,
+                 rows, vocab, n_banned, k_max};
+    const char *wrong = check_job(job);
+    if (wrong != NULL) {
+        PyErr_SetString(PyExc_ValueError, wrong);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -580,50 +688,13 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "set_stream_hash was not called");
         return NULL;
     }
-    Py_ssize_t vocab = 0, n_banned = 0, k_max = 0;
-    Py_ssize_t rows = shape_of(args[LOGITS], -1, &vocab);
-    if (rows == -2) return NULL;
-    if (rows < 0 || vocab < 1 || (vocab + BLOCK - 1) / BLOCK > MAX_BLOCKS) {
-        PyErr_SetString(PyExc_ValueError, "logits must be [rows, vocab] with 1 <= vocab <= 8M");
-        return NULL;
-    }
-    Py_ssize_t b1 = shape_of(args[BANNED], rows, &n_banned), b2 = shape_of(args[TOP_IDS], rows, &k_max);
-    if (b1 == -2 || b2 == -2) return NULL;
-    if (b1 < 0 || b2 < 0) {
-        PyErr_SetString(PyExc_ValueError, "banned_ids and top_ids must be [rows, N]");
-        return NULL;
-    }
-    static const char *names[N_ARGS] = {
-        "logits",     "temperature", "top_k",  "top_p",    "min_p",
-        "seed",       "position",    "banned_ids", "top_counts", "tokens",
-        "logprobs",   "lse",         "top_ids",    "top_logprobs", "lost"};
-    static const char *formats[N_ARGS] = {"f", "f", "q", "f", "f", "q", "q", "q",
-                                          "q", "q", "f", "f", "q", "f", "?"};
-    Py_ssize_t counts[N_ARGS] = {rows * vocab, rows, rows, rows, rows, rows, rows,
-                                 rows * n_banned, rows, rows, rows, rows, rows * k_max,
-                                 rows * k_max, rows};
     Arg a[N_ARGS];
     memset(a, 0, sizeof a);
     PyObject *result = NULL;
-    for (int i = 0; i < N_ARGS; i++)
-        if (get(args[i], &a[i], names[i], formats[i], counts[i], i >= TOKENS) < 0) goto done;
-
-    const float *logits = a[LOGITS].buf.buf, *temperature = a[TEMPERATURE].buf.buf;
-    const int64_t *top_k_of = a[TOP_K].buf.buf;
-    const float *top_p = a[TOP_P].buf.buf, *min_p = a[MIN_P].buf.buf;
-    const int64_t *seed = a[SEED].buf.buf, *position = a[POSITION].buf.buf;
-    const int64_t *banned = a[BANNED].buf.buf, *top_counts = a[TOP_COUNTS].buf.buf;
-    int64_t *tokens = a[TOKENS].buf.buf, *top_ids = a[TOP_IDS].buf.buf;
-    float *logprobs = a[LOGPROBS].buf.buf, *lse = a[LSE].buf.buf, *top_lps = a[TOP_LPS].buf.buf;
-    char *lost = a[LOST].buf.buf;
-    for (Py_ssize_t r = 0; r < rows; r++)
-        if (top_counts[r] < 0 || top_counts[r] > k_max || top_counts[r] > vocab) {
-            PyErr_SetString(PyExc_ValueError, "top_counts out of range");
-            goto done;
-        }
-
-    int64_t blocks = (vocab + BLOCK - 1) / BLOCK;
-    float *floats = PyMem_RawMalloc(sizeof(float) * (blocks + 3 * vocab));
+    Job job;
+    if (job_of(args, a, &job) < 0) goto done;
+    int64_t blocks = (job.vocab + BLOCK - 1) / BLOCK;
+    float *floats = PyMem_RawMalloc(sizeof(float) * (blocks + 3 * job.vocab));
     double *cum = PyMem_RawMalloc(sizeof(double) * blocks);
     if (!floats || !cum) {
         PyMem_RawFree(floats);
@@ -631,27 +702,10 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_NoMemory();
         goto done;
     }
-    Scratch scratch = {floats, floats + blocks, floats + blocks + vocab,
-                       floats + blocks + 2 * vocab, cum};
+    Scratch scratch = {floats, floats + blocks, floats + blocks + job.vocab,
+                       floats + blocks + 2 * job.vocab, cum};
     Py_BEGIN_ALLOW_THREADS;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const float *x = logits + r * vocab;
-        const int64_t *ban = banned + r * n_banned;
-        float m = row_max(x, vocab);
-        float row_lse = m + (float)log(block_sums(x, vocab, m, 1.0f, -INFINITY, scratch.sums));
-        Filters f = {top_k_of[r], (double)top_p[r], min_p[r]};
-        int64_t token = row_token(x, vocab, m, temperature[r], f, uniform(seed[r], position[r]),
-                                  ban, n_banned, &scratch);
-        lost[r] = token < 0;
-        tokens[r] = token < 0 ? 0 : token;
-        lse[r] = row_lse;
-        logprobs[r] = token < 0 ? 0.0f : x[token] - row_lse;
-        int64_t k = top_counts[r];
-        if (k > 0) {
-            top_k(x, vocab, k, top_ids + r * k_max, top_lps + r * k_max);
-            for (int64_t j = 0; j < k; j++) top_lps[r * k_max + j] -= row_lse;
-        }
-    }
+    for (int64_t r = 0; r < job.rows; r++) sample_row(&job, r, &scratch);
     Py_END_ALLOW_THREADS;
     PyMem_RawFree(floats);
     PyMem_RawFree(cum);
@@ -751,4 +805,8 @@ static struct PyModuleDef module = {
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fastsample(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastsample(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0) Py_CLEAR(m);
+    return m;
+}

@@ -172,7 +172,7 @@ class Engine:
             choose_prefill_split, sessions, bundle, config.prefill_chunk, config.prefill_split
         )
         sessions.metrics = self.metrics
-        providers, options = providers_for(config.provider), session_options(config)
+        providers, options = self._sampler_providers(), session_options(config)
         sampler = functools.partial(row_sampler.choose, config.sampler, providers, options)
         step_config = StepConfig(
             bundle.vocab_size,
@@ -196,8 +196,14 @@ class Engine:
             cpu_bound=self.provider == CPU and config.intra_op_threads == 1,
         )
 
+    def _sampler_providers(self) -> list[str]:
+        """Where the sampler runs: where the step graph does (a CUDA request that fell back to
+        the CPU samples on the CPU, natively under "auto"). Known once the sessions are open."""
+        return [CPU] if self.provider == CPU else providers_for(self.config.provider)
+
     def _device_logits(self) -> bool:
-        """`EngineConfig.device_logits`, or by default: on CUDA with the sampler graph."""
+        """`EngineConfig.device_logits`, or by default: on CUDA with a sampler that takes them
+        there (the graph; "auto" on CUDA is the graph)."""
         config = self.config
         if config.device_logits is not None:
             return config.device_logits
@@ -228,7 +234,7 @@ class Engine:
                 f"{CUDA} for {self.bundle.step_graph} (it fell back to {self.provider}); "
                 "check the CUDA and cuDNN libraries"
             )
-        sampler = row_sampler.resolve(self.config.sampler, providers_for(self.config.provider))
+        sampler = row_sampler.resolve(self.config.sampler, self._sampler_providers())
         log.info(
             "%s version %s runs on %s, sampling with the %s sampler",
             self.bundle.name,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from server import sampling
 from server.engine_errors import EngineError
 from server.sampler import (
     HASH_MIX,
@@ -34,6 +35,10 @@ except ImportError:  # built without a C compiler: see available()
     _fastsample = None
 else:
     _fastsample.set_stream_hash(HASH_START, *HASH_MIX, *HASH_SHIFTS)
+    if _fastsample.BLOCK != sampling.BLOCK:  # the draw's blocks are the reference's
+        raise ImportError(
+            f"server/_fastsample.c's BLOCK {_fastsample.BLOCK} is not {sampling.BLOCK}"
+        )
 
 
 def available() -> bool:
@@ -62,14 +67,14 @@ class NativeSampler:
         """Sample float32 `logits` `[B, V]` (or `[B, 1, V]`; an `OrtValue` is copied to the
         host)."""
         logits = _rows_of(logits.numpy() if isinstance(logits, ort.OrtValue) else logits, rows)
-        plain = native_rows(rows)
-        if plain.all():
+        ours = native_rows(rows)
+        if ours.all():
             drawn, lost = self._native(logits, rows)
             if not lost.any():
                 return drawn
             native = np.arange(len(rows))
-        elif plain.any():
-            native = np.flatnonzero(plain)
+        elif ours.any():
+            native = np.flatnonzero(ours)
             drawn, lost = self._native(np.ascontiguousarray(logits[native]), rows.filter(native))
         else:
             return self._graph.sample(logits, rows)

@@ -31,7 +31,7 @@ MAX_TOP_LOGPROBS = 20
 # Tokens per block of the two-level searches. Blocks of at most 128 also make block sums
 # independent of how many trailing zeros a row carries (numpy sums <= 128 items in 8 fixed
 # lanes), which keeps thresholds identical whatever width the batch asked for.
-_BLOCK = 128
+BLOCK = 128
 # Candidates sorted first when top-p needs the head of the distribution; rows whose nucleus is
 # wider are redone with the whole row sorted.
 _TOP_P_CANDIDATES = 256
@@ -158,12 +158,12 @@ class Sampler:
         return buf[:rows]
 
     def _padded(self, name: str, rows: int, cols: int) -> np.ndarray:
-        """A float32 scratch buffer `[rows, blocks * _BLOCK]` whose columns past `cols` are 0.
+        """A float32 scratch buffer `[rows, blocks * BLOCK]` whose columns past `cols` are 0.
 
         Callers write only `[:, :cols]`, so the padding stays zero and block searches can
         read whole blocks without bounds checks (see `_locate`).
         """
-        width = -(-cols // _BLOCK) * _BLOCK
+        width = -(-cols // BLOCK) * BLOCK
         buf = self._scratch.get(name)
         if buf is None or buf.shape[0] < rows or buf.shape[1] != width:
             buf = self._scratch[name] = np.zeros((rows, width), dtype=np.float32)
@@ -483,8 +483,8 @@ def _banned_array(banned: frozenset[int]) -> np.ndarray:
 
 
 def _block_sums(w: np.ndarray) -> np.ndarray:
-    """The sums of each row's blocks of `_BLOCK` items, `[n, blocks]`."""
-    return np.add.reduceat(w, np.arange(0, w.shape[1], _BLOCK), axis=1)
+    """The sums of each row's blocks of `BLOCK` items, `[n, blocks]`."""
+    return np.add.reduceat(w, np.arange(0, w.shape[1], BLOCK), axis=1)
 
 
 def _locate(
@@ -507,10 +507,10 @@ def _locate(
     block = np.minimum(passed.sum(axis=1), block_cum.shape[1] - 1)
     idx = np.arange(n)
     before = np.where(block > 0, block_cum[idx, np.maximum(block - 1, 0)], 0.0)
-    picked = padded.reshape(len(padded), -1, _BLOCK)[idx if rows is None else rows, block]
+    picked = padded.reshape(len(padded), -1, BLOCK)[idx if rows is None else rows, block]
     running = before[:, None] + np.cumsum(picked, axis=1, dtype=np.float64)
     passed_in = running <= t if strict else running < t
-    return block * _BLOCK + passed_in.sum(axis=1)
+    return block * BLOCK + passed_in.sum(axis=1)
 
 
 def _inverse_cdf(

@@ -117,25 +117,39 @@ def test_penalised_rows_go_to_the_graph_and_the_others_stay(sampler: NativeSampl
     np.testing.assert_allclose(got.logprobs, graph.logprobs, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_it_cannot_draw_fall_back_to_the_graph(sampler: NativeSampler) -> None:
-    # Row 0: the banned id holds all the mass, so every allowed weight underflows; row 1: NaNs.
-    logits = np.zeros((3, 8), dtype=np.float32)
+def test_rows_it_cannot_draw_go_to_the_graph_as_they_are(sampler: NativeSampler) -> None:
+    # Row 0: the banned id holds all the mass, so every allowed weight underflows; rows 1 and
+    # 2: a NaN, plain and top-p; row 3: an infinite logit; row 4: drawn natively.
+    logits = np.random.default_rng(3).standard_normal((5, 300)).astype(np.float32)
     logits[0, 2] = 1000.0
-    logits[1, :] = np.nan
-    logits[2, 5] = 3.0
-    rows = rows_for(
-        [
-            SamplingParams(banned_ids=frozenset({2})),
-            SamplingParams(),
-            SamplingParams(temperature=0),
-        ],
-        8,
-    )
-    got = sampler.sample(logits, rows)
-    assert got.tokens[0] != 2 and 0 <= got.tokens[0] < 8
-    assert 0 <= got.tokens[1] < 8
-    assert got.tokens[2] == 5
-    np.testing.assert_allclose(got.logprobs[0], -1000.0, rtol=1e-5)
+    logits[1:3, 7] = np.nan
+    logits[3, 11] = np.inf
+    params = [
+        SamplingParams(banned_ids=frozenset({2})),
+        SamplingParams(),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=5),
+        SamplingParams(temperature=0),
+    ]
+    rows = rows_for(params, 300)
+    got, graph = sampler.sample(logits, rows), BatchSampler().sample(logits, rows)
+    np.testing.assert_array_equal(got.tokens[:4], graph.tokens[:4])
+    np.testing.assert_array_equal(got.logprobs[:4], graph.logprobs[:4])
+    assert got.tokens[0] != 2
+    assert got.tokens[4] == int(np.argmax(logits[4]))
+
+
+def test_many_bans_give_the_reference_ids(sampler: NativeSampler) -> None:
+    # Bans are looked up by bisection: a row banning nearly its whole vocabulary is cheap.
+    vocab = 10_000
+    keep = {17, 4242, 9999}
+    banned = frozenset(range(vocab)) - keep
+    params = [SamplingParams(banned_ids=banned), SamplingParams(banned_ids=banned, top_p=0.9)]
+    rows = rows_for(params * 2, vocab)
+    logits = np.random.default_rng(5).standard_normal((4, vocab)).astype(np.float32)
+    got, want = sampler.sample(logits, rows), ReferenceSampler().sample(logits, rows)
+    assert set(got.tokens.tolist()) <= keep
+    np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 def test_its_exponential_is_as_accurate_as_float32(sampler: NativeSampler) -> None:
@@ -205,6 +219,11 @@ def test_bad_buffers_get_short_errors() -> None:
         ({"logits": np.zeros(n * v, np.float32)}, r"logits must be \[rows, vocab\]"),
         ({"top_counts": np.full(n, 3, np.int64)}, "top_counts out of range"),
         ({"banned_ids": np.zeros((n + 1, 1), np.int64)}, "banned_ids"),
+        ({"banned_ids": np.full((n, 1), v, np.int64)}, "banned_ids must be increasing ids"),
+        ({"banned_ids": np.full((n, 1), 10**8, np.int64)}, "banned_ids must be increasing ids"),
+        ({"banned_ids": np.array([[3, 2]] * n, np.int64)}, "banned_ids must be increasing ids"),
+        ({"banned_ids": np.array([[-1, 2]] * n, np.int64)}, "banned_ids must be increasing ids"),
+        ({"banned_ids": np.full((n, 1), -2, np.int64)}, "banned_ids must be increasing ids"),
     ]:
         with pytest.raises(ValueError, match=words) as err:
             _fastsample.sample(*arrays(**change))
