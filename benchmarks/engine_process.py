@@ -25,8 +25,8 @@ from benchmarks.process import ChildServer
 from benchmarks.server_load import (
     PORT_RE,
     READY_SECONDS,
-    _predict_c1,
     generate,
+    predict_c1,
     serve_args,
     under_load,
     wait_serving,
@@ -45,7 +45,7 @@ async def _trial(
     stub: pb_grpc.LanguageModelStub, child: ChildServer, plan: Plan, workload: Workload
 ) -> dict[str, float]:
     g = await generate(stub, child, plan, STREAMS)
-    p = await _predict_c1(stub, workload, plan)
+    p = await predict_c1(stub, workload, plan)
     u = await under_load(stub, workload, plan, STREAMS)
     return dict(
         zip(

@@ -6,7 +6,7 @@ starts one `rnnlm serve` per `--checkout` (the code of that directory: its PYTHO
 PYTHONSAFEPATH so that this checkout's directory does not come first), all on the same bundle.
 Each round measures the floor of `rnnlm bench`'s PredictNext target here (bare batch-1 steps
 after a 1 ms idle gap, and the gRPC echo), then each server in turn with the bench's own loop
-(`server_load._predict_c1`: sentences grown a token a call), reading the server's CPU time
+(`server_load.predict_c1`: sentences grown a token a call), reading the server's CPU time
 from /proc over the calls. It prints, per round and as medians over the rounds, each server's
 ratio p50 / (idle step p50 + echo p50), its p50 and its CPU per call, with the load average.
 
@@ -29,7 +29,7 @@ import grpc
 
 from benchmarks import bare, echo
 from benchmarks.process import ChildServer
-from benchmarks.server_load import PORT_RE, READY_SECONDS, _predict_c1, serve_args, wait_serving
+from benchmarks.server_load import PORT_RE, READY_SECONDS, predict_c1, serve_args, wait_serving
 from benchmarks.timing import BenchError
 from benchmarks.workload import Plan, Workload, build_workload
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
@@ -86,7 +86,7 @@ async def compare(
             floor = await _floor(bundle, workload, plan)
             for child, channel, done in zip(children, channels, results, strict=True):
                 before = child.cpu_seconds()
-                figures = await _predict_c1(pb_grpc.LanguageModelStub(channel), workload, plan)
+                figures = await predict_c1(pb_grpc.LanguageModelStub(channel), workload, plan)
                 after = child.cpu_seconds()
                 n = sum(t["n"] for t in figures["trials"])
                 cpu = None if before is None or after is None else 1e3 * (after - before) / n

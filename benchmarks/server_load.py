@@ -104,7 +104,7 @@ async def _measure_server(
             mode = "batching on" if batching else "batching off"
             if batching:
                 say(f"server ({mode}): PredictNext at concurrency 1")
-                out["predict_c1"] = await _predict_c1(stub, workload, plan)
+                out["predict_c1"] = await predict_c1(stub, workload, plan)
                 cached = info.HasField("continuous_cache")
                 lengths = ", ".join(str(n) for n in plan.context_lengths)
                 also = " (and with the continuous cache)" if cached else ""
@@ -189,7 +189,7 @@ def _prefixes(workload: Workload, first: int, count: int) -> tuple[np.ndarray, l
     return ids, [workload.text(ids[: first + k]) for k in range(count + 1)]
 
 
-async def _predict_c1(
+async def predict_c1(
     stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan
 ) -> dict[str, Any]:
     """Concurrency 1, the typing pattern: sentences grown one token per call, each call a step.

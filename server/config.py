@@ -16,9 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from server.engine_config import SAMPLERS
+from server.engine_config import PROVIDERS, SAMPLERS
 
-PROVIDERS = ("cpu", "cuda", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "RNNLM_"
 
