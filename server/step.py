@@ -365,9 +365,9 @@ def _finish(
         rows_logits = [requests[row].logits for row in nexts]
         for row, lp in zip(nexts, _logprobs(rows_logits), strict=True):  # type: ignore[arg-type]
             r = requests[row]
-            if config.caching:
-                context, key = r.context, r.key  # type: ignore[attr-defined]
-                prefixes.append(Prefix(context, batch.row_state(row), lp, key))
+            context = r.context  # type: ignore[attr-defined]
+            if config.caching and len(context):  # the state cache keeps no empty context
+                prefixes.append(Prefix(context, batch.row_state(row), lp, r.key))  # type: ignore[attr-defined]
             r.logits = None
             r.done = True
             replies.append((r, lp))
