@@ -13,6 +13,7 @@ gathered over all rows are what a checkpoint stores, whatever the world size.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,11 @@ def join(device_kind: str) -> tuple[Group, bool]:
 
 def leave(created: bool) -> None:
     if created and dist.is_initialized():
+        # Collect the run's reference cycles while the group still exists: left to the
+        # interpreter's finalization, gloo objects they hold were destroyed after it and a rank
+        # aborted ("terminate called without an active exception") after its checkpoint was
+        # written, in 6 of 50 resumed 2-process runs on a loaded 2-core machine (0 of 40 so).
+        gc.collect()
         dist.destroy_process_group()
 
 
