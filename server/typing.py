@@ -24,7 +24,14 @@ from server.config import ConfigError, ServerConfig
 from server.engine import Engine
 from server.requests import Extension, State
 from server.text import TextCodec
-from server.word_cache import Mixer, WordCache, WordCacheSettings, piece_known, vocab_known
+from server.word_cache import (
+    Mixer,
+    WordCache,
+    WordCacheSettings,
+    piece_known,
+    vocab_known,
+    with_cached_top,
+)
 from server.words import (
     SEARCHED_KINDS,
     Filters,
@@ -236,12 +243,21 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     extra = 2 * k if match.merges or mixer is not None else k
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
     known = vocab_known(codec, memory.logprobs)
+    # At a word start the cache's words are walked until none could rank: bounded by the
+    # model's 4k-th token, not its 2k-th, the walk ends after a few. (With user words, the
+    # words walked are those a user word can be boosted among: the walk is kept as it was.)
+    unproposed = None
+    if mixer is not None and not match.partial and not filters.user_words:
+        words, unproposed = with_cached_top(codec, memory.logprobs, words, mixer.cache, filters)
     unknown = oov_words.after(engine.bundle, codec, memory.logprobs)
     if unknown is not None:  # words outside the vocabulary, through <unk> (server/oov_words.py)
         known = unknown.lookup(known)
         words, total = unknown.add(words, total, known, match, filters, extra)
+        if unproposed is not None:  # a listed word's share of <unk> adds to its token's
+            shares = unknown.logprob + unknown.unknown.best(match)
+            unproposed = float(np.logaddexp(unproposed, shares))
     if mixer is not None:
-        words, mixed = mixer.mix(words, total, match, filters, k, known)
+        words, mixed = mixer.mix(words, total, match, filters, k, known, unproposed)
         total = total if mixed is None else mixed
     return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from server.text import TextCodec
 from server.word_counts import CACHE_CHARS, WordCounts
-from server.words import Filters, Matcher, Word
+from server.words import Filters, Matcher, Word, top_ids
 
 __all__ = ["CACHE_CHARS", "Mixer", "WordCache", "WordCacheSettings", "piece_known", "vocab_known"]
 
@@ -187,13 +187,17 @@ class Mixer:
         filters: Filters,
         k: int,
         known: KnownWord,
+        unproposed: float | None = None,
     ) -> tuple[list[Word], float | None]:
         """`words` (the model's candidates, log-probabilities under it) with the cache mixed in,
         and `total` (the log of the model's mass of the matching words, when known) mixed too.
 
         Cached words that match and are not among `words` are added (with `known`'s model
         probability, else none), heaviest first, until no lighter one could rank in the top
-        2k (twice k: words shown alike are merged into one suggestion)."""
+        2k (twice k: words shown alike are merged into one suggestion). `unproposed`: the log
+        of a bound on the model's probability of any word not in `words`, when the caller has
+        a tighter one than the 2k-th of `words` (`with_cached_top`).
+        """
         words = list(words)
         lam, n = self.weight, self.cache.total
         if not n:
@@ -205,7 +209,11 @@ class Mixer:
                 mixed[w.text] = Word(w.text, _mixed(w.logprob, keep, lam * c / n), w.ids)
         # A word the model did not propose has at most the 2k-th proposal's probability (a
         # word model's proposals are its top 2k; a search's words are all it found).
-        floor = math.exp(_bar(words, 2 * k) + keep) if total is not None else 0.0
+        if total is None:
+            floor = 0.0
+        else:
+            bound = _bar(words, 2 * k) if unproposed is None else unproposed
+            floor = math.exp(bound + keep)
         top = heapq.nlargest(2 * k, (w.logprob for w in mixed.values()))
         heapq.heapify(top)  # the 2k highest log-probabilities, the lowest first
         bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
@@ -241,6 +249,32 @@ def _bar(words: Iterable[Word], n: int) -> float:
     """The n-th highest log-probability among `words` (-inf when fewer)."""
     top = heapq.nlargest(n, (w.logprob for w in words))
     return top[-1] if len(top) >= n else -math.inf
+
+
+def with_cached_top(
+    codec: TextCodec, logprobs: np.ndarray, words: list[Word], cache: WordCache, filters: Filters
+) -> tuple[list[Word], float]:
+    """A word model's proposals at a word start (`words`, its likeliest tokens) with the cached
+    words `filters` allow among twice as many of its likeliest tokens added (the proposals'
+    own bars are unchanged: every word added is less likely), and the log of the last of those
+    tokens' probability: a bound on every other word's, below the proposals' last, so that
+    `Mixer.mix` stops walking the cache after a few words (bounded by the last proposal, it
+    walked 40 on average at a word start, and the whole cache in one of seven). Twice: on the
+    held-out text's 120 lines, 1,169 Python calls an event against 1,266 with 4 times and
+    1,271 with 1.25 times as many tokens as proposals (1,767 before)."""
+    top = top_ids(logprobs, 2 * len(words))
+    scores = logprobs[top]
+    have = {w.text for w in words}
+    counted, texts, special = cache.counts.scaled, codec.token_texts, codec.special_ids
+    added = [
+        Word(texts[i], float(score), (i,))
+        for i, score in zip(top.tolist(), scores.tolist(), strict=True)
+        if texts[i] in counted
+        and texts[i] not in have
+        and i not in special
+        and filters.allows(texts[i])
+    ]
+    return words + added, float(scores.min())
 
 
 def vocab_known(codec: TextCodec, logprobs: np.ndarray) -> KnownWord:

@@ -656,7 +656,7 @@ def _boost(
 
 # ---- word models -------------------------------------------------------------------------------
 
-# Every how many of a row's values `_top_ids` samples for its threshold.
+# Every how many of a row's values `top_ids` samples for its threshold.
 _TOP_STRIDE = 16
 
 
@@ -678,11 +678,11 @@ def vocab_words(
             scores[excluded[ids]] = -math.inf
         total = _logsumexp(scores)
     else:  # the likeliest hold enough ordinary, unblocked ones: the row is not copied
-        ids = _top_ids(logprobs, extra + count)
+        ids = top_ids(logprobs, extra + count)
         scores = logprobs[ids].astype(np.float64)
         scores[excluded[ids]] = -math.inf
         total = 0.0
-    top = _top_ids(scores, extra)
+    top = top_ids(scores, extra)
     chosen = {int(ids[j]): float(scores[j]) for j in top.tolist()}
     # The user words the model knows, with their own probability however unlikely.
     index = _ids_by_folded_text(codec)
@@ -698,7 +698,7 @@ def vocab_words(
     return words, total
 
 
-def _top_ids(values: np.ndarray, k: int) -> np.ndarray:
+def top_ids(values: np.ndarray, k: int) -> np.ndarray:
     """The indices of the `k` largest of 1-D `values` (all when k >= size), in no order.
 
     An argpartition of a whole 10,000-token row costs 100 to 190 us here; so the k-th

@@ -17,7 +17,7 @@ from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.text import TextCodec
 from server.typing import Ask, Memory, Predicted, predict_tokens
-from server.words import Filters, Matcher, WordSettings, _top_ids, choose, vocab_words
+from server.words import Filters, Matcher, WordSettings, choose, top_ids, vocab_words
 
 
 @pytest.mark.parametrize("size", [1, 5, 63, 64, 65, 1000, 10_000])
@@ -27,7 +27,7 @@ def test_top_ids_are_the_n_largest(size: int, n: int) -> None:
     row = rng.standard_normal(size).astype(np.float32)
     row[rng.integers(0, size, size // 10)] = -np.inf  # tokens a model never predicts
     row[rng.integers(0, size, size // 10)] = row[0]  # ties
-    ids = _top_ids(row, n)
+    ids = top_ids(row, n)
     assert ids.size == min(n, size) and np.unique(ids).size == ids.size
     np.testing.assert_array_equal(np.sort(row[ids]), np.sort(row)[size - ids.size :])
 
@@ -35,7 +35,7 @@ def test_top_ids_are_the_n_largest(size: int, n: int) -> None:
 def test_top_ids_of_a_row_with_few_finite_values() -> None:
     row = np.full(4096, -np.inf, dtype=np.float32)
     row[[7, 4000]] = [-1.0, -2.0]
-    ids = _top_ids(row, 10)
+    ids = top_ids(row, 10)
     assert ids.size == 10 and {7, 4000} <= set(ids.tolist())
 
 

@@ -9,17 +9,21 @@ import math
 import random
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+import numpy as np
 import pytest
 from test_server import LiveServer, config
 
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
 from server import word_counts
-from server.word_cache import WordCache, WordCacheSettings
+from server.text import TextCodec
+from server.word_cache import WordCache, WordCacheSettings, vocab_known, with_cached_top
 from server.word_counts import WORDS
-from server.words import Filters, Matcher
+from server.words import Filters, Matcher, WordSettings, choose, vocab_words
 
 CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
 MODELS = {CHAR: ("gru", "char"), BPE: ("rnn_tanh", "bpe"), WORD: ("lstm", "word")}
@@ -259,3 +263,85 @@ def test_a_session_s_cache_updated_word_by_word_equals_one_counted_anew(
 
 def sorted_by_weight(weights: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(weights.items(), key=lambda item: -item[1])
+
+
+@dataclass(frozen=True, eq=False)
+class _Vocabulary:
+    """What the word-model helpers read of a codec: a vocabulary of 2,000 words."""
+
+    token_texts: tuple[str, ...] = ("<unk>", "<eos>", *(f"w{i}" for i in range(2000)))
+    special_ids: frozenset[int] = frozenset({0, 1})
+    special_id_array: np.ndarray = field(default_factory=lambda: np.array([0, 1]))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_texts)
+
+
+def test_a_word_start_bounded_by_the_cached_top_suggests_what_the_whole_cache_does() -> None:
+    """`with_cached_top` ends the walk over the cache sooner; the suggestions are those of the
+    walk bounded by the last proposal, and of the mixture over every word (a flat model, so
+    that cached words far down its ranking reach the top)."""
+    vocab = _Vocabulary()
+    codec = cast(TextCodec, vocab)
+    match, filters, k, weight = Matcher("", False), Filters(), 8, 0.3
+    settings = WordCacheSettings(weight=weight, decay=1.0, bigram=0.0)
+    walked_in_all = bounded_in_all = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        scores = rng.normal(0, 0.5, vocab.vocab_size)
+        logprobs = (scores - np.log(np.exp(scores).sum())).astype(np.float32)
+        # Frequent and rare words, so that the cache holds words the model ranks anywhere.
+        text = " ".join(f"w{i}" for i in rng.zipf(1.3, 400) % 2000) + " "
+        mixer = settings.mixer(True, None, text, "word")
+        assert mixer is not None
+        words, total = vocab_words(codec, logprobs, match, filters, 2 * k)
+        known = vocab_known(codec, logprobs)
+        walked, _ = mixer.mix(words, total, match, filters, k, known)
+        more, bound = with_cached_top(codec, logprobs, words, mixer.cache, filters)
+        bounded, _ = mixer.mix(more, total, match, filters, k, known, bound)
+        chosen = choose(bounded, k, match, filters, WordSettings(), total)
+        assert chosen == choose(walked, k, match, filters, WordSettings(), total)
+        n = mixer.cache.total
+        mixture = {
+            w: (1 - weight) * math.exp(float(logprobs[i])) + weight * mixer.cache.weight(w) / n
+            for i, w in enumerate(vocab.token_texts)
+            if i not in vocab.special_ids
+        }
+        best = sorted(mixture, key=lambda w: -mixture[w])[:k]
+        assert [s.text for s in chosen] == best
+        expected = [mixture[w] for w in best]
+        assert [s.probability for s in chosen] == pytest.approx(expected, rel=1e-5)
+        walked_in_all, bounded_in_all = walked_in_all + len(walked), bounded_in_all + len(bounded)
+    assert bounded_in_all < walked_in_all
+
+
+@pytest.mark.parametrize(
+    ("top", "cached", "junk"),
+    [
+        (20, 16, 10),  # a cliff after the 20th: the 17th is what `with_cached_top` adds
+        (40, 34, 40),  # flat to the 40th: the 35th is reached under the 32nd's bound
+    ],
+)
+def test_a_cached_word_below_the_proposals_is_not_missed(top: int, cached: int, junk: int) -> None:
+    """A word model's top tokens almost flat, the rest all but ruled out: one token below its
+    16 proposals, cached once, outranks them all in the mixture, behind heavier cached junk.
+    A walk over the cache that bounded unproposed words too low (or skipped the tokens just
+    below the proposals) would stop at the junk and miss it."""
+    vocab = _Vocabulary()
+    codec = cast(TextCodec, vocab)
+    probs = np.full(vocab.vocab_size, 0.1 / (vocab.vocab_size - 2 - top))
+    probs[:2] = 1e-12  # <unk> and <eos>
+    probs[2 : 2 + top] = 0.9 / top - 1e-6 * np.arange(top)  # w0, w1, ...
+    logprobs = np.log(probs / probs.sum()).astype(np.float32)
+    heavier = [f"w{i}" for i in range(1000, 1000 + junk)]
+    text = " ".join(heavier * 3 + [f"w{cached}"]) + " "
+    mixer = WordCacheSettings(weight=0.3, decay=1.0, bigram=0.0).mixer(True, None, text, "word")
+    assert mixer is not None
+    match, filters, k = Matcher("", False), Filters(), 8
+    words, total = vocab_words(codec, logprobs, match, filters, 2 * k)
+    assert f"w{cached}" not in {w.text for w in words}
+    more, bound = with_cached_top(codec, logprobs, words, mixer.cache, filters)
+    mixed, _ = mixer.mix(more, total, match, filters, k, vocab_known(codec, logprobs), bound)
+    chosen = choose(mixed, k, match, filters, WordSettings(), total)
+    assert [s.text for s in chosen] == [f"w{cached}", *(f"w{i}" for i in range(7))]
