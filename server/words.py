@@ -124,6 +124,8 @@ class Matcher:
 
     def matches(self, word: str) -> bool:
         """Whether `word` (leading whitespace aside: a BPE token's) starts as typed."""
+        if not self.partial:  # at a word start (most calls): every word, and no folding
+            return True
         return self.norm(word.lstrip()).startswith(self.key)
 
     def extends(self, earlier: Matcher) -> bool:
@@ -160,7 +162,7 @@ class Filters:
     user_words: tuple[str, ...] = ()
 
     def allows(self, word: str) -> bool:
-        return fold(word.strip()) not in self.blocked
+        return not self.blocked or fold(word.strip()) not in self.blocked
 
 
 # ---- the vocabulary's pieces -------------------------------------------------------------------
