@@ -148,6 +148,8 @@ def _neutral_rows(vocab_size: int, n: int) -> SamplingRows:
     generate), for a vocabulary of `vocab_size`. Shared by every such batch, so read-only: a
     batch gains sampled rows only by `concatenate`, which makes new arrays."""
     rows = SamplingRows.from_params([NEUTRAL] * n, [None] * n, vocab_size)
-    for name in SamplingRows.__dataclass_fields__:
-        getattr(rows, name).setflags(write=False)
+    for array in (rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.repetition_penalty):
+        array.setflags(write=False)
+    for array in (rows.top_logprobs, rows.seed, rows.position, rows.banned_ids):
+        array.setflags(write=False)
     return rows

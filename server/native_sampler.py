@@ -114,7 +114,7 @@ class NativeSampler:
 
 def _rows_of(logits: np.ndarray, rows: SamplingRows) -> np.ndarray:
     """`logits` as C-contiguous float32 `[B, V]`, checked against `rows`."""
-    want = rows.banned.shape
+    want = (len(rows), rows.vocab_size)
     if logits.shape not in (want, (want[0], 1, want[1])):
         raise ValueError(
             f"logits of shape {logits.shape} do not match {len(rows)} rows of a vocabulary "

@@ -89,8 +89,7 @@ class NumpyRowSampler:
         self, logits: Logits, rows: SamplingRows, requests: Sequence[GenerateRequest]
     ) -> SampledRows:
         logits = host_logits(logits)
-        penalised = rows.repetition_penalty != 1.0
-        history = [np.flatnonzero(rows.seen[r]) if penalised[r] else None for r in range(len(rows))]
+        history = [None if m is None else np.flatnonzero(m) for m in rows.seen]  # penalised
         uniforms = stream_uniforms(rows.seed, rows.position)
         params = [r.params for r in requests]
         n = len(rows)

@@ -414,7 +414,8 @@ def _sample(
     part.advance(samples.tokens)
     if not every:  # the rows' positions and seen tokens, back into the batch's rows
         batch.sampling.position[idx] = part.position
-        batch.sampling.seen[idx] = part.seen
+        for row, seen in zip(rows, part.seen, strict=True):
+            batch.sampling.seen[row] = seen
     replies: list[Reply] = []
     prefixes: list[Prefix] = []
     for j, (r, token) in enumerate(zip(requests, samples.generated(), strict=True)):

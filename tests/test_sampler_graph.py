@@ -19,12 +19,12 @@ from test_sampling import DISTRIBUTION_CASES, LOGITS, reference
 
 from server.native_sampler import NativeSampler
 from server.sampler import (
-    GRAPH_INPUTS,
     GRAPH_PATH,
     BatchSampler,
     ReferenceSampler,
     SampledRows,
     SamplingRows,
+    graph_feeds,
     stream_uniforms,
 )
 from server.sampling import SamplingParams, log_softmax
@@ -111,7 +111,7 @@ def test_counter_uniforms_are_bit_identical_to_the_reference() -> None:
     rows = make_rows([SamplingParams()] * n, 8)
     rows.seed, rows.position = seeds, positions
     session = ort.InferenceSession(str(GRAPH_PATH), providers=["CPUExecutionProvider"])
-    feeds = {name: getattr(rows, name) for name in GRAPH_INPUTS}
+    feeds: dict[str, np.ndarray] = graph_feeds(rows)
     feeds["logits"] = np.zeros((n, 8), dtype=np.float32)
     (graph,) = session.run(["uniforms"], feeds)
     expected = stream_uniforms(seeds, positions)
@@ -272,7 +272,8 @@ def test_advance_moves_the_stream_and_marks_penalised_rows_tokens() -> None:
     rows.advance(np.array([4, 5]))
     assert rows.position.tolist() == [1, 1]
     assert np.flatnonzero(rows.seen[0]).tolist() == [4]
-    assert not rows.seen[1].any()
+    assert rows.seen[1] is None  # not penalised: no mask kept
+    assert np.flatnonzero(rows.seen_mask()[0]).tolist() == [4] and not rows.seen_mask()[1].any()
 
 
 def test_top_logprobs_most_likely_first_ties_by_lower_id(sampler: AnySampler) -> None:
@@ -308,17 +309,26 @@ def test_filter_and_concatenate_keep_rows_whole() -> None:
     rows.position[:] = [10, 11, 12, 13]
     picked = rows.filter([3, 1])
     assert picked.top_k.tolist() == [4, 2] and picked.position.tolist() == [13, 11]
-    assert np.flatnonzero(picked.banned[0]).tolist() == [3]
+    assert picked.banned_ids.tolist() == [[3], [1]]
     joined = SamplingRows.concatenate([picked, rows.filter([0])])
     assert len(joined) == 3 and joined.top_k.tolist() == [4, 2, 1]
     wider = make_rows([SamplingParams(banned_ids=frozenset({1, 4, 5}))], 6)
     mixed = SamplingRows.concatenate([rows.filter([0]), wider, make_rows([SamplingParams()], 6)])
     assert mixed.banned_ids.tolist() == [[0, -1, -1], [1, 4, 5], [-1, -1, -1]]
-    assert [np.flatnonzero(b).tolist() for b in mixed.banned] == [[0], [1, 4, 5], []]
     assert SamplingRows.from_params([], [], 6).banned_ids.shape == (0, 0)
-    fields = {n: getattr(mixed, n) for n in SamplingRows.__dataclass_fields__}
-    del fields["banned_ids"]  # left out: made from the mask
-    assert SamplingRows(**fields).banned_ids.tolist() == mixed.banned_ids.tolist()
+    # A penalised row's seen tokens go with it, copied: filtered rows are new rows.
+    penalised = make_rows([SamplingParams(), SamplingParams(repetition_penalty=1.5)], 6)
+    penalised.advance(np.array([2, 3]))
+    moved = SamplingRows.concatenate([rows.filter([0]), penalised.filter([1, 0])])
+    assert [None if m is None else np.flatnonzero(m).tolist() for m in moved.seen] == [
+        None,
+        [3],
+        None,
+    ]
+    moved.advance(np.array([0, 5, 0]))
+    assert np.flatnonzero(penalised.seen[1]).tolist() == [3]
+    with pytest.raises(ValueError, match="different vocabularies"):
+        SamplingRows.concatenate([rows, make_rows([SamplingParams()], 7)])
 
 
 def test_ortvalue_logits_and_shape_errors(sampler: AnySampler) -> None:
