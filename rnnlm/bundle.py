@@ -41,6 +41,10 @@ TOKENIZER_KINDS = ("word", "char", "bpe")
 FLOAT_IO = {"fp32": "tensor(float)", "int8": "tensor(float)"}
 INT_IO = "tensor(int64)"
 MAX_MANIFEST_BYTES = 4 * 2**20
+# A bundle's text files (its tokenizer and word lists) are parsed whole in memory: the bound
+# refuses a manifest that names the wrong file (a corpus for its word list) before it is read.
+# Graphs and their weights have none: a model's size is its own.
+MAX_TEXT_FILE_BYTES = 256 * 2**20
 QUOTE_CHARS = 60  # the most of a value from a bundle that an error message quotes
 _HEX64 = re.compile("[0-9a-f]{64}")
 
@@ -145,6 +149,12 @@ class Manifest:
 
     def expected_io(self, graph: str) -> dict[str, tuple[str, list[int | None]]]:
         return expected_io(graph, self.precision, self.state, self.hidden, self.vocab_size)
+
+    @property
+    def text_files(self) -> frozenset[str]:
+        """The files read as text: the tokenizer and the word lists."""
+        named = (self.tokenizer_file, self.blocklist_file, self.lexicon_file)
+        return frozenset(f for f in (*named, self.unknown_words_file) if f is not None)
 
 
 def make_manifest(
@@ -486,8 +496,9 @@ def read_files(directory: Path, manifest: Manifest) -> BundleBytes:
     """
     paths = {file: member_path(directory, file) for file in manifest.files}
     contents = {}
+    texts = manifest.text_files
     for file, digest in manifest.files.items():
-        data = read_member(paths[file])
+        data = read_member(paths[file], MAX_TEXT_FILE_BYTES if file in texts else None)
         actual = sha256_bytes(data)
         if actual != digest:
             raise BundleError(

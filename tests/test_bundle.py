@@ -16,6 +16,7 @@ import pytest
 from tokenizers import Tokenizer, models
 
 import rnnlm.bundle as contract
+from rnnlm.bundle import MAX_TEXT_FILE_BYTES
 from server.bundle import BundleError, StateSpec, external_data, load_bundle, sha256_file
 
 Manifest = dict[str, Any]
@@ -249,6 +250,26 @@ def test_tokenizer_size_disagrees_with_the_graph(default_bundle: Path, tmp_path:
     small.save(str(bundle / "tokenizer.json"))
     rehash(bundle, "tokenizer.json")
     with pytest.raises(BundleError, match=r"tokenizer\.json: the tokenizer has 3 tokens but"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "unknown_words.txt"])
+def test_a_text_file_over_its_bound_is_refused_before_it_is_read(
+    default_bundle: Path, tmp_path: Path, file: str
+) -> None:
+    """A manifest naming a 257 MiB file (sparse here) as its tokenizer or a word list: the
+    loader refuses it by its size, before reading or hashing it."""
+    bundle = copy_bundle(default_bundle, tmp_path)
+
+    def list_it(m: Manifest) -> None:  # the tiny bundle has no word list: add one
+        m["unknown_words"] = {"file": file, "unk_tokens": 10}
+        m["files"][file] = "0" * 64  # never checked: the size is
+
+    if file == "unknown_words.txt":
+        edit_manifest(bundle, list_it)
+    with open(bundle / file, "wb") as f:
+        f.truncate(MAX_TEXT_FILE_BYTES + 2**20)
+    with pytest.raises(BundleError, match=rf"{file}: 269484032 bytes, more than the 268435456"):
         load_bundle(bundle)
 
 
