@@ -1,10 +1,13 @@
 """The typing benchmark's typist, in-process: no gRPC, no time budget, one JSON line out.
 
 Drives `benchmarks.typing.typist` through `server.typing.predict_words` on the real engine of a
-character or BPE bundle, as a TypingSession would (the session's text and `Memory` kept across
+character or BPE bundle (`predict_tokens` for a word bundle, asking as many suggestions as the
+benchmark does), as a TypingSession would (the session's text and `Memory` kept across
 keystrokes), with `--word-search-ms` out of the way, so the savings and the model steps do not
 move with the machine's load. Reports them with the process's CPU time per event (user +
-system, from `resource`), per kind of keystroke. For comparing search settings (docs/typing.md):
+system, from `resource`), per kind of keystroke; with `--calls`, the Python calls an event
+(cProfile: a figure no other load moves) and a digest of every event's suggestions, to show
+that a change kept them. For comparing search settings (docs/typing.md):
 
     PYTHONPATH=. python scripts/typing_inproc.py --bundle models/shakespeare-char \\
         --text /work/shared/data/tinyshakespeare/input.txt --lines 120 --width 6
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import hashlib
 import json
+import pstats
 import resource
 from pathlib import Path
 from typing import Any
@@ -26,9 +32,9 @@ from benchmarks.typing import OPEN, HeldOut, Tally, read_text, typist
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
-from server.typing import Ask, Memory, predict_words
+from server.typing import Ask, Memory, Predicted, predict_tokens, predict_words, searched
 from server.word_cache import WordCacheSettings
-from server.words import Filters, Matcher, WordSettings, search_context
+from server.words import FOLD_DEFAULT, Filters, Matcher, WordSettings, search_context
 
 
 def _cpu_seconds() -> float:
@@ -39,7 +45,6 @@ def _cpu_seconds() -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     codec = TextCodec(bundle)
-    settings = WordSettings(width=args.width, keep=args.keep, budget_ms=1e9)
     held = HeldOut.of(read_text(Path(args.text), "--text"), args.text, codec.kind, args.k)
     context, passage = held.passage(0, args.lines)
     tally = Tally()
@@ -48,26 +53,53 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await engine.start()
     steps: dict[str, list[int]] = {}
     cpu: dict[str, float] = {}
+    shown: list[list[tuple[str, float]]] = []
+    profile = cProfile.Profile() if args.calls else None
     text, memory = "", Memory()
     try:
         key = next(keys)
         while True:
             text = key.text if key.kind == OPEN else text + key.text
+            if profile is not None:
+                profile.enable()
             start = _cpu_seconds()
-            searched, after_space = search_context(codec, text)
-            mixer = WordCacheSettings().mixer(args.word_cache, memory.word_cache, text, codec.kind)
-            memory.word_cache = mixer.cache if mixer is not None else None
-            match = Matcher(key.partial, True)
-            ask = Ask(codec, args.k, match, Filters(), settings, memory, mixer=mixer)
-            predicted = await predict_words(engine, codec.encode(searched), after_space, ask)
+            predicted = await _suggest(engine, codec, text, key.partial, memory, held.ask, args)
             cpu[key.kind] = cpu.get(key.kind, 0.0) + _cpu_seconds() - start
+            if profile is not None:
+                profile.disable()
             steps.setdefault(key.kind, []).append(predicted.steps)
+            shown.append([(s.text, round(s.probability, 9)) for s in predicted.suggestions])
             key = keys.send([s.text for s in predicted.suggestions])
     except StopIteration:
         pass
     finally:
         await engine.close()
-    return _report(tally, steps, cpu)
+    out = _report(tally, steps, cpu)
+    if profile is not None:
+        out["python_calls_per_event"] = round(pstats.Stats(profile).total_calls / len(shown))
+        out["suggestions_digest"] = hashlib.sha256(json.dumps(shown).encode()).hexdigest()[:16]
+    return out
+
+
+async def _suggest(
+    engine: Engine,
+    codec: TextCodec,
+    text: str,
+    partial: str,
+    memory: Memory,
+    k: int,
+    args: argparse.Namespace,
+) -> Predicted:
+    """One event's suggestions, as the servicer makes them for the bundle's kind."""
+    settings = WordSettings(width=args.width, keep=args.keep, budget_ms=1e9)
+    mixer = WordCacheSettings().mixer(args.word_cache, memory.word_cache, text, codec.kind)
+    memory.word_cache = mixer.cache if mixer is not None else None
+    match = Matcher(partial, FOLD_DEFAULT[codec.kind])
+    ask = Ask(codec, k, match, Filters(), settings, memory, mixer=mixer, join=False)
+    if not searched(codec):
+        return await predict_tokens(engine, codec.encode(text), ask)
+    context, after_space = search_context(codec, text)
+    return await predict_words(engine, codec.encode(context), after_space, ask)
 
 
 def _report(tally: Tally, steps: dict[str, list[int]], cpu: dict[str, float]) -> dict[str, Any]:
@@ -105,6 +137,11 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=WordSettings.keep)
     parser.add_argument(
         "--word-cache", action="store_true", help="mix in the word cache (the server's default)"
+    )
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="count the Python calls an event (cProfile) and digest the suggestions",
     )
     print(json.dumps(asyncio.run(run(parser.parse_args()))))
 
