@@ -45,6 +45,7 @@ def _cpu_seconds() -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     codec = TextCodec(bundle)
+    settings = WordSettings(width=args.width, keep=args.keep, budget_ms=1e9)
     held = HeldOut.of(read_text(Path(args.text), "--text"), args.text, codec.kind, args.k)
     context, passage = held.passage(0, args.lines)
     tally = Tally()
@@ -63,7 +64,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if profile is not None:
                 profile.enable()
             start = _cpu_seconds()
-            predicted = await _suggest(engine, codec, text, key.partial, memory, held.ask, args)
+            ask = _ask(codec, text, key.partial, memory, held.ask, settings, args.word_cache)
+            predicted = await _suggest(engine, text, ask)
             cpu[key.kind] = cpu.get(key.kind, 0.0) + _cpu_seconds() - start
             if profile is not None:
                 profile.disable()
@@ -81,21 +83,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def _suggest(
-    engine: Engine,
+def _ask(
     codec: TextCodec,
     text: str,
     partial: str,
     memory: Memory,
     k: int,
-    args: argparse.Namespace,
-) -> Predicted:
-    """One event's suggestions, as the servicer makes them for the bundle's kind."""
-    settings = WordSettings(width=args.width, keep=args.keep, budget_ms=1e9)
-    mixer = WordCacheSettings().mixer(args.word_cache, memory.word_cache, text, codec.kind)
+    settings: WordSettings,
+    word_cache: bool,
+) -> Ask:
+    """One event's ask, as the servicer makes it (the word cache kept in `memory`)."""
+    mixer = WordCacheSettings().mixer(word_cache, memory.word_cache, text, codec.kind)
     memory.word_cache = mixer.cache if mixer is not None else None
     match = Matcher(partial, FOLD_DEFAULT[codec.kind])
-    ask = Ask(codec, k, match, Filters(), settings, memory, mixer=mixer, join=False)
+    return Ask(codec, k, match, Filters(), settings, memory, mixer=mixer, join=False)
+
+
+async def _suggest(engine: Engine, text: str, ask: Ask) -> Predicted:
+    """One event's suggestions, as the servicer makes them for the bundle's kind."""
+    codec = ask.codec
     if not searched(codec):
         return await predict_tokens(engine, codec.encode(text), ask)
     context, after_space = search_context(codec, text)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.requests import GenerateRequest, Request, State
-from server.sampler import SamplingRows
+from server.sampler import ROW_ARRAYS, SamplingRows
 from server.sampling import SamplingParams
 
 NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
@@ -148,8 +148,6 @@ def _neutral_rows(vocab_size: int, n: int) -> SamplingRows:
     generate), for a vocabulary of `vocab_size`. Shared by every such batch, so read-only: a
     batch gains sampled rows only by `concatenate`, which makes new arrays."""
     rows = SamplingRows.from_params([NEUTRAL] * n, [None] * n, vocab_size)
-    for array in (rows.temperature, rows.top_k, rows.top_p, rows.min_p, rows.repetition_penalty):
-        array.setflags(write=False)
-    for array in (rows.top_logprobs, rows.seed, rows.position, rows.banned_ids):
-        array.setflags(write=False)
+    for name in ROW_ARRAYS:  # its masks are None: no row is penalised
+        getattr(rows, name).setflags(write=False)
     return rows

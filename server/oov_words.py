@@ -155,6 +155,11 @@ class UnkAfter:
     unknown: UnknownWords
     logprob: float
 
+    def best(self, match: Matcher) -> float:
+        """The log of the largest probability a listed word that matches gets through
+        `<unk>` (-inf when none matches)."""
+        return self.logprob + self.unknown.best(match)
+
     def lookup(self, known: KnownWord) -> KnownWord:
         """A word model's words by their text (`known`: its tokens' log-probs, -inf for a word
         outside its vocabulary), each with its share of `<unk>` added."""

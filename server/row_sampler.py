@@ -89,7 +89,7 @@ class NumpyRowSampler:
         self, logits: Logits, rows: SamplingRows, requests: Sequence[GenerateRequest]
     ) -> SampledRows:
         logits = host_logits(logits)
-        history = [None if m is None else np.flatnonzero(m) for m in rows.seen]  # penalised
+        history = rows.histories()
         uniforms = stream_uniforms(rows.seed, rows.position)
         params = [r.params for r in requests]
         n = len(rows)

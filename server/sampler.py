@@ -109,7 +109,7 @@ class SamplingRows:
     def filter(self, rows: np.ndarray | Sequence[int]) -> SamplingRows:
         """The rows `rows` (indices into this batch), in that order, as new arrays."""
         idx = np.asarray(rows, dtype=np.intp)
-        arrays = {name: getattr(self, name)[idx] for name in _ROW_ARRAYS}
+        arrays = {name: getattr(self, name)[idx] for name in ROW_ARRAYS}
         seen = [None if (m := self.seen[i]) is None else m.copy() for i in idx.tolist()]
         return SamplingRows(**arrays, seen=seen, vocab_size=self.vocab_size)
 
@@ -126,7 +126,7 @@ class SamplingRows:
         ]
         fields = {
             name: np.concatenate([getattr(p, name) for p in parts])
-            for name in _ROW_ARRAYS
+            for name in ROW_ARRAYS
             if name != "banned_ids"
         }
         seen = [None if m is None else m.copy() for p in parts for m in p.seen]
@@ -145,6 +145,11 @@ class SamplingRows:
             assert mask is not None, "a penalised row has its seen tokens"
             mask[int(tokens[r])] = True
 
+    def histories(self) -> list[np.ndarray | None]:
+        """Each row's seen token ids, what the numpy sampler's penalty reads (None for a row
+        not penalised)."""
+        return [None if m is None else np.flatnonzero(m) for m in self.seen]
+
     def seen_mask(self) -> np.ndarray:
         """`[B, V]` bool: every row's seen tokens (none for a row not penalised)."""
         mask = np.zeros((len(self), self.vocab_size), dtype=np.bool_)
@@ -154,19 +159,9 @@ class SamplingRows:
         return mask
 
 
-# The fields of one value (or one row of values) per row, which `filter` and `concatenate`
-# index as arrays.
-_ROW_ARRAYS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "top_logprobs",
-    "seed",
-    "position",
-    "banned_ids",
-)
+# The fields holding one value (or one row of values) per row, which `filter` and
+# `concatenate` index as arrays: all but the per-row masks and the vocabulary's size.
+ROW_ARRAYS = tuple(f for f in SamplingRows.__dataclass_fields__ if f not in ("seen", "vocab_size"))
 
 
 @dataclass(frozen=True)
@@ -241,9 +236,6 @@ def _hash32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(c))
 
 
-_NONE_SEEN = np.empty(0, dtype=np.int64)  # a row not penalised: no history
-
-
 class ReferenceSampler:
     """The numpy reference: today's `Sampler`, row by row parameters, same uniforms."""
 
@@ -257,8 +249,7 @@ class ReferenceSampler:
         logits = np.ascontiguousarray(logits, dtype=np.float32)
         u = stream_uniforms(rows.seed, rows.position) if uniforms is None else uniforms
         params = [_row_params(rows, r) for r in range(len(rows))]
-        history = [np.flatnonzero(m) if m is not None else _NONE_SEEN for m in rows.seen]
-        s = self._sampler.sample(logits, params, history, np.asarray(u, dtype=np.float64))
+        s = self._sampler.sample(logits, params, rows.histories(), np.asarray(u, dtype=np.float64))
         return SampledRows.from_samples([s], rows.top_logprobs)
 
 

@@ -254,8 +254,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         known = unknown.lookup(known)
         words, total = unknown.add(words, total, known, match, filters, extra)
         if unproposed is not None:  # a listed word's share of <unk> adds to its token's
-            shares = unknown.logprob + unknown.unknown.best(match)
-            unproposed = float(np.logaddexp(unproposed, shares))
+            unproposed = float(np.logaddexp(unproposed, unknown.best(match)))
     if mixer is not None:
         words, mixed = mixer.mix(words, total, match, filters, k, known, unproposed)
         total = total if mixed is None else mixed
