@@ -762,6 +762,94 @@ done:
     return result;
 }
 
+/* ---- top-k of one row (a word model's suggestions: server/words.py, top_ids) -------------- */
+
+typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef int32_t vi4 __attribute__((vector_size(4 * sizeof(int32_t))));
+
+static inline __attribute__((always_inline)) int any_lane(vi m) {
+    vi8 h8 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) |
+             __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
+    vi4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return (h4[0] | h4[1] | h4[2] | h4[3]) != 0;
+}
+
+/* Insert (v, i) into the `*have` largest so far, vals[0..k) descending (ties: the earlier id
+   first, as ids arrive in order). NaNs are never kept. */
+#define TOP_INSERT(T)                                                                           \
+    static inline __attribute__((always_inline)) void top_insert_##T(T v, int64_t i, int64_t k, \
+                                                                    int64_t *have, int64_t *ids, \
+                                                                    T *vals) {                  \
+        if (v != v || (*have == k && !(v > vals[k - 1]))) return;                               \
+        int64_t j = *have < k ? (*have)++ : k - 1;                                              \
+        while (j > 0 && v > vals[j - 1]) {                                                      \
+            vals[j] = vals[j - 1];                                                              \
+            ids[j] = ids[j - 1];                                                                \
+            j--;                                                                                \
+        }                                                                                       \
+        vals[j] = v;                                                                            \
+        ids[j] = i;                                                                             \
+    }
+TOP_INSERT(float)
+TOP_INSERT(double)
+
+/* The k largest of float32 x[0..n), largest first, ties by the lower id; returns how many
+   (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values at a
+   time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
+ROW_KERNEL static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
+                                      float *vals) {
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        if (have == k && !any_lane(load(x, i, n) > splat(vals[k - 1]))) continue;
+        int64_t end = i + LANES < n ? i + LANES : n;
+        for (int64_t j = i; j < end; j++) top_insert_float(x[j], j, k, &have, ids, vals);
+    }
+    return have;
+}
+
+static int64_t top_k_double(const double *x, int64_t n, int64_t k, int64_t *ids, double *vals) {
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i++) top_insert_double(x[i], i, k, &have, ids, vals);
+    return have;
+}
+
+/* top_k(x, ids, vals) -> count: the largest of 1-D float32 or float64 `x` into int64 `ids`
+   and `vals` (x's type), as many as they hold, largest first, ties by the lower id; NaNs are
+   never chosen, so the count is below their size only when x holds too few other values. */
+static PyObject *top_k(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "top_k takes x, ids and vals");
+        return NULL;
+    }
+    Py_buffer probe;
+    if (PyObject_GetBuffer(args[0], &probe, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+    Py_ssize_t n = probe.len / (probe.itemsize ? probe.itemsize : 1);
+    int wide = probe.itemsize == 8;
+    PyBuffer_Release(&probe);
+    Py_ssize_t k = PyObject_Length(args[1]);
+    if (k < 0) return NULL;
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "ids must hold at least one id");
+        return NULL;
+    }
+    const char *format = wide ? "d" : "f";
+    Arg a[3];
+    memset(a, 0, sizeof a);
+    PyObject *result = NULL;
+    if (get(args[0], &a[0], "x", format, n, 0) < 0 || get(args[1], &a[1], "ids", "q", k, 1) < 0 ||
+        get(args[2], &a[2], "vals", format, k, 1) < 0)
+        goto done;
+    int64_t got;
+    if (wide) got = top_k_double(a[0].buf.buf, n, k, a[1].buf.buf, a[2].buf.buf);
+    else got = top_k_float(a[0].buf.buf, n, k, a[1].buf.buf, a[2].buf.buf);
+    result = PyLong_FromLongLong(got);
+done:
+    for (int i = 0; i < 3; i++)
+        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    return result;
+}
+
 /* uniforms(seed, position, out): out[r] = row r's uniform (for the tests of the stream). */
 static PyObject *uniforms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -793,6 +881,8 @@ static PyMethodDef methods[] = {
      "tokens, logprobs, lse, top_ids, top_logprobs, lost): sample rows into the outputs."},
     {"log_softmax", (PyCFunction)(void (*)(void))log_softmax, METH_FASTCALL,
      "log_softmax(x, out): each row's log-softmax over the last axis of float32 x, into out."},
+    {"top_k", (PyCFunction)(void (*)(void))top_k, METH_FASTCALL,
+     "top_k(x, ids, vals) -> count: the largest of 1-D float32/float64 x, largest first."},
     {"uniforms", (PyCFunction)(void (*)(void))uniforms, METH_FASTCALL,
      "uniforms(seed, position, out): each row's uniform of its counter-based stream."},
     {"set_stream_hash", set_stream_hash, METH_VARARGS,

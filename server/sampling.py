@@ -134,6 +134,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return numpy_log_softmax(logits)
 
 
+def native_top_k(values: np.ndarray, k: int) -> np.ndarray | None:
+    """The indices of the `k` largest of 1-D float `values` (1 <= k), largest first, ties by
+    the lower index, in one native pass (server/_fastsample.c: 2 us for a 10,000-token row
+    against 12 for numpy's sampled partition); None where the extension is not built, or
+    when `values` holds fewer than `k` that are not NaN."""
+    if _fastsample is None or values.dtype not in _TOP_K_TYPES or values.ndim != 1:
+        return None
+    ids = np.empty(k, dtype=np.int64)
+    got = _fastsample.top_k(np.ascontiguousarray(values), ids, np.empty(k, dtype=values.dtype))
+    return ids if got == k else None
+
+
+_TOP_K_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def numpy_log_softmax(logits: np.ndarray) -> np.ndarray:
     """`log_softmax` in numpy (the reference of the native one)."""
     m = logits.max(axis=-1, keepdims=True)

@@ -14,7 +14,7 @@ import pytest
 from server import native_sampler, row_sampler
 from server.native_sampler import NativeSampler, native_rows
 from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
-from server.sampling import SamplingParams, log_softmax, numpy_log_softmax
+from server.sampling import SamplingParams, log_softmax, native_top_k, numpy_log_softmax
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,37 @@ def test_log_softmax_agrees_with_numpy(shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(np.isfinite(got), finite)
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=2e-6)
     np.testing.assert_allclose(np.exp(got.astype(np.float64)).sum(axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_is_the_k_largest_largest_first_ties_by_the_lower_id(dtype: type) -> None:
+    rng = np.random.default_rng(5)
+    for trial in range(300):
+        n, k = int(rng.integers(1, 2500)), int(rng.integers(1, 40))
+        x = (rng.standard_normal(n) * 3).astype(dtype)
+        if trial % 3 == 0:
+            x = np.round(x)  # ties
+        x[rng.integers(0, n, n // 10)] = -np.inf
+        x[rng.integers(0, n, 2)] = np.nan  # never chosen
+        valid = np.flatnonzero(~np.isnan(x)).tolist()
+        want = sorted(valid, key=lambda i: (-x[i], i))[:k]
+        got = native_top_k(x, k)
+        if len(want) < k:
+            assert got is None
+        else:
+            assert got is not None and got.tolist() == want
+
+
+def test_top_k_refuses_bad_buffers() -> None:
+    from server import _fastsample  # type: ignore[attr-defined]
+
+    x = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="vals"):
+        _fastsample.top_k(x, np.zeros(3, np.int64), np.zeros(3, np.float64))
+    with pytest.raises(ValueError, match="ids"):
+        _fastsample.top_k(x, np.zeros(3, np.int32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        _fastsample.top_k(x, np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 def test_its_stream_is_bit_identical_to_the_reference() -> None:

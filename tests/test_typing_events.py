@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server import words
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
@@ -20,9 +21,17 @@ from server.typing import Ask, Memory, Predicted, predict_tokens
 from server.words import Filters, Matcher, WordSettings, choose, top_ids, vocab_words
 
 
+@pytest.fixture(params=["native", "numpy"])
+def top_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`top_ids` natively (where the extension is built) and in numpy."""
+    if request.param == "numpy":
+        monkeypatch.setattr(words, "native_top_k", lambda values, k: None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("size", [1, 5, 63, 64, 65, 1000, 10_000])
 @pytest.mark.parametrize("n", [1, 3, 18, 200])
-def test_top_ids_are_the_n_largest(size: int, n: int) -> None:
+def test_top_ids_are_the_n_largest(size: int, n: int, top_path: str) -> None:
     rng = np.random.default_rng(size * 1000 + n)
     row = rng.standard_normal(size).astype(np.float32)
     row[rng.integers(0, size, size // 10)] = -np.inf  # tokens a model never predicts
@@ -32,7 +41,7 @@ def test_top_ids_are_the_n_largest(size: int, n: int) -> None:
     np.testing.assert_array_equal(np.sort(row[ids]), np.sort(row)[size - ids.size :])
 
 
-def test_top_ids_of_a_row_with_few_finite_values() -> None:
+def test_top_ids_of_a_row_with_few_finite_values(top_path: str) -> None:
     row = np.full(4096, -np.inf, dtype=np.float32)
     row[[7, 4000]] = [-1.0, -2.0]
     ids = top_ids(row, 10)
