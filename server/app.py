@@ -19,6 +19,7 @@ with what it had.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -28,9 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server import heap
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
 from server.guard import DecodeGuard
+from server.heap import GcPauses
 from server.limits import Limits
 from server.metrics import Metrics, MetricsServer
 from server.reflection import enable_reflection
@@ -133,6 +136,7 @@ class RnnlmServer:
         self._auth: BearerTokens | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the poller and signalled reloads
         self._model_health: set[str] = set()  # the models with a per-model health status
+        self._gc_pauses = GcPauses(self.metrics.registry)
 
     async def start(self) -> None:
         """Open the ports, load and warm every model, then report SERVING.
@@ -140,6 +144,7 @@ class RnnlmServer:
         On any failure everything started so far is stopped and the error is raised.
         """
         try:
+            self._gc_pauses.start()
             self._read_secrets()
             await self._open()
             self.repository = await ModelRepository.load(
@@ -152,6 +157,8 @@ class RnnlmServer:
         except BaseException:
             await self.stop(grace=0)
             raise
+        self.repository.on_unloaded = lambda: self._settle_heap("a retired model closed")
+        self._settle_heap("the models loaded")
         self._servicer.repository = self.repository
         self._servicer.accepting = True
         for service in ("", SERVICE_NAME):
@@ -192,9 +199,16 @@ class RnnlmServer:
             return ReloadResult()
         self._refresh_secrets()
         result = await self.repository.reload(retry_failed=retry_failed)
+        if result.loaded or result.unloaded:
+            self._settle_heap("a reload changed the models")
         if not self._stopping:
             await self._report_model_health()
         return result
+
+    def _settle_heap(self, why: str) -> None:
+        """Keep what is alive now out of the garbage collector's walks (server/heap.py)."""
+        seconds = heap.settle()
+        log.info("froze %d objects after %s (%.0f ms)", gc.get_freeze_count(), why, seconds * 1e3)
 
     async def _report_model_health(self) -> None:
         """Health per model, service `rnnlm.v1.LanguageModel/NAME`: SERVING while a version of
@@ -349,5 +363,6 @@ class RnnlmServer:
             await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        self._gc_pauses.stop()
         log.info("stopped")
         self._stopped.set()

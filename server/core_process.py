@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
-from server import channel
+from server import channel, heap
 from server.bundle import load_bundle
 from server.engine import Engine
 from server.engine_errors import EngineError
@@ -169,6 +169,7 @@ async def serve(sock: socket.socket) -> None:
         await writer.drain()
         writer.close()
         return
+    heap.settle()  # the engine's long-lived objects out of collections (server/heap.py)
     writer.write(channel.encode(("ready", engine.provider, engine.prefill_split)))
 
     def frame(items: list[Any]) -> Any:

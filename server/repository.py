@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,6 +278,8 @@ class ModelRepository:
         self.failures: dict[Path, str] = {}
         self._lock = asyncio.Lock()
         self._closed = False
+        # Called after a retired model version has closed (the server settles its heap).
+        self.on_unloaded: Callable[[], None] | None = None
 
     @classmethod
     async def load(
@@ -569,6 +571,8 @@ class ModelRepository:
             elif (successor.provider, successor.bundle.cell) != labels[2:]:
                 self._metrics.model_info.remove(*labels)
         log.info("unloaded model %s version %s (%s)", model.name, model.version, model.bundle.path)
+        if self.on_unloaded is not None:
+            self.on_unloaded()
 
     async def close(self) -> None:
         """Stop every engine, served or retired (each finishes or cancels its work)."""
