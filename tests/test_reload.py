@@ -21,6 +21,7 @@ from test_server import LiveServer, config, copy_bundle, metric, wait_for
 
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
+from server import heap
 
 NAME = "tiny-lstm-word"
 FAILURES = "rnnlm_model_load_failures_total"
@@ -203,3 +204,20 @@ def test_sighup_reloads_a_running_server(root: Path, default_bundle: Path) -> No
             assert client.get_model().version == "2"
     finally:
         assert server.stop() == 0
+
+
+def test_the_heap_is_settled_when_the_models_change(
+    live: LiveServer, root: Path, default_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reload that loads or unloads, and once a retired version has closed, what is
+    alive is frozen again (server/heap.py), so that an unloaded model's cycles are freed."""
+    settled: list[str] = []
+    monkeypatch.setattr(heap, "settle", lambda: settled.append("settled") or 0.0)
+    live.run(live.server.reload())
+    assert settled == []  # nothing changed
+    copy_bundle(default_bundle, root / NAME / "2", version="2")
+    live.run(live.server.reload())
+    assert len(settled) == 1
+    shutil.rmtree(root / NAME / "1")
+    live.run(live.server.reload())
+    wait_for(lambda: len(settled) == 3)  # after the reload, and after version 1 closed
