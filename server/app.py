@@ -33,7 +33,6 @@ from server import heap
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
 from server.guard import DecodeGuard
-from server.heap import GcPauses
 from server.limits import Limits
 from server.metrics import Metrics, MetricsServer
 from server.reflection import enable_reflection
@@ -136,7 +135,6 @@ class RnnlmServer:
         self._auth: BearerTokens | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the poller and signalled reloads
         self._model_health: set[str] = set()  # the models with a per-model health status
-        self._gc_pauses = GcPauses(self.metrics.registry)
 
     async def start(self) -> None:
         """Open the ports, load and warm every model, then report SERVING.
@@ -144,7 +142,7 @@ class RnnlmServer:
         On any failure everything started so far is stopped and the error is raised.
         """
         try:
-            self._gc_pauses.start()
+            self.metrics.gc_pauses.start()
             self._read_secrets()
             await self._open()
             self.repository = await ModelRepository.load(
@@ -363,6 +361,6 @@ class RnnlmServer:
             await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
-        self._gc_pauses.stop()
+        self.metrics.gc_pauses.stop()
         log.info("stopped")
         self._stopped.set()

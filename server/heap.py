@@ -42,12 +42,11 @@ def settle() -> float:
 
 
 class GcPauses(Collector):
-    """The collector's pauses in this process, by generation, as a Prometheus histogram.
-
-    `start()` hooks it into the collector and registers it; `stop()` undoes both."""
+    """The collector's pauses in this process, by generation, as a Prometheus histogram in
+    `registry` (all zero until `start()` hooks it into the collector; `stop()` unhooks it)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+        registry.register(self)
         # Per generation: the count of pauses in each bucket (the last: above every bound),
         # and their sum in seconds.
         self._counts = [[0] * (len(PAUSE_BUCKETS) + 1) for _ in range(GENERATIONS)]
@@ -56,13 +55,11 @@ class GcPauses(Collector):
 
     def start(self) -> None:
         if self._observe not in gc.callbacks:
-            self._registry.register(self)
             gc.callbacks.append(self._observe)
 
     def stop(self) -> None:
         if self._observe in gc.callbacks:
             gc.callbacks.remove(self._observe)
-            self._registry.unregister(self)
 
     def _observe(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

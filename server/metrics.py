@@ -20,6 +20,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from server.heap import GcPauses
+
 # Recurrent steps take tens of microseconds to milliseconds, so the buckets start far below
 # prometheus_client's defaults (5 ms).
 REQUEST_BUCKETS = (
@@ -176,6 +178,8 @@ class Metrics:
             "(at start, or at the last reload that tried them).",
             registry=r,
         )
+        # rnnlm_gc_pause_seconds: the garbage collector's pauses, once the server starts it.
+        self.gc_pauses = GcPauses(r)
         self._lock = threading.Lock()
         # (gauge, model) -> the gauge's child for the model and {version: value}, the
         # per-version parts it shows the sum of.

@@ -67,6 +67,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rnnlm_model_info": ("gauge", ("model", "version", "provider", "cell")),
     "rnnlm_model_load_failures_total": ("counter", ("model",)),
     "rnnlm_model_bundles_failing": ("gauge", ()),
+    "rnnlm_gc_pause_seconds": ("histogram", ("generation",)),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # Labels Prometheus attaches to every scraped series (ServiceMonitor and kube-state-metrics).

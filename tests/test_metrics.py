@@ -35,6 +35,7 @@ EXPECTED = {
     "rnnlm_model_info": ("gauge", {"model", "version", "provider", "cell"}),
     "rnnlm_model_load_failures_total": ("counter", {"model"}),
     "rnnlm_model_bundles_failing": ("gauge", set()),
+    "rnnlm_gc_pause_seconds": ("histogram", {"generation"}),
 }
 
 
