@@ -287,6 +287,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[targets.Targ
     async def network() -> None:
         say("gRPC echo")
         results["echo"] = await echo.measure(plan.trials, plan.echo_calls, plan.budget_s)
+        say("gRPC streaming echo (Generate's transport)")
+        results["echo_stream"] = await echo.measure_stream(plan.trials, plan.echo_stream_s)
         say("the server, batching on then off")
         results["server"] = await server_load.run(args.bundle.resolve(), workload, plan, say)
 

@@ -1,15 +1,24 @@
-"""The transport floor: a unary gRPC call to a trivial echo service on loopback.
+"""The transport floor: a unary gRPC call to a trivial echo service on loopback, and the CPU a
+server-streaming call and each of its messages cost a server that does nothing else.
 
 The echo server is a grpc.aio server in its own process (`python -m benchmarks.echo`), as the
 model server is, and is called from the same grpc.aio client code, so the difference between an
 echo and a `PredictNext` is what the server does, not how it is reached. Messages are raw bytes
 of about the size of a `PredictNext` request and response, so no protobuf code is involved.
+
+`measure_stream` is Generate's floor: `STREAMS` concurrent streams of calls that each ask for a
+number of messages about the size of a one-token `GenerateResponse`, first one message a call,
+then `LONG_CALL` (alternating, `trials` times each); the echo server's CPU time from /proc over
+each load gives its CPU per call and per message (two loads, two unknowns), so a Generate
+call's transport cost is `call_us + messages * message_us`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -18,7 +27,12 @@ from benchmarks.process import ChildServer
 from benchmarks.timing import latency, over_trials, time_calls_async
 
 METHOD = "/rnnlm.bench.Echo/Echo"
+STREAM_METHOD = "/rnnlm.bench.Echo/Stream"
 PAYLOAD = bytes(96)
+REPLY = bytes(24)  # about a GenerateResponse with one token, its text and log-prob
+STREAMS = 64
+LONG_CALL = 64  # messages in a call of the second load
+MAX_MESSAGES = 1024
 WARMUP_CALLS = 20
 PORT_RE = r"echo listening on 127\.0\.0\.1:(\d+)"
 
@@ -27,10 +41,20 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+async def _stream(request: bytes, context: Any) -> None:
+    """`REPLY` as many times as the request's two-byte count says (at most MAX_MESSAGES)."""
+    for _ in range(min(int.from_bytes(request[:2], "little"), MAX_MESSAGES)):
+        await context.write(REPLY)
+
+
 async def serve() -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
-        "rnnlm.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+        "rnnlm.bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -58,6 +82,60 @@ async def measure(trials: int, calls: int, seconds: float) -> dict[str, Any]:
         return summary
     finally:
         child.stop()
+
+
+async def measure_stream(trials: int, seconds: float) -> dict[str, Any]:
+    """The echo server's CPU per streaming call and per message under STREAMS streams."""
+    child = ChildServer("benchmarks.echo", [], PORT_RE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}") as channel:
+            call = channel.unary_stream(STREAM_METHOD)
+            await channel.channel_ready()
+            await _stream_load(call, 1, min(seconds, 1.0))  # warm-up
+            loads: dict[int, list[tuple[float, int]]] = {1: [], LONG_CALL: []}
+            for _ in range(trials):
+                for size, got in loads.items():
+                    before = child.cpu_seconds()
+                    calls = await _stream_load(call, size, seconds)
+                    after = child.cpu_seconds()
+                    if before is None or after is None:
+                        return {}
+                    got.append((after - before, calls))
+        return _per_call_and_message(loads)
+    finally:
+        child.stop()
+
+
+async def _stream_load(call: Any, size: int, seconds: float) -> int:
+    """Calls of `size` messages each, STREAMS at a time, back to back for `seconds`."""
+    deadline = time.perf_counter() + seconds
+    request = size.to_bytes(2, "little")
+    counts = [0] * STREAMS
+
+    async def stream(i: int) -> None:
+        while time.perf_counter() < deadline:
+            async for _ in call(request):
+                pass
+            counts[i] += 1
+
+    await asyncio.gather(*(stream(i) for i in range(STREAMS)))
+    return sum(counts)
+
+
+def _per_call_and_message(loads: dict[int, list[tuple[float, int]]]) -> dict[str, Any]:
+    """Solve cpu = calls * (call + size * message) from the two loads' medians per call."""
+    per_call = {
+        size: statistics.median(cpu / max(calls, 1) for cpu, calls in trials)
+        for size, trials in loads.items()
+    }
+    message = (per_call[LONG_CALL] - per_call[1]) / (LONG_CALL - 1)
+    return {
+        "streams": STREAMS,
+        "call_us": (per_call[1] - message) * 1e6,
+        "message_us": message * 1e6,
+        "cpu_us_per_call": {str(size): cpu * 1e6 for size, cpu in per_call.items()},
+        "reply_bytes": len(REPLY),
+    }
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def markdown(results: dict[str, Any], targets: list[Target]) -> str:
     lines += _targets_section(results, targets)
     bare = results.get("bare") or {}
     lines += _bare_section(bare)
-    lines += _echo_section(results.get("echo") or {})
+    lines += _echo_section(results.get("echo") or {}, results.get("echo_stream") or {})
     lines += _engine_section((results.get("engine") or {}).get("generate") or {})
     lines += _torch_section(results.get("torch"), large)
     lines += _server_section(results.get("server") or {}, bare, large)
@@ -219,9 +219,9 @@ def _bare_section(bare: dict[str, Any]) -> list[str]:
     return lines + _score_table({"bare onnxruntime": bare.get("score")})
 
 
-def _echo_section(echo: dict[str, Any]) -> list[str]:
+def _echo_section(echo: dict[str, Any], stream: dict[str, Any]) -> list[str]:
     lines = ["## gRPC echo round trip on loopback (the transport floor)", ""]
-    return lines + _table(
+    lines += _table(
         ["measurement", "p50 ms", "p90 ms", "p99 ms"],
         [
             [
@@ -231,6 +231,19 @@ def _echo_section(echo: dict[str, Any]) -> list[str]:
                 echo.get("p99_ms"),
             ]
         ],
+    )
+    if not stream:
+        return lines
+    lines += [
+        f"A server-streaming echo under {stream.get('streams')} streams (calls of one "
+        f"{stream.get('reply_bytes')}-byte message, then of 64, alternating), its server's CPU "
+        "from /proc: what gRPC alone costs a Generate call and each of its messages (the "
+        "diagnostics below turn it into CPU a generated token).",
+        "",
+    ]
+    return lines + _table(
+        ["server CPU (us)", "a call", "a message"],
+        [["streaming echo", stream.get("call_us"), stream.get("message_us")]],
     )
 
 

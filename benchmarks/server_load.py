@@ -400,7 +400,7 @@ async def generate(
     for trial in range(plan.trials):
         cpu_server, cpu_client = child.cpu_seconds(), time.process_time()
         start = time.perf_counter()
-        tokens, calls = await _generate_load(
+        tokens, calls, messages = await _generate_load(
             stub, concurrency, plan.duration_s, plan.generate_max_tokens, seed=trial + 1
         )
         elapsed = time.perf_counter() - start
@@ -408,6 +408,8 @@ async def generate(
         figures = {
             "tokens": float(tokens),
             "calls": float(calls),
+            "tokens_per_call": tokens / max(1, calls),
+            "messages_per_call": messages / max(1, calls),
             "tokens_per_s": tokens / plan.duration_s,
             "client_cpu_percent": 100 * (time.process_time() - cpu_client) / elapsed,
         }
@@ -422,11 +424,13 @@ async def generate(
 
 async def _generate_load(
     stub: pb_grpc.LanguageModelStub, concurrency: int, seconds: float, max_tokens: int, seed: int
-) -> tuple[int, int]:
-    """Tokens received before the deadline, and calls started, over all streams."""
+) -> tuple[int, int, int]:
+    """Tokens received before the deadline, calls started and response messages received,
+    over all streams."""
     deadline = time.perf_counter() + seconds
     tokens = [0] * concurrency
     calls = [0] * concurrency
+    messages = [0] * concurrency
 
     async def stream(i: int) -> None:
         while time.perf_counter() < deadline:
@@ -441,6 +445,7 @@ async def _generate_load(
                         call.cancel()
                         break
                     tokens[i] += len(reply.token_ids)
+                    messages[i] += 1
                 # Wait until the cancellation is through, so that hundreds of them are not
                 # still being processed when the next load starts its clock.
                 await call.code()
@@ -449,4 +454,4 @@ async def _generate_load(
                     raise
 
     await asyncio.gather(*(stream(i) for i in range(concurrency)))
-    return sum(tokens), sum(calls)
+    return sum(tokens), sum(calls), sum(messages)

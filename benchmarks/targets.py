@@ -246,6 +246,17 @@ def _int8_and_memory_targets(get: Callable[..., Any]) -> list[Target]:
     ]
 
 
+def _transport_us_per_token(get: Callable[..., Any]) -> float | None:
+    """What gRPC alone costs a server a generated token at 64 streams: the streaming echo's CPU
+    a call and a message, at the batching server's messages and tokens a call."""
+    on = ("server", "batching_on", "generate", "64")
+    call, message = get("echo_stream", "call_us"), get("echo_stream", "message_us")
+    messages, tokens = get(*on, "messages_per_call"), get(*on, "tokens_per_call")
+    if None in (call, message, messages, tokens) or not tokens:
+        return None
+    return float((call + messages * message) / tokens)
+
+
 def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
     """Ratios that split the PredictNext and Generate figures into their causes."""
 
@@ -255,7 +266,25 @@ def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
     b1, idle = get("bare", "step_b1", "p50_ms"), get("bare", "step_b1_after_idle", "p50_ms")
     engine = get("engine", "generate", "64", "tokens_per_s")
     gen64 = get(*on, "generate", "64", "tokens_per_s")
+    transport = _transport_us_per_token(get)
     rows = [
+        (
+            "transport_vs_bare",
+            "gRPC's own CPU a generated token at 64 streams (the streaming echo's, at the "
+            "server's messages and tokens a call) / bare batch-64 step's",
+            transport,
+            get("bare", "step_b64", "cpu_us_per_token"),
+            "echo (call + messages a call x message) / tokens a call, us / bare CPU us/token",
+            "needs the streaming echo, /proc and 64 streams",
+        ),
+        (
+            "transport_vs_server",
+            "the same / the server's CPU a generated token at 64 streams",
+            transport,
+            get(*on, "generate", "64", "server_cpu_us_per_token"),
+            "transport us/token / server CPU us/token",
+            "needs the streaming echo, /proc and 64 streams",
+        ),
         (
             "generate_vs_bare",
             "server Generate at 64 streams / bare batch-64 step throughput",

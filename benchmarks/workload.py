@@ -72,6 +72,7 @@ class Plan:
     step_calls: int = 500  # bare/eager batch-1 steps per trial
     large_step_calls: int = 100  # bare/eager batch-64 steps per trial
     echo_calls: int = 500
+    echo_stream_s: float = 1.5  # each load of the streaming echo (two loads a trial)
     predict_calls: int = 200  # timed PredictNext calls per trial at concurrency 1
     context_calls: int = 100  # timed extensions per trial at each context length
     fresh_calls: int = 20  # timed PredictNext calls per trial on a fresh longest context
@@ -117,6 +118,7 @@ class Plan:
                 step_calls=50,
                 large_step_calls=10,
                 echo_calls=50,
+                echo_stream_s=0.5,
                 predict_calls=20,
                 context_calls=10,
                 fresh_calls=3,

@@ -47,6 +47,8 @@ DIAGNOSTICS = {
     "score_with_cache",
     "server_vs_engine",
     "prefill_vs_step",
+    "transport_vs_bare",
+    "transport_vs_server",
 }
 HEADINGS = (
     "## Machine",
@@ -132,6 +134,9 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
         assert figures["tokens_per_s"] > 0 and figures["cpu_us_per_token"] > 0
         assert figures["bare_tokens_per_s"] > 0 and figures["bare_cpu_us_per_token"] > 0
     assert all(r["echo"][f] > 0 for f in LATENCY)
+    stream = r["echo_stream"]
+    assert stream["streams"] == 64 and stream["message_us"] > 0 and stream["call_us"] > 0
+    assert stream["cpu_us_per_call"]["64"] > stream["cpu_us_per_call"]["1"]
     on, off = r["server"]["batching_on"], r["server"]["batching_off"]
     assert all(on["predict_c1"][f] > 0 for f in LATENCY)
     assert set(on["predict_context"]) == {"10", "100", "1000"}
@@ -143,6 +148,9 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     for call in ("predict", "first_token"):
         assert all(on["under_load"][call][f] > 0 for f in LATENCY)
     assert on["generate"]["64"]["server_cpu_us_per_token"] > 0
+    assert on["generate"]["64"]["messages_per_call"] >= 2  # the first token's and the last
+    transport = {d["key"]: d for d in r["diagnostics"]}["transport_vs_server"]
+    assert 0 < transport["value"] < 1  # gRPC alone costs less than the whole server
     for server in (on, off):
         assert set(server["generate"]) == {"1", "8", "64", "256"}
         assert all(g["tokens_per_s"] > 0 for g in server["generate"].values())
