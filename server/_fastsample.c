@@ -194,22 +194,56 @@ static int64_t greedy(const float *x, int64_t n, float m, const int64_t *banned,
     return best_allowed(x, n, banned, n_banned);
 }
 
-/* The k largest logits, most likely first, ties by the lower id (k <= n): a row's reported
-   alternatives (`top_logprobs`), not the top-k filter. */
-static void top_alternatives(const float *x, int64_t n, int64_t k, int64_t *ids, float *vals) {
-    int64_t have = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        if (v != v || (have == k && !(v > vals[k - 1]))) continue;
-        int64_t j = have < k ? have++ : k - 1;
-        while (j > 0 && v > vals[j - 1]) {
-            vals[j] = vals[j - 1];
-            ids[j] = ids[j - 1];
-            j--;
-        }
-        vals[j] = v;
-        ids[j] = i;
+/* ---- the k largest of a row: a row's reported alternatives (`top_logprobs`, not the top-k
+   filter) and a word model's suggestions (`top_k`, server/words.py top_ids) -------------- */
+
+typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
+typedef int32_t vi4 __attribute__((vector_size(4 * sizeof(int32_t))));
+
+static inline __attribute__((always_inline)) int any_lane(vi m) {
+    vi8 h8 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) |
+             __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
+    vi4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return (h4[0] | h4[1] | h4[2] | h4[3]) != 0;
+}
+
+/* Insert (v, i) into the `*have` largest so far, vals[0..k) descending (ties: the earlier id
+   first, as ids arrive in order). NaNs are never kept. */
+#define TOP_INSERT(T)                                                                           \
+    static inline __attribute__((always_inline)) void top_insert_##T(T v, int64_t i, int64_t k, \
+                                                                    int64_t *have, int64_t *ids, \
+                                                                    T *vals) {                  \
+        if (v != v || (*have == k && !(v > vals[k - 1]))) return;                               \
+        int64_t j = *have < k ? (*have)++ : k - 1;                                              \
+        while (j > 0 && v > vals[j - 1]) {                                                      \
+            vals[j] = vals[j - 1];                                                              \
+            ids[j] = ids[j - 1];                                                                \
+            j--;                                                                                \
+        }                                                                                       \
+        vals[j] = v;                                                                            \
+        ids[j] = i;                                                                             \
     }
+TOP_INSERT(float)
+TOP_INSERT(double)
+
+/* The k largest (k >= 1) of float32 x[0..n), largest first, ties by the lower id; returns how many
+   (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values at a
+   time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
+ROW_KERNEL static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
+                                      float *vals) {
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i += LANES) {
+        if (have == k && !any_lane(load(x, i, n) > splat(vals[k - 1]))) continue;
+        int64_t end = i + LANES < n ? i + LANES : n;
+        for (int64_t j = i; j < end; j++) top_insert_float(x[j], j, k, &have, ids, vals);
+    }
+    return have;
+}
+
+static int64_t top_k_double(const double *x, int64_t n, int64_t k, int64_t *ids, double *vals) {
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i++) top_insert_double(x[i], i, k, &have, ids, vals);
+    return have;
 }
 
 /* The weights a row draws from: w_i = exp((x_i - m) * scale) for allowed ids with
@@ -630,7 +664,7 @@ static void sample_row(const Job *job, int64_t r, Scratch *scratch) {
     int64_t k = job->top_counts[r];
     if (k > 0) {
         float *lps = job->top_lps + r * job->k_max;
-        top_alternatives(x, vocab, k, job->top_ids + r * job->k_max, lps);
+        top_k_float(x, vocab, k, job->top_ids + r * job->k_max, lps);
         for (int64_t j = 0; j < k; j++) lps[j] -= row_lse;
     }
 }
@@ -760,57 +794,6 @@ done:
     for (int i = 0; i < 2; i++)
         if (a[i].held) PyBuffer_Release(&a[i].buf);
     return result;
-}
-
-/* ---- top-k of one row (a word model's suggestions: server/words.py, top_ids) -------------- */
-
-typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
-typedef int32_t vi4 __attribute__((vector_size(4 * sizeof(int32_t))));
-
-static inline __attribute__((always_inline)) int any_lane(vi m) {
-    vi8 h8 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) |
-             __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
-    vi4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-    return (h4[0] | h4[1] | h4[2] | h4[3]) != 0;
-}
-
-/* Insert (v, i) into the `*have` largest so far, vals[0..k) descending (ties: the earlier id
-   first, as ids arrive in order). NaNs are never kept. */
-#define TOP_INSERT(T)                                                                           \
-    static inline __attribute__((always_inline)) void top_insert_##T(T v, int64_t i, int64_t k, \
-                                                                    int64_t *have, int64_t *ids, \
-                                                                    T *vals) {                  \
-        if (v != v || (*have == k && !(v > vals[k - 1]))) return;                               \
-        int64_t j = *have < k ? (*have)++ : k - 1;                                              \
-        while (j > 0 && v > vals[j - 1]) {                                                      \
-            vals[j] = vals[j - 1];                                                              \
-            ids[j] = ids[j - 1];                                                                \
-            j--;                                                                                \
-        }                                                                                       \
-        vals[j] = v;                                                                            \
-        ids[j] = i;                                                                             \
-    }
-TOP_INSERT(float)
-TOP_INSERT(double)
-
-/* The k largest of float32 x[0..n), largest first, ties by the lower id; returns how many
-   (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values at a
-   time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
-ROW_KERNEL static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
-                                      float *vals) {
-    int64_t have = 0;
-    for (int64_t i = 0; i < n; i += LANES) {
-        if (have == k && !any_lane(load(x, i, n) > splat(vals[k - 1]))) continue;
-        int64_t end = i + LANES < n ? i + LANES : n;
-        for (int64_t j = i; j < end; j++) top_insert_float(x[j], j, k, &have, ids, vals);
-    }
-    return have;
-}
-
-static int64_t top_k_double(const double *x, int64_t n, int64_t k, int64_t *ids, double *vals) {
-    int64_t have = 0;
-    for (int64_t i = 0; i < n; i++) top_insert_double(x[i], i, k, &have, ids, vals);
-    return have;
 }
 
 /* top_k(x, ids, vals) -> count: the largest of 1-D float32 or float64 `x` into int64 `ids`
