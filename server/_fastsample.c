@@ -226,9 +226,9 @@ static inline __attribute__((always_inline)) int any_lane(vi m) {
 TOP_INSERT(float)
 TOP_INSERT(double)
 
-/* The k largest (k >= 1) of float32 x[0..n), largest first, ties by the lower id; returns how many
-   (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values at a
-   time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
+/* The k largest (k >= 1) of float32 x[0..n), largest first, ties by the lower id; returns how
+   many (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values
+   at a time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
 ROW_KERNEL static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
                                       float *vals) {
     int64_t have = 0;
