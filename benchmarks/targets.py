@@ -246,15 +246,39 @@ def _int8_and_memory_targets(get: Callable[..., Any]) -> list[Target]:
     ]
 
 
-def _transport_us_per_token(get: Callable[..., Any]) -> float | None:
-    """What gRPC alone costs a server a generated token at 64 streams: the streaming echo's CPU
-    a call and a message, at the batching server's messages and tokens a call."""
+_Row = tuple[str, str, Any, Any, str, str]  # key, what, numerator, denominator, formula, missing
+
+
+def _transport_rows(get: Callable[..., Any]) -> list[_Row]:
+    """What gRPC alone costs a server a generated token at 64 streams (the streaming echo's CPU
+    a call and a message, at the batching server's messages and tokens a call), beside bare's
+    CPU a token and the server's."""
     on = ("server", "batching_on", "generate", "64")
     call, message = get("echo_stream", "call_us"), get("echo_stream", "message_us")
     messages, tokens = get(*on, "messages_per_call"), get(*on, "tokens_per_call")
-    if None in (call, message, messages, tokens) or not tokens:
-        return None
-    return float((call + messages * message) / tokens)
+    transport = None
+    if None not in (call, message, messages, tokens) and tokens:
+        transport = float((call + messages * message) / tokens)
+    missing = "needs the streaming echo, /proc and 64 streams"
+    return [
+        (
+            "transport_vs_bare",
+            "gRPC's own CPU a generated token at 64 streams (the streaming echo's, at the "
+            "server's messages and tokens a call) / bare batch-64 step's",
+            transport,
+            get("bare", "step_b64", "cpu_us_per_token"),
+            "echo (call + messages a call x message) / tokens a call, us / bare CPU us/token",
+            missing,
+        ),
+        (
+            "transport_vs_server",
+            "the same / the server's CPU a generated token at 64 streams",
+            transport,
+            get(*on, "server_cpu_us_per_token"),
+            "transport us/token / server CPU us/token",
+            missing,
+        ),
+    ]
 
 
 def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
@@ -266,25 +290,8 @@ def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
     b1, idle = get("bare", "step_b1", "p50_ms"), get("bare", "step_b1_after_idle", "p50_ms")
     engine = get("engine", "generate", "64", "tokens_per_s")
     gen64 = get(*on, "generate", "64", "tokens_per_s")
-    transport = _transport_us_per_token(get)
-    rows = [
-        (
-            "transport_vs_bare",
-            "gRPC's own CPU a generated token at 64 streams (the streaming echo's, at the "
-            "server's messages and tokens a call) / bare batch-64 step's",
-            transport,
-            get("bare", "step_b64", "cpu_us_per_token"),
-            "echo (call + messages a call x message) / tokens a call, us / bare CPU us/token",
-            "needs the streaming echo, /proc and 64 streams",
-        ),
-        (
-            "transport_vs_server",
-            "the same / the server's CPU a generated token at 64 streams",
-            transport,
-            get(*on, "generate", "64", "server_cpu_us_per_token"),
-            "transport us/token / server CPU us/token",
-            "needs the streaming echo, /proc and 64 streams",
-        ),
+    rows: list[_Row] = [
+        *_transport_rows(get),
         (
             "generate_vs_bare",
             "server Generate at 64 streams / bare batch-64 step throughput",
