@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import heapq
 import math
 import weakref
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 from server.bundle import Bundle, unknown_word_counts
 from server.text import TextCodec
 from server.word_cache import KnownWord
-from server.words import Filters, Matcher, Word, fold
+from server.words import Filters, Matcher, Word, fold, logaddexp
 
 # Highest code point: `prefix + _MAX_CHAR` sorts after every string that starts with `prefix`.
 _MAX_CHAR = "\U0010ffff"
@@ -106,11 +105,12 @@ class UnknownWords:
 
     def share(self, word: str) -> float:
         """`word`'s share of `<unk>` (0 for a word not listed)."""
-        at = self._position.get(word)
+        at = self.position.get(word)
         return 0.0 if at is None else float(self.shares[at])
 
     @functools.cached_property
-    def _position(self) -> dict[str, int]:
+    def position(self) -> dict[str, int]:
+        """Each word's position in `words`."""
         return {w: i for i, w in enumerate(self.words)}
 
     @functools.cached_property
@@ -186,9 +186,10 @@ class UnkAfter:
         is part of `<unk>`'s, already in the model's whole mass)."""
         if match.partial:
             mass = self.unknown.mass(match, filters)
-            total = float(np.logaddexp(total, self.logprob + mass))
-        merged = {w.text: self._plus_share(w) for w in words}
-        bar = heapq.nlargest(extra, (w.logprob for w in merged.values()))
+            total = logaddexp(total, self.logprob + mass)
+        listed = self.unknown.position
+        merged = {w.text: self._plus_share(w) if w.text in listed else w for w in words}
+        bar = sorted((w.logprob for w in merged.values()), reverse=True)[:extra]
         if len(bar) < extra or self.logprob + self.unknown.best(match) > bar[-1]:
             for text in self.unknown.candidates(match, filters, extra):
                 if text not in merged:
@@ -200,7 +201,7 @@ class UnkAfter:
         share = self.unknown.share(word.text)
         if share <= 0:
             return word
-        logprob = float(np.logaddexp(word.logprob, self.logprob + math.log(share)))
+        logprob = logaddexp(word.logprob, self.logprob + math.log(share))
         return Word(word.text, logprob, word.ids)
 
 

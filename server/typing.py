@@ -42,6 +42,7 @@ from server.words import (
     Word,
     WordSettings,
     choose,
+    logaddexp,
     piece_table,
     read_word_list,
     search,
@@ -254,7 +255,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         known = unknown.lookup(known)
         words, total = unknown.add(words, total, known, match, filters, extra)
         if unproposed is not None:  # a listed word's share of <unk> adds to its token's
-            unproposed = float(np.logaddexp(unproposed, unknown.best(match)))
+            unproposed = logaddexp(unproposed, unknown.best(match))
     if mixer is not None:
         words, mixed = mixer.mix(words, total, match, filters, k, known, unproposed)
         total = total if mixed is None else mixed

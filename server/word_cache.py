@@ -25,6 +25,7 @@ import bisect
 import functools
 import heapq
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -163,8 +164,16 @@ class WordCache:
             lo = bisect.bisect_left(counts.exact, match.key)
             hi = bisect.bisect_left(counts.exact, match.key + _MAX_CHAR)
             words = counts.exact[lo:hi]
-        return sorted(((w, self.weight(w)) for w in words), key=lambda item: -item[1])
+        # `weight`, inlined: every counted word has a scaled weight.
+        scaled, scale, follows = counts.scaled, self.scale, self.follows
+        if follows:
+            weighed = [(w, scaled[w] * scale + follows.get(w, 0.0)) for w in words]
+        else:
+            weighed = [(w, scaled[w] * scale) for w in words]
+        return sorted(weighed, key=_second, reverse=True)  # stable: ties keep their order
 
+
+_second = operator.itemgetter(1)
 
 # A cached word the model did not propose, with its log-probability under the model (a word
 # model's vocabulary word below its top candidates; -inf for a word the model lacks, or one a
@@ -199,14 +208,19 @@ class Mixer:
         a tighter one than the 2k-th of `words` (`with_cached_top`).
         """
         words = list(words)
-        lam, n = self.weight, self.cache.total
+        cache = self.cache
+        lam, n = self.weight, cache.total
         if not n:
             return words, total
         keep, mixed = math.log1p(-lam), {}
+        weight, checked = cache.weight, bool(match.partial or filters.blocked)
         for w in words:
-            if match.matches(w.text) and filters.allows(w.text):
-                c = self.cache.weight(w.text)
-                mixed[w.text] = Word(w.text, _mixed(w.logprob, keep, lam * c / n), w.ids)
+            text = w.text
+            if checked and not (match.matches(text) and filters.allows(text)):
+                continue
+            c = weight(text)  # most candidates are not in the cache: `_mixed` of 0, inlined
+            logprob = w.logprob + keep if c <= 0 else _mixed(w.logprob, keep, lam * c / n)
+            mixed[text] = Word(text, logprob, w.ids)
         # A word the model did not propose has at most the 2k-th proposal's probability (a
         # word model's proposals are its top 2k; a search's words are all it found).
         if total is None:
@@ -214,11 +228,11 @@ class Mixer:
         else:
             bound = _bar(words, 2 * k) if unproposed is None else unproposed
             floor = math.exp(bound + keep)
-        top = heapq.nlargest(2 * k, (w.logprob for w in mixed.values()))
+        top = sorted((w.logprob for w in mixed.values()), reverse=True)[: 2 * k]
         heapq.heapify(top)  # the 2k highest log-probabilities, the lowest first
         bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
         share = lam / n
-        entries = self.cache.matching(match)
+        entries = cache.matching(match)  # a list once a letter is typed, else read lazily
         for text, c in entries:
             if share * c + floor < bar:
                 break  # lighter words rank lower still
@@ -233,7 +247,11 @@ class Mixer:
                 heapq.heappushpop(top, word.logprob)
             bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
         if total is not None:
-            total = _mixed(total, keep, lam * self.cache.mass(match, filters) / n)
+            if match.partial:  # the same sum as `cache.mass`, over the list already made
+                mass = sum(c for text, c in entries if filters.allows(text))
+            else:
+                mass = cache.mass(match, filters)
+            total = _mixed(total, keep, lam * mass / n)
         return list(mixed.values()), total
 
 
@@ -247,8 +265,8 @@ def _mixed(logprob: float, keep: float, cached: float) -> float:
 
 def _bar(words: Iterable[Word], n: int) -> float:
     """The n-th highest log-probability among `words` (-inf when fewer)."""
-    top = heapq.nlargest(n, (w.logprob for w in words))
-    return top[-1] if len(top) >= n else -math.inf
+    top = sorted((w.logprob for w in words), reverse=True)
+    return top[n - 1] if len(top) >= n else -math.inf
 
 
 def with_cached_top(

@@ -26,6 +26,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,6 +81,16 @@ def fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
+def logaddexp(a: float, b: float) -> float:
+    """log(exp(a) + exp(b)) of two floats, as numpy's `logaddexp` computes it (numpy's costs
+    about a microsecond a call on Python floats; this, a fifth of that)."""
+    if a < b:
+        a, b = b, a
+    if b == -math.inf:
+        return a
+    return a + math.log1p(math.exp(b - a))
+
+
 def is_word(text: str) -> bool:
     """Whether `text` is made of word characters only (and is not empty)."""
     return bool(text) and all(c.isalnum() or c in _WORD_PUNCT for c in text)
@@ -91,8 +102,12 @@ def read_word_list(text: str) -> frozenset[str]:
     return frozenset(fold(w) for w in words if w)
 
 
-@dataclass(frozen=True)
-class Word:
+# The value types made for every candidate of every keystroke are named tuples: as immutable as
+# frozen dataclasses, and made in a third of the time (a frozen dataclass sets each field through
+# `object.__setattr__`: about 1 us for three fields against 0.35).
+
+
+class Word(NamedTuple):
     """A candidate next word as the model spells it, with its pieces' token ids."""
 
     text: str
@@ -100,8 +115,7 @@ class Word:
     ids: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Suggestion:
+class Suggestion(NamedTuple):
     """A word as suggested: the text shown, its probability and its pieces."""
 
     text: str
@@ -338,8 +352,7 @@ def search_context(codec: TextCodec, text: str) -> tuple[str, bool]:
 # ---- the search --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Hypothesis:
+class _Hypothesis(NamedTuple):
     logprob: float
     ids: tuple[int, ...]
     text: str
@@ -581,7 +594,7 @@ def _add(found: dict[str, Word], word: Word, merge: bool) -> None:
         found[word.text] = word
     elif merge:
         best = old if old.logprob >= word.logprob else word
-        found[word.text] = Word(word.text, float(np.logaddexp(old.logprob, word.logprob)), best.ids)
+        found[word.text] = Word(word.text, logaddexp(old.logprob, word.logprob), best.ids)
     elif word.logprob > old.logprob:
         found[word.text] = word
 
@@ -616,12 +629,18 @@ def choose(
     """
     merged: dict[str, Word] = {}
     blocking = bool(filters.blocked)
-    for w in words:
-        if match.matches(w.text) and (not blocking or filters.allows(w.text)):
-            shown = match.shown(w.text)
-            _add(merged, w if shown == w.text else Word(shown, w.logprob, w.ids), merge=True)
-    logprobs = np.array([w.logprob for w in merged.values()], dtype=np.float64)
-    mass = _logsumexp(logprobs) if total is None else total
+    if match.partial or blocking:
+        for w in words:
+            if match.matches(w.text) and (not blocking or filters.allows(w.text)):
+                shown = match.shown(w.text)
+                _add(merged, w if shown == w.text else Word(shown, w.logprob, w.ids), merge=True)
+    else:  # at a word start, nothing blocked: every word, shown as it is
+        for w in words:
+            _add(merged, w, merge=True)
+    if total is None:
+        mass = _logsumexp(np.array([w.logprob for w in merged.values()], dtype=np.float64))
+    else:
+        mass = total
     probs = {t: (math.exp(w.logprob - mass), w.ids) for t, w in merged.items()}
     boosted = _boost(probs, match, filters, settings)
     ranked = sorted(boosted.items(), key=lambda item: (-item[1][0], item[0]))[:k]
@@ -686,7 +705,7 @@ def vocab_words(
         scores[excluded[ids]] = -math.inf
         total = 0.0
     top = top_ids(scores, extra)
-    chosen = {int(ids[j]): float(scores[j]) for j in top.tolist()}
+    chosen = dict(zip(ids[top].tolist(), scores[top].tolist(), strict=True))
     # The user words the model knows, with their own probability however unlikely.
     index = _ids_by_folded_text(codec)
     for word in filters.user_words:
