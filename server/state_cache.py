@@ -167,21 +167,32 @@ class StateCache:
         """The longest entry that is a prefix of `tokens` (lock held).
 
         Probes the cached lengths up to len(tokens), longest first: usually the first probe
-        hits (the context the caller sent before), so a few are tried before the rest, whose
-        hashes are then gathered in one go.
+        hits (the context the caller sent before), so a few are tried, from the sorted list,
+        before the rest, whose hashes are then gathered in one go. (The rest's array is made
+        only then: a session whose context grows adds a length on every call, and remaking
+        the array of thousands of lengths for every lookup cost 20 to 50 us.)
         """
+        end = bisect.bisect_right(self._lengths, len(tokens))
+        near = self._lengths[max(0, end - 4) : end][::-1]
+        found = self._probe(tokens, hashes, near)
+        if found is not None or end <= 4:
+            return found
         if self._length_array is None:
             self._length_array = np.array(self._lengths, dtype=np.int64)
-        lengths = self._length_array
-        end = int(lengths.searchsorted(len(tokens), side="right"))
-        for part in (lengths[max(0, end - 4) : end], lengths[: max(0, end - 4)]):
-            if not part.size:
-                continue
-            for length, h in zip(part[::-1].tolist(), hashes[part[::-1] - 1].tolist(), strict=True):
-                entry = self._entries.get((length, h))
-                # The key holds the length, so the lengths match: equal elements are enough.
-                if entry is not None and (entry.tokens == tokens[:length]).all():
-                    return entry
+        return self._probe(tokens, hashes, self._length_array[: end - 4][::-1].tolist())
+
+    def _probe(
+        self, tokens: np.ndarray, hashes: np.ndarray, lengths: list[int]
+    ) -> CachedPrefix | None:
+        """The first of `lengths` whose prefix of `tokens` is cached (lock held)."""
+        if not lengths:
+            return None
+        keys = hashes[np.array(lengths, dtype=np.intp) - 1].tolist()
+        for length, h in zip(lengths, keys, strict=True):
+            entry = self._entries.get((length, h))
+            # The key holds the length, so the lengths match: equal elements are enough.
+            if entry is not None and (entry.tokens == tokens[:length]).all():
+                return entry
         return None
 
     def _forget(self, entry: CachedPrefix) -> None:
