@@ -11,6 +11,11 @@ number of messages about the size of a one-token `GenerateResponse`, first one m
 then `LONG_CALL` (alternating, `trials` times each); the echo server's CPU time from /proc over
 each load gives its CPU per call and per message (two loads, two unknowns), so a Generate
 call's transport cost is `call_us + messages * message_us`.
+
+`measure_session` is TypingSession's floor: bidirectional streams over several connections,
+each sending a message (about a typing event's size) at a typist's pace and reading the echo
+server's reply (about a three-word `Suggestions`); the echo server's CPU per message is what
+gRPC alone costs a keystroke.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from benchmarks.timing import latency, over_trials, time_calls_async
 
 METHOD = "/rnnlm.bench.Echo/Echo"
 STREAM_METHOD = "/rnnlm.bench.Echo/Stream"
+SESSION_METHOD = "/rnnlm.bench.Echo/Session"
+EVENT = bytes(40)  # about a TypingEvent: a letter or a word, its partial word, k
+SUGGESTIONS = bytes(90)  # about a Suggestions reply with three words
 PAYLOAD = bytes(96)
 REPLY = bytes(24)  # about a GenerateResponse with one token, its text and log-prob
 STREAMS = 64
@@ -47,6 +55,12 @@ async def _stream(request: bytes, context: Any) -> None:
         await context.write(REPLY)
 
 
+async def _session(requests: Any, context: Any) -> None:
+    """`SUGGESTIONS` for every message, as a typing session answers each keystroke."""
+    async for _ in requests:
+        await context.write(SUGGESTIONS)
+
+
 async def serve() -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
@@ -54,6 +68,7 @@ async def serve() -> None:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(_echo),
             "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+            "Session": grpc.stream_stream_rpc_method_handler(_session),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -119,6 +134,67 @@ async def _stream_load(call: Any, size: int, seconds: float) -> int:
             counts[i] += 1
 
     await asyncio.gather(*(stream(i) for i in range(STREAMS)))
+    return sum(counts)
+
+
+async def measure_session(
+    sessions: int, connections: int, per_second: float, seconds: float
+) -> dict[str, Any]:
+    """The echo server's CPU per message (and this process's, the load generator's) under
+    `sessions` bidirectional streams over `connections` connections, each sending a message
+    every 1 / `per_second` s and reading the reply before the next, for `seconds`."""
+    child = ChildServer("benchmarks.echo", [], PORT_RE)
+    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options)
+        for _ in range(connections)
+    ]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        await _session_load(channels, sessions, per_second, min(seconds, 1.0))  # warm-up
+        before, own = child.cpu_seconds(), time.process_time()
+        messages = await _session_load(channels, sessions, per_second, seconds)
+        after, own = child.cpu_seconds(), time.process_time() - own
+        if before is None or after is None or not messages:
+            return {}
+        return {
+            "sessions": sessions,
+            "connections": connections,
+            "messages": messages,
+            "server_cpu_ms_per_message": (after - before) * 1e3 / messages,
+            "client_cpu_ms_per_message": own * 1e3 / messages,
+            "event_bytes": len(EVENT),
+            "reply_bytes": len(SUGGESTIONS),
+        }
+    finally:
+        for channel in channels:
+            await channel.close()
+        child.stop()
+
+
+async def _session_load(
+    channels: list[Any], sessions: int, per_second: float, seconds: float
+) -> int:
+    """Messages answered on `sessions` paced streams (spread over one period) in `seconds`."""
+    deadline = time.perf_counter() + seconds
+    period = 1.0 / per_second
+    counts = [0] * sessions
+
+    async def session(i: int) -> None:
+        call = channels[i % len(channels)].stream_stream(SESSION_METHOD)()
+        due = time.perf_counter() + period * i / sessions
+        try:
+            while due < deadline:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                await call.write(EVENT)
+                await call.read()
+                counts[i] += 1
+                due += period
+        finally:
+            call.cancel()
+
+    await asyncio.gather(*(session(i) for i in range(sessions)))
     return sum(counts)
 
 

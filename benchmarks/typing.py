@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import report
+from benchmarks import echo, report
 from benchmarks.process import ChildServer
 from benchmarks.server_load import (
     CALL_SLACK_SECONDS,
@@ -526,7 +526,22 @@ async def measure(
         ) from e
     finally:
         child.stop()
+    out["echo_session"] = await _transport_floor(out["concurrency"], plan, say)
     return out
+
+
+async def _transport_floor(
+    concurrency: dict[str, Any], plan: TypingPlan, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """gRPC's own CPU a keystroke: an echo server's, under as many paced sessions as the
+    largest N within the limit (at least the search's first N) over the same connections."""
+    n = max(concurrency["largest_within"], plan.first_n)
+    say(f"typing: a gRPC echo of {n} paced sessions for {plan.trial_s:g} s")
+    floor = await echo.measure_session(n, CONNECTIONS, KEYS_PER_SECOND, plan.trial_s)
+    server = concurrency.get("server_cpu_ms_per_event")
+    if floor and server:
+        floor["share_of_server"] = floor["server_cpu_ms_per_message"] / server
+    return floor
 
 
 def summary(t: Tally) -> dict[str, Any]:
@@ -707,7 +722,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"**{c['largest_within']}** (smallest over: {c['smallest_over']}; the search ended "
         f"{c['search_ended']}). Under other load on the machine, this is a lower bound.",
         "",
-        *_cpu_lines(c),
+        *_cpu_lines(c, results.get("echo_session") or {}),
         *report._table(
             [
                 "typists",
@@ -738,9 +753,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_lines(c: dict[str, Any]) -> list[str]:
+def _cpu_lines(c: dict[str, Any], floor: dict[str, Any]) -> list[str]:
     if c.get("server_cpu_ms_per_event") is None:
         return []
+    transport = []
+    if floor.get("share_of_server") is not None:
+        transport = [
+            f"gRPC alone (`benchmarks/echo.py`: a bidirectional echo server under "
+            f"{floor['sessions']} sessions at the typists' pace over the same connections) "
+            f"costs {floor['server_cpu_ms_per_message']:.3g} ms of its CPU a keystroke, "
+            f"{floor['share_of_server']:.2f} of the server's, and "
+            f"{floor['client_cpu_ms_per_message']:.3g} ms of the load generator's.",
+            "",
+        ]
     return [
         f"CPU per event (median over trials): the server {c['server_cpu_ms_per_event']:.3g} ms, "
         f"the load generator {c['client_cpu_ms_per_event']:.3g} ms. At that cost the usable "
@@ -749,6 +774,7 @@ def _cpu_lines(c: dict[str, Any]) -> list[str]:
         "it (a CPU bound, not a latency one). Each trial's figures are in the table: an event "
         "costs more with fewer typists, whose events share less of the event loop's work.",
         "",
+        *transport,
     ]
 
 

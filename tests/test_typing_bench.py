@@ -168,6 +168,19 @@ def test_the_concurrency_search_is_consistent(typing_run: dict[str, Any]) -> Non
     assert len(statuses) == 3
 
 
+def test_the_transport_floor_is_measured_beside_the_server(typing_run: dict[str, Any]) -> None:
+    """gRPC's own CPU a keystroke (a bidirectional echo at the typists' pace) is reported with
+    its share of the server's CPU an event."""
+    floor, c = typing_run["echo_session"], typing_run["concurrency"]
+    assert floor["sessions"] == max(c["largest_within"], typing_run["plan"]["first_n"])
+    assert floor["messages"] > 0
+    assert floor["server_cpu_ms_per_message"] > 0 and floor["client_cpu_ms_per_message"] > 0
+    if c["server_cpu_ms_per_event"]:
+        assert floor["share_of_server"] == pytest.approx(
+            floor["server_cpu_ms_per_message"] / c["server_cpu_ms_per_event"]
+        )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
