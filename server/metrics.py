@@ -39,6 +39,22 @@ QUEUE_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+def observe_zeros(histogram: Histogram, times: int) -> None:
+    """`times` observations of 0 at once, recorded as `times` calls of `observe(0.0)` record
+    them: the tokens a Generate response carries after its first each observe an inter-token
+    latency of 0, up to 16 a message, and `observe` costs about 1.3 us a call (a lock for the
+    sum and one for the bucket). prometheus_client keeps a histogram as its sum and one count a
+    bucket (`_sum`, `_buckets`, by `_upper_bounds`), cumulated when read; tests/test_metrics.py
+    checks the exposition against repeated `observe` calls, so a change of those internals
+    fails there."""
+    if times <= 0:
+        return
+    for bucket, bound in zip(histogram._buckets, histogram._upper_bounds, strict=True):
+        if bound >= 0.0:
+            bucket.inc(times)
+            return
+
+
 class CacheFamily(NamedTuple):
     """One kind of cache's metrics, labelled by model: `rnnlm_<name>_{hits,misses,evictions}_total`
     and `rnnlm_<name>_bytes`."""

@@ -45,7 +45,7 @@ from server.limits import (
     invalid,
     quote,
 )
-from server.metrics import Metrics
+from server.metrics import Metrics, observe_zeros
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.sampling import GeneratedToken
 from server.state_token import SessionContext, StateTokenError, StateTokens
@@ -316,8 +316,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                     last = now
                     text, ids, stopped = _detokenize(tokens, detokenizer, stopper)
                     kept = tokens[: len(ids)]
-                    for _ in kept[1:]:
-                        itl.observe(0.0)
+                    observe_zeros(itl, len(kept) - 1)
                     count += len(ids)
                     generated.inc(len(ids))
                     response = pb.GenerateResponse(

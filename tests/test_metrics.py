@@ -8,9 +8,10 @@ import subprocess
 import urllib.request
 
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import Metrics, MetricsServer
+from server.metrics import Metrics, MetricsServer, observe_zeros
 
 # name (as exposed, without _bucket/_count/_sum) -> (type, labels); from COMMON.md.
 EXPECTED = {
@@ -84,6 +85,32 @@ def test_exactly_the_documented_metrics_with_their_labels() -> None:
         assert family.type == kind, name
         for sample in family.samples:
             assert set(sample.labels) - {"le"} == labels, (name, sample.labels)
+
+
+def test_zeros_observed_at_once_read_as_observed_one_by_one() -> None:
+    """`observe_zeros` (the inter-token latencies of a response's later tokens) leaves the
+    histogram as that many `observe(0.0)` calls would: the same buckets, count and sum."""
+    m = Metrics()
+    one_by_one = m.inter_token_latency.labels(model="a")
+    at_once = m.inter_token_latency.labels(model="b")
+    for child in (one_by_one, at_once):
+        child.observe(0.003)
+    for _ in range(7):
+        one_by_one.observe(0.0)
+    observe_zeros(at_once, 7)
+    observe_zeros(at_once, 0)
+
+    def series(model: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for family in text_string_to_metric_families(generate_latest(m.registry).decode())
+            if family.name == "rnnlm_inter_token_latency_seconds"
+            for s in family.samples
+            if s.labels.get("model") == model
+        }
+
+    assert series("a") == series("b")
+    assert series("b")[("rnnlm_inter_token_latency_seconds_count", "")] == 8
 
 
 def test_names_follow_prometheus_conventions() -> None:
