@@ -268,6 +268,10 @@ class EngineMetrics:
     def observe_batch(self, size: int) -> None:
         self._batch_size.observe(size)
 
+    def observe_no_wait(self, requests: int) -> None:
+        """A queue wait of 0 for each of `requests` run at once on the caller's thread."""
+        observe_zeros(self._queue_wait, requests)
+
     def observe_queue_wait(self, seconds: float) -> None:
         self._queue_wait.observe(seconds)
 

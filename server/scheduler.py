@@ -245,8 +245,7 @@ class Scheduler:
         """Run requests to their answers here, in one batch of their own (see `inline_now`):
         it shares only the sessions and the state cache (locked) with the workers' batches."""
         if self.metrics is not None:
-            for _ in requests:
-                self.metrics.observe_queue_wait(0.0)
+            self.metrics.observe_no_wait(len(requests))
         batch = Batch.of(requests, self.step_config.vocab_size)
         answers: dict[int, object] = {}
         while len(answers) < len(requests):
