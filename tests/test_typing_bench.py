@@ -174,7 +174,8 @@ def test_the_transport_floor_is_measured_beside_the_server(typing_run: dict[str,
     floor, c = typing_run["echo_session"], typing_run["concurrency"]
     assert floor["sessions"] == max(c["largest_within"], typing_run["plan"]["first_n"])
     assert floor["messages"] > 0
-    assert floor["server_cpu_ms_per_message"] > 0 and floor["client_cpu_ms_per_message"] > 0
+    # /proc counts CPU in clock ticks (10 ms): a quick run's few messages may read as 0.
+    assert floor["server_cpu_ms_per_message"] >= 0 and floor["client_cpu_ms_per_message"] > 0
     if c["server_cpu_ms_per_event"]:
         assert floor["share_of_server"] == pytest.approx(
             floor["server_cpu_ms_per_message"] / c["server_cpu_ms_per_event"]
