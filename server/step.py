@@ -374,7 +374,7 @@ def _finish(
     parts = [b for b in blocks if b is not None]
     firsts = [row for row in ready if requests[row].samples]
     if firsts:
-        parts.append((firsts, np.stack([requests[row].logits for row in firsts])))  # type: ignore[misc]
+        parts.append((firsts, np.array([requests[row].logits for row in firsts])))  # type: ignore[misc]
         for row in firsts:
             requests[row].logits = None
     if parts:
@@ -395,7 +395,7 @@ def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
     if len(logits) == 1:
         out = [log_softmax(logits[0])]
     else:
-        out = [row.copy() for row in log_softmax(np.stack(logits))]
+        out = [row.copy() for row in log_softmax(np.array(logits))]  # rows of one shape
     for lp in out:
         lp.setflags(write=False)
     return out

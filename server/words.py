@@ -478,7 +478,7 @@ async def search(
             break
         stepped = await next_logprobs([h.item(base) for h in live])
         steps += len(live)
-        grid = np.stack([row for row, _ in stepped])
+        grid = np.array([row for row, _ in stepped])  # np.stack: 3.5 against 0.9 us for 5 rows
         for h, logprobs in zip(live, grid, strict=True):
             if table.is_word(h.text) and match.matches(h.text) and filters.allows(h.text):
                 end = _logsumexp(logprobs[table.boundary])
