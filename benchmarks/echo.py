@@ -42,6 +42,9 @@ STREAMS = 64
 LONG_CALL = 64  # messages in a call of the second load
 MAX_MESSAGES = 1024
 WARMUP_CALLS = 20
+# Channel options that give each channel a TCP connection of its own (grpc.aio otherwise
+# shares one subchannel between channels to the same address), as many clients would have.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 PORT_RE = r"echo listening on 127\.0\.0\.1:(\d+)"
 
 
@@ -144,9 +147,8 @@ async def measure_session(
     `sessions` bidirectional streams over `connections` connections, each sending a message
     every 1 / `per_second` s and reading the reply before the next, for `seconds`."""
     child = ChildServer("benchmarks.echo", [], PORT_RE)
-    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
     channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options)
+        grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=OWN_CONNECTION)
         for _ in range(connections)
     ]
     try:

@@ -20,28 +20,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from benchmarks import report
 from benchmarks.process import ChildServer
-from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args, wait_serving
-from benchmarks.typing import CONNECTIONS, HeldOut, TypingPlan, corpus_text, crowd
-from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args
+from benchmarks.typing import HeldOut, TypingPlan, connect, corpus_text, crowd
 from server.bundle import load_bundle
-
-
-async def _stubs(
-    stack: contextlib.AsyncExitStack, child: ChildServer
-) -> list[pb_grpc.LanguageModelStub]:
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    stubs = []
-    for _ in range(CONNECTIONS):
-        channel = await stack.enter_async_context(
-            grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options)
-        )
-        await wait_serving(channel, child)
-        stubs.append(pb_grpc.LanguageModelStub(channel))
-    return stubs
 
 
 async def ab(args: argparse.Namespace, held: HeldOut) -> list[dict[str, Any]]:
@@ -56,7 +39,7 @@ async def ab(args: argparse.Namespace, held: HeldOut) -> list[dict[str, Any]]:
     rows = []
     try:
         async with contextlib.AsyncExitStack() as stack:
-            stubs = {p: await _stubs(stack, child) for p, child in children.items()}
+            stubs = {p: await connect(stack, child) for p, child in children.items()}
             for r in range(args.rounds):
                 order = list(servers) if r % 2 == 0 else list(reversed(servers))
                 for n in counts:

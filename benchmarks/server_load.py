@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.echo import OWN_CONNECTION
 from benchmarks.process import ChildServer
 from benchmarks.timing import BenchError, latency, over_trials
 from benchmarks.workload import LONG_TOKENS, SENTENCE_TOKENS, Plan, Workload, generate_seed
@@ -87,7 +88,7 @@ async def _measure_server(
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # A connection of this channel's own, closed with it before the server stops
             # (a shared one outlives it, and grpc logs the stopping server's GOAWAY).
-            ("grpc.use_local_subchannel_pool", 1),
+            *OWN_CONNECTION,
         ]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options) as ch:
             stub = pb_grpc.LanguageModelStub(ch)

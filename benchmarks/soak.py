@@ -34,6 +34,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.echo import OWN_CONNECTION
 from benchmarks.process import ChildServer
 from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args, wait_serving
 from benchmarks.timing import BenchError
@@ -145,7 +146,7 @@ async def soak(
     outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
     try:
         # A connection of the channel's own, closed before the server stops (see server_load).
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        options = OWN_CONNECTION
         async with grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options) as channel:
             stub = pb_grpc.LanguageModelStub(channel)
             await wait_serving(channel, child)

@@ -503,18 +503,9 @@ async def measure(
     args = serve_args(bundle_dir, True, server[1:], server[0])
     child = ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS)
     out: dict[str, Any] = {"server_command": "rnnlm " + " ".join(args)}
-    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
     try:
         async with contextlib.AsyncExitStack() as stack:
-            channels = [
-                await stack.enter_async_context(
-                    grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=options)
-                )
-                for _ in range(CONNECTIONS)
-            ]
-            for channel in channels:  # each connection's server process serves
-                await wait_serving(channel, child)
-            stubs = [pb_grpc.LanguageModelStub(channel) for channel in channels]
+            stubs = await connect(stack, child)
             say(f"typing: one typist, {min(plan.lines, len(held.lines))} held-out lines")
             out["typist"] = summary(await single(stubs[0], held, plan))
             out["concurrency"] = await search(stubs, held, plan, child.cpu_seconds, say)
@@ -528,6 +519,23 @@ async def measure(
         child.stop()
     out["echo_session"] = await _transport_floor(out["concurrency"], plan, say)
     return out
+
+
+async def connect(
+    stack: contextlib.AsyncExitStack, child: ChildServer
+) -> list[pb_grpc.LanguageModelStub]:
+    """Stubs on CONNECTIONS connections of their own to `child` (closed with `stack`), once
+    each is served: with `--processes` the kernel spreads connections over the processes, so
+    every one must have its process up."""
+    channels = [
+        await stack.enter_async_context(
+            grpc.aio.insecure_channel(f"127.0.0.1:{child.port}", options=echo.OWN_CONNECTION)
+        )
+        for _ in range(CONNECTIONS)
+    ]
+    for channel in channels:
+        await wait_serving(channel, child)
+    return [pb_grpc.LanguageModelStub(channel) for channel in channels]
 
 
 async def _transport_floor(
