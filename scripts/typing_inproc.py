@@ -25,10 +25,11 @@ import hashlib
 import json
 import pstats
 import resource
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.typing import OPEN, HeldOut, Tally, read_text, typist
+from benchmarks.typing import OPEN, HeldOut, Key, Tally, read_text, typist
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
@@ -46,10 +47,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     codec = TextCodec(bundle)
     settings = WordSettings(width=args.width, keep=args.keep, budget_ms=1e9)
-    held = HeldOut.of(read_text(Path(args.text), "--text"), args.text, codec.kind, args.k)
-    context, passage = held.passage(0, args.lines)
-    tally = Tally()
-    keys = typist(context, passage, args.k, tally, held.words)
+    held, tally, keys = held_out_typist(args, codec.kind)
     engine = Engine(bundle, EngineConfig())
     await engine.start()
     steps: dict[str, list[int]] = {}
@@ -131,14 +129,30 @@ def _report(tally: Tally, steps: dict[str, list[int]], cpu: dict[str, float]) ->
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", default="models/shakespeare-char")
+def add_typist_arguments(parser: argparse.ArgumentParser, bundle: str) -> None:
+    """The typist's options (`held_out_typist` reads them), `bundle` the default bundle."""
+    parser.add_argument("--bundle", default=bundle)
     parser.add_argument(
         "--text", required=True, help="the corpus whose last 5%% of lines are typed"
     )
     parser.add_argument("--lines", type=int, default=120, help="held-out lines typed")
     parser.add_argument("-k", type=int, default=3, help="suggestions shown")
+
+
+def held_out_typist(
+    args: argparse.Namespace, kind: str
+) -> tuple[HeldOut, Tally, Generator[Key, list[str], None]]:
+    """The held-out text of `args.text`, and the benchmark's typist over its first
+    `args.lines` lines with `args.k` suggestions (tallying into the returned `Tally`)."""
+    held = HeldOut.of(read_text(Path(args.text), "--text"), args.text, kind, args.k)
+    context, passage = held.passage(0, args.lines)
+    tally = Tally()
+    return held, tally, typist(context, passage, args.k, tally, held.words)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_typist_arguments(parser, "models/shakespeare-char")
     parser.add_argument("--width", type=int, default=WordSettings.width)
     parser.add_argument("--keep", type=int, default=WordSettings.keep)
     parser.add_argument(

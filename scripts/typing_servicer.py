@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.typing import OPEN, HeldOut, Tally, read_text, typist
+from benchmarks.typing import OPEN
 from rnnlm.v1 import language_model_pb2 as pb
+from scripts.typing_inproc import add_typist_arguments, held_out_typist
 from server.app import RnnlmServer
 from server.bundle import load_bundle
 from server.config import ServerConfig
@@ -52,15 +53,7 @@ async def run(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle)
     server = RnnlmServer(ServerConfig(models=Path(args.bundle), port=0, metrics_port=0))
     await server.start()
-    held = HeldOut.of(
-        read_text(Path(args.text), "--text"),
-        args.text,
-        str(bundle.manifest["tokenizer"]["kind"]),
-        3,
-    )
-    context, passage = held.passage(0, args.lines)
-    tally = Tally()
-    keys = typist(context, passage, 3, tally, held.words)
+    held, tally, keys = held_out_typist(args, str(bundle.manifest["tokenizer"]["kind"]))
     call = _Context()
     profile = cProfile.Profile() if args.profile else None
     cpu = [0.0, 0]  # seconds, events (the opening event left out)
@@ -105,11 +98,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bundle", default="models/shakespeare-word")
-    parser.add_argument(
-        "--text", required=True, help="the corpus whose last 5%% of lines are typed"
-    )
-    parser.add_argument("--lines", type=int, default=120, help="held-out lines typed")
+    add_typist_arguments(parser, "models/shakespeare-word")
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print cProfile's N costliest"
     )
