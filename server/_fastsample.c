@@ -605,6 +605,12 @@ static int get(PyObject *obj, Arg *arg, const char *name, const char *format, Py
     return 0;
 }
 
+/* Release the buffers `get` took of the first `n` arguments (those it reached). */
+static void release(Arg *a, int n) {
+    for (int i = 0; i < n; i++)
+        if (a[i].held) PyBuffer_Release(&a[i].buf);
+}
+
 /* The rows and the widths of [rows, N] arguments, from their shapes; -1 on a bad shape. */
 static Py_ssize_t shape_of(PyObject *obj, Py_ssize_t rows, Py_ssize_t *width) {
     Py_buffer p;
@@ -745,8 +751,7 @@ static PyObject *sample(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyMem_RawFree(cum);
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < N_ARGS; i++)
-        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    release(a, N_ARGS);
     return result;
 }
 
@@ -791,8 +796,7 @@ static PyObject *log_softmax(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyMem_RawFree(sums);
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 2; i++)
-        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    release(a, 2);
     return result;
 }
 
@@ -828,8 +832,7 @@ static PyObject *top_k(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     else got = top_k_float(a[0].buf.buf, n, k, a[1].buf.buf, a[2].buf.buf);
     result = PyLong_FromLongLong(got);
 done:
-    for (int i = 0; i < 3; i++)
-        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    release(a, 3);
     return result;
 }
 
@@ -853,8 +856,7 @@ static PyObject *uniforms(PyObject *self, PyObject *const *args, Py_ssize_t narg
     for (Py_ssize_t r = 0; r < n; r++) out[r] = uniform(seed[r], position[r]);
     result = Py_NewRef(Py_None);
 done:
-    for (int i = 0; i < 3; i++)
-        if (a[i].held) PyBuffer_Release(&a[i].buf);
+    release(a, 3);
     return result;
 }
 

@@ -25,8 +25,7 @@ from server.sampling import SamplingParams
 
 NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
 # Batches of up to this many requests that do not generate share their neutral sampling rows
-# (a typing keystroke's lone call, a word search's few contexts); the shared rows' [n, V]
-# masks stay small.
+# (a typing keystroke's lone call, a word search's few contexts), cached by size.
 SHARED_NEUTRAL = 4
 
 
