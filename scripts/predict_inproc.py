@@ -53,8 +53,9 @@ STAGES = [
 ]
 
 
-class _Context:
-    """What the servicer asks of a gRPC context on a call that succeeds."""
+class CallContext:
+    """What the servicer asks of a gRPC context on a call that succeeds (a unary call's; a
+    streaming call's adds `write`: scripts/typing_servicer.py)."""
 
     def cancelled(self) -> bool:
         return False
@@ -114,7 +115,7 @@ async def run(bundle_dir: Path, calls: int, gap: str) -> tuple[list[float], list
     """Wall and CPU seconds of each timed call."""
     server = RnnlmServer(ServerConfig(models=bundle_dir, port=0, metrics_port=0))
     await server.start()
-    servicer, context = server._servicer, _Context()
+    servicer, context = server._servicer, CallContext()
     workload = build_workload(load_bundle(bundle_dir), Plan(), None)
     walls: list[float] = []
     cpus: list[float] = []

@@ -27,23 +27,18 @@ from typing import Any
 
 from benchmarks.typing import OPEN
 from rnnlm.v1 import language_model_pb2 as pb
+from scripts.predict_inproc import CallContext
 from scripts.typing_inproc import add_typist_arguments, held_out_typist
 from server.app import RnnlmServer
 from server.bundle import load_bundle
 from server.config import ServerConfig
 
 
-class _Context:
-    """What the servicer asks of a streaming call's gRPC context on calls that succeed."""
+class _Context(CallContext):
+    """A streaming call's context: the last reply the servicer wrote is kept."""
 
     def __init__(self) -> None:
         self.reply: pb.Suggestions | None = None
-
-    def cancelled(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float | None:
-        return None
 
     async def write(self, reply: pb.Suggestions) -> None:
         self.reply = reply
