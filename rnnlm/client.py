@@ -170,6 +170,7 @@ class Client:
         user_words: Sequence[str] = (),
         next_tokens: bool = False,
         word_cache: bool | None = None,
+        fewest_keys: bool = False,
         timeout: float | None = None,
     ) -> pb.PredictNextResponse:
         """The k most likely next words after `context` (or tokens: `next_tokens`), most
@@ -179,7 +180,8 @@ class Client:
         `return_state_token` asks for a token for this request's context; `continuous_cache`
         mixes in the model's recall of the context's own words. `fold_case`, `blocked_words`,
         `user_words` and `word_cache` (None or False: the model's own probabilities): see
-        PredictNextRequest.
+        PredictNextRequest. `fewest_keys`: the k words that save a typist the most keys
+        instead of the k likeliest (`selection`).
         """
         request = pb.PredictNextRequest(
             model=model,
@@ -195,6 +197,7 @@ class Client:
             user_words=user_words,
             next_tokens=next_tokens,
             word_cache=word_cache,
+            selection=pb.SELECTION_FEWEST_KEYS if fewest_keys else pb.SELECTION_UNSPECIFIED,
         )
         return self._stub.PredictNext(request, **self._options(timeout))
 

@@ -117,6 +117,12 @@ def _predict_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make the words already in the context likelier (the word cache, docs/typing.md)",
     )
+    parser.add_argument(
+        "--fewest-keys",
+        action="store_true",
+        help="show the words that save a typist the most keys, not the likeliest "
+        "(docs/typing.md#fewest-keys)",
+    )
 
 
 def _text_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -278,6 +284,7 @@ def _predict(client: Client, args: argparse.Namespace) -> None:
         user_words=args.user_word,
         next_tokens=args.next_tokens,
         word_cache=args.word_cache,
+        fewest_keys=args.fewest_keys,
         model=args.model,
         model_version=args.model_version,
     )

@@ -55,6 +55,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     shown: list[list[tuple[str, float]]] = []
     profile = cProfile.Profile() if args.calls else None
     text, memory = "", Memory()
+    # Asking for the words that save the most keys, punctuation is never suggested: k is k.
+    fewest = args.fewest_keys
+    asked = args.k if fewest else held.ask
     try:
         key = next(keys)
         while True:
@@ -62,7 +65,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if profile is not None:
                 profile.enable()
             start = _cpu_seconds()
-            ask = _ask(codec, text, key.partial, memory, held.ask, settings, args.word_cache)
+            ask = _ask(codec, text, key.partial, memory, asked, settings, args.word_cache, fewest)
             predicted = await _suggest(engine, text, ask)
             cpu[key.kind] = cpu.get(key.kind, 0.0) + _cpu_seconds() - start
             if profile is not None:
@@ -89,12 +92,15 @@ def _ask(
     k: int,
     settings: WordSettings,
     word_cache: bool,
+    fewest: bool,
 ) -> Ask:
     """One event's ask, as the servicer makes it (the word cache kept in `memory`)."""
     mixer = WordCacheSettings().mixer(word_cache, memory.word_cache, text, codec.kind)
     memory.word_cache = mixer.cache if mixer is not None else None
     match = Matcher(partial, FOLD_DEFAULT[codec.kind])
-    return Ask(codec, k, match, Filters(), settings, memory, mixer=mixer, join=False)
+    return Ask(
+        codec, k, match, Filters(), settings, memory, mixer=mixer, join=False, fewest_keys=fewest
+    )
 
 
 async def _suggest(engine: Engine, text: str, ask: Ask) -> Predicted:
@@ -157,6 +163,11 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=WordSettings.keep)
     parser.add_argument(
         "--word-cache", action="store_true", help="mix in the word cache (the server's default)"
+    )
+    parser.add_argument(
+        "--fewest-keys",
+        action="store_true",
+        help="suggest the words that save the most keys (Selection FEWEST_KEYS)",
     )
     parser.add_argument(
         "--calls",

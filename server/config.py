@@ -19,6 +19,7 @@ from typing import Any
 from server.engine_config import PROVIDERS, SAMPLERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SELECTIONS = ("likeliest", "fewest-keys")  # --typing-selection
 ENV_PREFIX = "RNNLM_"
 
 
@@ -75,6 +76,7 @@ class ServerConfig:
     word_cache_weight: float = 0.1
     word_cache_decay: float = 0.98
     word_cache_bigram: float = 0.3
+    typing_selection: str = "likeliest"
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -91,6 +93,11 @@ class ServerConfig:
         check(self.provider in PROVIDERS, "provider", f"must be one of {', '.join(PROVIDERS)}")
         check(self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}")
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        check(
+            self.typing_selection in SELECTIONS,
+            "typing_selection",
+            f"must be one of {', '.join(SELECTIONS)}",
+        )
         for name in (
             "processes",
             "intra_op_threads",
@@ -317,6 +324,20 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         float,
         "the word cache's share given to the words that followed the text's last word before",
     ),
+    "typing_selection": (
+        str,
+        "which words TypingSession suggests when an event does not say (selection): the "
+        "likeliest, or those that save a typist the most keys (docs/typing.md#fewest-keys)",
+    ),
+}
+
+
+# The options whose values are one of a few names.
+_CHOICES = {
+    "provider": PROVIDERS,
+    "log_level": LOG_LEVELS,
+    "sampler": SAMPLERS,
+    "typing_selection": SELECTIONS,
 }
 
 
@@ -335,8 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 _flag(name), action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        elif name in ("provider", "log_level", "sampler"):
-            choices = {"provider": PROVIDERS, "log_level": LOG_LEVELS, "sampler": SAMPLERS}[name]
+        elif name in _CHOICES:
+            choices = _CHOICES[name]
             parser.add_argument(_flag(name), choices=choices, default=None, help=text)
         else:
             kind = _OPTIONS[name][0]

@@ -528,7 +528,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
             memory.word_cache = mixer.cache if mixer is not None else None
         # A lone call (the only one this server is answering) has no other call's steps to
         # join: it skips the engine run shared per turn of the event loop (`_Joint`).
-        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, self._in_flight > 1)
+        joins = self._in_flight > 1
+        fewest = _fewest_keys(request, settings)
+        ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, joins, fewest)
         if tokens:
             return await predict_tokens(engine, ids, ask)
         context, after_space = search_context(codec, text)
@@ -822,6 +824,20 @@ def _remember(memory: Memory, event: pb.TypingEvent) -> None:
     for name, size in sizes:
         if size > MAX_LIST_WORDS:
             raise invalid(f"the session's {name} would hold {size} words; at most {MAX_LIST_WORDS}")
+
+
+def _fewest_keys(request: pb.PredictNextRequest | pb.TypingEvent, settings: WordSettings) -> bool:
+    """Whether `request` asks for the words that save the most keys (its `selection`; unset,
+    the server's default for typing sessions, the likeliest for PredictNext)."""
+    selection = request.selection
+    if selection == pb.SELECTION_UNSPECIFIED:
+        return isinstance(request, pb.TypingEvent) and settings.typing_fewest_keys
+    if selection not in (pb.SELECTION_LIKELIEST, pb.SELECTION_FEWEST_KEYS):
+        raise invalid(
+            f"selection {selection} is not one of "
+            + ", ".join(f"{pb.Selection.Name(v)} ({v})" for v in pb.Selection.values())
+        )
+    return selection == pb.SELECTION_FEWEST_KEYS
 
 
 @functools.lru_cache(maxsize=64)

@@ -34,6 +34,7 @@ from server.word_cache import (
 )
 from server.words import (
     SEARCHED_KINDS,
+    FewestKeys,
     Filters,
     Matcher,
     PieceTable,
@@ -48,6 +49,10 @@ from server.words import (
     search,
     vocab_words,
 )
+
+# A word model's likeliest matching tokens among which `Ask.fewest_keys` chooses. (On 300
+# validation lines of the shipped word model, 30 saved as many keys as 1,000.)
+FEWEST_KEYS_CANDIDATES = 32
 
 
 def word_settings(config: ServerConfig) -> WordSettings:
@@ -65,6 +70,7 @@ def word_settings(config: ServerConfig) -> WordSettings:
         user_word_boost=config.user_word_boost,
         user_word_floor=config.user_word_floor,
         blocklist=blocklist,
+        typing_fewest_keys=config.typing_selection == "fewest-keys",
     )
 
 
@@ -90,6 +96,10 @@ class Memory:
     blocked: set[str] = field(default_factory=set)  # folded words the session blocked
     user_words: list[str] = field(default_factory=list)  # the session's user words
     word_cache: WordCache | None = None  # the words of the session's text (server/word_cache.py)
+    # Choosing the fewest keys: the words shown since the word being typed began, and the
+    # context (with the continuous cache or not) and partial word they were last shown at.
+    shown: frozenset[str] = frozenset()
+    shown_at: tuple[tuple[int, ...], bool, Matcher] | None = None
 
     def same_context(self, context: Sequence[int], cached: bool) -> bool:
         return self.context == tuple(context) and self.cached == cached
@@ -112,6 +122,7 @@ class Ask:
     cached: bool = False
     mixer: Mixer | None = None
     join: bool = True
+    fewest_keys: bool = False  # show the words that save the most keys (server/fewest_keys.py)
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     them), with the word cache's words mixed in (`ask.mixer`)."""
     codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
     cached, memory, mixer = ask.cached, ask.memory, ask.mixer
+    fewest = _fewest_keys(ask, context)
     counted = _Counted(engine, cached, ask.join)
     if memory.logprobs is None or not memory.same_context(context, cached):
         (memory.logprobs,) = await counted([list(context)])
@@ -242,6 +254,10 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     # Twice k when words shown the same are one suggestion, so that k remain, and when the
     # word cache may raise a word past the model's k-th.
     extra = 2 * k if match.merges or mixer is not None else k
+    rank = k  # how many suggestions the word cache's words must be able to reach
+    if fewest is not None:  # the words that gain a slot are those hidden for letters to come
+        extra = max(extra, FEWEST_KEYS_CANDIDATES) + len(fewest.passed)
+        rank = max(k, FEWEST_KEYS_CANDIDATES // 2) + len(fewest.passed)
     words, total = vocab_words(codec, memory.logprobs, match, filters, extra)
     known = vocab_known(codec, memory.logprobs)
     # At a word start the cache's words are walked until none could rank: bounded by the
@@ -257,9 +273,10 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         if unproposed is not None:  # a listed word's share of <unk> adds to its token's
             unproposed = logaddexp(unproposed, unknown.best(match))
     if mixer is not None:
-        words, mixed = mixer.mix(words, total, match, filters, k, known, unproposed)
+        words, mixed = mixer.mix(words, total, match, filters, rank, known, unproposed)
         total = total if mixed is None else mixed
-    return Predicted(choose(words, k, match, filters, settings, total), False, counted.steps)
+    suggestions = choose(words, k, match, filters, settings, total, fewest)
+    return Predicted(_shown(ask, context, fewest, suggestions), False, counted.steps)
 
 
 async def predict_words(
@@ -270,22 +287,53 @@ async def predict_words(
     word cache's words mixed in (`ask.mixer`)."""
     codec, k, match, filters, settings = ask.codec, ask.k, ask.match, ask.filters, ask.settings
     cached, memory, mixer = ask.cached, ask.memory, ask.mixer
-    mixed = _mixing(mixer, codec, after_space, k, match, filters)
+    fewest = _fewest_keys(ask, context)
+    # The k likeliest words the session did not show already are among the likeliest `need`.
+    need = k if fewest is None else k + sum(map(match.matches, fewest.passed))
+    mixed = _mixing(mixer, codec, after_space, need, match, filters)
     earlier = memory.match
     resume = None
     if earlier is not None and memory.same_context(context, cached) and match.extends(earlier):
         resume = memory.found
-    if resume is not None and resume.complete(k, match, filters):
-        return Predicted(choose(mixed(resume.words), k, match, filters, settings), True, 0)
+    if resume is not None and resume.complete(need, match, filters):
+        suggestions = choose(mixed(resume.words), k, match, filters, settings, None, fewest)
+        return Predicted(_shown(ask, context, fewest, suggestions), True, 0)
     counted = _Counted(engine, cached, ask.join)
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
-    want = max(k, settings.keep)
+    want = max(need, settings.keep)
     result = await search(
         counted.stepped, context, table, after_space, match, filters, settings, want, resume
     )
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
-    return Predicted(choose(mixed(result.words), k, match, filters, settings), True, result.steps)
+    suggestions = choose(mixed(result.words), k, match, filters, settings, None, fewest)
+    return Predicted(_shown(ask, context, fewest, suggestions), True, result.steps)
+
+
+def _fewest_keys(ask: Ask, context: Sequence[int]) -> FewestKeys | None:
+    """How `ask` chooses its words: None for the likeliest; else the words that save the most
+    keys, less those the session showed for the word being typed when this event only adds
+    letters to it (the typist passed them over: shown again, they would take a slot for
+    nothing)."""
+    if not ask.fewest_keys:
+        return None
+    at, match = ask.memory.shown_at, ask.match
+    if at is None or at[:2] != (tuple(context), ask.cached) or not match.extends(at[2]):
+        return FewestKeys()
+    if match.key == at[2].key:  # not a letter more (a separator that the ids do not show)
+        return FewestKeys()
+    return FewestKeys(ask.memory.shown)
+
+
+def _shown(
+    ask: Ask, context: Sequence[int], fewest: FewestKeys | None, suggestions: list[Suggestion]
+) -> list[Suggestion]:
+    """`suggestions`, remembered by the session as shown (choosing the fewest keys)."""
+    if fewest is not None:
+        memory = ask.memory
+        memory.shown_at = (tuple(context), ask.cached, ask.match)
+        memory.shown = fewest.passed | {s.text for s in suggestions}
+    return suggestions
 
 
 def _mixing(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import math
 import re
 import time
@@ -30,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from server.fewest_keys import fewest_keys
 from server.requests import Extension, State
 from server.sampling import native_top_k
 from server.text import TextCodec
@@ -61,6 +63,9 @@ class WordSettings:
     user_word_boost: float = 10.0  # a matching user word's probability is multiplied by this
     user_word_floor: float = 0.05  # ... after raising it to at least this (--user-word-floor)
     blocklist: frozenset[str] = frozenset()  # folded words never suggested (--blocklist)
+    # A TypingSession event that does not say suggests the words that save the most keys
+    # (--typing-selection fewest-keys) instead of the likeliest.
+    typing_fewest_keys: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "keep"):
@@ -167,6 +172,32 @@ class Matcher:
         """Whether two different words that match can be shown the same ("Lord" and "lord"
         after "lo" when folding; "THee" and "THEE" after "TH")."""
         return self.folding or self._shouting
+
+
+@dataclass(frozen=True)
+class FewestKeys:
+    """Suggest the words that save a typist the most keys (`server/fewest_keys.py`), before
+    those in `passed`: shown earlier for the word being typed, the typist passed them over."""
+
+    passed: frozenset[str] = frozenset()
+
+    def choose(self, ranked: list[_Ranked], match: Matcher, k: int) -> list[_Ranked]:
+        """Of `ranked` (likeliest first), the k words to show, likeliest first: those chosen
+        among the words not passed over; in the slots left, the likeliest not passed over,
+        then the likeliest passed over (better shown again than an empty slot)."""
+        words = [item for item in ranked if is_word(item[0])]
+        fresh = [i for i, (text, _) in enumerate(words) if text not in self.passed]
+        keyed = [(match.norm(words[i][0]), words[i][1][0]) for i in fresh]
+        picked = {fresh[j] for j in fewest_keys(keyed, len(match.key), k)}
+        for i in itertools.chain(fresh, range(len(words))):
+            if len(picked) >= k:
+                break
+            picked.add(i)
+        return [words[i] for i in sorted(picked)]
+
+
+# A suggestion as `choose` ranks it: its text, probability and token ids.
+_Ranked = tuple[str, tuple[float, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -618,8 +649,11 @@ def choose(
     filters: Filters,
     settings: WordSettings,
     total: float | None = None,
+    fewest: FewestKeys | None = None,
 ) -> list[Suggestion]:
-    """The k likeliest of `words` that match and are not blocked, shown as typed.
+    """The k likeliest of `words` that match and are not blocked, shown as typed; with
+    `fewest`, the k words (punctuation left out) that save a typist the most keys (see
+    `FewestKeys`), most likely first.
 
     With `total` (a word model: the log of the mass of all its matching tokens), probabilities
     are the model's over that mass. Without (searched words), they are renormalised over the
@@ -643,7 +677,8 @@ def choose(
         mass = total
     probs = {t: (math.exp(w.logprob - mass), w.ids) for t, w in merged.items()}
     boosted = _boost(probs, match, filters, settings)
-    ranked = sorted(boosted.items(), key=lambda item: (-item[1][0], item[0]))[:k]
+    ranked = sorted(boosted.items(), key=lambda item: (-item[1][0], item[0]))
+    ranked = ranked[:k] if fewest is None else fewest.choose(ranked, match, k)
     scale = 1.0
     if total is None or boosted is not probs:
         scale = 1.0 / (sum(p for _, (p, _) in ranked) or 1.0)

@@ -26,10 +26,12 @@ from rnnlm.bundle import add_blocklist, load_manifest
 from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
+from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.app import RnnlmServer
 from server.bundle import load_bundle
 from server.config import ConfigError, add_arguments, config_from_args
 from server.engine import Engine, EngineConfig, SamplingParams
+from server.typing import word_settings
 from server.words import is_word, read_word_list
 
 CHAR, BPE, WORD = "tiny-gru-char", "tiny-rnn_tanh-bpe", "tiny-lstm-word"
@@ -292,6 +294,72 @@ def test_a_keystroke_the_stored_words_cannot_answer_resumes_the_search(
         assert a.probability == pytest.approx(b.probability, rel=1e-5)
 
 
+@pytest.mark.parametrize("model", [CHAR, BPE, WORD])
+@pytest.mark.parametrize("partial", ["", "b"])
+def test_fewest_keys_suggests_words_with_their_probabilities(
+    client: Client, model: str, partial: str
+) -> None:
+    """SELECTION_FEWEST_KEYS returns words only (a word model's punctuation is left out), most
+    likely first, with the probabilities the likeliest would give them: the model's over
+    the matching mass (word models) or renormalised over the words returned."""
+    fewest = client.predict_next(
+        CONTEXT, k=3, partial_word=partial, model=model, fewest_keys=True
+    ).predictions
+    assert len(fewest) == 3 and all(is_word(p.token) for p in fewest)
+    assert all(p.token.startswith(partial) for p in fewest)
+    probs = [p.probability for p in fewest]
+    assert probs == sorted(probs, reverse=True)
+    vocab = _vocab(client, model)
+    many = client.predict_next(CONTEXT, k=vocab, partial_word=partial, model=model).predictions
+    likeliest = {p.token: p.probability for p in many}
+    ours = [likeliest[p.token] for p in fewest]
+    if model == WORD:
+        assert probs == pytest.approx(ours, rel=1e-5)
+    else:
+        assert sum(probs) == pytest.approx(1, rel=1e-5)
+        assert probs == pytest.approx([p / sum(ours) for p in ours], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", [CHAR, WORD])
+def test_fewest_keys_shows_a_word_once_while_it_is_typed(client: Client, model: str) -> None:
+    """In a session choosing the fewest keys, a word shown while a word is typed is not shown
+    again for that word (the typist passed it over); a new word starts afresh."""
+    session = _Session(client)
+    fewest = pb.SELECTION_FEWEST_KEYS
+    try:
+        start = session.send(model=model, text=CONTEXT, k=2, selection=fewest)
+        shown = {p.token for p in start.predictions}
+        vocab = _vocab(client, model)
+        for partial in ("b", "bi", "bir"):
+            reply = session.send(k=2, partial_word=partial, selection=fewest)
+            tokens = {p.token for p in reply.predictions}
+            every = client.predict_next(CONTEXT, k=vocab, partial_word=partial, model=model)
+            fresh = {p.token for p in every.predictions} - shown
+            # Words passed over fill only the slots that no other word can.
+            assert tokens >= fresh if len(fresh) < 2 else not tokens & shown, (partial, tokens)
+            assert len(tokens) == min(2, len(every.predictions))
+            assert reply.model_steps == 0 or model != WORD
+            shown |= tokens
+        again = session.send(text=CONTEXT, reset=True, k=2, selection=fewest)
+        assert again.predictions == start.predictions
+        likeliest = session.send(k=2, partial_word="b")  # the default: the likeliest
+        assert (
+            likeliest.predictions
+            == client.predict_next(CONTEXT, k=2, partial_word="b", model=model).predictions
+        )
+    finally:
+        session.close()
+
+
+def test_an_unknown_selection_is_refused(live: LiveServer) -> None:
+    request = pb.PredictNextRequest(model=WORD, context=CONTEXT, k=2)
+    request.selection = 7  # type: ignore[assignment]  # proto3 enums are open: it is sent
+    with grpc.insecure_channel(live.target) as channel, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.LanguageModelStub(channel).PredictNext(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "selection 7 is not one of" in (e.value.details() or "")
+
+
 def test_bad_word_lists_are_refused(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as e:
         client.predict_next(CONTEXT, k=2, model=CHAR, blocked_words=["two words"])
@@ -390,6 +458,15 @@ def test_word_flags_are_checked(tmp_path: Path) -> None:
     assert (
         config_from_args(parser.parse_args(["--models", str(tmp_path)]), env).word_search_depth == 5
     )
+    env = {"RNNLM_TYPING_SELECTION": "fewest-keys"}
+    chosen = config_from_args(parser.parse_args(["--models", str(tmp_path)]), env)
+    assert word_settings(chosen).typing_fewest_keys
+    assert not word_settings(config(tmp_path)).typing_fewest_keys
+    with pytest.raises(ConfigError, match="RNNLM_TYPING_SELECTION"):
+        env = {"RNNLM_TYPING_SELECTION": "fewest"}
+        config_from_args(parser.parse_args(["--models", str(tmp_path)]), env)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["--models", str(tmp_path), "--typing-selection", "fewest"])
 
 
 def test_a_search_past_its_budget_still_answers_with_words(

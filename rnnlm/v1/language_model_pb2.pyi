@@ -20,6 +20,12 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOLING_LAST: _ClassVar[Pooling]
     POOLING_MEAN: _ClassVar[Pooling]
     POOLING_MAX: _ClassVar[Pooling]
+
+class Selection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SELECTION_UNSPECIFIED: _ClassVar[Selection]
+    SELECTION_LIKELIEST: _ClassVar[Selection]
+    SELECTION_FEWEST_KEYS: _ClassVar[Selection]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -28,6 +34,9 @@ POOLING_UNSPECIFIED: Pooling
 POOLING_LAST: Pooling
 POOLING_MEAN: Pooling
 POOLING_MAX: Pooling
+SELECTION_UNSPECIFIED: Selection
+SELECTION_LIKELIEST: Selection
+SELECTION_FEWEST_KEYS: Selection
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
@@ -94,7 +103,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class PredictNextRequest(_message.Message):
-    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words", "next_tokens", "word_cache")
+    __slots__ = ("model", "model_version", "context", "k", "partial_word", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words", "next_tokens", "word_cache", "selection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +117,7 @@ class PredictNextRequest(_message.Message):
     USER_WORDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORD_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     context: str
@@ -121,7 +131,8 @@ class PredictNextRequest(_message.Message):
     user_words: _containers.RepeatedScalarFieldContainer[str]
     next_tokens: bool
     word_cache: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ..., next_tokens: _Optional[bool] = ..., word_cache: _Optional[bool] = ...) -> None: ...
+    selection: Selection
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., context: _Optional[str] = ..., k: _Optional[int] = ..., partial_word: _Optional[str] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ..., next_tokens: _Optional[bool] = ..., word_cache: _Optional[bool] = ..., selection: _Optional[_Union[Selection, str]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("token", "token_id", "probability", "token_ids")
@@ -216,7 +227,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TypingEvent(_message.Message):
-    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words", "word_cache")
+    __slots__ = ("model", "model_version", "text", "reset", "partial_word", "k", "state_token", "return_state_token", "continuous_cache", "fold_case", "blocked_words", "user_words", "word_cache", "selection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +241,7 @@ class TypingEvent(_message.Message):
     BLOCKED_WORDS_FIELD_NUMBER: _ClassVar[int]
     USER_WORDS_FIELD_NUMBER: _ClassVar[int]
     WORD_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     text: str
@@ -243,7 +255,8 @@ class TypingEvent(_message.Message):
     blocked_words: _containers.RepeatedScalarFieldContainer[str]
     user_words: _containers.RepeatedScalarFieldContainer[str]
     word_cache: bool
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ..., word_cache: _Optional[bool] = ...) -> None: ...
+    selection: Selection
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., partial_word: _Optional[str] = ..., k: _Optional[int] = ..., state_token: _Optional[bytes] = ..., return_state_token: _Optional[bool] = ..., continuous_cache: _Optional[bool] = ..., fold_case: _Optional[bool] = ..., blocked_words: _Optional[_Iterable[str]] = ..., user_words: _Optional[_Iterable[str]] = ..., word_cache: _Optional[bool] = ..., selection: _Optional[_Union[Selection, str]] = ...) -> None: ...
 
 class Suggestions(_message.Message):
     __slots__ = ("predictions", "context_tokens", "state_token", "words", "model_steps")
