@@ -128,6 +128,13 @@ def _add_typing_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"suggestions shown per keystroke (default: {typing_bench.DEFAULT_K})",
     )
     typing.add_argument(
+        "--typing-selection",
+        choices=tuple(typing_bench.SELECTIONS),
+        default="fewest-keys",
+        help="the words the typists are shown (TypingEvent.selection); the single typist's "
+        "savings are measured with the other too (default: fewest-keys)",
+    )
+    typing.add_argument(
         "--typing-lines",
         type=int,
         default=None,
@@ -190,7 +197,9 @@ def run_typing(args: argparse.Namespace, required: bool) -> int:
         print(f"[{time.perf_counter() - clock:6.1f} s] {what}", file=sys.stderr, flush=True)
 
     try:
-        plan = typing_bench.TypingPlan.make(args.quick, args.suggestions, args.typing_lines)
+        plan = typing_bench.TypingPlan.make(
+            args.quick, args.suggestions, args.typing_lines, args.typing_selection
+        )
         command = _command(args, typing=True)
         results = typing_bench.run(
             args.bundle, args.text, plan, (args.provider, *args.server_arg), command, say
@@ -305,6 +314,7 @@ def _command(args: argparse.Namespace, typing: bool = False) -> str:
     words = ["rnnlm", "bench", "--bundle", str(args.bundle)]
     if typing:
         words += ["--typing", "--suggestions", str(args.suggestions)]
+        words += ["--typing-selection", args.typing_selection]
         options: tuple[str, ...] = ("text", "typing_lines")
     else:
         options = ("checkpoint", "int8_bundle", "corpus", "trials", "duration", "score_tokens")

@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ MAX_SESSION_CHARS = 4000
 SESSION_DEADLINE_S = 600.0
 # Suggestions' field with the model steps an event cost (the server's, when it has one).
 STEPS_FIELD = "model_steps"
+# The typists' selections (--typing-selection), as TypingEvent.selection.
+SELECTIONS = {"fewest-keys": pb.SELECTION_FEWEST_KEYS, "likeliest": pb.SELECTION_LIKELIEST}
 
 OPEN, LETTER, SEPARATOR, TAP = "open", "letter", "separator", "tap"
 
@@ -100,11 +102,29 @@ class TypingPlan:
     max_n: int = 1600
     bisections: int = 3
     tries: int = 2  # trials at one N before it counts as over the limit
+    # Which words the typists are shown (TypingEvent.selection; SELECTIONS): the figures are
+    # this selection's, and the single typist's savings are also measured with the other.
+    selection: str = "fewest-keys"
+
+    def asked(self, held: HeldOut) -> int:
+        """Suggestions to ask for: a word model's likeliest include punctuation, which the
+        keyboard leaves out (`held.ask`); the fewest keys are words only."""
+        return held.ask if self.selection == "likeliest" else self.k
+
+    @property
+    def other(self) -> TypingPlan:
+        """This plan with the other selection."""
+        other = "likeliest" if self.selection == "fewest-keys" else "fewest-keys"
+        return replace(self, selection=other)
 
     @classmethod
-    def make(cls, quick: bool, k: int, lines: int | None) -> TypingPlan:
+    def make(
+        cls, quick: bool, k: int, lines: int | None, selection: str = "fewest-keys"
+    ) -> TypingPlan:
         if k < 1:
             raise BenchError(f"--suggestions {k}: must be at least 1")
+        if selection not in SELECTIONS:
+            raise BenchError(f"--typing-selection {selection}: not one of {', '.join(SELECTIONS)}")
         if lines is not None and lines < 1:
             raise BenchError(f"--typing-lines {lines}: must be at least 1")
         if quick:
@@ -120,7 +140,8 @@ class TypingPlan:
             )
         else:
             plan = cls(k=k)
-        return plan if lines is None else cls(**{**asdict(plan), "lines": lines})
+        plan = replace(plan, selection=selection)
+        return plan if lines is None else replace(plan, lines=lines)
 
 
 @dataclass(frozen=True)
@@ -311,6 +332,7 @@ async def type_passage(
     tally: Tally,
     *,
     k: int,
+    selection: str,
     pace_s: float = 0.0,
     window: tuple[float, float] = (0.0, float("inf")),
 ) -> None:
@@ -331,6 +353,7 @@ async def type_passage(
                 await asyncio.sleep(due - time.perf_counter())
             start = due if pace_s else time.perf_counter()
             event = pb.TypingEvent(text=key.text, partial_word=key.partial, k=k)
+            event.selection = SELECTIONS[selection]  # type: ignore[assignment]
             event.reset = key.kind == OPEN
             await call.write(event)
             reply = await call.read()
@@ -356,7 +379,7 @@ async def single(stub: pb_grpc.LanguageModelStub, held: HeldOut, plan: TypingPla
     context, text = held.passage(0, min(plan.lines, len(held.lines)))
     tally = Tally()
     keys = typist(context, text, plan.k, tally, held.words)
-    await type_passage(stub, keys, tally, k=held.ask)
+    await type_passage(stub, keys, tally, k=plan.asked(held), selection=plan.selection)
     return tally
 
 
@@ -386,7 +409,10 @@ async def crowd(
         context, text = held.passage(first_line + i * TYPIST_SPACING, lines)
         keys = typist(context, text, plan.k, tally, held.words)
         stub = stubs[i % len(stubs)]
-        await type_passage(stub, keys, tally, k=held.ask, pace_s=pace, window=window)
+        ask, selection = plan.asked(held), plan.selection
+        await type_passage(
+            stub, keys, tally, k=ask, selection=selection, pace_s=pace, window=window
+        )
 
     outcomes = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
     cpu_after, own = server_cpu(), time.process_time() - own_before
@@ -508,6 +534,12 @@ async def measure(
             stubs = await connect(stack, child)
             say(f"typing: one typist, {min(plan.lines, len(held.lines))} held-out lines")
             out["typist"] = summary(await single(stubs[0], held, plan))
+            other = plan.other
+            say(f"typing: the same typist shown the {other.selection} (selection)")
+            out["other_selection"] = {
+                "selection": other.selection,
+                **summary(await single(stubs[0], held, other)),
+            }
             out["concurrency"] = await search(stubs, held, plan, child.cpu_seconds, say)
             child.check_alive()
     except grpc.aio.AioRpcError as e:
@@ -647,7 +679,8 @@ def run(
             f"vocabulary {bundle.vocab_size}, {bundle.precision}",
         },
         "k": plan.k,
-        "k_asked": held.ask,
+        "k_asked": plan.asked(held),
+        "selection": plan.selection,
         "plan": asdict(plan),
         "text": {
             "source": source,
@@ -678,8 +711,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     typist, crowd_ = results["typist"], results["concurrency"]
     steps = typist["model_steps"]
     extending = None if steps is None else steps["extending"]["steps"]
+    other = results.get("other_selection") or {}
     rows = [
-        ("keystroke savings", typist["keystroke_savings"], ">=", SAVINGS_TARGET),
+        (
+            f"keystroke savings ({results['selection']})",
+            typist["keystroke_savings"],
+            ">=",
+            SAVINGS_TARGET,
+        ),
+        (
+            f"keystroke savings ({other.get('selection')})",
+            other.get("keystroke_savings"),
+            ">=",
+            SAVINGS_TARGET,
+        ),
         ("model steps on extending keystrokes", extending, "==", 0),
         (f"typists within p99 {P99_LIMIT_MS:g} ms", crowd_["largest_within"], ">=", TYPISTS_TARGET),
     ]
@@ -707,7 +752,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['cpu']}, {m['usable_cores']} usable cores; load average at start "
         f"{m['load_average_at_start']}, at end {m['load_average_at_end']}; {m['date_utc']}, "
         f"commit {m['git_commit']}. Text: {results['text']['typed']}; "
-        f"{results['k']} suggestions.",
+        f"{results['k']} suggestions, the {results['selection']} (TypingEvent.selection; "
+        "docs/typing.md#fewest-keys).",
         "",
         "## Targets",
         "",
@@ -721,6 +767,7 @@ def markdown(results: dict[str, Any]) -> str:
         "## One typist",
         "",
         *report._table(["figure", "value"], _typist_rows(t)),
+        *_other_selection_lines(results.get("other_selection")),
         "## Concurrent typists",
         "",
         f"Each typist types {c['keys_per_second_per_typist']:g} keys/s "
@@ -759,6 +806,19 @@ def markdown(results: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _other_selection_lines(other: dict[str, Any] | None) -> list[str]:
+    if not other:
+        return []
+    return [
+        f"The same typist on the same text shown the {other['selection']}: keystroke "
+        f"savings **{report._f(other['keystroke_savings'])}**, next word top-1 / top-3 "
+        f"{report._f(other['next_word_top1'])} / {report._f(other['next_word_top3'])}, "
+        f"word completed after 1 / 2 letters {report._f(other['completion_after_1'])} / "
+        f"{report._f(other['completion_after_2'])}.",
+        "",
+    ]
 
 
 def _cpu_lines(c: dict[str, Any], floor: dict[str, Any]) -> list[str]:

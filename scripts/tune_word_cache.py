@@ -23,7 +23,15 @@ import grpc
 
 from benchmarks.process import ChildServer
 from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args, wait_serving
-from benchmarks.typing import HELD_OUT_FRACTION, HeldOut, TypingPlan, read_text, single, summary
+from benchmarks.typing import (
+    HELD_OUT_FRACTION,
+    SELECTIONS,
+    HeldOut,
+    TypingPlan,
+    read_text,
+    single,
+    summary,
+)
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import load_bundle
@@ -95,12 +103,15 @@ def main() -> None:
         "--continuous-cache", action="store_true", help="every event asks for continuous_cache"
     )
     parser.add_argument("--flags", default="", help="more `rnnlm serve` flags")
+    parser.add_argument(
+        "--selection", choices=tuple(SELECTIONS), default="fewest-keys", help="shown words"
+    )
     args = parser.parse_args()
     text = read_text(args.text, "--text")
     if not args.held_out:
         text = validation_text(text)
     kind = load_bundle(args.bundle).tokenizer_kind
-    plan = TypingPlan.make(False, 3, args.lines)
+    plan = TypingPlan.make(False, 3, args.lines, args.selection)
     held = HeldOut.of(text, str(args.text), kind, plan.k)
     extra = args.flags.split()
     for weight in args.weights.split(","):

@@ -31,7 +31,16 @@ import grpc
 
 from benchmarks.process import ChildServer
 from benchmarks.server_load import PORT_RE, READY_SECONDS, serve_args, wait_serving
-from benchmarks.typing import HeldOut, Tally, TypingPlan, read_text, summary, type_passage, typist
+from benchmarks.typing import (
+    SELECTIONS,
+    HeldOut,
+    Tally,
+    TypingPlan,
+    read_text,
+    summary,
+    type_passage,
+    typist,
+)
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.bundle import Bundle, load_bundle
 
@@ -112,7 +121,13 @@ async def measure(bundle_dir: Path, held: HeldOut, plan: TypingPlan, flags: list
             context, text = held.passage(0, min(plan.lines, len(held.lines)))
             tally = Recording()
             keys = typist(context, text, plan.k, tally, held.words)
-            await type_passage(pb_grpc.LanguageModelStub(channel), keys, tally, k=held.ask)
+            await type_passage(
+                pb_grpc.LanguageModelStub(channel),
+                keys,
+                tally,
+                k=plan.asked(held),
+                selection=plan.selection,
+            )
             after = child.cpu_seconds()
     finally:
         child.stop()
@@ -132,6 +147,9 @@ def main() -> None:
     parser.add_argument("--valid", action="store_true", help="type the validation lines")
     parser.add_argument("--words", type=Path, help="write each word's [offset, word, letters]")
     parser.add_argument("--flags", default="", help="more `rnnlm serve` flags")
+    parser.add_argument(
+        "--selection", choices=tuple(SELECTIONS), default="fewest-keys", help="shown words"
+    )
     args = parser.parse_args()
     text = read_text(args.text, "--text")
     if args.valid:
@@ -139,7 +157,7 @@ def main() -> None:
 
         text = validation_text(text)
     kind = load_bundle(args.bundle).tokenizer_kind
-    plan = TypingPlan.make(False, 3, args.lines)
+    plan = TypingPlan.make(False, 3, args.lines, args.selection)
     held = HeldOut.of(text, str(args.text), kind, plan.k)
     result = asyncio.run(measure(args.bundle.resolve(), held, plan, args.flags.split()))
     words = result.pop("words")

@@ -135,6 +135,16 @@ def test_the_typist_types_the_held_out_lines(typing_run: dict[str, Any]) -> None
     assert "--typing" in typing_run["command"] and "--text" in typing_run["command"]
 
 
+def test_the_typist_is_shown_the_fewest_keys_and_the_likeliest(typing_run: dict[str, Any]) -> None:
+    """The typists are shown the words that save the most keys (the default selection); the
+    single typist's text is typed again shown the likeliest, for its savings beside."""
+    assert typing_run["selection"] == "fewest-keys" and typing_run["k_asked"] == typing_run["k"]
+    t, other = typing_run["typist"], typing_run["other_selection"]
+    assert other["selection"] == "likeliest" and other["chars"] == t["chars"]
+    assert other["keystroke_savings"] == pytest.approx(1 - other["keys_used"] / other["chars"])
+    assert "--typing-selection fewest-keys" in typing_run["command"]
+
+
 @pytest.mark.skipif(
     "model_steps" not in pb.Suggestions.DESCRIPTOR.fields_by_name,
     reason="this API has no Suggestions.model_steps yet",
@@ -165,7 +175,7 @@ def test_the_concurrency_search_is_consistent(typing_run: dict[str, Any]) -> Non
         assert after["first_line"] == (before["first_line"] + step) % held
     statuses = {r["target"]: r["status"] for r in typing_run["targets"]}
     assert set(statuses.values()) <= {"PASS", "FAIL", "n/a"}
-    assert len(statuses) == 3
+    assert len(statuses) == 4  # savings with each selection, the steps, the typists
 
 
 def test_the_transport_floor_is_measured_beside_the_server(typing_run: dict[str, Any]) -> None:
