@@ -31,6 +31,7 @@ separator does), nor does a node's only k words compete: they are all shown.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 
@@ -69,11 +70,13 @@ def _shown(
         letter, end = keys[child][depth], child + 1
         while end < hi and keys[end][depth] == letter:
             end += 1
-        _shown(keys, probs, keys_left, child, end, depth + 1, k)
+        if end - child > k:  # else all its words are shown there: their keys stay 1
+            _shown(keys, probs, keys_left, child, end, depth + 1, k)
         child = end
-    ranked = sorted(range(lo, hi), key=lambda j: (-probs[j] * keys_left[j], -probs[j], keys[j]))
-    for j in ranked[k:]:
+    # Most gain, then likeliest, then first in `keys` (nlargest keeps the order of ties).
+    shown = heapq.nlargest(k, range(lo, hi), key=lambda j: (probs[j] * keys_left[j], probs[j]))
+    for j in range(lo, hi):
         keys_left[j] += 1.0
-    for j in ranked[:k]:
+    for j in shown:
         keys_left[j] = 1.0
-    return ranked[:k]
+    return shown

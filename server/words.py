@@ -96,6 +96,7 @@ def logaddexp(a: float, b: float) -> float:
     return a + math.log1p(math.exp(b - a))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_word(text: str) -> bool:
     """Whether `text` is made of word characters only (and is not empty)."""
     return bool(text) and all(c.isalnum() or c in _WORD_PUNCT for c in text)
