@@ -277,7 +277,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         words, mixed = mixer.mix(words, total, match, filters, rank, known, unproposed)
         total = total if mixed is None else mixed
     suggestions = choose(words, k, match, filters, settings, total, fewest)
-    return Predicted(_shown(ask, context, fewest, suggestions), False, counted.steps)
+    return Predicted(_remembered(ask, context, fewest, suggestions), False, counted.steps)
 
 
 async def predict_words(
@@ -298,7 +298,7 @@ async def predict_words(
         resume = memory.found
     if resume is not None and resume.complete(need, match, filters):
         suggestions = choose(mixed(resume.words), k, match, filters, settings, None, fewest)
-        return Predicted(_shown(ask, context, fewest, suggestions), True, 0)
+        return Predicted(_remembered(ask, context, fewest, suggestions), True, 0)
     counted = _Counted(engine, cached, ask.join)
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(need, settings.keep)
@@ -308,7 +308,7 @@ async def predict_words(
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
     suggestions = choose(mixed(result.words), k, match, filters, settings, None, fewest)
-    return Predicted(_shown(ask, context, fewest, suggestions), True, result.steps)
+    return Predicted(_remembered(ask, context, fewest, suggestions), True, result.steps)
 
 
 def _fewest_keys(ask: Ask, context: Sequence[int]) -> FewestKeys | None:
@@ -326,7 +326,7 @@ def _fewest_keys(ask: Ask, context: Sequence[int]) -> FewestKeys | None:
     return FewestKeys(ask.memory.shown)
 
 
-def _shown(
+def _remembered(
     ask: Ask, context: Sequence[int], fewest: FewestKeys | None, suggestions: list[Suggestion]
 ) -> list[Suggestion]:
     """`suggestions`, remembered by the session as shown (choosing the fewest keys)."""
