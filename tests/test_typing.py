@@ -358,6 +358,12 @@ def test_an_unknown_selection_is_refused(live: LiveServer) -> None:
         pb_grpc.LanguageModelStub(channel).PredictNext(request, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "selection 7 is not one of" in (e.value.details() or "")
+    event = pb.TypingEvent(model=WORD, text=CONTEXT, k=2)
+    event.selection = 9  # type: ignore[assignment]
+    with grpc.insecure_channel(live.target) as channel, pytest.raises(grpc.RpcError) as e:
+        list(pb_grpc.LanguageModelStub(channel).TypingSession(iter([event]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "selection 9 is not one of" in (e.value.details() or "")
 
 
 def test_bad_word_lists_are_refused(client: Client) -> None:
