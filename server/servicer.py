@@ -529,7 +529,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         # A lone call (the only one this server is answering) has no other call's steps to
         # join: it skips the engine run shared per turn of the event loop (`_Joint`).
         joins = self._in_flight > 1
-        fewest = _fewest_keys(request, settings)
+        # Checked either way; no effect on a character or BPE model's next tokens.
+        fewest = _fewest_keys(request, settings) and not getattr(request, "next_tokens", False)
         ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, joins, fewest)
         if tokens:
             return await predict_tokens(engine, ids, ask)

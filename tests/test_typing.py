@@ -320,6 +320,12 @@ def test_fewest_keys_suggests_words_with_their_probabilities(
         assert probs == pytest.approx([p / sum(ours) for p in ours], rel=1e-4)
 
 
+def test_fewest_keys_leaves_next_tokens_alone(client: Client) -> None:
+    asked = {"k": 4, "model": CHAR, "next_tokens": True}
+    fewest = client.predict_next(CONTEXT, fewest_keys=True, **asked)  # type: ignore[arg-type]
+    assert fewest.predictions == client.predict_next(CONTEXT, **asked).predictions  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("model", [CHAR, WORD])
 def test_fewest_keys_shows_a_word_once_while_it_is_typed(client: Client, model: str) -> None:
     """In a session choosing the fewest keys, a word shown while a word is typed is not shown
