@@ -530,7 +530,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         # join: it skips the engine run shared per turn of the event loop (`_Joint`).
         joins = self._in_flight > 1
         # Checked either way; no effect on a character or BPE model's next tokens.
-        fewest = _fewest_keys(request, settings) and not getattr(request, "next_tokens", False)
+        fewest = _asks_fewest_keys(request, settings) and not getattr(request, "next_tokens", False)
         ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, joins, fewest)
         if tokens:
             return await predict_tokens(engine, ids, ask)
@@ -827,7 +827,9 @@ def _remember(memory: Memory, event: pb.TypingEvent) -> None:
             raise invalid(f"the session's {name} would hold {size} words; at most {MAX_LIST_WORDS}")
 
 
-def _fewest_keys(request: pb.PredictNextRequest | pb.TypingEvent, settings: WordSettings) -> bool:
+def _asks_fewest_keys(
+    request: pb.PredictNextRequest | pb.TypingEvent, settings: WordSettings
+) -> bool:
     """Whether `request` asks for the words that save the most keys (its `selection`; unset,
     the server's default for typing sessions, the likeliest for PredictNext)."""
     selection = request.selection

@@ -139,10 +139,17 @@ class WordCache:
         boosted = sorted((-self.weight(w), -newest[w], w) for w in follows)
         return ((w, -c) for c, _, w in heapq.merge(plain, boosted))
 
-    def mass(self, match: Matcher, filters: Filters) -> float:
-        """The weight of this cache's words that match, less the blocked ones."""
+    def mass(
+        self,
+        match: Matcher,
+        filters: Filters,
+        matching: Iterable[tuple[str, float]] | None = None,
+    ) -> float:
+        """The weight of this cache's words that match, less the blocked ones (`matching`:
+        `self.matching(match)` when the caller has made it already)."""
         if match.partial:
-            return sum(c for w, c in self.matching(match) if filters.allows(w))
+            entries = self.matching(match) if matching is None else matching
+            return sum(c for w, c in entries if filters.allows(w))
         by_fold = self.counts.by_fold
         if len(filters.blocked) < len(by_fold):
             keys: Iterable[str] = filters.blocked
@@ -247,10 +254,8 @@ class Mixer:
                 heapq.heappushpop(top, word.logprob)
             bar = math.exp(top[0]) if len(top) >= 2 * k else 0.0
         if total is not None:
-            if match.partial:  # the same sum as `cache.mass`, over the list already made
-                mass = sum(c for text, c in entries if filters.allows(text))
-            else:
-                mass = cache.mass(match, filters)
+            # Once a letter is typed, `entries` is a list: summed again, not made again.
+            mass = cache.mass(match, filters, entries if match.partial else None)
             total = _mixed(total, keep, lam * mass / n)
         return list(mixed.values()), total
 
