@@ -98,9 +98,9 @@ class Memory:
     user_words: list[str] = field(default_factory=list)  # the session's user words
     word_cache: WordCache | None = None  # the words of the session's text (server/word_cache.py)
     # Choosing the fewest keys: the words shown since the word being typed began, and the
-    # context (with the continuous cache or not) and partial word they were last shown at.
+    # `context` (the object itself) and partial word they were last shown at.
     shown: frozenset[str] = frozenset()
-    shown_at: tuple[tuple[int, ...], bool, Matcher] | None = None
+    shown_at: tuple[tuple[int, ...] | None, Matcher] | None = None
 
     def same_context(self, context: Sequence[int], cached: bool) -> bool:
         return self.context == tuple(context) and self.cached == cached
@@ -277,7 +277,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         words, mixed = mixer.mix(words, total, match, filters, rank, known, unproposed)
         total = total if mixed is None else mixed
     suggestions = choose(words, k, match, filters, settings, total, fewest)
-    return Predicted(_remembered(ask, context, fewest, suggestions), False, counted.steps)
+    return Predicted(_remembered(fewest, ask, suggestions), False, counted.steps)
 
 
 async def predict_words(
@@ -298,7 +298,7 @@ async def predict_words(
         resume = memory.found
     if resume is not None and resume.complete(need, match, filters):
         suggestions = choose(mixed(resume.words), k, match, filters, settings, None, fewest)
-        return Predicted(_remembered(ask, context, fewest, suggestions), True, 0)
+        return Predicted(_remembered(fewest, ask, suggestions), True, 0)
     counted = _Counted(engine, cached, ask.join)
     table: PieceTable = piece_table(codec, match.folding, engine.bundle.lexicon)
     want = max(need, settings.keep)
@@ -308,7 +308,7 @@ async def predict_words(
     memory.context, memory.cached = tuple(context), cached
     memory.match, memory.found = match, result
     suggestions = choose(mixed(result.words), k, match, filters, settings, None, fewest)
-    return Predicted(_remembered(ask, context, fewest, suggestions), True, result.steps)
+    return Predicted(_remembered(fewest, ask, suggestions), True, result.steps)
 
 
 def _fewest_keys(ask: Ask, context: Sequence[int]) -> FewestKeys | None:
@@ -318,21 +318,24 @@ def _fewest_keys(ask: Ask, context: Sequence[int]) -> FewestKeys | None:
     nothing)."""
     if not ask.fewest_keys:
         return None
-    at, match = ask.memory.shown_at, ask.match
-    if at is None or at[:2] != (tuple(context), ask.cached) or not match.extends(at[2]):
+    memory, match = ask.memory, ask.match
+    at = memory.shown_at
+    # The same context: still the one they were shown after (no event with the likeliest has
+    # moved it since) and still this event's.
+    if at is None or at[0] is not memory.context or not memory.same_context(context, ask.cached):
         return FewestKeys()
-    if match.key == at[2].key:  # not a letter more (a separator that the ids do not show)
+    if not match.extends(at[1]) or match.key == at[1].key:  # not a letter more
         return FewestKeys()
-    return FewestKeys(ask.memory.shown)
+    return FewestKeys(memory.shown)
 
 
 def _remembered(
-    ask: Ask, context: Sequence[int], fewest: FewestKeys | None, suggestions: list[Suggestion]
+    fewest: FewestKeys | None, ask: Ask, suggestions: list[Suggestion]
 ) -> list[Suggestion]:
     """`suggestions`, remembered by the session as shown (choosing the fewest keys)."""
     if fewest is not None:
         memory = ask.memory
-        memory.shown_at = (tuple(context), ask.cached, ask.match)
+        memory.shown_at = (memory.context, ask.match)  # the context just predicted after
         memory.shown = fewest.passed | {s.text for s in suggestions}
     return suggestions
 
