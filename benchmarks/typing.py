@@ -43,6 +43,7 @@ from benchmarks.server_load import (
 from benchmarks.timing import BenchError
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server import config
 from server.bundle import Bundle, BundleError, load_bundle
 
 # What the typist takes for a word, by tokenizer kind: a word model's tokens are runs of `\w`
@@ -80,7 +81,10 @@ SESSION_DEADLINE_S = 600.0
 # Suggestions' field with the model steps an event cost (the server's, when it has one).
 STEPS_FIELD = "model_steps"
 # The typists' selections (--typing-selection), as TypingEvent.selection.
-SELECTIONS = {"fewest-keys": pb.SELECTION_FEWEST_KEYS, "likeliest": pb.SELECTION_LIKELIEST}
+SELECTIONS = {
+    name: pb.Selection.Value("SELECTION_" + name.upper().replace("-", "_"))
+    for name in config.SELECTIONS
+}
 
 OPEN, LETTER, SEPARATOR, TAP = "open", "letter", "separator", "tap"
 
