@@ -31,7 +31,9 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from training.checkpoint import save_weights, write_config
+from training.data import batchify, get_batch, num_windows
 from training.model import RNNLM, ModelConfig
+from training.schedule import MIN_LR_RATIO, Schedule
 
 BUNDLE = Path("models/shakespeare-char")
 CORPUS = Path("../shared/data/tinyshakespeare/input.txt")
@@ -48,21 +50,16 @@ def word_targets(text: str, lexicon: list[str]) -> np.ndarray:
     return out
 
 
-def streams(values: np.ndarray, batch: int) -> torch.Tensor:
-    n = len(values) // batch * batch
-    return torch.tensor(values[:n].reshape(batch, -1))
-
-
 def evaluate(model: RNNLM, x: torch.Tensor) -> float:
     """Validation loss a character (the head's is not counted)."""
     model.eval()
     total, count = 0.0, 0
     state = model.initial_state(x.size(0))
     with torch.no_grad():
-        for a in range(0, x.size(1) - 1, 256):
-            y = x[:, a + 1 : a + 257]
-            features, state = model.features(x[:, a : a + y.size(1)], state)
-            nll = model.nll(features, y)
+        for window in range(num_windows(x, 256)):
+            tokens, nexts = get_batch(x, window, 256)
+            features, state = model.features(tokens, state)
+            nll = model.nll(features, nexts)
             total, count = total + nll.sum().item(), count + nll.numel()
     model.train()
     return total / count
@@ -83,23 +80,21 @@ def main() -> None:
     model, head = RNNLM(config), nn.Linear(512, len(lexicon))
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
-    x, w = streams(ids[:split], BATCH), streams(targets[:split], BATCH)
-    vx = streams(ids[split:], 10)
-    start, budget, step, pos, best = time.time(), minutes * 60, 0, 0, math.inf
+    x = batchify(torch.from_numpy(ids[:split]), BATCH)
+    w = batchify(torch.from_numpy(targets[:split]), BATCH)
+    vx = batchify(torch.from_numpy(ids[split:]), 10)
+    budget = minutes * 60
+    schedule = Schedule("cosine", LR, LR * MIN_LR_RATIO, 50, 1 << 30, budget)
+    start, step, window, best = time.time(), 0, 0, math.inf
     state, checked = model.initial_state(BATCH), start
     while time.time() - start < budget:
-        if pos + BPTT + 1 > x.size(1):
-            pos, state = 0, model.initial_state(BATCH)
-        tokens, nexts, words = (
-            x[:, pos : pos + BPTT],
-            x[:, pos + 1 : pos + BPTT + 1],
-            w[:, pos : pos + BPTT],
-        )
-        pos += BPTT
-        progress = (time.time() - start) / budget
-        cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if window == num_windows(x, BPTT):
+            window, state = 0, model.initial_state(BATCH)
+        tokens, nexts = get_batch(x, window, BPTT)
+        words = w[:, window * BPTT : window * BPTT + tokens.size(1)]
+        window += 1
         for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / 50) * cosine
+            group["lr"] = schedule.rate(step, time.time() - start)
         state = tuple(s.detach() for s in state)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features, state = model.features(tokens, state)
