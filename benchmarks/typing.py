@@ -118,7 +118,7 @@ class TypingPlan:
     @property
     def other(self) -> TypingPlan:
         """This plan with the other selection."""
-        other = "likeliest" if self.selection == "fewest-keys" else "fewest-keys"
+        (other,) = (name for name in SELECTIONS if name != self.selection)
         return replace(self, selection=other)
 
     @classmethod

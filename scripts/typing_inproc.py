@@ -29,7 +29,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.typing import OPEN, HeldOut, Key, Tally, read_text, typist
+from benchmarks.typing import OPEN, HeldOut, Key, Tally, TypingPlan, read_text, typist
 from server.bundle import load_bundle
 from server.engine import Engine, EngineConfig
 from server.text import TextCodec
@@ -55,9 +55,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     shown: list[list[tuple[str, float]]] = []
     profile = cProfile.Profile() if args.calls else None
     text, memory = "", Memory()
-    # Asking for the words that save the most keys, punctuation is never suggested: k is k.
     fewest = args.fewest_keys
-    asked = args.k if fewest else held.ask
+    asked = TypingPlan(k=args.k, selection="fewest-keys" if fewest else "likeliest").asked(held)
     try:
         key = next(keys)
         while True:
