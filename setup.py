@@ -3,17 +3,32 @@
 Everything else is in pyproject.toml. The extension is optional: where no C compiler is
 found the install goes on without it and the server samples with its ONNX sampler graph
 (`rnnlm serve` logs which one it uses).
+
+On x86-64 the kernel is built three times: for the baseline (`server._fastsample`, which
+runs anywhere), for x86-64-v3 (AVX2) and for x86-64-v4 (AVX-512), each with its vectors as
+wide as its target's registers. A wheel built on one machine then runs at full speed on
+another: server/fastsample.py asks the baseline build which level the CPU runs and loads
+the best build it has. A compiler too old for a level's flag skips that build.
 """
+
+import platform
+import sys
 
 from setuptools import Extension, setup
 
-setup(
-    ext_modules=[
-        Extension(
-            "server._fastsample",
-            ["server/_fastsample.c"],
-            extra_compile_args=["-O3", "-Wno-psabi"],
-            optional=True,
-        )
+X86_64 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+
+
+def kernel(name: str, source: str, march: str | None = None) -> Extension:
+    flags = ["-O3", "-Wno-psabi"] + ([f"-march={march}"] if march else [])
+    return Extension(f"server.{name}", [source], extra_compile_args=flags, optional=True)
+
+
+extensions = [kernel("_fastsample", "server/_fastsample.c")]
+if X86_64:
+    extensions += [
+        kernel("_fastsample_v3", "server/_fastsample_v3.c", "x86-64-v3"),
+        kernel("_fastsample_v4", "server/_fastsample_v4.c", "x86-64-v4"),
     ]
-)
+
+setup(ext_modules=extensions)

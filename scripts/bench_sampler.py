@@ -2,6 +2,9 @@
 
     PYTHONPATH=$PWD python scripts/bench_sampler.py [--model models/shakespeare-word]
 
+The native sampler is timed on every build of its kernels this CPU runs (setup.py builds one
+per x86-64 level; the first column is the one the server loads, `server.fastsample`).
+
 Logits are the model's own next-token logits after an 8-token random prompt, so top-p sees a
 real distribution (short; medians). Trials of the samplers alternate; each figure is the median over
 trials of the mean time per call. "python" is the graph sampler's own time with
@@ -11,15 +14,17 @@ trials of the mean time per call. "python" is the graph sampler's own time with
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
 
+from server import fastsample
 from server.native_sampler import NativeSampler
 from server.sampler import BatchSampler, SamplingRows
 from server.sampling import Sampler, SamplingParams
@@ -57,7 +62,7 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
     logits = model_logits(model, b)
     rows = SamplingRows.from_params([params] * b, [None] * b, logits.shape[1])
     graph, numpy_sampler = BatchSampler(), Sampler()
-    native = NativeSampler(graph)
+    natives = {_column(build): NativeSampler(graph, build) for build in fastsample.builds()}
     plist, history = [params] * b, [None] * b
     uniforms = np.random.default_rng(1).random(b)
     graph.sample(logits, rows)
@@ -75,7 +80,9 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
     runs = {
         "numpy": lambda: numpy_sampler.sample(logits, plist, history, uniforms),
         "graph": lambda: graph.sample(logits, rows),
-        "native": lambda: native.sample(logits, rows),
+        **{
+            name: functools.partial(native.sample, logits, rows) for name, native in natives.items()
+        },
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     times["python"] = []
@@ -87,17 +94,22 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _column(build: ModuleType) -> str:
+    """A build's column: "native" for the one the server loads, else its module's suffix."""
+    short = build.__name__.removeprefix("server._fastsample").lstrip("_") or "baseline"
+    return "native" if build is fastsample.kernels else f"native {short}"
+
+
 def bench(model: Path, sizes: list[int], trials: int) -> None:
-    print(
-        f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9} {'native ms':>10} {'python us':>10}"
-    )
+    natives = [_column(build) for build in fastsample.builds()]
+    print(f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9}", end="")
+    print("".join(f" {n + ' ms':>16}" for n in natives), f"{'python us':>10}")
     for name, params in CASES.items():
         for b in sizes:
             med = case(model, params, b, trials)
-            print(
-                f"{name:7} {b:>4} {med['numpy'] * 1e3:9.3f} {med['graph'] * 1e3:9.3f} "
-                f"{med['native'] * 1e3:10.3f} {med['python'] * 1e6:10.1f}"
-            )
+            print(f"{name:7} {b:>4} {med['numpy'] * 1e3:9.3f} {med['graph'] * 1e3:9.3f}", end="")
+            print("".join(f" {med[n] * 1e3:16.3f}" for n in natives), end="")
+            print(f" {med['python'] * 1e6:10.1f}")
 
 
 def main() -> None:

@@ -29,9 +29,8 @@
    in `lost` and left to the general sampler, as numpy's short path does. Rounding that steps
    past a block's last weighted id takes the row's best allowed id instead.
 
-   The exponential is a table of 2^(j/16) and a cubic on 16 lanes (GCC vector extensions); the
-   row functions are compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline, chosen at
-   load (target_clones). Relative error below 2e-7, like the libm's. (Taking each block's
+   The exponential is a table of 2^(j/16) and a cubic on the target's vector lanes (GCC vector
+   extensions; see LANES below). Relative error below 2e-7, like the libm's. (Taking each block's
    maximum in the same pass instead of the row's first was measured slower: 0.39 against 0.34
    ms a 64-row step, the blocks' maxima serialise what the separate passes pipeline.) */
 
@@ -43,19 +42,30 @@
 #include <string.h>
 
 #define BLOCK 128
-#define LANES 16
 #define MAX_BLOCKS 65536 /* vocabularies up to 8M ids */
+/* The vector width is the compiler's target's: setup.py builds this file once per x86-64
+   level (the baseline, x86-64-v3 with AVX2, x86-64-v4 with AVX-512; MODULE_NAME names each)
+   and server/fastsample.py loads the best one the CPU runs. (GCC's target_clones, which this
+   file used before, compiled the always-inline vector helpers for the baseline before inlining
+   them: the AVX2 and baseline clones came out lane by lane, 8 times slower than these.) */
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+
+#ifndef MODULE_NAME
+#define MODULE_NAME _fastsample
+#endif
+#define JOIN_(a, b) a##b
+#define JOIN(a, b) JOIN_(a, b)
+#define TEXT_(a) #a
+#define TEXT(a) TEXT_(a)
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
-typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ROW_KERNEL
-#endif
 
 static inline __attribute__((always_inline)) vf splat(float x) { return (vf){0} + x; }
 
@@ -65,14 +75,33 @@ static inline __attribute__((always_inline)) vf select_lt(vf a, vf b, vf yes, vf
 }
 
 /* 2^(j/16), j = 0..15: the table of the exponential below. */
-static const vf EXP2_SIXTEENTHS = {
+static const float EXP2_SIXTEENTHS[16] = {
     1.0f,        1.04427378f, 1.09050773f, 1.13878863f, 1.18920712f, 1.24185781f,
     1.29683955f, 1.35425555f, 1.41421356f, 1.47682615f, 1.54221083f, 1.61049033f,
     1.68179283f, 1.75625216f, 1.83400809f, 1.91520656f};
 
-/* exp(x) for x <= 0 on 16 lanes; 0 below -87 (no subnormals); relative error below 2e-7.
+/* EXP2_SIXTEENTHS[j] for each lane's j in 0..15: one permute of the table held in one (16
+   lanes) or two (8 lanes) registers; a load per lane on narrower targets. */
+static inline __attribute__((always_inline)) vf exp2_sixteenths(vi j) {
+#if LANES == 16
+    vf table;
+    memcpy(&table, EXP2_SIXTEENTHS, sizeof table);
+    return __builtin_shuffle(table, j);
+#elif LANES == 8
+    vf low, high;
+    memcpy(&low, EXP2_SIXTEENTHS, sizeof low);
+    memcpy(&high, EXP2_SIXTEENTHS + 8, sizeof high);
+    return __builtin_shuffle(low, high, j);
+#else
+    vf out;
+    for (int k = 0; k < LANES; k++) out[k] = EXP2_SIXTEENTHS[j[k]];
+    return out;
+#endif
+}
+
+/* exp(x) for x <= 0 on every lane; 0 below -87 (no subnormals); relative error below 2e-7.
    x = (16 e + j) ln2/16 + r with |r| <= ln2/32: exp(x) = 2^e * 2^(j/16) * exp(r), exp(r) a
-   cubic (its error 1e-8), 2^(j/16) from the table (one permute), 2^e added to the exponent. */
+   cubic (its error 1e-8), 2^(j/16) from the table, 2^e added to the exponent. */
 static inline __attribute__((always_inline)) vf vexp(vf x) {
     vi under = x < splat(-87.0f);
     x = select_lt(x, splat(-87.0f), splat(-87.0f), x);
@@ -84,16 +113,27 @@ static inline __attribute__((always_inline)) vf vexp(vf x) {
     vf p = r * (1.0f / 6.0f) + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    vi bits = (vi)(p * __builtin_shuffle(EXP2_SIXTEENTHS, ki & 15)) + ((ki >> 4) << 23);
+    vi bits = (vi)(p * exp2_sixteenths(ki & 15)) + ((ki >> 4) << 23);
     return (vf)(bits & ~under);
 }
 
-ROW_KERNEL static float exp_one(float x) { return vexp(splat(x))[0]; } /* x <= 0 */
+static float exp_one(float x) { return vexp(splat(x))[0]; } /* x <= 0 */
 
+/* The lanes' sum, halving: the two halves added, then their halves, ... */
 static inline __attribute__((always_inline)) float hsum(vf v) {
+#if LANES == 16
+    typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
     vf8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif LANES == 8
+    vf h8 = v;
+#endif
+#if LANES >= 8
+    typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
     vf4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#else
+    vf h4 = v;
+#endif
     return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
@@ -109,13 +149,24 @@ static inline __attribute__((always_inline)) vf load(const float *x, int64_t i, 
 }
 
 /* The row's maximum; NaNs are skipped (a row of NaNs gives -inf). */
-ROW_KERNEL static float row_max(const float *x, int64_t n) {
-    vf acc = splat(-INFINITY);
-    for (int64_t i = 0; i < n; i += LANES) {
-        vf v = load(x, i, n);
-        vi gt = v > acc;
-        acc = (vf)(((vi)v & gt) | ((vi)acc & ~gt));
+static inline __attribute__((always_inline)) vf max_of(vf acc, vf v) {
+    vi gt = v > acc;
+    return (vf)(((vi)v & gt) | ((vi)acc & ~gt));
+}
+
+/* The row's maximum; NaNs are skipped (a row of NaNs gives -inf). Four running maxima, so
+   that each compare waits for the one four vectors back, not the last. */
+static float row_max(const float *x, int64_t n) {
+    vf a0 = splat(-INFINITY), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 4 * LANES <= n; i += 4 * LANES) {
+        a0 = max_of(a0, load(x, i, n));
+        a1 = max_of(a1, load(x, i + LANES, n));
+        a2 = max_of(a2, load(x, i + 2 * LANES, n));
+        a3 = max_of(a3, load(x, i + 3 * LANES, n));
     }
+    for (; i < n; i += LANES) a0 = max_of(a0, load(x, i, n));
+    vf acc = max_of(max_of(a0, a1), max_of(a2, a3));
     float m = -INFINITY;
     for (int k = 0; k < LANES; k++) m = acc[k] > m ? acc[k] : m;
     return m;
@@ -123,7 +174,7 @@ ROW_KERNEL static float row_max(const float *x, int64_t n) {
 
 /* Block sums of exp((x - m) * scale) into sums[], and their total in double; only ids with
    x >= floor count (floor = -inf: all). */
-ROW_KERNEL static double block_sums(const float *x, int64_t n, float m, float scale, float floor,
+static double block_sums(const float *x, int64_t n, float m, float scale, float floor,
                                     float *sums) {
     double total = 0.0;
     for (int64_t b = 0, start = 0; start < n; b++, start += BLOCK) {
@@ -162,7 +213,7 @@ static int is_banned(const int64_t *banned, int64_t n_banned, int64_t id) {
 
 /* w[i - start] = exp((x[i] - m) * scale) for the ids of one block, 0 for banned ones and
    those below `floor`. */
-ROW_KERNEL static void block_weights(const float *x, int64_t start, int64_t end, float m, float scale,
+static void block_weights(const float *x, int64_t start, int64_t end, float m, float scale,
                           float floor, const int64_t *banned, int64_t n_banned, float *w) {
     for (int64_t i = start; i < end; i += LANES) {
         vf v = load(x, i, end);
@@ -197,14 +248,12 @@ static int64_t greedy(const float *x, int64_t n, float m, const int64_t *banned,
 /* ---- the k largest of a row: a row's reported alternatives (`top_logprobs`, not the top-k
    filter) and a word model's suggestions (`top_k`, server/words.py top_ids) -------------- */
 
-typedef int32_t vi8 __attribute__((vector_size(8 * sizeof(int32_t))));
-typedef int32_t vi4 __attribute__((vector_size(4 * sizeof(int32_t))));
-
 static inline __attribute__((always_inline)) int any_lane(vi m) {
-    vi8 h8 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7) |
-             __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
-    vi4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) | __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-    return (h4[0] | h4[1] | h4[2] | h4[3]) != 0;
+    int32_t lanes[LANES];
+    memcpy(lanes, &m, sizeof lanes);
+    int32_t any = 0;
+    for (int k = 0; k < LANES; k++) any |= lanes[k];
+    return any != 0;
 }
 
 /* Insert (v, i) into the `*have` largest so far, vals[0..k) descending (ties: the earlier id
@@ -229,7 +278,7 @@ TOP_INSERT(double)
 /* The k largest (k >= 1) of float32 x[0..n), largest first, ties by the lower id; returns how
    many (fewer than k only when x holds fewer than k values that are not NaN). Sixteen values
    at a time are compared with the k-th so far: once k are held, few blocks hold a larger one. */
-ROW_KERNEL static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
+static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
                                       float *vals) {
     int64_t have = 0;
     for (int64_t i = 0; i < n; i += LANES) {
@@ -408,7 +457,7 @@ typedef struct {
 /* The row's threshold from top-k and top-p over `vals`, its `w` largest logits sorted
    (largest first); `mass`: the total weight of the row, for top-p without top-k. Returns NAN
    when the nucleus reaches past the w candidates (the caller tries again with them all). */
-ROW_KERNEL static float head_threshold(const float *vals, int64_t w, Filters f, float scale, double mass,
+static float head_threshold(const float *vals, int64_t w, Filters f, float scale, double mass,
                             float *q) {
     float tau = f.top_k > 0 ? vals[f.top_k - 1] : -INFINITY;
     if (f.top_p >= 1.0) return tau;
@@ -433,7 +482,7 @@ ROW_KERNEL static float head_threshold(const float *vals, int64_t w, Filters f, 
 
 /* The weight of the ids with x >= v (q: each id's weight, 0 for banned ones), and how many
    ids have x >= v. */
-ROW_KERNEL static double mass_from(const float *x, const float *q, int64_t n, float v,
+static double mass_from(const float *x, const float *q, int64_t n, float v,
                                    int64_t *at_least) {
     double mass = 0.0; /* float sums of blocks, added in double, as numpy's search does */
     vi count = {0};
@@ -756,7 +805,7 @@ done:
 }
 
 /* x - (max + log(sum(exp(x - max)))) over each row: out[r, i] for x[r, i] (the same shape). */
-ROW_KERNEL static void log_softmax_row(const float *x, int64_t n, float *out, float *sums) {
+static void log_softmax_row(const float *x, int64_t n, float *out, float *sums) {
     float m = row_max(x, n);
     float c = m + (float)log(block_sums(x, n, m, 1.0f, -INFINITY, sums));
     for (int64_t i = 0; i < n; i++) out[i] = x[i] - c;
@@ -860,6 +909,26 @@ done:
     return result;
 }
 
+/* cpu_level() -> int: the highest x86-64 level this CPU runs (4: AVX-512, 3: AVX2, 1: the
+   baseline), 0 elsewhere; server/fastsample.py asks the baseline build before it loads another. */
+static PyObject *cpu_level(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    long level = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    level = 1;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
+        level = 3;
+    if (level == 3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl"))
+        level = 4;
+#endif
+    return PyLong_FromLong(level);
+}
+
 static PyMethodDef methods[] = {
     {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
      "sample(logits, temperature, top_k, top_p, min_p, seed, position, banned_ids, top_counts, "
@@ -870,18 +939,22 @@ static PyMethodDef methods[] = {
      "top_k(x, ids, vals) -> count: the largest of 1-D float32/float64 x, largest first."},
     {"uniforms", (PyCFunction)(void (*)(void))uniforms, METH_FASTCALL,
      "uniforms(seed, position, out): each row's uniform of its counter-based stream."},
+    {"cpu_level", cpu_level, METH_NOARGS,
+     "cpu_level() -> int: the highest x86-64 level this CPU runs (4, 3 or 1; 0 elsewhere)."},
     {"set_stream_hash", set_stream_hash, METH_VARARGS,
      "set_stream_hash(start, mix0, mix1, shift0, shift1, shift2): the stream's hash constants."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fastsample", "The plain-row sampler (server/_fastsample.c).", -1,
+    PyModuleDef_HEAD_INIT, TEXT(MODULE_NAME), "The plain-row sampler (server/_fastsample.c).", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__fastsample(void) {
+PyMODINIT_FUNC JOIN(PyInit_, MODULE_NAME)(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0) Py_CLEAR(m);
+    if (m != NULL && (PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 ||
+                      PyModule_AddIntConstant(m, "LANES", LANES) < 0))
+        Py_CLEAR(m);
     return m;
 }

@@ -9,17 +9,22 @@ penalty, and plain rows whose allowed weights underflow, go to the sampler graph
 sampler takes a row depends on its own parameters only, so a seeded row draws the same tokens
 whatever shares its batch.
 
-The extension is built at install (setup.py) where a C compiler is found; `available()` says
-whether it was, and without it the engine samples every row with the graph.
+The extension is built at install (setup.py) where a C compiler is found, once per x86-64 level
+(`server.fastsample` loads the build this CPU runs fastest); `available()` says whether it was,
+and without it the engine samples every row with the graph.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import numpy as np
 import onnxruntime as ort
 
 from server import sampling
 from server.engine_errors import EngineError
+from server.fastsample import builds
+from server.fastsample import kernels as _fastsample
 from server.sampler import (
     HASH_MIX,
     HASH_SHIFTS,
@@ -29,16 +34,10 @@ from server.sampler import (
     SamplingRows,
 )
 
-try:
-    from server import _fastsample  # type: ignore[attr-defined]
-except ImportError:  # built without a C compiler: see available()
-    _fastsample = None
-else:
-    _fastsample.set_stream_hash(HASH_START, *HASH_MIX, *HASH_SHIFTS)
-    if _fastsample.BLOCK != sampling.BLOCK:  # the draw's blocks are the reference's
-        raise ImportError(
-            f"server/_fastsample.c's BLOCK {_fastsample.BLOCK} is not {sampling.BLOCK}"
-        )
+for _build in builds():  # each build draws from the same stream; None built: see available()
+    _build.set_stream_hash(HASH_START, *HASH_MIX, *HASH_SHIFTS)
+    if _build.BLOCK != sampling.BLOCK:  # the draw's blocks are the reference's
+        raise ImportError(f"server/_fastsample.c's BLOCK {_build.BLOCK} is not {sampling.BLOCK}")
 
 
 def available() -> bool:
@@ -55,13 +54,17 @@ class NativeSampler:
     """Rows natively, those with a penalty through `graph` (a `BatchSampler`); one thread at a
     time."""
 
-    def __init__(self, graph: BatchSampler) -> None:
-        if _fastsample is None:
+    def __init__(self, graph: BatchSampler, kernels: ModuleType | None = None) -> None:
+        """`kernels`: the build of server/_fastsample.c to use (default: the fastest this CPU
+        runs, `server.fastsample.kernels`)."""
+        kernels = kernels or _fastsample
+        if kernels is None:
             raise EngineError(
                 "the native sampler was not built (setup.py compiles server/_fastsample.c at "
                 "install, where a C compiler is found): use sampler auto or graph"
             )
         self._graph = graph
+        self._kernels = kernels
 
     def sample(self, logits: np.ndarray | ort.OrtValue, rows: SamplingRows) -> SampledRows:
         """Sample float32 `logits` `[B, V]` (or `[B, 1, V]`; an `OrtValue` is copied to the
@@ -92,7 +95,7 @@ class NativeSampler:
         logprobs, lse = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
         top_ids, top_lps = np.zeros((n, k), dtype=np.int64), np.zeros((n, k), dtype=np.float32)
         lost = np.empty(n, dtype=np.bool_)
-        _fastsample.sample(
+        self._kernels.sample(
             logits,
             np.ascontiguousarray(rows.temperature, dtype=np.float32),
             np.ascontiguousarray(rows.top_k, dtype=np.int64),

@@ -21,10 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-try:  # the native kernels (setup.py builds them where a C compiler is found)
-    from server import _fastsample  # type: ignore[attr-defined]
-except ImportError:
-    _fastsample = None
+from server.fastsample import kernels as _fastsample  # None where none was built
 
 # The most alternatives a request may ask for per token (the public API's limit).
 MAX_TOP_LOGPROBS = 20

@@ -7,19 +7,25 @@ rows it hands back to the graph, and the errors its buffers get.
 
 from __future__ import annotations
 
+import importlib.util
+from types import ModuleType
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server import native_sampler, row_sampler
+from server import fastsample, native_sampler, row_sampler, sampling
 from server.native_sampler import NativeSampler, native_rows
 from server.sampler import BatchSampler, ReferenceSampler, SamplingRows, stream_uniforms
 from server.sampling import SamplingParams, log_softmax, native_top_k, numpy_log_softmax
 
+BUILDS = fastsample.builds()
 
-@pytest.fixture(scope="module")
-def sampler() -> NativeSampler:
-    return NativeSampler(BatchSampler())
+
+@pytest.fixture(scope="module", params=BUILDS, ids=lambda build: build.__name__.split(".")[-1])
+def sampler(request: pytest.FixtureRequest) -> NativeSampler:
+    """The sampler on each build of the kernels this CPU runs (setup.py: one per x86-64 level)."""
+    return NativeSampler(BatchSampler(), request.param)
 
 
 def rows_for(params: list[SamplingParams], vocab: int) -> SamplingRows:
@@ -30,6 +36,16 @@ def rows_for(params: list[SamplingParams], vocab: int) -> SamplingRows:
 
 def test_the_extension_is_built_and_auto_takes_it_on_the_cpu() -> None:
     assert native_sampler.available()
+    # The build in use is the widest this CPU runs; on x86-64, setup.py built one per level.
+    assert fastsample.kernels is BUILDS[0]
+    assert [b.LANES for b in BUILDS] == sorted((b.LANES for b in BUILDS), reverse=True)
+    level = BUILDS[-1].cpu_level()
+    built = [
+        f"server.{name}"
+        for name, needs in fastsample.LEVELS
+        if level >= needs and importlib.util.find_spec(f"server.{name}") is not None
+    ]
+    assert [b.__name__ for b in BUILDS] == [*built, "server._fastsample"]
     options = ort.SessionOptions()
     cpu = row_sampler.choose("auto", ["CPUExecutionProvider"], options)
     assert isinstance(cpu, row_sampler.NativeRowSampler)
@@ -161,8 +177,15 @@ def test_its_exponential_is_as_accurate_as_float32(sampler: NativeSampler) -> No
     np.testing.assert_allclose(got, np.log1p(np.exp(x.astype(np.float64))), rtol=0, atol=2e-7)
 
 
+@pytest.fixture(params=BUILDS, ids=lambda build: build.__name__.split(".")[-1])
+def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Each build of the kernels this CPU runs, as the one `server.sampling` calls."""
+    monkeypatch.setattr(sampling, "_fastsample", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 10_000), (2, 4, 129)])
-def test_log_softmax_agrees_with_numpy(shape: tuple[int, ...]) -> None:
+def test_log_softmax_agrees_with_numpy(build: ModuleType, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(len(shape))
     x = (rng.standard_normal(shape) * 8).astype(np.float32)
     x.reshape(-1)[1::5] = -np.inf  # masked ids stay -inf
@@ -175,7 +198,9 @@ def test_log_softmax_agrees_with_numpy(shape: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_top_k_is_the_k_largest_largest_first_ties_by_the_lower_id(dtype: type) -> None:
+def test_top_k_is_the_k_largest_largest_first_ties_by_the_lower_id(
+    build: ModuleType, dtype: type
+) -> None:
     rng = np.random.default_rng(5)
     for trial in range(300):
         n, k = int(rng.integers(1, 2500)), int(rng.integers(1, 40))

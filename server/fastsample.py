@@ -1,0 +1,38 @@
+"""The native kernels (`server/_fastsample.c`): the build this CPU runs fastest.
+
+setup.py builds the kernels for the x86-64 baseline (`server._fastsample`, or the only build
+on other machines) and, on x86-64, for levels v3 (AVX2) and v4 (AVX-512), each with vectors
+as wide as its level's registers. A build for a level the CPU lacks would die on its first
+instruction, so the baseline build is asked the CPU's level (`cpu_level`) before another is
+imported. `kernels` is the chosen module, or None where none was built (no C compiler at
+install: the callers then use numpy and the sampler graph).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# The builds above the baseline, best first, with the level each needs.
+LEVELS = (("_fastsample_v4", 4), ("_fastsample_v3", 3))
+
+
+def builds() -> list[ModuleType]:
+    """Every build this CPU runs, the fastest first (empty where none was built)."""
+    try:
+        baseline = importlib.import_module("server._fastsample")
+    except ImportError:
+        return []
+    level = baseline.cpu_level()
+    found = []
+    for name, needs in LEVELS:
+        if level >= needs:
+            try:
+                found.append(importlib.import_module(f"server.{name}"))
+            except ImportError:  # not built: a compiler without the level's flag
+                continue
+    return [*found, baseline]
+
+
+_builds = builds()
+kernels: ModuleType | None = _builds[0] if _builds else None
