@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server import heap
+from server.blas import limit_blas_threads
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
 from server.guard import DecodeGuard
@@ -142,6 +144,8 @@ class RnnlmServer:
         On any failure everything started so far is stopped and the error is raised.
         """
         try:
+            if (limited := limit_blas_threads(os.environ)) is not None:
+                log.info(limited)
             self.metrics.gc_pauses.start()
             self._read_secrets()
             await self._open()

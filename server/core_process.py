@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from server import channel, heap
+from server.blas import limit_blas_threads
 from server.bundle import load_bundle
 from server.engine import Engine
 from server.engine_errors import EngineError
@@ -214,6 +216,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m server.core_process FD", file=sys.stderr)
         return 2
     _die_with_parent()
+    limit_blas_threads(os.environ)  # as the server process does (server/blas.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front end decides when to stop
     sock = socket.socket(fileno=int(argv[0]))
     asyncio.run(serve(sock))
