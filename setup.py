@@ -21,7 +21,15 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "
 
 def kernel(name: str, source: str, march: str | None = None) -> Extension:
     flags = ["-O3", "-Wno-psabi"] + ([f"-march={march}"] if march else [])
-    return Extension(f"server.{name}", [source], extra_compile_args=flags, optional=True)
+    # `depends`: the level builds' sources only include server/_fastsample.c, so a change to it
+    # must rebuild them too.
+    return Extension(
+        f"server.{name}",
+        [source],
+        depends=["server/_fastsample.c"],
+        extra_compile_args=flags,
+        optional=True,
+    )
 
 
 extensions = [kernel("_fastsample", "server/_fastsample.c")]

@@ -40,6 +40,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #define BLOCK 128
 #define MAX_BLOCKS 65536 /* vocabularies up to 8M ids */
@@ -248,12 +251,20 @@ static int64_t greedy(const float *x, int64_t n, float m, const int64_t *banned,
 /* ---- the k largest of a row: a row's reported alternatives (`top_logprobs`, not the top-k
    filter) and a word model's suggestions (`top_k`, server/words.py top_ids) -------------- */
 
-static inline __attribute__((always_inline)) int any_lane(vi m) {
-    int32_t lanes[LANES];
-    memcpy(lanes, &m, sizeof lanes);
-    int32_t any = 0;
-    for (int k = 0; k < LANES; k++) any |= lanes[k];
-    return any != 0;
+/* Whether any lane of `v` is above `t`: one compare into a mask (GCC turns an OR of the lanes
+   of a compare's result into a lane-by-lane extract). */
+static inline __attribute__((always_inline)) int any_above(vf v, float t) {
+#if LANES == 16
+    return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+#elif LANES == 8
+    return _mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+#elif defined(__SSE__)
+    return _mm_movemask_ps(_mm_cmpgt_ps((__m128)v, _mm_set1_ps(t))) != 0;
+#else
+    for (int k = 0; k < LANES; k++)
+        if (v[k] > t) return 1;
+    return 0;
+#endif
 }
 
 /* Insert (v, i) into the `*have` largest so far, vals[0..k) descending (ties: the earlier id
@@ -282,7 +293,7 @@ static int64_t top_k_float(const float *x, int64_t n, int64_t k, int64_t *ids,
                                       float *vals) {
     int64_t have = 0;
     for (int64_t i = 0; i < n; i += LANES) {
-        if (have == k && !any_lane(load(x, i, n) > splat(vals[k - 1]))) continue;
+        if (have == k && !any_above(load(x, i, n), vals[k - 1])) continue;
         int64_t end = i + LANES < n ? i + LANES : n;
         for (int64_t j = i; j < end; j++) top_insert_float(x[j], j, k, &have, ids, vals);
     }
