@@ -25,7 +25,7 @@ from typing import Any, ClassVar, cast
 import numpy as np
 import onnxruntime as ort
 
-from server import row_sampler
+from server import fastsample, row_sampler
 from server.bundle import Bundle, BundleError
 from server.continuous_cache import CacheParams, ContinuousCache
 from server.delivery import COALESCE_ACTIVE, TokenStream, settle
@@ -235,12 +235,15 @@ class Engine:
                 "check the CUDA and cuDNN libraries"
             )
         sampler = row_sampler.resolve(self.config.sampler, self._sampler_providers())
+        which = f"the {sampler} sampler"
+        if sampler == "native" and fastsample.kernels is not None:
+            which += f" ({fastsample.level_name(fastsample.kernels)} build)"
         log.info(
-            "%s version %s runs on %s, sampling with the %s sampler",
+            "%s version %s runs on %s, sampling with %s",
             self.bundle.name,
             self.bundle.version,
             self.provider,
-            sampler,
+            which,
         )
         return Sessions(step, score, prefill, self.bundle, None)
 

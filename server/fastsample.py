@@ -34,5 +34,11 @@ def builds() -> list[ModuleType]:
     return [*found, baseline]
 
 
+def level_name(build: ModuleType) -> str:
+    """Which build `build` is, for the server's log: "x86-64-v4", "x86-64-v3" or "baseline"."""
+    suffix = build.__name__.rsplit("_", 1)[-1]
+    return f"x86-64-{suffix}" if suffix in ("v3", "v4") else "baseline"
+
+
 _builds = builds()
 kernels: ModuleType | None = _builds[0] if _builds else None

@@ -46,6 +46,10 @@ def test_the_extension_is_built_and_auto_takes_it_on_the_cpu() -> None:
         if level >= needs and importlib.util.find_spec(f"server.{name}") is not None
     ]
     assert [b.__name__ for b in BUILDS] == [*built, "server._fastsample"]
+    names = {f"server._fastsample_{v}": f"x86-64-{v}" for v in ("v3", "v4")}
+    assert [fastsample.level_name(b) for b in BUILDS] == [
+        names.get(b.__name__, "baseline") for b in BUILDS
+    ]
     options = ort.SessionOptions()
     cpu = row_sampler.choose("auto", ["CPUExecutionProvider"], options)
     assert isinstance(cpu, row_sampler.NativeRowSampler)
