@@ -25,6 +25,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="leave out score.onnx (scoring then uses model.onnx)",
     )
     parser.add_argument(
+        "--parity-rtol",
+        type=float,
+        default=1e-3,
+        metavar="R",
+        help="the parity check's relative tolerance: each onnxruntime output may differ from "
+        "PyTorch's by the absolute tolerance + R x |PyTorch's| (default 0.001)",
+    )
+    parser.add_argument(
+        "--parity-atol",
+        type=float,
+        default=1e-4,
+        metavar="A",
+        help="the parity check's absolute tolerance (default 0.0001). A refused export names "
+        "the output and its largest error; raise this only for an error you accept (the "
+        "manifest records the tolerances and the error)",
+    )
+    parser.add_argument(
         "--quantize",
         choices=QUANTIZATIONS,
         help="write an int8 dynamically quantized bundle, admitted only if its perplexity on "
@@ -88,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
             version=args.version,
             force=args.force,
             score_graph=args.score_graph,
+            rtol=args.parity_rtol,
+            atol=args.parity_atol,
             quantize=args.quantize,
             calibration_text=args.calibration_text,
             max_perplexity_change=args.max_perplexity_change,

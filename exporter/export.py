@@ -337,6 +337,7 @@ def export_bundle(
     """
     target = Path(bundle_dir)
     _check_options(version, quantize, calibration_text, per_channel, max_perplexity_change)
+    _check_tolerances(rtol, atol)
     check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
     model = ckpt.model.eval()
@@ -350,7 +351,8 @@ def export_bundle(
     if not report.passed:
         raise ExportError(
             f"onnxruntime does not match PyTorch: {report.failure} "
-            f"(rtol {rtol}, atol {atol}); nothing was written"
+            f"(rtol {rtol}, atol {atol}; --parity-rtol and --parity-atol set them); nothing "
+            "was written"
         )
     quantization = None
     if held_out is not None:
@@ -395,6 +397,13 @@ def _check_options(
         raise ExportError(
             f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
         )
+
+
+def _check_tolerances(rtol: float, atol: float) -> None:
+    """Refuse parity tolerances that are not finite numbers >= 0, or that admit anything."""
+    for flag, value in (("--parity-rtol", rtol), ("--parity-atol", atol)):
+        if not 0 <= value < 1:  # NaN fails too; 1 or more would pass any output
+            raise ExportError(f"{flag} must be >= 0 and < 1, not {value}")
 
 
 def _unknown_words(ckpt: Checkpoint, text: str) -> tuple[str, int]:

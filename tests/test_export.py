@@ -243,6 +243,28 @@ def test_failed_parity_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cli_parity_tolerances_are_the_users_and_recorded(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt, target = tiny_checkpoint_factory("lstm"), tmp_path / "m"
+    err = run_cli_error(
+        [str(ckpt), str(target), "--parity-rtol", "0", "--parity-atol", "0"], capsys
+    )
+    assert "onnxruntime does not match PyTorch" in err and "--parity-atol" in err
+    assert not target.exists()
+    for flag, value in (
+        ("--parity-atol", "1"),
+        ("--parity-rtol", "nan"),
+        ("--parity-atol", "-1e-4"),
+    ):
+        err = run_cli_error([str(ckpt), str(target), f"{flag}={value}"], capsys)
+        assert err.endswith(f"{flag} must be >= 0 and < 1, not {float(value)}"), err
+        assert not target.exists()
+    assert main(["export", str(ckpt), str(target), "--parity-atol", "0.0002"]) == 0
+    parity = load_bundle(target).manifest["parity"]
+    assert (parity["rtol"], parity["atol"]) == (1e-3, 2e-4)
+
+
 def test_checkpoint_config_and_bundle_agree(
     tiny_checkpoint_factory: Callable[..., Path], default_bundle: Path
 ) -> None:
