@@ -62,7 +62,7 @@ def case(model: Path, params: SamplingParams, b: int, trials: int) -> dict[str, 
     logits = model_logits(model, b)
     rows = SamplingRows.from_params([params] * b, [None] * b, logits.shape[1])
     graph, numpy_sampler = BatchSampler(), Sampler()
-    natives = {_column(build): NativeSampler(graph, build) for build in fastsample.builds()}
+    natives = {_column(build): NativeSampler(graph, build) for build in fastsample.BUILDS}
     plist, history = [params] * b, [None] * b
     uniforms = np.random.default_rng(1).random(b)
     graph.sample(logits, rows)
@@ -101,7 +101,7 @@ def _column(build: ModuleType) -> str:
 
 
 def bench(model: Path, sizes: list[int], trials: int) -> None:
-    natives = [_column(build) for build in fastsample.builds()]
+    natives = [_column(build) for build in fastsample.BUILDS]
     print(f"{'case':7} {'B':>4} {'numpy ms':>9} {'graph ms':>9}", end="")
     print("".join(f" {n + ' ms':>16}" for n in natives), f"{'python us':>10}")
     for name, params in CASES.items():

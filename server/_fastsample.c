@@ -58,6 +58,14 @@
 #else
 #define LANES 4
 #endif
+/* The x86-64 level this build was compiled for (1: the baseline, or any other machine). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LEVEL 4
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LEVEL 3
+#else
+#define LEVEL 1
+#endif
 
 #ifndef MODULE_NAME
 #define MODULE_NAME _fastsample
@@ -926,7 +934,11 @@ static PyObject *cpu_level(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
     long level = 0;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    /* The compiler's own definition of each level: what -march=x86-64-vN may emit. */
+    __builtin_cpu_init();
+    level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 1;
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
     level = 1;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -965,7 +977,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC JOIN(PyInit_, MODULE_NAME)(void) {
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 ||
-                      PyModule_AddIntConstant(m, "LANES", LANES) < 0))
+                      PyModule_AddIntConstant(m, "LANES", LANES) < 0 ||
+                      PyModule_AddIntConstant(m, "LEVEL", LEVEL) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -4,8 +4,9 @@ setup.py builds the kernels for the x86-64 baseline (`server._fastsample`, or th
 on other machines) and, on x86-64, for levels v3 (AVX2) and v4 (AVX-512), each with vectors
 as wide as its level's registers. A build for a level the CPU lacks would die on its first
 instruction, so the baseline build is asked the CPU's level (`cpu_level`) before another is
-imported. `kernels` is the chosen module, or None where none was built (no C compiler at
-install: the callers then use numpy and the sampler graph).
+imported. `BUILDS` are the builds this CPU runs, the fastest first; `kernels` is the first, or
+None where none was built (no C compiler at install: the callers then use numpy and the sampler
+graph). Each build says the level it was compiled for (`LEVEL`: 4, 3, or 1 for the baseline).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from types import ModuleType
 LEVELS = (("_fastsample_v4", 4), ("_fastsample_v3", 3))
 
 
-def builds() -> list[ModuleType]:
+def _builds() -> list[ModuleType]:
     """Every build this CPU runs, the fastest first (empty where none was built)."""
     try:
         baseline = importlib.import_module("server._fastsample")
@@ -36,9 +37,8 @@ def builds() -> list[ModuleType]:
 
 def level_name(build: ModuleType) -> str:
     """Which build `build` is, for the server's log: "x86-64-v4", "x86-64-v3" or "baseline"."""
-    suffix = build.__name__.rsplit("_", 1)[-1]
-    return f"x86-64-{suffix}" if suffix in ("v3", "v4") else "baseline"
+    return f"x86-64-v{build.LEVEL}" if build.LEVEL >= 3 else "baseline"
 
 
-_builds = builds()
-kernels: ModuleType | None = _builds[0] if _builds else None
+BUILDS: list[ModuleType] = _builds()
+kernels: ModuleType | None = BUILDS[0] if BUILDS else None

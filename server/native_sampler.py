@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from server import sampling
 from server.engine_errors import EngineError
-from server.fastsample import builds
+from server.fastsample import BUILDS
 from server.fastsample import kernels as _fastsample
 from server.sampler import (
     HASH_MIX,
@@ -34,7 +34,7 @@ from server.sampler import (
     SamplingRows,
 )
 
-for _build in builds():  # each build draws from the same stream; None built: see available()
+for _build in BUILDS:  # each build draws from the same stream; None built: see available()
     _build.set_stream_hash(HASH_START, *HASH_MIX, *HASH_SHIFTS)
     if _build.BLOCK != sampling.BLOCK:  # the draw's blocks are the reference's
         raise ImportError(f"server/_fastsample.c's BLOCK {_build.BLOCK} is not {sampling.BLOCK}")
