@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from server.blas import ENV, limit_blas_threads
 
@@ -21,7 +21,7 @@ SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
 import numpy
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 from server.app import RnnlmServer
 from server.config import ServerConfig
 
@@ -66,5 +66,14 @@ def test_a_server_holds_the_blas_pool_to_one_thread(default_bundle: Path) -> Non
     assert pools["after"] and set(pools["after"]) == {1}
 
 
+@pytest.mark.skipif(not HAS_BLAS_POOL, reason="this numpy loads no BLAS with a thread pool")
 def test_the_operators_setting_is_kept() -> None:
-    assert limit_blas_threads({ENV: "4"}) is None
+    def pools() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    # The pool at 2 first (another test's server may have limited it here), put back after.
+    with threadpool_limits(2, user_api="blas"):
+        assert limit_blas_threads({ENV: "4"}) is None
+        assert pools() == {2}
+        assert limit_blas_threads({}) is not None
+        assert pools() == {1}
