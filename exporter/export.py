@@ -336,8 +336,9 @@ def export_bundle(
     cannot be measured or is refused.
     """
     target = Path(bundle_dir)
-    _check_options(version, quantize, calibration_text, per_channel, max_perplexity_change)
-    _check_tolerances(rtol, atol)
+    _check_options(
+        version, quantize, calibration_text, per_channel, max_perplexity_change, rtol, atol
+    )
     check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
     model = ckpt.model.eval()
@@ -384,6 +385,8 @@ def _check_options(
     calibration_text: str | Path | None,
     per_channel: bool,
     max_perplexity_change: float,
+    rtol: float,
+    atol: float,
 ) -> None:
     """Refuse export options that cannot be honoured, before anything is loaded."""
     if not version:
@@ -397,10 +400,6 @@ def _check_options(
         raise ExportError(
             f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
         )
-
-
-def _check_tolerances(rtol: float, atol: float) -> None:
-    """Refuse parity tolerances that are not finite numbers >= 0, or that admit anything."""
     for flag, value in (("--parity-rtol", rtol), ("--parity-atol", atol)):
         if not 0 <= value < 1:  # NaN fails too; 1 or more would pass any output
             raise ExportError(f"{flag} must be >= 0 and < 1, not {value}")
