@@ -1,10 +1,12 @@
 """Server CPU per generated token at 64 streams against bare onnxruntime's at batch 64.
 
     python -m benchmarks.generate_cpu --trials 3 --duration 2 --config= --config=--stream-tokens=1
+    python -m benchmarks.generate_cpu --trials 5 --checkout /tmp/parent --checkout .
 
 The part of `rnnlm bench` that measures issue 14's first target, alone and cheap: it starts
 one `rnnlm serve` per `--config` (extra flags, split like a shell command line; empty for the
-defaults) and, trial after trial, measures bare batch-64 steps (this process's CPU time a
+defaults), or per `--checkout` (the code of that directory, as `benchmarks.predict_ab` runs
+it) and, trial after trial, measures bare batch-64 steps (this process's CPU time a
 token, the engine's session options) and then each server under `--streams` Generate streams
 (the server process's CPU time from /proc over the tokens the client received), so the ratio
 of each trial compares figures taken a few seconds apart. It prints every trial's ratio, the
@@ -40,9 +42,14 @@ BARE_BATCH = 64
 
 
 async def compare(
-    bundle_dir: Path, configurations: list[list[str]], streams: int, plan: Plan
+    bundle_dir: Path,
+    configurations: list[list[str]],
+    streams: int,
+    plan: Plan,
+    checkouts: list[Path | None] | None = None,
 ) -> list[dict[str, float]]:
-    """Per trial: bare's CPU us a token, and each configuration's server CPU us a token."""
+    """Per trial: bare's CPU us a token, and each configuration's server CPU us a token
+    (`checkouts[i]`: the code configuration i runs, None for this one's)."""
     bundle = load_bundle(bundle_dir)
     workload = build_workload(bundle, plan, None)
     bare = session(bundle, "step", plan)
@@ -50,9 +57,14 @@ async def compare(
     channels: list[grpc.aio.Channel] = []
     trials: list[dict[str, float]] = []
     try:
-        for flags in configurations:
+        for flags, checkout in zip(
+            configurations, checkouts or [None] * len(configurations), strict=True
+        ):
             args = serve_args(bundle_dir, True, (*plan.server_args, *flags), plan.provider)
-            children.append(ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS))
+            env = None if checkout is None else {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+            children.append(
+                ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS, env=env)
+            )
         for child in children:
             channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{child.port}"))
             await wait_serving(channels[-1], child)
@@ -135,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FLAGS",
         help="one server's extra `rnnlm serve` flags (--config= is the defaults); repeatable",
     )
+    parser.add_argument(
+        "--checkout",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="one server running the code of DIR, with the default flags; repeatable "
+        "(instead of --config)",
+    )
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
     parser.add_argument("--streams", type=int, default=64, help="Generate streams (default 64)")
     parser.add_argument("--trials", type=int, default=3, help="(default 3)")
@@ -142,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.streams < 1 or args.trials < 1 or not args.duration > 0:
         parser.error("--streams and --trials must be >= 1 and --duration > 0")
-    labels = args.config or [""]
-    configurations = [shlex.split(c) for c in labels]
+    if args.checkout and args.config:
+        parser.error("give --config or --checkout, not both")
+    checkouts = [c.resolve() for c in args.checkout] if args.checkout else None
+    labels = [str(c) for c in checkouts] if checkouts else args.config or [""]
+    configurations = [[] for _ in labels] if checkouts else [shlex.split(c) for c in labels]
     try:
         plan = Plan.make(trials=args.trials, duration=args.duration)
-        trials = asyncio.run(compare(args.bundle.resolve(), configurations, args.streams, plan))
+        trials = asyncio.run(
+            compare(args.bundle.resolve(), configurations, args.streams, plan, checkouts)
+        )
     except (BenchError, BundleError) as e:
         print(f"generate_cpu: {e}", file=sys.stderr)
         return 2
