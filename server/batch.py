@@ -1,14 +1,15 @@
 """The batch as data: the active requests and their recurrent states, stacked on the batch axis.
 
 As TGI's `CausalLMBatch`: a `Batch` is a value. `of` builds one from requests, `concatenate`
-joins batches, `filter` keeps some rows, `with_states` swaps in the states a step computed;
-each returns a new batch and none calls the model (server/step.py does). The request objects
-carry each row's progress (tokens fed, tokens generated); the batch carries the arrays a step
-takes: one `[layers, N, hidden]` float32 array per state tensor, every row's sampling
-parameters as vectors with its counter-based random stream's seed and position
-(`SamplingRows`, server/sampler.py; rows that do not generate hold neutral parameters), and
-which rows sit the next step out (`resting`: generations waiting for their turn, see
-server/scheduler.py). A step advances the sampled rows' stream positions in place.
+joins batches, `filter` keeps some rows, `stepped` swaps in the states a step computed; each
+returns a new batch and none calls the model (server/step.py does). The request objects carry
+what is per request (the prompt or document fed so far, whether it is done or cancelled); the
+batch carries the arrays a step takes: one `[layers, N, hidden]` float32 array per state
+tensor; every row's generation data as vectors (`SamplingRows`, server/sampler.py: sampling
+parameters, the counter-based random stream's seed and position, which is also the tokens
+generated, the limits and the last token; rows that do not generate hold neutral parameters);
+and which rows sit the next step out (`resting`: generations waiting for their turn, see
+server/scheduler.py). A step advances the sampled rows' positions and last tokens in place.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.requests import GenerateRequest, Request, State
-from server.sampler import ROW_ARRAYS, SamplingRows
+from server.sampler import NO_LIMITS, ROW_ARRAYS, SamplingRows
 from server.sampling import SamplingParams
 
 NEUTRAL = SamplingParams()  # the sampling row of a request that does not generate
@@ -57,6 +58,7 @@ class Batch:
                 [NEUTRAL if g is None else g.params for g in gens],
                 [None if g is None else g.prompt for g in gens],
                 vocab_size,
+                [NO_LIMITS if g is None else (g.max_tokens, g.stop_ids) for g in gens],
             )
             for row, g in enumerate(gens):
                 if g is not None and g.sampling is not None:
@@ -135,11 +137,12 @@ def _stacked(requests: Sequence[Request]) -> tuple[np.ndarray, ...]:
 
 
 def _carry(rows: SamplingRows, row: int, own: SamplingRows) -> None:
-    """Row `row` of `rows` (built from the same parameters) goes on with the random stream of
-    `own`, the request's one row from the batch it started in: its seed (drawn there when the
-    request had none), stream position and seen tokens."""
+    """Row `row` of `rows` (built from the same parameters) goes on where `own`, the request's
+    one row from the batch it started in, left off: its seed (drawn there when the request had
+    none), stream position (tokens generated), last token and seen tokens."""
     rows.seed[row] = own.seed[0]
     rows.position[row] = own.position[0]
+    rows.last_token[row] = own.last_token[0]
     rows.seen[row] = own.seen[0]
 
 

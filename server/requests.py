@@ -255,31 +255,21 @@ class GenerateRequest(Request):
         # (`resume`).
         self.params = params
         self.sampling: SamplingRows | None = None
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # (these two go into its sampling row)
         self.stop_ids = stop_ids
-        self.generated = 0
-        self.next_token = -1
-        self.stepped = 0  # the scheduler's count of steps that advanced it (fair turns)
 
     def work(self, chunk: int, split: int | None) -> Work | None:
-        if self.logits is not None:
+        """The prompt's chunks; None once its next-token logits are known, and while it
+        decodes: then its input is the batch's (`SamplingRows.last_token`, server/step.py)."""
+        if self.logits is not None or self.decoding:
             return None
-        if self.fed < len(self.feed):
-            return super().work(chunk, split)
-        return Work(STEP, np.array([self.next_token], dtype=np.int64), None, True)
+        return super().work(chunk, split)
 
     def resume(self, state: State, sampling: SamplingRows) -> None:
         """Take the request out of the batch it started in, to join another: its state and
         its one sampling row (random stream position and seen tokens) go with it."""
         self.state = state
         self.sampling = sampling
-
-    def emitted(self, token: int) -> bool:
-        """Record a sampled token; True when it ends the generation."""
-        self.generated += 1
-        self.next_token = token
-        self.decoding = True
-        return token in self.stop_ids or self.generated >= self.max_tokens
 
 
 class ScoreRequest(Request):

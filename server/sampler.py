@@ -30,6 +30,9 @@ from server.sampling import GeneratedToken, Sampler, Samples, SamplingParams
 
 GRAPH_PATH = Path(__file__).with_name("sampler.onnx")  # built by exporter/sampler_graph.py
 _MASK32 = np.uint64(0xFFFFFFFF)
+# A request's generation limits: the most tokens it generates, and the ids that stop it.
+Limits = tuple[int, frozenset[int]]
+NO_LIMITS: Limits = (0, frozenset())  # a request that does not generate
 # The hash's constants (shared with the graph builder, which must compute the same bits).
 HASH_START = 0x9E3779B9
 # A 32-bit integer hash ("lowbias32" of Wellons' hash-prospector, second variant): multipliers
@@ -40,10 +43,14 @@ HASH_SHIFTS = (16, 15, 15)
 
 @dataclass
 class SamplingRows:
-    """Per-row sampling parameters of a batch: row r of every field belongs to request r.
+    """Per-row generation data of a batch: row r of every field belongs to request r.
 
-    Build rows for new requests with `from_params`, keep them with the batch (`filter`,
-    `concatenate`), and call `advance` with each step's chosen tokens.
+    A generating row's sampling parameters, its counter-based random stream (seed, position:
+    the position is also how many tokens the row has generated), its limits (the most tokens,
+    the ids that stop it) and its last token (the next step's input). Rows of requests that
+    do not generate hold neutral parameters and a limit of 0. Build rows for new requests
+    with `from_params`, keep them with the batch (`filter`, `concatenate`), and call `advance`
+    with each step's chosen tokens: it says which rows ended, for the whole batch at once.
 
     A batch's rows are filtered and concatenated whenever requests end and start (about once
     a step at 64 streams of 64-token calls), so no field is as wide as the vocabulary: the
@@ -63,6 +70,9 @@ class SamplingRows:
     # [B, N] int64: each row's distinct banned ids, then -1s (what the samplers read: a mask
     # costs the graph a full-width pass).
     banned_ids: np.ndarray
+    max_tokens: np.ndarray  # [B] int64: the most tokens the row generates (0: it does not)
+    stop_ids: np.ndarray  # [B, S] int64: the ids that end the row's generation, then -1s
+    last_token: np.ndarray  # [B] int64: the row's last sampled token (-1 before its first)
     # Per row: bool [V], the tokens the repetition penalty applies to, for a penalised row
     # (repetition_penalty != 1); None for the others.
     seen: list[np.ndarray | None]
@@ -74,16 +84,19 @@ class SamplingRows:
         params: Sequence[SamplingParams],
         histories: Sequence[np.ndarray | None],
         vocab_size: int,
+        limits: Sequence[Limits] | None = None,
     ) -> SamplingRows:
-        """Rows for new requests; `histories[r]`: the prompt's token ids (for the penalty).
+        """Rows for new requests; `histories[r]`: the prompt's token ids (for the penalty);
+        `limits[r]`: the request's most tokens and stop ids (default: it does not generate).
 
         Draws the random seed of each request without one: build a request's row once.
         """
         n = len(params)
-        banned_ids = np.full((n, max((len(p.banned_ids) for p in params), default=0)), -1)
+        limits = limits if limits is not None else [NO_LIMITS] * n
+        banned_ids = _padded_ids([p.banned_ids for p in params])
+        stop_ids = _padded_ids([stops for _, stops in limits])
         seen: list[np.ndarray | None] = [None] * n
         for r, (p, h) in enumerate(zip(params, histories, strict=True)):
-            banned_ids[r, : len(p.banned_ids)] = sorted(p.banned_ids)
             if p.repetition_penalty != 1.0:
                 seen[r] = np.zeros(vocab_size, dtype=np.bool_)
                 if h is not None:
@@ -98,7 +111,10 @@ class SamplingRows:
             top_logprobs=np.array([p.top_logprobs for p in params], dtype=np.int64),
             seed=np.array(seeds, dtype=np.uint64).view(np.int64),
             position=np.zeros(n, dtype=np.int64),
-            banned_ids=banned_ids.astype(np.int64),
+            banned_ids=banned_ids,
+            max_tokens=np.array([most for most, _ in limits], dtype=np.int64),
+            stop_ids=stop_ids,
+            last_token=np.full(n, -1, dtype=np.int64),
             seen=seen,
             vocab_size=vocab_size,
         )
@@ -119,31 +135,32 @@ class SamplingRows:
         vocab_size = parts[0].vocab_size
         if any(p.vocab_size != vocab_size for p in parts):
             raise ValueError("sampling rows of different vocabularies cannot share a batch")
-        width = max(p.banned_ids.shape[1] for p in parts)
-        padded = [
-            np.pad(p.banned_ids, ((0, 0), (0, width - p.banned_ids.shape[1])), constant_values=-1)
-            for p in parts
-        ]
         fields = {
-            name: np.concatenate([getattr(p, name) for p in parts])
+            name: _concatenate_ids([getattr(p, name) for p in parts])
+            if name in ID_LISTS
+            else np.concatenate([getattr(p, name) for p in parts])
             for name in ROW_ARRAYS
-            if name != "banned_ids"
         }
         seen = [None if m is None else m.copy() for p in parts for m in p.seen]
-        return SamplingRows(
-            **fields, banned_ids=np.concatenate(padded), seen=seen, vocab_size=vocab_size
-        )
+        return SamplingRows(**fields, seen=seen, vocab_size=vocab_size)
 
-    def advance(self, tokens: np.ndarray) -> None:
-        """Record each row's chosen token, in place: next stream position, token now seen.
+    def advance(self, tokens: np.ndarray) -> np.ndarray:
+        """Record each row's chosen token, in place: next stream position (one more token
+        generated), last token, token now seen. Returns [B] bool: the rows whose generation
+        the token ends (a stop id, or the most tokens reached).
 
-        O(B) numpy work; the penalised rows' masks are updated, not copied.
+        O(B) numpy work whatever the batch; the penalised rows' masks are updated, not copied.
         """
         self.position += 1
+        self.last_token[:] = tokens
         for r in np.flatnonzero(self.repetition_penalty != 1.0).tolist():
             mask = self.seen[r]
             assert mask is not None, "a penalised row has its seen tokens"
             mask[int(tokens[r])] = True
+        ended = self.position >= self.max_tokens
+        if self.stop_ids.shape[1]:
+            ended |= (self.stop_ids == tokens[:, None]).any(axis=1)
+        return ended
 
     def histories(self) -> list[np.ndarray | None]:
         """Each row's seen token ids, what the numpy sampler's penalty reads (None for a row
@@ -162,6 +179,24 @@ class SamplingRows:
 # The fields holding one value (or one row of values) per row, which `filter` and
 # `concatenate` index as arrays: all but the per-row masks and the vocabulary's size.
 ROW_ARRAYS = tuple(f for f in SamplingRows.__dataclass_fields__ if f not in ("seen", "vocab_size"))
+# Those holding a list of ids per row, padded with -1s to the batch's longest.
+ID_LISTS = ("banned_ids", "stop_ids")
+
+
+def _padded_ids(lists: Sequence[frozenset[int]]) -> np.ndarray:
+    """[N, the longest] int64: each set's ids in order, then -1s."""
+    out = np.full((len(lists), max((len(ids) for ids in lists), default=0)), -1, dtype=np.int64)
+    for r, ids in enumerate(lists):
+        out[r, : len(ids)] = sorted(ids)
+    return out
+
+
+def _concatenate_ids(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """`_padded_ids` arrays of several batches, one after another, padded to the widest."""
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate(
+        [np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1) for p in parts]
+    )
 
 
 @dataclass(frozen=True)

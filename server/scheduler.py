@@ -4,9 +4,9 @@ Requests cross from the event loop to the workers through one locked queue. Each
 batch; every step it takes its share of the queue into the batch (so a request waits for no
 slot: it joins the next step), picks which generations advance this step (`Pace`), runs
 `step`, writes the prefix states it reached into the state cache, and posts the replies to
-the event loop with one `call_soon_threadsafe`. onnxruntime's `run` and numpy's array work
-release the GIL, so one worker's run overlaps another's sampling and the event loop keeps
-serving while steps run.
+the event loop (a `Mailbox`: one wake-up for the steps the loop has not yet taken).
+onnxruntime's `run` and numpy's array work release the GIL, so one worker's run overlaps
+another's sampling and the event loop keeps serving while steps run.
 
 No request waits behind another. Next-token work (a prompt, a next-token call, a score or
 embed chunk) runs in the next step, always; when the generations of that step would keep a
@@ -26,7 +26,6 @@ runs beside the step under way instead of after it (`inline_now`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
@@ -34,8 +33,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from server.batch import Batch
-from server.delivery import dispatch
+from server.delivery import Mailbox, dispatch
 from server.engine_config import EngineConfig
 from server.engine_errors import EngineClosed, Overloaded, failure_error
 from server.metrics import EngineMetrics
@@ -111,12 +112,12 @@ class Pace:
         """`batch` with the generations beyond this step's limit resting, the ones that
         advanced least taking their turn first."""
         limit = self.limit()
-        requests = batch.requests
-        decoding = [row for row, r in enumerate(requests) if r.decoding]
+        decoding = [row for row, r in enumerate(batch.requests) if r.decoding]
         if limit is None or len(decoding) <= limit:
             return batch
-        order = sorted(decoding, key=lambda row: requests[row].stepped)  # type: ignore[attr-defined]
-        return batch.rest(frozenset(order[limit:]))
+        rows = np.array(decoding, dtype=np.intp)  # fewest tokens generated first, then by row
+        order = rows[np.argsort(batch.sampling.position[rows], kind="stable")]
+        return batch.rest(frozenset(order[limit:].tolist()))
 
 
 class Scheduler:
@@ -144,7 +145,7 @@ class Scheduler:
         self._make_sampler = make_sampler
         # How steps are timed for the step-time policy (see `Pace`).
         self._clock = time.thread_time if cpu_bound else time.perf_counter
-        self._loop = loop
+        self._mailbox = Mailbox(loop)
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._closing = False
@@ -208,7 +209,7 @@ class Scheduler:
         with self._cond:
             self._admissible(model)
         batch = Batch.of([request], self.step_config.vocab_size)
-        while not (request.done or request.generated):
+        while not (request.done or request.decoding):
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
             self._store(result.prefixes)
             dispatch(result.replies)
@@ -378,9 +379,7 @@ class Scheduler:
             self.metrics.set_queue_depth(0)
 
     def _post(self, replies: list[Reply]) -> None:
-        # A closed event loop raises RuntimeError: then nobody is waiting any more.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(dispatch, replies)
+        self._mailbox.post(replies)
 
 
 def _fail(batch: Batch, message: str, shutdown: bool = False) -> list[Reply]:

@@ -5,8 +5,9 @@ groups the work into as few onnxruntime runs as the padding rules allow, runs th
 row its outputs (`Request.absorb`), finishes the rows whose next-token logits are ready (their
 log-probs in one vectorised pass, every sampled row's token in one sampler call) and returns
 what happened: the batch with its new states, the replies to deliver, and the prefix states
-for the state cache. It changes no argument but progress counters: the requests' own, and the
-sampled rows' random-stream positions (and seen tokens) in the batch's sampling rows.
+for the state cache. It changes no argument but progress: the requests' own (tokens fed, done,
+decoding), and the sampled rows' random-stream positions, last tokens (and seen tokens) in the
+batch's sampling rows.
 
 Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
 decode step, a document chunk before the last) runs only with work of exactly its length, so
@@ -126,12 +127,12 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
     early = [w if w is not None and w.graph != STEP else None for w in works]
     if any(w is not None for w in early):
         for run in _groups(early, [], config):
-            states, ran = _run(runner, states, batch.states, run, early, requests, False)
+            states, ran = _run(runner, states, batch, run, early, False)
             outcomes.append(ran)
         works = _after_early(works, early, requests, config)
     for run in _groups(works, decoders, config):
         device = config.device_logits and run.lead == len(run.rows)
-        states, ran = _run(runner, states, batch.states, run, works, requests, device)
+        states, ran = _run(runner, states, batch, run, works, device)
         outcomes.append(ran)
     after = batch.stepped(states)
     replies = [reply for ran in outcomes for reply in ran.replies]
@@ -150,14 +151,17 @@ def _plan(batch: Batch, config: StepConfig) -> tuple[list[int], list[Work | None
     decoders: list[int] = []
     works: list[Work | None] = []
     resting = batch.resting
+    last = batch.sampling.last_token
     for row, r in enumerate(batch.requests):
         if row in resting or r.done or r.cancelled:
             works.append(None)
-        elif config.batching and r.decoding:
+        elif not r.decoding:
+            works.append(r.work(config.chunk, config.prefill_split))
+        elif config.batching:
             decoders.append(row)
             works.append(None)
-        else:
-            works.append(r.work(config.chunk, config.prefill_split))
+        else:  # a run of its own, on its last token
+            works.append(Work(STEP, last[row : row + 1], None, True))
     return decoders, works
 
 
@@ -241,16 +245,17 @@ def _take_turns(
 def _run(
     runner: Runner,
     states: list[np.ndarray],
-    original: Sequence[np.ndarray],
+    batch: Batch,
     run: _Run,
     works: list[Work | None],
-    requests: Sequence[Request],
     device: bool,
 ) -> tuple[list[np.ndarray], _Ran]:
-    """One onnxruntime run of `run.rows`: the states after it, and what it gave the rows.
-    With `device` (decoding rows only), the logits stay on the device, as an `OrtValue`."""
+    """One onnxruntime run of `run.rows` from `states` (the step's so far; `batch.states`
+    before it): the states after it, and what it gave the rows. With `device` (decoding rows
+    only), the logits stay on the device, as an `OrtValue`."""
     rows, lead = run.rows, run.lead
-    tokens, targets = _inputs(run, works, requests)
+    requests, original = batch.requests, batch.states
+    tokens, targets = _inputs(run, works, batch.sampling.last_token)
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
     full = len(rows) == len(requests) and all(a < b for a, b in itertools.pairwise(rows))
     idx = np.array(rows, dtype=np.intp)
@@ -311,18 +316,17 @@ def _lazy_state(states: Sequence[np.ndarray], i: int) -> Callable[[], State]:
 
 
 def _inputs(
-    run: _Run, works: list[Work | None], requests: Sequence[Request]
+    run: _Run, works: list[Work | None], last_token: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The run's tokens [k, length] (and targets, on the score graph)."""
+    """The run's tokens [k, length] (and targets, on the score graph); the decoding rows
+    leading it feed their last tokens (`last_token`: the batch's, by row)."""
     k, lead = len(run.rows), run.lead
+    if lead == k:  # decoding rows alone: the hot path under load
+        return last_token[run.rows].reshape(k, 1), None
     tokens = np.zeros((k, run.length), dtype=np.int64)
     targets = np.zeros((k, run.length), dtype=np.int64) if run.graph == SCORE else None
     if lead:
-        tokens[:lead, 0] = np.fromiter(
-            (requests[row].next_token for row in run.rows[:lead]),  # type: ignore[attr-defined]
-            dtype=np.int64,
-            count=lead,
-        )
+        tokens[:lead, 0] = last_token[run.rows[:lead]]
     for i in range(lead, k):
         w = works[run.rows[i]]
         assert w is not None
@@ -411,26 +415,29 @@ def _sample(
     idx = np.asarray(rows, dtype=np.intp)
     part = batch.sampling if every else batch.sampling.filter(idx)
     samples = sampler.sample(logits, part, requests)
-    part.advance(samples.tokens)
-    if not every:  # the rows' positions and seen tokens, back into the batch's rows
+    ended = part.advance(samples.tokens)
+    if not every:  # the rows' positions, last and seen tokens, back into the batch's rows
         batch.sampling.position[idx] = part.position
+        batch.sampling.last_token[idx] = part.last_token
         for row, seen in zip(rows, part.seen, strict=True):
             batch.sampling.seen[row] = seen
-    replies: list[Reply] = []
+    # Python per row only to hand the tokens over; the rest is for the few rows that
+    # started or ended (each request's END after its token: replies go out in order).
+    replies: list[Reply] = list(zip(requests, samples.generated(), strict=True))
     prefixes: list[Prefix] = []
-    for j, (r, token) in enumerate(zip(requests, samples.generated(), strict=True)):
-        if r.generated == 0 and len(r.feed) and config.caching:
+    for j in np.flatnonzero(part.position == 1).tolist():  # first tokens
+        r = requests[j]
+        r.decoding = True
+        if len(r.feed) and config.caching:
             # The prompt's state, for a later request on the same prompt (first tokens come
             # from host logits: only decoding rows leave theirs on the device).
             assert isinstance(logits, np.ndarray)
             prompt_lp = logits[j] - samples.lse[j]
             prompt_lp.setflags(write=False)
             prefixes.append(Prefix(r.prompt, batch.row_state(rows[j]), prompt_lp, r.key))
-        replies.append((r, token))
-        r.stepped += 1
-        if r.emitted(token.token_id):
-            r.done = True
-            replies.append((r, END))
+    for j in np.flatnonzero(ended).tolist():
+        requests[j].done = True
+        replies.append((requests[j], END))
     return replies, prefixes
 
 

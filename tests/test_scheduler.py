@@ -40,10 +40,11 @@ def test_next_token_work_never_waits_behind_generations(lstm: Bundle) -> None:
         requests = [stream._request for stream in streams]
         assert all(r is not None for r in requests)
         running = [not r.done for r in requests]  # type: ignore[union-attr]
-        # The later streams started behind; the least advanced go first until they catch up.
-        started = [r.stepped for r in requests]  # type: ignore[union-attr]
-        await wait_until(lambda: min(r.stepped for r in requests) > max(started))  # type: ignore[union-attr]
-        stepped = [r.stepped for r in requests]  # type: ignore[union-attr]
+        # The later streams started behind; the least advanced go first until they catch up
+        # (each stream's count of tokens delivered: one a step that advanced it).
+        started = [stream._delivered for stream in streams]
+        await wait_until(lambda: min(stream._delivered for stream in streams) > max(started))
+        stepped = [stream._delivered for stream in streams]
         for stream in streams:
             await stream.aclose()
         return logprobs, running, stepped
