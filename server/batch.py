@@ -108,6 +108,11 @@ class Batch:
         """The same batch with `rows` sitting the next step out."""
         return Batch(self.requests, self.states, self.sampling, rows, self.turn)
 
+    def decoding(self) -> np.ndarray:
+        """[N] bool: the rows of generations past their first token (one sampled token a
+        step, their input the last: `SamplingRows.last_token`)."""
+        return self.sampling.position > 0
+
     def row_state(self, row: int) -> State:
         """A read-only copy of one row's state."""
         state = tuple(s[:, row, :].copy() for s in self.states)

@@ -80,7 +80,6 @@ class Request:
         self.deliver = deliver
         self.cancelled = False
         self.done = False
-        self.decoding = False  # a generation past its prompt: one sampled token per step
         self.logits: np.ndarray | None = None  # [V] next-token logits, READY to finish
         self.submitted = time.perf_counter()
 
@@ -259,9 +258,9 @@ class GenerateRequest(Request):
         self.stop_ids = stop_ids
 
     def work(self, chunk: int, split: int | None) -> Work | None:
-        """The prompt's chunks; None once its next-token logits are known, and while it
-        decodes: then its input is the batch's (`SamplingRows.last_token`, server/step.py)."""
-        if self.logits is not None or self.decoding:
+        """The prompt's chunks; None once its next-token logits are known. (Once it decodes
+        the step feeds it the batch's last token: `Batch.decoding`, server/step.py.)"""
+        if self.logits is not None:
             return None
         return super().work(chunk, split)
 

@@ -18,6 +18,7 @@ when its row is built.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,7 +154,7 @@ class SamplingRows:
         """
         self.position += 1
         self.last_token[:] = tokens
-        for r in np.flatnonzero(self.repetition_penalty != 1.0).tolist():
+        for r in (self.repetition_penalty != 1.0).nonzero()[0].tolist():
             mask = self.seen[r]
             assert mask is not None, "a penalised row has its seen tokens"
             mask[int(tokens[r])] = True
@@ -231,8 +232,8 @@ class SampledRows:
     def generated(self) -> list[GeneratedToken]:
         """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
         if not self.top_counts.any():  # no row asked for alternatives: the common case
-            pairs = zip(self.tokens.tolist(), self.logprobs.tolist(), strict=True)
-            return [GeneratedToken(t, lp, ()) for t, lp in pairs]
+            rows = zip(self.tokens.tolist(), self.logprobs.tolist(), itertools.repeat(()))
+            return list(map(GeneratedToken._make, rows))
         ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
         return [
             GeneratedToken(t, lp, tuple(zip(ids[r][:k], lps[r][:k], strict=True)))

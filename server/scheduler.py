@@ -90,9 +90,10 @@ class Pace:
     def keeps_waiting(self, batch: Batch) -> bool:
         """Whether the generations advancing in `batch`'s next step would keep next-token
         work waiting at least `LANE_S` (their estimated share of the step)."""
-        requests, resting = batch.requests, batch.resting
-        decoding = sum(1 for row, r in enumerate(requests) if r.decoding and row not in resting)
-        return self.row_s is not None and self.row_s * decoding >= LANE_S
+        if self.row_s is None:
+            return False
+        advancing = int(np.count_nonzero(batch.decoding())) - len(batch.resting)  # all decode
+        return self.row_s * advancing >= LANE_S
 
     def lane(self, batch: Batch, chunk: int) -> frozenset[int]:
         """The rows to step on their own before the rest: next-token work that answers in one
@@ -104,18 +105,18 @@ class Pace:
         requests = batch.requests
         return frozenset(
             row
-            for row, r in enumerate(requests)
-            if r.answers_next and not r.decoding and len(r.feed) - r.fed <= chunk
+            for row in (~batch.decoding()).nonzero()[0].tolist()
+            if requests[row].answers_next and len(requests[row].feed) - requests[row].fed <= chunk
         )
 
     def rest(self, batch: Batch) -> Batch:
         """`batch` with the generations beyond this step's limit resting, the ones that
         advanced least taking their turn first."""
         limit = self.limit()
-        decoding = [row for row, r in enumerate(batch.requests) if r.decoding]
-        if limit is None or len(decoding) <= limit:
+        rows = batch.decoding().nonzero()[0]
+        if limit is None or len(rows) <= limit:
             return batch
-        rows = np.array(decoding, dtype=np.intp)  # fewest tokens generated first, then by row
+        # Fewest tokens generated first, then by row.
         order = rows[np.argsort(batch.sampling.position[rows], kind="stable")]
         return batch.rest(frozenset(order[limit:].tolist()))
 
@@ -209,7 +210,7 @@ class Scheduler:
         with self._cond:
             self._admissible(model)
         batch = Batch.of([request], self.step_config.vocab_size)
-        while not (request.done or request.decoding):
+        while not (request.done or batch.decoding()[0]):
             result = step(batch, self.runner, self.step_config, self._inline_sampler)
             self._store(result.prefixes)
             dispatch(result.replies)
@@ -293,7 +294,7 @@ class Scheduler:
             # Only steps of decoding rows alone measure what a generation adds to a step (a
             # prompt chunk or a shape's first run would make rows look dearer for a while).
             resting = batch.resting
-            decode_only = all(r.decoding for i, r in enumerate(batch.requests) if i not in resting)
+            decode_only = bool(batch.decoding().all())  # the resting rows decode too
             start = pace.clock()
             result = self._step(batch, sampler)
             if decode_only:

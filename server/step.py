@@ -5,8 +5,8 @@ groups the work into as few onnxruntime runs as the padding rules allow, runs th
 row its outputs (`Request.absorb`), finishes the rows whose next-token logits are ready (their
 log-probs in one vectorised pass, every sampled row's token in one sampler call) and returns
 what happened: the batch with its new states, the replies to deliver, and the prefix states
-for the state cache. It changes no argument but progress: the requests' own (tokens fed, done,
-decoding), and the sampled rows' random-stream positions, last tokens (and seen tokens) in the
+for the state cache. It changes no argument but progress: the requests' own (tokens fed,
+done), and the sampled rows' random-stream positions, last tokens (and seen tokens) in the
 batch's sampling rows.
 
 Grouping never changes a result. Work that must carry its final state on (a prompt chunk, a
@@ -28,7 +28,6 @@ step never changes a token.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +57,9 @@ from server.sampling import log_softmax
 RUN_ELEMENTS = 1 << 22
 
 Reply = tuple[Request, object]
+# The rows that feed tokens of their own this step (prompt and document chunks; every row
+# when batching is off), each with its work; decoding rows otherwise run as one block.
+Works = dict[int, Work]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +118,17 @@ class _Ran:
 def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) -> StepResult:
     """Run one step of every row's pending work (resting rows excepted); see the docstring."""
     requests = batch.requests
-    decoders, works = _plan(batch, config)
+    decoding = batch.decoding()
+    decoders, works = _plan(batch, decoding, config)
     held = 0
-    if len(decoders) < len(requests):
-        works, held = _take_turns(works, batch.turn, config)
+    if works:
+        works, held = _take_turns(works, batch.turn, len(requests), config)
     states = list(batch.states)
     outcomes: list[_Ran] = []
     # Work that needs no logits runs first; a request whose prefill left only its last few
     # tokens feeds them on the step graph in this step, beside the decoding rows.
-    early = [w if w is not None and w.graph != STEP else None for w in works]
-    if any(w is not None for w in early):
+    early = {row: w for row, w in works.items() if w.graph != STEP}
+    if early:
         for run in _groups(early, [], config):
             states, ran = _run(runner, states, batch, run, early, False)
             outcomes.append(ran)
@@ -139,58 +142,61 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
     ready = [row for ran in outcomes for row in ran.ready]
     ready += [
         row
-        for row, r in enumerate(requests)
-        if works[row] is None and r.logits is not None and row not in batch.resting
+        for row in (~decoding).nonzero()[0].tolist()
+        if row not in works and requests[row].logits is not None and row not in batch.resting
     ]  # logits known before the step (a generation from a cached prompt)
     finished = _finish(after, sorted(set(ready)), [ran.block for ran in outcomes], sampler, config)
     return StepResult(after, replies + finished[0], finished[1], held)
 
 
-def _plan(batch: Batch, config: StepConfig) -> tuple[list[int], list[Work | None]]:
-    """The decoding rows (a block, with batching) and every other row's work."""
-    decoders: list[int] = []
-    works: list[Work | None] = []
-    resting = batch.resting
-    last = batch.sampling.last_token
-    for row, r in enumerate(batch.requests):
+def _plan(batch: Batch, decoding: np.ndarray, config: StepConfig) -> tuple[list[int], Works]:
+    """The decoding rows (a block, with batching) and the other rows' work.
+
+    Rows that rest sit the step out, and so do done or cancelled ones that do not decode. A
+    decoding row is not asked: the scheduler drops done and cancelled rows (`Batch.live`)
+    just before each step, so one cancelled since then is stepped once more at most, as it
+    would be had the cancellation come a moment later, and its token goes to nobody. That
+    keeps the hot path's Python per step, not per row."""
+    resting, requests = batch.resting, batch.requests
+    decoders = decoding.nonzero()[0].tolist()
+    if resting:
+        decoders = [row for row in decoders if row not in resting]
+    works: Works = {}
+    if not config.batching:  # each decoding row a run of its own, on its last token
+        last = batch.sampling.last_token
+        works = {row: Work(STEP, last[row : row + 1], None, True) for row in decoders}
+        decoders = []
+    for row in (~decoding).nonzero()[0].tolist():
+        r = requests[row]
         if row in resting or r.done or r.cancelled:
-            works.append(None)
-        elif not r.decoding:
-            works.append(r.work(config.chunk, config.prefill_split))
-        elif config.batching:
-            decoders.append(row)
-            works.append(None)
-        else:  # a run of its own, on its last token
-            works.append(Work(STEP, last[row : row + 1], None, True))
+            continue
+        w = r.work(config.chunk, config.prefill_split)
+        if w is not None:
+            works[row] = w
     return decoders, works
 
 
 def _after_early(
-    works: list[Work | None],
-    early: list[Work | None],
-    requests: Sequence[Request],
-    config: StepConfig,
-) -> list[Work | None]:
+    works: Works, early: Works, requests: Sequence[Request], config: StepConfig
+) -> Works:
     """The step-graph work left after the early runs: a prefilled prompt's last tokens."""
-    out = list(works)
-    for row, w in enumerate(early):
-        if w is None:
-            continue
+    out = {row: w for row, w in works.items() if row not in early}
+    for row, w in early.items():
         r = requests[row]
         after = None if w.graph != PREFILL or r.done else r.work(config.chunk, config.prefill_split)
-        out[row] = after if after is not None and after.graph == STEP else None
+        if after is not None and after.graph == STEP:
+            out[row] = after
     return out
 
 
-def _groups(works: list[Work | None], decoders: list[int], config: StepConfig) -> list[_Run]:
+def _groups(works: Works, decoders: list[int], config: StepConfig) -> list[_Run]:
     """`works` and the `decoders` rows in as few runs as the padding rules allow."""
     # (graph, run length, the row when each request runs alone else -1) -> rows
     groups: dict[tuple[str, int, int], list[int]] = {}
     if decoders:
         groups[(STEP, 1, -1)] = list(decoders)
-    for row, w in enumerate(works):
-        if w is None:
-            continue
+    for row in sorted(works):
+        w = works[row]
         n = len(w.tokens)
         if not config.batching:
             key = (w.graph, n, row)
@@ -215,30 +221,26 @@ def _groups(works: list[Work | None], decoders: list[int], config: StepConfig) -
     return runs
 
 
-def _take_turns(
-    works: list[Work | None], turn: int, config: StepConfig
-) -> tuple[list[Work | None], int]:
-    """Hold back chunks beyond one full run of tokens this step, in turns; the works kept and
-    how many were held.
+def _take_turns(works: Works, turn: int, count: int, config: StepConfig) -> tuple[Works, int]:
+    """Hold back chunks beyond one full run of tokens this step, in turns (`count`: the
+    batch's rows); the works kept and how many were held.
 
     Decode steps always run; prompt and document chunks share a budget of one run's worth of
     tokens per step, so a flood of long documents cannot stall every stream's next token for
     many runs (nor grow memory), and each request gets its turn first.
     """
     budget = config.run_elements // (config.vocab_size + config.hidden)
-    count = len(works)
-    kept = list(works)
+    kept = dict(works)
     used = held = 0
-    for k in range(count):
-        row = (turn + k) % count
-        w = kept[row]
-        if w is None or len(w.tokens) == 1:
+    for row in sorted(works, key=lambda row: (row - turn) % count):
+        n = len(works[row].tokens)
+        if n == 1:
             continue
-        if used and used + len(w.tokens) > budget:
-            kept[row] = None
+        if used and used + n > budget:
+            del kept[row]
             held += 1
         else:
-            used += len(w.tokens)
+            used += n
     return kept, held
 
 
@@ -247,7 +249,7 @@ def _run(
     states: list[np.ndarray],
     batch: Batch,
     run: _Run,
-    works: list[Work | None],
+    works: Works,
     device: bool,
 ) -> tuple[list[np.ndarray], _Ran]:
     """One onnxruntime run of `run.rows` from `states` (the step's so far; `batch.states`
@@ -257,7 +259,7 @@ def _run(
     requests, original = batch.requests, batch.states
     tokens, targets = _inputs(run, works, batch.sampling.last_token)
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
-    full = len(rows) == len(requests) and all(a < b for a, b in itertools.pairwise(rows))
+    full = len(rows) == len(requests) and rows == list(range(len(rows)))
     idx = np.array(rows, dtype=np.intp)
     inputs = states if full else [s[:, idx, :] for s in states]
     logits: np.ndarray | None = None
@@ -287,7 +289,7 @@ def _run(
         ran.block = (rows[:lead], logits[:lead, 0, :])
     for i in range(lead, len(rows)):
         r = requests[rows[i]]
-        n = len(works[rows[i]].tokens)  # type: ignore[union-attr]
+        n = len(works[rows[i]].tokens)
         out = RowOutput(
             None if features is None else features[i, :n],
             None if logits is None else logits[i, :n],
@@ -316,7 +318,7 @@ def _lazy_state(states: Sequence[np.ndarray], i: int) -> Callable[[], State]:
 
 
 def _inputs(
-    run: _Run, works: list[Work | None], last_token: np.ndarray
+    run: _Run, works: Works, last_token: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The run's tokens [k, length] (and targets, on the score graph); the decoding rows
     leading it feed their last tokens (`last_token`: the batch's, by row)."""
@@ -329,7 +331,6 @@ def _inputs(
         tokens[:lead, 0] = last_token[run.rows[:lead]]
     for i in range(lead, k):
         w = works[run.rows[i]]
-        assert w is not None
         tokens[i, : len(w.tokens)] = w.tokens
         if targets is not None:
             assert w.targets is not None
@@ -411,7 +412,7 @@ def _sample(
     """Sample each row's next token from its row of `logits` in one sampler call, and move
     the rows' random streams on."""
     requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
-    every = len(rows) == len(batch) and all(i == row for i, row in enumerate(rows))
+    every = len(rows) == len(batch) and rows == list(range(len(rows)))
     idx = np.asarray(rows, dtype=np.intp)
     part = batch.sampling if every else batch.sampling.filter(idx)
     samples = sampler.sample(logits, part, requests)
@@ -425,9 +426,8 @@ def _sample(
     # started or ended (each request's END after its token: replies go out in order).
     replies: list[Reply] = list(zip(requests, samples.generated(), strict=True))
     prefixes: list[Prefix] = []
-    for j in np.flatnonzero(part.position == 1).tolist():  # first tokens
+    for j in (part.position == 1).nonzero()[0].tolist():  # first tokens: now decoding
         r = requests[j]
-        r.decoding = True
         if len(r.feed) and config.caching:
             # The prompt's state, for a later request on the same prompt (first tokens come
             # from host logits: only decoding rows leave theirs on the device).
@@ -435,7 +435,7 @@ def _sample(
             prompt_lp = logits[j] - samples.lse[j]
             prompt_lp.setflags(write=False)
             prefixes.append(Prefix(r.prompt, batch.row_state(rows[j]), prompt_lp, r.key))
-    for j in np.flatnonzero(ended).tolist():
+    for j in ended.nonzero()[0].tolist():
         requests[j].done = True
         replies.append((requests[j], END))
     return replies, prefixes
