@@ -5,7 +5,9 @@ back, temperature 1, a distinct seed per call, `<unk>` banned as the servicer ba
 straight into `server.engine.Engine`, configured as the servers' engine (`Plan.engine`). Next
 to bare onnxruntime and the server it splits the server's distance from the bare step into the
 engine's own share (batching, sampling, state bookkeeping) and the share of the transport and
-servicer.
+servicer. Each trial also reads the engine's step accounting (`Engine.step_totals`): the rows a
+step and the batching thread's CPU a step outside onnxruntime's runs and the sampler, the
+engine's own Python, which issue 14 asks to stay flat from 1 to 256 rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from benchmarks.timing import over_trials
 from benchmarks.workload import Plan, Workload, generate_seed
 from server.bundle import Bundle
 from server.engine import Engine, SamplingParams
+from server.scheduler import StepTotals
 
 
 async def _load(
@@ -63,6 +66,7 @@ async def _measure(bundle: Bundle, workload: Workload, plan: Plan, streams: int)
                 step, bundle, workload.ids, streams, plan.large_step_calls, plan.budget_s
             )
             cpu = time.process_time()
+            before = engine.step_totals()
             start = time.perf_counter()
             tokens = await _load(
                 engine, bundle, streams, plan.duration_s, plan.generate_max_tokens, trial + 1
@@ -77,6 +81,7 @@ async def _measure(bundle: Bundle, workload: Workload, plan: Plan, streams: int)
                     "cpu_us_per_token": cpu / max(1, tokens) * 1e6,
                     "bare_tokens_per_s": floor["tokens_per_s"],
                     "bare_cpu_us_per_token": floor["cpu_us_per_token"],
+                    **_steps(before, engine.step_totals()),
                 }
             )
     finally:
@@ -85,6 +90,20 @@ async def _measure(bundle: Bundle, workload: Workload, plan: Plan, streams: int)
     summary["streams"] = streams
     summary["max_tokens_per_call"] = plan.generate_max_tokens
     return summary
+
+
+def _steps(before: StepTotals, after: StepTotals) -> dict[str, float]:
+    """The steps between two of the engine's accountings: rows a step, and the batching
+    thread's CPU us a step in all, in the model (onnxruntime and the sampler) and outside it
+    (the engine's own Python)."""
+    steps = max(1, after.steps - before.steps)
+    cpu, model = after.cpu_s - before.cpu_s, after.model_s - before.model_s
+    return {
+        "rows_per_step": (after.rows - before.rows) / steps,
+        "step_cpu_us": cpu / steps * 1e6,
+        "step_model_us": model / steps * 1e6,
+        "step_engine_us": (cpu - model) / steps * 1e6,
+    }
 
 
 def run(bundle: Bundle, workload: Workload, plan: Plan) -> dict[str, Any]:

@@ -252,11 +252,23 @@ def _engine_section(engine: dict[str, Any]) -> list[str]:
     lines += [
         "`server.engine.Engine` configured as the servers' engine, driven like the server's "
         "Generate rows; CPU is this process's. Each trial follows a bare step trial at the same "
-        "batch (the bare columns), so their ratio compares like machine conditions.",
+        "batch (the bare columns), so their ratio compares like machine conditions. A step's "
+        "CPU is the batching thread's (`Engine.step_totals`): in the model (onnxruntime's runs "
+        "and the sampler) and the engine's own, outside them.",
         "",
     ]
     return lines + _table(
-        ["streams", "tokens/s", "CPU %", "CPU us/token", "bare tokens/s", "bare CPU us/token"],
+        [
+            "streams",
+            "tokens/s",
+            "CPU %",
+            "CPU us/token",
+            "bare tokens/s",
+            "bare CPU us/token",
+            "rows a step",
+            "step: model us",
+            "step: engine us",
+        ],
         [
             [
                 n,
@@ -265,6 +277,9 @@ def _engine_section(engine: dict[str, Any]) -> list[str]:
                 e.get("cpu_us_per_token"),
                 e.get("bare_tokens_per_s"),
                 e.get("bare_cpu_us_per_token"),
+                e.get("rows_per_step"),
+                e.get("step_model_us"),
+                e.get("step_engine_us"),
             ]
             for n, e in engine.items()
         ],

@@ -333,6 +333,15 @@ def diagnostics(results: dict[str, Any]) -> list[Diagnostic]:
             "needs the server and the in-process engine at 64 streams",
         ),
         (
+            "engine_python_flat",
+            "the engine's own CPU a step (outside onnxruntime and the sampler) at 256 streams / "
+            "at 1 stream",
+            get("engine", "generate", "256", "step_engine_us"),
+            get("engine", "generate", "1", "step_engine_us"),
+            "us a step at 256 / us a step at 1 (flat: 1)",
+            "needs the in-process engine at 1 and 256 streams",
+        ),
+        (
             "prefill_vs_step",
             "bare prompt chunk at batch 1 on the prefill graph / on the step graph",
             get("bare", "prefill_chunk", "prefill", "p50_ms"),

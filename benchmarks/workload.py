@@ -26,7 +26,7 @@ CONCURRENCY = (1, 8, 64, 256)
 CONTEXT_LENGTHS = (10, 100, 1000)
 LARGE_BATCH = 64
 # Streams the in-process engine is measured at (bare steps are measured at these batches too).
-ENGINE_STREAMS = (64, 256)
+ENGINE_STREAMS = (1, 64, 256)
 # Generate calls this long keep a stream busy through a whole under-load measurement (the
 # server's default --max-tokens).
 LONG_TOKENS = 1024

@@ -50,7 +50,7 @@ from server.requests import (
 )
 from server.runner import CPU, CUDA, Sessions, choose_prefill_split, providers_for, session_options
 from server.sampling import GeneratedToken, SamplingParams, log_softmax
-from server.scheduler import Scheduler
+from server.scheduler import Scheduler, StepTotals
 from server.state_cache import StateCache
 from server.step import StepConfig
 
@@ -279,6 +279,11 @@ class Engine:
     def active(self) -> int:
         """Requests admitted to a batch or waiting for one."""
         return 0 if self._scheduler is None else self._scheduler.active
+
+    def step_totals(self) -> StepTotals:
+        """What the batching threads' steps have cost so far (`StepTotals`; zero before
+        start)."""
+        return StepTotals() if self._scheduler is None else self._scheduler.step_totals()
 
     # ---- the API ---------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -121,6 +122,27 @@ class Pace:
         return batch.rest(frozenset(order[limit:].tolist()))
 
 
+@dataclass
+class StepTotals:
+    """What the batching threads' steps cost, summed: how many, the rows they advanced, the
+    threads' CPU seconds in them and, of those, in onnxruntime's runs and the sampler (the
+    model's work, `StepResult.model_s`). The rest is the engine's own Python, which issue 14
+    asks to stay flat from 1 to 256 rows a step (`rnnlm bench` reports it a step)."""
+
+    steps: int = 0
+    rows: int = 0
+    cpu_s: float = 0.0
+    model_s: float = 0.0
+
+    def add(self, other: StepTotals) -> StepTotals:
+        return StepTotals(
+            self.steps + other.steps,
+            self.rows + other.rows,
+            self.cpu_s + other.cpu_s,
+            self.model_s + other.model_s,
+        )
+
+
 class Scheduler:
     """The queue and the worker threads (see the module docstring)."""
 
@@ -156,6 +178,7 @@ class Scheduler:
         self._waiting = [0] * threads  # each worker's rows that sat out its last step
         # Whether each worker's generations keep next-token work waiting (`Pace.keeps_waiting`)
         self._slow = [False] * threads
+        self._totals = [StepTotals() for _ in range(threads)]  # each worker's own
         self._inline_sampler = make_sampler()
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"engine-{name}-{i}", daemon=True)
@@ -173,6 +196,13 @@ class Scheduler:
     def waiting(self) -> int:
         """Work that did not run in the last step: queued requests and rows sitting out."""
         return len(self._queue) + sum(self._waiting)
+
+    def step_totals(self) -> StepTotals:
+        """The workers' step costs so far (a snapshot; see `StepTotals`)."""
+        total = StepTotals()
+        for part in list(self._totals):
+            total = total.add(part)
+        return total
 
     @property
     def closing(self) -> bool:
@@ -288,7 +318,7 @@ class Scheduler:
             urgent = pace.lane(batch, self.step_config.chunk)
             if urgent:  # next-token work first, in a run of its own
                 lane = batch.rest(frozenset(range(len(batch))) - urgent)
-                batch = pace.rest(self._deliver(self._step(lane, sampler)))
+                batch = pace.rest(self._deliver(self._step(lane, sampler, index)))
             if not len(batch):
                 continue
             # Only steps of decoding rows alone measure what a generation adds to a step (a
@@ -296,7 +326,7 @@ class Scheduler:
             resting = batch.resting
             decode_only = bool(batch.decoding().all())  # the resting rows decode too
             start = pace.clock()
-            result = self._step(batch, sampler)
+            result = self._step(batch, sampler, index)
             if decode_only:
                 pace.observe(pace.clock() - start, len(batch) - len(resting))
             last_size, last_end = len(batch), time.perf_counter()
@@ -313,12 +343,17 @@ class Scheduler:
             self._post(result.replies)
         return result.batch.live()
 
-    def _step(self, batch: Batch, sampler: RowSampler) -> StepResult:
+    def _step(self, batch: Batch, sampler: RowSampler, index: int) -> StepResult:
+        """One step of worker `index`'s batch, its cost added to the worker's `StepTotals`."""
+        start = time.thread_time()
         try:
-            return step(batch, self.runner, self.step_config, sampler)
+            result = step(batch, self.runner, self.step_config, sampler)
         except Exception as e:  # a bug must not take the engine down with it
             log.exception("engine step failed")
-            return StepResult(batch, _fail(batch, f"internal engine error: {e}"), [])
+            result = StepResult(batch, _fail(batch, f"internal engine error: {e}"), [])
+        rows, cpu = len(batch) - len(batch.resting), time.thread_time() - start
+        self._totals[index] = self._totals[index].add(StepTotals(1, rows, cpu, result.model_s))
+        return result
 
     def _admit(self, size: int, last_size: int, last_end: float) -> list[Request] | None:
         """This worker's share of the queue, waiting for work while its batch is empty;

@@ -28,6 +28,7 @@ step never changes a token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ from server.requests import (
     State,
     Work,
 )
-from server.row_sampler import Logits, RowSampler, host_logits
+from server.row_sampler import Logits, RowSampler
 from server.runner import Runner
 from server.sampling import log_softmax
 
@@ -96,6 +97,9 @@ class StepResult:
     replies: list[Reply]  # payloads to deliver, in order
     prefixes: list[Prefix]  # for the state cache, before the replies go out
     held: int = 0  # rows whose chunk the step's token budget held back for a later step
+    # This thread's CPU seconds in onnxruntime's runs and the sampler: the model's work. The
+    # rest of a step's CPU is the engine's own (its Python), which should not grow with rows.
+    model_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,7 @@ class _Ran:
     replies: list[Reply] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)  # rows whose next-token logits are ready
     block: tuple[list[int], Logits] | None = None  # decoding rows and their logits
+    model_s: float = 0.0  # this thread's CPU seconds in the run
 
 
 def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) -> StepResult:
@@ -145,8 +150,10 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
         for row in (~decoding).nonzero()[0].tolist()
         if row not in works and requests[row].logits is not None and row not in batch.resting
     ]  # logits known before the step (a generation from a cached prompt)
-    finished = _finish(after, sorted(set(ready)), [ran.block for ran in outcomes], sampler, config)
-    return StepResult(after, replies + finished[0], finished[1], held)
+    blocks = [ran.block for ran in outcomes]
+    answers, prefixes, sample_s = _finish(after, sorted(set(ready)), blocks, sampler, config)
+    model_s = sample_s + sum(ran.model_s for ran in outcomes)
+    return StepResult(after, replies + answers, prefixes, held, model_s)
 
 
 def _plan(batch: Batch, decoding: np.ndarray, config: StepConfig) -> tuple[list[int], Works]:
@@ -265,6 +272,7 @@ def _run(
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
     features: np.ndarray | None = None
+    start = time.thread_time()
     try:
         if device:
             on_device, new = runner.decode(tokens, inputs)
@@ -279,8 +287,8 @@ def _run(
         for row in rows:
             requests[row].done = True
         return states, _Ran(replies=[(requests[row], failure) for row in rows])
+    ran = _Ran(model_s=time.thread_time() - start)
     states = list(new) if full else _scatter(states, original, idx, new)
-    ran = _Ran()
     if device:
         ran.block = (rows, on_device)
         return states, ran
@@ -359,9 +367,10 @@ def _finish(
     blocks: list[tuple[list[int], Logits] | None],
     sampler: RowSampler,
     config: StepConfig,
-) -> tuple[list[Reply], list[Prefix]]:
+) -> tuple[list[Reply], list[Prefix], float]:
     """Answer the rows whose next-token logits are ready: log-probs, or samples (every
-    generating row of the step in one sampler call)."""
+    generating row of the step in one sampler call); and this thread's CPU seconds in the
+    sampler."""
     requests = batch.requests
     replies: list[Reply] = []
     prefixes: list[Prefix] = []
@@ -376,22 +385,22 @@ def _finish(
             r.logits = None
             r.done = True
             replies.append((r, lp))
+    # Each part is sampled where its logits are (a run's decoding block, the rows whose
+    # first token is due): joining them would copy a [B, V] block whenever a stream starts,
+    # about every step under load; the sampler treats rows independently.
     parts = [b for b in blocks if b is not None]
     firsts = [row for row in ready if requests[row].samples]
     if firsts:
         parts.append((firsts, np.array([requests[row].logits for row in firsts])))  # type: ignore[misc]
         for row in firsts:
             requests[row].logits = None
-    if parts:
-        rows = [row for part, _ in parts for row in part]
-        if len(parts) == 1:
-            logits = parts[0][1]
-        else:
-            logits = np.concatenate([host_logits(lg) for _, lg in parts])
+    sample_s = 0.0
+    for rows, logits in parts:
         sampled = _sample(batch, rows, logits, sampler, config)
         replies += sampled[0]
         prefixes += sampled[1]
-    return replies, prefixes
+        sample_s += sampled[2]
+    return replies, prefixes, sample_s
 
 
 def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
@@ -408,14 +417,16 @@ def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
 
 def _sample(
     batch: Batch, rows: list[int], logits: Logits, sampler: RowSampler, config: StepConfig
-) -> tuple[list[Reply], list[Prefix]]:
+) -> tuple[list[Reply], list[Prefix], float]:
     """Sample each row's next token from its row of `logits` in one sampler call, and move
-    the rows' random streams on."""
+    the rows' random streams on; the sampler's CPU seconds on this thread."""
     requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
     every = len(rows) == len(batch) and rows == list(range(len(rows)))
     idx = np.asarray(rows, dtype=np.intp)
     part = batch.sampling if every else batch.sampling.filter(idx)
+    start = time.thread_time()
     samples = sampler.sample(logits, part, requests)
+    sample_s = time.thread_time() - start
     ended = part.advance(samples.tokens)
     if not every:  # the rows' positions, last and seen tokens, back into the batch's rows
         batch.sampling.position[idx] = part.position
@@ -438,7 +449,7 @@ def _sample(
     for j in ended.nonzero()[0].tolist():
         requests[j].done = True
         replies.append((requests[j], END))
-    return replies, prefixes
+    return replies, prefixes, sample_s
 
 
 def _padded(n: int, chunk: int) -> int:

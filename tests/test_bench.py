@@ -43,6 +43,7 @@ TARGETS = {
 DIAGNOSTICS = {
     "generate_vs_bare",
     "engine_cpu_per_token",
+    "engine_python_flat",
     "step_after_idle",
     "score_with_cache",
     "server_vs_engine",
@@ -129,10 +130,12 @@ def test_json_has_every_measurement(bench_run: tuple[Path, dict[str, Any]]) -> N
     assert all(r["bare"]["step_b1_after_idle"][f] > 0 for f in LATENCY)
     for graph in ("step", "prefill"):
         assert all(r["bare"]["prefill_chunk"][graph][f] > 0 for f in LATENCY)
-    assert set(r["engine"]["generate"]) == {"64", "256"}
+    assert set(r["engine"]["generate"]) == {"1", "64", "256"}
     for figures in r["engine"]["generate"].values():
         assert figures["tokens_per_s"] > 0 and figures["cpu_us_per_token"] > 0
         assert figures["bare_tokens_per_s"] > 0 and figures["bare_cpu_us_per_token"] > 0
+        assert figures["rows_per_step"] >= 1 and figures["step_model_us"] > 0
+        assert figures["step_cpu_us"] >= figures["step_model_us"]
     assert all(r["echo"][f] > 0 for f in LATENCY)
     stream = r["echo_stream"]
     assert stream["streams"] == 64 and stream["message_us"] > 0 and stream["call_us"] > 0

@@ -255,3 +255,20 @@ def test_logits_left_on_the_device_give_the_same_results(lstm: Bundle) -> None:
     plain = run_engine(lstm, together, prefill_chunk=8, sampler="graph", device_logits=False)
     assert_same(bound, plain)
     assert runs(metrics, lstm)[0] > 0
+
+
+def test_the_engine_accounts_for_its_steps(lstm: Bundle) -> None:
+    """`Engine.step_totals`: every worker step counted with the rows it advanced, and its CPU
+    split into the model's (onnxruntime's runs and the sampler) and the engine's own."""
+
+    async def body(engine: Engine) -> tuple[Any, Any]:
+        before = engine.step_totals()
+        await asyncio.gather(*(collect(engine, [7], 6, SamplingParams(seed=i)) for i in range(3)))
+        return before, engine.step_totals()
+
+    before, after = run_engine(lstm, body)
+    assert (before.steps, before.rows, before.cpu_s, before.model_s) == (0, 0, 0.0, 0.0)
+    # Three generations of 6 tokens: 18 rows sampled; the first tokens may come inline, off
+    # the workers, and a step advances one to three rows.
+    assert 15 <= after.rows <= 18 and after.rows / 3 <= after.steps <= after.rows
+    assert 0 < after.model_s <= after.cpu_s
