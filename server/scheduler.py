@@ -198,7 +198,8 @@ class Scheduler:
         return len(self._queue) + sum(self._waiting)
 
     def step_totals(self) -> StepTotals:
-        """The workers' step costs so far (a snapshot; see `StepTotals`)."""
+        """The workers' step costs so far (a snapshot, read while they run: a step's fields
+        may be counted in part; see `StepTotals`)."""
         total = StepTotals()
         for part in list(self._totals):
             total = total.add(part)
@@ -351,8 +352,11 @@ class Scheduler:
         except Exception as e:  # a bug must not take the engine down with it
             log.exception("engine step failed")
             result = StepResult(batch, _fail(batch, f"internal engine error: {e}"), [])
-        rows, cpu = len(batch) - len(batch.resting), time.thread_time() - start
-        self._totals[index] = self._totals[index].add(StepTotals(1, rows, cpu, result.model_s))
+        totals = self._totals[index]  # the worker's own: updated in place, read as a snapshot
+        totals.steps += 1
+        totals.rows += len(batch) - len(batch.resting)
+        totals.cpu_s += time.thread_time() - start
+        totals.model_s += result.model_s
         return result
 
     def _admit(self, size: int, last_size: int, last_end: float) -> list[Request] | None:
