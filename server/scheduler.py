@@ -348,7 +348,7 @@ class Scheduler:
         """One step of worker `index`'s batch, its cost added to the worker's `StepTotals`."""
         start = time.thread_time()
         try:
-            result = step(batch, self.runner, self.step_config, sampler)
+            result = step(batch, self.runner, self.step_config, sampler, time.thread_time)
         except Exception as e:  # a bug must not take the engine down with it
             log.exception("engine step failed")
             result = StepResult(batch, _fail(batch, f"internal engine error: {e}"), [])

@@ -28,7 +28,6 @@ step never changes a token.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -97,8 +96,9 @@ class StepResult:
     replies: list[Reply]  # payloads to deliver, in order
     prefixes: list[Prefix]  # for the state cache, before the replies go out
     held: int = 0  # rows whose chunk the step's token budget held back for a later step
-    # This thread's CPU seconds in onnxruntime's runs and the sampler: the model's work. The
-    # rest of a step's CPU is the engine's own (its Python), which should not grow with rows.
+    # Seconds in onnxruntime's runs and the sampler (the model's work), by the step's clock
+    # (0 without one). The rest of a step is the engine's own (its Python), which should not
+    # grow with rows.
     model_s: float = 0.0
 
 
@@ -117,16 +117,25 @@ class _Ran:
     replies: list[Reply] = field(default_factory=list)
     ready: list[int] = field(default_factory=list)  # rows whose next-token logits are ready
     block: tuple[list[int], Logits] | None = None  # decoding rows and their logits
-    model_s: float = 0.0  # this thread's CPU seconds in the run
+    model_s: float = 0.0  # seconds in the run, by the step's clock
 
 
-def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) -> StepResult:
-    """Run one step of every row's pending work (resting rows excepted); see the docstring."""
+def step(
+    batch: Batch,
+    runner: Runner,
+    config: StepConfig,
+    sampler: RowSampler,
+    clock: Callable[[], float] | None = None,
+) -> StepResult:
+    """Run one step of every row's pending work (resting rows excepted); see the docstring.
+    With `clock` (the batching threads pass `time.thread_time`), the time spent in the model
+    is measured (`StepResult.model_s`; a call of that clock costs about 0.6 us here, which a
+    lone next-token call on the event loop does not pay)."""
     requests = batch.requests
-    decoding = batch.decoding()
-    decoders, works = _plan(batch, decoding, config)
+    decoding, others = _rows(batch)
+    decoders, works = _plan(batch, decoding, others, config)
     held = 0
-    if works:
+    if len(works) > 1:  # one chunk always runs
         works, held = _take_turns(works, batch.turn, len(requests), config)
     states = list(batch.states)
     outcomes: list[_Ran] = []
@@ -135,28 +144,42 @@ def step(batch: Batch, runner: Runner, config: StepConfig, sampler: RowSampler) 
     early = {row: w for row, w in works.items() if w.graph != STEP}
     if early:
         for run in _groups(early, [], config):
-            states, ran = _run(runner, states, batch, run, early, False)
+            states, ran = _run(runner, states, batch, run, early, False, clock)
             outcomes.append(ran)
         works = _after_early(works, early, requests, config)
     for run in _groups(works, decoders, config):
         device = config.device_logits and run.lead == len(run.rows)
-        states, ran = _run(runner, states, batch, run, works, device)
+        states, ran = _run(runner, states, batch, run, works, device, clock)
         outcomes.append(ran)
     after = batch.stepped(states)
     replies = [reply for ran in outcomes for reply in ran.replies]
     ready = [row for ran in outcomes for row in ran.ready]
     ready += [
         row
-        for row in (~decoding).nonzero()[0].tolist()
+        for row in others
         if row not in works and requests[row].logits is not None and row not in batch.resting
     ]  # logits known before the step (a generation from a cached prompt)
     blocks = [ran.block for ran in outcomes]
-    answers, prefixes, sample_s = _finish(after, sorted(set(ready)), blocks, sampler, config)
+    answers, prefixes, sample_s = _finish(after, sorted(set(ready)), blocks, sampler, config, clock)
     model_s = sample_s + sum(ran.model_s for ran in outcomes)
     return StepResult(after, replies + answers, prefixes, held, model_s)
 
 
-def _plan(batch: Batch, decoding: np.ndarray, config: StepConfig) -> tuple[list[int], Works]:
+def _rows(batch: Batch) -> tuple[list[int], list[int]]:
+    """The batch's decoding rows and the others, in order (one array pass when all rows are
+    of one kind, as in a step under load or a lone next-token call)."""
+    decoding = batch.decoding()
+    rows = decoding.nonzero()[0].tolist()
+    if len(rows) == len(batch):
+        return rows, []
+    if not rows:
+        return [], list(range(len(batch)))
+    return rows, (~decoding).nonzero()[0].tolist()
+
+
+def _plan(
+    batch: Batch, decoding: list[int], others: list[int], config: StepConfig
+) -> tuple[list[int], Works]:
     """The decoding rows (a block, with batching) and the other rows' work.
 
     Rows that rest sit the step out, and so do done or cancelled ones that do not decode. A
@@ -165,15 +188,13 @@ def _plan(batch: Batch, decoding: np.ndarray, config: StepConfig) -> tuple[list[
     would be had the cancellation come a moment later, and its token goes to nobody. That
     keeps the hot path's Python per step, not per row."""
     resting, requests = batch.resting, batch.requests
-    decoders = decoding.nonzero()[0].tolist()
-    if resting:
-        decoders = [row for row in decoders if row not in resting]
+    decoders = [row for row in decoding if row not in resting] if resting else decoding
     works: Works = {}
     if not config.batching:  # each decoding row a run of its own, on its last token
         last = batch.sampling.last_token
         works = {row: Work(STEP, last[row : row + 1], None, True) for row in decoders}
         decoders = []
-    for row in (~decoding).nonzero()[0].tolist():
+    for row in others:
         r = requests[row]
         if row in resting or r.done or r.cancelled:
             continue
@@ -258,6 +279,7 @@ def _run(
     run: _Run,
     works: Works,
     device: bool,
+    clock: Callable[[], float] | None,
 ) -> tuple[list[np.ndarray], _Ran]:
     """One onnxruntime run of `run.rows` from `states` (the step's so far; `batch.states`
     before it): the states after it, and what it gave the rows. With `device` (decoding rows
@@ -272,7 +294,7 @@ def _run(
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
     features: np.ndarray | None = None
-    start = time.thread_time()
+    start = clock() if clock else 0.0
     try:
         if device:
             on_device, new = runner.decode(tokens, inputs)
@@ -287,7 +309,7 @@ def _run(
         for row in rows:
             requests[row].done = True
         return states, _Ran(replies=[(requests[row], failure) for row in rows])
-    ran = _Ran(model_s=time.thread_time() - start)
+    ran = _Ran(model_s=clock() - start if clock else 0.0)
     states = list(new) if full else _scatter(states, original, idx, new)
     if device:
         ran.block = (rows, on_device)
@@ -367,10 +389,11 @@ def _finish(
     blocks: list[tuple[list[int], Logits] | None],
     sampler: RowSampler,
     config: StepConfig,
+    clock: Callable[[], float] | None,
 ) -> tuple[list[Reply], list[Prefix], float]:
     """Answer the rows whose next-token logits are ready: log-probs, or samples (every
-    generating row of the step in one sampler call); and this thread's CPU seconds in the
-    sampler."""
+    generating row of the step in one sampler call); and the time in the sampler, by `clock`
+    (0 without one)."""
     requests = batch.requests
     replies: list[Reply] = []
     prefixes: list[Prefix] = []
@@ -396,7 +419,7 @@ def _finish(
             requests[row].logits = None
     sample_s = 0.0
     for rows, logits in parts:
-        sampled = _sample(batch, rows, logits, sampler, config)
+        sampled = _sample(batch, rows, logits, sampler, config, clock)
         replies += sampled[0]
         prefixes += sampled[1]
         sample_s += sampled[2]
@@ -416,17 +439,22 @@ def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _sample(
-    batch: Batch, rows: list[int], logits: Logits, sampler: RowSampler, config: StepConfig
+    batch: Batch,
+    rows: list[int],
+    logits: Logits,
+    sampler: RowSampler,
+    config: StepConfig,
+    clock: Callable[[], float] | None,
 ) -> tuple[list[Reply], list[Prefix], float]:
     """Sample each row's next token from its row of `logits` in one sampler call, and move
-    the rows' random streams on; the sampler's CPU seconds on this thread."""
+    the rows' random streams on; the time in the sampler, by `clock` (0 without one)."""
     requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
     every = len(rows) == len(batch) and rows == list(range(len(rows)))
     idx = np.asarray(rows, dtype=np.intp)
     part = batch.sampling if every else batch.sampling.filter(idx)
-    start = time.thread_time()
+    start = clock() if clock else 0.0
     samples = sampler.sample(logits, part, requests)
-    sample_s = time.thread_time() - start
+    sample_s = clock() - start if clock else 0.0
     ended = part.advance(samples.tokens)
     if not every:  # the rows' positions, last and seen tokens, back into the batch's rows
         batch.sampling.position[idx] = part.position
