@@ -232,8 +232,10 @@ class SampledRows:
     def generated(self) -> list[GeneratedToken]:
         """Each row's result as a `GeneratedToken` (top alternatives cut to the row's ask)."""
         if not self.top_counts.any():  # no row asked for alternatives: the common case
+            # tuple.__new__ straight from map: no Python frame a row (GeneratedToken(...) and
+            # its _make each run one: 48 against 32 us for 256 rows).
             rows = zip(self.tokens.tolist(), self.logprobs.tolist(), itertools.repeat(()))
-            return list(map(GeneratedToken._make, rows))
+            return list(map(tuple.__new__, itertools.repeat(GeneratedToken), rows))
         ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
         return [
             GeneratedToken(t, lp, tuple(zip(ids[r][:k], lps[r][:k], strict=True)))
