@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from server.engine_errors import failure_error
-from server.requests import Failure, Request
+from server.requests import Failure
 from server.sampling import GeneratedToken
 
 # Requests in the engine from which a generation's tokens are handed over a few at a time
@@ -157,7 +157,14 @@ def settle(future: asyncio.Future[Any], payload: object) -> None:
         future.set_result(payload)
 
 
-def dispatch(replies: Sequence[tuple[Request, object]]) -> None:
+class Recipient(Protocol):
+    """What a reply is addressed to: a request, or a step's sampled tokens for many
+    (server/step.py, `Sampled`)."""
+
+    def deliver(self, payload: object) -> None: ...
+
+
+def dispatch(replies: Sequence[tuple[Recipient, object]]) -> None:
     """Hand each reply to its request's caller (on the event loop)."""
     for request, payload in replies:
         request.deliver(payload)
@@ -174,10 +181,10 @@ class Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._posted: list[Sequence[tuple[Request, object]]] = []
+        self._posted: list[Sequence[tuple[Recipient, object]]] = []
         self._pending = False  # a drain is scheduled on the loop and has not taken the posts
 
-    def post(self, replies: Sequence[tuple[Request, object]]) -> None:
+    def post(self, replies: Sequence[tuple[Recipient, object]]) -> None:
         """Queue a step's replies for `dispatch` on the loop (any thread)."""
         with self._lock:
             self._posted.append(replies)
