@@ -5,11 +5,13 @@ joins batches, `filter` keeps some rows, `stepped` swaps in the states a step co
 returns a new batch and none calls the model (server/step.py does). The request objects carry
 what is per request (the prompt or document fed so far, whether it is done or cancelled); the
 batch carries the arrays a step takes: one `[layers, N, hidden]` float32 array per state
-tensor; every row's generation data as vectors (`SamplingRows`, server/sampler.py: sampling
-parameters, the counter-based random stream's seed and position, which is also the tokens
-generated, the limits and the last token; rows that do not generate hold neutral parameters);
-and which rows sit the next step out (`resting`: generations waiting for their turn, see
-server/scheduler.py). A step advances the sampled rows' positions and last tokens in place.
+tensor (after a decode run on a GPU, still there: `DeviceStates`, server/runner.py, read on
+the host with `host_states`); every row's generation data as vectors (`SamplingRows`,
+server/sampler.py: sampling parameters, the counter-based random stream's seed and position,
+which is also the tokens generated, the limits and the last token; rows that do not generate
+hold neutral parameters); and which rows sit the next step out (`resting`: generations
+waiting for their turn, see server/scheduler.py). A step advances the sampled rows' positions
+and last tokens in place.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.requests import GenerateRequest, Request, State
+from server.runner import DeviceStates
 from server.sampler import NO_LIMITS, ROW_ARRAYS, SamplingRows
 from server.sampling import SamplingParams
 
@@ -35,7 +38,7 @@ class Batch:
     """Requests and their stacked states (see the module docstring)."""
 
     requests: tuple[Request, ...]
-    states: tuple[np.ndarray, ...]  # [layers, N, hidden] each
+    states: tuple[np.ndarray, ...] | DeviceStates  # [layers, N, hidden] each
     sampling: SamplingRows
     resting: frozenset[int] = field(default_factory=frozenset)  # rows the next step skips
     turn: int = 0  # whose held-back chunk goes first next (rows take turns, server/step.py)
@@ -80,8 +83,8 @@ class Batch:
         if len(parts) <= 1:
             return parts[0] if parts else self
         requests = tuple(r for b in parts for r in b.requests)
-        width = len(parts[0].states)
-        states = tuple(np.concatenate([b.states[j] for b in parts], axis=1) for j in range(width))
+        held = [b.host_states() for b in parts]
+        states = tuple(np.concatenate(arrays, axis=1) for arrays in zip(*held, strict=True))
         sampling = SamplingRows.concatenate([b.sampling for b in parts])
         return Batch(requests, states, sampling, turn=self.turn)
 
@@ -91,7 +94,7 @@ class Batch:
             return Batch(self.requests, self.states, self.sampling, turn=self.turn)
         idx = np.asarray(rows, dtype=np.intp)
         requests = tuple(self.requests[i] for i in rows)
-        states = tuple(s[:, idx, :] for s in self.states)
+        states = tuple(s[:, idx, :] for s in self.host_states())
         return Batch(requests, states, self.sampling.filter(idx), turn=self.turn)
 
     def live(self) -> Batch:
@@ -99,10 +102,11 @@ class Batch:
         keep = [i for i, r in enumerate(self.requests) if not (r.done or r.cancelled)]
         return self if len(keep) == len(self.requests) else self.filter(keep)
 
-    def stepped(self, states: Sequence[np.ndarray]) -> Batch:
+    def stepped(self, states: Sequence[np.ndarray] | DeviceStates) -> Batch:
         """The same rows after a step: its new states, every row running again, the next
         turn."""
-        return Batch(self.requests, tuple(states), self.sampling, turn=self.turn + 1)
+        held = states if isinstance(states, DeviceStates) else tuple(states)
+        return Batch(self.requests, held, self.sampling, turn=self.turn + 1)
 
     def rest(self, rows: frozenset[int]) -> Batch:
         """The same batch with `rows` sitting the next step out."""
@@ -113,9 +117,14 @@ class Batch:
         step, their input the last: `SamplingRows.last_token`)."""
         return self.sampling.position > 0
 
+    def host_states(self) -> tuple[np.ndarray, ...]:
+        """The states as host arrays (copied from the device the first time, if there)."""
+        states = self.states
+        return states.host() if isinstance(states, DeviceStates) else states
+
     def row_state(self, row: int) -> State:
         """A read-only copy of one row's state."""
-        state = tuple(s[:, row, :].copy() for s in self.states)
+        state = tuple(s[:, row, :].copy() for s in self.host_states())
         for s in state:
             s.setflags(write=False)
         return state

@@ -30,6 +30,29 @@ CPU = "CPUExecutionProvider"
 SPLIT_TIMINGS = 5
 
 
+class DeviceStates:
+    """A batch's recurrent states where the step session computes them (onnxruntime values:
+    on the GPU under CUDA), as a decode run left them. The next decode run takes them there,
+    so a batch whose rows stay the same moves no state between host and device from step to
+    step; `host()` copies them to the host, once, when the rows change (`Batch.filter`,
+    `Batch.concatenate`) or a run needs them there."""
+
+    __slots__ = ("_host", "values")
+
+    def __init__(self, values: list[ort.OrtValue]) -> None:
+        self.values = values  # [layers, N, hidden] each, in the bundle's state order
+        self._host: tuple[np.ndarray, ...] | None = None
+
+    def host(self) -> tuple[np.ndarray, ...]:
+        """The states as read-only host arrays (copied on the first call)."""
+        if self._host is None:
+            arrays = tuple(value.numpy() for value in self.values)
+            for array in arrays:
+                array.setflags(write=False)
+            self._host = arrays
+        return self._host
+
+
 class Runner(Protocol):
     """The model's graphs, as a step calls them."""
 
@@ -53,10 +76,10 @@ class Runner(Protocol):
         ...
 
     def decode(
-        self, tokens: np.ndarray, states: Sequence[np.ndarray]
-    ) -> tuple[ort.OrtValue, list[np.ndarray]]:
-        """tokens [B, 1] -> logits [B, 1, V] left on the device, final states (used only
-        with `StepConfig.device_logits`)."""
+        self, tokens: np.ndarray, states: Sequence[np.ndarray] | DeviceStates
+    ) -> tuple[ort.OrtValue, DeviceStates]:
+        """tokens [B, 1] -> logits [B, 1, V] and the final states, both left on the device
+        (used only with `StepConfig.device_logits`)."""
         ...
 
 
@@ -97,23 +120,27 @@ class Sessions:
         return logits, features, new
 
     def decode(
-        self, tokens: np.ndarray, states: Sequence[np.ndarray]
-    ) -> tuple[ort.OrtValue, list[np.ndarray]]:
-        """A one-token step whose logits `[B, 1, V]` stay on the session's device (I/O
-        binding: on CUDA only the new states come back to the host, the sampler graph takes
-        the logits where they are); the features are not fetched."""
+        self, tokens: np.ndarray, states: Sequence[np.ndarray] | DeviceStates
+    ) -> tuple[ort.OrtValue, DeviceStates]:
+        """A one-token step whose logits `[B, 1, V]` and new states stay on the session's
+        device (I/O binding: on CUDA only the tokens go up, the sampler graph takes the
+        logits where they are, and the next decode run the states); states from an earlier
+        decode run are taken where they are, host arrays copied up. The features are not
+        fetched."""
         binding = self._step.io_binding()
         binding.bind_cpu_input("tokens", tokens)
-        for name, state in zip(self._state_inputs, states, strict=True):
-            binding.bind_cpu_input(name, np.ascontiguousarray(state))
-        binding.bind_output("logits", self._device)
-        binding.bind_output("features", self._device)
-        for name in self._state_outputs:
-            binding.bind_output(name, "cpu")
+        if isinstance(states, DeviceStates):
+            for name, value in zip(self._state_inputs, states.values, strict=True):
+                binding.bind_ortvalue_input(name, value)
+        else:
+            for name, state in zip(self._state_inputs, states, strict=True):
+                binding.bind_cpu_input(name, np.ascontiguousarray(state))
+        for name in ("logits", "features", *self._state_outputs):
+            binding.bind_output(name, self._device)
         self._step.run_with_iobinding(binding)
         logits, _, *new = binding.get_outputs()
         self._observe(len(tokens))
-        return logits, [s.numpy() for s in new]
+        return logits, DeviceStates(new)
 
     def score(
         self, tokens: np.ndarray, targets: np.ndarray, states: Sequence[np.ndarray]

@@ -48,7 +48,7 @@ from server.requests import (
     Work,
 )
 from server.row_sampler import Logits, RowSampler
-from server.runner import Runner
+from server.runner import DeviceStates, Runner
 from server.sampler import SampledRows
 from server.sampling import log_softmax
 
@@ -77,6 +77,9 @@ class Sampled:
 
 
 Reply = tuple[Request | Sampled, object]
+# A step's states so far: the batch's host arrays (copied before a run writes rows of them),
+# or, between decode runs of all its rows on the device, `DeviceStates`.
+_States = list[np.ndarray] | DeviceStates
 # The rows that feed tokens of their own this step (prompt and document chunks; every row
 # when batching is off), each with its work; decoding rows otherwise run as one block.
 Works = dict[int, Work]
@@ -157,7 +160,8 @@ def step(
     held = 0
     if len(works) > 1:  # one chunk always runs
         works, held = _take_turns(works, batch.turn, len(requests), config)
-    states = list(batch.states)
+    now = batch.states
+    states: _States = now if isinstance(now, DeviceStates) else list(now)
     outcomes: list[_Ran] = []
     # Work that needs no logits runs first; a request whose prefill left only its last few
     # tokens feeds them on the step graph in this step, beside the decoding rows.
@@ -294,30 +298,36 @@ def _take_turns(works: Works, turn: int, count: int, config: StepConfig) -> tupl
 
 def _run(
     runner: Runner,
-    states: list[np.ndarray],
+    states: _States,
     batch: Batch,
     run: _Run,
     works: Works,
     device: bool,
     clock: Callable[[], float] | None,
-) -> tuple[list[np.ndarray], _Ran]:
+) -> tuple[_States, _Ran]:
     """One onnxruntime run of `run.rows` from `states` (the step's so far; `batch.states`
     before it): the states after it, and what it gave the rows. With `device` (decoding rows
-    only), the logits stay on the device, as an `OrtValue`."""
+    only), the logits stay on the device, as an `OrtValue`, and so do the new states when the
+    run is of every row in order (the hot path under load: the next step's run takes them
+    there)."""
     rows, lead = run.rows, run.lead
-    requests, original = batch.requests, batch.states
+    requests = batch.requests
     tokens, targets = _inputs(run, works, batch.sampling.last_token)
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
     full = len(rows) == len(requests) and rows == list(range(len(rows)))
+    if device and full:
+        return _decode_all(runner, states, tokens, requests, clock)
+    host = list(states.host()) if isinstance(states, DeviceStates) else states
     idx = np.array(rows, dtype=np.intp)
-    inputs = states if full else [s[:, idx, :] for s in states]
+    inputs = host if full else [s[:, idx, :] for s in host]
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
     features: np.ndarray | None = None
     start = clock() if clock else 0.0
     try:
         if device:
-            on_device, new = runner.decode(tokens, inputs)
+            on_device, kept = runner.decode(tokens, inputs)
+            new = list(kept.host())
         elif targets is not None:
             logprobs, features, new = runner.score(tokens, targets, inputs)
         elif run.graph == PREFILL:
@@ -325,15 +335,12 @@ def _run(
         else:
             logits, features, new = runner.step(tokens, inputs)
     except Exception as e:  # onnxruntime raises several types; the requests must end
-        failure = Failure(f"onnxruntime run failed: {e}")
-        for row in rows:
-            requests[row].done = True
-        return states, _Ran(replies=[(requests[row], failure) for row in rows])
+        return host, _failed(requests, rows, e)
     ran = _Ran(model_s=clock() - start if clock else 0.0)
-    states = list(new) if full else _scatter(states, original, idx, new)
+    host = list(new) if full else _scatter(host, batch.host_states(), idx, new)
     if device:
         ran.block = (rows, on_device)
-        return states, ran
+        return host, ran
     if lead:
         assert logits is not None
         ran.block = (rows[:lead], logits[:lead, 0, :])
@@ -352,7 +359,33 @@ def _run(
         elif answer is not None:
             r.done = True
             ran.replies.append((r, answer))
-    return states, ran
+    return host, ran
+
+
+def _decode_all(
+    runner: Runner,
+    states: _States,
+    tokens: np.ndarray,
+    requests: Sequence[Request],
+    clock: Callable[[], float] | None,
+) -> tuple[_States, _Ran]:
+    """A decode run of every row of the batch, in order, whose logits and new states stay
+    on the device (`Runner.decode`)."""
+    rows = list(range(len(requests)))
+    start = clock() if clock else 0.0
+    try:
+        on_device, kept = runner.decode(tokens, states)
+    except Exception as e:  # onnxruntime raises several types; the requests must end
+        return states, _failed(requests, rows, e)
+    return kept, _Ran(model_s=clock() - start if clock else 0.0, block=(rows, on_device))
+
+
+def _failed(requests: Sequence[Request], rows: list[int], error: Exception) -> _Ran:
+    """A failed run's rows, ended with the error."""
+    failure = Failure(f"onnxruntime run failed: {error}")
+    for row in rows:
+        requests[row].done = True
+    return _Ran(replies=[(requests[row], failure) for row in rows])
 
 
 def _lazy_state(states: Sequence[np.ndarray], i: int) -> Callable[[], State]:
@@ -394,10 +427,11 @@ def _scatter(
     idx: np.ndarray,
     new: Sequence[np.ndarray],
 ) -> list[np.ndarray]:
-    """`states` with rows `idx` replaced by `new`; the batch's own arrays are copied first."""
+    """`states` with rows `idx` replaced by `new`; the batch's own arrays (and read-only ones,
+    as from the device) are copied first."""
     out = []
     for s, o, fresh in zip(states, original, new, strict=True):
-        target = s.copy() if s is o else s
+        target = s if s.flags.writeable and s is not o else s.copy()
         target[:, idx, :] = fresh
         out.append(target)
     return out

@@ -22,10 +22,12 @@ import pytest
 
 from server.batch import Batch
 from server.bundle import Bundle, load_bundle
+from server.delivery import dispatch
 from server.engine import Engine, EngineConfig, EngineError, Overloaded, SamplingParams
 from server.metrics import Metrics
-from server.requests import EmbedRequest, NextRequest, Request, ScoreRequest
-from server.row_sampler import NumpyRowSampler
+from server.requests import END, EmbedRequest, GenerateRequest, NextRequest, Request, ScoreRequest
+from server.row_sampler import GraphRowSampler, NumpyRowSampler
+from server.runner import DeviceStates, Sessions
 from server.sampling import log_softmax
 from server.step import StepConfig, step
 
@@ -391,6 +393,62 @@ def test_step_budget_and_run_splits_never_change_results(lstm: Bundle) -> None:
     )
     for a, b in zip(roomy, tight, strict=True):
         close(a, b)
+
+
+def test_decoding_rows_keep_their_states_on_the_device_between_steps(
+    lstm: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `device_logits`, a step whose rows all decode takes the states the last decode
+    run left on the device (`DeviceStates`: CPU values here, GPU memory under CUDA) and
+    leaves its own there; they are copied to the host only when the batch's rows change.
+    The tokens are those of host states."""
+    copies = 0
+    host = DeviceStates.host
+
+    def counted(self: DeviceStates) -> tuple[np.ndarray, ...]:
+        nonlocal copies
+        copies += self._host is None
+        return host(self)
+
+    monkeypatch.setattr(DeviceStates, "host", counted)
+    zero = tuple(s[:, 0, :] for s in lstm.zero_state(1))
+    prompt = np.array([lstm.eos_id, 5, 9, 2], dtype=np.int64)
+
+    def generate(device: bool) -> tuple[list[list[int]], list[bool]]:
+        sessions = Sessions(lstm.open_session("step"), None, None, lstm, None)
+        config = StepConfig(lstm.vocab_size, lstm.hidden, chunk=8, device_logits=device)
+        sampler = GraphRowSampler(["CPUExecutionProvider"], ort.SessionOptions())
+        got: list[list[Any]] = [[] for _ in range(4)]
+        batch = Batch.of(
+            [
+                GenerateRequest(
+                    prompt,
+                    prompt,
+                    zero,
+                    None,
+                    SamplingParams(seed=i),
+                    5 + 4 * i,
+                    frozenset(),
+                    None,
+                    got[i].append,
+                )
+                for i in range(4)
+            ],
+            lstm.vocab_size,
+        )
+        on_device = []
+        while len(batch):
+            result = step(batch, sessions, config, sampler)
+            dispatch(result.replies)
+            on_device.append(isinstance(result.batch.states, DeviceStates))
+            batch = result.batch.live()
+        return [[t.token_id for t in g if t is not END] for g in got], on_device
+
+    tokens, on_device = generate(True)
+    assert copies <= 4  # three rows ended while others ran, and the last one
+    assert [len(t) for t in tokens] == [5, 9, 13, 17]
+    assert on_device[0] is False and sum(on_device) >= 15  # the prompt's step is on the host
+    assert generate(False) == (tokens, [False] * len(on_device))
 
 
 def test_a_context_runs_on_the_prefill_graph_but_its_last_token(lstm: Bundle) -> None:
