@@ -2,7 +2,8 @@
 
 The engine does the numerical work at the token level; everything a client sees is decided
 here: which model answers, which inputs are refused and with which code, how generated tokens
-become text, when a generation stops. Every call goes through `_handle`, which records the
+become text and when a generation stops (server/stops.py), what a suggestion request's word
+lists and reply hold (server/word_requests.py). Every call goes through `_handle`, which records the
 request metrics and turns every failure into a status code, so no request can take the server
 down: an unexpected exception is logged and answered with INTERNAL. A call holds the model
 version it uses until it ends (see `ModelRepository.acquire`), so a hot reload never closes an
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -27,7 +27,6 @@ from grpc._cython import cygrpc
 
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
-from server.bundle import Bundle
 from server.engine import (
     Engine,
     EngineClosed,
@@ -46,19 +45,28 @@ from server.limits import (
     quote,
 )
 from server.metrics import Metrics, observe_zeros
+from server.model_info import model_info
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
-from server.sampling import GeneratedToken
 from server.state_token import SessionContext, StateTokenError, StateTokens
-from server.text import Detokenizer
+from server.stops import StopMatcher, detokenize
 from server.typing import Ask, Memory, Predicted, predict_tokens, predict_words, searched
 from server.word_cache import WordCacheSettings
+from server.word_requests import (
+    DEFAULT_TYPING_K,
+    asks_fewest_keys,
+    blocklists,
+    check_k,
+    remember,
+    request_words,
+    suggested,
+    unfiltered,
+)
 from server.words import (
     FOLD_DEFAULT,
     Filters,
     Matcher,
     WordSettings,
     fold,
-    read_word_list,
     search_context,
 )
 
@@ -66,14 +74,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 A = TypeVar("A")
-R = TypeVar("R", pb.PredictNextResponse, pb.Suggestions)
 Code = grpc.StatusCode
 
 DEFAULT_MAX_TOKENS = 64
-DEFAULT_TYPING_K = 5
-# The most words a request's (or a session's) blocked_words or user_words may hold, and the
-# longest such word.
-MAX_LIST_WORDS = 1024
 # Texts longer than this are tokenized off the event loop.
 _LONG_TEXT_CHARS = 20_000
 # What grpc.aio raises when a handler writes to a call that has already ended at the transport
@@ -293,7 +296,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         prompt_ids = await self._prompt_ids(request, model)
         codec = model.codec
         detokenizer = codec.detokenizer(prompt_ids)
-        stopper = _StopMatcher(stops)
+        stopper = StopMatcher(stops)
         m = self._metrics
         ttft = m.time_to_first_token.labels(model=model.name)
         itl = m.inter_token_latency.labels(model=model.name)
@@ -314,7 +317,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                     now = time.perf_counter()
                     (itl if count else ttft).observe(now - last)
                     last = now
-                    text, ids, stopped = _detokenize(tokens, detokenizer, stopper)
+                    text, ids, stopped = detokenize(tokens, detokenizer, stopper)
                     kept = tokens[: len(ids)]
                     observe_zeros(itl, len(kept) - 1)
                     count += len(ids)
@@ -416,19 +419,19 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         else:
             model = self._model(request.model, request.model_version, call)
             text = request.context
-        _check_k(request.k, model, "k")
+        check_k(request.k, model, "k")
         check_partial_word(request.partial_word)
         if request.continuous_cache:
             _require_cache(model)
         if request.return_state_token:
             self._limits.state_token_reply(text)
-        blocked = _words(request.blocked_words, "blocked_words")
-        users = _words(request.user_words, "user_words")
+        blocked = request_words(request.blocked_words, "blocked_words")
+        users = request_words(request.user_words, "user_words")
         ids = await self._context_ids(model, text, "context")
         filters = self._filters(model, {fold(w) for w in blocked}, users)
         cached = request.continuous_cache
         predicted = await self._suggest(model, text, ids, request, filters, cached, Memory())
-        response = _suggested(pb.PredictNextResponse, predicted, len(ids))
+        response = suggested(pb.PredictNextResponse, predicted, len(ids))
         response.model_version = model.version
         if request.return_state_token:
             response.state_token = self._seal(model, text, ids)
@@ -466,19 +469,19 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                         self._metrics.active_streams.labels(model=model.name).inc()
                     text = event.text if event.reset else text + event.text
                 k = event.k or DEFAULT_TYPING_K
-                _check_k(k, model, "k")
+                check_k(k, model, "k")
                 check_partial_word(event.partial_word)
                 if event.continuous_cache:
                     _require_cache(model)
                 if event.return_state_token:
                     self._limits.state_token_reply(text)
-                _remember(memory, event)
+                remember(memory, event)
                 if ids is None or event.text or event.reset or event.state_token:
                     ids = await self._context_ids(model, text, "the session's context")
                 filters = self._filters(model, memory.blocked, memory.user_words)
                 cached = event.continuous_cache
                 predicted = await self._suggest(model, text, ids, event, filters, cached, memory)
-                reply = _suggested(pb.Suggestions, predicted, len(ids))
+                reply = suggested(pb.Suggestions, predicted, len(ids))
                 if event.return_state_token:
                     reply.state_token = self._seal(model, text, ids)
                 self._sendable(reply)
@@ -491,9 +494,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     def _filters(self, model: LoadedModel, blocked: set[str], users: list[str]) -> Filters:
         """The server's, the bundle's and the caller's blocked words; the caller's user words."""
-        base = _blocklists(self.words.blocklist, model.bundle.blocklist)
+        base = blocklists(self.words.blocklist, model.bundle.blocklist)
         if not blocked and not users:
-            return _unfiltered(base)
+            return unfiltered(base)
         return Filters(base | blocked if blocked else base, tuple(users))
 
     async def _suggest(
@@ -530,7 +533,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         # join: it skips the engine run shared per turn of the event loop (`_Joint`).
         joins = self._in_flight > 1
         # Checked either way; no effect on a character or BPE model's next tokens.
-        fewest = _asks_fewest_keys(request, settings) and not getattr(request, "next_tokens", False)
+        fewest = asks_fewest_keys(request, settings) and not getattr(request, "next_tokens", False)
         ask = Ask(codec, k, match, filters, settings, memory, cached, mixer, joins, fewest)
         if tokens:
             return await predict_tokens(engine, ids, ask)
@@ -692,35 +695,8 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
         assert self.repository is not None
-        b = model.bundle
-        arch = b.manifest.get("architecture", {})
-        prov = b.manifest.get("provenance", {})
         newest = self.repository.get(model.name)
-        return pb.ModelInfo(
-            name=b.name,
-            version=b.version,
-            is_default=model.name == self.repository.default_model and newest is model,
-            architecture=pb.Architecture(
-                cell=b.cell,
-                layers=b.layers,
-                hidden=b.hidden,
-                embedding=int(arch.get("embedding") or 0),
-                vocab_size=b.vocab_size,
-                tied=bool(arch.get("tied")),
-            ),
-            tokenizer_kind=b.tokenizer_kind,
-            vocab_size=b.vocab_size,
-            provider=model.provider,
-            precision=b.precision,
-            quality=pb.Quality(
-                valid_perplexity=float(prov.get("valid_perplexity") or 0.0),
-                test_perplexity=float(prov.get("test_perplexity") or 0.0),
-                tokens_seen=int(prov.get("tokens_seen") or 0),
-                corpus_sha256=str(prov.get("corpus_sha256") or ""),
-            ),
-            eos_token_id=b.eos_id,
-            continuous_cache=_cache_info(b),
-        )
+        return model_info(model, model.name == self.repository.default_model and newest is model)
 
 
 def _require_cache(model: LoadedModel) -> None:
@@ -729,25 +705,6 @@ def _require_cache(model: LoadedModel) -> None:
         model.engine.cache_params()
     except NoContinuousCache as e:
         raise RpcError(Code.FAILED_PRECONDITION, f"continuous_cache: {e}") from e
-
-
-def _cache_info(bundle: Bundle) -> pb.ContinuousCache | None:
-    params = bundle.continuous_cache
-    if params is None:
-        return None
-    block = bundle.manifest["continuous_cache"]
-
-    def figure(key: str) -> float:  # informative in the manifest: 0 unless a number
-        value = block.get(key)
-        return float(value) if isinstance(value, int | float) else 0.0
-
-    return pb.ContinuousCache(
-        window=params.window,
-        theta=params.theta,
-        mixture_weight=params.lam,
-        valid_perplexity=figure("valid_perplexity"),
-        test_perplexity=figure("test_perplexity"),
-    )
 
 
 def _in_flight(engine: Engine) -> int:
@@ -793,139 +750,8 @@ def _check_deadline(context: Any) -> None:
         raise RpcError(Code.DEADLINE_EXCEEDED, "the call's deadline passed during generation")
 
 
-def _check_k(k: int, model: LoadedModel, field: str) -> None:
-    vocab = model.codec.vocab_size
-    if not 1 <= k <= vocab:
-        raise invalid(f"{field} must be in [1, {vocab}] (the vocabulary size), not {k}")
-
-
-def _words(values: Sequence[str], field: str) -> list[str]:
-    """A request's list of words, checked: bounded, one word each; empty entries dropped."""
-    if not values:
-        return []
-    if len(values) > MAX_LIST_WORDS:
-        raise invalid(f"{field} has {len(values)} words; at most {MAX_LIST_WORDS}")
-    for i, word in enumerate(values):
-        try:
-            check_partial_word(word)
-        except RpcError as e:
-            raise invalid(f"{field}[{i}]: {e.message.removeprefix('partial_word ')}") from e
-    return [w for w in values if w]
-
-
-def _remember(memory: Memory, event: pb.TypingEvent) -> None:
-    """Add an event's blocked and user words to its session's lists (bounded)."""
-    if not event.blocked_words and not event.user_words:
-        return  # most keystrokes add none
-    blocked = _words(event.blocked_words, "blocked_words")
-    users = _words(event.user_words, "user_words")
-    memory.blocked |= {fold(w) for w in blocked}
-    memory.user_words.extend(w for w in users if w not in memory.user_words)
-    sizes = (("blocked_words", len(memory.blocked)), ("user_words", len(memory.user_words)))
-    for name, size in sizes:
-        if size > MAX_LIST_WORDS:
-            raise invalid(f"the session's {name} would hold {size} words; at most {MAX_LIST_WORDS}")
-
-
-def _asks_fewest_keys(
-    request: pb.PredictNextRequest | pb.TypingEvent, settings: WordSettings
-) -> bool:
-    """Whether `request` asks for the words that save the most keys (its `selection`; unset,
-    the server's default for typing sessions, the likeliest for PredictNext)."""
-    selection = request.selection
-    if selection == pb.SELECTION_UNSPECIFIED:
-        return isinstance(request, pb.TypingEvent) and settings.typing_fewest_keys
-    if selection not in (pb.SELECTION_LIKELIEST, pb.SELECTION_FEWEST_KEYS):
-        raise invalid(
-            f"selection {selection} is not one of "
-            + ", ".join(f"{pb.Selection.Name(v)} ({v})" for v in pb.Selection.values())
-        )
-    return selection == pb.SELECTION_FEWEST_KEYS
-
-
-@functools.lru_cache(maxsize=64)
-def _blocklists(server: frozenset[str], bundle_text: str) -> frozenset[str]:
-    """The server's blocked words and the bundle's blocklist file, folded: made once per
-    model and server list, not on every request and keystroke."""
-    return server | read_word_list(bundle_text)
-
-
-@functools.lru_cache(maxsize=64)
-def _unfiltered(base: frozenset[str]) -> Filters:
-    """The filters of a call that adds no blocked words and no user words to `base`: made
-    once per blocklist, not on every call (they are immutable)."""
-    return Filters(base)
-
-
-def _suggested(kind: type[R], predicted: Predicted, context_tokens: int) -> R:
-    """A reply (`PredictNextResponse` or `Suggestions`) with `predicted`'s suggestions, added
-    in place: predictions built apart and passed in are each copied (2 to 4 times the work)."""
-    reply = kind(context_tokens=context_tokens, words=predicted.words, model_steps=predicted.steps)
-    add = reply.predictions.add
-    for s in predicted.suggestions:
-        token_id = s.ids[0] if len(s.ids) == 1 else -1
-        if predicted.words:  # searched words list their pieces; a token's id says it all
-            add(token=s.text, token_id=token_id, probability=s.probability, token_ids=s.ids)
-        else:
-            add(token=s.text, token_id=token_id, probability=s.probability)
-    return reply
-
-
 def _perplexity(log_prob: float, num_tokens: int) -> float:
     try:
         return math.exp(-log_prob / num_tokens)
     except OverflowError:
         return math.inf
-
-
-def _detokenize(
-    tokens: list[GeneratedToken], detokenizer: Detokenizer, stopper: _StopMatcher
-) -> tuple[str, list[int], bool]:
-    """One response's text and token ids, and whether a stop string ended it (then the
-    tokens after the one that completed it are dropped). Without stop strings the tokens
-    are decoded together."""
-    if not stopper.stops:
-        ids = [t.token_id for t in tokens]
-        return detokenizer.push_many(ids), ids, False
-    pieces: list[str] = []
-    ids = []
-    for token in tokens:
-        text, stopped = stopper.push(detokenizer.push(token.token_id))
-        pieces.append(text)
-        ids.append(token.token_id)
-        if stopped:
-            return "".join(pieces), ids, True
-    return "".join(pieces), ids, False
-
-
-class _StopMatcher:
-    """Finds stop strings in streamed text, holding back text that may begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self._pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """The text that is safe to emit now, and whether a stop string was reached."""
-        if not self.stops:
-            return piece, False
-        text = self._pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            return text[: min(hits)], True
-        keep = max(_overlap(text, s) for s in self.stops)
-        self._pending = text[len(text) - keep :]
-        return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self._pending = self._pending, ""
-        return text
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `stop`."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
