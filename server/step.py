@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -131,6 +132,9 @@ class _Run:
     length: int
     rows: list[int]
     lead: int  # the first `lead` rows are decoding generations
+    # Decoding rows that are every row of the batch, in order (the hot path under load):
+    # nothing to gather, their tokens are the batch's last tokens as they are.
+    whole: bool = False
 
 
 @dataclass(slots=True)
@@ -167,11 +171,11 @@ def step(
     # tokens feeds them on the step graph in this step, beside the decoding rows.
     early = {row: w for row, w in works.items() if w.graph != STEP}
     if early:
-        for run in _groups(early, [], config):
+        for run in _groups(early, [], config, len(requests)):
             states, ran = _run(runner, states, batch, run, early, False, clock)
             outcomes.append(ran)
         works = _after_early(works, early, requests, config)
-    for run in _groups(works, decoders, config):
+    for run in _groups(works, decoders, config, len(requests)):
         device = config.device_logits and run.lead == len(run.rows)
         states, ran = _run(runner, states, batch, run, works, device, clock)
         outcomes.append(ran)
@@ -241,8 +245,9 @@ def _after_early(
     return out
 
 
-def _groups(works: Works, decoders: list[int], config: StepConfig) -> list[_Run]:
-    """`works` and the `decoders` rows in as few runs as the padding rules allow."""
+def _groups(works: Works, decoders: list[int], config: StepConfig, count: int) -> list[_Run]:
+    """`works` and the `decoders` rows (ascending) in as few runs as the padding rules allow
+    (`count`: the batch's rows)."""
     # (graph, run length, the row when each request runs alone else -1) -> rows
     groups: dict[tuple[str, int, int], list[int]] = {}
     if decoders:
@@ -269,7 +274,8 @@ def _groups(works: Works, decoders: list[int], config: StepConfig) -> list[_Run]
         leading = len(decoders) if key == (STEP, 1, -1) else 0  # the decoders lead their group
         for start in range(0, len(rows), per_run):
             part = rows[start : start + per_run]
-            runs.append(_Run(graph, length, part, max(0, min(len(part), leading - start))))
+            lead = max(0, min(len(part), leading - start))
+            runs.append(_Run(graph, length, part, lead, whole=lead == len(part) == count))
     return runs
 
 
@@ -314,12 +320,12 @@ def _run(
     requests = batch.requests
     tokens, targets = _inputs(run, works, batch.sampling.last_token)
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
-    full = len(rows) == len(requests) and rows == list(range(len(rows)))
+    full = run.whole or (len(rows) == len(requests) and rows == list(range(len(rows))))
     if device and full:
         return _decode_all(runner, states, tokens, requests, clock)
     host = list(states.host()) if isinstance(states, DeviceStates) else states
-    idx = np.array(rows, dtype=np.intp)
-    inputs = host if full else [s[:, idx, :] for s in host]
+    idx = None if full else np.array(rows, dtype=np.intp)
+    inputs = host if idx is None else [s[:, idx, :] for s in host]
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
     features: np.ndarray | None = None
@@ -337,7 +343,7 @@ def _run(
     except Exception as e:  # onnxruntime raises several types; the requests must end
         return host, _failed(requests, rows, e)
     ran = _Ran(model_s=clock() - start if clock else 0.0)
-    host = list(new) if full else _scatter(host, batch.host_states(), idx, new)
+    host = list(new) if idx is None else _scatter(host, batch.host_states(), idx, new)
     if device:
         ran.block = (rows, on_device)
         return host, ran
@@ -407,7 +413,7 @@ def _inputs(
     leading it feed their last tokens (`last_token`: the batch's, by row)."""
     k, lead = len(run.rows), run.lead
     if lead == k:  # decoding rows alone: the hot path under load
-        return last_token[run.rows].reshape(k, 1), None
+        return (last_token if run.whole else last_token[run.rows]).reshape(k, 1), None
     tokens = np.zeros((k, run.length), dtype=np.int64)
     targets = np.zeros((k, run.length), dtype=np.int64) if run.graph == SCORE else None
     if lead:
@@ -502,15 +508,20 @@ def _sample(
 ) -> tuple[list[Reply], list[Prefix], float]:
     """Sample each row's next token from its row of `logits` in one sampler call, and move
     the rows' random streams on; the time in the sampler, by `clock` (0 without one)."""
-    requests: list[GenerateRequest] = [batch.requests[row] for row in rows]  # type: ignore[misc]
-    every = len(rows) == len(batch) and rows == list(range(len(rows)))
-    idx = np.asarray(rows, dtype=np.intp)
-    part = batch.sampling if every else batch.sampling.filter(idx)
+    # `rows` ascend (a run's decoding rows, or the rows whose first token is due), so as many
+    # as the batch has are all of them, in order.
+    every = len(rows) == len(batch)
+    requests = cast(
+        Sequence[GenerateRequest],
+        batch.requests if every else [batch.requests[row] for row in rows],
+    )
+    idx = None if every else np.asarray(rows, dtype=np.intp)
+    part = batch.sampling if idx is None else batch.sampling.filter(idx)
     start = clock() if clock else 0.0
     samples = sampler.sample(logits, part, requests)
     sample_s = clock() - start if clock else 0.0
     ended = part.advance(samples.tokens)
-    if not every:  # the rows' positions, last and seen tokens, back into the batch's rows
+    if idx is not None:  # the rows' positions, last and seen tokens, back into the batch's rows
         batch.sampling.position[idx] = part.position
         batch.sampling.last_token[idx] = part.last_token
         for row, seen in zip(rows, part.seen, strict=True):
