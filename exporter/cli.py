@@ -8,7 +8,7 @@ from typing import Any
 
 from exporter.export import QUANTIZATIONS, ExportError, export_bundle
 from server.bundle import BundleError, read_manifest
-from server.words import lexicon_of
+from server.word_search import lexicon_of
 from training.checkpoint import CheckpointError
 
 

@@ -35,7 +35,8 @@ from server.engine import Engine, EngineConfig
 from server.text import TextCodec
 from server.typing import Ask, Memory, Predicted, predict_tokens, predict_words, searched
 from server.word_cache import WordCacheSettings
-from server.words import FOLD_DEFAULT, Filters, Matcher, WordSettings, search_context
+from server.word_search import search_context
+from server.words import FOLD_DEFAULT, Filters, Matcher, WordSettings
 
 
 def _cpu_seconds() -> float:

@@ -314,7 +314,7 @@ class Engine:
     ) -> list[np.ndarray]:
         """`next_token_logprobs` of each context, run together: in one step of the engine's
         batch (on the event loop when `_inline_now`), for a caller that has many contexts
-        at once, such as the word search's hypotheses (server/words.py)."""
+        at once, such as the word search's hypotheses (server/word_search.py)."""
         if continuous_cache:
             return list(
                 await asyncio.gather(*(self.next_token_logprobs(c, True) for c in contexts))

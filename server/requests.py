@@ -140,7 +140,7 @@ class Extension(NamedTuple):
 
 class StateNextRequest(NextRequest):
     """A `NextRequest` that also keeps the state after its context (`final`), for a caller
-    that extends it token by token (the word search's hypotheses, server/words.py). With an
+    that extends it token by token (the word search's hypotheses, server/word_search.py). With an
     empty `context`, its result is not cached."""
 
     def __init__(

@@ -61,14 +61,8 @@ from server.word_requests import (
     suggested,
     unfiltered,
 )
-from server.words import (
-    FOLD_DEFAULT,
-    Filters,
-    Matcher,
-    WordSettings,
-    fold,
-    search_context,
-)
+from server.word_search import search_context
+from server.words import FOLD_DEFAULT, Filters, Matcher, WordSettings, fold
 
 log = logging.getLogger(__name__)
 

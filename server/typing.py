@@ -1,7 +1,7 @@
 """The suggestions of PredictNext and TypingSession, for every tokenizer kind.
 
 Word models' suggestions are their next tokens; character and BPE models' are whole words
-found by the word search (server/words.py). A typing session keeps what its last keystroke
+found by the word search (server/word_search.py). A typing session keeps what its last keystroke
 computed (`Memory`): a keystroke that only adds letters to the partial word, in the same
 context, filters the words found before instead of running the model again, and searches
 again only when they may not hold the k likeliest words that match: when a hypothesis the
@@ -32,21 +32,18 @@ from server.word_cache import (
     vocab_known,
     with_cached_top,
 )
+from server.word_search import PieceTable, SearchResult, piece_table, search
 from server.words import (
     SEARCHED_KINDS,
     FewestKeys,
     Filters,
     Matcher,
-    PieceTable,
-    SearchResult,
     Suggestion,
     Word,
     WordSettings,
     choose,
     logaddexp,
-    piece_table,
     read_word_list,
-    search,
     vocab_words,
 )
 

@@ -28,18 +28,15 @@ from server.requests import Extension, State
 from server.sampling import SamplingParams
 from server.text import TextCodec
 from server.typing import Ask, Memory, predict_words
-from server.words import (
-    Filters,
-    Matcher,
+from server.word_search import (
     NextLogprobs,
-    WordSettings,
     lexicon_of,
-    logaddexp,
     piece_table,
     read_lexicon,
     search,
     search_context,
 )
+from server.words import Filters, Matcher, WordSettings, logaddexp
 
 CONTEXT = "the cat sees the "
 # Words of the tiny corpus and two it never has; "the", "moon" and "man" are left out.
