@@ -322,7 +322,7 @@ def _run(
     # Every row, in batch order: the run takes and returns the batch's own state arrays.
     full = run.whole or (len(rows) == len(requests) and rows == list(range(len(rows))))
     if device and full:
-        return _decode_all(runner, states, tokens, requests, clock)
+        return _decode_all(runner, states, tokens, requests, rows, clock)
     host = list(states.host()) if isinstance(states, DeviceStates) else states
     idx = None if full else np.array(rows, dtype=np.intp)
     inputs = host if idx is None else [s[:, idx, :] for s in host]
@@ -373,11 +373,11 @@ def _decode_all(
     states: _States,
     tokens: np.ndarray,
     requests: Sequence[Request],
+    rows: list[int],
     clock: Callable[[], float] | None,
 ) -> tuple[_States, _Ran]:
-    """A decode run of every row of the batch, in order, whose logits and new states stay
-    on the device (`Runner.decode`)."""
-    rows = list(range(len(requests)))
+    """A decode run of every row of the batch (`rows`, in order), whose logits and new states
+    stay on the device (`Runner.decode`)."""
     start = clock() if clock else 0.0
     try:
         on_device, kept = runner.decode(tokens, states)
