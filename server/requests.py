@@ -10,7 +10,7 @@ answers it. `deliver` hands payloads to the caller on the event loop (server/del
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -59,7 +59,24 @@ class RowOutput:
     features: np.ndarray | None  # [n, hidden]; None from an old score graph
     logits: np.ndarray | None  # [n, V], step graph only
     logprobs: np.ndarray | None  # [n], the targets' log-probs, score graph only
-    state: Callable[[], State]  # a read-only copy of the row's state after the run
+    states: Sequence[np.ndarray]  # the run's final states, [layers, rows, hidden] each ...
+    row: int  # ... of which this row's is at `row`
+
+    def state(self) -> State:
+        """A read-only copy of the row's state after the run (for a cache: it keeps no more
+        than the row alive)."""
+        copy = tuple(s[:, self.row, :].copy() for s in self.states)
+        for s in copy:
+            s.setflags(write=False)
+        return copy
+
+    def state_view(self) -> State:
+        """The row's state as read-only views of the run's arrays, no copy (which keep the
+        run's states alive: for a caller that holds it briefly)."""
+        views = tuple(s[:, self.row, :] for s in self.states)
+        for s in views:
+            s.setflags(write=False)
+        return views
 
 
 class Request:
@@ -157,7 +174,8 @@ class StateNextRequest(NextRequest):
     def absorb(self, out: RowOutput) -> object | None:
         answer = super().absorb(out)
         if answer is READY:
-            self.final = out.state()
+            # A search steps from it within a round or two, then drops it.
+            self.final = out.state_view()
         return answer
 
 

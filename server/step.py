@@ -357,7 +357,8 @@ def _run(
             None if features is None else features[i, :n],
             None if logits is None else logits[i, :n],
             None if logprobs is None else logprobs[i, :n],
-            _lazy_state(new, i),
+            new,
+            i,
         )
         answer = r.absorb(out)
         if answer is READY:
@@ -392,18 +393,6 @@ def _failed(requests: Sequence[Request], rows: list[int], error: Exception) -> _
     for row in rows:
         requests[row].done = True
     return _Ran(replies=[(requests[row], failure) for row in rows])
-
-
-def _lazy_state(states: Sequence[np.ndarray], i: int) -> Callable[[], State]:
-    """A read-only copy of row `i` of `states`, made only when asked for."""
-
-    def state() -> State:
-        copy = tuple(s[:, i, :].copy() for s in states)
-        for s in copy:
-            s.setflags(write=False)
-        return copy
-
-    return state
 
 
 def _inputs(
@@ -460,11 +449,13 @@ def _finish(
     nexts = [row for row in ready if not requests[row].samples]
     if nexts:
         rows_logits = [requests[row].logits for row in nexts]
-        for row, lp in zip(nexts, _logprobs(rows_logits), strict=True):  # type: ignore[arg-type]
+        # The state cache keeps no empty context (a word search's extensions have none).
+        cached = [config.caching and len(requests[row].context) > 0 for row in nexts]  # type: ignore[attr-defined]
+        lps = _logprobs(rows_logits, own=any(cached))  # type: ignore[arg-type]
+        for row, lp, caches in zip(nexts, lps, cached, strict=True):
             r = requests[row]
-            context = r.context  # type: ignore[attr-defined]
-            if config.caching and len(context):  # the state cache keeps no empty context
-                prefixes.append(Prefix(context, batch.row_state(row), lp, r.key))  # type: ignore[attr-defined]
+            if caches:
+                prefixes.append(Prefix(r.context, batch.row_state(row), lp, r.key))  # type: ignore[attr-defined]
             r.logits = None
             r.done = True
             replies.append((r, lp))
@@ -486,13 +477,15 @@ def _finish(
     return replies, prefixes, sample_s
 
 
-def _logprobs(logits: list[np.ndarray]) -> list[np.ndarray]:
-    """Each row's read-only next-token log-probs (arrays of their own, for the state cache),
-    in one vectorised pass when there are several."""
+def _logprobs(logits: list[np.ndarray], own: bool) -> list[np.ndarray]:
+    """Each row's read-only next-token log-probs, in one vectorised pass when there are
+    several; with `own`, each an array of its own (for the state cache, which should not keep
+    the others' alive), else rows of one array."""
     if len(logits) == 1:
         out = [log_softmax(logits[0])]
     else:
-        out = [row.copy() for row in log_softmax(np.array(logits))]  # rows of one shape
+        block = log_softmax(np.array(logits))  # rows of one shape
+        out = [row.copy() for row in block] if own else list(block)
     for lp in out:
         lp.setflags(write=False)
     return out
