@@ -71,8 +71,9 @@ class RowOutput:
         return copy
 
     def state_view(self) -> State:
-        """The row's state as read-only views of the run's arrays, no copy (which keep the
-        run's states alive: for a caller that holds it briefly)."""
+        """The row's state as read-only views of the run's arrays, no copy. They keep the
+        whole run's states alive: for a caller that keeps the states of most rows of a few
+        runs (a word search's hypotheses, kept by a typing session until its next search)."""
         views = tuple(s[:, self.row, :] for s in self.states)
         for s in views:
             s.setflags(write=False)
@@ -174,7 +175,7 @@ class StateNextRequest(NextRequest):
     def absorb(self, out: RowOutput) -> object | None:
         answer = super().absorb(out)
         if answer is READY:
-            # A search steps from it within a round or two, then drops it.
+            # The search keeps most rows of its few runs (server/word_search.py).
             self.final = out.state_view()
         return answer
 
