@@ -42,8 +42,9 @@ class EngineConfig:
     # "auto" (native on the CPU where it was built, else the graph). All give the same tokens
     # for the same seed (but where rounding puts a draw on a boundary).
     sampler: str = "auto"
-    # Runs of decoding rows leave their logits on the device for the sampler graph (onnxruntime
-    # I/O binding; only the new states come back). None: on with CUDA and the sampler graph.
+    # Runs of decoding rows leave their logits on the device for the sampler graph, and their
+    # states for the next step's run (onnxruntime I/O binding; server/runner.py,
+    # `DeviceStates`). None: on with CUDA and the sampler graph.
     device_logits: bool | None = None
     # Tokens before a request's last from which they are fed on the prefill graph in a run of
     # their own (see server/runner.py, choose_prefill_split); None: measured at start.

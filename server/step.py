@@ -98,7 +98,8 @@ class StepConfig:
     run_elements: int = RUN_ELEMENTS
     caching: bool = True  # return the prefix states reached, for the state cache
     # Runs of decoding rows only leave their logits on the device (`Runner.decode`), for the
-    # sampler graph to take where they are; on for CUDA with the sampler graph.
+    # sampler graph to take where they are, and their new states, for the next step's run
+    # when it is of the same rows; on for CUDA with the sampler graph.
     device_logits: bool = False
 
 
@@ -132,9 +133,9 @@ class _Run:
     length: int
     rows: list[int]
     lead: int  # the first `lead` rows are decoding generations
-    # Decoding rows that are every row of the batch, in order (the hot path under load):
-    # nothing to gather, their tokens are the batch's last tokens as they are.
-    whole: bool = False
+    # Every row of the batch, in order: the run takes and returns the batch's own state
+    # arrays, nothing gathered (decoding rows alone: their tokens are the batch's last tokens).
+    full: bool = False
 
 
 @dataclass(slots=True)
@@ -275,7 +276,9 @@ def _groups(works: Works, decoders: list[int], config: StepConfig, count: int) -
         for start in range(0, len(rows), per_run):
             part = rows[start : start + per_run]
             lead = max(0, min(len(part), leading - start))
-            runs.append(_Run(graph, length, part, lead, whole=lead == len(part) == count))
+            # Decoding rows alone are ascending, so as many as the batch has are all, in order.
+            full = len(part) == count and (lead == count or part == list(range(count)))
+            runs.append(_Run(graph, length, part, lead, full))
     return runs
 
 
@@ -319,12 +322,10 @@ def _run(
     rows, lead = run.rows, run.lead
     requests = batch.requests
     tokens, targets = _inputs(run, works, batch.sampling.last_token)
-    # Every row, in batch order: the run takes and returns the batch's own state arrays.
-    full = run.whole or (len(rows) == len(requests) and rows == list(range(len(rows))))
-    if device and full:
+    if device and run.full:
         return _decode_all(runner, states, tokens, requests, rows, clock)
     host = list(states.host()) if isinstance(states, DeviceStates) else states
-    idx = None if full else np.array(rows, dtype=np.intp)
+    idx = None if run.full else np.array(rows, dtype=np.intp)
     inputs = host if idx is None else [s[:, idx, :] for s in host]
     logits: np.ndarray | None = None
     logprobs: np.ndarray | None = None
@@ -402,7 +403,7 @@ def _inputs(
     leading it feed their last tokens (`last_token`: the batch's, by row)."""
     k, lead = len(run.rows), run.lead
     if lead == k:  # decoding rows alone: the hot path under load
-        return (last_token if run.whole else last_token[run.rows]).reshape(k, 1), None
+        return (last_token if run.full else last_token[run.rows]).reshape(k, 1), None
     tokens = np.zeros((k, run.length), dtype=np.int64)
     targets = np.zeros((k, run.length), dtype=np.int64) if run.graph == SCORE else None
     if lead:

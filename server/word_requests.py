@@ -18,8 +18,8 @@ from server.words import Filters, WordSettings, fold, read_word_list
 R = TypeVar("R", pb.PredictNextResponse, pb.Suggestions)
 
 DEFAULT_TYPING_K = 5
-# The most words a request's (or a session's) blocked_words or user_words may hold, and the
-# longest such word.
+# The most words a request's (or a session's) blocked_words or user_words may hold (each word
+# is bounded as a partial word is: `check_partial_word`).
 MAX_LIST_WORDS = 1024
 
 
