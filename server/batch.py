@@ -84,8 +84,8 @@ class Batch:
         if len(parts) <= 1:
             return parts[0] if parts else self
         requests = tuple(r for b in parts for r in b.requests)
-        held = [b.host_states() for b in parts]
-        states = tuple(np.concatenate(arrays, axis=1) for arrays in zip(*held, strict=True))
+        each = [b.host_states() for b in parts]
+        states = tuple(np.concatenate(arrays, axis=1) for arrays in zip(*each, strict=True))
         sampling = SamplingRows.concatenate([b.sampling for b in parts])
         return Batch(requests, states, sampling, turn=self.turn)
 
@@ -106,8 +106,8 @@ class Batch:
     def stepped(self, states: Sequence[np.ndarray] | DeviceStates) -> Batch:
         """The same rows after a step: its new states, every row running again, the next
         turn."""
-        held = states if isinstance(states, DeviceStates) else tuple(states)
-        return Batch(self.requests, held, self.sampling, turn=self.turn + 1)
+        kept = states if isinstance(states, DeviceStates) else tuple(states)
+        return Batch(self.requests, kept, self.sampling, turn=self.turn + 1)
 
     def rest(self, rows: frozenset[int]) -> Batch:
         """The same batch with `rows` sitting the next step out."""
