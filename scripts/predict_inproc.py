@@ -49,7 +49,7 @@ STAGES = [
     ("server.typing", "vocab_words", "  the model's top words"),
     ("server.typing", "oov_words.after", "  unknown words"),
     ("server.typing", "choose", "  choose"),
-    ("server.servicer", "_suggested", "the reply"),
+    ("server.servicer", "suggested", "the reply"),
 ]
 
 
