@@ -69,7 +69,9 @@ def test_generations_take_turns_beyond_the_step_time(lstm: Bundle) -> None:
     metrics = Metrics()
     turns = run_engine(lstm, together, metrics, max_step_ms=1e-6)
     count, total = runs(metrics, lstm)
-    assert run_engine(lstm, alone) == turns
+    # The same tokens; the log-probs up to rounding (a run's rows can round differently
+    # with another batch size on some CPUs' kernels).
+    assert_same(run_engine(lstm, alone), turns)
     # One generation a step once a step of them alone was timed: about a run per token.
     assert count >= 4 * 11 and total < 2 * count  # together they would take about 12 runs
 
