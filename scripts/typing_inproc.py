@@ -25,7 +25,9 @@ import hashlib
 import json
 import pstats
 import resource
+import time
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     held, tally, keys = held_out_typist(args, codec.kind)
     engine = Engine(bundle, EngineConfig())
     await engine.start()
+    runs = _count_runs(engine) if args.runs else None
     steps: dict[str, list[int]] = {}
     cpu: dict[str, float] = {}
     shown: list[list[tuple[str, float]]] = []
@@ -78,6 +81,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.close()
     out = _report(tally, steps, cpu)
+    if runs is not None:
+        events = len(shown)
+        out["onnxruntime"] = {
+            "runs_per_event": round(runs.runs / events, 2),
+            "rows_per_event": round(runs.rows / events, 2),
+            "cpu_ms_per_event": round(1000 * runs.cpu_s / events, 3),
+            "us_per_row": round(1e6 * runs.cpu_s / max(runs.rows, 1), 1),
+        }
     if profile is not None:
         out["python_calls_per_event"] = round(pstats.Stats(profile).total_calls / len(shown))
         out["suggestions_digest"] = hashlib.sha256(json.dumps(shown).encode()).hexdigest()[:16]
@@ -110,6 +121,36 @@ async def _suggest(engine: Engine, text: str, ask: Ask) -> Predicted:
         return await predict_tokens(engine, codec.encode(text), ask)
     context, after_space = search_context(codec, text)
     return await predict_words(engine, codec.encode(context), after_space, ask)
+
+
+@dataclass
+class _Runs:
+    """The engine's onnxruntime runs: how many, their rows (each row's tokens counted once
+    per token: a 1 x 6 feed is 6), and this thread's CPU in them."""
+
+    runs: int = 0
+    rows: int = 0
+    cpu_s: float = 0.0
+
+
+def _count_runs(engine: Engine) -> _Runs:
+    """Count `engine`'s runs from here on (its runner's graphs, wrapped on the instance)."""
+    counts = _Runs()
+    runner = engine.runner
+    for name in ("step", "prefill", "score"):
+        graph = getattr(runner, name)
+
+        def counted(tokens: Any, *rest: Any, _graph: Any = graph) -> Any:
+            start = time.thread_time()
+            try:
+                return _graph(tokens, *rest)
+            finally:
+                counts.cpu_s += time.thread_time() - start
+                counts.runs += 1
+                counts.rows += tokens.size
+
+        setattr(runner, name, counted)
+    return counts
 
 
 def _report(tally: Tally, steps: dict[str, list[int]], cpu: dict[str, float]) -> dict[str, Any]:
@@ -168,6 +209,11 @@ def main() -> None:
         "--fewest-keys",
         action="store_true",
         help="suggest the words that save the most keys (Selection FEWEST_KEYS)",
+    )
+    parser.add_argument(
+        "--runs",
+        action="store_true",
+        help="count the engine's onnxruntime runs and rows an event, and their CPU",
     )
     parser.add_argument(
         "--calls",

@@ -48,7 +48,15 @@ from server.requests import (
     StateNextRequest,
     recall_logprobs,
 )
-from server.runner import CPU, CUDA, Sessions, choose_prefill_split, providers_for, session_options
+from server.runner import (
+    CPU,
+    CUDA,
+    Runner,
+    Sessions,
+    choose_prefill_split,
+    providers_for,
+    session_options,
+)
 from server.sampling import GeneratedToken, SamplingParams, log_softmax
 from server.scheduler import Scheduler, StepTotals
 from server.state_cache import StateCache
@@ -279,6 +287,14 @@ class Engine:
     def active(self) -> int:
         """Requests admitted to a batch or waiting for one."""
         return 0 if self._scheduler is None else self._scheduler.active
+
+    @property
+    def runner(self) -> Runner:
+        """What every step runs the bundle's graphs through (a started engine's; a
+        measurement can wrap its methods, as scripts/typing_inproc.py --runs does)."""
+        if self._scheduler is None:
+            raise EngineError("the engine has not started")
+        return self._scheduler.runner
 
     def step_totals(self) -> StepTotals:
         """What the batching threads' steps have cost so far (`StepTotals`; zero before
