@@ -59,8 +59,10 @@ class RowOutput:
     features: np.ndarray | None  # [n, hidden]; None from an old score graph
     logits: np.ndarray | None  # [n, V], step graph only
     logprobs: np.ndarray | None  # [n], the targets' log-probs, score graph only
-    states: Sequence[np.ndarray]  # the run's final states, [layers, rows, hidden] each ...
-    row: int  # ... of which this row's is at `row`
+    # The run's final states, read-only, one [layers, rows, hidden] array per state tensor,
+    # of which this row's are at `row`.
+    states: Sequence[np.ndarray]
+    row: int
 
     def state(self) -> State:
         """A read-only copy of the row's state after the run (for a cache: it keeps no more
@@ -74,10 +76,7 @@ class RowOutput:
         """The row's state as read-only views of the run's arrays, no copy. They keep the
         whole run's states alive: for a caller that keeps the states of most rows of a few
         runs (a word search's hypotheses, kept by a typing session until its next search)."""
-        views = tuple(s[:, self.row, :] for s in self.states)
-        for s in views:
-            s.setflags(write=False)
-        return views
+        return tuple([s[:, self.row, :] for s in self.states])  # read-only, as `states` are
 
 
 class Request:

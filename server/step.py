@@ -351,6 +351,8 @@ def _run(
     if lead:
         assert logits is not None
         ran.block = (rows[:lead], logits[:lead, 0, :])
+    if lead < len(rows):
+        new = _read_only(new)  # the rows' own outputs read them (RowOutput.states)
     for i in range(lead, len(rows)):
         r = requests[rows[i]]
         n = len(works[rows[i]].tokens)
@@ -368,6 +370,14 @@ def _run(
             r.done = True
             ran.replies.append((r, answer))
     return host, ran
+
+
+def _read_only(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Read-only views of `arrays` (views of them are read-only too: no flag to set a row)."""
+    views = [a.view() for a in arrays]
+    for v in views:
+        v.setflags(write=False)
+    return views
 
 
 def _decode_all(
@@ -486,7 +496,10 @@ def _logprobs(logits: list[np.ndarray], own: bool) -> list[np.ndarray]:
         out = [log_softmax(logits[0])]
     else:
         block = log_softmax(np.array(logits))  # rows of one shape
-        out = [row.copy() for row in block] if own else list(block)
+        if not own:
+            block.setflags(write=False)  # and so its rows
+            return list(block)
+        out = [row.copy() for row in block]
     for lp in out:
         lp.setflags(write=False)
     return out
