@@ -6,6 +6,12 @@ prints the median step time after each kind of gap (docs/performance.md, "The de
 bundle in int8"):
 
     PYTHONPATH=. python scripts/cold_step.py --bundle models/shakespeare-word
+
+With `--batches`, instead: a back-to-back step's CPU (this thread's) at each batch size, and
+a row's share of it: what a word search's rounds of a few rows cost (docs/typing.md):
+
+    PYTHONPATH=. python scripts/cold_step.py --bundle models/shakespeare-char \\
+        --batches 1 2 4 6 12 24 48
 """
 
 from __future__ import annotations
@@ -42,19 +48,18 @@ GAPS: dict[str, Callable[[], object]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
+    parser.add_argument(
+        "--batches", type=int, nargs="+", help="time back-to-back steps at these batch sizes"
+    )
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = bundle.open_session("step", options, ["CPUExecutionProvider"])
-    feed = {
-        i.name: (
-            np.ones((1, 1), dtype=np.int64)
-            if "int" in i.type
-            else np.zeros([1 if not isinstance(d, int) else d for d in i.shape], np.float32)
-        )
-        for i in session.get_inputs()
-    }
+    if args.batches:
+        _batches(session, bundle.name, args.batches)
+        return
+    feed = _feed(session, 1)
     print(f"{bundle.name} version {bundle.version} ({bundle.precision}), ms a step (median):")
     for round_ in (1, 2):
         for name, gap in GAPS.items():
@@ -65,6 +70,33 @@ def main() -> None:
                 session.run(None, feed)
                 times.append(time.perf_counter() - start)
             print(f"  round {round_}  {name:20s} {np.median(times) * 1e3:.3f}")
+
+
+def _feed(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Token 1 and zero states for `batch` rows (a dimension not fixed in the graph is the
+    batch's)."""
+    return {
+        i.name: (
+            np.ones((batch, 1), dtype=np.int64)
+            if "int" in i.type
+            else np.zeros([batch if not isinstance(d, int) else d for d in i.shape], np.float32)
+        )
+        for i in session.get_inputs()
+    }
+
+
+def _batches(session: ort.InferenceSession, name: str, batches: list[int]) -> None:
+    print(f"{name}: us of CPU a back-to-back step (median of {STEPS}), and a row's share")
+    for round_ in (1, 2):
+        for batch in batches:
+            feed = _feed(session, batch)
+            times = []
+            for _ in range(STEPS):
+                start = time.thread_time()
+                session.run(None, feed)
+                times.append(time.thread_time() - start)
+            step = float(np.median(times)) * 1e6
+            print(f"  round {round_}  batch {batch:4d}  {step:8.0f}  {step / batch:6.1f} a row")
 
 
 if __name__ == "__main__":
