@@ -16,7 +16,9 @@ import torch
 from test_train import tiny
 
 from exporter.export import export_bundle
+from rnnlm.cli import main
 from server.bundle import load_bundle
+from training import train as train_module
 from training.checkpoint import load_checkpoint
 from training.cli import configure, torchrun_command
 from training.clipping import AUTO_FACTOR, AutoClip
@@ -27,7 +29,15 @@ from training.report import main as report_main
 from training.schedule import Schedule
 from training.throughput import main as throughput_main
 from training.tokenizer import fit_tokenizer
-from training.train import TrainError, TrainOptions, backward_step, check_options, train
+from training.train import (
+    TrainError,
+    TrainOptions,
+    backward_step,
+    bf16_runs,
+    check_options,
+    onednn_bf16,
+    train,
+)
 
 torch.set_num_threads(1)
 
@@ -58,6 +68,8 @@ def test_each_preset_parses_to_valid_options(name: str, tmp_path: Path) -> None:
     check_options(options)
     assert options.preset == name
     for field, value in PRESETS[name].items():
+        if field == "bf16":  # where it runs (test_bf16_where_onednn_has_no_kernel)
+            value = value and bf16_runs(options.cell, options.device, options.mkldnn)
         assert getattr(options, field) == value, field
 
 
@@ -255,28 +267,55 @@ def test_bf16_trains_and_the_carried_state_stays_float32(tiny_corpus: Path, tmp_
     torch.manual_seed(0)
     model = RNNLM(ModelConfig(cell="lstm", vocab_size=20, embedding=8, hidden=8, layers=2))
     x, y = torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6))
-    loss, norm, state = backward_step(model, x, y, model.initial_state(2), 0.0, bf16=True)
+    was = torch.backends.mkldnn.enabled
+    # oneDNN's bf16 kernels need AVX-512; PyTorch's own run bf16 on any CPU.
+    torch.backends.mkldnn.enabled = was and onednn_bf16("lstm")  # type: ignore[assignment]
+    try:
+        loss, norm, state = backward_step(model, x, y, model.initial_state(2), 0.0, bf16=True)
+    finally:
+        torch.backends.mkldnn.enabled = was  # type: ignore[assignment]
     assert math.isfinite(loss) and norm > 0
     assert all(s.dtype == torch.float32 for s in state)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
-    was = torch.backends.mkldnn.enabled
     out = train(tiny(tiny_corpus, tmp_path / "bf16", bf16=True, mkldnn=not was, epochs=1))
     assert torch.backends.mkldnn.enabled == was  # the switch is undone after the run
     epoch = records(out, "epoch")[0]
     assert epoch["train_loss"] < math.log(load_checkpoint(out).config.vocab_size)
 
 
+def test_bf16_where_onednn_has_no_kernel(
+    tiny_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """On a CPU without AVX-512 (oneDNN has no bf16 LSTM there, and torch raises at the first
+    forward): a preset's bf16 gives way to float32 with a note, and an asked-for --bf16 is
+    refused before training, naming the flag and the ways out."""
+    monkeypatch.setattr(train_module, "onednn_bf16", lambda cell: False)
+    assert preset_options("char-small", {}).bf16 is False
+    assert preset_options("char-small", {"bf16": True}).bf16 is True  # asked for: kept
+    assert preset_options("char-small", {"mkldnn": False}).bf16 is True  # PyTorch's kernels
+    with pytest.raises(TrainError, match=r"^--bf16: this CPU's oneDNN has no bfloat16 lstm kernel"):
+        train(tiny(tiny_corpus, tmp_path / "asked", bf16=True, mkldnn=True, epochs=1))
+    argv = ["train", "--preset", "char-small", "--corpus", str(tiny_corpus), "--hidden", "8",
+            "--max-steps", "1", "--out", str(tmp_path / "preset"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "--preset char-small trains in float32 here" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "preset" / "config.json").read_text())
+    assert saved["train_args"]["bf16"] is False
+
+
 def test_the_throughput_comparison_runs_both_loops(
     tiny_corpus: Path, tmp_path: Path, capsys: Any
 ) -> None:
     result = tmp_path / "throughput.json"
+    # bf16 on PyTorch's own kernels where oneDNN has none (an AVX2-only CPU).
+    flags = ["--bf16"] if bf16_runs("lstm", "cpu") else ["--bf16", "--no-mkldnn"]
     argv = ["--corpus", str(tiny_corpus), "--steps", "3", "--warmup", "1", "--threads", "1",
-            "--json", str(result), "--", "--bf16"]  # fmt: skip
+            "--json", str(result), "--", *flags]  # fmt: skip
     assert throughput_main(argv) == 0
     figures = json.loads(result.read_text())
     assert figures["pytorch_examples_tokens_per_s"] > 0 and figures["rnnlm_tokens_per_s"] > 0
-    assert figures["rnnlm_flags"] == ["--bf16"] and figures["steps"] == 3
+    assert figures["rnnlm_flags"] == flags and figures["steps"] == 3
     assert "speed-up:" in capsys.readouterr().out
 
 

@@ -111,7 +111,8 @@ class Regularization:
                 raise ValueError(f"{name} must be in [0, 1), not {value}")
 
 
-def _recurrent_layer(cell: str, input_size: int, hidden: int) -> nn.Module:
+def recurrent_layer(cell: str, input_size: int, hidden: int) -> nn.Module:
+    """One single-layer recurrent module of `cell`, batch first."""
     if cell == "lstm":
         return nn.LSTM(input_size, hidden, batch_first=True)
     if cell == "gru":
@@ -138,7 +139,7 @@ class RNNLM(nn.Module):
         shared = c.tied and self.adaptive is not None
         self.embed = None if shared else nn.Embedding(c.vocab_size, c.embedding)
         self.rnns = nn.ModuleList(
-            _recurrent_layer(c.cell, c.embedding if i == 0 else c.hidden, c.hidden)
+            recurrent_layer(c.cell, c.embedding if i == 0 else c.hidden, c.hidden)
             for i in range(c.layers)
         )
         # Tying needs the decoder input to match the embedding; project when sizes differ.

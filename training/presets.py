@@ -25,9 +25,10 @@ the measured results and the commands that reproduce them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from training.train import TrainError, TrainOptions
+from training.train import TrainError, TrainOptions, bf16_runs
 
 # pytorch/examples word_language_model's defaults; `word-small` is these plus its changes.
 PYTORCH_EXAMPLES: dict[str, Any] = {
@@ -140,9 +141,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_options(name: str | None, given: dict[str, Any]) -> TrainOptions:
-    """The options of preset `name` (none: the defaults) with the `given` fields on top."""
+    """The options of preset `name` (none: the defaults) with the `given` fields on top.
+
+    A preset's bf16 autocast is for speed: where it cannot run (a CPU whose oneDNN has no
+    bfloat16 kernel, `bf16_runs`), the preset trains in float32 unless `given` asks for bf16
+    itself (then `train` refuses, naming the flag)."""
     if name is None:
         return TrainOptions(**given)
     if name not in PRESETS:
         raise TrainError(f"--preset {name!r}: unknown; the presets are {', '.join(PRESETS)}")
-    return TrainOptions(**{**PRESETS[name], **given, "preset": name})
+    o = TrainOptions(**{**PRESETS[name], **given, "preset": name})
+    if o.bf16 and "bf16" not in given and not bf16_runs(o.cell, o.device, o.mkldnn):
+        return replace(o, bf16=False)
+    return o

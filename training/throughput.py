@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run = {"corpus": args.corpus, "out": Path(tmp) / "run", "max_steps": args.warmup}
         warm = train(preset_options("pytorch-examples", {**run, "quiet": True, **given}))
-        resumed = {"threads": given["threads"]} if "threads" in given else {}
+        # A resume keeps the model's options, not the run's switches: they go again.
+        resumed = {k: given[k] for k in ("threads", "mkldnn") if k in given}
         out = train(
             TrainOptions(resume=warm, max_steps=args.warmup + args.steps, quiet=True, **resumed)
         )

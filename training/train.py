@@ -16,6 +16,7 @@ on any number of them that divides its global batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from training.data import (
 )
 from training.evaluation import evaluate, score_document
 from training.meters import meter_summary, meter_update, new_meter, new_meters, perplexity
-from training.model import RNNLM, Regularization, State, detach_state
+from training.model import RNNLM, Regularization, State, detach_state, recurrent_layer
 from training.options import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -131,6 +132,41 @@ def backward_step(
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), limit, norm)
     # The carried state stays float32 (bf16 autocast returns it in bfloat16).
     return loss.item(), norm.item(), tuple(s.float() for s in state)
+
+
+@functools.cache
+def onednn_bf16(cell: str) -> bool:
+    """Whether this CPU's oneDNN runs `cell`'s recurrent layers under bfloat16 autocast. It
+    needs AVX-512: on an AVX2-only CPU oneDNN cannot create the bf16 primitive, and torch raises
+    at the first forward. (PyTorch's own kernels, `--no-mkldnn`, run bf16 anywhere, many times
+    slower than float32 on oneDNN.)"""
+    layer = recurrent_layer(cell, 4, 4)
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # a ContextProp
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            layer(torch.zeros(1, 2, 4))
+    except RuntimeError:
+        return False
+    finally:
+        torch.backends.mkldnn.enabled = before  # type: ignore[assignment]
+    return True
+
+
+def bf16_runs(cell: str, device: str, mkldnn: bool | None = None) -> bool:
+    """Whether bf16 autocast can train `cell` on `device` with oneDNN on or off (`mkldnn`;
+    None: torch's switch as it is)."""
+    on = torch.backends.mkldnn.enabled if mkldnn is None else mkldnn
+    return device != "cpu" or not on or onednn_bf16(cell)
+
+
+def _check_bf16(o: TrainOptions) -> None:
+    if o.bf16 and not bf16_runs(o.cell, o.device):
+        raise TrainError(
+            f"--bf16: this CPU's oneDNN has no bfloat16 {o.cell} kernel (it needs AVX-512): "
+            "train in float32 (--no-bf16), or on PyTorch's own kernels (--no-mkldnn, many "
+            "times slower)"
+        )
 
 
 # -- setup -------------------------------------------------------------------------------
@@ -855,6 +891,7 @@ def train(options: TrainOptions) -> Path:
     if o.mkldnn is not None:
         torch.backends.mkldnn.enabled = o.mkldnn  # type: ignore[assignment]  # a ContextProp
     try:
+        _check_bf16(o)
         return _train(o, saved_config, group)
     finally:
         torch.backends.mkldnn.enabled = mkldnn_before  # type: ignore[assignment]
