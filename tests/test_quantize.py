@@ -132,9 +132,10 @@ def test_cells_without_integer_kernels_say_so(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     target = tmp_path / f"{cell}-int8"
-    assert (
-        main(["export", str(tiny_checkpoint_factory(cell)), str(target), "--quantize", "int8"]) == 0
-    )
+    # Not the quality gate (tested above): a tiny model's int8 perplexity on 90 tokens moves a
+    # few percent on some CPUs' kernels.
+    argv = ["export", str(tiny_checkpoint_factory(cell)), str(target), "--quantize", "int8"]
+    assert main([*argv, "--max-perplexity-change", "100"]) == 0
     out = capsys.readouterr().out
     assert (
         f"note: {op} x2 stays float32: onnxruntime has no integer {op} kernel (the {cell} cell)"
@@ -151,7 +152,11 @@ def test_cells_without_integer_kernels_say_so(
 
 def test_per_channel_scales(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
     path = export_bundle(
-        tiny_checkpoint_factory("lstm"), tmp_path / "pc", quantize="int8", per_channel=True
+        tiny_checkpoint_factory("lstm"),
+        tmp_path / "pc",
+        quantize="int8",
+        per_channel=True,
+        max_perplexity_change=100.0,  # not the gate: see test_cells_without_integer_kernels_say_so
     )
     bundle = load_bundle(path)
     assert bundle.manifest["quantization"]["per_channel"] is True

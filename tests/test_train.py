@@ -137,17 +137,18 @@ def test_a_continuous_cache_is_tuned_after_training(tmp_path: Path) -> None:
 
 
 def test_best_on_validation_weights_are_kept(corpus: Path, tmp_path: Path) -> None:
-    # SGD at a high rate overshoots: here epoch 2 validates better than epoch 3.
+    # SGD at a high rate overshoots, so a middle epoch often validates best (which one depends
+    # on the CPU's kernels: the rule is checked whichever it is).
     options = tiny(corpus, tmp_path / "three", optimizer="sgd", lr=30.0, clip=5.0, epochs=3)
     out = train(options)
     prov = json.loads((out / "config.json").read_text())["provenance"]
-    epochs = [r for r in read_metrics(out) if r["kind"] == "epoch"]
-    assert epochs[1]["valid_loss"] < min(epochs[0]["valid_loss"], epochs[2]["valid_loss"])
-    assert (prov["best_epoch"], prov["valid_loss"]) == (2, epochs[1]["valid_loss"])
-    # model.safetensors holds the weights after epoch 2: the last weights of a 2-epoch run.
-    two = train(replace(options, out=tmp_path / "two", epochs=2))
-    assert same_weights(out / "model.safetensors", two / "last.safetensors")
-    assert not same_weights(out / "model.safetensors", out / "last.safetensors")
+    losses = [r["valid_loss"] for r in read_metrics(out) if r["kind"] == "epoch"]
+    best = losses.index(min(losses)) + 1
+    assert (prov["best_epoch"], prov["valid_loss"]) == (best, losses[best - 1])
+    # model.safetensors holds the weights after the best epoch: the last of a run that long.
+    again = train(replace(options, out=tmp_path / "again", epochs=best))
+    assert same_weights(out / "model.safetensors", again / "last.safetensors")
+    assert same_weights(out / "model.safetensors", out / "last.safetensors") == (best == 3)
 
 
 @pytest.mark.parametrize("cell", CELLS)
