@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         if preset.get("bf16") and not options.bf16 and "bf16" not in given:
             print(
                 f"rnnlm train: note: --preset {options.preset} trains in float32 here: this "
-                "CPU's oneDNN has no bfloat16 kernel for its cell (it needs AVX-512)",
+                "CPU's oneDNN has no bfloat16 kernel for its cell (an LSTM's needs AVX-512)",
                 file=sys.stderr,
             )
         out = train(options)

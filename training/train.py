@@ -136,11 +136,12 @@ def backward_step(
 
 @functools.cache
 def onednn_bf16(cell: str) -> bool:
-    """Whether this CPU's oneDNN runs `cell`'s recurrent layers under bfloat16 autocast. It
-    needs AVX-512: on an AVX2-only CPU oneDNN cannot create the bf16 primitive, and torch raises
-    at the first forward. (PyTorch's own kernels, `--no-mkldnn`, run bf16 anywhere, many times
-    slower than float32 on oneDNN.)"""
-    layer = recurrent_layer(cell, 4, 4)
+    """Whether this CPU's oneDNN runs `cell`'s recurrent layers under bfloat16 autocast. Its
+    LSTM needs AVX-512: on an AVX2-only CPU oneDNN cannot create the bf16 primitive, and torch
+    raises at the first forward (its GRU and RNN run there). PyTorch's own kernels,
+    `--no-mkldnn`, run bf16 anywhere, many times slower than float32 on oneDNN."""
+    with torch.random.fork_rng(devices=[]):  # the probe's initial weights draw from a fork
+        layer = recurrent_layer(cell, 4, 4)
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = True  # type: ignore[assignment]  # a ContextProp
     try:
