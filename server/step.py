@@ -374,10 +374,14 @@ def _run(
 
 def _read_only(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Read-only views of `arrays` (views of them are read-only too: no flag to set a row)."""
-    views = [a.view() for a in arrays]
-    for v in views:
-        v.setflags(write=False)
-    return views
+    return _frozen([a.view() for a in arrays])
+
+
+def _frozen(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """`arrays`, each made read-only in place."""
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
 
 
 def _decode_all(
@@ -493,16 +497,11 @@ def _logprobs(logits: list[np.ndarray], own: bool) -> list[np.ndarray]:
     several; with `own`, each an array of its own (for the state cache, which should not keep
     the others' alive), else rows of one array."""
     if len(logits) == 1:
-        out = [log_softmax(logits[0])]
-    else:
-        block = log_softmax(np.array(logits))  # rows of one shape
-        if not own:
-            block.setflags(write=False)  # and so its rows
-            return list(block)
-        out = [row.copy() for row in block]
-    for lp in out:
-        lp.setflags(write=False)
-    return out
+        return _frozen([log_softmax(logits[0])])
+    block = log_softmax(np.array(logits))  # rows of one shape
+    if own:
+        return _frozen([row.copy() for row in block])
+    return list(_frozen([block])[0])  # its rows are views, read-only as it is
 
 
 def _sample(
