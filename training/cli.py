@@ -340,6 +340,10 @@ def _launch(nproc: int, given: dict[str, Any]) -> int:
             continue
 
 
+def _note(message: str) -> None:
+    print(f"rnnlm train: note: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k != "command"}
     nproc = given.pop("nproc", 1)
@@ -352,15 +356,7 @@ def run(args: argparse.Namespace) -> int:
             if fixed:
                 flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
                 raise TrainError(f"{flags}: cannot change when resuming; the checkpoint has them")
-        options = preset_options(given.pop("preset", None), given)
-        preset = PRESETS.get(options.preset or "", {})
-        if preset.get("bf16") and not options.bf16 and "bf16" not in given:
-            print(
-                f"rnnlm train: note: --preset {options.preset} trains in float32 here: this "
-                "CPU's oneDNN has no bfloat16 kernel for its cell (an LSTM's needs AVX-512)",
-                file=sys.stderr,
-            )
-        out = train(options)
+        out = train(preset_options(given.pop("preset", None), given, _note))
     except (TrainError, CorpusError, CheckpointError) as e:
         who = f"rnnlm train (rank {rank})" if launched_world_size() > 1 else "rnnlm train"
         print(f"{who}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -25,6 +25,7 @@ the measured results and the commands that reproduce them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -140,17 +141,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_options(name: str | None, given: dict[str, Any]) -> TrainOptions:
+def preset_options(
+    name: str | None, given: dict[str, Any], note: Callable[[str], None] | None = None
+) -> TrainOptions:
     """The options of preset `name` (none: the defaults) with the `given` fields on top.
 
     A preset's bf16 autocast is for speed: where it cannot run (a CPU whose oneDNN has no
-    bfloat16 kernel, `bf16_runs`), the preset trains in float32 unless `given` asks for bf16
-    itself (then `train` refuses, naming the flag)."""
+    bfloat16 kernel, `bf16_runs`), the preset trains in float32, and says so to `note`,
+    unless `given` asks for bf16 itself (then `train` refuses, naming the flag)."""
     if name is None:
         return TrainOptions(**given)
     if name not in PRESETS:
         raise TrainError(f"--preset {name!r}: unknown; the presets are {', '.join(PRESETS)}")
     o = TrainOptions(**{**PRESETS[name], **given, "preset": name})
     if o.bf16 and "bf16" not in given and not bf16_runs(o.cell, o.device, o.mkldnn):
+        if note is not None:
+            note(
+                f"--preset {name} trains in float32 here: this CPU's oneDNN has no bfloat16 "
+                f"kernel for its {o.cell} cell (an LSTM's needs AVX-512)"
+            )
         return replace(o, bf16=False)
     return o
