@@ -114,6 +114,22 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _extension_feed(tokens: tuple[int, ...], vocab: int) -> np.ndarray:
+    """An `Extension`'s tokens as the feed of its request, each checked against the
+    vocabulary (one token, the word search's case, without an array pass)."""
+    if len(tokens) == 1:
+        if not 0 <= tokens[0] < vocab:
+            raise ValueError(f"token {tokens[0]} is outside the vocabulary ({vocab})")
+        return np.array(tokens, dtype=np.int64)
+    if not tokens:
+        raise ValueError("an extension needs at least one token")
+    feed = np.array(tokens, dtype=np.int64)
+    outside = feed.view(np.uint64) >= vocab  # a negative id seen as unsigned is above any
+    if outside.any():
+        raise ValueError(f"token {feed[outside.argmax()]} is outside the vocabulary ({vocab})")
+    return feed
+
+
 def open_engine(
     bundle: Bundle, config: EngineConfig | None = None, metrics: EngineMetrics | None = None
 ) -> Engine:
@@ -382,17 +398,16 @@ class Engine:
     ) -> list[tuple[np.ndarray, State]]:
         """The next-token log-probs and the state after each item, run together as
         `next_token_logprobs_many` runs its contexts: a context (eos + it; cached prefixes
-        reused, the result cached) or an `Extension` (a state this call gave, and one token
+        reused, the result cached) or an `Extension` (a state this call gave, and tokens
         more: stepped from that state, neither looked up nor cached, so a caller that extends
-        its contexts token by token, the word search, spares their lookup and conversion)."""
+        its contexts, the word search token by token and a typing session word by word,
+        spares their lookup and conversion)."""
         results: list[tuple[np.ndarray, State] | None] = [None] * len(items)
         made: list[tuple[int, StateNextRequest]] = []
         vocab = self.bundle.vocab_size
         for i, item in enumerate(items):
             if isinstance(item, Extension):
-                if not 0 <= item.token < vocab:
-                    raise ValueError(f"token {item.token} is outside the vocabulary ({vocab})")
-                feed = np.array([item.token], dtype=np.int64)
+                feed = _extension_feed(item.tokens, vocab)
                 made.append((i, StateNextRequest(_NO_CONTEXT, feed, item.state, None, _ignore)))
                 continue
             ids = self._tokens(item, "context_ids")

@@ -149,10 +149,11 @@ class NextRequest(Request):
 
 class Extension(NamedTuple):
     """A context given as the state after its beginning (one a `StateNextRequest` answered)
-    and its last token: it is stepped from there, neither looked up nor cached."""
+    and its last tokens (at least one): it is stepped from there, neither looked up nor
+    cached."""
 
     state: State
-    token: int
+    tokens: tuple[int, ...]
 
 
 class StateNextRequest(NextRequest):

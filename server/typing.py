@@ -89,6 +89,7 @@ class Memory:
     context: tuple[int, ...] | None = None  # the ids last predicted after (searched models:
     cached: bool = False  # the search's context), and with or without the continuous cache
     logprobs: np.ndarray | None = None  # word models: the next-token log-probs there
+    state: State | None = None  # ... and the model's state there, when the engine gave it
     match: Matcher | None = None  # searched models: what the last search matched
     found: SearchResult | None = None  # ... and what it found
     blocked: set[str] = field(default_factory=set)  # folded words the session blocked
@@ -247,7 +248,7 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
     fewest = _fewest_keys(ask, context)
     counted = _Counted(engine, cached, ask.join)
     if memory.logprobs is None or not memory.same_context(context, cached):
-        (memory.logprobs,) = await counted([list(context)])
+        memory.logprobs, memory.state = await _next_tokens(counted, memory, context, cached)
         memory.context, memory.cached = tuple(context), cached
     # Twice k when words shown the same are one suggestion, so that k remain, and when the
     # word cache may raise a word past the model's k-th.
@@ -275,6 +276,27 @@ async def predict_tokens(engine: Engine, context: Sequence[int], ask: Ask) -> Pr
         total = total if mixed is None else mixed
     suggestions = choose(words, k, match, filters, settings, total, fewest)
     return Predicted(_remembered(fewest, ask, suggestions), False, counted.steps)
+
+
+async def _next_tokens(
+    counted: _Counted, memory: Memory, context: Sequence[int], cached: bool
+) -> Stepped:
+    """A word model's next-token log-probs after `context`, and the model's state there (None
+    with the continuous cache, or when the engine does not give states). A context that
+    extends the one the session last predicted after, whose state it holds (typing a word and
+    a separator), is stepped from that state by its new tokens alone: no lookup of the whole
+    context in the state cache, which also keeps the session's own contexts out of it."""
+    if cached:
+        (logprobs,) = await counted([list(context)])
+        return logprobs, None
+    before, state = memory.context, memory.state
+    if state is not None and before is not None and not memory.cached:
+        n = len(before)
+        if len(context) > n and tuple(context[:n]) == before:
+            ((logprobs, after),) = await counted.stepped([Extension(state, tuple(context[n:]))])
+            return logprobs, after
+    ((logprobs, after),) = await counted.stepped([np.array(context, dtype=np.int64)])
+    return logprobs, after
 
 
 async def predict_words(

@@ -222,7 +222,7 @@ class _Hypothesis(NamedTuple):
     def item(self, base: np.ndarray) -> np.ndarray | Extension:
         """What the engine steps for this hypothesis after the context `base`."""
         if self.parent is not None and self.ids:
-            return Extension(self.parent, self.ids[-1])
+            return Extension(self.parent, self.ids[-1:])
         return np.append(base, np.array(self.ids, np.int64))
 
 

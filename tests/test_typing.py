@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_server import LiveServer, config
+from test_server import LiveServer, config, metric
 
 from rnnlm.bundle import add_blocklist, load_manifest
 from rnnlm.cli import main
@@ -135,6 +135,32 @@ def test_word_models_still_predict_their_tokens(client: Client) -> None:
     assert all(p.token_id >= 0 and not p.token_ids for p in reply.predictions)
     tokens = client.predict_next(CONTEXT, k=3, model=CHAR, next_tokens=True)
     assert not tokens.words and all(len(p.token) == 1 for p in tokens.predictions)
+
+
+def test_a_word_model_session_steps_on_from_its_own_state(live: LiveServer, client: Client) -> None:
+    """A separator that extends a word model's context is stepped from the state the session
+    holds: one step, no lookup of the whole context in the state cache, and the suggestions of
+    a fresh PredictNext of the same context (up to the rounding of another batch)."""
+    session = _Session(client)
+    try:
+        session.send(model=WORD, text=CONTEXT, k=5)
+        before = live.scrape()
+        replies = [session.send(k=5, text=word) for word in ("dog ", "likes ", "the ")]
+        after = live.scrape()
+    finally:
+        session.close()
+    lookups = [
+        metric(samples, f"rnnlm_state_cache_{kind}_total", model=WORD)
+        for samples in (before, after)
+        for kind in ("hits", "misses")
+    ]
+    assert lookups[:2] == lookups[2:]  # hits and misses unchanged
+    for reply, context in zip(replies, ("dog ", "dog likes ", "dog likes the "), strict=True):
+        assert reply.model_steps == 1
+        fresh = client.predict_next(CONTEXT + context, k=5, model=WORD, word_cache=True)
+        assert [p.token for p in reply.predictions] == [p.token for p in fresh.predictions]
+        for a, b in zip(reply.predictions, fresh.predictions, strict=True):
+            assert a.probability == pytest.approx(b.probability, rel=1e-5)
 
 
 @pytest.mark.parametrize("model", [CHAR, BPE, WORD])

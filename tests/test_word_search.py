@@ -274,17 +274,24 @@ def test_a_state_extended_by_a_token_equals_the_whole_context(bundle_dir: Path, 
                 await anext(stream)  # a generation keeps the workers busy meanwhile
             ((row, state),) = await engine.next_token_states_many([np.array(context)])
             cached = len(engine.cache)
-            items = [Extension(state, t) for t in (3, 4, 5)]
+            items = [Extension(state, (t,)) for t in (3, 4, 5)]
             beside = [np.array(long)] if long else []
             stepped = await engine.next_token_states_many([*items, np.array(context), *beside])
-            grand = await engine.next_token_states_many([Extension(stepped[0][1], 6)])
+            grand = await engine.next_token_states_many([Extension(stepped[0][1], (6,))])
+            # Several tokens at once: the state after the context, two tokens further.
+            ((pair, _),) = await engine.next_token_states_many([Extension(state, (3, 6))])
             with pytest.raises(ValueError, match="outside the vocabulary"):
-                await engine.next_token_states_many([Extension(state, bundle.vocab_size)])
+                await engine.next_token_states_many([Extension(state, (bundle.vocab_size,))])
+            with pytest.raises(ValueError, match="token -1 is outside the vocabulary"):
+                await engine.next_token_states_many([Extension(state, (3, -1))])
+            with pytest.raises(ValueError, match="at least one token"):
+                await engine.next_token_states_many([Extension(state, ())])
             after = len(engine.cache) - len(beside)  # the long context was cached
             await stream.aclose()
             whole = [[*context, t] for t in (3, 4, 5)] + [context, [*context, 3, 6]]
             expected = [await engine.next_token_logprobs(c) for c in whole]
             got = [r for r, _ in stepped[:4]] + [grand[0][0]]
+            np.testing.assert_allclose(pair, expected[-1], rtol=1e-5, atol=1e-6)
             assert np.array_equal(stepped[3][0], row)  # the context itself: from the cache
             return got, expected, cached, after
         finally:
