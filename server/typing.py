@@ -48,9 +48,11 @@ from server.words import (
 )
 
 # A word model's likeliest matching tokens among which `Ask.fewest_keys` chooses, besides
-# those passed over. (On 300 validation lines of the shipped word model, 16 saved 0.4171 of
-# the keys, 32 and 1,000 0.4172, 8 0.4170.)
-FEWEST_KEYS_CANDIDATES = 16
+# those passed over. (On 500 validation lines of the shipped word model, version 6, with the
+# word cache: 8 saved 0.4218 of the keys, 6 0.4218, 16 0.4216, for 13 % less of the servicer's
+# CPU an event than 16, `scripts/typing_servicer.py --fewest-keys`; on version 5's 300 lines,
+# 16 saved 0.4171, 32 and 1,000 0.4172, 8 0.4170.)
+FEWEST_KEYS_CANDIDATES = 8
 
 
 def word_settings(config: ServerConfig) -> WordSettings:
