@@ -31,7 +31,6 @@ separator does), nor does a node's only k words compete: they are all shown.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 
@@ -42,7 +41,7 @@ def fewest_keys(words: Sequence[tuple[str, float]], typed: int, k: int) -> list[
     when matching folds) and starting with the `typed` letters typed so far; keys are unique.
     Fewer than k when fewer words than k are longer than the letters typed; the caller fills
     the rest (with the likeliest)."""
-    order = sorted(range(len(words)), key=lambda i: words[i][0])
+    order = sorted(range(len(words)), key=[key for key, _ in words].__getitem__)
     keys = [words[i][0] for i in order]
     probs = [words[i][1] for i in order]
     keys_left = [1.0] * len(keys)
@@ -73,8 +72,10 @@ def _shown(
         if end - child > k:  # else all its words are shown there: their keys stay 1
             _shown(keys, probs, keys_left, child, end, depth + 1, k)
         child = end
-    # Most gain, then likeliest, then first in `keys` (nlargest keeps the order of ties).
-    shown = heapq.nlargest(k, range(lo, hi), key=lambda j: (probs[j] * keys_left[j], probs[j]))
+    # Most gain, then likeliest, then first in `keys` (a stable sort keeps the order of ties;
+    # the gains made first, so that sorting calls no Python function a word).
+    gains = [(probs[j] * keys_left[j], probs[j]) for j in range(lo, hi)]
+    shown = [lo + j for j in sorted(range(hi - lo), key=gains.__getitem__, reverse=True)[:k]]
     for j in range(lo, hi):
         keys_left[j] += 1.0
     for j in shown:

@@ -183,7 +183,10 @@ class FewestKeys:
         then the likeliest passed over (better shown again than an empty slot)."""
         words = [item for item in ranked if is_word(item[0])]
         fresh = [i for i, (text, _) in enumerate(words) if text not in self.passed]
-        keyed = [(match.norm(words[i][0]), words[i][1][0]) for i in fresh]
+        if match.folding:
+            keyed = [(fold(words[i][0]), words[i][1][0]) for i in fresh]
+        else:  # a word model's default: the words as they are, no call a word
+            keyed = [(words[i][0], words[i][1][0]) for i in fresh]
         picked = {fresh[j] for j in fewest_keys(keyed, len(match.key), k)}
         for i in itertools.chain(fresh, range(len(words))):
             if len(picked) >= k:
