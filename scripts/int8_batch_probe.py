@@ -7,7 +7,9 @@ tokens are the same alone and among 64 streams (and where the first differs); th
 weights of the word model's decoder shape, a row's output alone against in a batch of 64 and the
 CPU a run for onnxruntime's `DynamicQuantizeMatMul` and for a decoder quantized a row at a time
 (each row's own scale, zero point 128, `MatMulInteger`: its integer products are exact, so a row's
-output is the same in any batch):
+output is the same in any batch); then the same for one step of one LSTM layer of the word
+model's shape: `DynamicQuantizeLSTM` against the cell written out with its two products
+quantized a row at a time and its gates element-wise:
 
     PYTHONPATH=. python scripts/int8_batch_probe.py --bundle models/shakespeare-word
 """
@@ -114,6 +116,112 @@ def decoders() -> dict[str, bytes]:
     }
 
 
+def _row_quantized(x: str, tag: str) -> list:
+    """Nodes quantizing `x` [rows, K] a row at a time into `{tag}q` (uint8, zero point "az"
+    = 128) with its scales `{tag}s` [rows, 1] (constants "c127", "tiny", "c128")."""
+    node = helper.make_node
+    names = [f"{tag}_{i}" for i in range(6)]
+    return [
+        node("Abs", [x], [names[0]]),
+        node("ReduceMax", [names[0]], [names[1]], axes=[1], keepdims=1),
+        node("Div", [names[1], "c127"], [names[2]]),
+        node("Max", [names[2], "tiny"], [f"{tag}s"]),
+        node("Div", [x, f"{tag}s"], [names[3]]),
+        node("Round", [names[3]], [names[4]]),
+        node("Add", [names[4], "c128"], [names[5]]),
+        node("Cast", [names[5]], [f"{tag}q"], to=TensorProto.UINT8),
+    ]
+
+
+def cells() -> dict[str, tuple[bytes, list[str]]]:
+    """One LSTM layer step on [rows, K] inputs (x, h0, c0), onnxruntime's kernel and the cell
+    written out, with the same int8 weights; each with its input names."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((4 * K, K)) * 0.08).astype(np.float32)  # ONNX's [4H, in], gates iofc
+    r = (rng.standard_normal((4 * K, K)) * 0.08).astype(np.float32)
+    bias = (rng.standard_normal(8 * K) * 0.1).astype(np.float32)
+    w_scale, r_scale = np.float32(np.abs(w).max() / 127), np.float32(np.abs(r).max() / 127)
+    wq = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+    rq = np.clip(np.round(r / r_scale), -127, 127).astype(np.int8)
+    node, f = helper.make_node, TensorProto.FLOAT
+    value = helper.make_tensor_value_info
+    kernel = helper.make_graph(
+        [
+            node(
+                "DynamicQuantizeLSTM",
+                ["x", "W", "R", "B", "", "h0", "c0", "", "ws", "wz", "rs", "rz"],
+                ["y", "h", "c"],
+                domain="com.microsoft",
+                hidden_size=K,
+            )
+        ],
+        "kernel",
+        [value(n, f, [1, "B", K]) for n in ("x", "h0", "c0")],
+        [value("y", f, [1, 1, "B", K]), value("h", f, [1, "B", K]), value("c", f, [1, "B", K])],
+        [
+            numpy_helper.from_array(wq.T[None].copy(), "W"),
+            numpy_helper.from_array(rq.T[None].copy(), "R"),
+            numpy_helper.from_array(bias[None], "B"),
+            numpy_helper.from_array(np.array([w_scale], np.float32), "ws"),
+            numpy_helper.from_array(np.array([0], np.int8), "wz"),
+            numpy_helper.from_array(np.array([r_scale], np.float32), "rs"),
+            numpy_helper.from_array(np.array([0], np.int8), "rz"),
+        ],
+    )
+    gates = [
+        node("MatMulInteger", ["xq", "Wt", "az", "z8"], ["xi"]),
+        node("MatMulInteger", ["hq", "Rt", "az", "z8"], ["hi"]),
+        node("Cast", ["xi"], ["xf"], to=f),
+        node("Cast", ["hi"], ["hf"], to=f),
+        node("Mul", ["xs", "wsc"], ["xsw"]),
+        node("Mul", ["hs", "rsc"], ["hsr"]),
+        node("Mul", ["xf", "xsw"], ["xg"]),
+        node("Mul", ["hf", "hsr"], ["hg"]),
+        node("Add", ["xg", "hg"], ["g0"]),
+        node("Add", ["g0", "bias"], ["g"]),
+        node("Split", ["g"], ["gi", "go", "gf", "gc"], axis=1),
+        node("Sigmoid", ["gi"], ["i"]),
+        node("Sigmoid", ["go"], ["o"]),
+        node("Sigmoid", ["gf"], ["fg"]),
+        node("Tanh", ["gc"], ["cc"]),
+        node("Mul", ["fg", "c0"], ["c1"]),
+        node("Mul", ["i", "cc"], ["c2"]),
+        node("Add", ["c1", "c2"], ["c"]),
+        node("Tanh", ["c"], ["tc"]),
+        node("Mul", ["o", "tc"], ["h"]),
+    ]
+    consts = {
+        "Wt": wq.T.copy(),
+        "Rt": rq.T.copy(),
+        "wsc": np.array(w_scale, np.float32),
+        "rsc": np.array(r_scale, np.float32),
+        "bias": (bias[: 4 * K] + bias[4 * K :]).astype(np.float32),
+        "c127": np.array(127.0, np.float32),
+        "tiny": np.array(1e-30, np.float32),
+        "c128": np.array(128.0, np.float32),
+        "az": np.array(128, np.uint8),
+        "z8": np.array(0, np.int8),
+    }
+    written = helper.make_graph(
+        _row_quantized("x", "x") + _row_quantized("h0", "h") + gates,
+        "written_out",
+        [value(n, f, ["B", K]) for n in ("x", "h0", "c0")],
+        [value("h", f, ["B", K]), value("c", f, ["B", K])],
+        [numpy_helper.from_array(a, name) for name, a in consts.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return {
+        "DynamicQuantizeLSTM": (
+            helper.make_model(kernel, opset_imports=opsets).SerializeToString(),
+            [1],
+        ),
+        "the cell written out": (
+            helper.make_model(written, opset_imports=opsets).SerializeToString(),
+            [0],
+        ),
+    }
+
+
 def timed() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -142,12 +250,46 @@ def timed() -> None:
         )
 
 
+def timed_cells() -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, K)).astype(np.float32)
+    h0 = (rng.standard_normal((256, K)) * 0.5).astype(np.float32)
+    for name, (graph, timed_axis) in cells().items():
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        kernel = timed_axis == [1]  # onnxruntime's LSTM takes [time, rows, K] and answers y first
+
+        def feeds(n: int, kernel: bool = kernel) -> dict[str, np.ndarray]:
+            arrays = {"x": x[:n], "h0": h0[:n], "c0": h0[:n]}
+            return {k: a[None] if kernel else a for k, a in arrays.items()}
+
+        h_out = 1 if kernel else 0
+        alone = session.run(None, feeds(1))[h_out].reshape(-1, K)[0]
+        among = session.run(None, feeds(64))[h_out].reshape(-1, K)[0]
+        costs = []
+        for batch in (1, 6, 64, 256):
+            for _ in range(10):
+                session.run(None, feeds(batch))
+            runs = max(50, 8000 // batch)
+            start = time.thread_time()
+            for _ in range(runs):
+                session.run(None, feeds(batch))
+            costs.append(f"{batch}: {(time.thread_time() - start) / runs * 1e6:.0f} us")
+        diff = float(np.abs(alone - among).max())
+        print(
+            f"{name}: a row's h alone against among 64, max difference {diff:.3g}; "
+            f"a layer's step at batch {', '.join(costs)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
     args = parser.parse_args()
     asyncio.run(seeded(args.bundle))
     timed()
+    timed_cells()
 
 
 if __name__ == "__main__":
