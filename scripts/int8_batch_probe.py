@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +134,10 @@ def _row_quantized(x: str, tag: str) -> list:
     ]
 
 
-def cells() -> dict[str, tuple[bytes, list[str]]]:
+def cells() -> dict[str, tuple[bytes, bool]]:
     """One LSTM layer step on [rows, K] inputs (x, h0, c0), onnxruntime's kernel and the cell
-    written out, with the same int8 weights; each with its input names."""
+    written out, with the same int8 weights; each with whether it is onnxruntime's kernel
+    (whose inputs have a time axis, and whose first output is y)."""
     rng = np.random.default_rng(2)
     w = (rng.standard_normal((4 * K, K)) * 0.08).astype(np.float32)  # ONNX's [4H, in], gates iofc
     r = (rng.standard_normal((4 * K, K)) * 0.08).astype(np.float32)
@@ -213,74 +215,57 @@ def cells() -> dict[str, tuple[bytes, list[str]]]:
     return {
         "DynamicQuantizeLSTM": (
             helper.make_model(kernel, opset_imports=opsets).SerializeToString(),
-            [1],
+            True,
         ),
         "the cell written out": (
             helper.make_model(written, opset_imports=opsets).SerializeToString(),
-            [0],
+            False,
         ),
     }
 
 
-def timed() -> None:
+Feeds = Callable[[int], dict[str, np.ndarray]]
+
+
+def _compare(name: str, graph: bytes, feeds: Feeds, output: int, what: str) -> None:
+    """`graph`'s first row of `output` alone against among 64 rows, and its CPU a run at
+    batch 1 to 256 (one onnxruntime thread)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    rng = np.random.default_rng(1)
-    a = rng.standard_normal((256, K)).astype(np.float32) * rng.uniform(0.2, 5, (256, 1)).astype(
-        np.float32
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    alone = session.run(None, feeds(1))[output].reshape(1, -1)[0]
+    among = session.run(None, feeds(64))[output].reshape(64, -1)[0]
+    costs = []
+    for batch in (1, 6, 64, 256):
+        for _ in range(10):
+            session.run(None, feeds(batch))
+        runs = max(50, 8000 // batch)
+        start = time.thread_time()
+        for _ in range(runs):
+            session.run(None, feeds(batch))
+        costs.append(f"{batch}: {(time.thread_time() - start) / runs * 1e6:.0f} us")
+    diff = float(np.abs(alone - among).max())
+    print(
+        f"{name}: a row alone against among 64, max difference {diff:.3g}; "
+        f"{what} at batch {', '.join(costs)}"
     )
+
+
+def timed() -> None:
+    rng = np.random.default_rng(1)
+    scales = rng.uniform(0.2, 5, (256, 1)).astype(np.float32)
+    a = rng.standard_normal((256, K)).astype(np.float32) * scales
     for name, graph in decoders().items():
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        alone = session.run(None, {"A": a[:1]})[0][0]
-        among = session.run(None, {"A": a[:64]})[0][0]
-        costs = []
-        for batch in (1, 6, 64, 256):
-            x = a[:batch]
-            for _ in range(10):
-                session.run(None, {"A": x})
-            runs = max(20, 4000 // batch)
-            start = time.thread_time()
-            for _ in range(runs):
-                session.run(None, {"A": x})
-            costs.append(f"{batch}: {(time.thread_time() - start) / runs * 1e6:.0f} us")
-        diff = float(np.abs(alone - among).max())
-        print(
-            f"{name}: a row alone against among 64, max difference {diff:.3g}; "
-            f"a run at batch {', '.join(costs)}"
-        )
-
-
-def timed_cells() -> None:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    rng = np.random.default_rng(3)
+        _compare(name, graph, lambda n: {"A": a[:n]}, 0, "a run")
     x = rng.standard_normal((256, K)).astype(np.float32)
     h0 = (rng.standard_normal((256, K)) * 0.5).astype(np.float32)
-    for name, (graph, timed_axis) in cells().items():
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        kernel = timed_axis == [1]  # onnxruntime's LSTM takes [time, rows, K] and answers y first
+    for name, (graph, kernel) in cells().items():
 
         def feeds(n: int, kernel: bool = kernel) -> dict[str, np.ndarray]:
             arrays = {"x": x[:n], "h0": h0[:n], "c0": h0[:n]}
             return {k: a[None] if kernel else a for k, a in arrays.items()}
 
-        h_out = 1 if kernel else 0
-        alone = session.run(None, feeds(1))[h_out].reshape(-1, K)[0]
-        among = session.run(None, feeds(64))[h_out].reshape(-1, K)[0]
-        costs = []
-        for batch in (1, 6, 64, 256):
-            for _ in range(10):
-                session.run(None, feeds(batch))
-            runs = max(50, 8000 // batch)
-            start = time.thread_time()
-            for _ in range(runs):
-                session.run(None, feeds(batch))
-            costs.append(f"{batch}: {(time.thread_time() - start) / runs * 1e6:.0f} us")
-        diff = float(np.abs(alone - among).max())
-        print(
-            f"{name}: a row's h alone against among 64, max difference {diff:.3g}; "
-            f"a layer's step at batch {', '.join(costs)}"
-        )
+        _compare(name, graph, feeds, 1 if kernel else 0, "a layer's step (its h)")
 
 
 def main() -> None:
@@ -289,7 +274,6 @@ def main() -> None:
     args = parser.parse_args()
     asyncio.run(seeded(args.bundle))
     timed()
-    timed_cells()
 
 
 if __name__ == "__main__":
