@@ -352,7 +352,7 @@ def _run(
         assert logits is not None
         ran.block = (rows[:lead], logits[:lead, 0, :])
     if lead < len(rows):
-        new = _read_only(new)  # the rows' own outputs read them (RowOutput.states)
+        new = _read_only_views(new)  # the rows' own outputs read them (RowOutput.states)
     for i in range(lead, len(rows)):
         r = requests[rows[i]]
         n = len(works[rows[i]].tokens)
@@ -372,12 +372,12 @@ def _run(
     return host, ran
 
 
-def _read_only(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _read_only_views(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Read-only views of `arrays` (views of them are read-only too: no flag to set a row)."""
-    return _frozen([a.view() for a in arrays])
+    return _freeze_all([a.view() for a in arrays])
 
 
-def _frozen(arrays: list[np.ndarray]) -> list[np.ndarray]:
+def _freeze_all(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """`arrays`, each made read-only in place."""
     for a in arrays:
         a.setflags(write=False)
@@ -497,11 +497,11 @@ def _logprobs(logits: list[np.ndarray], own: bool) -> list[np.ndarray]:
     several; with `own`, each an array of its own (for the state cache, which should not keep
     the others' alive), else rows of one array."""
     if len(logits) == 1:
-        return _frozen([log_softmax(logits[0])])
+        return _freeze_all([log_softmax(logits[0])])
     block = log_softmax(np.array(logits))  # rows of one shape
     if own:
-        return _frozen([row.copy() for row in block])
-    return list(_frozen([block])[0])  # its rows are views, read-only as it is
+        return _freeze_all([row.copy() for row in block])
+    return list(_freeze_all([block])[0])  # its rows are views, read-only as it is
 
 
 def _sample(
