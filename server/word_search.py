@@ -37,6 +37,7 @@ from server.words import (
     add_word,
     fold,
     is_word,
+    logsumexp_rows,
 )
 
 # ---- the vocabulary's pieces -------------------------------------------------------------------
@@ -343,7 +344,7 @@ async def search(
             if table.is_word(h.text) and match.matches(h.text) and filters.allows(h.text)
         ]
         if words:  # each word's probability of ending there, for all of them at once
-            ends = _logsumexp_rows(grid[words][:, table.boundary]).tolist()
+            ends = logsumexp_rows(grid[words][:, table.boundary]).tolist()
             for j, end in zip(words, ends, strict=True):
                 h = live[j]
                 add_word(found, Word(h.text, h.logprob + end, h.ids), merge=False)
@@ -357,17 +358,6 @@ async def search(
             break
     left += [Unsearched(match.norm(h.text), h) for h in live]
     return SearchResult(list(found.values()), steps, left)
-
-
-def _logsumexp_rows(values: np.ndarray) -> np.ndarray:
-    """`words.logsumexp` of each row of float32 `values` `[n, m]`, in float64, in one pass."""
-    if values.shape[1] == 0:
-        return np.full(len(values), -math.inf)
-    top = values.max(axis=1).astype(np.float64)
-    finite = np.isfinite(top)
-    shift = np.where(finite, top, 0.0)
-    sums = np.exp(values.astype(np.float64) - shift[:, None]).sum(axis=1)
-    return np.where(finite, top + np.log(np.where(finite, sums, 1.0)), top)
 
 
 def _start(

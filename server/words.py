@@ -224,12 +224,25 @@ def add_word(found: dict[str, Word], word: Word, merge: bool) -> None:
 
 
 def logsumexp(values: np.ndarray) -> float:
+    """log(sum(exp(values))) of a 1-D array, in float64 (-inf when empty; the largest value
+    when that is infinite). `logsumexp_rows` is the same rule for each row of a 2-D array."""
     if values.size == 0:
         return -math.inf
     top = float(values.max())
     if not math.isfinite(top):
         return top
     return top + math.log(float(np.exp(values.astype(np.float64) - top).sum()))
+
+
+def logsumexp_rows(values: np.ndarray) -> np.ndarray:
+    """`logsumexp` of each row of float32 `values` `[n, m]`, in float64, in one pass."""
+    if values.shape[1] == 0:
+        return np.full(len(values), -math.inf)
+    top = values.max(axis=1).astype(np.float64)
+    finite = np.isfinite(top)
+    shift = np.where(finite, top, 0.0)
+    sums = np.exp(values.astype(np.float64) - shift[:, None]).sum(axis=1)
+    return np.where(finite, top + np.log(np.where(finite, sums, 1.0)), top)
 
 
 # ---- choosing the suggestions ------------------------------------------------------------------

@@ -36,7 +36,7 @@ from server.word_search import (
     search,
     search_context,
 )
-from server.words import Filters, Matcher, WordSettings, logaddexp
+from server.words import Filters, Matcher, WordSettings, logaddexp, logsumexp, logsumexp_rows
 
 CONTEXT = "the cat sees the "
 # Words of the tiny corpus and two it never has; "the", "moon" and "man" are left out.
@@ -320,3 +320,16 @@ def test_the_scalar_logaddexp_is_numpys(a: float, b: float) -> None:
     """The words' scalar log-add-exp (numpy's costs a microsecond on Python floats) gives
     numpy's result, to the last bits, and -inf for two -infs."""
     assert logaddexp(a, b) == pytest.approx(float(np.logaddexp(a, b)), rel=1e-15, abs=0.0)
+
+
+def test_the_rows_logsumexp_is_each_rows_logsumexp() -> None:
+    """The search's ends, a row of boundary log-probs each, are summed as `logsumexp` sums one
+    row: finite rows, a row of -infs, a row holding +inf, and rows with no columns."""
+    rows = np.array(
+        [[-1.0, -2.5, -0.25], [-math.inf] * 3, [-3.0, math.inf, -1.0], [-700.0, -701.0, -800.0]],
+        dtype=np.float32,
+    )
+    got = logsumexp_rows(rows)
+    for row, value in zip(rows, got, strict=True):
+        assert value == pytest.approx(logsumexp(row), rel=1e-12)
+    assert logsumexp_rows(rows[:, :0]).tolist() == [-math.inf] * len(rows)
