@@ -291,11 +291,13 @@ async def _next_tokens(
     if cached:
         (logprobs,) = await counted([list(context)])
         return logprobs, None
-    before, state = memory.context, memory.state
-    if state is not None and before is not None and not memory.cached:
+    before = memory.context
+    if memory.state is not None:  # set with `before`, by a call without the continuous cache
+        assert before is not None
         n = len(before)
         if len(context) > n and tuple(context[:n]) == before:
-            ((logprobs, after),) = await counted.stepped([Extension(state, tuple(context[n:]))])
+            extension = Extension(memory.state, tuple(context[n:]))
+            ((logprobs, after),) = await counted.stepped([extension])
             return logprobs, after
     ((logprobs, after),) = await counted.stepped([np.array(context, dtype=np.int64)])
     return logprobs, after
