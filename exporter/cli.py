@@ -44,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize",
         choices=QUANTIZATIONS,
-        help="write an int8 dynamically quantized bundle, admitted only if its perplexity on "
+        help="write an int8 quantized bundle, admitted only if its perplexity on "
         "held-out text stays within --max-perplexity-change of fp32",
     )
     parser.add_argument(
@@ -64,6 +64,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--per-channel",
         action="store_true",
         help="int8 weights with a scale per output channel instead of per tensor (slower steps)",
+    )
+    parser.add_argument(
+        "--per-tensor-activations",
+        action="store_true",
+        help="keep onnxruntime's activation scales, one for a whole run: long batch-1 runs "
+        "(prefill, scoring) cost less, but a sequence's int8 results then depend on what shares "
+        "its batch (default: a row at a time, docs/bundle.md)",
     )
     parser.add_argument(
         "--blocklist",
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             calibration_text=args.calibration_text,
             max_perplexity_change=args.max_perplexity_change,
             per_channel=args.per_channel,
+            per_tensor_activations=args.per_tensor_activations,
             blocklist=blocklist,
             lexicon=lexicon,
             unknown_words=unknown_words,

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from exporter.parity import ParityReport, check_parity
 from exporter.quantize import (
+    ACTIVATIONS,
     EVAL_CHUNK,
     EvaluationText,
     QuantizationError,
@@ -315,6 +316,7 @@ def export_bundle(
     calibration_text: str | Path | None = None,
     max_perplexity_change: float = 1.0,
     per_channel: bool = False,
+    per_tensor_activations: bool = False,
     blocklist: str | None = None,
     lexicon: str | None = None,
     unknown_words: str | None = None,
@@ -324,7 +326,9 @@ def export_bundle(
     `quantize="int8"` writes an int8 dynamically quantized bundle, measured on held-out text
     (`calibration_text`, else the checkpoint's validation split) and refused when any graph's
     perplexity moves more than `max_perplexity_change` percent. `per_channel` quantizes weights
-    with a scale per output channel instead of per tensor (see `exporter.quantize`).
+    with a scale per output channel instead of per tensor, and `per_tensor_activations` keeps
+    onnxruntime's run-wide activation scales, whose results depend on the batch (see
+    `exporter.quantize`).
     `blocklist` (words never suggested, one a line) is written as the bundle's `blocklist.txt`,
     with the other files, hashed and validated with them; `lexicon` (the words a character or
     BPE model's searched suggestions are drawn from, one a line) likewise as `lexicon.txt`;
@@ -337,7 +341,20 @@ def export_bundle(
     """
     target = Path(bundle_dir)
     _check_options(
-        version, quantize, calibration_text, per_channel, max_perplexity_change, rtol, atol
+        version,
+        quantize,
+        calibration_text,
+        [
+            flag
+            for flag, on in (
+                ("--per-channel", per_channel),
+                ("--per-tensor-activations", per_tensor_activations),
+            )
+            if on
+        ],
+        max_perplexity_change,
+        rtol,
+        atol,
     )
     check_target(target, force)
     ckpt = load_checkpoint(checkpoint_dir)
@@ -357,7 +374,9 @@ def export_bundle(
         )
     quantization = None
     if held_out is not None:
-        blobs, quantization = _quantize(ckpt, blobs, held_out, max_perplexity_change, per_channel)
+        blobs, quantization = _quantize(
+            ckpt, blobs, held_out, max_perplexity_change, per_channel, per_tensor_activations
+        )
     manifest = build_manifest(
         ckpt,
         blobs,
@@ -383,7 +402,7 @@ def _check_options(
     version: str,
     quantize: str | None,
     calibration_text: str | Path | None,
-    per_channel: bool,
+    int8_flags: list[str],
     max_perplexity_change: float,
     rtol: float,
     atol: float,
@@ -393,8 +412,8 @@ def _check_options(
         raise ExportError("the version must not be empty")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
-    if quantize is None and (calibration_text is not None or per_channel):
-        option = "--calibration-text" if calibration_text is not None else "--per-channel"
+    if quantize is None and (calibration_text is not None or int8_flags):
+        option = "--calibration-text" if calibration_text is not None else int8_flags[0]
         raise ExportError(f"{option} is only used with --quantize int8")
     if not max_perplexity_change >= 0:  # NaN fails too
         raise ExportError(
@@ -438,12 +457,13 @@ def _quantize(
     held_out: EvaluationText,
     max_change: float,
     per_channel: bool,
+    per_tensor_activations: bool,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The int8 graphs and the manifest's `quantization` section, or `ExportError` if refused."""
     c = ckpt.config
     int8, ops = {}, {}
     for graph, blob in blobs.items():
-        int8[graph], ops[graph] = quantize_graph(blob, c.cell, per_channel)
+        int8[graph], ops[graph] = quantize_graph(blob, c.cell, per_channel, per_tensor_activations)
     shapes = [(c.layers, c.hidden)] * len(c.state_names)
     quality = measure_quality(blobs, int8, held_out.ids, shapes)
     text = held_out.record
@@ -459,7 +479,8 @@ def _quantize(
         "method": "onnxruntime.quantization.quantize_dynamic after quant_pre_process "
         "(ORT_ENABLE_BASIC folding)",
         "weights": "int8, symmetric (the embedding table: uint8, asymmetric)",
-        "activations": "uint8, quantized per tensor at run time",
+        "activations": ACTIVATIONS[per_tensor_activations],
+        "batch_independent": not per_tensor_activations,
         "per_channel": per_channel,
         "ops": ops,
         "quality": {

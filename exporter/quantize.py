@@ -4,7 +4,10 @@ Each fp32 graph is folded first (`quant_pre_process`: onnxruntime's optimizer at
 level, which turns the tied decoder's `Transpose` of the embedding into a plain initializer),
 then `onnxruntime.quantization.quantize_dynamic` rewrites it: LSTM -> `DynamicQuantizeLSTM`,
 MatMul with a constant weight -> `MatMulInteger`, and the embedding `Gather` reads a uint8
-table. Weights are int8 (uint8 for the embedding), activations are quantized at run time.
+table. Weights are int8 (uint8 for the embedding). Those ops quantize their activations with
+one scale for a whole run, so by default `exporter.rowwise` then rewrites them to read each
+row's activations on a grid of its own: a row's results do not depend on its batch
+(`per_tensor_activations` keeps onnxruntime's form, whose long batch-1 runs are cheaper).
 onnxruntime has no integer GRU or RNN kernel, so those layers keep float32 weights and only the
 output layer and the embedding of such a model are quantized; `quantized_ops` records exactly
 which ops were and were not quantized.
@@ -30,6 +33,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 from tokenizers import Tokenizer
 
+from exporter.rowwise import rowwise
 from training.checkpoint import Checkpoint
 from training.data import CorpusError, decode_lines, encode, join_lines, load_corpus, read_text
 
@@ -37,11 +41,23 @@ from training.data import CorpusError, decode_lines, encode, join_lines, load_co
 EVAL_TOKENS = 20_000
 # Tokens fed per call, state carried (as the server scores long documents).
 EVAL_CHUNK = 256
-# What each quantized op type becomes.
+# What each quantized op type becomes: with activations a row at a time (the default), and
+# quantized per tensor at run time.
 QUANTIZED_AS = {
+    "LSTM": "the cell written out: MatMulIntegerToFloat in a Scan",
+    "MatMul": "MatMulIntegerToFloat",
+    "Gather": "Gather of a uint8 table",
+}
+QUANTIZED_PER_TENSOR_AS = {
     "LSTM": "DynamicQuantizeLSTM",
     "MatMul": "MatMulInteger",
     "Gather": "Gather of a uint8 table + DequantizeLinear",
+}
+ACTIVATIONS = {
+    True: "uint8, quantized per tensor at run time: a row's results depend on its batch",
+    False: "uint8, a row at a time: 1/127 for values in [-1, 1] (hidden states), the "
+    "embedding table's own integers, else each row its own scale (exporter.rowwise); a row's "
+    "results do not depend on its batch",
 }
 # ONNX op type -> the weight inputs that make it a weight-carrying op.
 WEIGHT_INPUTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "MatMul": (1,), "Gemm": (1,),
@@ -123,12 +139,15 @@ def _validation_split(ckpt: Checkpoint) -> str:
     return corpus.valid
 
 
-def quantize_graph(blob: bytes, cell: str, per_channel: bool) -> tuple[bytes, dict[str, Any]]:
+def quantize_graph(
+    blob: bytes, cell: str, per_channel: bool, per_tensor_activations: bool = False
+) -> tuple[bytes, dict[str, Any]]:
     """One fp32 graph -> its int8 form (self-contained ONNX bytes) and `quantized_ops` of it.
 
     `per_channel` gives each LSTM gate row and each vocabulary column of the output layer its
     own scale instead of one per tensor: on a 10k-vocabulary 2x256 LSTM it made a batch-1 step
     about 30% slower for no better perplexity, so it is an option, not the default.
+    `per_tensor_activations` keeps quantize_dynamic's graph as it is (see the module's doc).
     """
     with tempfile.TemporaryDirectory(prefix="rnnlm-quantize-") as tmp:
         folded, quantized = Path(tmp) / "folded.onnx", Path(tmp) / "int8.onnx"
@@ -137,16 +156,20 @@ def quantize_graph(blob: bytes, cell: str, per_channel: bool) -> tuple[bytes, di
         # transformers and adds nothing to recurrent graphs.
         quant_pre_process(onnx.load_from_string(blob), folded, skip_symbolic_shape=True)
         quantize_dynamic(folded, quantized, per_channel=per_channel, weight_type=QuantType.QInt8)
-        int8 = quantized.read_bytes()
-        return int8, quantized_ops(onnx.load(folded), onnx.load_from_string(int8), cell)
+        int8 = onnx.load(quantized)
+        if not per_tensor_activations:
+            int8 = rowwise(int8)
+        ops = quantized_ops(onnx.load(folded), int8, cell, per_tensor_activations)
+        return int8.SerializeToString(), ops
 
 
-def quantized_ops(folded: onnx.ModelProto, int8: onnx.ModelProto, cell: str) -> dict[str, Any]:
+def quantized_ops(
+    folded: onnx.ModelProto, int8: onnx.ModelProto, cell: str, per_tensor_activations: bool
+) -> dict[str, Any]:
     """Which weight-carrying ops were quantized, to what, and which stayed float, and why."""
     before, left = _weight_ops(folded), _weight_ops(int8)
-    quantized = {
-        op: {"count": n, "as": QUANTIZED_AS.get(op, "int8")} for op, n in (before - left).items()
-    }
+    names = QUANTIZED_PER_TENSOR_AS if per_tensor_activations else QUANTIZED_AS
+    quantized = {op: {"count": n, "as": names.get(op, "int8")} for op, n in (before - left).items()}
     floats = {}
     for op, n in left.items():
         reason = (

@@ -281,6 +281,59 @@ def test_seeded_generation_ignores_its_companions(lstm: Bundle) -> None:
     assert [t for t, _, _ in other_seed] != [t for t, _, _ in first]
 
 
+def identical(a: list[Any], b: list[Any]) -> None:
+    """The same bits: every array equal, every generation's tokens and numbers equal."""
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, np.ndarray):
+            assert np.array_equal(x, y)
+        else:
+            assert x == y
+
+
+def test_an_int8_bundle_gives_the_same_bits_however_requests_are_batched(
+    int8_bundle: Path,
+) -> None:
+    """int8 graphs read each row's activations on a grid of its own (exporter.rowwise), so
+    batching, chunking, the state cache and the prefill split change no bit of any result."""
+    bundle = load_bundle(int8_bundle)
+    calls = mixed_workload(bundle.vocab_size)
+
+    async def together(engine: Engine) -> list[Any]:
+        return list(await asyncio.gather(*(call(engine) for call in calls)))
+
+    async def alone(engine: Engine) -> list[Any]:
+        return [await call(engine) for call in calls]
+
+    metrics = Metrics()
+    batched = run_engine(bundle, together, metrics, prefill_chunk=8)
+    count, total = runs(metrics, bundle)
+    assert total > count  # some runs really held several requests
+    for other in (
+        run_engine(bundle, alone, prefill_chunk=8, state_cache_bytes=0),
+        run_engine(bundle, together, prefill_chunk=3, batching=False),
+        *(run_engine(bundle, together, prefill_split=split) for split in SPLITS),
+    ):
+        identical(batched, other)
+
+
+def test_an_int8_seeded_generation_is_the_same_alone_and_among_64(int8_bundle: Path) -> None:
+    bundle = load_bundle(int8_bundle)
+    params = [SamplingParams(seed=i, temperature=1.1) for i in range(64)]
+
+    async def alone(engine: Engine) -> list[list]:
+        return [await collect(engine, [2, i], 40, params[i]) for i in range(4)]
+
+    async def crowded(engine: Engine) -> list[list]:
+        calls = (collect(engine, [2, i % bundle.vocab_size], 40, p) for i, p in enumerate(params))
+        return list(await asyncio.gather(*calls))[:4]
+
+    metrics = Metrics()
+    among = run_engine(bundle, crowded, metrics)
+    count, total = runs(metrics, bundle)
+    assert total / count > 16  # the crowd's rows really shared runs
+    assert run_engine(bundle, alone) == among
+
+
 def test_stop_ids_end_generation_after_the_stop_token(lstm: Bundle) -> None:
     async def body(engine: Engine) -> tuple[list, list]:
         greedy = SamplingParams(temperature=0)

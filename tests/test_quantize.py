@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from exporter.export import ExportError, export_bundle
+from exporter.quantize import QUANTIZED_AS
 from rnnlm.cli import main
 from server.bundle import Bundle, external_data, load_bundle
 from training.data import load_corpus
@@ -57,14 +58,16 @@ def test_int8_graphs_hold_integer_ops(int8_bundle: Path) -> None:
     for graph in ("step", "prefill", "score"):
         ops = op_types(bundle.graph_file(graph))
         output_layers = 0 if graph == "prefill" else 1
-        assert ops["DynamicQuantizeLSTM"] == 2 and ops["MatMulInteger"] == output_layers, ops
-        assert "LSTM" not in ops and "MatMul" not in ops
+        # Each layer's input product beside its Scan (whose cell holds the recurrent one).
+        assert ops["Scan"] == 2 and ops["MatMulIntegerToFloat"] == 2 + output_layers, ops
+        assert not {"LSTM", "MatMul", "DynamicQuantizeLSTM", "DynamicQuantizeLinear"} & set(ops)
         record = m["quantization"]["ops"][graph]
-        assert record["quantized"]["LSTM"] == {"count": 2, "as": "DynamicQuantizeLSTM"}
+        assert record["quantized"]["LSTM"] == {"count": 2, "as": QUANTIZED_AS["LSTM"]}
         if output_layers:
-            assert record["quantized"]["MatMul"] == {"count": 1, "as": "MatMulInteger"}
+            assert record["quantized"]["MatMul"] == {"count": 1, "as": "MatMulIntegerToFloat"}
         assert record["float"] == {}
     assert m["quantization"]["per_channel"] is False
+    assert m["quantization"]["batch_independent"] is True
     assert "quantization.quality" in m["parity"]["applies_to"]
     # The int8 weights are shared by the graphs like fp32 ones, and are int8 on disk.
     step = {(r.offset, r.length) for r in external_data(bundle.step_graph)}
@@ -72,8 +75,9 @@ def test_int8_graphs_hold_integer_ops(int8_bundle: Path) -> None:
     assert {(r.offset, r.length) for r in external_data(bundle.graph_file("prefill"))} <= step
     proto = onnx.load(str(bundle.step_graph))
     types = {t.name: t.data_type for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        weights = {"DynamicQuantizeLSTM": (1, 2), "MatMulInteger": (1,), "Gather": (0,)}
+    cells = [n for n in proto.graph.node if n.op_type == "Scan"]
+    for node in [*proto.graph.node, *(n for s in cells for n in s.attribute[0].g.node)]:
+        weights = {"MatMulIntegerToFloat": (1,), "Gather": (0,)}
         for i in weights.get(node.op_type, ()):
             expected = onnx.TensorProto.UINT8 if node.op_type == "Gather" else onnx.TensorProto.INT8
             assert types[node.input[i]] == expected, (node.op_type, node.input[i])
@@ -141,13 +145,13 @@ def test_cells_without_integer_kernels_say_so(
         f"note: {op} x2 stays float32: onnxruntime has no integer {op} kernel (the {cell} cell)"
         in out
     )
-    assert "int8: quantized Gather x1" in out and "MatMul x1 -> MatMulInteger" in out
+    assert "int8: quantized Gather x1" in out and "MatMul x1 -> MatMulIntegerToFloat" in out
     bundle = load_bundle(target)
     record = bundle.manifest["quantization"]["ops"]["step"]
     assert record["float"][op]["count"] == 2
     assert set(record["quantized"]) == {"Gather", "MatMul"}
     ops = op_types(bundle.step_graph)
-    assert ops[op] == 2 and ops["MatMulInteger"] == 1
+    assert ops[op] == 2 and ops["MatMulIntegerToFloat"] == 1
 
 
 def test_per_channel_scales(tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path) -> None:
@@ -162,8 +166,26 @@ def test_per_channel_scales(tiny_checkpoint_factory: Callable[..., Path], tmp_pa
     assert bundle.manifest["quantization"]["per_channel"] is True
     proto = onnx.load(str(bundle.step_graph))
     inits = {t.name: t for t in proto.graph.initializer}
-    matmul = next(n for n in proto.graph.node if n.op_type == "MatMulInteger")
-    assert list(inits[matmul.input[3]].dims) == [bundle.vocab_size]  # a zero point per column
+    matmul = next(n for n in proto.graph.node if n.input[-1] == "model.decoder.bias")
+    assert list(inits[matmul.input[3]].dims) == [bundle.vocab_size]  # a scale per column
+
+
+def test_per_tensor_activations_keep_onnxruntimes_ops(
+    tiny_checkpoint_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    path = export_bundle(
+        tiny_checkpoint_factory("lstm"),
+        tmp_path / "pt",
+        quantize="int8",
+        per_tensor_activations=True,
+        max_perplexity_change=100.0,  # not the gate: see test_cells_without_integer_kernels_say_so
+    )
+    bundle = load_bundle(path)
+    quantization = bundle.manifest["quantization"]
+    assert quantization["batch_independent"] is False
+    assert quantization["ops"]["step"]["quantized"]["LSTM"]["as"] == "DynamicQuantizeLSTM"
+    ops = op_types(bundle.step_graph)
+    assert ops["DynamicQuantizeLSTM"] == 2 and ops["MatMulInteger"] == 1 and "Scan" not in ops
 
 
 def without_corpus(source: Path, tmp_path: Path, corpus: str) -> Path:

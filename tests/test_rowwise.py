@@ -1,8 +1,10 @@
-"""exporter.rowwise: an int8 bundle's graphs rewritten so that a row's results are the same bits
-whatever shares its batch, and close to the graphs they came from."""
+"""exporter.rowwise: int8 graphs rewritten so that a row's results are the same bits whatever
+shares its batch and however its context was cut into runs, and close to onnxruntime's own
+quantized graphs they came from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
+from exporter.quantize import quantize_graph
 from exporter.rowwise import RowwiseError, rowwise
-from server.bundle import load_bundle
+from server.bundle import Bundle, load_bundle
 
 ROWS = 8
 
@@ -30,50 +33,119 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _per_tensor(bundle: Bundle, graph: str) -> onnx.ModelProto:
+    """onnxruntime's own int8 form of an fp32 bundle's graph (activations per tensor)."""
+    blob = onnx.load(str(bundle.graph_file(graph))).SerializeToString()
+    int8, _ = quantize_graph(blob, bundle.cell, per_channel=False, per_tensor_activations=True)
+    return onnx.load_from_string(int8)
+
+
+def _states(bundle: Bundle, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """States like a model's own, some rows' hidden states near +-1 and others near 0, so that
+    one scale for the batch would set the small rows' grid from the big ones."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for spec, zero in zip(bundle.state, bundle.zero_state(rows), strict=True):
+        value = rng.standard_normal(zero.shape).astype(np.float32)
+        value[:, 0] *= 0.1
+        out[spec.input] = np.tanh(value) if spec.name == "h" else value
+    return out
+
+
+def _feeds(bundle: Bundle, graph: str, tokens: np.ndarray, states: dict, rows: slice) -> dict:
+    out = {"tokens": tokens[rows], **{name: s[:, rows] for name, s in states.items()}}
+    if graph == "score":
+        out["targets"] = tokens[rows]
+    return out
+
+
+@pytest.fixture(scope="module")
+def lstm_fp32(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
+    return load_bundle(tiny_bundle_factory("lstm"))
+
+
 @pytest.mark.parametrize("graph", ["step", "prefill", "score"])
 @pytest.mark.parametrize("length", [1, 4])
-def test_a_row_is_the_same_in_any_batch(int8_bundle: Path, graph: str, length: int) -> None:
-    bundle = load_bundle(int8_bundle)
-    original = onnx.load(str(bundle.graph_file(graph)))
+def test_a_row_is_the_same_in_any_batch(lstm_fp32: Bundle, graph: str, length: int) -> None:
+    original = _per_tensor(lstm_fp32, graph)
     rewritten = rowwise(original)
     ops = {n.op_type for n in rewritten.graph.node}
-    assert "DynamicQuantizeLSTM" not in ops and "DynamicQuantizeLinear" not in ops
+    assert not {"DynamicQuantizeLSTM", "DynamicQuantizeLinear", "MatMulInteger"} & ops
     assert "Scan" in ops
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, bundle.vocab_size, (ROWS, length)).astype(np.int64)
-    states = [
-        (rng.standard_normal(s.shape) * 0.5).astype(np.float32) for s in bundle.zero_state(ROWS)
-    ]
-    # Rows whose scales differ: per-tensor quantization would let the big ones set the small
-    # ones' grid.
-    for s in states:
-        s[:, 1:] *= 4.0
-    names = [s.input for s in bundle.state]
-
-    def feeds(rows: slice) -> dict[str, np.ndarray]:
-        out = {
-            "tokens": tokens[rows],
-            **{n: s[:, rows] for n, s in zip(names, states, strict=True)},
-        }
-        if graph == "score":
-            out["targets"] = tokens[rows]
-        return out
-
+    tokens = np.random.default_rng(1).integers(0, lstm_fp32.vocab_size, (ROWS, length))
+    states = _states(lstm_fp32, ROWS)
     new, old = _session(rewritten), _session(original)
-    alone, among = new.run(None, feeds(slice(0, 1))), new.run(None, feeds(slice(0, ROWS)))
-    state_outputs = {s.output for s in bundle.state}  # [layers, rows, hidden]; others rows first
+    alone = new.run(None, _feeds(lstm_fp32, graph, tokens, states, slice(0, 1)))
+    among = new.run(None, _feeds(lstm_fp32, graph, tokens, states, slice(0, ROWS)))
+    state_outputs = {s.output for s in lstm_fp32.state}  # [layers, rows, hidden]; others rows first
     for output, a, b in zip(new.get_outputs(), alone, among, strict=True):
         row = b[:, :1] if output.name in state_outputs else b[:1]
         assert np.array_equal(a, row), output.name
-    # The same model: close to the graph it came from (the rows' own scales, not the run's).
-    before = old.run(None, feeds(slice(0, 1)))
-    if graph == "step":
-        assert np.abs(_log_softmax(alone[0]) - _log_softmax(before[0])).max() < 0.1
-    assert np.abs(alone[-1] - before[-1]).mean() < 0.05  # the last cell state, on average
+    # The same model: as close to the fp32 graph as onnxruntime's own int8 graph is.
+    fp32 = _session(onnx.load(str(lstm_fp32.graph_file(graph))))
+    exact, before = (
+        s.run(None, _feeds(lstm_fp32, graph, tokens, states, slice(0, ROWS))) for s in (fp32, old)
+    )
+    for output, a, b, c in zip(new.get_outputs(), among, before, exact, strict=True):
+        ours, theirs = np.abs(a - c).mean(), np.abs(b - c).mean()
+        assert ours < 1.25 * theirs + 1e-4, (output.name, ours, theirs)
 
 
-def test_what_it_cannot_rewrite_is_refused_by_name(int8_bundle: Path) -> None:
-    model = onnx.load(str(load_bundle(int8_bundle).step_graph))
+def test_a_context_fed_at_once_or_a_token_at_a_time_reaches_the_same_state(
+    lstm_fp32: Bundle,
+) -> None:
+    step, prefill = (_session(rowwise(_per_tensor(lstm_fp32, g))) for g in ("step", "prefill"))
+    tokens = np.random.default_rng(2).integers(0, lstm_fp32.vocab_size, (3, 6))
+    states = _states(lstm_fp32, 3)
+    at_once = step.run(None, {"tokens": tokens, **states})
+    prefilled = prefill.run(None, {"tokens": tokens, **states})
+    for t in range(tokens.shape[1]):
+        logits, _, *carried = step.run(None, {"tokens": tokens[:, t : t + 1], **states})
+        states = dict(zip(states, carried, strict=True))
+        assert np.array_equal(logits[:, 0], at_once[0][:, t])
+    for a, b, c in zip(at_once[2:], prefilled[1:], states.values(), strict=True):
+        assert np.array_equal(a, c) and np.array_equal(b, c)
+
+
+def test_an_unbounded_input_is_quantized_a_row_at_a_time(lstm_fp32: Bundle) -> None:
+    model = _per_tensor(lstm_fp32, "step")
+    graph = model.graph
+    i, quant = next(
+        (i, n) for i, n in enumerate(graph.node) if n.op_type == "DynamicQuantizeLinear"
+    )
+    # features x 3: outside [-1, 1], so no fixed grid holds it.
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(3.0, np.float32), "three"))
+    graph.node.insert(i, helper.make_node("Mul", [quant.input[0], "three"], ["tripled"]))
+    quant.input[0] = "tripled"
+    rewritten = rowwise(model)
+    assert "MatMulInteger" in {n.op_type for n in rewritten.graph.node}
+    tokens = np.random.default_rng(3).integers(0, lstm_fp32.vocab_size, (ROWS, 1))
+    states = _states(lstm_fp32, ROWS)
+    session = _session(rewritten)
+    alone = session.run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, 1)))[0]
+    among = session.run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, ROWS)))[0]
+    assert np.array_equal(alone, among[:1])
+    before = _session(model).run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, 1)))
+    assert np.abs(_log_softmax(alone) - _log_softmax(before[0])).max() < 0.3
+
+
+def test_a_gru_models_output_layer_reads_its_hidden_state_on_a_fixed_grid(
+    tiny_bundle_factory: Callable[..., Path],
+) -> None:
+    bundle = load_bundle(tiny_bundle_factory("gru"))
+    rewritten = rowwise(_per_tensor(bundle, "step"))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "GRU" in ops and "QuantizeLinear" in ops and "MatMulInteger" not in ops
+    tokens = np.random.default_rng(4).integers(0, bundle.vocab_size, (ROWS, 2))
+    states = _states(bundle, ROWS)
+    session = _session(rewritten)
+    alone = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, 1)))[0]
+    among = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, ROWS)))[0]
+    assert np.array_equal(alone, among[:1])
+
+
+def test_what_it_cannot_rewrite_is_refused_by_name(lstm_fp32: Bundle) -> None:
+    model = _per_tensor(lstm_fp32, "step")
     lstm = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
     lstm.attribute.append(helper.make_attribute("clip", 3.0))
     with pytest.raises(RowwiseError, match="cannot rewrite clip"):
