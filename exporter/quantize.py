@@ -87,20 +87,29 @@ def evaluation_text(
     """
     tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_path))
     if calibration_text is not None:
-        path = Path(calibration_text)
-        try:
-            text = join_lines(
-                decode_lines(read_text(path, "--calibration-text"), "--calibration-text", path)
-            )
-        except CorpusError as e:
-            raise QuantizationError(str(e)) from e
-        record: dict[str, Any] = {"source": "--calibration-text", "file": str(path)}
-    else:
-        text = _validation_split(ckpt)
-        record = {
-            "source": "the checkpoint's validation split",
-            "file": ckpt.provenance.get("corpus", {}).get("valid"),
-        }
+        return file_evaluation_text(tokenizer, calibration_text, eos, "--calibration-text")
+    record: dict[str, Any] = {
+        "source": "the checkpoint's validation split",
+        "file": ckpt.provenance.get("corpus", {}).get("valid"),
+    }
+    return _evaluation(tokenizer, _validation_split(ckpt), record, eos)
+
+
+def file_evaluation_text(
+    tokenizer: Tokenizer, file: str | Path, eos: int, option: str
+) -> EvaluationText:
+    """The held-out text of `file` (named `option` on the command line), tokenized."""
+    path = Path(file)
+    try:
+        text = join_lines(decode_lines(read_text(path, option), option, path))
+    except CorpusError as e:
+        raise QuantizationError(str(e)) from e
+    return _evaluation(tokenizer, text, {"source": option, "file": str(path)}, eos)
+
+
+def _evaluation(
+    tokenizer: Tokenizer, text: str, record: dict[str, Any], eos: int
+) -> EvaluationText:
     ids = [eos, *encode(tokenizer, text).tolist()]
     if len(ids) < 2:
         raise QuantizationError(f"{record['file']}: the held-out text has no tokens")

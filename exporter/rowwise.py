@@ -101,7 +101,8 @@ def rowwise(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(nodes)
     used = {name for n in nodes for name in n.input} | _body_inputs(nodes)
     # The replaced ops' weights and the constants no node reads go.
-    tensors = [*graph.initializer, *added, *_constants()]
+    shared = [t for t in _constants() if t.name not in inits]  # once, if rewritten before
+    tensors = [*graph.initializer, *added, *shared]
     del graph.initializer[:]
     graph.initializer.extend(t for t in tensors if t.name in used)
     if not any(o.domain == MS for o in out.opset_import):

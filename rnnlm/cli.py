@@ -16,6 +16,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a recurrent language model on a text corpus"),
     "export": ("exporter.cli", "export a checkpoint to a parity-checked ONNX model bundle"),
     "import": ("importers.cli", "import a model made elsewhere as a parity-checked bundle"),
+    "int8-rows": (
+        "exporter.int8_rows",
+        "rewrite an older int8 bundle so that batching changes none of its results",
+    ),
     "serve": ("server.cli", "serve model bundles over gRPC"),
     "generate": ("rnnlm.client_cli", "stream generated text from a server"),
     "predict": ("rnnlm.client_cli", "the k most likely next words for a context"),
@@ -26,7 +30,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # The optional dependencies (pyproject's extras) a subcommand needs beyond the serving install.
-EXTRAS: dict[str, str] = {"train": "train", "export": "train", "import": "train"}
+EXTRAS: dict[str, str] = {
+    "train": "train",
+    "export": "train",
+    "import": "train",
+    "int8-rows": "train",
+}
 _OWN_PACKAGES = {"rnnlm", "server", "training", "exporter", "importers", "benchmarks"}
 
 

@@ -1,17 +1,20 @@
 """Whether a bundle's results depend on what shares a batch, and what `exporter.rowwise` costs.
 
-An int8 bundle's graphs quantize their activations per tensor at run time (`DynamicQuantizeLSTM`,
-`DynamicQuantizeLinear` before `MatMulInteger`): one scale for every row of a run, so a row's
-log-probs move with the other rows of its batch. This prints, for `--bundle`:
+An int8 graph as onnxruntime's quantize_dynamic writes it quantizes its activations per tensor at
+run time (`DynamicQuantizeLSTM`, `DynamicQuantizeLinear` before `MatMulInteger`): one scale for
+every row of a run, so a row's log-probs move with the other rows of its batch; the export's
+default since `exporter.rowwise` reads them a row at a time. This prints, for `--bundle`:
 
 - how many of 8 seeded generations of 100 tokens are the same alone and among 64 streams (and
   where the first differs);
-- for its step graph and `exporter.rowwise`'s rewrite of it (activations quantized a row at a
-  time): a row's logits alone against among 64, the rewrite's log-probs against the original's,
-  and each graph's CPU a one-token step at batch 1 to 256 (one onnxruntime thread, the two
-  graphs alternating, medians of 3 rounds).
+- for the step graph per tensor and a row at a time (the bundle's and `rowwise`'s rewrite of it,
+  or `--per-tensor OLD_BUNDLE`'s and the bundle's): a row's logits alone against among 64, the
+  two graphs' log-probs against each other, and each graph's CPU a one-token step at batch 1 to
+  256 (one onnxruntime thread, the graphs alternating, medians of 3 rounds).
 
     PYTHONPATH=. python scripts/int8_batch_probe.py --bundle models/shakespeare-word
+    git archive 4b25e68 models/shakespeare-word | tar -x -C /tmp/v6   # the last per-tensor one
+    PYTHONPATH=. python scripts/int8_batch_probe.py --per-tensor /tmp/v6/models/shakespeare-word
 """
 
 from __future__ import annotations
@@ -65,13 +68,22 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def step_graphs(bundle: Bundle) -> None:
-    original = onnx.load(str(bundle.step_graph))
+def _graphs(bundle: Bundle, per_tensor: Path | None) -> dict[str, onnx.ModelProto]:
+    """The step graph per tensor and a row at a time, the ones there are."""
+    own = onnx.load(str(bundle.step_graph))
+    if any(n.op_type.startswith("DynamicQuantize") for n in own.graph.node):
+        return {"per tensor": own, "rowwise": rowwise(own)}
+    if per_tensor is None:
+        return {"rowwise": own}
+    return {"per tensor": onnx.load(str(load_bundle(per_tensor).step_graph)), "rowwise": own}
+
+
+def step_graphs(bundle: Bundle, per_tensor: Path | None) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     sessions = {
         name: ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
-        for name, model in (("original", original), ("rowwise", rowwise(original)))
+        for name, model in _graphs(bundle, per_tensor).items()
     }
     rng = np.random.default_rng(0)
     rows = max(BATCHES)
@@ -89,8 +101,9 @@ def step_graphs(bundle: Bundle) -> None:
         among = session.run(None, feeds(64))[0][0]
         print(f"{name}: a row's logits alone against among 64, max difference "
               f"{float(np.abs(logits[name] - among).max()):.3g}")  # fmt: skip
-    moved = np.abs(_log_softmax(logits["rowwise"]) - _log_softmax(logits["original"])).max()
-    print(f"rowwise against original, one row: log-probs within {float(moved):.3g}")
+    if "per tensor" in logits:
+        moved = np.abs(_log_softmax(logits["rowwise"]) - _log_softmax(logits["per tensor"])).max()
+        print(f"rowwise against per tensor, one row: log-probs within {float(moved):.3g}")
     costs: dict[tuple[str, int], list[float]] = {}
     for _ in range(ROUNDS):
         for batch in BATCHES:
@@ -111,10 +124,13 @@ def step_graphs(bundle: Bundle) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
+    parser.add_argument(
+        "--per-tensor", type=Path, metavar="OLD_BUNDLE", help="the same model per tensor"
+    )
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     asyncio.run(seeded(bundle, str(args.bundle)))
-    step_graphs(bundle)
+    step_graphs(bundle, args.per_tensor)
 
 
 if __name__ == "__main__":
