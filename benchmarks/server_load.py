@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks import bare
 from benchmarks.echo import OWN_CONNECTION
 from benchmarks.process import ChildServer
 from benchmarks.timing import BenchError, latency, over_trials
@@ -274,12 +275,17 @@ async def _predict_fresh(
 async def _score(
     stub: pb_grpc.LanguageModelStub, workload: Workload, plan: Plan, with_cache: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """One Score call with the whole document per trial; tokens/s as the client sees it. With
-    `with_cache`, each trial also scores it with the continuous cache, the two alternating, and
-    the second summary is that (else None)."""
+    """One Score call with the whole document per trial; tokens/s as the client sees it, and
+    before each trial bare onnxruntime scoring the same document in this process
+    (`bare_tokens_per_s`: the two alternate, so their ratio compares like machine conditions).
+    With `with_cache`, each trial also scores it with the continuous cache, and the second
+    summary is that (else None)."""
+    bundle = workload.bundle
+    graph = bare.session(bundle, "score" if bundle.score_graph is not None else "step", plan)
     ids = workload.score_ids(plan.score_tokens)
     text = workload.text(ids)
     warm = workload.text(ids[: plan.score_chunk * 2])
+    bare.score_trial(graph, bundle, ids[: plan.score_chunk * 2], plan.score_chunk, 1.0)
     variants = (False, True) if with_cache else (False,)
     for cached in variants:
         request = pb.ScoreRequest(texts=[warm], continuous_cache=cached)
@@ -288,6 +294,7 @@ async def _score(
     timeout = max(CALL_SLACK_SECONDS, 10 * plan.score_budget_s)
     trials: dict[bool, list[dict[str, float]]] = {cached: [] for cached in variants}
     for _ in range(plan.trials):
+        floor = bare.score_trial(graph, bundle, ids, plan.score_chunk, plan.score_budget_s)
         for cached in variants:
             request = pb.ScoreRequest(texts=[text], continuous_cache=cached)
             start = time.perf_counter()
@@ -300,6 +307,7 @@ async def _score(
                     "tokens": float(result.num_tokens),
                     "tokens_per_s": result.num_tokens / seconds,
                     "log_prob": result.log_prob,
+                    "bare_tokens_per_s": floor["tokens_per_s"],
                 }
             )
     summaries = {c: {**over_trials(t), "text_chars": len(text)} for c, t in trials.items()}
