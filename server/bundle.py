@@ -190,6 +190,16 @@ class Bundle:
         return self.spec.tokenizer_kind
 
     @property
+    def batch_independent(self) -> bool:
+        """Whether a row's results are the same whatever shares its batch: float graphs, and
+        int8 graphs whose activations are quantized a row at a time (`exporter.rowwise`), not
+        with one scale for a whole run as older int8 exports did."""
+        quantization = self.manifest.get("quantization")
+        return self.precision != "int8" or (
+            isinstance(quantization, dict) and quantization.get("batch_independent") is True
+        )
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         return self.spec.special_tokens
 

@@ -539,6 +539,14 @@ class ModelRepository:
             if path is None:
                 log.info("%s version %s has no %s graph: its %s work runs on the step graph",
                          name, version, graph, graph)  # fmt: skip
+        if not bundle.batch_independent:
+            log.warning(
+                "%s version %s is int8 with one activation scale a run: its results move with "
+                "what shares a batch (a seeded generation can differ under load); `rnnlm "
+                "int8-rows` rewrites it (docs/bundle.md)",
+                name,
+                version,
+            )
         return LoadedModel(bundle, engine, TextCodec(bundle), stamp)
 
     def _publish(self, models: list[LoadedModel]) -> None:

@@ -3,6 +3,8 @@ batching changes none of its results, measured against it and refused when it mo
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,8 @@ from exporter.export import ExportError, export_bundle
 from exporter.int8_rows import rewrite_bundle
 from rnnlm.cli import main
 from server.bundle import load_bundle
+from server.config import ServerConfig
+from tests.test_server import LiveServer
 from training.data import load_corpus
 
 
@@ -87,3 +91,22 @@ def test_what_it_refuses_is_named_and_nothing_is_written(
     with pytest.raises(ExportError, match="--max-perplexity-change must be"):
         rewrite_bundle(per_tensor, target, text=held_out, max_perplexity_change=float("nan"))
     assert not target.exists()
+
+
+def test_the_server_warns_of_an_int8_bundle_whose_results_move_with_its_batch(
+    per_tensor: Path, int8_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert not load_bundle(per_tensor).batch_independent
+    assert load_bundle(int8_bundle).batch_independent
+    models = tmp_path / "models"
+    for bundle in (per_tensor, int8_bundle):
+        shutil.copytree(bundle, models / bundle.name)
+    caplog.set_level(logging.INFO, logger="server.repository")
+    LiveServer(ServerConfig(models=models, host="127.0.0.1", port=0, metrics_port=0)).close()
+    warned = [r.getMessage() for r in caplog.records if "activation scale" in r.getMessage()]
+    name = load_bundle(per_tensor).name
+    assert warned == [
+        f"{name} version 1 is int8 with one activation scale a run: its results move with what "
+        "shares a batch (a seeded generation can differ under load); `rnnlm int8-rows` "
+        "rewrites it (docs/bundle.md)"
+    ]
