@@ -210,7 +210,12 @@ def assert_same(a: list[Any], b: list[Any]) -> None:
             ]
 
 
-def test_batching_on_and_off_give_the_same_results(bundle: Bundle) -> None:
+Body = Callable[[Engine], Coroutine[Any, Any, list[Any]]]
+
+
+def batched_workload(bundle: Bundle) -> tuple[Body, Body, list[Any]]:
+    """The mixed workload's two engine bodies, all its calls at once and one after the other,
+    and the first's results on the default engine (some of whose runs held several requests)."""
     calls = mixed_workload(bundle.vocab_size)
 
     async def together(engine: Engine) -> list[Any]:
@@ -223,6 +228,11 @@ def test_batching_on_and_off_give_the_same_results(bundle: Bundle) -> None:
     batched = run_engine(bundle, together, metrics, prefill_chunk=8)
     count, total = runs(metrics, bundle)
     assert total > count  # some runs really held several requests
+    return together, alone, batched
+
+
+def test_batching_on_and_off_give_the_same_results(bundle: Bundle) -> None:
+    together, alone, batched = batched_workload(bundle)
     small = run_engine(bundle, together, prefill_chunk=8, max_batch_size=5)
     two_threads = run_engine(bundle, together, prefill_chunk=8, batch_threads=2)
     three_threads = run_engine(bundle, together, prefill_chunk=8, batch_threads=3)
@@ -296,18 +306,7 @@ def test_an_int8_bundle_gives_the_same_bits_however_requests_are_batched(
     """int8 graphs read each row's activations on a grid of its own (exporter.rowwise), so
     batching, chunking, the state cache and the prefill split change no bit of any result."""
     bundle = load_bundle(int8_bundle)
-    calls = mixed_workload(bundle.vocab_size)
-
-    async def together(engine: Engine) -> list[Any]:
-        return list(await asyncio.gather(*(call(engine) for call in calls)))
-
-    async def alone(engine: Engine) -> list[Any]:
-        return [await call(engine) for call in calls]
-
-    metrics = Metrics()
-    batched = run_engine(bundle, together, metrics, prefill_chunk=8)
-    count, total = runs(metrics, bundle)
-    assert total > count  # some runs really held several requests
+    together, alone, batched = batched_workload(bundle)
     for other in (
         run_engine(bundle, alone, prefill_chunk=8, state_cache_bytes=0),
         run_engine(bundle, together, prefill_chunk=3, batching=False),

@@ -59,6 +59,20 @@ def _feeds(bundle: Bundle, graph: str, tokens: np.ndarray, states: dict, rows: s
     return out
 
 
+def _first_row(
+    bundle: Bundle, model: onnx.ModelProto, original: onnx.ModelProto, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first row's logits of a one-token step of `model`, alone and among `ROWS`, and of
+    `original` alone."""
+    tokens = np.random.default_rng(seed).integers(0, bundle.vocab_size, (ROWS, 1))
+    states = _states(bundle, ROWS)
+    session = _session(model)
+    alone = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, 1)))[0]
+    among = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, ROWS)))[0]
+    before = _session(original).run(None, _feeds(bundle, "step", tokens, states, slice(0, 1)))
+    return alone, among[:1], before[0]
+
+
 @pytest.fixture(scope="module")
 def lstm_fp32(tiny_bundle_factory: Callable[..., Path]) -> Bundle:
     return load_bundle(tiny_bundle_factory("lstm"))
@@ -119,14 +133,9 @@ def test_an_unbounded_input_is_quantized_a_row_at_a_time(lstm_fp32: Bundle) -> N
     quant.input[0] = "tripled"
     rewritten = rowwise(model)
     assert "MatMulInteger" in {n.op_type for n in rewritten.graph.node}
-    tokens = np.random.default_rng(3).integers(0, lstm_fp32.vocab_size, (ROWS, 1))
-    states = _states(lstm_fp32, ROWS)
-    session = _session(rewritten)
-    alone = session.run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, 1)))[0]
-    among = session.run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, ROWS)))[0]
-    assert np.array_equal(alone, among[:1])
-    before = _session(model).run(None, _feeds(lstm_fp32, "step", tokens, states, slice(0, 1)))
-    assert np.abs(_log_softmax(alone) - _log_softmax(before[0])).max() < 0.3
+    alone, among, before = _first_row(lstm_fp32, rewritten, model, seed=3)
+    assert np.array_equal(alone, among)
+    assert np.abs(_log_softmax(alone) - _log_softmax(before)).max() < 0.3
 
 
 def test_a_gru_models_output_layer_reads_its_hidden_state_on_a_fixed_grid(
@@ -136,12 +145,8 @@ def test_a_gru_models_output_layer_reads_its_hidden_state_on_a_fixed_grid(
     rewritten = rowwise(_per_tensor(bundle, "step"))
     ops = [n.op_type for n in rewritten.graph.node]
     assert "GRU" in ops and "QuantizeLinear" in ops and "MatMulInteger" not in ops
-    tokens = np.random.default_rng(4).integers(0, bundle.vocab_size, (ROWS, 2))
-    states = _states(bundle, ROWS)
-    session = _session(rewritten)
-    alone = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, 1)))[0]
-    among = session.run(None, _feeds(bundle, "step", tokens, states, slice(0, ROWS)))[0]
-    assert np.array_equal(alone, among[:1])
+    alone, among, _ = _first_row(bundle, rewritten, rewritten, seed=4)
+    assert np.array_equal(alone, among)
 
 
 def test_what_it_cannot_rewrite_is_refused_by_name(lstm_fp32: Bundle) -> None:
