@@ -330,23 +330,20 @@ def _lstm(
         f"{prefix}_split": np.array([3 * hidden, hidden], np.int64),
     }
     tensors = [numpy_helper.from_array(v, name) for name, v in weights.items()]
-    make = helper.make_node
-    y, y_h, y_c = [*node.output, "", "", ""][:3]
+    # The Scan's states and outputs keep the LSTM's direction axis: h and c [1, B, H], each
+    # step's h [1, B, H] (Y [T, 1, B, H]), so no reshaping op surrounds it.
+    y, y_h, y_c = (name or f"{prefix}_{kind}" for name, kind in
+                   zip([*node.output, "", "", ""][:3], ("y", "hT", "cT"), strict=True))  # fmt: skip
     nodes = [
         *_product(x, f"{prefix}_W", f"{prefix}_ws", f"{prefix}_xg", f"{prefix}_x", f"{prefix}_b"),
-        make("Squeeze", [h0, _AXIS0], [f"{prefix}_h0"]),
-        make("Squeeze", [c0, _AXIS0], [f"{prefix}_c0"]),
-        make(
+        helper.make_node(
             "Scan",
-            [f"{prefix}_h0", f"{prefix}_c0", f"{prefix}_xg"],  # xg: [T, B, 4H]
-            [f"{prefix}_hT", f"{prefix}_cT", f"{prefix}_ys"],
+            [h0, c0, f"{prefix}_xg"],  # xg: [T, B, 4H]
+            [y_h, y_c, y],
             num_scan_inputs=1,
             body=_cell(prefix, hidden),
         ),
     ]
-    for name, source, axis in ((y, "ys", _AXIS1), (y_h, "hT", _AXIS0), (y_c, "cT", _AXIS0)):
-        if name:
-            nodes.append(make("Unsqueeze", [f"{prefix}_{source}", axis], [name]))
     return nodes, tensors
 
 
@@ -358,8 +355,8 @@ def _column_scales(scale: np.ndarray) -> np.ndarray:
 
 
 def _cell(prefix: str, hidden: int) -> onnx.GraphProto:
-    """One time step: (h, c, the step's input gates) -> (h, c, h); the recurrent weights and
-    the shared constants are read from the enclosing graph."""
+    """One time step: (h, c [1, B, H], the step's input gates [B, 4H]) -> (h, c, h); the
+    recurrent weights and the shared constants are read from the enclosing graph."""
     make, p = helper.make_node, f"{prefix}_cell"
     h = Operand(f"{p}_hq", _UNIT, _ZP_U8, per_row=False)
     nodes = [
@@ -378,12 +375,13 @@ def _cell(prefix: str, hidden: int) -> onnx.GraphProto:
         make("Identity", ["h_next"], ["h_out"]),
     ]
 
-    def value(name: str, width: int) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", width])
+    def value(name: str, *shape: int | str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
+    state = (1, "rows", hidden)
     return helper.make_graph(
         nodes,
         f"{prefix}_step",
-        [value("h", hidden), value("c", hidden), value("xg", 4 * hidden)],
-        [value("h_next", hidden), value("c_next", hidden), value("h_out", hidden)],
+        [value("h", *state), value("c", *state), value("xg", "rows", 4 * hidden)],
+        [value("h_next", *state), value("c_next", *state), value("h_out", *state)],
     )
