@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from exporter.export import ExportError, bundle_files, write_bundle
+from exporter.export import ExportError, bundle_files, check_target, write_bundle
 from exporter.quantize import (
     ACTIVATIONS,
     QUANTIZED_AS,
@@ -52,6 +52,7 @@ def rewrite_bundle(
         raise ExportError(
             f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
         )
+    check_target(Path(target), force)  # before the work: a refusal is quickest here
     bundle = load_bundle(source)
     quantization = bundle.manifest.get("quantization")
     if bundle.precision != "int8" or not isinstance(quantization, dict):

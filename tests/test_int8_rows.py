@@ -88,6 +88,8 @@ def test_what_it_refuses_is_named_and_nothing_is_written(
         rewrite_bundle(per_tensor, target, text=held_out, max_perplexity_change=0.0)
     with pytest.raises(ExportError, match=r"--text .*missing\.txt"):
         rewrite_bundle(per_tensor, target, text=tmp_path / "missing.txt")
+    with pytest.raises(ExportError, match="already exists; pass --force to replace it"):
+        rewrite_bundle(per_tensor, per_tensor, text=held_out)
     with pytest.raises(ExportError, match="--max-perplexity-change must be"):
         rewrite_bundle(per_tensor, target, text=held_out, max_perplexity_change=float("nan"))
     assert not target.exists()
@@ -110,3 +112,13 @@ def test_the_server_warns_of_an_int8_bundle_whose_results_move_with_its_batch(
         "shares a batch (a seeded generation can differ under load); `rnnlm int8-rows` "
         "rewrites it (docs/bundle.md)"
     ]
+
+
+def test_a_bundle_is_rewritten_in_place_with_force(
+    per_tensor: Path, held_out: Path, tmp_path: Path
+) -> None:
+    bundle = shutil.copytree(per_tensor, tmp_path / "bundle")
+    assert rewrite_bundle(bundle, bundle, text=held_out, version="1", force=True) == bundle
+    rewritten = load_bundle(bundle)  # every file's hash checked again
+    assert rewritten.batch_independent and rewritten.version == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging left behind
