@@ -59,6 +59,23 @@ def _feeds(bundle: Bundle, graph: str, tokens: np.ndarray, states: dict, rows: s
     return out
 
 
+def _same_alone_and_among(
+    bundle: Bundle,
+    session: ort.InferenceSession,
+    graph: str,
+    tokens: np.ndarray,
+    states: dict[str, np.ndarray],
+) -> list[np.ndarray]:
+    """Assert the first row's outputs are the same bits alone and among `ROWS`; the latter."""
+    alone = session.run(None, _feeds(bundle, graph, tokens, states, slice(0, 1)))
+    among = session.run(None, _feeds(bundle, graph, tokens, states, slice(0, ROWS)))
+    state_outputs = {s.output for s in bundle.state}  # [layers, rows, hidden]; others rows first
+    for output, a, b in zip(session.get_outputs(), alone, among, strict=True):
+        row = b[:, :1] if output.name in state_outputs else b[:1]
+        assert np.array_equal(a, row), (graph, output.name)
+    return among
+
+
 def _first_row(
     bundle: Bundle, model: onnx.ModelProto, original: onnx.ModelProto, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,12 +106,7 @@ def test_a_row_is_the_same_in_any_batch(lstm_fp32: Bundle, graph: str, length: i
     tokens = np.random.default_rng(1).integers(0, lstm_fp32.vocab_size, (ROWS, length))
     states = _states(lstm_fp32, ROWS)
     new, old = _session(rewritten), _session(original)
-    alone = new.run(None, _feeds(lstm_fp32, graph, tokens, states, slice(0, 1)))
-    among = new.run(None, _feeds(lstm_fp32, graph, tokens, states, slice(0, ROWS)))
-    state_outputs = {s.output for s in lstm_fp32.state}  # [layers, rows, hidden]; others rows first
-    for output, a, b in zip(new.get_outputs(), alone, among, strict=True):
-        row = b[:, :1] if output.name in state_outputs else b[:1]
-        assert np.array_equal(a, row), output.name
+    among = _same_alone_and_among(lstm_fp32, new, graph, tokens, states)
     # The same model: as close to the fp32 graph as onnxruntime's own int8 graph is.
     fp32 = _session(onnx.load(str(lstm_fp32.graph_file(graph))))
     exact, before = (
@@ -155,3 +167,24 @@ def test_what_it_cannot_rewrite_is_refused_by_name(lstm_fp32: Bundle) -> None:
     lstm.attribute.append(helper.make_attribute("clip", 3.0))
     with pytest.raises(RowwiseError, match="cannot rewrite clip"):
         rowwise(model)
+
+
+def test_a_residual_stack_reads_its_unbounded_inputs_a_row_at_a_time(
+    tiny_corpus: Path, tmp_path: Path
+) -> None:
+    """Above the first layer a residual stack's input is a sum of hidden states, outside
+    [-1, 1]: the export quantizes it (and the output layer's features) a row at a time."""
+    from exporter.export import export_bundle
+    from training.train import TrainOptions, train
+
+    options = TrainOptions(corpus=tiny_corpus, out=tmp_path / "ckpt", cell="lstm", layers=2,
+                           hidden=16, embedding=16, residual=True, dropout=0.0, epochs=1,
+                           bptt=16, batch_size=8, seed=0, threads=1, quiet=True)  # fmt: skip
+    path = export_bundle(train(options), tmp_path / "b", quantize="int8", max_perplexity_change=100)
+    bundle = load_bundle(path)
+    ops = {n.op_type for n in onnx.load(str(bundle.step_graph)).graph.node}
+    assert {"MatMulInteger", "ReduceMax", "MatMulIntegerToFloat", "Scan"} <= ops
+    tokens = np.random.default_rng(5).integers(0, bundle.vocab_size, (ROWS, 3))
+    states = _states(bundle, ROWS)
+    for graph in ("step", "prefill", "score"):
+        _same_alone_and_among(bundle, bundle.open_session(graph), graph, tokens, states)
