@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from exporter.parity import ParityReport, check_parity
 from exporter.quantize import (
-    ACTIVATIONS,
     EVAL_CHUNK,
     EvaluationText,
     QuantizationError,
+    activation_fields,
     evaluation_text,
     measure_quality,
     quantize_graph,
@@ -323,7 +323,7 @@ def export_bundle(
 ) -> Path:
     """Export a checkpoint to a bundle directory and return its path.
 
-    `quantize="int8"` writes an int8 dynamically quantized bundle, measured on held-out text
+    `quantize="int8"` writes an int8 bundle, measured on held-out text
     (`calibration_text`, else the checkpoint's validation split) and refused when any graph's
     perplexity moves more than `max_perplexity_change` percent. `per_channel` quantizes weights
     with a scale per output channel instead of per tensor, and `per_tensor_activations` keeps
@@ -344,14 +344,7 @@ def export_bundle(
         version,
         quantize,
         calibration_text,
-        [
-            flag
-            for flag, on in (
-                ("--per-channel", per_channel),
-                ("--per-tensor-activations", per_tensor_activations),
-            )
-            if on
-        ],
+        {"--per-channel": per_channel, "--per-tensor-activations": per_tensor_activations},
         max_perplexity_change,
         rtol,
         atol,
@@ -362,16 +355,7 @@ def export_bundle(
     # Before any graph is made: a missing text is the quickest failure.
     held_out = _held_out_text(ckpt, calibration_text) if quantize is not None else None
     unknown = None if unknown_words is None else _unknown_words(ckpt, unknown_words)
-    graphs = ["step", "prefill", "score"] if score_graph else ["step", "prefill"]
-    blobs = {graph: export_graph(model, graph) for graph in graphs}
-    align_transposed_weights(blobs)
-    report = check_parity(model, blobs, rtol=rtol, atol=atol)
-    if not report.passed:
-        raise ExportError(
-            f"onnxruntime does not match PyTorch: {report.failure} "
-            f"(rtol {rtol}, atol {atol}; --parity-rtol and --parity-atol set them); nothing "
-            "was written"
-        )
+    blobs, report = _parity_checked_graphs(model, score_graph, rtol, atol)
     quantization = None
     if held_out is not None:
         blobs, quantization = _quantize(
@@ -398,11 +382,29 @@ def export_bundle(
     return write_bundle(target, files, manifest, force=force)
 
 
+def _parity_checked_graphs(
+    model: RNNLM, score_graph: bool, rtol: float, atol: float
+) -> tuple[dict[str, bytes], ParityReport]:
+    """The fp32 graphs by name, once onnxruntime has matched PyTorch on them (else
+    `ExportError`), and the parity report."""
+    graphs = ["step", "prefill", "score"] if score_graph else ["step", "prefill"]
+    blobs = {graph: export_graph(model, graph) for graph in graphs}
+    align_transposed_weights(blobs)
+    report = check_parity(model, blobs, rtol=rtol, atol=atol)
+    if not report.passed:
+        raise ExportError(
+            f"onnxruntime does not match PyTorch: {report.failure} "
+            f"(rtol {rtol}, atol {atol}; --parity-rtol and --parity-atol set them); nothing "
+            "was written"
+        )
+    return blobs, report
+
+
 def _check_options(
     version: str,
     quantize: str | None,
     calibration_text: str | Path | None,
-    int8_flags: list[str],
+    int8_flags: dict[str, bool],
     max_perplexity_change: float,
     rtol: float,
     atol: float,
@@ -412,8 +414,9 @@ def _check_options(
         raise ExportError("the version must not be empty")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
-    if quantize is None and (calibration_text is not None or int8_flags):
-        option = "--calibration-text" if calibration_text is not None else int8_flags[0]
+    given = [flag for flag, on in int8_flags.items() if on]
+    if quantize is None and (calibration_text is not None or given):
+        option = "--calibration-text" if calibration_text is not None else given[0]
         raise ExportError(f"{option} is only used with --quantize int8")
     if not max_perplexity_change >= 0:  # NaN fails too
         raise ExportError(
@@ -479,8 +482,7 @@ def _quantize(
         "method": "onnxruntime.quantization.quantize_dynamic after quant_pre_process "
         "(ORT_ENABLE_BASIC folding)",
         "weights": "int8, symmetric (the embedding table: uint8, asymmetric)",
-        "activations": ACTIVATIONS[per_tensor_activations],
-        "batch_independent": not per_tensor_activations,
+        **activation_fields(per_tensor_activations),
         "per_channel": per_channel,
         "ops": ops,
         "quality": {

@@ -22,9 +22,9 @@ import onnx
 
 from exporter.export import ExportError, bundle_files, check_target, write_bundle
 from exporter.quantize import (
-    ACTIVATIONS,
     QUANTIZED_AS,
     QuantizationError,
+    activation_fields,
     file_evaluation_text,
     measure_quality,
     worst_change,
@@ -32,6 +32,14 @@ from exporter.quantize import (
 from exporter.rowwise import RowwiseError, rowwise
 from rnnlm.bundle import GRAPH_FILES, MANIFEST_FILE, WEIGHTS_FILE
 from server.bundle import Bundle, BundleError, load_bundle
+
+# measure_quality's figures, named for what is compared here: the bundle's graphs and the
+# rewritten ones (the other figures, the changes and the agreement, keep their names).
+_BEFORE_AFTER = {
+    "fp32_perplexity": "before_perplexity",
+    "int8_perplexity": "after_perplexity",
+    "score_graph_int8_perplexity": "score_graph_after_perplexity",
+}
 
 
 def rewrite_bundle(
@@ -57,7 +65,7 @@ def rewrite_bundle(
     quantization = bundle.manifest.get("quantization")
     if bundle.precision != "int8" or not isinstance(quantization, dict):
         raise ExportError(f"{source}: a {bundle.precision} bundle; only int8 bundles are rewritten")
-    if quantization.get("batch_independent"):
+    if bundle.batch_independent:
         raise ExportError(f"{source}: its activations are already quantized a row at a time")
     before = {g: onnx.load(str(bundle.graph_file(g))) for g in bundle.manifest["graphs"]}
     try:
@@ -96,10 +104,7 @@ def _measure(
             f"{held_out.record['tokens']} tokens of {held_out.record['file']}), more than "
             f"--max-perplexity-change {max_change:g}%; nothing was written"
         )
-    renamed = {
-        key.replace("fp32_perplexity", "before_perplexity").replace("int8_", "after_"): value
-        for key, value in quality.items()
-    }
+    renamed = {_BEFORE_AFTER.get(key, key): value for key, value in quality.items()}
     return {
         "tool": "rnnlm int8-rows (exporter.rowwise)",
         "from_version": bundle.version,
@@ -117,8 +122,7 @@ def _manifest(
     manifest.pop("files", None)
     manifest["version"] = version
     section = manifest["quantization"] = copy.deepcopy(quantization)
-    section["activations"] = ACTIVATIONS[False]
-    section["batch_independent"] = True
+    section.update(activation_fields(per_tensor=False))
     for ops in section.get("ops", {}).values():
         for op, record in ops.get("quantized", {}).items():
             record["as"] = QUANTIZED_AS.get(op, record.get("as"))

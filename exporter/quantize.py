@@ -53,16 +53,24 @@ QUANTIZED_PER_TENSOR_AS = {
     "MatMul": "MatMulInteger",
     "Gather": "Gather of a uint8 table + DequantizeLinear",
 }
-ACTIVATIONS = {
-    True: "uint8, quantized per tensor at run time: a row's results depend on its batch",
-    False: "uint8, a row at a time: 1/127 for values in [-1, 1] (hidden states), the "
-    "embedding table's own integers, else each row its own scale (exporter.rowwise); a row's "
-    "results do not depend on its batch",
-}
 # ONNX op type -> the weight inputs that make it a weight-carrying op.
 WEIGHT_INPUTS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2), "MatMul": (1,), "Gemm": (1,),
                  "Gather": (0,)}  # fmt: skip
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def activation_fields(per_tensor: bool) -> dict[str, Any]:
+    """The manifest's `quantization` fields that say how activations are quantized, and so
+    whether a row's results depend on what shares its batch (`Bundle.batch_independent`)."""
+    if per_tensor:
+        how = "uint8, quantized per tensor at run time: a row's results depend on its batch"
+    else:
+        how = (
+            "uint8, a row at a time: 1/127 for values in [-1, 1] (hidden states), the embedding "
+            "table's own integers, else each row its own scale (exporter.rowwise); a row's "
+            "results do not depend on its batch"
+        )
+    return {"activations": how, "batch_independent": not per_tensor}
 
 
 class QuantizationError(Exception):

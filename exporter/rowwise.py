@@ -45,7 +45,6 @@ MS = "com.microsoft"
 # Shared constants.
 _UNIT, _ZP_U8, _ZP_I8 = "rowwise_unit", "rowwise_zp_u8", "rowwise_zp_i8"
 _C127, _TINY, _C128 = "rowwise_127", "rowwise_tiny", "rowwise_128"
-_AXIS0, _AXIS1 = "rowwise_axis0", "rowwise_axis1"
 
 # Ops whose outputs hold only values of their (first, or every) input: a bound passes through.
 _SHAPE_OPS = {"Squeeze", "Unsqueeze", "Transpose", "Reshape", "Flatten", "Identity", "Slice",
@@ -246,8 +245,6 @@ def _constants() -> list[onnx.TensorProto]:
         _C128: np.array(128.0, np.float32),
         _ZP_U8: np.array(128, np.uint8),
         _ZP_I8: np.array(0, np.int8),
-        _AXIS0: np.array([0], np.int64),
-        _AXIS1: np.array([1], np.int64),
     }
     return [numpy_helper.from_array(v, name) for name, v in values.items()]
 

@@ -190,14 +190,17 @@ class Bundle:
         return self.spec.tokenizer_kind
 
     @property
-    def batch_independent(self) -> bool:
-        """Whether a row's results are the same whatever shares its batch: float graphs, and
-        int8 graphs whose activations are quantized a row at a time (`exporter.rowwise`), not
-        with one scale for a whole run as older int8 exports did."""
+    def batch_independent(self) -> bool | None:
+        """Whether a row's results are the same whatever shares its batch: True for float
+        graphs and int8 graphs whose activations are quantized a row at a time
+        (`exporter.rowwise`); False for int8 exported with one activation scale a run on
+        purpose (`--per-tensor-activations`); None for an int8 export from before the manifest
+        said (one scale a run, as onnxruntime's quantize_dynamic writes it)."""
+        if self.precision != "int8":
+            return True
         quantization = self.manifest.get("quantization")
-        return self.precision != "int8" or (
-            isinstance(quantization, dict) and quantization.get("batch_independent") is True
-        )
+        said = quantization.get("batch_independent") if isinstance(quantization, dict) else None
+        return said if isinstance(said, bool) else None
 
     @property
     def special_tokens(self) -> dict[str, int]:

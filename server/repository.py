@@ -539,11 +539,10 @@ class ModelRepository:
             if path is None:
                 log.info("%s version %s has no %s graph: its %s work runs on the step graph",
                          name, version, graph, graph)  # fmt: skip
-        if not bundle.batch_independent:
-            # Chosen at export (--per-tensor-activations): said once; an older export: warned.
-            chosen = bundle.manifest["quantization"].get("batch_independent") is False
+        if bundle.batch_independent is not True:
+            # Chosen at export (--per-tensor-activations): said; an older export: warned.
             log.log(
-                logging.INFO if chosen else logging.WARNING,
+                logging.INFO if bundle.batch_independent is False else logging.WARNING,
                 "%s version %s is int8 with one activation scale a run: its results move with "
                 "what shares a batch (a seeded generation can differ under load); `rnnlm "
                 "int8-rows` rewrites it (docs/bundle.md)",

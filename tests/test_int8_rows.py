@@ -17,6 +17,7 @@ from exporter.int8_rows import rewrite_bundle
 from rnnlm.cli import main
 from server.bundle import load_bundle
 from server.config import ServerConfig
+from tests.test_rowwise import row_states
 from tests.test_server import LiveServer
 from training.data import load_corpus
 
@@ -42,13 +43,8 @@ def _logits(bundle_dir: Path, rows: int) -> np.ndarray:
     """The first row's next-token logits in a run of `rows` rows (its hidden state small, the
     others' large, so that one scale for the run would coarsen its grid)."""
     bundle = load_bundle(bundle_dir)
-    rng = np.random.default_rng(0)
-    states = {}
-    for spec, zero in zip(bundle.state, bundle.zero_state(8), strict=True):
-        value = np.tanh(rng.standard_normal(zero.shape)).astype(np.float32)
-        value[:, 0] *= 0.1
-        states[spec.input] = value[:, :rows]
-    tokens = rng.integers(0, bundle.vocab_size, (8, 3))[:rows]
+    states = {name: s[:, :rows] for name, s in row_states(bundle, 8).items()}
+    tokens = np.random.default_rng(0).integers(0, bundle.vocab_size, (8, 3))[:rows]
     return bundle.open_session("step").run(None, {"tokens": tokens, **states})[0][0]
 
 
@@ -110,6 +106,7 @@ def test_the_server_warns_of_an_int8_bundle_whose_results_move_with_its_batch(
     manifest["name"] = "older"
     del manifest["quantization"]["batch_independent"]
     (older / "manifest.json").write_text(json.dumps(manifest))
+    assert load_bundle(older).batch_independent is None
     caplog.set_level(logging.INFO, logger="server.repository")
     LiveServer(ServerConfig(models=models, host="127.0.0.1", port=0, metrics_port=0)).close()
     said = {r.getMessage().split()[0]: r for r in caplog.records if "scale a run" in r.getMessage()}
