@@ -12,6 +12,7 @@ send status messages beyond its metadata limit, and the client would see that in
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,7 +136,8 @@ def check_name(value: str, field: str) -> str:
 
 
 def check_partial_word(partial_word: str) -> str:
-    """The letters of one word: no whitespace, at most MAX_WORD_CHARS characters."""
+    """The letters of one word: no whitespace or control characters, at most MAX_WORD_CHARS
+    characters."""
     if len(partial_word) > MAX_WORD_CHARS:
         raise invalid(
             f"partial_word has {len(partial_word)} characters; at most {MAX_WORD_CHARS}: "
@@ -146,6 +148,14 @@ def check_partial_word(partial_word: str) -> str:
             "partial_word must be the letters of one word, without spaces, not "
             f"{quote(partial_word)}"
         )
+    # A control character (NUL, ESC...) is in no word: refused by name rather than matching
+    # nothing. Format characters stay (a zero-width non-joiner is part of Persian words).
+    for i, c in enumerate(partial_word):
+        if unicodedata.category(c) == "Cc":
+            raise invalid(
+                f"partial_word has a control character (U+{ord(c):04X}) at position {i}: "
+                f"{quote(partial_word)}"
+            )
     return partial_word
 
 

@@ -8,6 +8,7 @@ client saw.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -232,6 +233,21 @@ def test_errors_quote_a_short_prefix_of_huge_values(
     assert counts.delta("Score", "INVALID_ARGUMENT", WORD) == 1
     assert counts.delta("GetModel", "INVALID_ARGUMENT") == 2
     assert counts.delta("TypingSession", "INVALID_ARGUMENT", WORD) == 1
+
+
+def test_a_control_character_in_a_partial_word_is_named(
+    live: LiveServer, stub: pb_grpc.LanguageModelStub
+) -> None:
+    """A NUL or an escape is in no word: refused by name, where it would match nothing; a
+    zero-width non-joiner, part of Persian words, is a format character and stays."""
+    for partial, code in (("lo\x00", "U+0000"), ("\x1bl", "U+001B")):
+        request = pb.PredictNextRequest(context="the", k=1, partial_word=partial)
+        event = pb.TypingEvent(text="the ", partial_word=partial)
+        refused(functools.partial(stub.PredictNext, request, timeout=30),
+                Code.INVALID_ARGUMENT, "partial_word", code)  # fmt: skip
+        refused(functools.partial(typing, stub, event), Code.INVALID_ARGUMENT, code)  # fmt: skip
+    joined = pb.PredictNextRequest(context="the", k=1, partial_word="a\u200cb")
+    stub.PredictNext(joined, timeout=30)
 
 
 # -- 4: undecodable requests ------------------------------------------------------------------
