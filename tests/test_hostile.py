@@ -238,14 +238,18 @@ def test_errors_quote_a_short_prefix_of_huge_values(
 def test_a_control_character_in_a_partial_word_is_named(
     live: LiveServer, stub: pb_grpc.LanguageModelStub
 ) -> None:
-    """A NUL or an escape is in no word: refused by name, where it would match nothing; a
-    zero-width non-joiner, part of Persian words, is a format character and stays."""
+    """A NUL or an escape is in no word: refused by name, where it would match nothing (or, in
+    a user word, be shown); a zero-width non-joiner, part of Persian words, is a format
+    character and stays."""
     for partial, code in (("lo\x00", "U+0000"), ("\x1bl", "U+001B")):
         request = pb.PredictNextRequest(context="the", k=1, partial_word=partial)
         event = pb.TypingEvent(text="the ", partial_word=partial)
         refused(functools.partial(stub.PredictNext, request, timeout=30),
                 Code.INVALID_ARGUMENT, "partial_word", code)  # fmt: skip
         refused(functools.partial(typing, stub, event), Code.INVALID_ARGUMENT, code)  # fmt: skip
+    listed = pb.PredictNextRequest(context="the", k=1, user_words=["ok", "b\x00"])
+    refused(functools.partial(stub.PredictNext, listed, timeout=30), Code.INVALID_ARGUMENT,
+            "user_words[1]", "U+0000")  # fmt: skip
     joined = pb.PredictNextRequest(context="the", k=1, partial_word="a\u200cb")
     stub.PredictNext(joined, timeout=30)
 
