@@ -54,6 +54,17 @@ class _Entry:
     restart_char: int  # ... which starts at this character
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A text and its ids, with where `PrefixEncoder.extend` re-encodes a longer text from (a
+    typing session's context: the session keeps its own)."""
+
+    text: str
+    ids: list[int]  # not to be changed: the next `extend` reads it
+    restart_token: int
+    restart_char: int
+
+
 class PrefixEncoder:
     """`encode(text)` as `tokenizer.encode(text).ids`, faster for texts extending recent ones.
 
@@ -87,6 +98,26 @@ class PrefixEncoder:
         with self._lock:
             self._store(text, entry)
         return list(entry.ids)
+
+    def extend(self, known: Encoded | None, text: str) -> Encoded:
+        """`text` encoded. When it extends `known`'s text (what this gave for a text one event
+        shorter), only its part from near `known`'s end is encoded, spliced as `encode` splices
+        a remembered text; else the whole of it. A typing session keeps its own `Encoded`, so
+        it needs no lookup among every session's texts, nor loses its text to theirs when many
+        sessions write to the shared memory of `encode`."""
+        if known is not None and self._extends(known, text):
+            head = known.ids[: known.restart_token]
+            entry = _restart(self._encode(text[known.restart_char :]), head, known.restart_char)
+        elif not self.enabled or len(text) > PIECE_CHARS:  # encoded whole again next time
+            return Encoded(text, self.encode(text), 0, 0)
+        else:
+            entry = _restart(self._encode(text), [], 0)
+        return Encoded(text, entry.ids, entry.restart_token, entry.restart_char)
+
+    def _extends(self, known: Encoded, text: str) -> bool:
+        """Whether `text` is `known`'s text and more, to be spliced in one encoding call."""
+        spliced = self.enabled and text.startswith(known.text)
+        return spliced and len(text) - known.restart_char <= PIECE_CHARS
 
     def _encode(self, text: str) -> Encoding:
         if len(text) >= RELEASE_GIL_CHARS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ from server.limits import (
 )
 from server.metrics import Metrics, observe_zeros
 from server.model_info import model_info
+from server.prefix_encoder import Encoded
 from server.repository import LoadedModel, ModelNotFound, ModelRepository, NoDefaultModel
 from server.state_token import SessionContext, StateTokenError, StateTokens
 from server.stops import StopMatcher, detokenize
@@ -258,10 +260,15 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         return model
 
     async def _encode(self, model: LoadedModel, text: str) -> list[int]:
+        return await self._encoded(model, functools.partial(model.codec.encode, text), len(text))
+
+    async def _encoded(self, model: LoadedModel, encode: Callable[[], T], chars: int) -> T:
+        """`encode()`, off the event loop when it encodes over `_LONG_TEXT_CHARS` characters; a
+        tokenizer's error is the request's."""
         try:
-            if len(text) > _LONG_TEXT_CHARS:
-                return await asyncio.to_thread(model.codec.encode, text)
-            return model.codec.encode(text)
+            if chars > _LONG_TEXT_CHARS:
+                return await asyncio.to_thread(encode)
+            return encode()
         except Exception as e:  # tokenizers raises a bare Exception, e.g. for a word without
             # an id in a vocabulary that has no <unk> (an imported pytorch/examples corpus)
             reason = " ".join(str(e).split())[:200]
@@ -270,6 +277,20 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     async def _context_ids(self, model: LoadedModel, text: str, field: str) -> list[int]:
         self._limits.text(text, field)
         return self._within_prompt_limit(await self._encode(model, text), field)
+
+    async def _session_context(
+        self, model: LoadedModel, known: Encoded | None, text: str
+    ) -> Encoded:
+        """A typing session's context encoded, from near the end of `known` (its context one
+        event ago) when `text` extends it: the session keeps its own encoding."""
+        field = "the session's context"
+        self._limits.text(text, field)
+        new = len(text) - len(known.text) if known and text.startswith(known.text) else len(text)
+        encoded = await self._encoded(
+            model, functools.partial(model.codec.extend, known, text), new
+        )
+        self._within_prompt_limit(encoded.ids, field)
+        return encoded
 
     def _within_prompt_limit(self, ids: list[int], field: str) -> list[int]:
         if len(ids) > self._limits.max_prompt_tokens:
@@ -436,7 +457,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
     ) -> None:
         model: LoadedModel | None = None
         text = ""
-        ids: list[int] | None = None  # `text`'s tokens, kept while events only add letters
+        encoded: Encoded | None = None  # `text` and its tokens, kept while events add letters
         memory = Memory()
         try:
             async for event in self._until_drain(events):
@@ -470,8 +491,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
                 if event.return_state_token:
                     self._limits.state_token_reply(text)
                 remember(memory, event)
-                if ids is None or event.text or event.reset or event.state_token:
-                    ids = await self._context_ids(model, text, "the session's context")
+                if encoded is None or event.text or event.reset or event.state_token:
+                    encoded = await self._session_context(model, encoded, text)
+                ids = encoded.ids
                 filters = self._filters(model, memory.blocked, memory.user_words)
                 cached = event.continuous_cache
                 predicted = await self._suggest(model, text, ids, event, filters, cached, memory)

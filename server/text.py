@@ -13,7 +13,7 @@ import bisect
 import numpy as np
 
 from server.bundle import Bundle
-from server.prefix_encoder import PrefixEncoder
+from server.prefix_encoder import Encoded, PrefixEncoder
 
 # Tokens of context decoded in front of each new token, so that the new piece carries the
 # spacing the tokenizer's decoder puts between it and what came before.
@@ -51,6 +51,11 @@ class TextCodec:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a "\\n" is the eos token; unknown words become `<unk>`."""
         return self._encoder.encode(text)
+
+    def extend(self, known: Encoded | None, text: str) -> Encoded:
+        """`text` encoded as `encode` would, from near the end of `known` when `text` extends
+        its text (a typing session's context, one event longer: `PrefixEncoder.extend`)."""
+        return self._encoder.extend(known, text)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from server import prefix_encoder
-from server.prefix_encoder import MIN_CHARS, PrefixEncoder
+from server.prefix_encoder import MIN_CHARS, Encoded, PrefixEncoder
 from training.tokenizer import fit_tokenizer
 
 # Awkward pieces: double spaces, tabs, newlines, punctuation, contractions, accents, the
@@ -51,6 +51,36 @@ def test_extensions_cut_anywhere_encode_as_whole_texts(tokenizer: Tokenizer) -> 
         for cut in (len(text) - 1, len(text) - 5, len(text) - 17):
             encoder.encode(text[:cut])
             assert encoder.encode(text) == whole(tokenizer, text)
+
+
+def test_a_session_extends_its_own_encoding_as_whole_texts(
+    tokenizer: Tokenizer, corpus: str
+) -> None:
+    """`extend` from the session's last result equals encoding the whole text, for short and
+    long texts, with nothing remembered in the shared memory of `encode`; a text that does not
+    extend the last one (a reset) is encoded whole."""
+    encoder = PrefixEncoder(tokenizer)
+    rng = random.Random(2)
+    for _ in range(30):
+        start = rng.randrange(len(corpus) // 2)
+        text = corpus[start : start + rng.randrange(0, 2 * MIN_CHARS)]
+        known: Encoded | None = None
+        for _ in range(8):  # the typing pattern: a word or a separator more each event
+            text += "".join(rng.choice(PIECES) for _ in range(rng.randrange(1, 4)))
+            known = encoder.extend(known, text)
+            assert known.text == text
+            assert known.ids == whole(tokenizer, text), repr(text[-40:])
+        other = corpus[:MIN_CHARS]
+        assert encoder.extend(known, other).ids == whole(tokenizer, other)
+    assert not encoder._entries  # nothing went through the shared memory of `encode`
+
+
+def test_a_session_never_changes_the_ids_it_extends(tokenizer: Tokenizer, corpus: str) -> None:
+    encoder = PrefixEncoder(tokenizer)
+    first = encoder.extend(None, corpus[:MIN_CHARS])
+    before = list(first.ids)
+    encoder.extend(first, corpus[: MIN_CHARS + 40])
+    assert first.ids == before
 
 
 def test_results_are_fresh_lists(tokenizer: Tokenizer, corpus: str) -> None:
