@@ -400,6 +400,17 @@ def _parity_checked_graphs(
     return blobs, report
 
 
+def check_version_and_gate(version: str | None, max_perplexity_change: float) -> None:
+    """Refuse an empty version (None: the command's default, which is not) and a perplexity
+    gate that is not a percentage >= 0 (the export's and `rnnlm int8-rows`' options)."""
+    if version is not None and not version:
+        raise ExportError("the version must not be empty")
+    if not max_perplexity_change >= 0:  # NaN fails too
+        raise ExportError(
+            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
+        )
+
+
 def _check_options(
     version: str,
     quantize: str | None,
@@ -410,18 +421,13 @@ def _check_options(
     atol: float,
 ) -> None:
     """Refuse export options that cannot be honoured, before anything is loaded."""
-    if not version:
-        raise ExportError("the version must not be empty")
+    check_version_and_gate(version, max_perplexity_change)
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, not {quantize!r}")
     given = [flag for flag, on in int8_flags.items() if on]
     if quantize is None and (calibration_text is not None or given):
         option = "--calibration-text" if calibration_text is not None else given[0]
         raise ExportError(f"{option} is only used with --quantize int8")
-    if not max_perplexity_change >= 0:  # NaN fails too
-        raise ExportError(
-            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
-        )
     for flag, value in (("--parity-rtol", rtol), ("--parity-atol", atol)):
         if not 0 <= value < 1:  # NaN fails too; 1 or more would pass any output
             raise ExportError(f"{flag} must be >= 0 and < 1, not {value}")

@@ -20,7 +20,13 @@ from typing import Any
 
 import onnx
 
-from exporter.export import ExportError, bundle_files, check_target, write_bundle
+from exporter.export import (
+    ExportError,
+    bundle_files,
+    check_target,
+    check_version_and_gate,
+    write_bundle,
+)
 from exporter.quantize import (
     QUANTIZED_AS,
     QuantizationError,
@@ -54,12 +60,7 @@ def rewrite_bundle(
     """Write `target`: the int8 bundle `source` with its graphs rewritten by `rowwise`, and
     `version` (default: the old one + "-rows"). `ExportError` with nothing written when the
     source is not such a bundle, a graph cannot be rewritten, or the perplexity moves too far."""
-    if version is not None and not version:
-        raise ExportError("the version must not be empty")
-    if not max_perplexity_change >= 0:  # NaN fails too
-        raise ExportError(
-            f"--max-perplexity-change must be a percentage >= 0, not {max_perplexity_change}"
-        )
+    check_version_and_gate(version, max_perplexity_change)
     check_target(Path(target), force)  # before the work: a refusal is quickest here
     bundle = load_bundle(source)
     quantization = bundle.manifest.get("quantization")
