@@ -56,13 +56,15 @@ class _Entry:
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """A text and its ids, with where `PrefixEncoder.extend` re-encodes a longer text from (a
-    typing session's context: the session keeps its own)."""
+    """A text and its encoding, with where `PrefixEncoder.extend` re-encodes a longer text from
+    (a typing session's context: the session keeps its own)."""
 
     text: str
-    ids: list[int]  # not to be changed: the next `extend` reads it
-    restart_token: int
-    restart_char: int
+    entry: _Entry  # its ids are not to be changed: the next `extend` reads them
+
+    @property
+    def ids(self) -> list[int]:
+        return self.entry.ids
 
 
 class PrefixEncoder:
@@ -106,18 +108,26 @@ class PrefixEncoder:
         it needs no lookup among every session's texts, nor loses its text to theirs when many
         sessions write to the shared memory of `encode`."""
         if known is not None and self._extends(known, text):
-            head = known.ids[: known.restart_token]
-            entry = _restart(self._encode(text[known.restart_char :]), head, known.restart_char)
+            old = known.entry
+            head = old.ids[: old.restart_token]
+            entry = _restart(self._encode(text[old.restart_char :]), head, old.restart_char)
         elif not self.enabled or len(text) > PIECE_CHARS:  # encoded whole again next time
-            return Encoded(text, self.encode(text), 0, 0)
+            entry = _Entry(self.encode(text), 0, 0)
         else:
             entry = _restart(self._encode(text), [], 0)
-        return Encoded(text, entry.ids, entry.restart_token, entry.restart_char)
+        return Encoded(text, entry)
+
+    def chars_to_encode(self, known: Encoded | None, text: str) -> int:
+        """How many characters `extend(known, text)` encodes (a caller runs a long encoding
+        off its event loop)."""
+        if known is not None and self._extends(known, text):
+            return len(text) - known.entry.restart_char
+        return len(text)
 
     def _extends(self, known: Encoded, text: str) -> bool:
         """Whether `text` is `known`'s text and more, to be spliced in one encoding call."""
         spliced = self.enabled and text.startswith(known.text)
-        return spliced and len(text) - known.restart_char <= PIECE_CHARS
+        return spliced and len(text) - known.entry.restart_char <= PIECE_CHARS
 
     def _encode(self, text: str) -> Encoding:
         if len(text) >= RELEASE_GIL_CHARS:

@@ -285,10 +285,9 @@ class LanguageModelServicer(pb_grpc.LanguageModelServicer):
         event ago) when `text` extends it: the session keeps its own encoding."""
         field = "the session's context"
         self._limits.text(text, field)
-        new = len(text) - len(known.text) if known and text.startswith(known.text) else len(text)
-        encoded = await self._encoded(
-            model, functools.partial(model.codec.extend, known, text), new
-        )
+        encoder = model.codec.encoder
+        encode = functools.partial(encoder.extend, known, text)
+        encoded = await self._encoded(model, encode, encoder.chars_to_encode(known, text))
         self._within_prompt_limit(encoded.ids, field)
         return encoded
 

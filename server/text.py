@@ -13,7 +13,7 @@ import bisect
 import numpy as np
 
 from server.bundle import Bundle
-from server.prefix_encoder import Encoded, PrefixEncoder
+from server.prefix_encoder import PrefixEncoder
 
 # Tokens of context decoded in front of each new token, so that the new piece carries the
 # spacing the tokenizer's decoder puts between it and what came before.
@@ -45,17 +45,13 @@ class TextCodec:
         self._sorted_texts = [text for text, _ in keyed]
         self._sorted_ids = np.array([i for _, i in keyed], dtype=np.int64)
         self.special_id_array = np.array(sorted(self.special_ids), dtype=np.int64)
-        # A context that extends a recent one is encoded from near its end (typing clients).
-        self._encoder = PrefixEncoder(self.tokenizer)
+        # A context that extends a recent one is encoded from near its end (typing clients;
+        # a typing session through `encoder.extend`, keeping its own `Encoded`).
+        self.encoder = PrefixEncoder(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a "\\n" is the eos token; unknown words become `<unk>`."""
-        return self._encoder.encode(text)
-
-    def extend(self, known: Encoded | None, text: str) -> Encoded:
-        """`text` encoded as `encode` would, from near the end of `known` when `text` extends
-        its text (a typing session's context, one event longer: `PrefixEncoder.extend`)."""
-        return self._encoder.extend(known, text)
+        return self.encoder.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))

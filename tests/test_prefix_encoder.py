@@ -70,7 +70,11 @@ def test_a_session_extends_its_own_encoding_as_whole_texts(
             known = encoder.extend(known, text)
             assert known.text == text
             assert known.ids == whole(tokenizer, text), repr(text[-40:])
+        longer = text + " cat"
+        restart = known.entry.restart_char  # only from there on
+        assert encoder.chars_to_encode(known, longer) == len(longer) - restart
         other = corpus[:MIN_CHARS]
+        assert encoder.chars_to_encode(known, other) == len(other)  # not an extension: all
         assert encoder.extend(known, other).ids == whole(tokenizer, other)
     assert not encoder._entries  # nothing went through the shared memory of `encode`
 
