@@ -11,10 +11,14 @@ another: server/fastsample.py asks the baseline build which level the CPU runs a
 the best build it has. A compiler too old for a level's flag skips that build.
 """
 
+import os
 import platform
+import shutil
+import subprocess
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 X86_64 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
 
@@ -39,4 +43,33 @@ if X86_64:
         kernel("_fastsample_v4", "server/_fastsample_v4.c", "x86-64-v4"),
     ]
 
-setup(ext_modules=extensions)
+
+class BuildWithFrontEnd(build_ext):
+    """The extensions, then the native gRPC front end (server/front_end.cc) where grpc++ is found
+    by pkg-config (Debian: libgrpc++-dev and pkg-config). Optional like the kernels: without
+    it, `rnnlm serve --front-end auto` serves with grpc.aio."""
+
+    def run(self) -> None:
+        super().run()
+        target_dir = "server" if self.inplace else os.path.join(self.build_lib, "server")
+        target = os.path.join(target_dir, "rnnlm_front_end")
+        source = "server/front_end.cc"
+        if os.path.exists(target) and os.path.getmtime(target) >= os.path.getmtime(source):
+            return  # built already
+        if not shutil.which("pkg-config"):
+            print("rnnlm: no pkg-config; the native gRPC front end is not built")
+            return
+        flags = subprocess.run(
+            ["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True
+        )
+        if flags.returncode != 0:
+            print("rnnlm: grpc++ not found by pkg-config; the native gRPC front end is not built")
+            return
+        os.makedirs(target_dir, exist_ok=True)
+        command = ["g++", "-O2", "-std=c++17", source, "-o", target]
+        built = subprocess.run(command + flags.stdout.split(), capture_output=True, text=True)
+        if built.returncode != 0:
+            print(f"rnnlm: the native gRPC front end did not build:\n{built.stderr[-2000:]}")
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildWithFrontEnd})

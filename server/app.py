@@ -34,6 +34,8 @@ from server import heap
 from server.blas import limit_blas_threads
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
+from server.front_end import Handlers, NativeFrontEnd
+from server.front_end import available as front_end_built
 from server.guard import DecodeGuard
 from server.limits import Limits
 from server.metrics import Metrics, MetricsServer
@@ -98,6 +100,13 @@ def transport_options(config: ServerConfig, reuse_port: bool = False) -> list[tu
     return options
 
 
+def native_front_end(config: ServerConfig) -> bool:
+    """Whether the server speaks gRPC through the native front end (--front-end)."""
+    if config.front_end == "auto":
+        return config.tls_cert is None and front_end_built()
+    return config.front_end == "native"
+
+
 def _ms(seconds: float) -> int:
     return max(1, min(round(seconds * 1000), 2**31 - 1))
 
@@ -127,7 +136,10 @@ class RnnlmServer:
         self._servicer.words = word_settings(config)
         self._servicer.word_cache = word_cache_settings(config)
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self._server: grpc.aio.Server | NativeFrontEnd | None = None
+        # Set when the server can no longer serve (the native front end died): `rnnlm serve`
+        # stops it and exits non-zero, so that its supervisor (Kubernetes) starts it again.
+        self.broken = asyncio.Event()
         self._metrics_server: MetricsServer | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
@@ -284,23 +296,17 @@ class RnnlmServer:
             interceptors.append(BearerAuthInterceptor(self._auth, self._refused))
         interceptors.append(DecodeGuard(self._refused))
         options = transport_options(c, self._reuse_port)
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_LanguageModelServicer_to_server(self._servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
         address = _address(c.host, c.port)
-        try:
-            if self._tls is not None:
-                self.port = server.add_secure_port(address, self._tls.server_credentials())
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"--port: cannot listen on {address} ({e})") from e
-        await server.start()
-        self._server = server
-        if self._tls is None:
+        native = native_front_end(c)
+        if native:
+            await self._open_native(interceptors, options, address)
+        else:
+            await self._open_python(interceptors, options, address)
+        if native:
+            transport = "plaintext, native front end"
+        elif self._tls is None:
             transport = "plaintext"
         elif self._tls.mutual:
             transport = "TLS, client certificates required"
@@ -318,6 +324,48 @@ class RnnlmServer:
             ) from e
         self.metrics_port = self._metrics_server.port
         log.info("metrics on http://%s/metrics", _address(host, self.metrics_port))
+
+    def _add_services(self, server: grpc.aio.Server | Handlers) -> None:
+        pb_grpc.add_LanguageModelServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
+
+    async def _open_python(
+        self,
+        interceptors: list[grpc.aio.ServerInterceptor],
+        options: list[tuple[str, int]],
+        address: str,
+    ) -> None:
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        self._add_services(server)
+        try:
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, self._tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"--port: cannot listen on {address} ({e})") from e
+        await server.start()
+        self._server = server
+
+    async def _open_native(
+        self,
+        interceptors: list[grpc.aio.ServerInterceptor],
+        options: list[tuple[str, int]],
+        address: str,
+    ) -> None:
+        handlers = Handlers()
+        self._add_services(handlers)
+        front = NativeFrontEnd(handlers, interceptors, options, on_lost=self._front_end_lost)
+        try:
+            self.port = await front.start(address)
+        except OSError as e:
+            raise OSError(f"--port: {e}") from e
+        self._server = front
+
+    def _front_end_lost(self) -> None:
+        """The native front end died: nothing can reach this server any more."""
+        self.broken.set()
 
     async def _open_health_port(self, port: int) -> None:
         """grpc.health.v1 alone, in plaintext: what a TLS-unaware probe needs and no more."""

@@ -55,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
     return started(lambda: serve(config), check=config)
 
 
+class Broken(Exception):
+    """The server stopped because it could no longer serve."""
+
+
 def started(main: Callable[[], Coroutine[Any, Any, object]], check: ServerConfig | None) -> int:
-    """Run `main` (after checking `check`'s ports): 0 when it ends, 2 when it cannot start, with
-    one line on stderr saying why."""
+    """Run `main` (after checking `check`'s ports): 0 when it ends, 2 when it cannot start, 1
+    when it broke while serving, with one line on stderr saying why."""
     try:
         if check is not None:
             check_ports(check)
@@ -65,6 +69,9 @@ def started(main: Callable[[], Coroutine[Any, Any, object]], check: ServerConfig
     except _STARTUP_ERRORS as e:
         print(f"rnnlm serve: cannot start: {e}", file=sys.stderr)  # once, and only here
         return 2
+    except Broken as e:
+        print(f"rnnlm serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -132,7 +139,13 @@ async def serve(
             raise
         if ready is not None:
             ready(server)
-        await signalled
+        broken = asyncio.create_task(server.broken.wait())
+        await asyncio.wait((signalled, broken), return_when=asyncio.FIRST_COMPLETED)
+        if broken.done():
+            signalled.cancel()
+            await server.stop(grace=0)
+            raise Broken("the native front end exited (logged above); stopped")
+        broken.cancel()
     else:
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -20,6 +20,7 @@ from server.engine_config import PROVIDERS, SAMPLERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SELECTIONS = ("likeliest", "fewest-keys")  # --typing-selection
+FRONT_ENDS = ("auto", "python", "native")  # --front-end
 ENV_PREFIX = "RNNLM_"
 
 
@@ -37,6 +38,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 9464
     processes: int = 1
+    front_end: str = "auto"
     provider: str = "cpu"
     intra_op_threads: int = 1
     sampler: str = "auto"
@@ -93,6 +95,7 @@ class ServerConfig:
         check(self.provider in PROVIDERS, "provider", f"must be one of {', '.join(PROVIDERS)}")
         check(self.sampler in SAMPLERS, "sampler", f"must be one of {', '.join(SAMPLERS)}")
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+        check(self.front_end in FRONT_ENDS, "front_end", f"must be one of {', '.join(FRONT_ENDS)}")
         check(
             self.typing_selection in SELECTIONS,
             "typing_selection",
@@ -139,6 +142,11 @@ class ServerConfig:
             raise ConfigError(
                 f"{_flag(given)} ({env_name(given)}) needs {_flag(missing)} ({env_name(missing)}): "
                 "TLS takes a certificate and its private key"
+            )
+        if self.front_end == "native" and self.tls_cert is not None:
+            raise ConfigError(
+                "--front-end native (RNNLM_FRONT_END) serves plaintext only: use --front-end "
+                "python for TLS, or terminate TLS in front of the server"
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError(
@@ -187,6 +195,13 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
         int,
         "server processes sharing the gRPC port (SO_REUSEPORT), each loading the models, "
         "under a supervisor that serves their summed /metrics (docs/deployment.md); one a core",
+    ),
+    "front_end": (
+        str.lower,
+        "what speaks gRPC on the port: native (gRPC's C++ API in a process beside this one, "
+        "relaying every call to it; built at install where grpc++ is found; plaintext only), "
+        "python (grpc.aio in this process), or auto (native where built and without TLS, else "
+        "python; docs/performance.md)",
     ),
     "provider": (
         str.lower,
@@ -338,6 +353,7 @@ _CHOICES = {
     "log_level": LOG_LEVELS,
     "sampler": SAMPLERS,
     "typing_selection": SELECTIONS,
+    "front_end": FRONT_ENDS,
 }
 
 

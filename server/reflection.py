@@ -10,6 +10,7 @@ describes itself under both names.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -47,13 +48,17 @@ def _add_v1_file() -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
+class _Server(Protocol):
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None: ...
+
+
+def enable_reflection(service_names: Iterable[str], server: _Server) -> None:
     """Serve reflection v1 and v1alpha for `service_names` (both reflection services are added
-    to the list) on `server`, from the default descriptor pool."""
+    to the list) on `server` (grpc.aio's, or the native front end's handlers), from the default
+    descriptor pool."""
     _add_v1_file()
     names = (*service_names, V1_SERVICE, V1ALPHA_SERVICE)
     servicer = v1alpha.aio.ReflectionServicer(names)
-    v1alpha.enable_server_reflection(names, server)
     # v1's messages are v1alpha's byte for byte: v1alpha's classes read and write them.
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
@@ -61,5 +66,8 @@ def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> 
         response_serializer=v1alpha_pb2.ServerReflectionResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(V1_SERVICE, {_METHOD: handler}),)
+        tuple(
+            grpc.method_handlers_generic_handler(service, {_METHOD: handler})
+            for service in (V1ALPHA_SERVICE, V1_SERVICE)
+        )
     )

@@ -33,6 +33,7 @@ from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server.app import RnnlmServer
 from server.config import ConfigError, ServerConfig, add_arguments, config_from_args
+from server.front_end import available as front_end_built
 from server.repository import ModelRepository, NoDefaultModel, RepositoryError
 from training.checkpoint import Checkpoint, load_checkpoint
 
@@ -44,6 +45,16 @@ MAX_TOKENS_CAP = 100_000
 MAX_PROMPT_TOKENS = 300
 TEXTS = ["the cat sees the moon .", "a dog likes a red house .\nthe bird finds a tree ."]
 Code = grpc.StatusCode
+# The native front end where it was built (setup.py, with grpc++), and grpc.aio.
+FRONT_ENDS = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(
+            not front_end_built(), reason="the native front end was not built (needs grpc++)"
+        ),
+    ),
+]
 
 
 class LiveServer:
@@ -127,9 +138,10 @@ def repository(
     return root
 
 
-@pytest.fixture(scope="module")
-def live(repository: Path) -> Iterator[LiveServer]:
-    server = LiveServer(config(repository, default_model=DEFAULT))
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def live(repository: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """The server, once with each front end: every test of the API runs over both."""
+    server = LiveServer(config(repository, default_model=DEFAULT, front_end=request.param))
     yield server
     server.close()
 
