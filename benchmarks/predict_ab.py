@@ -1,9 +1,11 @@
 """PredictNext at concurrency 1 against servers of several checkouts, rounds alternating.
 
     python -m benchmarks.predict_ab --checkout /tmp/parent --checkout . --rounds 5
+    python -m benchmarks.predict_ab --with "" --with "--front-end native" --rounds 5
 
 starts one `rnnlm serve` per `--checkout` (the code of that directory: its PYTHONPATH, with
-PYTHONSAFEPATH so that this checkout's directory does not come first), all on the same bundle.
+PYTHONSAFEPATH so that this checkout's directory does not come first), and one per `--with`
+(this checkout, with those flags), all on the same bundle.
 Each round measures the floor of `rnnlm bench`'s PredictNext target here (bare batch-1 steps
 after a 1 ms idle gap, and the gRPC echo), then each server in turn with the bench's own loop
 (`server_load.predict_c1`: sentences grown a token a call), reading the server's CPU time
@@ -49,9 +51,21 @@ class Round:
         return self.p50_ms / self.floor_ms
 
 
-def _server(checkout: Path, bundle_dir: Path, plan: Plan) -> ChildServer:
-    env = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
-    args = serve_args(bundle_dir, True, plan.server_args, plan.provider)
+@dataclass(frozen=True)
+class Server:
+    """A server to measure: the checkout whose code it runs, and flags of its own."""
+
+    checkout: Path
+    flags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join((str(self.checkout), *self.flags))
+
+
+def _server(server: Server, bundle_dir: Path, plan: Plan) -> ChildServer:
+    env = {"PYTHONPATH": str(server.checkout), "PYTHONSAFEPATH": "1"}
+    args = serve_args(bundle_dir, True, plan.server_args + server.flags, plan.provider)
     return ChildServer("rnnlm", args, PORT_RE, start_seconds=READY_SECONDS, env=env)
 
 
@@ -67,21 +81,21 @@ async def _floor(bundle: Bundle, workload: Workload, plan: Plan) -> float:
 
 
 async def compare(
-    bundle_dir: Path, checkouts: list[Path], rounds: int, plan: Plan
+    bundle_dir: Path, servers: list[Server], rounds: int, plan: Plan
 ) -> list[list[Round]]:
-    """Per checkout, its figures in each round (every server measured once a round)."""
+    """Per server, its figures in each round (every server measured once a round)."""
     bundle = load_bundle(bundle_dir)
-    calls = plan.trials * plan.predict_calls * rounds * len(checkouts)
+    calls = plan.trials * plan.predict_calls * rounds * len(servers)
     workload = build_workload(bundle, replace(plan, predict_calls=calls), None)
     children: list[ChildServer] = []
     channels: list[grpc.aio.Channel] = []
     try:
-        for checkout in checkouts:
-            children.append(_server(checkout, bundle_dir, plan))
+        for server in servers:
+            children.append(_server(server, bundle_dir, plan))
         for child in children:
             channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{child.port}"))
             await wait_serving(channels[-1], child)
-        results: list[list[Round]] = [[] for _ in checkouts]
+        results: list[list[Round]] = [[] for _ in servers]
         for _ in range(rounds):
             floor = await _floor(bundle, workload, plan)
             for child, channel, done in zip(children, channels, results, strict=True):
@@ -123,26 +137,36 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a checkout whose server to measure (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--with",
+        dest="flags",
+        action="append",
+        metavar="FLAGS",
+        help='a server of this checkout with these `rnnlm serve` flags (repeatable; "" for none)',
+    )
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
     parser.add_argument("--rounds", type=int, default=3, help="(default 3)")
     parser.add_argument("--quick", action="store_true", help="the bench's --quick counts")
     args = parser.parse_args(argv)
-    checkouts = [c.resolve() for c in args.checkout or [Path(__file__).resolve().parents[1]]]
-    for c in checkouts:
-        if not (c / "server" / "servicer.py").is_file():
-            parser.error(f"--checkout {c}: not a checkout of this project (no server/servicer.py)")
+    here = Path(__file__).resolve().parents[1]
+    servers = [Server(c.resolve()) for c in args.checkout or []]
+    servers += [Server(here, tuple(f.split())) for f in args.flags or []]
+    servers = servers or [Server(here)]
+    for s in servers:
+        if not (s.checkout / "server" / "servicer.py").is_file():
+            parser.error(f"--checkout {s.checkout}: not a checkout of this project")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     try:
         plan = Plan.make(quick=args.quick)
-        results = asyncio.run(compare(args.bundle.resolve(), checkouts, args.rounds, plan))
+        results = asyncio.run(compare(args.bundle.resolve(), servers, args.rounds, plan))
     except (BenchError, BundleError) as e:
         print(f"predict_ab: {e}", file=sys.stderr)
         return 2
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"PredictNext p50 / (bare step after a 1 ms idle gap + echo); load average {load}")
-    for checkout, figures in zip(checkouts, results, strict=True):
-        print(_row(str(checkout), figures))
+    for server, figures in zip(servers, results, strict=True):
+        print(_row(server.label, figures))
     return 0
 
 
