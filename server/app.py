@@ -356,7 +356,11 @@ class RnnlmServer:
     ) -> None:
         handlers = Handlers()
         self._add_services(handlers)
-        front = NativeFrontEnd(handlers, interceptors, options, on_lost=self._front_end_lost)
+        # With bearer tokens, a call's request is received only once the token was checked.
+        hold = self._auth is not None
+        front = NativeFrontEnd(
+            handlers, interceptors, options, on_lost=self._front_end_lost, hold_requests=hold
+        )
         try:
             self.port = await front.start(address)
         except OSError as e:

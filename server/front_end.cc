@@ -6,7 +6,7 @@
 // It knows nothing of rnnlm's API: a generic service takes every method as a stream of raw
 // messages, and Python decides what each method is, answers it, or refuses it.
 //
-//     rnnlm_front_end --listen HOST:PORT --socket PATH [--arg NAME=INT]...
+//     rnnlm_front_end --listen HOST:PORT --socket PATH [--hold 1] [--arg NAME=INT]...
 //
 // It connects to PATH (Python listens there), opens the port, and says so with a READY frame.
 // It ends when the socket closes (the server stopped or died), when the parent dies
@@ -29,7 +29,8 @@
 //                FINISH    u32 status code, str details, u32 count, count x (str key, str value):
 //                          the trailing metadata
 //                ACK       a request message was taken (a call reads on while fewer than
-//                          WINDOW of its messages wait in Python)
+//                          WINDOW of its messages wait in Python); with --hold, the first
+//                          ACK of a call lets it read at all
 //                SHUTDOWN  (call 0) f64 the grace in seconds
 //   (str: u32 length, then the bytes)
 //
@@ -73,6 +74,9 @@ enum Kind : uint8_t {
   ACK = 8,
 };
 
+// With --hold, a call's first request is read only once the server acknowledges the call:
+// what an interceptor refuses (a call without a valid token) is never received, however large.
+bool hold_requests = false;
 constexpr int WINDOW = 8;                      // request messages a call may have waiting in Python
 constexpr size_t MAX_QUEUED = 64u << 20;       // response bytes a call may have waiting for its client
 constexpr uint32_t MAX_FRAME = 1u << 31;       // a frame from Python larger than this is a bug
@@ -140,43 +144,26 @@ struct Reader {  // a payload, read front to back; `ok` false once it ran short
   }
 };
 
-// Frames to Python go through one buffer, written by one thread: the frames of many calls that
-// arrive together leave in one write.
+// Frames to Python are written by the thread that makes them, one frame a call of send(2): a
+// thread of its own with a buffer between cost more (a wake-up and a switch a frame) than the
+// writes it joined. A full socket (the server's event loop behind) holds the caller.
 class Writer {
  public:
-  explicit Writer(int fd) : fd_(fd), thread_([this] { Run(); }) {}
-  void Send(std::string frame) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      pending_ += frame;
+  explicit Writer(int fd) : fd_(fd) {}
+  void Send(const std::string& frame) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t at = 0;
+    while (at < frame.size()) {
+      ssize_t n = ::send(fd_, frame.data() + at, frame.size() - at, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) die("the server's socket closed");
+      at += static_cast<size_t>(n);
     }
-    cv_.notify_one();
   }
 
  private:
-  void Run() {
-    std::string out;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return !pending_.empty(); });
-        out.swap(pending_);
-      }
-      size_t at = 0;
-      while (at < out.size()) {
-        ssize_t n = ::send(fd_, out.data() + at, out.size() - at, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) die("the server's socket closed");
-        at += static_cast<size_t>(n);
-      }
-      out.clear();
-    }
-  }
   int fd_;
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::string pending_;
-  std::thread thread_;
 };
 
 Writer* writer = nullptr;
@@ -225,6 +212,10 @@ class Call : public grpc::ServerGenericBidiReactor {
       f.str(kv.second.data(), kv.second.size());
     }
     writer->Send(f.done());
+    if (hold_requests) {
+      call->waiting_ = 1;  // the first read waits for the server's ACK
+      return;
+    }
     call->reading_ = true;
     call->StartRead(&call->in_);
   }
@@ -255,6 +246,31 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
   using Metadata = std::vector<std::pair<std::string, std::string>>;
+
+  // A response that is the call's last, then its status: one operation when nothing is
+  // being written (a unary call's answer), else queued like any other.
+  void WriteLast(const char* p, size_t n, grpc::Status status, Metadata trailing) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (finishing_) return;
+      if (!writing_ && out_.empty()) {
+        finishing_ = finished_ = true;
+        grpc::Slice slice(p, n);
+        current_ = grpc::ByteBuffer(&slice, 1);
+        status_ = std::move(status);
+        trailing_ = std::move(trailing);
+      } else {
+        out_.emplace_back(p, n);
+        queued_bytes_ += n;
+        finishing_ = true;
+        status_ = std::move(status);
+        trailing_ = std::move(trailing);
+        return;  // OnWriteDone writes it, then finishes
+      }
+    }
+    for (const auto& [key, value] : trailing_) ctx_->AddTrailingMetadata(key, value);
+    StartWriteAndFinish(&current_, grpc::WriteOptions(), status_);
+  }
 
   void Finish(grpc::Status status, Metadata trailing = {}) {
     {
@@ -409,16 +425,23 @@ void ask_shutdown(double grace) {
   shutdown_cv.notify_all();
 }
 
-bool read_all(int fd, char* p, size_t n) {
-  while (n > 0) {
-    ssize_t got = ::read(fd, p, n);
-    if (got < 0 && errno == EINTR) continue;
-    if (got <= 0) return false;
-    p += got;
-    n -= static_cast<size_t>(got);
+// A FINISH frame's status and trailing metadata; false when it is malformed.
+bool parse_finish(const char* p, size_t n, grpc::Status* status, Call::Metadata* trailing) {
+  Reader r{p, n};
+  auto code = static_cast<grpc::StatusCode>(r.u32());
+  std::string details = r.str();
+  uint32_t count = r.u32();
+  for (uint32_t i = 0; r.ok && i < count; i++) {
+    std::string key = r.str();
+    std::string value = r.str();
+    trailing->emplace_back(std::move(key), std::move(value));
   }
+  if (!r.ok || static_cast<uint32_t>(code) > 16) return false;
+  *status = grpc::Status(code, details);
   return true;
 }
+
+const grpc::Status MALFORMED(grpc::StatusCode::INTERNAL, "a malformed reply from the server");
 
 void handle(uint64_t id, Kind kind, const char* p, size_t n) {
   if (id == 0) {
@@ -435,38 +458,79 @@ void handle(uint64_t id, Kind kind, const char* p, size_t n) {
   } else if (kind == ACK) {
     call->Ack();
   } else if (kind == FINISH) {
-    Reader r{p, n};
-    auto code = static_cast<grpc::StatusCode>(r.u32());
-    std::string details = r.str();
-    uint32_t count = r.u32();
-    std::vector<std::pair<std::string, std::string>> trailing;
-    for (uint32_t i = 0; r.ok && i < count; i++) {
-      std::string key = r.str();
-      std::string value = r.str();
-      trailing.emplace_back(std::move(key), std::move(value));
-    }
-    if (!r.ok) {
-      call->Finish(grpc::Status(grpc::StatusCode::INTERNAL, "a malformed reply from the server"));
+    grpc::Status status;
+    Call::Metadata trailing;
+    if (!parse_finish(p, n, &status, &trailing)) {
+      call->Finish(MALFORMED);
       return;
     }
-    call->Finish(grpc::Status(code, details), std::move(trailing));
+    call->Finish(std::move(status), std::move(trailing));
   }
 }
 
+// A response and the status after it, for the same call (what a unary call's answer is).
+void handle_last(uint64_t id, const char* p, size_t n, const char* f, size_t fn) {
+  auto call = find(id);
+  if (!call) return;
+  grpc::Status status;
+  Call::Metadata trailing;
+  if (!parse_finish(f, fn, &status, &trailing)) {
+    call->Finish(MALFORMED);
+    return;
+  }
+  call->WriteLast(p, n, std::move(status), std::move(trailing));
+}
+
+struct Head {
+  uint32_t size;
+  uint64_t id;
+  Kind kind;
+};
+
+Head head_at(const char* p) {
+  Head h;
+  std::memcpy(&h.size, p, 4);
+  std::memcpy(&h.id, p + 4, 8);
+  h.kind = static_cast<Kind>(p[12]);
+  if (h.size < 9 || h.size > MAX_FRAME) die("a malformed frame from the server");
+  return h;
+}
+
+// Frames from Python, read as many as the socket holds at a time. A response followed by its
+// call's FINISH in the same read goes as one operation (StartWriteAndFinish).
 void read_python(int fd) {
-  std::vector<char> buffer;
+  std::vector<char> buf(1 << 16);
+  size_t have = 0;
   for (;;) {
-    char head[13];
-    if (!read_all(fd, head, 13)) break;
-    uint32_t size;
-    uint64_t id;
-    std::memcpy(&size, head, 4);
-    std::memcpy(&id, head + 4, 8);
-    auto kind = static_cast<Kind>(head[12]);
-    if (size < 9 || size > MAX_FRAME) die("a malformed frame from the server");
-    buffer.resize(size - 9);
-    if (!read_all(fd, buffer.data(), buffer.size())) break;
-    handle(id, kind, buffer.data(), buffer.size());
+    ssize_t got = ::read(fd, buf.data() + have, buf.size() - have);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) break;
+    have += static_cast<size_t>(got);
+    size_t at = 0;
+    while (have - at >= 13) {
+      Head h = head_at(buf.data() + at);
+      size_t total = 4 + static_cast<size_t>(h.size);
+      if (have - at < total) break;
+      const char* payload = buf.data() + at + 13;
+      size_t next = at + total;
+      if (h.kind == MESSAGE && have - next >= 13) {
+        Head f = head_at(buf.data() + next);
+        size_t ftotal = 4 + static_cast<size_t>(f.size);
+        if (f.kind == FINISH && f.id == h.id && have - next >= ftotal) {
+          handle_last(h.id, payload, h.size - 9, buf.data() + next + 13, f.size - 9);
+          at = next + ftotal;
+          continue;
+        }
+      }
+      handle(h.id, h.kind, payload, h.size - 9);
+      at = next;
+    }
+    std::memmove(buf.data(), buf.data() + at, have - at);
+    have -= at;
+    if (have >= 13) {  // a frame larger than the buffer: make room for all of it
+      size_t total = 4 + static_cast<size_t>(head_at(buf.data()).size);
+      if (total > buf.size()) buf.resize(total);
+    }
   }
   ask_shutdown(0);  // the server closed its end: it stopped or died
 }
@@ -495,12 +559,14 @@ int main(int argc, char** argv) {
       listen = value;
     } else if (flag == "--socket") {
       socket_path = value;
+    } else if (flag == "--hold") {
+      hold_requests = value == "1";
     } else if (flag == "--arg") {
       auto eq = value.find('=');
       if (eq == std::string::npos) die("--arg: NAME=INT");
       args.emplace_back(value.substr(0, eq), std::atoi(value.c_str() + eq + 1));
     } else {
-      die("usage: rnnlm_front_end --listen HOST:PORT --socket PATH [--arg NAME=INT]...");
+      die("usage: rnnlm_front_end --listen HOST:PORT --socket PATH [--hold 1] [--arg NAME=INT]...");
     }
   }
   if (listen.empty() || socket_path.empty()) die("--listen and --socket are required");

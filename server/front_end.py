@@ -104,6 +104,7 @@ class RelayedCall:
         self._deadline, self._peer, self._metadata = deadline, peer, metadata
         self._requests: deque[bytes] = deque()
         self._half = False
+        self._opened = False
         self._waiter: asyncio.Future[None] | None = None
         self._cancelled = False
         self._done = False
@@ -140,6 +141,10 @@ class RelayedCall:
 
     async def next_request(self) -> bytes | None:
         """The next request message as received (None: the client sent its last)."""
+        if not self._opened:  # a front end that holds requests reads from now on
+            self._opened = True
+            if self._front.holds_requests:
+                self._front.ack(self)
         while not self._requests:
             if self._half or self._cancelled:
                 return None
@@ -297,7 +302,13 @@ class NativeFrontEnd(asyncio.Protocol):
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         options: Sequence[tuple[str, int]] = (),
         on_lost: Callable[[], None] | None = None,
+        hold_requests: bool = False,
     ) -> None:
+        """`hold_requests`: a call's requests are received only once its handler reads them,
+        as grpc.aio does (an interceptor that refuses a call before reading, such as the
+        bearer-token check, then never receives its request, however large). Without it, a
+        call's first request is read at once, which saves a round trip."""
+        self.holds_requests = hold_requests
         self._handlers = handlers
         self._interceptors = list(interceptors)
         self._options = list(options)
@@ -332,7 +343,7 @@ class NativeFrontEnd(asyncio.Protocol):
             return self
 
         listener = await loop.create_unix_server(connected, path)
-        args = ["--listen", address, "--socket", path]
+        args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
         for name, value in self._options:
             args += ["--arg", f"{name}={int(value)}"]
         self._ready = loop.create_future()
