@@ -85,14 +85,18 @@ class ChildServer:
             )
 
     def rss_mb(self) -> float | None:
-        """Resident memory (VmRSS) in MiB; None where /proc is not available."""
+        """Resident memory (VmRSS) in MiB of the server and the processes it started (its
+        native front end, an engine core process); None where /proc is not available."""
         try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            total = _rss_kb(self.pid)
         except OSError:
             return None
-        return None
+        for child in _descendants(self.pid):
+            try:
+                total += _rss_kb(child)
+            except OSError:
+                continue  # it ended meanwhile
+        return total / 1024
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU seconds used so far by the server and the processes it started
@@ -122,6 +126,13 @@ class ChildServer:
 def _stat(pid: int | str) -> list[str]:
     """The fields of /proc/PID/stat after the command name (field 3, the state, first)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _cpu_ticks(pid: int) -> int:
