@@ -20,7 +20,8 @@
 //     +-----------+-----------+--------+-----------------------+
 //
 //   to Python:   START     f64 seconds to the deadline (inf: none), str method, str peer,
-//                          u32 count, then count x (str key, str value): the client's metadata
+//                          u32 count, then count x (str key, str value): the client's metadata;
+//                          u8 1 and str the call's first request with it, or u8 0
 //                MESSAGE   a request message, as received
 //                HALF      the client sent its last message
 //                CANCEL    the call is over for the client (cancelled, deadline, connection)
@@ -189,35 +190,47 @@ std::atomic<uint64_t> next_call{1};
 // The object lives while the map or a reaction holds it; `self_` keeps it until OnDone.
 class Call : public grpc::ServerGenericBidiReactor {
  public:
-  static void Start(grpc::GenericCallbackServerContext* ctx, std::shared_ptr<Call> call) {
+  // A new call. Its START frame goes with its first request (the frames a unary call costs
+  // are one each way), or at once when requests are held.
+  static void Start(std::shared_ptr<Call> call) {
     call->self_ = call;
     {
       std::lock_guard<std::mutex> lock(calls_mu);
       calls[call->id_] = call;
     }
-    FrameBuilder f(call->id_, START);
-    auto deadline = ctx->deadline();
-    double seconds = std::numeric_limits<double>::infinity();
-    if (deadline != std::chrono::system_clock::time_point::max()) {
-      seconds = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
-    }
-    f.f64(seconds);
-    f.str(ctx->method().data(), ctx->method().size());
-    std::string peer = ctx->peer();
-    f.str(peer.data(), peer.size());
-    const auto& meta = ctx->client_metadata();
-    f.u32(static_cast<uint32_t>(meta.size()));
-    for (const auto& kv : meta) {
-      f.str(kv.first.data(), kv.first.size());
-      f.str(kv.second.data(), kv.second.size());
-    }
-    writer->Send(f.done());
     if (hold_requests) {
+      writer->Send(call->StartFrame(nullptr));
+      call->started_ = true;
       call->waiting_ = 1;  // the first read waits for the server's ACK
       return;
     }
     call->reading_ = true;
     call->StartRead(&call->in_);
+  }
+
+  // START: f64 seconds to the deadline, str method, str peer, u32 count and the metadata,
+  // then u8 1 and str the first request when it comes with it (else u8 0).
+  std::string StartFrame(const std::string* first) {
+    FrameBuilder f(id_, START);
+    auto deadline = ctx_->deadline();
+    double seconds = std::numeric_limits<double>::infinity();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      seconds = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+    }
+    f.f64(seconds);
+    f.str(ctx_->method().data(), ctx_->method().size());
+    std::string peer = ctx_->peer();
+    f.str(peer.data(), peer.size());
+    const auto& meta = ctx_->client_metadata();
+    f.u32(static_cast<uint32_t>(meta.size()));
+    for (const auto& kv : meta) {
+      f.str(kv.first.data(), kv.first.size());
+      f.str(kv.second.data(), kv.second.size());
+    }
+    uint8_t with = first != nullptr;
+    f.put(&with, 1);
+    if (first != nullptr) f.str(first->data(), first->size());
+    return f.done();
   }
 
   Call(uint64_t id, grpc::GenericCallbackServerContext* ctx) : id_(id), ctx_(ctx) {}
@@ -295,15 +308,26 @@ class Call : public grpc::ServerGenericBidiReactor {
   }
 
   // gRPC's reactions.
+  // A request read (ok), or the client's half-close. After a call's first request nothing
+  // more is read until the server takes it (its ACK): a unary call never reads its half-close.
+  // Later requests are read ahead while fewer than WINDOW wait in the server.
   void OnReadDone(bool ok) override {
     bool read = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       reading_ = false;
+      if (finishing_) return;
       if (!ok) {
         half_ = true;
-        if (!finishing_) SendToPython(HALF);
-      } else if (!finishing_) {
+        if (!started_) writer->Send(StartFrame(nullptr));
+        started_ = true;
+        SendToPython(HALF);
+      } else if (!started_) {
+        std::string body = bytes_of(in_);
+        writer->Send(StartFrame(&body));
+        started_ = true;
+        waiting_++;
+      } else {
         FrameBuilder f(id_, MESSAGE);
         std::string body = bytes_of(in_);
         f.put(body.data(), body.size());
@@ -341,7 +365,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   void OnCancel() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (!finishing_) SendToPython(CANCEL);
+      if (!finishing_ && started_) SendToPython(CANCEL);
     }
     Finish(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
   }
@@ -387,6 +411,7 @@ class Call : public grpc::ServerGenericBidiReactor {
   size_t current_size_ = 0;
   std::deque<std::string> out_;
   size_t queued_bytes_ = 0;
+  bool started_ = false;  // the server has the call's START
   bool reading_ = false, writing_ = false, half_ = false;
   bool finishing_ = false, finished_ = false;
   int waiting_ = 0;
@@ -397,7 +422,7 @@ class Call : public grpc::ServerGenericBidiReactor {
 class Service : public grpc::CallbackGenericService {
   grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* ctx) override {
     auto call = std::make_shared<Call>(next_call++, ctx);
-    Call::Start(ctx, call);
+    Call::Start(call);
     return call.get();
   }
 };

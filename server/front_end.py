@@ -9,10 +9,12 @@ What moves out of this process is gRPC's own work a message (HTTP/2, flow contro
 completion queues), which under grpc.aio holds this process's GIL: 0.25 to 0.30 ms of CPU a
 streamed message, against 0.11 to 0.13 in C++ (docs/performance.md).
 
-The relay writes every frame of one event-loop turn in one write, and the binary does the same,
-so the tokens of a step leave in one system call. Backpressure holds both ways: a call reads
-its client's messages only while fewer than 8 wait here, and a handler's write waits while the
-socket's buffer is full (a client too slow for 64 MiB of its replies is cancelled there).
+A unary call costs one frame each way: its request comes with its START, and its reply with
+its status. The relay writes every frame of one event-loop turn in one write, so the tokens of a
+step leave in one system call. Backpressure holds both ways: after its first request, a call
+reads its client's next ones only as they are taken here (at most 8 ahead), and a handler's
+write waits while the socket's buffer is full (a client too slow for 64 MiB of its replies is
+cancelled there).
 
 Plaintext only: TLS stays with `--front-end python` (or a proxy in front).
 """
@@ -471,10 +473,12 @@ class NativeFrontEnd(asyncio.Protocol):
             self._ready.set_result(_U32.unpack_from(payload)[0])
 
     def _start_call(self, call_id: int, payload: bytes) -> None:
-        seconds, method, peer, metadata = _parse_start(payload)
+        seconds, method, peer, metadata, first = _parse_start(payload)
         loop = asyncio.get_running_loop()
         deadline = None if math.isinf(seconds) else loop.time() + seconds
         call = RelayedCall(self, call_id, method, deadline, peer, metadata)
+        if first is not None:
+            call.received(first)
         self._calls[call_id] = call
         call.task = loop.create_task(self._serve(call))
 
@@ -568,8 +572,11 @@ def _str(data: bytes) -> bytes:
     return _U32.pack(len(data)) + data
 
 
-def _parse_start(payload: bytes) -> tuple[float, str, str, tuple[tuple[str, str | bytes], ...]]:
-    """A START frame's deadline (seconds from now), method, peer and metadata."""
+def _parse_start(
+    payload: bytes,
+) -> tuple[float, str, str, tuple[tuple[str, str | bytes], ...], bytes | None]:
+    """A START frame's deadline (seconds from now), method, peer, metadata and the call's first
+    request when it came with it."""
     seconds = _F64.unpack_from(payload)[0]
     at = 8
     fields: list[bytes] = []
@@ -589,4 +596,9 @@ def _parse_start(payload: bytes) -> tuple[float, str, str, tuple[tuple[str, str 
         key = pair[0].decode("latin-1")
         value = pair[1] if key.endswith("-bin") else pair[1].decode("latin-1")
         metadata.append((key, value))
-    return seconds, fields[0].decode("latin-1"), fields[1].decode("latin-1"), tuple(metadata)
+    first = None
+    if payload[at]:
+        n = _U32.unpack_from(payload, at + 1)[0]
+        first = payload[at + 5 : at + 5 + n]
+    method, peer = fields[0].decode("latin-1"), fields[1].decode("latin-1")
+    return seconds, method, peer, tuple(metadata), first
