@@ -282,8 +282,16 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
 async def _requests(
     call: RelayedCall, deserialize: Callable[[bytes], Any], front: NativeFrontEnd
 ) -> AsyncIterator[Any]:
-    while (raw := await call.next_request()) is not None:
-        front.ack(call)
+    """The requests, each acknowledged when the handler asks for the next one: after it
+    answered this one, so that the acknowledgement leaves in the same write as the answer."""
+    taken = False
+    while True:
+        if taken:
+            front.ack(call)
+        raw = await call.next_request()
+        if raw is None:
+            return
+        taken = True
         yield deserialize(raw)
 
 
