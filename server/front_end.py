@@ -531,6 +531,7 @@ class NativeFrontEnd(asyncio.Protocol):
                 _str(value if isinstance(value, bytes) else value.encode()),
             ]
         self._send(_frame(call._call, FINISH, b"".join(body)))
+        self._flush()  # a call's end leaves now, not a turn of the event loop later
 
     def ack(self, call: RelayedCall) -> None:
         self._send(_frame(call._call, ACK, b""))
@@ -544,7 +545,7 @@ class NativeFrontEnd(asyncio.Protocol):
     def _flush(self) -> None:
         self._flushing = False
         out, self._out = self._out, []
-        if self._transport is not None and not self._transport.is_closing():
+        if out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(out))
 
 
