@@ -101,7 +101,7 @@ class RelayedCall:
         peer: str,
         metadata: tuple[tuple[str, str | bytes], ...],
     ) -> None:
-        self._front, self._call = front, call
+        self._front, self.id = front, call
         self.method = method
         self._deadline, self._peer, self._metadata = deadline, peer, metadata
         self._requests: deque[bytes] = deque()
@@ -210,8 +210,9 @@ class RelayedCall:
     def details(self) -> str:
         return self._details
 
-    def status(self) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
-        """The status the call ends with, as set (OK when nothing was)."""
+    def end(self) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+        """The status the call ends with, as set (OK when nothing was); nothing more is sent."""
+        self._done = True
         return self._code or grpc.StatusCode.OK, self._details, self._trailing
 
 
@@ -495,7 +496,7 @@ class NativeFrontEnd(asyncio.Protocol):
             handler = await self._resolve(HandlerDetails(call.method, call.invocation_metadata()))
             await run_call(call, handler, self)
         finally:
-            self._calls.pop(call._call, None)
+            self._calls.pop(call.id, None)
 
     async def _resolve(self, details: HandlerDetails) -> grpc.RpcMethodHandler | None:
         """The method's handler, through the interceptors as grpc.aio applies them."""
@@ -513,13 +514,12 @@ class NativeFrontEnd(asyncio.Protocol):
     async def send_message(self, call: RelayedCall, message: Any) -> None:
         if call.done():
             raise asyncio.CancelledError
-        self._send(_frame(call._call, MESSAGE, call.serialize(message)))
+        self._send(_frame(call.id, MESSAGE, call.serialize(message)))
         if self._writable is not None:
             await self._writable
 
     def finish(self, call: RelayedCall) -> None:
-        code, details, trailing = call.status()
-        call._done = True
+        code, details, trailing = call.end()
         bad = next((key for key, value in trailing if not _valid_metadatum(key, value)), None)
         if bad is not None:  # gRPC's C++ core would not send it (grpc.aio raises on it too)
             log.error("%s: not valid trailing metadata: %r", call.method, bad[:100])
@@ -530,11 +530,11 @@ class NativeFrontEnd(asyncio.Protocol):
                 _str(key.encode()),
                 _str(value if isinstance(value, bytes) else value.encode()),
             ]
-        self._send(_frame(call._call, FINISH, b"".join(body)))
+        self._send(_frame(call.id, FINISH, b"".join(body)))
         self._flush()  # a call's end leaves now, not a turn of the event loop later
 
     def ack(self, call: RelayedCall) -> None:
-        self._send(_frame(call._call, ACK, b""))
+        self._send(_frame(call.id, ACK, b""))
 
     def _send(self, frame: bytes) -> None:
         self._out.append(frame)
