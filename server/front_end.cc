@@ -45,7 +45,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -145,29 +144,21 @@ struct Reader {  // a payload, read front to back; `ok` false once it ran short
   }
 };
 
-// Frames to Python are written by the thread that makes them, one frame a call of send(2): a
-// thread of its own with a buffer between cost more (a wake-up and a switch a frame) than the
-// writes it joined. A full socket (the server's event loop behind) holds the caller.
-class Writer {
- public:
-  explicit Writer(int fd) : fd_(fd) {}
-  void Send(const std::string& frame) {
-    std::lock_guard<std::mutex> lock(mu_);
-    size_t at = 0;
-    while (at < frame.size()) {
-      ssize_t n = ::send(fd_, frame.data() + at, frame.size() - at, MSG_NOSIGNAL);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) die("the server's socket closed");
-      at += static_cast<size_t>(n);
-    }
+// Frames to Python are written by the thread that makes them, one send(2) a frame, always under
+// `state_mu` (below) but for READY, sent before the other threads start. A thread of its own
+// with a buffer between cost more (a wake-up and a switch a frame) than the writes it joined. A
+// full socket (the server's event loop behind) holds the caller.
+int python_fd = -1;
+
+void send_frame(const std::string& frame) {
+  size_t at = 0;
+  while (at < frame.size()) {
+    ssize_t n = ::send(python_fd, frame.data() + at, frame.size() - at, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) die("the server's socket closed");
+    at += static_cast<size_t>(n);
   }
-
- private:
-  int fd_;
-  std::mutex mu_;
-};
-
-Writer* writer = nullptr;
+}
 
 std::string bytes_of(const grpc::ByteBuffer& buffer) {
   std::vector<grpc::Slice> slices;
@@ -235,7 +226,7 @@ void request_call() {
 
 void to_python(const Call* c, Kind kind) {
   FrameBuilder f(c->id, kind);
-  writer->Send(f.done());
+  send_frame(f.done());
 }
 
 // START: f64 seconds to the deadline, str method, str peer, u32 count and the metadata, then
@@ -260,7 +251,7 @@ void send_start(Call* c, const std::string* first) {
   uint8_t with = first != nullptr;
   f.put(&with, 1);
   if (first != nullptr) f.str(first->data(), first->size());
-  writer->Send(f.done());
+  send_frame(f.done());
   c->started = true;
 }
 
@@ -286,10 +277,14 @@ void forget(Call* c) {  // once gRPC holds nothing of it
   }
 }
 
+void add_trailing(Call* c) {
+  for (const auto& [key, value] : c->trailing) c->ctx.AddTrailingMetadata(key, value);
+}
+
 void maybe_finish(Call* c) {
   if (!c->finishing || c->finished || c->writing || !c->out.empty()) return;
   c->finished = true;
-  for (const auto& [key, value] : c->trailing) c->ctx.AddTrailingMetadata(key, value);
+  add_trailing(c);
   c->stream.Finish(c->status, &c->finish_op);
 }
 
@@ -335,7 +330,7 @@ void on_read(Call* c, bool ok) {
     FrameBuilder f(c->id, MESSAGE);
     std::string body = bytes_of(c->in);
     f.put(body.data(), body.size());
-    writer->Send(f.done());
+    send_frame(f.done());
     c->waiting++;
     if (c->waiting < WINDOW) read_next(c);
   }
@@ -360,7 +355,7 @@ void on_done(Call* c) {
   forget(c);
 }
 
-// ---- the server's frames, on the queue's thread -----------------------------------------------
+// ---- the server's frames, on the socket's reader thread (under state_mu) ----------------------
 
 void python_message(Call* c, const char* p, size_t n) {
   if (c->finishing) return;
@@ -375,8 +370,10 @@ void python_message(Call* c, const char* p, size_t n) {
   if (!c->writing) write_next(c);
 }
 
-// A FINISH frame's status and trailing metadata; false when it is malformed.
-bool parse_finish(const char* p, size_t n, grpc::Status* status, Metadata* trailing) {
+// The call's status and trailing metadata from a FINISH frame (INTERNAL when it is malformed);
+// the call is finishing from now on.
+void take_finish(Call* c, const char* p, size_t n) {
+  c->finishing = true;
   Reader r{p, n};
   auto code = static_cast<grpc::StatusCode>(r.u32());
   std::string details = r.str();
@@ -384,39 +381,35 @@ bool parse_finish(const char* p, size_t n, grpc::Status* status, Metadata* trail
   for (uint32_t i = 0; r.ok && i < count; i++) {
     std::string key = r.str();
     std::string value = r.str();
-    trailing->emplace_back(std::move(key), std::move(value));
+    c->trailing.emplace_back(std::move(key), std::move(value));
   }
-  if (!r.ok || static_cast<uint32_t>(code) > 16) return false;
-  *status = grpc::Status(code, details);
-  return true;
+  if (r.ok && static_cast<uint32_t>(code) <= 16) {
+    c->status = grpc::Status(code, details);
+  } else {
+    c->status = grpc::Status(grpc::StatusCode::INTERNAL, "a malformed reply from the server");
+    c->trailing.clear();
+  }
 }
 
 void python_finish(Call* c, const char* p, size_t n) {
   if (c->finishing) return;
-  c->finishing = true;
-  if (!parse_finish(p, n, &c->status, &c->trailing)) {
-    c->status = grpc::Status(grpc::StatusCode::INTERNAL, "a malformed reply from the server");
-    c->trailing.clear();
-  }
+  take_finish(c, p, n);
   maybe_finish(c);
 }
 
 // A response and the status after it (a unary call's answer): one operation when nothing is
 // being written.
-void python_last(Call* c, const std::string& message, const char* f, size_t fn) {
+void python_last(Call* c, const char* p, size_t n, const char* f, size_t fn) {
   if (c->finishing) return;
   if (c->writing || !c->out.empty()) {
-    python_message(c, message.data(), message.size());
+    python_message(c, p, n);
     python_finish(c, f, fn);
     return;
   }
-  c->finishing = c->finished = true;
-  if (!parse_finish(f, fn, &c->status, &c->trailing)) {
-    c->status = grpc::Status(grpc::StatusCode::INTERNAL, "a malformed reply from the server");
-    c->trailing.clear();
-  }
-  for (const auto& [key, value] : c->trailing) c->ctx.AddTrailingMetadata(key, value);
-  grpc::Slice slice(message.data(), message.size());
+  take_finish(c, f, fn);
+  c->finished = true;
+  add_trailing(c);
+  grpc::Slice slice(p, n);
   c->current = grpc::ByteBuffer(&slice, 1);
   c->stream.WriteAndFinish(c->current, grpc::WriteOptions(), c->status, &c->finish_op);
 }
@@ -426,24 +419,15 @@ void python_ack(Call* c) {
   if (!c->reading && !c->half && !c->finishing && c->waiting < WINDOW) read_next(c);
 }
 
-struct Frame {
-  uint64_t id;
-  Kind kind;
-  std::string payload;
-  std::string finish;  // kind LAST: the FINISH that came right after the message
-};
-constexpr Kind LAST = static_cast<Kind>(100);
-
-void handle(Frame& f) {  // under state_mu
-  auto it = calls.find(f.id);
+// One frame (or a response and the FINISH right after it: `f` set), under state_mu.
+void handle(uint64_t id, Kind kind, const char* p, size_t n, const char* f, size_t fn) {
+  auto it = calls.find(id);
   if (it == calls.end()) return;  // over already: the server learnt it from the CANCEL
   Call* c = it->second;
-  const char* p = f.payload.data();
-  size_t n = f.payload.size();
-  if (f.kind == MESSAGE) python_message(c, p, n);
-  else if (f.kind == ACK) python_ack(c);
-  else if (f.kind == FINISH) python_finish(c, p, n);
-  else if (f.kind == LAST) python_last(c, f.payload, f.finish.data(), f.finish.size());
+  if (f != nullptr) python_last(c, p, n, f, fn);
+  else if (kind == MESSAGE) python_message(c, p, n);
+  else if (kind == ACK) python_ack(c);
+  else if (kind == FINISH) python_finish(c, p, n);
   forget(c);
 }
 
@@ -484,13 +468,6 @@ void ask_shutdown(double grace) {
   shutdown_cv.notify_all();
 }
 
-void post(std::vector<Frame>& frames) {  // the frames of one read, handled together
-  if (frames.empty()) return;
-  std::lock_guard<std::mutex> lock(state_mu);
-  for (Frame& f : frames) handle(f);
-  frames.clear();
-}
-
 struct Head {
   uint32_t size;
   uint64_t id;
@@ -506,11 +483,10 @@ Head head_at(const char* p) {
   return h;
 }
 
-// Frames from Python, read as many as the socket holds at a time and handed over together. A
-// response followed by its call's FINISH in the same read goes as one frame (LAST).
+// Frames from Python, read as many as the socket holds at a time and handled under one lock. A
+// response followed by its call's FINISH in the same read goes as one operation.
 void read_python(int fd) {
   std::vector<char> buf(1 << 16);
-  std::vector<Frame> frames;
   size_t have = 0;
   for (;;) {
     ssize_t got = ::read(fd, buf.data() + have, buf.size() - have);
@@ -518,34 +494,33 @@ void read_python(int fd) {
     if (got <= 0) break;
     have += static_cast<size_t>(got);
     size_t at = 0;
-    while (have - at >= 13) {
-      Head h = head_at(buf.data() + at);
-      size_t total = 4 + static_cast<size_t>(h.size);
-      if (have - at < total) break;
-      const char* payload = buf.data() + at + 13;
-      size_t next = at + total;
-      if (h.id == 0) {
-        if (h.kind == SHUTDOWN) {
-          Reader r{payload, h.size - 9u};
-          ask_shutdown(r.f64());
+    {
+      std::lock_guard<std::mutex> lock(state_mu);
+      while (have - at >= 13) {
+        Head h = head_at(buf.data() + at);
+        size_t total = 4 + static_cast<size_t>(h.size);
+        if (have - at < total) break;
+        const char* payload = buf.data() + at + 13;
+        size_t next = at + total;
+        const char* finish = nullptr;
+        size_t finish_size = 0;
+        if (h.kind == MESSAGE && have - next >= 13) {
+          Head fh = head_at(buf.data() + next);
+          size_t ftotal = 4 + static_cast<size_t>(fh.size);
+          if (fh.kind == FINISH && fh.id == h.id && have - next >= ftotal) {
+            finish = buf.data() + next + 13;
+            finish_size = fh.size - 9;
+            next += ftotal;
+          }
+        }
+        if (h.id == 0) {
+          if (h.kind == SHUTDOWN) ask_shutdown(Reader{payload, h.size - 9u}.f64());
+        } else {
+          handle(h.id, h.kind, payload, h.size - 9, finish, finish_size);
         }
         at = next;
-        continue;
       }
-      Frame f{h.id, h.kind, std::string(payload, h.size - 9), {}};
-      if (h.kind == MESSAGE && have - next >= 13) {
-        Head fh = head_at(buf.data() + next);
-        size_t ftotal = 4 + static_cast<size_t>(fh.size);
-        if (fh.kind == FINISH && fh.id == h.id && have - next >= ftotal) {
-          f.kind = LAST;
-          f.finish.assign(buf.data() + next + 13, fh.size - 9);
-          next += ftotal;
-        }
-      }
-      frames.push_back(std::move(f));
-      at = next;
     }
-    post(frames);
     std::memmove(buf.data(), buf.data() + at, have - at);
     have -= at;
     if (have >= 13) {  // a frame larger than the buffer: make room for all of it
@@ -592,8 +567,7 @@ int main(int argc, char** argv) {
   }
   if (listen.empty() || socket_path.empty()) die("--listen and --socket are required");
   int fd = connect_to(socket_path);
-  static Writer out(fd);
-  writer = &out;
+  python_fd = fd;
 
   grpc::AsyncGenericService generic;
   service = &generic;
@@ -607,11 +581,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   FrameBuilder ready(0, READY);
   ready.u32(server ? static_cast<uint32_t>(port) : 0u);
-  writer->Send(ready.done());
-  if (!server) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // READY 0 on its way
-    die("cannot listen on --listen");
-  }
+  send_frame(ready.done());  // sent when this returns
+  if (!server) die("cannot listen on --listen");
   {
     std::lock_guard<std::mutex> lock(state_mu);
     for (int i = 0; i < 8; i++) request_call();  // calls arriving together each find a slot
