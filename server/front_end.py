@@ -106,7 +106,8 @@ class RelayedCall:
         self._deadline, self._peer, self._metadata = deadline, peer, metadata
         self._requests: deque[bytes] = deque()
         self._half = False
-        self._opened = False
+        self._opened = False  # the handler has asked for a request
+        self._taken = False  # ... and took one it has not acknowledged
         self._waiter: asyncio.Future[None] | None = None
         self._cancelled = False
         self._done = False
@@ -142,16 +143,22 @@ class RelayedCall:
             self._waiter.set_result(None)
 
     async def next_request(self) -> bytes | None:
-        """The next request message as received (None: the client sent its last)."""
-        if not self._opened:  # a front end that holds requests reads from now on
-            self._opened = True
-            if self._front.holds_requests:
-                self._front.ack(self)
+        """The next request message as received (None: the client sent its last).
+
+        Asking for it acknowledges the one taken before, which lets the front end read on: an
+        acknowledgement leaves with the handler's answer to that one, in the same write. A
+        front end that holds requests (`NativeFrontEnd.holds_requests`) reads the first one
+        only once asked. A unary handler asks once and never acknowledges: nothing more is read.
+        """
+        if self._taken or (not self._opened and self._front.holds_requests):
+            self._front.ack(self)
+        self._opened, self._taken = True, False
         while not self._requests:
             if self._half or self._cancelled:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
+        self._taken = True
         return self._requests.popleft()
 
     # -- the servicer context ------------------------------------------------------------------
@@ -160,10 +167,7 @@ class RelayedCall:
         """The next request (a streaming-request handler's other way to read), or
         `grpc.aio.EOF` after the client's last."""
         raw = await self.next_request()
-        if raw is None:
-            return grpc.aio.EOF
-        self._front.ack(self)
-        return self.deserialize(raw)
+        return grpc.aio.EOF if raw is None else self.deserialize(raw)
 
     async def write(self, message: Any) -> None:
         await self._front.send_message(self, message)
@@ -225,7 +229,7 @@ async def run_call(
             call.set_code(grpc.StatusCode.UNIMPLEMENTED)
             call.set_details("Method not found!")
         else:
-            await _invoke(call, handler, front)
+            await _invoke(call, handler)
     except grpc.aio.AbortError:  # type: ignore[attr-defined]
         pass  # the status is the call's
     except asyncio.CancelledError:
@@ -240,13 +244,12 @@ async def run_call(
         front.finish(call)
 
 
-async def _invoke(call: RelayedCall, handler: grpc.RpcMethodHandler, front: NativeFrontEnd) -> None:
-    deserialize = handler.request_deserializer or _same
-    call.deserialize = deserialize
+async def _invoke(call: RelayedCall, handler: grpc.RpcMethodHandler) -> None:
+    call.deserialize = handler.request_deserializer or _same
     if handler.response_serializer is not None:
         call.serialize = handler.response_serializer
     if handler.request_streaming:
-        request: Any = _requests(call, deserialize, front)
+        request: Any = _requests(call)
     else:
         raw = await call.next_request()
         if raw is None:
@@ -254,7 +257,7 @@ async def _invoke(call: RelayedCall, handler: grpc.RpcMethodHandler, front: Nati
             call.set_details("the client sent no request")
             return
         try:
-            request = deserialize(raw)
+            request = call.deserialize(raw)
         except Exception:
             call.set_code(grpc.StatusCode.INTERNAL)
             call.set_details("Failed to deserialize the request")
@@ -280,20 +283,10 @@ def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     return handler.unary_stream if handler.response_streaming else handler.unary_unary
 
 
-async def _requests(
-    call: RelayedCall, deserialize: Callable[[bytes], Any], front: NativeFrontEnd
-) -> AsyncIterator[Any]:
-    """The requests, each acknowledged when the handler asks for the next one: after it
-    answered this one, so that the acknowledgement leaves in the same write as the answer."""
-    taken = False
-    while True:
-        if taken:
-            front.ack(call)
-        raw = await call.next_request()
-        if raw is None:
-            return
-        taken = True
-        yield deserialize(raw)
+async def _requests(call: RelayedCall) -> AsyncIterator[Any]:
+    """A streaming handler's requests, as its request iterator."""
+    while (raw := await call.next_request()) is not None:
+        yield call.deserialize(raw)
 
 
 def _same(data: bytes) -> bytes:
@@ -321,7 +314,11 @@ class NativeFrontEnd(asyncio.Protocol):
         call's first request is read at once, which saves a round trip."""
         self.holds_requests = hold_requests
         self._handlers = handlers
-        self._interceptors = list(interceptors)
+        # The method's handler through the interceptors, as grpc.aio applies them (built once).
+        self._resolve: Callable[[HandlerDetails], Awaitable[grpc.RpcMethodHandler | None]]
+        self._resolve = self._find
+        for interceptor in reversed(interceptors):
+            self._resolve = _through(interceptor, self._resolve)
         self._options = list(options)
         self._on_lost = on_lost
         self._calls: dict[int, RelayedCall] = {}
@@ -346,14 +343,7 @@ class NativeFrontEnd(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._dir = tempfile.mkdtemp(prefix="rnnlm-front-")
         path = os.path.join(self._dir, "relay.sock")
-        accepted: asyncio.Future[None] = loop.create_future()
-
-        def connected() -> NativeFrontEnd:
-            if not accepted.done():
-                accepted.set_result(None)
-            return self
-
-        listener = await loop.create_unix_server(connected, path)
+        listener = await loop.create_unix_server(lambda: self, path)
         args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
         for name, value in self._options:
             args += ["--arg", f"{name}={int(value)}"]
@@ -362,7 +352,7 @@ class NativeFrontEnd(asyncio.Protocol):
             str(BINARY), *args, stderr=asyncio.subprocess.PIPE
         )
         try:
-            port = await asyncio.wait_for(self._started(accepted), _START_SECONDS)
+            port = await asyncio.wait_for(self._started(), _START_SECONDS)
         except BaseException:
             await self._end_process()
             raise
@@ -375,7 +365,8 @@ class NativeFrontEnd(asyncio.Protocol):
         self._watcher = asyncio.ensure_future(self._watch())
         return port
 
-    async def _started(self, accepted: asyncio.Future[None]) -> int:
+    async def _started(self) -> int:
+        """The port the binary says it bound (READY), or why it exited first."""
         assert self._process is not None and self._ready is not None
         exited = asyncio.ensure_future(self._process.wait())
         done, _ = await asyncio.wait({exited, self._ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -498,16 +489,8 @@ class NativeFrontEnd(asyncio.Protocol):
         finally:
             self._calls.pop(call.id, None)
 
-    async def _resolve(self, details: HandlerDetails) -> grpc.RpcMethodHandler | None:
-        """The method's handler, through the interceptors as grpc.aio applies them."""
-
-        async def find(d: HandlerDetails) -> grpc.RpcMethodHandler | None:
-            return self._handlers.find(d)
-
-        continuation: Callable[[HandlerDetails], Awaitable[grpc.RpcMethodHandler | None]] = find
-        for interceptor in reversed(self._interceptors):
-            continuation = _through(interceptor, continuation)
-        return await continuation(details)
+    async def _find(self, details: HandlerDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.find(details)
 
     # -- to the front end ------------------------------------------------------------------------
 
