@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.timing import BenchError
@@ -87,30 +88,15 @@ class ChildServer:
     def rss_mb(self) -> float | None:
         """Resident memory (VmRSS) in MiB of the server and the processes it started (its
         native front end, an engine core process); None where /proc is not available."""
-        try:
-            total = _rss_kb(self.pid)
-        except OSError:
-            return None
-        for child in _descendants(self.pid):
-            try:
-                total += _rss_kb(child)
-            except OSError:
-                continue  # it ended meanwhile
-        return total / 1024
+        kb = _over_tree(self.pid, _rss_kb)
+        return None if kb is None else kb / 1024
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU seconds used so far by the server and the processes it started
-        (an engine core process, `--engine-process`); None where /proc is not available."""
-        try:
-            total = _cpu_ticks(self.pid)
-        except OSError:
-            return None
-        for child in _descendants(self.pid):
-            try:
-                total += _cpu_ticks(child)
-            except (OSError, IndexError):
-                continue  # it ended meanwhile: its time is in its parent's reaped children's
-        return total / os.sysconf("SC_CLK_TCK")
+        (its native front end, an engine core process); None where /proc is not available.
+        A child that ended meanwhile has its time in its parent's reaped children's."""
+        ticks = _over_tree(self.pid, _cpu_ticks)
+        return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within STOP_SECONDS."""
@@ -128,6 +114,21 @@ def _stat(pid: int | str) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
+def _over_tree(pid: int, read: Callable[[int], int]) -> int | None:
+    """`read` of `pid` plus that of every live process below it (None when `pid` cannot be
+    read: no /proc); a child that ends while being read counts nothing."""
+    try:
+        total = read(pid)
+    except OSError:
+        return None
+    for child in descendants(pid):
+        try:
+            total += read(child)
+        except (OSError, IndexError):
+            continue
+    return total
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -140,7 +141,7 @@ def _cpu_ticks(pid: int) -> int:
     return sum(int(f) for f in _stat(pid)[11:15])
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """The live processes below `pid` (read from /proc)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks.process import descendants
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server import front_end
@@ -176,19 +177,6 @@ def test_a_missing_binary_stops_the_start_naming_it(
         LiveServer(config(default_bundle, front_end="native"))
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _wait(check: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -227,6 +215,6 @@ def test_rnnlm_serve_exits_1_when_its_front_end_dies(default_bundle: Path) -> No
 def _front_ends(pid: int) -> list[int]:
     return [
         child
-        for child in _children(pid)
+        for child in descendants(pid)
         if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].endswith(b"rnnlm_front_end")
     ]
