@@ -11,10 +11,10 @@ streamed message, against 0.11 to 0.13 in C++ (docs/performance.md).
 
 A unary call costs one frame each way: its request comes with its START, and its reply with
 its status. The relay writes the frames of one event-loop turn in one write, so the tokens of a
-step leave in one system call; a call's FINISH leaves at once. Backpressure holds both ways: after its first request, a call
-reads its client's next ones only as they are taken here (at most 8 ahead), and a handler's
-write waits while the socket's buffer is full (a client too slow for 64 MiB of its replies is
-cancelled there).
+step leave in one system call; a call's FINISH leaves at once. Backpressure holds both ways:
+after its first request, a call reads its client's next ones only as they are taken here (at
+most 8 ahead), and a handler's write waits while the socket's buffer is full (a client too slow
+for 64 MiB of its replies is cancelled there).
 
 Plaintext only: TLS stays with `--front-end python` (or a proxy in front).
 """
