@@ -763,10 +763,15 @@ def test_shutdown_drains_then_ends_open_streams(default_bundle: Path) -> None:
     """Health goes NOT_SERVING, new calls get UNAVAILABLE, open streams end after the grace.
 
     The gRPC port sends GOAWAY and stops listening as the drain starts, so health is asked on
-    --health-port, which serves until the end."""
+    --health-port, which serves until the end. The new call is sent once its channel has seen
+    the GOAWAY: one already on the wire when the port shuts down is ended by gRPC's core with
+    CANCELLED, not UNAVAILABLE (grpc/grpc#41785), whichever front end serves it."""
     live = LiveServer(config(default_bundle, grace_seconds=1.0, health_port=0))
     probe = Client(f"127.0.0.1:{live.server.health_port}", timeout=10)
+    late = grpc.insecure_channel(live.target)
     try:
+        grpc.channel_ready_future(late).result(timeout=10)
+        away = _left_ready(late)
         with Client(live.target, timeout=30) as client:
             assert client.get_model().is_default  # the only model is the default
             stream = client.generate("the", max_tokens=MAX_TOKENS_CAP, seed=1)
@@ -774,16 +779,34 @@ def test_shutdown_drains_then_ends_open_streams(default_bundle: Path) -> None:
             stopping = asyncio.run_coroutine_threadsafe(live.server.stop(), live.loop)
             wait_for(lambda: probe.health() == "NOT_SERVING", timeout=5)
             assert probe.health("rnnlm.v1.LanguageModel") == "NOT_SERVING"
+            assert away.wait(timeout=5), "the GOAWAY never reached the client"
             with pytest.raises(grpc.RpcError) as error:
-                client.predict_next("the", k=1)
+                pb_grpc.LanguageModelStub(late).PredictNext(
+                    pb.PredictNextRequest(context="the", k=1), timeout=10
+                )
             assert error.value.code() == Code.UNAVAILABLE
             last = list(stream)[-1]
             assert last.finish_reason == pb.FINISH_REASON_CANCELLED
             assert 0 < last.completion_tokens < MAX_TOKENS_CAP
             stopping.result(15)
     finally:
+        late.close()
         probe.close()
         live.close()
+
+
+def _left_ready(channel: grpc.Channel) -> threading.Event:
+    """An event set when `channel` leaves READY (a GOAWAY or a dropped connection)."""
+    ready, left = threading.Event(), threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            ready.set()
+        elif ready.is_set():
+            left.set()
+
+    channel.subscribe(seen, try_to_connect=False)
+    return left
 
 
 def test_a_bad_repository_fails_the_start(tmp_path: Path, default_bundle: Path) -> None:
