@@ -103,7 +103,7 @@ def transport_options(config: ServerConfig, reuse_port: bool = False) -> list[tu
 def native_front_end(config: ServerConfig) -> bool:
     """Whether the server speaks gRPC through the native front end (--front-end)."""
     if config.front_end == "auto":
-        return config.tls_cert is None and front_end_built()
+        return front_end_built()
     return config.front_end == "native"
 
 
@@ -304,14 +304,14 @@ class RnnlmServer:
             await self._open_native(interceptors, options, address)
         else:
             await self._open_python(interceptors, options, address)
-        if native:
-            transport = "plaintext, native front end"
-        elif self._tls is None:
+        if self._tls is None:
             transport = "plaintext"
         elif self._tls.mutual:
             transport = "TLS, client certificates required"
         else:
             transport = "TLS"
+        if native:
+            transport += ", native front end"
         log.info("gRPC listening on %s (%s)", _address(c.host, self.port), transport)
         if c.health_port is not None:
             await self._open_health_port(c.health_port)
@@ -359,7 +359,12 @@ class RnnlmServer:
         # With bearer tokens, a call's request is received only once the token was checked.
         hold = self._auth is not None
         front = NativeFrontEnd(
-            handlers, interceptors, options, on_lost=self._front_end_lost, hold_requests=hold
+            handlers,
+            interceptors,
+            options,
+            on_lost=self._front_end_lost,
+            hold_requests=hold,
+            tls=self._tls,
         )
         try:
             self.port = await front.start(address)

@@ -143,11 +143,6 @@ class ServerConfig:
                 f"{_flag(given)} ({env_name(given)}) needs {_flag(missing)} ({env_name(missing)}): "
                 "TLS takes a certificate and its private key"
             )
-        if self.front_end == "native" and self.tls_cert is not None:
-            raise ConfigError(
-                "--front-end native (RNNLM_FRONT_END) serves plaintext only: use --front-end "
-                "python for TLS, or terminate TLS in front of the server"
-            )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError(
                 f"{_flag('tls_client_ca')} ({env_name('tls_client_ca')}) needs --tls-cert and "
@@ -199,9 +194,8 @@ _OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "front_end": (
         str.lower,
         "what speaks gRPC on the port: native (gRPC's C++ API in a process beside this one, "
-        "relaying every call to it; built at install where grpc++ is found; plaintext only), "
-        "python (grpc.aio in this process), or auto (native where built and without TLS, else "
-        "python; docs/performance.md)",
+        "relaying every call to it; built at install where grpc++ is found), python (grpc.aio "
+        "in this process), or auto (native where built, else python; docs/performance.md)",
     ),
     "provider": (
         str.lower,

@@ -7,8 +7,14 @@
 // messages, and Python decides what each method is, answers it, or refuses it.
 //
 //     rnnlm_front_end --listen HOST:PORT --socket PATH [--hold 1] [--arg NAME=INT]...
+//                     [--tls-dir DIR [--tls-mutual 1]]
 //
 // It connects to PATH (Python listens there), opens the port, and says so with a READY frame.
+// With --tls-dir it serves TLS with DIR's identity.pem (the private key and the certificate
+// chain, in one file so that no read pairs one's old and the other's new version), and with
+// --tls-mutual requires client certificates from DIR's ca.pem. Python writes those files, after checking them, and
+// writes them again on a reload: gRPC's file watcher reads them every second, so a new
+// handshake gets a rotated certificate within a second of the reload.
 // It ends when the socket closes (the server stopped or died), when the parent dies
 // (PR_SET_PDEATHSIG), or after a SHUTDOWN frame: GOAWAY to every connection, the calls in
 // flight get the grace the frame names, then they are cancelled.
@@ -39,6 +45,9 @@
 // (setup.py does it where Debian's libgrpc++-dev, or another grpc++ with pkg-config, is found).
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -531,6 +540,27 @@ void read_python(int fd) {
   ask_shutdown(0);  // the server closed its end: it stopped or died
 }
 
+// TLS from the files Python keeps in `dir` (see the header), or plaintext without a `dir`.
+std::shared_ptr<grpc::ServerCredentials> credentials(const std::string& dir, bool mutual) {
+  if (dir.empty()) return grpc::InsecureServerCredentials();
+  namespace tls = grpc::experimental;
+  const unsigned refresh_seconds = 1;
+  const std::string identity = dir + "/identity.pem";  // the key and the chain (header)
+  auto files = mutual ? std::make_shared<tls::FileWatcherCertificateProvider>(
+                            identity, identity, dir + "/ca.pem", refresh_seconds)
+                      : std::make_shared<tls::FileWatcherCertificateProvider>(
+                            identity, identity, refresh_seconds);
+  tls::TlsServerCredentialsOptions options(files);
+  options.watch_identity_key_cert_pairs();
+  if (mutual) {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return tls::TlsServerCredentials(options);
+}
+
 int connect_to(const std::string& path) {
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
@@ -547,7 +577,8 @@ int connect_to(const std::string& path) {
 
 int main(int argc, char** argv) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
-  std::string listen, socket_path;
+  std::string listen, socket_path, tls_dir;
+  bool tls_mutual = false;
   std::vector<std::pair<std::string, int>> args;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i], value = argv[i + 1];
@@ -557,12 +588,17 @@ int main(int argc, char** argv) {
       socket_path = value;
     } else if (flag == "--hold") {
       hold_requests = value == "1";
+    } else if (flag == "--tls-dir") {
+      tls_dir = value;
+    } else if (flag == "--tls-mutual") {
+      tls_mutual = value == "1";
     } else if (flag == "--arg") {
       auto eq = value.find('=');
       if (eq == std::string::npos) die("--arg: NAME=INT");
       args.emplace_back(value.substr(0, eq), std::atoi(value.c_str() + eq + 1));
     } else {
-      die("usage: rnnlm_front_end --listen HOST:PORT --socket PATH [--hold 1] [--arg NAME=INT]...");
+      die("usage: rnnlm_front_end --listen HOST:PORT --socket PATH [--hold 1] [--arg NAME=INT]... "
+          "[--tls-dir DIR [--tls-mutual 1]]");
     }
   }
   if (listen.empty() || socket_path.empty()) die("--listen and --socket are required");
@@ -573,7 +609,7 @@ int main(int argc, char** argv) {
   service = &generic;
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, credentials(tls_dir, tls_mutual), &port);
   for (const auto& [name, value] : args) builder.AddChannelArgument(name, value);
   builder.RegisterAsyncGenericService(&generic);
   std::unique_ptr<grpc::ServerCompletionQueue> queue = builder.AddCompletionQueue();

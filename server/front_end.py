@@ -16,7 +16,8 @@ after its first request, a call reads its client's next ones only as they are ta
 most 8 ahead), and a handler's write waits while the socket's buffer is full (a client too slow
 for 64 MiB of its replies is cancelled there).
 
-Plaintext only: TLS stays with `--front-end python` (or a proxy in front).
+TLS too: the binary's gRPC serves the certificate files that `TlsFiles` checked, from private
+copies that a reload rewrites and gRPC reads again within a second.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
+
+from server.security import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +310,15 @@ class NativeFrontEnd(asyncio.Protocol):
         options: Sequence[tuple[str, int]] = (),
         on_lost: Callable[[], None] | None = None,
         hold_requests: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         """`hold_requests`: a call's requests are received only once its handler reads them,
         as grpc.aio does (an interceptor that refuses a call before reading, such as the
         bearer-token check, then never receives its request, however large). Without it, a
-        call's first request is read at once, which saves a round trip."""
+        call's first request is read at once, which saves a round trip. `tls`: serve TLS with
+        these files (their checked copies, which a reload rewrites, in a private directory)."""
         self.holds_requests = hold_requests
+        self._tls = tls
         self._handlers = handlers
         # The method's handler through the interceptors, as grpc.aio applies them (built once).
         self._resolve: Callable[[HandlerDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -345,6 +351,10 @@ class NativeFrontEnd(asyncio.Protocol):
         path = os.path.join(self._dir, "relay.sock")
         listener = await loop.create_unix_server(lambda: self, path)
         args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
+        if self._tls is not None:
+            copies = Path(self._dir) / "tls"
+            self._tls.install(copies)
+            args += ["--tls-dir", str(copies), "--tls-mutual", str(int(self._tls.mutual))]
         for name, value in self._options:
             args += ["--arg", f"{name}={int(value)}"]
         self._ready = loop.create_future()
@@ -409,6 +419,8 @@ class NativeFrontEnd(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
         if self._dir is not None:
+            if self._tls is not None:
+                self._tls.uninstall(Path(self._dir) / "tls")
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 

@@ -3,8 +3,9 @@
 The files behind `--tls-cert`, `--tls-key`, `--tls-client-ca` and `--auth-token-file` are read
 and checked at start, and a bad one stops the start with a `ConfigError` naming the flag and the
 file. `refresh()` reads them again (on SIGHUP and with `--reload-seconds`), so certificates and
-tokens rotate without a restart: a new certificate is handed to gRPC for the next TLS handshake,
-new tokens apply to the next call. A file that has gone bad is reported and the previous
+tokens rotate without a restart: a new certificate is handed to gRPC for the next TLS handshake
+(the native front end's gRPC reads it from the private copies `TlsFiles.install` keeps, within a
+second), new tokens apply to the next call. A file that has gone bad is reported and the previous
 contents stay in force, so a botched rotation never takes a serving replica down.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
 import ssl
 import threading
@@ -81,6 +83,7 @@ class TlsFiles:
         self._material = self._read()
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._copies: list[Path] = []  # directories `install` keeps up to date
 
     @property
     def mutual(self) -> bool:
@@ -94,6 +97,21 @@ class TlsFiles:
             require_client_authentication=self.mutual,
         )
 
+    def install(self, directory: Path) -> None:
+        """Keep copies of the checked files in `directory` (private to this user), rewritten
+        by every `refresh` that finds a change (`_write_copies`), for a reader that watches
+        the files (the native front end) never to see one half written or one that failed
+        the checks."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        with self._lock:
+            self._copies.append(directory)
+            _write_copies(directory, self._material)
+
+    def uninstall(self, directory: Path) -> None:
+        """Stop keeping `directory`'s copies (its owner removes it)."""
+        with self._lock:
+            self._copies = [d for d in self._copies if d != directory]
+
     def refresh(self) -> bool:
         """Read the files again; True when they changed (the next handshake uses them)."""
         material = self._read()
@@ -102,6 +120,8 @@ class TlsFiles:
                 return False
             self._material = material
             self._pending = self._configuration(material)
+            for directory in self._copies:
+                _write_copies(directory, material)
         return True
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -158,6 +178,22 @@ class TlsFiles:
                 f"--tls-cert {self.cert} / --tls-key {self.key}: changed while being read"
             )
         return cert, key, client_ca
+
+
+def _write_copies(directory: Path, material: tuple[bytes, bytes, bytes | None]) -> None:
+    """`TlsFiles.install`'s files, each replaced whole: identity.pem, the key followed by the
+    certificate chain (one file, so that no reader pairs a new certificate with an old key:
+    PEM readers skip the blocks of other kinds), and ca.pem with client certificates."""
+    cert, key, client_ca = material
+    files = [("identity.pem", key.rstrip(b"\n") + b"\n" + cert), ("ca.pem", client_ca)]
+    for name, data in files:
+        if data is None:
+            continue
+        partial = directory / f".{name}.new"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(partial, directory / name)
 
 
 def _check_certificates(data: bytes, path: Path, flag: str, what: str) -> None:

@@ -25,7 +25,6 @@ from benchmarks.process import descendants
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
 from server import front_end
-from server.config import ConfigError, ServerConfig
 from tests.test_server import LiveServer, config
 
 pytestmark = pytest.mark.skipif(
@@ -160,13 +159,6 @@ def test_handlers_that_read_and_write_through_the_context() -> None:
 async def _until(done: threading.Event) -> None:
     while not done.is_set():
         await asyncio.sleep(0.01)
-
-
-def test_tls_is_refused_with_the_native_front_end(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--front-end native .* plaintext only"):
-        ServerConfig(
-            models=tmp_path, front_end="native", tls_cert=tmp_path / "c", tls_key=tmp_path / "k"
-        )
 
 
 def test_a_missing_binary_stops_the_start_naming_it(

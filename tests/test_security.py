@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from test_server import ROOT, LiveServer, config, metric
+from test_server import FRONT_ENDS, ROOT, LiveServer, config, metric
 
 from rnnlm.cli import main
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
 from server.config import ConfigError, ServerConfig
+from server.security import TlsFiles
 
 Code = grpc.StatusCode
 TOKENS = ("first-token-0123456789abcdef", "second-token-0123456789abcdef")
@@ -76,12 +79,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(directory)
 
 
-@pytest.fixture
-def serve(default_bundle: Path) -> Iterator[Callable[..., LiveServer]]:
-    """Start servers on the tiny default bundle; each is stopped at the end of the test."""
+@pytest.fixture(params=FRONT_ENDS)
+def serve(
+    default_bundle: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., LiveServer]]:
+    """Start servers on the tiny default bundle, behind each front end; each is stopped at the
+    end of the test."""
     started: list[LiveServer] = []
 
     def start(**overrides: object) -> LiveServer:
+        overrides.setdefault("front_end", request.param)
         server = LiveServer(config(default_bundle, **overrides))
         started.append(server)
         return server
@@ -199,10 +206,28 @@ def test_reload_rotates_the_server_certificate(serve: Callable[..., LiveServer],
         assert client.list_models()
     shutil.copy(pki("other-server.key"), key)
     live.run(live.server.reload())
-    with Client(live.target, timeout=10, tls_ca=pki("other.pem")) as client:
-        assert client.list_models()
+    # The native front end's gRPC reads the new pair within a second of the reload.
+    assert _eventually(lambda: _handshakes(live.target, pki("other.pem")), seconds=5)
     with Client(live.target, timeout=5, tls_ca=pki("ca.pem")) as client:
         assert _refused(client.list_models).code() == Code.UNAVAILABLE
+
+
+def _handshakes(target: str, ca: Path) -> bool:
+    """Whether a new connection to `target` that trusts only `ca` gets an answer."""
+    with Client(target, timeout=5, tls_ca=ca) as client:
+        try:
+            return bool(client.list_models())
+        except grpc.RpcError:
+            return False
+
+
+def _eventually(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_bad_tls_files_stop_the_start_with_the_flag_and_file(
@@ -353,3 +378,34 @@ def test_bad_token_files_stop_the_start(
     path.write_text(content)
     with pytest.raises(ConfigError, match=re.escape(f"--auth-token-file {path}{message}")):
         LiveServer(config(default_bundle, auth_token_file=path))
+
+
+def test_tls_copies_are_private_and_follow_only_checked_rotations(pki: Pki, tmp_path: Path) -> None:
+    """The native front end's gRPC reads these copies: never a pair that failed the checks."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    shutil.copy(pki("ca-server.pem"), cert)
+    shutil.copy(pki("ca-server.key"), key)
+    tls = TlsFiles(cert, key, pki("ca.pem"))
+    copies = tmp_path / "copies"
+    tls.install(copies)
+    identity = copies / "identity.pem"
+    assert stat.S_IMODE(copies.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in copies.iterdir()} == {
+        "identity.pem": 0o600,
+        "ca.pem": 0o600,
+    }
+    assert identity.read_bytes() == key.read_bytes().rstrip(b"\n") + b"\n" + cert.read_bytes()
+    assert (copies / "ca.pem").read_bytes() == pki("ca.pem").read_bytes()
+    first = identity.read_bytes()
+    shutil.copy(pki("other-server.pem"), cert)  # half a rotation: the key is not its own
+    with pytest.raises(ConfigError, match="not the private key"):
+        tls.refresh()
+    assert identity.read_bytes() == first
+    shutil.copy(pki("other-server.key"), key)
+    assert tls.refresh()
+    assert pki("other-server.pem").read_bytes() in identity.read_bytes()
+    tls.uninstall(copies)
+    shutil.copy(pki("ca-server.pem"), cert)
+    shutil.copy(pki("ca-server.key"), key)
+    assert tls.refresh()
+    assert pki("other-server.pem").read_bytes() in identity.read_bytes()
