@@ -51,6 +51,8 @@ _F64 = struct.Struct("<d")
 _START_SECONDS = 10.0  # how long the binary may take to open the port
 
 BINARY = Path(__file__).with_name("rnnlm_front_end")
+# Each server's private directory (the relay's socket, TLS copies): this, its pid and "-".
+_DIR_PREFIX = "rnnlm-front-"
 
 
 def available() -> bool:
@@ -347,7 +349,8 @@ class NativeFrontEnd(asyncio.Protocol):
                 "Debian's libgrpc++-dev and pkg-config, then pip install again)"
             )
         loop = asyncio.get_running_loop()
-        self._dir = tempfile.mkdtemp(prefix="rnnlm-front-")
+        _remove_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         path = os.path.join(self._dir, "relay.sock")
         listener = await loop.create_unix_server(lambda: self, path)
         args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
@@ -566,6 +569,20 @@ def _valid_metadatum(key: str, value: str | bytes) -> bool:
     if key.endswith("-bin"):
         return isinstance(value, bytes)
     return isinstance(value, str) and _VALUE.fullmatch(value) is not None
+
+
+def _remove_stale_dirs() -> None:
+    """Remove the private directories of servers of this user that died without removing
+    theirs (killed: a TLS key's copy may be in one). A directory whose pid is alive is kept,
+    whoever has that pid now."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _frame(call: int, kind: int, payload: bytes) -> bytes:

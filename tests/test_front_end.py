@@ -1,6 +1,7 @@
 """The native gRPC front end (server/front_end.cc and server/front_end.py) against what only it
 can get wrong: the relay's status and trailing metadata, methods it does not know, requests in
-flight beyond its window, its own death, and being asked for what it does not do.
+flight beyond its window, its own death, what a killed server left behind, and being asked
+for what it does not do.
 
 Every API test of tests/test_server.py also runs over it (its `live` fixture takes both front
 ends); these need a server of their own.
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -210,3 +213,23 @@ def _front_ends(pid: int) -> list[int]:
         for child in descendants(pid)
         if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].endswith(b"rnnlm_front_end")
     ]
+
+
+def test_a_killed_servers_private_directory_is_removed_by_the_next(default_bundle: Path) -> None:
+    """A server killed outright leaves its directory (with TLS, a copy of the key in it); the
+    next native front end of the same user removes it, and leaves a live server's alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = Path(tempfile.gettempdir())
+    stale = Path(tempfile.mkdtemp(prefix=f"rnnlm-front-{dead.pid}-", dir=root))
+    (stale / "tls").mkdir()
+    (stale / "tls" / "identity.pem").write_text("a key")
+    alive = Path(tempfile.mkdtemp(prefix=f"rnnlm-front-{os.getpid()}-", dir=root))
+    try:
+        live = LiveServer(config(default_bundle, front_end="native"))
+        live.close()
+        assert not stale.exists()
+        assert alive.is_dir()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(alive, ignore_errors=True)
