@@ -2,10 +2,15 @@
 
     python -m benchmarks.predict_ab --checkout /tmp/parent --checkout . --rounds 5
     python -m benchmarks.predict_ab --with "" --with "--front-end native" --rounds 5
+    python -m benchmarks.predict_ab --tls-ca ca.pem \
+        --with "--front-end native --tls-cert s.pem --tls-key s.key" \
+        --with "--front-end python --tls-cert s.pem --tls-key s.key"
 
 starts one `rnnlm serve` per `--checkout` (the code of that directory: its PYTHONPATH, with
 PYTHONSAFEPATH so that this checkout's directory does not come first), and one per `--with`
-(this checkout, with those flags), all on the same bundle.
+(this checkout, with those flags), all on the same bundle. With `--tls-ca`, the client speaks
+TLS to the servers, trusting that CA (their certificates must name 127.0.0.1); the floor's
+echo stays in plaintext.
 Each round measures the floor of `rnnlm bench`'s PredictNext target here (bare batch-1 steps
 after a 1 ms idle gap, and the gRPC echo), then each server in turn with the bench's own loop
 (`server_load.predict_c1`: sentences grown a token a call), reading the server's CPU time
@@ -80,8 +85,19 @@ async def _floor(bundle: Bundle, workload: Workload, plan: Plan) -> float:
     return float(bare.over_trials(idle)["p50_ms"]) + float(echoed["p50_ms"])
 
 
+def _channel(port: int, tls_ca: Path | None) -> grpc.aio.Channel:
+    target = f"127.0.0.1:{port}"
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+
+
 async def compare(
-    bundle_dir: Path, servers: list[Server], rounds: int, plan: Plan
+    bundle_dir: Path,
+    servers: list[Server],
+    rounds: int,
+    plan: Plan,
+    tls_ca: Path | None = None,
 ) -> list[list[Round]]:
     """Per server, its figures in each round (every server measured once a round)."""
     bundle = load_bundle(bundle_dir)
@@ -93,7 +109,7 @@ async def compare(
         for server in servers:
             children.append(_server(server, bundle_dir, plan))
         for child in children:
-            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{child.port}"))
+            channels.append(_channel(child.port, tls_ca))
             await wait_serving(channels[-1], child)
         results: list[list[Round]] = [[] for _ in servers]
         for _ in range(rounds):
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=Path("models/shakespeare-word"))
     parser.add_argument("--rounds", type=int, default=3, help="(default 3)")
     parser.add_argument("--quick", action="store_true", help="the bench's --quick counts")
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="speak TLS to the servers, trusting this CA"
+    )
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parents[1]
     servers = [Server(c.resolve()) for c in args.checkout or []]
@@ -159,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     try:
         plan = Plan.make(quick=args.quick)
-        results = asyncio.run(compare(args.bundle.resolve(), servers, args.rounds, plan))
+        results = asyncio.run(
+            compare(args.bundle.resolve(), servers, args.rounds, plan, args.tls_ca)
+        )
     except (BenchError, BundleError) as e:
         print(f"predict_ab: {e}", file=sys.stderr)
         return 2
