@@ -12,8 +12,8 @@
 // It connects to PATH (Python listens there), opens the port, and says so with a READY frame.
 // With --tls-dir it serves TLS with DIR's identity.pem (the private key and the certificate
 // chain, in one file so that no read pairs one's old and the other's new version), and with
-// --tls-mutual requires client certificates from DIR's ca.pem. Python writes those files, after checking them, and
-// writes them again on a reload: gRPC's file watcher reads them every second, so a new
+// --tls-mutual requires client certificates from DIR's ca.pem. Python writes those files after
+// checking them, and again on a reload: gRPC's file watcher reads them every second, so a new
 // handshake gets a rotated certificate within a second of the reload.
 // It ends when the socket closes (the server stopped or died), when the parent dies
 // (PR_SET_PDEATHSIG), or after a SHUTDOWN frame: GOAWAY to every connection, the calls in

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import inspect
 import logging
 import math
@@ -51,8 +52,10 @@ _F64 = struct.Struct("<d")
 _START_SECONDS = 10.0  # how long the binary may take to open the port
 
 BINARY = Path(__file__).with_name("rnnlm_front_end")
-# Each server's private directory (the relay's socket, TLS copies): this, its pid and "-".
+# Each server's private directory (the relay's socket, TLS copies): this, its pid and "-". It
+# holds a lock on its `_LOCK` file for as long as it runs (`_remove_stale_dirs`).
 _DIR_PREFIX = "rnnlm-front-"
+_LOCK = "alive"
 
 
 def available() -> bool:
@@ -338,6 +341,7 @@ class NativeFrontEnd(asyncio.Protocol):
         self._ready: asyncio.Future[int] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._dir: str | None = None
+        self._alive: int | None = None  # the lock file's descriptor, held while running
         self._stopping = False
         self._watcher: asyncio.Future[None] | None = None
 
@@ -351,6 +355,7 @@ class NativeFrontEnd(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         _remove_stale_dirs()
         self._dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+        self._alive = _hold_lock(os.path.join(self._dir, _LOCK))
         path = os.path.join(self._dir, "relay.sock")
         listener = await loop.create_unix_server(lambda: self, path)
         args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
@@ -426,6 +431,9 @@ class NativeFrontEnd(asyncio.Protocol):
                 self._tls.uninstall(Path(self._dir) / "tls")
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._alive is not None:
+            os.close(self._alive)
+            self._alive = None
 
     def _end_calls(self) -> None:
         for call in list(self._calls.values()):
@@ -571,18 +579,29 @@ def _valid_metadatum(key: str, value: str | bytes) -> bool:
     return isinstance(value, str) and _VALUE.fullmatch(value) is not None
 
 
+def _hold_lock(path: str) -> int:
+    """Create `path` and hold an exclusive lock on it until the descriptor is closed (or the
+    process ends, however it ends)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
 def _remove_stale_dirs() -> None:
-    """Remove the private directories of servers of this user that died without removing
-    theirs (killed: a TLS key's copy may be in one). A directory whose pid is alive is kept,
-    whoever has that pid now."""
-    root = Path(tempfile.gettempdir())
-    for path in root.glob(f"{_DIR_PREFIX}*-*"):
-        pid = path.name[len(_DIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
-            continue
+    """Remove the private directories of this user's servers that ended without removing
+    theirs (killed: a TLS key's copy may be in one). A directory is stale when nobody holds
+    its lock, which its server held until it ended: a check that holds across PID namespaces
+    sharing the directory, where a PID would not. One without a lock file yet is left alone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
         with contextlib.suppress(OSError):
-            if path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid():
+            if path.is_symlink() or not path.is_dir() or path.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(path / _LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its server runs
                 shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _frame(call: int, kind: int, payload: bytes) -> bytes:

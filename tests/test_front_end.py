@@ -217,19 +217,44 @@ def _front_ends(pid: int) -> list[int]:
 
 def test_a_killed_servers_private_directory_is_removed_by_the_next(default_bundle: Path) -> None:
     """A server killed outright leaves its directory (with TLS, a copy of the key in it); the
-    next native front end of the same user removes it, and leaves a live server's alone."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    root = Path(tempfile.gettempdir())
-    stale = Path(tempfile.mkdtemp(prefix=f"rnnlm-front-{dead.pid}-", dir=root))
-    (stale / "tls").mkdir()
-    (stale / "tls" / "identity.pem").write_text("a key")
-    alive = Path(tempfile.mkdtemp(prefix=f"rnnlm-front-{os.getpid()}-", dir=root))
+    next native front end of the same user removes it, and leaves a running one's alone,
+    whatever its PID (the server's lock on the directory decides, not the PID)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_DIRECTORY], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "rnnlm", "serve", "--models", str(default_bundle), "--host",
+         "127.0.0.1", "--port", "0", "--metrics-port", "0", "--front-end", "native"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    running: Path | None = None
     try:
-        live = LiveServer(config(default_bundle, front_end="native"))
-        live.close()
-        assert not stale.exists()
-        assert alive.is_dir()
+        assert holder.stdout is not None and killed.stderr is not None
+        running = Path(holder.stdout.readline().strip())
+        for line in killed.stderr:  # until it serves (it logs to stderr)
+            if " serving " in line:
+                break
+        (left,) = Path(tempfile.gettempdir()).glob(f"rnnlm-front-{killed.pid}-*")
+        killed.kill()  # SIGKILL: nothing of it cleans up; its front end dies with it
+        killed.wait()
+        assert left.is_dir()
+        LiveServer(config(default_bundle, front_end="native")).close()
+        assert not left.exists()
+        assert (running / "alive").is_file()
     finally:
-        shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(alive, ignore_errors=True)
+        for process in (holder, killed):
+            process.kill()
+            process.wait()
+        if running is not None:
+            shutil.rmtree(running, ignore_errors=True)
+
+
+# A process holding a private directory as a running server does; prints its path.
+_HOLD_A_DIRECTORY = """
+import os, tempfile, time
+from server import front_end
+path = tempfile.mkdtemp(prefix=front_end._DIR_PREFIX + "1-")  # a PID of another namespace
+front_end._hold_lock(os.path.join(path, front_end._LOCK))
+print(path, flush=True)
+time.sleep(120)
+"""
