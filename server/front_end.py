@@ -360,9 +360,8 @@ class NativeFrontEnd(asyncio.Protocol):
         listener = await loop.create_unix_server(lambda: self, path)
         args = ["--listen", address, "--socket", path, "--hold", str(int(self.holds_requests))]
         if self._tls is not None:
-            copies = Path(self._dir) / "tls"
-            self._tls.install(copies)
-            args += ["--tls-dir", str(copies), "--tls-mutual", str(int(self._tls.mutual))]
+            self._tls.install(self._copies())
+            args += ["--tls-dir", str(self._copies()), "--tls-mutual", str(int(self._tls.mutual))]
         for name, value in self._options:
             args += ["--arg", f"{name}={int(value)}"]
         self._ready = loop.create_future()
@@ -382,6 +381,11 @@ class NativeFrontEnd(asyncio.Protocol):
             raise OSError(f"cannot listen on {address}")
         self._watcher = asyncio.ensure_future(self._watch())
         return port
+
+    def _copies(self) -> Path:
+        """Where the checked TLS files' copies are kept, in this server's private directory."""
+        assert self._dir is not None
+        return Path(self._dir) / "tls"
 
     async def _started(self) -> int:
         """The port the binary says it bound (READY), or why it exited first."""
@@ -428,7 +432,7 @@ class NativeFrontEnd(asyncio.Protocol):
             self._transport.close()
         if self._dir is not None:
             if self._tls is not None:
-                self._tls.uninstall(Path(self._dir) / "tls")
+                self._tls.uninstall(self._copies())
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
         if self._alive is not None:
@@ -618,27 +622,21 @@ def _parse_start(
     """A START frame's deadline (seconds from now), method, peer, metadata and the call's first
     request when it came with it."""
     seconds = _F64.unpack_from(payload)[0]
-    at = 8
-    fields: list[bytes] = []
-    for _ in range(2):
-        n = _U32.unpack_from(payload, at)[0]
-        fields.append(payload[at + 4 : at + 4 + n])
-        at += 4 + n
+    method, at = _read_str(payload, 8)
+    peer, at = _read_str(payload, at)
     count = _U32.unpack_from(payload, at)[0]
     at += 4
     metadata: list[tuple[str, str | bytes]] = []
     for _ in range(count):
-        pair = []
-        for _ in range(2):
-            n = _U32.unpack_from(payload, at)[0]
-            pair.append(payload[at + 4 : at + 4 + n])
-            at += 4 + n
-        key = pair[0].decode("latin-1")
-        value = pair[1] if key.endswith("-bin") else pair[1].decode("latin-1")
-        metadata.append((key, value))
-    first = None
-    if payload[at]:
-        n = _U32.unpack_from(payload, at + 1)[0]
-        first = payload[at + 5 : at + 5 + n]
-    method, peer = fields[0].decode("latin-1"), fields[1].decode("latin-1")
-    return seconds, method, peer, tuple(metadata), first
+        raw_key, at = _read_str(payload, at)
+        value, at = _read_str(payload, at)
+        key = raw_key.decode("latin-1")
+        metadata.append((key, value if key.endswith("-bin") else value.decode("latin-1")))
+    first = _read_str(payload, at + 1)[0] if payload[at] else None
+    return seconds, method.decode("latin-1"), peer.decode("latin-1"), tuple(metadata), first
+
+
+def _read_str(payload: bytes, at: int) -> tuple[bytes, int]:
+    """The `str` (u32 length, then the bytes) at `at`, and where what follows it starts."""
+    n = _U32.unpack_from(payload, at)[0]
+    return payload[at + 4 : at + 4 + n], at + 4 + n
