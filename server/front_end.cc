@@ -25,7 +25,8 @@
 //     | u32 size  | u64 call  | u8 kind| payload (size - 9)    |
 //     +-----------+-----------+--------+-----------------------+
 //
-//   to Python:   START     f64 seconds to the deadline (inf: none), str method, str peer,
+//   to Python:   START     f64 the deadline, in seconds since the Unix epoch (inf: none),
+//                          the system clock's, which Python reads too, str method, str peer,
 //                          u32 count, then count x (str key, str value): the client's metadata;
 //                          u8 1 and str the call's first request with it, or u8 0
 //                MESSAGE   a request message, as received
@@ -238,14 +239,15 @@ void to_python(const Call* c, Kind kind) {
   send_frame(f.done());
 }
 
-// START: f64 seconds to the deadline, str method, str peer, u32 count and the metadata, then
+// START: f64 the deadline (Unix time: a time to the deadline would grow by however long the
+// frame took to reach Python), str method, str peer, u32 count and the metadata, then
 // u8 1 and str the first request when it comes with it (else u8 0).
 void send_start(Call* c, const std::string* first) {
   FrameBuilder f(c->id, START);
   auto deadline = c->ctx.deadline();
   double seconds = std::numeric_limits<double>::infinity();
   if (deadline != std::chrono::system_clock::time_point::max()) {
-    seconds = std::chrono::duration<double>(deadline - std::chrono::system_clock::now()).count();
+    seconds = std::chrono::duration<double>(deadline.time_since_epoch()).count();
   }
   f.f64(seconds);
   f.str(c->ctx.method().data(), c->ctx.method().size());

@@ -33,6 +33,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -500,9 +501,9 @@ class NativeFrontEnd(asyncio.Protocol):
             self._ready.set_result(_U32.unpack_from(payload)[0])
 
     def _start_call(self, call_id: int, payload: bytes) -> None:
-        seconds, method, peer, metadata, first = _parse_start(payload)
+        at, method, peer, metadata, first = _parse_start(payload)
         loop = asyncio.get_running_loop()
-        deadline = None if math.isinf(seconds) else loop.time() + seconds
+        deadline = None if math.isinf(at) else loop.time() + (at - time.time())
         call = RelayedCall(self, call_id, method, deadline, peer, metadata)
         if first is not None:
             call.received(first)
@@ -619,9 +620,9 @@ def _str(data: bytes) -> bytes:
 def _parse_start(
     payload: bytes,
 ) -> tuple[float, str, str, tuple[tuple[str, str | bytes], ...], bytes | None]:
-    """A START frame's deadline (seconds from now), method, peer, metadata and the call's first
-    request when it came with it."""
-    seconds = _F64.unpack_from(payload)[0]
+    """A START frame's deadline (Unix time, inf for none), method, peer, metadata and the
+    call's first request when it came with it."""
+    deadline = _F64.unpack_from(payload)[0]
     method, at = _read_str(payload, 8)
     peer, at = _read_str(payload, at)
     count = _U32.unpack_from(payload, at)[0]
@@ -633,7 +634,7 @@ def _parse_start(
         key = raw_key.decode("latin-1")
         metadata.append((key, value if key.endswith("-bin") else value.decode("latin-1")))
     first = _read_str(payload, at + 1)[0] if payload[at] else None
-    return seconds, method.decode("latin-1"), peer.decode("latin-1"), tuple(metadata), first
+    return deadline, method.decode("latin-1"), peer.decode("latin-1"), tuple(metadata), first
 
 
 def _read_str(payload: bytes, at: int) -> tuple[bytes, int]:

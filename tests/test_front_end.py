@@ -10,6 +10,7 @@ ends); these need a server of their own.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -258,3 +259,22 @@ front_end._hold_lock(os.path.join(path, front_end._LOCK))
 print(path, flush=True)
 time.sleep(120)
 """
+
+
+def test_a_call_relayed_late_keeps_its_deadline() -> None:
+    """START carries the deadline itself, not the time left: a call whose START reached this
+    process after its deadline has no time left here, however long the relay took (a time
+    left would count from the START's arrival, and a deadline the front end ended would be
+    recorded as CANCELLED, not DEADLINE_EXCEEDED)."""
+
+    async def remaining(deadline: float) -> float | None:
+        front = front_end.NativeFrontEnd(front_end.Handlers())
+        fields = [front_end._str(b"/m"), front_end._str(b"peer"), front_end._U32.pack(0)]
+        payload = front_end._F64.pack(deadline) + b"".join(fields) + b"\x00"  # no request
+        front._start_call(7, payload)
+        return front._calls[7].time_remaining()
+
+    assert asyncio.run(remaining(time.time() - 0.05)) == 0.0
+    ahead = asyncio.run(remaining(time.time() + 60))
+    assert ahead is not None and 55 < ahead <= 60
+    assert asyncio.run(remaining(math.inf)) is None
