@@ -31,8 +31,10 @@ from tokenizers import Tokenizer
 from rnnlm.client import Client
 from rnnlm.v1 import language_model_pb2 as pb
 from rnnlm.v1 import language_model_pb2_grpc as pb_grpc
+from server import servicer as servicer_module
 from server.app import RnnlmServer
 from server.config import ConfigError, ServerConfig, add_arguments, config_from_args
+from server.front_end import Handlers, NativeFrontEnd, RelayedCall
 from server.front_end import available as front_end_built
 from server.repository import ModelRepository, NoDefaultModel, RepositoryError
 from training.checkpoint import Checkpoint, load_checkpoint
@@ -578,6 +580,22 @@ def test_deadline_stops_generation(live: LiveServer, client: Client) -> None:
     assert error.value.code() == Code.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
     assert_generation_stopped(live, client, before, "DEADLINE_EXCEEDED")
+
+
+def test_a_cancel_just_before_the_deadline_is_counted_as_the_deadline() -> None:
+    """A client ends a call at its deadline by its own clock, which starts a trip before the
+    server's: its cancel can arrive just before the deadline the server knows."""
+
+    async def code(seconds_left: float | None) -> grpc.StatusCode:
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds_left is None else loop.time() + seconds_left
+        call = RelayedCall(NativeFrontEnd(Handlers()), 1, "/m", deadline, "peer", ())
+        return servicer_module._ended_code(call)
+
+    assert asyncio.run(code(0.01)) == Code.DEADLINE_EXCEEDED
+    assert asyncio.run(code(-1.0)) == Code.DEADLINE_EXCEEDED
+    assert asyncio.run(code(5.0)) == Code.CANCELLED
+    assert asyncio.run(code(None)) == Code.CANCELLED
 
 
 # -- bad input ---------------------------------------------------------------------------------
